@@ -1,0 +1,29 @@
+# `make install` creates .venv and installs the package with the tested versions (constraints.txt).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) predict.py image=src/peekaboo/assets/examples/scene.png \
+		prompt="a red circle" prompt="a blue square" output_dir=outputs/demo
+
+test: install
+	$(PY) -m ruff check src tests scripts benchmarks predict.py train.py
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m peekaboo.bench.shapes
+
+clean:
+	rm -rf outputs runs .pytest_cache
