@@ -1,0 +1,11 @@
+"""Segment what a prompt names in one image: ``python predict.py image=PATH prompt="a red circle"``.
+
+Options are ``key=value`` overrides of the typed config (``python predict.py --help`` lists them).
+"""
+
+from pathlib import Path
+
+from peekaboo.cli import predict_main
+
+if __name__ == "__main__":
+    raise SystemExit(predict_main(config_dir=Path(__file__).resolve().parent / "configs"))

@@ -1,0 +1,313 @@
+"""The frozen text-to-image diffusion model: loading, prompt and image encoding, and the dream-loss terms.
+
+A :class:`Backbone` is a plain object (not an ``nn.Module``), so a LightningModule holding it never puts its
+weights into ``state_dict`` or a checkpoint. :func:`load_backbone` loads one per process and model config
+and hands the same object to every pair.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from peekaboo import ops
+from peekaboo.config import BUNDLED_MODEL, GuidanceConfig, ModelConfig
+from peekaboo.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+BUNDLED_PATH = Path(__file__).parent / "assets" / "shapes-ldm"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """Text embeddings in diffusers' order ``[uncond, cond]``: each ``(1, L, D)``."""
+
+    uncond: torch.Tensor
+    cond: torch.Tensor
+
+
+def resolve_pretrained(name: str) -> str:
+    """Map ``"bundled"`` to the shipped model folder; leave hub ids and other paths as they are."""
+    return str(BUNDLED_PATH) if name == BUNDLED_MODEL else name
+
+
+def offline(cfg: ModelConfig) -> bool:
+    """Load from local files only when asked to, or when ``HF_HUB_OFFLINE`` is set."""
+    return cfg.local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are exactly "owner/name"; anything else (or anything that exists on disk) is a folder.
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).expanduser().exists()
+
+
+def check_model_source(cfg: ModelConfig) -> str:
+    """Validate ``cfg.pretrained`` before any weights are read; returns the resolved name.
+
+    Raises:
+        ModelError: a missing folder, a folder without a Stable-Diffusion layout, or a missing component.
+    """
+    name = resolve_pretrained(cfg.pretrained)
+    if not _looks_like_path(name):
+        return name  # a hub id: diffusers resolves (and caches) it
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        if cfg.pretrained == BUNDLED_MODEL:
+            raise ModelError(f"The bundled model is missing from the package ({path}); reinstall peekaboo.")
+        raise ModelError(f"model.pretrained={cfg.pretrained}: no such folder; pass a diffusers model folder or hub id.")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelError(
+            f"model.pretrained={cfg.pretrained} has no model_index.json, so it is not a diffusers pipeline folder; "
+            "save one with pipeline.save_pretrained(...)."
+        )
+    try:
+        components = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelError(f"{index} is not valid JSON ({err}); re-save the pipeline.") from None
+    missing = [c for c in COMPONENTS if c not in components]
+    if missing:
+        raise ModelError(
+            f"model.pretrained={cfg.pretrained} is a {components.get('_class_name', 'diffusers')} pipeline without "
+            f"{', '.join(missing)}; Peekaboo needs a Stable-Diffusion-style text-to-image pipeline "
+            f"({', '.join(COMPONENTS)})."
+        )
+    absent = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if absent:
+        raise ModelError(
+            f"model.pretrained={cfg.pretrained} lacks the component folder(s) {', '.join(absent)}/; "
+            "copy the complete pipeline folder."
+        )
+    return str(path)
+
+
+class Backbone:
+    """A frozen Stable-Diffusion-style model (vae, unet, text_encoder, tokenizer, scheduler config).
+
+    Args:
+        vae, unet, text_encoder, tokenizer: diffusers / transformers components, already frozen.
+        scheduler_config: the scheduler's config dict (betas, number of timesteps, prediction type).
+        resolution: side length the composite is resized to before encoding.
+    """
+
+    def __init__(self, vae, unet, text_encoder, tokenizer, scheduler_config: dict[str, Any], resolution: int):
+        from diffusers import DDPMScheduler
+
+        self.vae, self.unet, self.text_encoder, self.tokenizer = vae, unet, text_encoder, tokenizer
+        for model in (vae, unet, text_encoder):
+            model.eval().requires_grad_(False)
+        self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ModelError(
+                f"The model's scheduler predicts {self.prediction_type!r}; Peekaboo supports "
+                f"{' or '.join(PREDICTION_TYPES)} models."
+            )
+        # DDPM's constructor turns any SD scheduler config (PNDM, DDIM, ...) into the training noise schedule.
+        schedule = DDPMScheduler.from_config(scheduler_config)
+        self.num_train_timesteps = int(schedule.config.num_train_timesteps)
+        self.alphas_cumprod = schedule.alphas_cumprod.float()  # (T,)
+        self.resolution = resolution
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device: torch.device | str) -> Backbone:
+        """Move the weights (and cached embeddings) to ``device``; a no-op when already there."""
+        device = torch.device(device)
+        if self.device != device:
+            for model in (self.vae, self.unet, self.text_encoder):
+                model.to(device)
+            self._prompt_cache = {k: v.to(device) for k, v in self._prompt_cache.items()}
+        return self
+
+    # -- text -----------------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> torch.Tensor:
+        """Token ids ``(1, L)``, padded to the tokenizer's length; longer prompts are truncated with a warning."""
+        limit = self.tokenizer.model_max_length
+        full = self.tokenizer(prompt, truncation=False).input_ids
+        if len(full) > limit:
+            log.warning(
+                "Prompt %r has %d tokens; the model reads %d, so it was truncated to its first %d tokens.",
+                prompt, len(full), limit, limit - 2,
+            )
+        ids = self.tokenizer(prompt, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
+        return ids.input_ids
+
+    @torch.no_grad()
+    def _embed(self, prompt: str) -> torch.Tensor:
+        if prompt not in self._prompt_cache:
+            ids = self.tokenize(prompt).to(self.device)
+            self._prompt_cache[prompt] = self.text_encoder(ids)[0]  # (1, L, D)
+        return self._prompt_cache[prompt]
+
+    def encode_prompt(self, prompt: str) -> PromptEmbeddings:
+        """Embeddings ``[uncond, cond]`` of ``prompt``, each ``(1, L, D)``; cached per prompt."""
+        return PromptEmbeddings(uncond=self._embed(""), cond=self._embed(prompt))
+
+    # -- images ---------------------------------------------------------------------------------------------
+    def encode_images(
+        self, images: torch.Tensor, mode: str = "sample", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """VAE-encode images at the model's resolution; gradients flow through the encoder.
+
+        Args:
+            images: ``(B, 3, S, S)`` in [0, 1] (any S: resized to ``self.resolution``).
+            mode: ``"mean"`` (posterior mean) or ``"sample"`` (a draw from the posterior, using ``generator``).
+
+        Returns:
+            latents ``(B, C, h, w)``, float32, scaled by the VAE's ``scaling_factor``.
+        """
+        x = images
+        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        x = (2.0 * x - 1.0).to(self.vae.dtype)
+        dist = self.vae.encode(x).latent_dist
+        if mode == "mean":
+            z = dist.mean
+        else:
+            noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device, dist.mean.dtype)
+            z = dist.mean + dist.std * noise
+        return (z.float() - self.shift_factor) * self.scaling_factor
+
+    # -- dream loss -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_noise(
+        self, noisy: torch.Tensor, t: torch.Tensor, emb: PromptEmbeddings, batch_cfg: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """UNet epsilon predictions for ``[uncond, cond]`` (v-predictions are converted to epsilon).
+
+        Args:
+            noisy: ``(B, C, h, w)`` noisy latents ``z_t``.
+            t: ``(B,)`` integer timesteps.
+            emb: prompt embeddings (each ``(1, L, D)``, broadcast to the batch).
+            batch_cfg: one UNet call of batch ``2B`` instead of two calls of ``B``.
+
+        Returns:
+            ``(eps_uncond, eps_cond)``, each ``(B, C, h, w)`` float32.
+        """
+        b = noisy.shape[0]
+        dtype = self.unet.dtype
+        uncond = emb.uncond.expand(b, -1, -1).to(dtype)
+        cond = emb.cond.expand(b, -1, -1).to(dtype)
+        z = noisy.to(dtype)
+        if batch_cfg:
+            both = torch.cat([uncond, cond])  # diffusers order: [uncond, cond]
+            out = self.unet(torch.cat([z, z]), torch.cat([t, t]), encoder_hidden_states=both).sample
+            out_u, out_c = out.float().chunk(2)
+        else:
+            out_u = self.unet(z, t, encoder_hidden_states=uncond).sample.float()
+            out_c = self.unet(z, t, encoder_hidden_states=cond).sample.float()
+        if self.prediction_type == "v_prediction":
+            abar = self.alphas_cumprod.to(noisy.device)[t]
+            out_u, out_c = ops.v_to_epsilon(out_u, noisy, abar), ops.v_to_epsilon(out_c, noisy, abar)
+        return out_u, out_c
+
+    def sample_timesteps(self, b: int, cfg: GuidanceConfig, generator: torch.Generator) -> torch.Tensor:
+        """``t ~ U[t_min * T, t_max * T)``, ``(b,)`` int64 on CPU."""
+        lo = int(cfg.t_min * self.num_train_timesteps)
+        hi = max(lo + 1, int(cfg.t_max * self.num_train_timesteps))
+        return torch.randint(lo, hi, (b,), generator=generator)
+
+    def dream_loss(
+        self, latents: torch.Tensor, emb: PromptEmbeddings, cfg: GuidanceConfig, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Score-distillation loss terms for ``latents`` ``(B, C, h, w)``.
+
+        Draws ``t`` and ``eps`` from ``generator``; the loss's gradient w.r.t. ``latents`` is
+        ``w(t) (eps_u + s (eps_c - eps_u) - eps)``.
+
+        Returns:
+            ``{"loss": (B,), "t": (B,), "grad_norm": (B,)}``.
+        """
+        b = latents.shape[0]
+        t = self.sample_timesteps(b, cfg, generator).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        abar = self.alphas_cumprod.to(latents.device)[t]
+        noisy = ops.add_noise(latents.detach(), noise, abar)
+        eps_u, eps_c = self.predict_noise(noisy, t, emb, cfg.batch_cfg)
+        grad = ops.sds_gradient(eps_u, eps_c, noise, abar, cfg.guidance_scale)
+        return {"loss": ops.dream_loss(latents, grad), "t": t, "grad_norm": grad.flatten(1).norm(dim=1)}
+
+
+def _native_resolution(unet, vae) -> int:
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = unet.config.sample_size
+    return int(size if isinstance(size, int) else size[0]) * factor
+
+
+def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
+    """Load a Stable-Diffusion-style pipeline's components, frozen, from a hub id or local folder.
+
+    Raises:
+        ModelError: the source is not a usable SD-style pipeline, or the dtype does not suit the device.
+    """
+    device = torch.device(device)
+    if device.type == "cpu" and cfg.dtype == "float16":
+        raise ModelError(
+            "model.dtype=float16 is not supported on CPU; use model.dtype=float32 (or bfloat16) on CPU, "
+            "float16 on a GPU."
+        )
+    name = check_model_source(cfg)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    dtype = _DTYPES[cfg.dtype]
+    common: dict[str, Any] = {"revision": cfg.revision, "local_files_only": offline(cfg)}
+    weights = {**common, "variant": cfg.variant}
+    try:
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype, **weights)
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=dtype, **weights)
+        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dtype, **weights)
+        tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
+        scheduler_config = _load_scheduler_config(name, common)
+    except ModelError:
+        raise
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"Could not load model.pretrained={cfg.pretrained}: {first} "
+            "(check the hub id or folder, and set HF_HUB_OFFLINE=1 to use only the local cache)."
+        ) from None
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    resolution = cfg.resolution or _native_resolution(unet, vae)
+    return Backbone(vae, unet, text_encoder, tokenizer, scheduler_config, resolution).to(device)
+
+
+def _load_scheduler_config(name: str, common: dict[str, Any]) -> dict[str, Any]:
+    from diffusers import DDPMScheduler
+
+    config = DDPMScheduler.load_config(name, subfolder="scheduler", **common)
+    return dict(config)
+
+
+_SHARED: dict[tuple, Backbone] = {}
+
+
+def shared_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
+    """The process-wide backbone for ``cfg``: loaded on first use, then reused by every pair."""
+    key = (resolve_pretrained(cfg.pretrained), cfg.revision, cfg.variant, cfg.dtype, cfg.channels_last, cfg.resolution)
+    if key not in _SHARED:
+        _SHARED[key] = load_backbone(cfg, device)
+    return _SHARED[key].to(device)

@@ -1,0 +1,374 @@
+"""Typed configuration: dataclasses merged with YAML groups from ``configs/`` and ``key=value`` overrides.
+
+The dataclasses below hold every default in exactly one place. The defaults are the paper's settings for
+Stable Diffusion 1.x (DESIGN.md); YAML files in ``configs/`` only override them:
+
+- ``configs/<task>.yaml`` (``predict.yaml``, ``train.yaml``) is read first;
+- a group selection on the command line, ``model=sd15`` or ``data=voc``, merges ``configs/model/sd15.yaml``
+  (its keys are rooted at the top level, so a model preset can also set the mask or guidance that suit it);
+- then every ``key=value`` override, in order. Repeating a list key (``prompt=a prompt=b``) appends.
+
+Unknown keys and values of the wrong type are :class:`~peekaboo.errors.ConfigError` naming the key; range
+checks live in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+from dataclasses import MISSING as _NO_FACTORY
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from peekaboo.errors import ConfigError
+
+MASK_KINDS = ("raster", "fourier", "raster_bilateral", "fourier_bilateral")
+BACKGROUNDS = ("solid", "noise", "blur")
+FIT_MODES = ("scale", "crop", "pad")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+DTYPES = ("float32", "float16", "bfloat16")
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed")
+GRAVITY_REDUCTIONS = ("sum", "mean")
+LATENT_MODES = ("mean", "sample")
+# Lightning config groups that a ``group=name`` override selects from ``configs/<group>/<name>.yaml``.
+GROUPS = ("model", "data")
+
+BUNDLED_MODEL = "bundled"
+
+
+@dataclass
+class ModelConfig:
+    """The frozen text-to-image diffusion model (diffusers Stable-Diffusion layout)."""
+
+    # "bundled" (the small shapes model shipped in the package), a hub id, or a local folder.
+    pretrained: str = BUNDLED_MODEL
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16" to load a checkpoint's half-precision weight files
+    dtype: str = "float32"  # weights of the frozen model; the mask always stays float32
+    # Forces offline loading; HF_HUB_OFFLINE=1 in the environment does the same.
+    local_files_only: bool = False
+    channels_last: bool = False
+    # Side length the composite is resized to before VAE encoding; None = the model's native
+    # resolution (unet.sample_size * VAE downsampling factor: 512 for SD 1.x).
+    resolution: int | None = None
+
+
+@dataclass
+class GuidanceConfig:
+    """The dream loss (score distillation), DESIGN.md step 5."""
+
+    guidance_scale: float = 100.0
+    t_min: float = 0.02  # fraction of the training timesteps
+    t_max: float = 0.98
+    # Encode the composite with the VAE posterior mean or a sample from it (the paper samples).
+    latent_mode: str = "sample"
+    # Run [uncond, cond] as one UNet batch of 2B (faster) or as two calls (less memory).
+    batch_cfg: bool = True
+
+
+@dataclass
+class BilateralConfig:
+    """Image-guided bilateral filter applied to the mask logits (the *_bilateral kinds)."""
+
+    kernel: int = 3
+    sigma: float = 5.0  # spatial Gaussian, in pixels
+    colour_tolerance: float = 0.08  # colour-similarity Gaussian, on RGB in [0, 1]
+    iterations: int = 40
+
+
+@dataclass
+class FourierConfig:
+    """The per-pixel MLP over random Fourier features (the fourier* kinds)."""
+
+    num_features: int = 128
+    scale: float = 10.0
+    hidden: int = 256
+    layers: int = 3
+
+
+@dataclass
+class MaskConfig:
+    kind: str = "fourier_bilateral"
+    size: int = 256  # working resolution of the mask (square)
+    init_logit: float = 0.0  # raster: initial logit of every pixel (0 = alpha 0.5)
+    fourier: FourierConfig = field(default_factory=FourierConfig)
+    bilateral: BilateralConfig = field(default_factory=BilateralConfig)
+
+
+@dataclass
+class LossConfig:
+    # "Gravity" pulls alpha towards 0. With reduction "sum" it multiplies sum(alpha) over the mask pixels
+    # (the paper); with "mean" it multiplies mean(alpha), i.e. sum(alpha) / (size*size).
+    gravity: float = 0.05
+    gravity_reduction: str = "sum"
+    lambda_dream: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 1e-5
+    momentum: float = 0.0  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam / adamw only
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """The subset of ``lightning.Trainer`` arguments a Peekaboo run uses."""
+
+    accelerator: str = "auto"
+    devices: int = 1  # dataset runs: worker processes, one device each
+    precision: str = "32-true"
+    max_steps: int = 300
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class OptimizationConfig:
+    """Everything that defines one pair's optimization."""
+
+    seed: int = 0
+    background: str = "solid"  # random solid colour each step (the paper); "noise" or "blur" also work
+    threshold: float = 0.5  # binary mask = alpha > threshold
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class ImageConfig:
+    """How an image becomes the square working canvas, and how the mask maps back."""
+
+    fit: str = "scale"  # scale (stretch), crop (centre crop; outside the crop alpha is 0), or pad
+    # RGBA images are flattened over this colour (RGB in [0, 1]) before use.
+    flatten_background: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    # Refuse images with more pixels than this (decompression bombs).
+    max_pixels: int = 178_956_970
+
+
+@dataclass
+class PredictConfig:
+    """``predict.py``: segment one image for one or more prompts."""
+
+    image: str = MISSING
+    prompt: list[str] = MISSING
+    output_dir: str = "outputs"
+    tensorboard: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    image_options: ImageConfig = field(default_factory=ImageConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+C = TypeVar("C")
+
+
+def _group_files(config_dir: Path, argv: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Split ``group=name`` selections (whose YAML exists) from ordinary overrides."""
+    files, rest = [], []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in GROUPS and "." not in value and "/" not in value:
+            path = config_dir / key / f"{value}.yaml"
+            if not path.is_file():
+                choices = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
+                raise ConfigError(f"{key}={value}: no such config group file {path}; choose one of {choices}.")
+            files.append(path)
+        else:
+            rest.append(arg)
+    return files, rest
+
+
+def _parse_overrides(argv: Sequence[str], schema: DictConfig) -> DictConfig:
+    """Turn ``key=value`` strings into a config; repeated list keys accumulate."""
+    dotlist: dict[str, Any] = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{arg!r} is not a key=value override; write e.g. prompt=\"a red circle\".")
+        parsed = OmegaConf.from_dotlist([f"x={value}"]).x if value.strip() else value
+        node = OmegaConf.select(schema, key, default=None, throw_on_missing=False)
+        is_list = isinstance(node, ListConfig) or _is_list_field(schema, key)
+        if is_list and not isinstance(parsed, (list, ListConfig)):
+            dotlist.setdefault(key, []).append(parsed)
+        else:
+            dotlist[key] = parsed
+    cfg = OmegaConf.create()
+    for key, value in dotlist.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
+
+
+def _is_list_field(schema: DictConfig, key: str) -> bool:
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(schema, parent_key) if parent_key else schema
+    if not isinstance(parent, DictConfig):
+        return False
+    try:
+        return OmegaConf.is_list(parent._get_node(leaf)) or "list" in str(parent._get_node(leaf)._metadata.ref_type)
+    except (AttributeError, KeyError, OmegaConfBaseException):
+        return False
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    if "not in struct" in msg or ("Key '" in msg and "not" in msg):
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(schema, parent_key) if parent_key else schema
+        options = list(parent.keys()) if isinstance(parent, DictConfig) else []
+        close = difflib.get_close_matches(leaf, options, n=1)
+        hint = f" Did you mean {(parent_key + '.' if parent_key else '') + close[0]!r}?" if close else ""
+        return f"Unknown config key {key!r}.{hint} Valid keys here: {', '.join(options)}."
+    return f"Bad value for config key {key!r}: {msg}."
+
+
+def load_config(
+    schema_cls: type[C], argv: Sequence[str], config_dir: str | os.PathLike | None = None, task: str | None = None
+) -> C:
+    """Build a config from ``schema_cls`` defaults, ``configs/<task>.yaml``, group files and overrides.
+
+    Args:
+        schema_cls: the dataclass that defines keys, types and defaults.
+        argv: command-line ``key=value`` strings (and ``group=name`` selections).
+        config_dir: folder with ``<task>.yaml`` and group sub-folders; None uses defaults and overrides only.
+        task: the base YAML's stem, e.g. ``"predict"``.
+
+    Returns:
+        The validated config object (an OmegaConf structured config typed as ``schema_cls``).
+
+    Raises:
+        ConfigError: unknown key, wrong type, missing required value or out-of-range value.
+    """
+    schema = OmegaConf.structured(schema_cls)
+    sources: list[Path] = []
+    if config_dir is not None:
+        config_dir = Path(config_dir)
+        groups, argv = _group_files(config_dir, argv)
+        if task is not None and (config_dir / f"{task}.yaml").is_file():
+            sources.append(config_dir / f"{task}.yaml")
+        sources += groups
+    try:
+        cfg = schema
+        for path in sources:
+            cfg = OmegaConf.merge(cfg, _load_yaml(path, config_dir, groups))
+        cfg = OmegaConf.merge(cfg, _parse_overrides(argv, schema))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err, schema)) from None
+    if missing:
+        raise ConfigError(f"Missing required config value(s): {', '.join(missing)}; pass them as key=value.")
+    validate(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def _load_yaml(path: Path, config_dir: Path, selected: list[Path]) -> DictConfig:
+    """Load one YAML file; a task file's ``defaults: {group: name}`` pulls in group files the command line
+    did not select itself."""
+    data = OmegaConf.load(path)
+    defaults = data.pop("defaults", None) if isinstance(data, DictConfig) else None
+    if not defaults:
+        return data
+    chosen = {p.parent.name for p in selected}
+    merged = OmegaConf.create()
+    for group, name in defaults.items():
+        if group not in chosen:
+            group_file = config_dir / group / f"{name}.yaml"
+            if not group_file.is_file():
+                raise ConfigError(f"{path}: defaults name {group}={name}, but {group_file} does not exist.")
+            merged = OmegaConf.merge(merged, OmegaConf.load(group_file))
+    return OmegaConf.merge(merged, data)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"Config key {key!r} = {value!r} is out of range; allowed: {allowed}.")
+
+
+def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization.") -> None:
+    """Range checks for one pair's optimization settings (raises ConfigError naming the key)."""
+    p = prefix
+    _check(cfg.background in BACKGROUNDS, p + "background", cfg.background, " | ".join(BACKGROUNDS))
+    _check(0.0 <= cfg.threshold <= 1.0, p + "threshold", cfg.threshold, "0 <= threshold <= 1")
+    m = cfg.mask
+    _check(m.kind in MASK_KINDS, p + "mask.kind", m.kind, " | ".join(MASK_KINDS))
+    _check(m.size >= 8, p + "mask.size", m.size, "an integer >= 8")
+    _check(m.bilateral.kernel >= 1 and m.bilateral.kernel % 2 == 1, p + "mask.bilateral.kernel",
+           m.bilateral.kernel, "an odd integer >= 1")
+    _check(m.bilateral.iterations >= 0, p + "mask.bilateral.iterations", m.bilateral.iterations, ">= 0")
+    _check(m.bilateral.sigma > 0, p + "mask.bilateral.sigma", m.bilateral.sigma, "> 0")
+    _check(m.bilateral.colour_tolerance > 0, p + "mask.bilateral.colour_tolerance",
+           m.bilateral.colour_tolerance, "> 0")
+    _check(m.fourier.num_features >= 1, p + "mask.fourier.num_features", m.fourier.num_features, ">= 1")
+    _check(m.fourier.layers >= 1, p + "mask.fourier.layers", m.fourier.layers, ">= 1")
+    g = cfg.guidance
+    _check(0.0 <= g.t_min < g.t_max <= 1.0, p + "guidance.t_min/t_max", (g.t_min, g.t_max),
+           "0 <= t_min < t_max <= 1 (fractions of the training timesteps)")
+    _check(g.guidance_scale >= 0, p + "guidance.guidance_scale", g.guidance_scale, ">= 0")
+    _check(g.latent_mode in LATENT_MODES, p + "guidance.latent_mode", g.latent_mode, " | ".join(LATENT_MODES))
+    ls = cfg.loss
+    _check(ls.gravity >= 0, p + "loss.gravity", ls.gravity, ">= 0")
+    _check(ls.gravity_reduction in GRAVITY_REDUCTIONS, p + "loss.gravity_reduction", ls.gravity_reduction,
+           " | ".join(GRAVITY_REDUCTIONS))
+    o = cfg.optim
+    _check(o.name in OPTIMIZERS, p + "optim.name", o.name, " | ".join(OPTIMIZERS))
+    _check(o.lr > 0, p + "optim.lr", o.lr, "> 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), p + "optim.betas", list(o.betas),
+           "two numbers in [0, 1)")
+
+
+def validate(cfg: Any) -> None:
+    """Range-check every section a config has."""
+    if "optimization" in cfg:
+        validate_optimization(cfg.optimization)
+    if "trainer" in cfg:
+        t = cfg.trainer
+        _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "an integer >= 1")
+        _check(t.devices >= 1, "trainer.devices", t.devices, "an integer >= 1")
+        _check(str(t.precision) in PRECISIONS, "trainer.precision", t.precision,
+               " | ".join(PRECISIONS) + " (never *-true half precision: the mask must stay float32)")
+        _check(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, ">= 1")
+    if "model" in cfg:
+        _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, " | ".join(DTYPES))
+        _check(cfg.model.resolution is None or cfg.model.resolution >= 8, "model.resolution",
+               cfg.model.resolution, "null or an integer >= 8")
+    if "image_options" in cfg:
+        io = cfg.image_options
+        _check(io.fit in FIT_MODES, "image_options.fit", io.fit, " | ".join(FIT_MODES))
+        _check(len(io.flatten_background) == 3 and all(0 <= v <= 1 for v in io.flatten_background),
+               "image_options.flatten_background", list(io.flatten_background), "three numbers in [0, 1]")
+    if "prompt" in cfg and not OmegaConf.is_missing(cfg, "prompt"):
+        for i, prompt in enumerate(cfg.prompt):
+            if not str(prompt).strip():
+                raise ConfigError(f"prompt[{i}] is empty; give the object to segment, e.g. prompt=\"a red circle\".")
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (saved beside every run's outputs)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def help_text(schema_cls: type, prefix: str = "") -> str:
+    """One line per config key: ``key: type = default``, for ``--help``."""
+    lines: list[str] = []
+    for f in fields(schema_cls):
+        default = f.default if f.default_factory is _NO_FACTORY else f.default_factory()  # type: ignore[misc]
+        if is_dataclass(default):
+            lines.append(help_text(type(default), prefix + f.name + "."))
+            continue
+        shown = "???" if default == MISSING else repr(default)
+        lines.append(f"  {prefix}{f.name}: {_type_name(f.type)} = {shown}")
+    return "\n".join(lines)
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+

@@ -1,0 +1,139 @@
+"""Run one pair's optimization through a Lightning Trainer: the piece ``predict`` and dataset runs share."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
+
+from peekaboo.backbone import Backbone
+from peekaboo.config import OptimizationConfig, TrainerConfig
+from peekaboo.module import PeekabooModule
+
+log = logging.getLogger(__name__)
+
+# How many mask/composite snapshots a pair logs to TensorBoard over its optimization.
+IMAGE_SNAPSHOTS = 4
+
+
+class _Steps(torch.utils.data.Dataset):
+    """The optimization has no data to iterate: each "batch" is just a step index."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class MaskImages(Callback):
+    """Logs the mask and the current composite to TensorBoard a few times per pair."""
+
+    def __init__(self, every_n_steps: int):
+        self.every = max(1, every_n_steps)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: PeekabooModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not isinstance(trainer.logger, TensorBoardLogger) or (step % self.every and step != trainer.max_steps):
+            return
+        writer = trainer.logger.experiment
+        with torch.no_grad():
+            writer.add_image("mask/alpha", pl_module().detach().float().cpu(), step)
+        if pl_module.last_composite is not None:
+            writer.add_image("mask/composite", pl_module.last_composite[0].float().clamp(0, 1).cpu(), step)
+
+
+@dataclass
+class PairResult:
+    """What one pair's optimization produced."""
+
+    alpha: torch.Tensor  # (S, S) float32 in [0, 1], on CPU
+    steps: int
+    seconds: float
+    losses: dict[str, float] = field(default_factory=dict)
+
+
+def build_trainer(
+    cfg: TrainerConfig,
+    logger: Any = False,
+    callbacks: list[Callback] | None = None,
+    enable_progress_bar: bool | None = None,
+    enable_checkpointing: bool = False,
+    devices: Any = 1,
+) -> L.Trainer:
+    """A Trainer for one pair: one device, ``max_steps`` optimization steps, no validation."""
+    return L.Trainer(
+        accelerator=cfg.accelerator,
+        devices=devices,
+        precision=cfg.precision,
+        max_steps=cfg.max_steps,
+        max_epochs=1,  # one epoch = max_steps step indices
+        log_every_n_steps=cfg.log_every_n_steps,
+        logger=logger,
+        callbacks=callbacks or [],
+        enable_checkpointing=enable_checkpointing,
+        enable_progress_bar=cfg.enable_progress_bar if enable_progress_bar is None else enable_progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        deterministic=False,
+    )
+
+
+def optimize_pair(
+    image: torch.Tensor,
+    prompt: str,
+    pair_id: str,
+    opt_cfg: OptimizationConfig,
+    trainer_cfg: TrainerConfig,
+    backbone: Backbone,
+    tb_dir: str | Path | None = None,
+    callbacks: list[Callback] | None = None,
+    ckpt_path: str | Path | None = None,
+    enable_progress_bar: bool | None = None,
+    devices: Any = 1,
+) -> PairResult:
+    """Optimize one pair's mask with a Lightning Trainer.
+
+    Args:
+        image: ``(3, S, S)`` working image in [0, 1].
+        tb_dir: TensorBoard root; the pair logs to its own run ``<tb_dir>/<pair_id>``. None: no logging.
+        callbacks: extra callbacks (e.g. checkpointing in dataset runs).
+        ckpt_path: resume from this checkpoint.
+        devices: which device of the accelerator this process uses (e.g. ``[local_rank]``).
+    """
+    logger: Any = False
+    if tb_dir is not None:
+        logger = TensorBoardLogger(str(tb_dir), name=pair_id, version="", default_hp_metric=False)
+    every = max(1, trainer_cfg.max_steps // IMAGE_SNAPSHOTS)
+    cbs = [MaskImages(every), *(callbacks or [])]
+    has_ckpt = any(type(cb).__name__ == "ModelCheckpoint" for cb in cbs)
+    trainer = build_trainer(trainer_cfg, logger, cbs, enable_progress_bar, has_ckpt, devices)
+    module = PeekabooModule(image, prompt, pair_id, opt_cfg, backbone)
+    loader = DataLoader(_Steps(trainer_cfg.max_steps), batch_size=None, shuffle=False, num_workers=0)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        # The loader yields step indices only: worker processes would add cost and nothing else.
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")
+        warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+        trainer.fit(module, loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        alpha = module().detach().float().cpu()[0]
+    losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss/") or k == "mask/area"}
+    if logger:
+        logger.finalize("success")
+    return PairResult(alpha=alpha, steps=trainer.global_step, seconds=seconds, losses=losses)

@@ -1,0 +1,130 @@
+"""Pure tensor functions for the Peekaboo math (DESIGN.md steps 2, 3, 5, 6).
+
+Nothing here holds state or touches a model, so each function is unit-tested against hand-computed values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+
+
+def composite(image: torch.Tensor, alpha: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """Alpha-composite ``image`` over ``background``: ``alpha * image + (1 - alpha) * background``.
+
+    Args:
+        image: ``(B, 3, H, W)`` in [0, 1].
+        alpha: ``(B, 1, H, W)`` in [0, 1].
+        background: ``(B, 3, H, W)``.
+
+    Returns:
+        ``(B, 3, H, W)``.
+    """
+    if image.shape[0] != alpha.shape[0] or alpha.shape[1] != 1 or image.shape[-2:] != alpha.shape[-2:]:
+        raise ValueError(f"composite: image {tuple(image.shape)} and alpha {tuple(alpha.shape)} do not match")
+    if background.shape != image.shape:
+        raise ValueError(f"composite: background {tuple(background.shape)} != image {tuple(image.shape)}")
+    return alpha * image + (1.0 - alpha) * background
+
+
+def sample_background(
+    kind: str, image: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Draw one random background per image.
+
+    Args:
+        kind: ``"solid"`` (a uniform random RGB colour: the paper's), ``"noise"`` (uniform per-pixel noise)
+            or ``"blur"`` (the image blurred heavily, then tinted by a random colour).
+        image: ``(B, 3, H, W)``; only its shape, device and (for ``blur``) content are used.
+        generator: a CPU generator, so draws do not depend on the device.
+
+    Returns:
+        ``(B, 3, H, W)`` in [0, 1], float32, on ``image.device``.
+    """
+    b, c, h, w = image.shape
+    if kind == "solid":
+        colour = torch.rand(b, c, 1, 1, generator=generator)
+        return colour.expand(b, c, h, w).to(image.device, torch.float32)
+    if kind == "noise":
+        return torch.rand(b, c, h, w, generator=generator).to(image.device, torch.float32)
+    if kind == "blur":
+        k = max(3, (min(h, w) // 8) | 1)
+        blurred = F.avg_pool2d(image.float(), k, stride=1, padding=k // 2, count_include_pad=False)
+        tint = torch.rand(b, c, 1, 1, generator=generator).to(image.device)
+        return 0.5 * blurred + 0.5 * tint
+    raise ValueError(f"unknown background kind {kind!r}")
+
+
+def sds_gradient(
+    eps_uncond: torch.Tensor,
+    eps_cond: torch.Tensor,
+    noise: torch.Tensor,
+    alphas_cumprod_t: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """The dream-loss gradient on the latents: ``w(t) * (eps_u + s (eps_c - eps_u) - eps)``, ``w = 1 - abar_t``.
+
+    Args:
+        eps_uncond, eps_cond: ``(B, C, h, w)`` noise predictions for the empty and the real prompt.
+        noise: ``(B, C, h, w)`` the noise that was added.
+        alphas_cumprod_t: ``(B,)`` ``abar_t`` of each sample's timestep.
+        guidance_scale: classifier-free guidance scale ``s``.
+
+    Returns:
+        ``(B, C, h, w)`` float32 gradient, non-finite entries zeroed.
+    """
+    eps_hat = eps_uncond.float() + guidance_scale * (eps_cond.float() - eps_uncond.float())
+    w = (1.0 - alphas_cumprod_t.float()).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    return torch.nan_to_num(w * (eps_hat - noise.float()), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def v_to_epsilon(v: torch.Tensor, noisy: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    """Convert a v-prediction to an epsilon prediction: ``eps = sqrt(abar) v + sqrt(1 - abar) z_t``.
+
+    Args:
+        v: ``(B, C, h, w)`` model output of a v-prediction model.
+        noisy: ``(B, C, h, w)`` the noisy latents ``z_t`` the model saw.
+        alphas_cumprod_t: ``(B,)``.
+    """
+    abar = alphas_cumprod_t.float().view(-1, 1, 1, 1)
+    return abar.sqrt() * v.float() + (1.0 - abar).sqrt() * noisy.float()
+
+
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion: ``z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps``; ``alphas_cumprod_t`` is ``(B,)``."""
+    abar = alphas_cumprod_t.to(latents.dtype).view(-1, 1, 1, 1)
+    return abar.sqrt() * latents + (1.0 - abar).sqrt() * noise
+
+
+def dream_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``0.5 * ||z - stopgrad(z - grad)||^2`` summed: its gradient w.r.t. ``latents`` is exactly ``grad``.
+
+    Returns one loss per sample, ``(B,)``, so pairs optimized together stay independent.
+    """
+    target = (latents - grad).detach()
+    return 0.5 * ((latents.float() - target.float()) ** 2).flatten(1).sum(dim=1)
+
+
+def gravity_loss(alpha: torch.Tensor, weight: float, reduction: str) -> torch.Tensor:
+    """Alpha regularizer: ``weight * sum(alpha)`` or ``weight * mean(alpha)`` per sample, ``(B,)``.
+
+    Args:
+        alpha: ``(B, 1, H, W)``.
+    """
+    per_sample = alpha.flatten(1)
+    if reduction == "sum":
+        return weight * per_sample.sum(dim=1)
+    if reduction == "mean":
+        return weight * per_sample.mean(dim=1)
+    raise ValueError(f"unknown gravity reduction {reduction!r}")
+
+
+def pair_seed(seed: int, pair_id: str, step: int | None = None) -> int:
+    """A 63-bit seed derived from (run seed, pair id[, step]), stable across processes and devices.
+
+    Python's ``hash`` is salted per process, so a cryptographic digest is used instead.
+    """
+    key = f"{seed}\x00{pair_id}" + ("" if step is None else f"\x00{step}")
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1

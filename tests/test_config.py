@@ -1,0 +1,59 @@
+"""Typed configs: YAML groups, overrides, and clear errors for bad keys and values."""
+
+import pytest
+from tests_support import REPO_CONFIGS
+
+from peekaboo.config import PredictConfig, load_config
+from peekaboo.errors import ConfigError
+
+BASE = ["image=x.png", "prompt=a red circle"]
+
+
+def test_defaults_come_from_the_dataclasses_and_the_model_group():
+    cfg = load_config(PredictConfig, BASE, REPO_CONFIGS, "predict")
+    assert cfg.model.pretrained == "bundled"  # configs/model/shapes.yaml via predict.yaml's defaults
+    assert cfg.optimization.mask.kind == "raster"
+    assert cfg.optimization.guidance.t_min == 0.02  # dataclass default, not repeated in YAML
+    paper = load_config(PredictConfig, [*BASE, "model=sd15"], REPO_CONFIGS, "predict")
+    assert paper.optimization.mask.kind == "fourier_bilateral" and paper.optimization.mask.size == 256
+    assert paper.optimization.guidance.guidance_scale == 100 and paper.trainer.max_steps == 300
+
+
+def test_repeated_list_key_appends_and_single_value_is_a_list():
+    cfg = load_config(PredictConfig, ["image=x.png", "prompt=a red circle", "prompt=a blue square"])
+    assert list(cfg.prompt) == ["a red circle", "a blue square"]
+    cfg = load_config(PredictConfig, ["image=x.png", "prompt=[a, b]"])
+    assert list(cfg.prompt) == ["a", "b"]
+
+
+def test_override_types_are_converted():
+    cfg = load_config(PredictConfig, [*BASE, "optimization.loss.gravity=0.1", "trainer.max_steps=7"])
+    assert cfg.optimization.loss.gravity == 0.1 and cfg.trainer.max_steps == 7
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optimization.mask.kindd=raster", "Did you mean 'optimization.mask.kind'"),
+        ("bogus=1", "Unknown config key 'bogus'"),
+        ("trainer.max_steps=abc", "trainer.max_steps"),
+        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("optimization.loss.gravity=-1", "optimization.loss.gravity"),
+        ("optimization.threshold=1.5", "0 <= threshold <= 1"),
+        ("optimization.guidance.t_max=1.5", "t_min/t_max"),
+        ("optimization.mask.kind=pixels", "raster | fourier"),
+        ("trainer.precision=bf16-true", "mask must stay float32"),
+        ("model=nonexistent", "choose one of"),
+        ("prompt=   ", "prompt[0] is empty"),
+        ("noequals", "not a key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("|", r"\|")):
+        argv = [*BASE, override] if not override.startswith("prompt") else ["image=x.png", override]
+        load_config(PredictConfig, argv, REPO_CONFIGS, "predict")
+
+
+def test_missing_required_values():
+    with pytest.raises(ConfigError, match="image, prompt"):
+        load_config(PredictConfig, [])

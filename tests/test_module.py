@@ -1,0 +1,74 @@
+"""PeekabooModule: only the mask trains, checkpoints hold no backbone, seeds reproduce."""
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from peekaboo.config import OptimizationConfig, TrainerConfig
+from peekaboo.engine import optimize_pair
+from peekaboo.module import PeekabooModule
+
+SIZE = 16
+
+
+def _cfg(kind="raster", seed=0):
+    cfg = OptimizationConfig(seed=seed)
+    cfg.mask.kind, cfg.mask.size = kind, SIZE
+    cfg.mask.fourier.hidden, cfg.mask.fourier.num_features = 16, 8
+    cfg.mask.bilateral.iterations = 3
+    cfg.optim.name, cfg.optim.lr = "adam", 0.05
+    cfg.guidance.guidance_scale = 30.0
+    return cfg
+
+
+def _trainer(steps=4):
+    return TrainerConfig(accelerator="cpu", max_steps=steps, enable_progress_bar=False, log_every_n_steps=1)
+
+
+def test_state_dict_holds_only_mask(tiny_backbone):
+    for kind in ("raster", "fourier_bilateral"):
+        module = PeekabooModule(torch.rand(3, SIZE, SIZE), "a red circle", "p", _cfg(kind), tiny_backbone)
+        assert list(module.state_dict()) and all(k.startswith("mask.") for k in module.state_dict())
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        assert trainable == {n for n, _ in module.mask.named_parameters(prefix="mask")}
+
+
+def test_only_mask_receives_gradients(tiny_backbone):
+    module = PeekabooModule(torch.rand(3, SIZE, SIZE), "a red circle", "p", _cfg(), tiny_backbone)
+    module.on_fit_start()
+    loss = module.training_step(0, 0)
+    loss.backward()
+    assert module.mask.raster.grad is not None and module.mask.raster.grad.abs().sum() > 0
+    for model in (tiny_backbone.vae, tiny_backbone.unet, tiny_backbone.text_encoder):
+        assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_checkpoint_is_small_has_no_backbone_and_restores_mask(tiny_backbone, tmp_path):
+    image = torch.rand(3, SIZE, SIZE)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
+    result = optimize_pair(image, "a red circle", "p", _cfg(), _trainer(), tiny_backbone, callbacks=[ckpt])
+    path = tmp_path / "last.ckpt"
+    assert path.is_file() and path.stat().st_size < 64 * 1024  # mask (16x16) + Adam state + loop state
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(state["state_dict"]) == {"mask.raster"}
+    module = PeekabooModule(image, "a red circle", "p", _cfg(), tiny_backbone)
+    module.load_state_dict(state["state_dict"])
+    with torch.no_grad():
+        assert torch.equal(module()[0], result.alpha)
+    assert result.steps == 4
+
+
+def test_same_seed_same_mask_different_seed_different_mask(tiny_backbone):
+    image = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    runs = [optimize_pair(image, "a red circle", "p", _cfg("fourier", seed), _trainer(), tiny_backbone).alpha
+            for seed in (0, 0, 1)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+    assert runs[0].shape == (SIZE, SIZE)
+
+
+def test_optimization_moves_the_mask_and_logs(tiny_backbone, tmp_path):
+    image = torch.rand(3, SIZE, SIZE)
+    result = optimize_pair(image, "a red circle", "p", _cfg(), _trainer(3), tiny_backbone, tb_dir=tmp_path)
+    assert not torch.allclose(result.alpha, torch.full_like(result.alpha, 0.5))
+    assert {"loss/dream", "loss/alpha", "loss/total", "mask/area"} <= set(result.losses)
+    assert list((tmp_path / "p").glob("events.out.tfevents.*"))

@@ -1,0 +1,97 @@
+"""predict.py end to end on a tiny model: files, sizes, fit modes, and one-line errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tests_support import REPO
+
+from peekaboo import io
+
+FAST = ["trainer.max_steps=3", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+        "optimization.mask.size=16", "tensorboard=false"]
+
+
+def _run(*args, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "predict.py"), *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "wide photo.png"
+    arr = np.full((30, 52, 3), (40, 120, 200), np.uint8)
+    arr[5:20, 10:25] = (220, 30, 30)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_predict_writes_every_output_at_original_size(tiny_model, image_path, tmp_path):
+    out = tmp_path / "out"
+    proc = _run(f"image={image_path}", "prompt=a red circle", "prompt=a blue square",
+                f"model.pretrained={tiny_model}", f"output_dir={out}", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    root = out / "wide_photo"
+    assert (root / "config.yaml").is_file() and "a blue square" in (root / "config.yaml").read_text()
+    assert "predict.py" in (root / "cmd.txt").read_text()
+    for prompt in ("a_red_circle", "a_blue_square"):
+        folder = root / prompt
+        assert str(folder) in proc.stdout
+        mask, alpha = Image.open(folder / "mask.png"), Image.open(folder / "alpha.png")
+        overlay, cutout = Image.open(folder / "overlay.png"), Image.open(folder / "cutout.png")
+        assert mask.size == alpha.size == overlay.size == cutout.size == (52, 30)
+        assert cutout.mode == "RGBA" and mask.mode == "L"
+        m, a = np.asarray(mask), np.asarray(alpha)
+        assert set(np.unique(m)) <= {0, 255}
+        assert np.array_equal(m == 255, a / 255.0 > 0.5)
+        assert np.array_equal(np.asarray(cutout)[..., 3], a)
+
+
+@pytest.mark.parametrize("fit", ["scale", "crop", "pad"])
+def test_fit_modes_map_back_onto_original_pixels(fit):
+    img = Image.fromarray(np.zeros((30, 50, 3), np.uint8))
+    canvas, placement = io.fit_square(img, 16, fit)
+    assert canvas.shape == (3, 16, 16)
+    back = io.unfit(torch.ones(16, 16), placement)
+    assert back.shape == (30, 50)
+    seen = torch.ones(30, 50)
+    if fit == "crop":  # only the centred 30x30 square was seen; the mask is 0 elsewhere
+        seen[:, :10] = seen[:, 40:] = 0
+    assert torch.allclose(back, seen, atol=1e-6)
+
+
+def test_pad_maps_a_canvas_square_exactly():
+    img = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
+    _, placement = io.fit_square(img, 40, "pad")  # 1 canvas pixel = 1 image pixel; 10 rows of padding
+    alpha = torch.zeros(40, 40)
+    alpha[10:20, 5:15] = 1.0
+    back = io.unfit(alpha, placement)
+    expected = torch.zeros(20, 40)
+    expected[0:10, 5:15] = 1.0
+    assert torch.equal(back, expected)
+
+
+def test_help_lists_options():
+    proc = _run("--help")
+    assert proc.returncode == 0 and "optimization.loss.gravity" in proc.stdout and "usage:" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["image=/nonexistent.png", "prompt=a red circle"], "/nonexistent.png does not exist"),
+        (["prompt=a red circle", "optimization.mask.sise=3"], "Unknown config key 'optimization.mask.sise'"),
+        (["prompt=a red circle", "model.pretrained={tmp}"], "not a diffusers pipeline folder"),
+    ],
+)
+def test_user_errors_are_one_line_and_non_zero(args, message, image_path, tmp_path):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if not any(a.startswith("image=") for a in args):
+        args.insert(0, f"image={image_path}")
+    proc = _run(*args, f"output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in proc.stderr
