@@ -14,9 +14,9 @@ from peekaboo.errors import ModelError
 
 def _hand_gradient(backbone, latents, prompt, cfg, seed):
     """w(t) (eps_u + s (eps_c - eps_u) - eps), replaying the generator's draws in the backbone's order."""
-    gen = torch.Generator().manual_seed(seed)
-    t = backbone.sample_timesteps(latents.shape[0], cfg, gen)
-    eps = torch.randn(latents.shape, generator=gen)
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(latents.shape[0])]
+    t = torch.cat([backbone.sample_timestep(cfg, g) for g in gens])
+    eps = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
     abar = backbone.alphas_cumprod[t]
     zt = abar.sqrt().view(-1, 1, 1, 1) * latents + (1 - abar).sqrt().view(-1, 1, 1, 1) * eps
     emb = backbone.encode_prompt(prompt)
@@ -39,7 +39,8 @@ def test_dream_loss_gradient_matches_hand_computation(request, fixture, predicti
     assert backbone.prediction_type == prediction
     cfg = GuidanceConfig(guidance_scale=7.5, batch_cfg=batch_cfg)
     latents = torch.randn(2, 4, 8, 8, requires_grad=True)
-    terms = backbone.dream_loss(latents, backbone.encode_prompt("a red circle"), cfg, torch.Generator().manual_seed(7))
+    gens = [torch.Generator().manual_seed(7 + i) for i in range(2)]
+    terms = backbone.dream_loss(latents, backbone.encode_prompt("a red circle"), cfg, gens)
     terms["loss"].sum().backward()
     expected = _hand_gradient(backbone, latents.detach(), "a red circle", cfg, seed=7)
     assert torch.allclose(latents.grad, expected, atol=1e-5)
@@ -61,8 +62,8 @@ def test_native_resolution_and_encoding(tiny_backbone):
     assert latents.shape == (2, 4, 8, 8) and latents.dtype == torch.float32
     latents.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0  # gradients flow through the encoder
-    a = tiny_backbone.encode_images(images, "sample", torch.Generator().manual_seed(0))
-    b = tiny_backbone.encode_images(images, "sample", torch.Generator().manual_seed(0))
+    a = tiny_backbone.encode_images(images, "sample", [torch.Generator().manual_seed(i) for i in range(2)])
+    b = tiny_backbone.encode_images(images, "sample", [torch.Generator().manual_seed(i) for i in range(2)])
     assert torch.equal(a, b)
 
 

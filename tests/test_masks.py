@@ -19,9 +19,9 @@ def _two_tone(size=SIZE):
 def test_mask_shape_range_and_gradients(kind):
     cfg = MaskConfig(kind=kind, size=SIZE)
     cfg.fourier.hidden, cfg.fourier.num_features = 16, 8
-    mask = build_mask(cfg, _two_tone(), torch.Generator().manual_seed(0))
+    mask = build_mask(cfg, _two_tone()[None], [torch.Generator().manual_seed(0)])
     alpha = mask()
-    assert alpha.shape == (1, SIZE, SIZE)
+    assert alpha.shape == (1, 1, SIZE, SIZE)
     assert alpha.min() >= 0 and alpha.max() <= 1
     (alpha * torch.linspace(-1, 1, SIZE)).sum().backward()
     params = list(mask.parameters())
@@ -32,9 +32,9 @@ def test_mask_shape_range_and_gradients(kind):
 
 def test_same_generator_same_fourier_mask():
     cfg = MaskConfig(kind="fourier", size=SIZE)
-    a = build_mask(cfg, _two_tone(), torch.Generator().manual_seed(3))()
-    b = build_mask(cfg, _two_tone(), torch.Generator().manual_seed(3))()
-    c = build_mask(cfg, _two_tone(), torch.Generator().manual_seed(4))()
+    a = build_mask(cfg, _two_tone()[None], [torch.Generator().manual_seed(3)])()
+    b = build_mask(cfg, _two_tone()[None], [torch.Generator().manual_seed(3)])()
+    c = build_mask(cfg, _two_tone()[None], [torch.Generator().manual_seed(4)])()
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 

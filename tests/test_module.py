@@ -4,7 +4,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from peekaboo.config import OptimizationConfig, TrainerConfig
-from peekaboo.engine import optimize_pair
+from peekaboo.engine import optimize_pair, optimize_pairs
 from peekaboo.module import PeekabooModule
 
 SIZE = 16
@@ -27,7 +27,7 @@ def _trainer(steps=4):
 def test_state_dict_holds_only_mask(tiny_backbone):
     for kind in ("raster", "fourier_bilateral"):
         module = PeekabooModule(torch.rand(3, SIZE, SIZE), "a red circle", "p", _cfg(kind), tiny_backbone)
-        assert list(module.state_dict()) and all(k.startswith("mask.") for k in module.state_dict())
+        assert list(module.state_dict()) and all(k.startswith("mask.") or k == "failed" for k in module.state_dict())
         trainable = {n for n, p in module.named_parameters() if p.requires_grad}
         assert trainable == {n for n, _ in module.mask.named_parameters(prefix="mask")}
 
@@ -49,11 +49,11 @@ def test_checkpoint_is_small_has_no_backbone_and_restores_mask(tiny_backbone, tm
     path = tmp_path / "last.ckpt"
     assert path.is_file() and path.stat().st_size < 64 * 1024  # mask (16x16) + Adam state + loop state
     state = torch.load(path, map_location="cpu", weights_only=True)
-    assert set(state["state_dict"]) == {"mask.raster"}
+    assert set(state["state_dict"]) == {"mask.raster", "failed"}
     module = PeekabooModule(image, "a red circle", "p", _cfg(), tiny_backbone)
     module.load_state_dict(state["state_dict"])
     with torch.no_grad():
-        assert torch.equal(module()[0], result.alpha)
+        assert torch.equal(module()[0, 0], result.alpha)
     assert result.steps == 4
 
 
@@ -72,3 +72,56 @@ def test_optimization_moves_the_mask_and_logs(tiny_backbone, tmp_path):
     assert not torch.allclose(result.alpha, torch.full_like(result.alpha, 0.5))
     assert {"loss/dream", "loss/alpha", "loss/total", "mask/area"} <= set(result.losses)
     assert list((tmp_path / "p").glob("events.out.tfevents.*"))
+
+
+def _four_pairs():
+    gen = torch.Generator().manual_seed(5)
+    images = torch.rand(4, 3, SIZE, SIZE, generator=gen)
+    prompts = ["a red circle", "a blue square", "a green triangle", "a red square"]
+    return images, prompts, [f"pair{i}" for i in range(4)]
+
+
+def _iou(a, b, threshold=0.5):
+    a, b = a > threshold, b > threshold
+    union = (a | b).sum().item()
+    return 1.0 if union == 0 else (a & b).sum().item() / union
+
+
+def test_batched_pairs_match_unbatched(tiny_backbone):
+    images, prompts, ids = _four_pairs()
+    for kind in ("raster", "fourier_bilateral"):
+        cfg = _cfg(kind)
+        batched = optimize_pairs(images, prompts, ids, cfg, _trainer(5), tiny_backbone)
+        for i in range(4):
+            alone = optimize_pair(images[i], prompts[i], ids[i], cfg, _trainer(5), tiny_backbone)
+            assert torch.allclose(batched[i].alpha, alone.alpha, atol=1e-4), kind
+            assert _iou(batched[i].alpha, alone.alpha) >= 0.99
+
+
+def test_non_finite_pair_does_not_stop_the_others(tiny_backbone):
+    images, prompts, ids = _four_pairs()
+    module = PeekabooModule(images, prompts, ids, _cfg(), tiny_backbone)
+    with torch.no_grad():
+        module.mask.raster[1] = float("nan")
+    before = module.mask.raster.detach().clone()
+    module.on_fit_start()
+    optimizer = module.configure_optimizers()
+    module.training_step(0, 0).backward()
+    optimizer.step()
+    assert module.failed.tolist() == [False, True, False, False]
+    for i in (0, 2, 3):
+        assert not torch.equal(module.mask.raster[i], before[i])  # the healthy pairs moved
+        assert torch.isfinite(module.mask.raster[i]).all()
+
+
+def test_all_pairs_non_finite_raises(tiny_backbone):
+    import pytest
+
+    from peekaboo.errors import NonFiniteError
+
+    module = PeekabooModule(torch.rand(3, SIZE, SIZE), "a red circle", "p", _cfg(), tiny_backbone)
+    with torch.no_grad():
+        module.mask.raster.fill_(float("nan"))
+    module.on_fit_start()
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        module.training_step(0, 0)

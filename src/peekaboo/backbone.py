@@ -32,10 +32,15 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 @dataclass(frozen=True)
 class PromptEmbeddings:
-    """Text embeddings in diffusers' order ``[uncond, cond]``: each ``(1, L, D)``."""
+    """Text embeddings in diffusers' order ``[uncond, cond]``: each ``(B, L, D)`` (or ``(1, L, D)``, shared)."""
 
     uncond: torch.Tensor
     cond: torch.Tensor
+
+    @staticmethod
+    def stack(items: list[PromptEmbeddings]) -> PromptEmbeddings:
+        """One batch from per-prompt embeddings."""
+        return PromptEmbeddings(torch.cat([e.uncond for e in items]), torch.cat([e.cond for e in items]))
 
 
 def resolve_pretrained(name: str) -> str:
@@ -166,13 +171,14 @@ class Backbone:
 
     # -- images ---------------------------------------------------------------------------------------------
     def encode_images(
-        self, images: torch.Tensor, mode: str = "sample", generator: torch.Generator | None = None
+        self, images: torch.Tensor, mode: str = "sample", generators: list[torch.Generator] | None = None
     ) -> torch.Tensor:
         """VAE-encode images at the model's resolution; gradients flow through the encoder.
 
         Args:
             images: ``(B, 3, S, S)`` in [0, 1] (any S: resized to ``self.resolution``).
-            mode: ``"mean"`` (posterior mean) or ``"sample"`` (a draw from the posterior, using ``generator``).
+            mode: ``"mean"`` (posterior mean) or ``"sample"`` (a draw from the posterior; sample ``i`` uses
+                ``generators[i]``, so a pair's draw does not depend on its batch).
 
         Returns:
             latents ``(B, C, h, w)``, float32, scaled by the VAE's ``scaling_factor``.
@@ -185,7 +191,9 @@ class Backbone:
         if mode == "mean":
             z = dist.mean
         else:
-            noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device, dist.mean.dtype)
+            shape = dist.mean.shape[1:]
+            gens = generators or [torch.default_generator] * images.shape[0]
+            noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dist.mean.device, dist.mean.dtype)
             z = dist.mean + dist.std * noise
         return (z.float() - self.shift_factor) * self.scaling_factor
 
@@ -207,7 +215,7 @@ class Backbone:
         """
         b = noisy.shape[0]
         dtype = self.unet.dtype
-        uncond = emb.uncond.expand(b, -1, -1).to(dtype)
+        uncond = emb.uncond.expand(b, -1, -1).to(dtype)  # a shared (1, L, D) broadcasts to the batch
         cond = emb.cond.expand(b, -1, -1).to(dtype)
         z = noisy.to(dtype)
         if batch_cfg:
@@ -222,26 +230,26 @@ class Backbone:
             out_u, out_c = ops.v_to_epsilon(out_u, noisy, abar), ops.v_to_epsilon(out_c, noisy, abar)
         return out_u, out_c
 
-    def sample_timesteps(self, b: int, cfg: GuidanceConfig, generator: torch.Generator) -> torch.Tensor:
-        """``t ~ U[t_min * T, t_max * T)``, ``(b,)`` int64 on CPU."""
+    def sample_timestep(self, cfg: GuidanceConfig, generator: torch.Generator) -> torch.Tensor:
+        """``t ~ U[t_min * T, t_max * T)``: one int64 timestep, shape ``(1,)``, on CPU."""
         lo = int(cfg.t_min * self.num_train_timesteps)
         hi = max(lo + 1, int(cfg.t_max * self.num_train_timesteps))
-        return torch.randint(lo, hi, (b,), generator=generator)
+        return torch.randint(lo, hi, (1,), generator=generator)
 
     def dream_loss(
-        self, latents: torch.Tensor, emb: PromptEmbeddings, cfg: GuidanceConfig, generator: torch.Generator
+        self, latents: torch.Tensor, emb: PromptEmbeddings, cfg: GuidanceConfig, generators: list[torch.Generator]
     ) -> dict[str, torch.Tensor]:
         """Score-distillation loss terms for ``latents`` ``(B, C, h, w)``.
 
-        Draws ``t`` and ``eps`` from ``generator``; the loss's gradient w.r.t. ``latents`` is
-        ``w(t) (eps_u + s (eps_c - eps_u) - eps)``.
+        Sample ``i`` draws its ``t`` and then its ``eps`` from ``generators[i]``; the loss's gradient w.r.t.
+        ``latents`` is ``w(t) (eps_u + s (eps_c - eps_u) - eps)``.
 
         Returns:
             ``{"loss": (B,), "t": (B,), "grad_norm": (B,)}``.
         """
-        b = latents.shape[0]
-        t = self.sample_timesteps(b, cfg, generator).to(latents.device)
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        draws = [(self.sample_timestep(cfg, g), torch.randn(latents.shape[1:], generator=g)) for g in generators]
+        t = torch.cat([d[0] for d in draws]).to(latents.device)  # (B,)
+        noise = torch.stack([d[1] for d in draws]).to(latents.device)  # (B, C, h, w)
         abar = self.alphas_cumprod.to(latents.device)[t]
         noisy = ops.add_noise(latents.detach(), noise, abar)
         eps_u, eps_c = self.predict_noise(noisy, t, emb, cfg.batch_cfg)

@@ -74,3 +74,17 @@ def predict_main(argv: Sequence[str] | None = None, config_dir: Path | None = No
                   f"mask covers {100 * out.area:.1f}%)")
 
     return run_cli("predict", PredictConfig, run, argv, config_dir or _default_config_dir())
+
+
+def train_main(argv: Sequence[str] | None = None, config_dir: Path | None = None) -> int:
+    """``train.py``: optimize every pair of a dataset (resumes when rerun)."""
+    from peekaboo.config import TrainConfig
+    from peekaboo.runner import run
+
+    def go(cfg, cmd):
+        summary = run(cfg, cmd)
+        root = Path(cfg.run.root) / cfg.run.name
+        print(f"{root}: {summary['done']} done, {summary['failed']} failed of {summary['pairs']} pairs; "
+              f"mIoU {summary['miou']}; summary in {root / 'summary.json'}")
+
+    return run_cli("train", TrainConfig, go, argv, config_dir or _default_config_dir())

@@ -168,6 +168,52 @@ class PredictConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+DATA_SOURCES = ("manifest", "shapes", "voc", "refcoco")
+
+
+@dataclass
+class DataConfig:
+    """Where a dataset run's pairs come from (see ``peekaboo.data``)."""
+
+    source: str = MISSING  # manifest | shapes | voc | refcoco
+    # manifest: the JSONL/CSV file (image, prompt, optional mask, optional id; paths relative to it).
+    manifest: str | None = None
+    # voc: the VOC2012 folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/);
+    # refcoco: the folder holding refs(<split_by>).p and instances.json, and images under images_dir.
+    root: str | None = None
+    images_dir: str | None = None  # refcoco: COCO train2014 images (default <root>/images)
+    split: str = "val"  # voc: ImageSets/Segmentation/<split>.txt; refcoco: the refs' split; shapes: eval | tune
+    dataset: str = "refcoco"  # refcoco | refcoco+ | refcocog (informational; the files define the data)
+    split_by: str = "unc"  # refcoco: reads refs(<split_by>).p
+    num_pairs: int | None = None  # shapes: how many pairs; other sources: keep only the first N
+    # Manifest paths outside the manifest's folder (../, absolute) are refused unless this is set.
+    allow_outside_root: bool = False
+
+
+@dataclass
+class RunConfig:
+    """A dataset run's outputs and bookkeeping under ``<root>/<name>/``."""
+
+    name: str = MISSING
+    root: str = "runs"
+    checkpoint_every_n_steps: int = 50  # per-pair ModelCheckpoint; a resumed pair continues from the last one
+    keep_checkpoints: bool = False  # delete a pair's checkpoints once it is done
+    save_overlays: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """``train.py``: optimize every pair of a dataset."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    image_options: ImageConfig = field(default_factory=ImageConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
 C = TypeVar("C")
 
 
@@ -336,6 +382,13 @@ def validate(cfg: Any) -> None:
         _check(str(t.precision) in PRECISIONS, "trainer.precision", t.precision,
                " | ".join(PRECISIONS) + " (never *-true half precision: the mask must stay float32)")
         _check(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, ">= 1")
+    if "data" in cfg and not OmegaConf.is_missing(cfg.data, "source"):
+        _check(cfg.data.source in DATA_SOURCES, "data.source", cfg.data.source, " | ".join(DATA_SOURCES))
+        _check(cfg.data.num_pairs is None or cfg.data.num_pairs >= 1, "data.num_pairs", cfg.data.num_pairs,
+               "null or an integer >= 1")
+    if "run" in cfg:
+        _check(cfg.run.checkpoint_every_n_steps >= 1, "run.checkpoint_every_n_steps",
+               cfg.run.checkpoint_every_n_steps, "an integer >= 1")
     if "model" in cfg:
         _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, " | ".join(DTYPES))
         _check(cfg.model.resolution is None or cfg.model.resolution >= 8, "model.resolution",

@@ -50,9 +50,9 @@ class MaskImages(Callback):
             return
         writer = trainer.logger.experiment
         with torch.no_grad():
-            writer.add_image("mask/alpha", pl_module().detach().float().cpu(), step)
+            writer.add_images("mask/alpha", pl_module().detach().float().cpu(), step)
         if pl_module.last_composite is not None:
-            writer.add_image("mask/composite", pl_module.last_composite[0].float().clamp(0, 1).cpu(), step)
+            writer.add_images("mask/composite", pl_module.last_composite.float().clamp(0, 1).cpu(), step)
 
 
 @dataclass
@@ -61,8 +61,9 @@ class PairResult:
 
     alpha: torch.Tensor  # (S, S) float32 in [0, 1], on CPU
     steps: int
-    seconds: float
+    seconds: float  # wall time of the batch it was optimized in, divided by the batch size
     losses: dict[str, float] = field(default_factory=dict)
+    failed: bool = False  # its loss or mask went non-finite (its alpha is then meaningless)
 
 
 def build_trainer(
@@ -92,10 +93,15 @@ def build_trainer(
     )
 
 
-def optimize_pair(
-    image: torch.Tensor,
-    prompt: str,
-    pair_id: str,
+def optimize_pair(image: torch.Tensor, prompt: str, pair_id: str, *args, **kwargs) -> PairResult:
+    """Optimize one pair's mask: :func:`optimize_pairs` with a batch of one; ``image`` is ``(3, S, S)``."""
+    return optimize_pairs(image[None], [prompt], [pair_id], *args, **kwargs)[0]
+
+
+def optimize_pairs(
+    images: torch.Tensor,
+    prompts: list[str],
+    pair_ids: list[str],
     opt_cfg: OptimizationConfig,
     trainer_cfg: TrainerConfig,
     backbone: Backbone,
@@ -104,24 +110,30 @@ def optimize_pair(
     ckpt_path: str | Path | None = None,
     enable_progress_bar: bool | None = None,
     devices: Any = 1,
-) -> PairResult:
-    """Optimize one pair's mask with a Lightning Trainer.
+    run_name: str | None = None,
+) -> list[PairResult]:
+    """Optimize the masks of B independent pairs together with one Lightning Trainer.
 
     Args:
-        image: ``(3, S, S)`` working image in [0, 1].
-        tb_dir: TensorBoard root; the pair logs to its own run ``<tb_dir>/<pair_id>``. None: no logging.
+        images: ``(B, 3, S, S)`` working images in [0, 1].
+        tb_dir: TensorBoard root; logs go to the run ``<tb_dir>/<run_name>`` (default: the single pair's id,
+            or ``<first id>+<B-1>``). None: no logging.
         callbacks: extra callbacks (e.g. checkpointing in dataset runs).
         ckpt_path: resume from this checkpoint.
         devices: which device of the accelerator this process uses (e.g. ``[local_rank]``).
+
+    Returns:
+        One result per pair, in order.
     """
     logger: Any = False
     if tb_dir is not None:
-        logger = TensorBoardLogger(str(tb_dir), name=pair_id, version="", default_hp_metric=False)
+        name = run_name or (pair_ids[0] if len(pair_ids) == 1 else f"{pair_ids[0]}+{len(pair_ids) - 1}")
+        logger = TensorBoardLogger(str(tb_dir), name=name, version="", default_hp_metric=False)
     every = max(1, trainer_cfg.max_steps // IMAGE_SNAPSHOTS)
     cbs = [MaskImages(every), *(callbacks or [])]
     has_ckpt = any(type(cb).__name__ == "ModelCheckpoint" for cb in cbs)
     trainer = build_trainer(trainer_cfg, logger, cbs, enable_progress_bar, has_ckpt, devices)
-    module = PeekabooModule(image, prompt, pair_id, opt_cfg, backbone)
+    module = PeekabooModule(images, prompts, pair_ids, opt_cfg, backbone)
     loader = DataLoader(_Steps(trainer_cfg.max_steps), batch_size=None, shuffle=False, num_workers=0)
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -130,10 +142,13 @@ def optimize_pair(
         warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")
         warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
         trainer.fit(module, loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    seconds = time.perf_counter() - start
+    seconds = (time.perf_counter() - start) / len(pair_ids)
     with torch.no_grad():
-        alpha = module().detach().float().cpu()[0]
-    losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss/") or k == "mask/area"}
+        alphas = module().detach().float().cpu()[:, 0]  # (B, S, S)
     if logger:
         logger.finalize("success")
-    return PairResult(alpha=alpha, steps=trainer.global_step, seconds=seconds, losses=losses)
+    return [
+        PairResult(alpha=alphas[i], steps=trainer.global_step, seconds=seconds, failed=bool(module.failed[i]),
+                   losses={k: float(v[i]) for k, v in module.last_losses.items()})
+        for i in range(len(pair_ids))
+    ]

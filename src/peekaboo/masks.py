@@ -1,4 +1,6 @@
-"""Mask parameterizations: each renders one pair's alpha, ``(1, H, W)`` in [0, 1].
+"""Mask parameterizations: each renders the alphas of B independent pairs, ``(B, 1, H, W)`` in [0, 1]
+(one pair's alpha is ``(1, H, W)``). Pairs share no parameter and no normalization statistic, so optimizing
+B pairs together gives each the mask it would get alone.
 
 - ``raster``: a free logit per pixel.
 - ``fourier``: a per-pixel MLP (1x1 convolutions) over fixed random Gaussian Fourier features of (u, v).
@@ -21,45 +23,53 @@ def bilateral_weights(image: torch.Tensor, kernel: int, sigma: float, colour_tol
     """Normalized bilateral weights of every pixel's ``kernel x kernel`` neighbourhood.
 
     Args:
-        image: ``(3, H, W)`` in [0, 1], the guide.
+        image: ``(3, H, W)`` or ``(B, 3, H, W)`` in [0, 1], the guide.
         kernel: odd window size.
         sigma: spatial Gaussian standard deviation in pixels.
         colour_tolerance: colour Gaussian standard deviation (RGB distance, [0, 1] scale).
 
     Returns:
-        ``(K*K, H, W)`` weights summing to 1 over the first axis. Neighbours beyond the border replicate
-        the edge pixel, as the logits are padded the same way in :func:`apply_bilateral`.
+        ``(K*K, H, W)`` (or ``(B, K*K, H, W)``) weights summing to 1 over the neighbourhood axis. Neighbours
+        beyond the border replicate the edge pixel, as the logits are padded the same way in
+        :func:`apply_bilateral`.
     """
+    if image.dim() == 3:
+        return bilateral_weights(image[None], kernel, sigma, colour_tolerance)[0]
     r = kernel // 2
-    c, h, w = image.shape
-    padded = F.pad(image[None].float(), (r, r, r, r), mode="replicate")
-    patches = F.unfold(padded, kernel).view(c, kernel * kernel, h, w)  # (3, K*K, H, W)
+    b, c, h, w = image.shape
+    padded = F.pad(image.float(), (r, r, r, r), mode="replicate")
+    patches = F.unfold(padded, kernel).view(b, c, kernel * kernel, h, w)  # (B, 3, K*K, H, W)
     offsets = torch.arange(-r, r + 1, dtype=torch.float32, device=image.device)
     dist2 = (offsets[:, None] ** 2 + offsets[None, :] ** 2).flatten()  # (K*K,)
-    spatial = torch.exp(-dist2 / (2 * sigma**2)).view(-1, 1, 1)
-    colour = torch.exp(-((patches - image[:, None].float()) ** 2).sum(0) / (2 * colour_tolerance**2))
-    weights = spatial * colour  # (K*K, H, W)
-    return weights / weights.sum(0, keepdim=True)
+    spatial = torch.exp(-dist2 / (2 * sigma**2)).view(1, -1, 1, 1)
+    colour = torch.exp(-((patches - image[:, :, None].float()) ** 2).sum(1) / (2 * colour_tolerance**2))
+    weights = spatial * colour  # (B, K*K, H, W)
+    return weights / weights.sum(1, keepdim=True)
 
 
 def apply_bilateral(logits: torch.Tensor, weights: torch.Tensor, iterations: int) -> torch.Tensor:
-    """Filter ``logits`` ``(1, H, W)`` with precomputed ``weights`` ``(K*K, H, W)``, ``iterations`` times."""
-    kk, h, w = weights.shape
+    """Filter ``logits`` ``(B, 1, H, W)`` with precomputed ``weights`` ``(B, K*K, H, W)``, ``iterations``
+    times (``(1, H, W)`` with ``(K*K, H, W)`` for a single pair)."""
+    if logits.dim() == 3:
+        return apply_bilateral(logits[None], weights[None], iterations)[0]
+    b, kk, h, w = weights.shape
     kernel = math.isqrt(kk)
     r = kernel // 2
-    x = logits[None]  # (1, 1, H, W)
+    x = logits  # (B, 1, H, W)
     for _ in range(iterations):
-        patches = F.unfold(F.pad(x, (r, r, r, r), mode="replicate"), kernel).view(1, kk, h, w)
-        x = (patches * weights[None]).sum(1, keepdim=True)
-    return x[0]
+        patches = F.unfold(F.pad(x, (r, r, r, r), mode="replicate"), kernel).view(b, kk, h, w)
+        x = (patches * weights).sum(1, keepdim=True)
+    return x
 
 
 class Mask(nn.Module):
-    """Base class: subclasses compute logits ``(1, H, W)``; the optional bilateral filter and sigmoid follow."""
+    """Base class: subclasses compute logits ``(B, 1, H, W)``; the optional bilateral filter and sigmoid
+    follow. ``guide`` is the images ``(B, 3, H, W)``."""
 
-    def __init__(self, size: int, guide: torch.Tensor | None = None, bilateral: BilateralConfig | None = None):
+    def __init__(self, size: int, guide: torch.Tensor, bilateral: BilateralConfig | None = None):
         super().__init__()
         self.size = size
+        self.batch = guide.shape[0]
         self.iterations = 0
         if bilateral is not None:
             if guide is None:
@@ -73,7 +83,7 @@ class Mask(nn.Module):
         raise NotImplementedError
 
     def forward(self) -> torch.Tensor:
-        """alpha: ``(1, H, W)`` in [0, 1]."""
+        """alpha: ``(B, 1, H, W)`` in [0, 1]."""
         x = self.logits()
         if self.iterations:
             x = apply_bilateral(x, self.bilateral, self.iterations)
@@ -85,7 +95,7 @@ class RasterMask(Mask):
 
     def __init__(self, size: int, init_logit: float = 0.0, **kwargs):
         super().__init__(size, **kwargs)
-        self.raster = nn.Parameter(torch.full((1, size, size), float(init_logit)))
+        self.raster = nn.Parameter(torch.full((self.batch, 1, size, size), float(init_logit)))
 
     def logits(self) -> torch.Tensor:
         return self.raster
@@ -93,55 +103,69 @@ class RasterMask(Mask):
 
 class FourierMask(Mask):
     """A per-pixel MLP over fixed random Fourier features of the pixel coordinate (the paper's "neural
-    neural texture"): smoother masks than a raster."""
+    neural texture"): smoother masks than a raster.
 
-    def __init__(self, size: int, cfg: FourierConfig, generator: torch.Generator, **kwargs):
+    B pairs are B separate MLPs run as grouped 1x1 convolutions (``groups=B``) on ``(1, B*C, H, W)``, so a
+    BatchNorm channel normalizes one pair's pixels only and pairs never mix.
+    """
+
+    def __init__(self, size: int, cfg: FourierConfig, generators: list[torch.Generator], **kwargs):
         super().__init__(size, **kwargs)
-        # Fixed features: drawn from the pair's generator so the same seed gives the same mask.
-        freqs = torch.randn(cfg.num_features, 2, generator=generator) * cfg.scale  # (F, 2)
+        b = self.batch
         axis = torch.linspace(0.0, 1.0, size)
         uv = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), 0)  # (2, H, W)
-        proj = 2 * math.pi * torch.einsum("fc,chw->fhw", freqs, uv)
-        self.register_buffer("features", torch.cat([proj.sin(), proj.cos()], 0)[None], persistent=False)
+        # Fixed features, drawn from each pair's generator so the same seed gives the same mask.
+        feats = []
+        for gen in generators:
+            freqs = torch.randn(cfg.num_features, 2, generator=gen) * cfg.scale  # (F, 2)
+            proj = 2 * math.pi * torch.einsum("fc,chw->fhw", freqs, uv)
+            feats.append(torch.cat([proj.sin(), proj.cos()], 0))  # (2F, H, W)
+        self.register_buffer("features", torch.cat(feats, 0)[None], persistent=False)  # (1, B*2F, H, W)
         layers: list[nn.Module] = []
         width = 2 * cfg.num_features
         for _ in range(cfg.layers):
-            # BatchNorm over the pixels of this one mask; no running statistics, so the rendered mask is the
-            # same in train and eval mode.
-            norm = nn.BatchNorm2d(cfg.hidden, track_running_stats=False)
-            layers += [nn.Conv2d(width, cfg.hidden, 1), norm, nn.ReLU()]
+            # BatchNorm over the pixels of each mask; no running statistics, so the rendered mask is the same
+            # in train and eval mode.
+            norm = nn.BatchNorm2d(b * cfg.hidden, track_running_stats=False)
+            layers += [nn.Conv2d(b * width, b * cfg.hidden, 1, groups=b), norm, nn.ReLU()]
             width = cfg.hidden
-        layers.append(nn.Conv2d(width, 1, 1))
+        layers.append(nn.Conv2d(b * width, b, 1, groups=b))
         self.mlp = nn.Sequential(*layers)
-        self._init(generator)
+        self._init(generators)
 
-    def _init(self, generator: torch.Generator) -> None:
-        # nn.Conv2d's own init draws from the global RNG; re-draw from the pair's generator instead.
-        for m in self.mlp.modules():
-            if isinstance(m, nn.Conv2d):
-                bound = 1.0 / math.sqrt(m.in_channels)
-                with torch.no_grad():
-                    m.weight.copy_(torch.empty_like(m.weight).uniform_(-bound, bound, generator=generator))
-                    m.bias.copy_(torch.empty_like(m.bias).uniform_(-bound, bound, generator=generator))
+    def _init(self, generators: list[torch.Generator]) -> None:
+        # nn.Conv2d's own init draws from the global RNG; each pair's slice is re-drawn from its generator
+        # (PyTorch's default uniform bound 1/sqrt(fan_in)), so a pair's init does not depend on its batch.
+        for gen_index, gen in enumerate(generators):
+            for m in self.mlp.modules():
+                if isinstance(m, nn.Conv2d):
+                    per = m.out_channels // self.batch
+                    rows = slice(gen_index * per, (gen_index + 1) * per)
+                    bound = 1.0 / math.sqrt(m.in_channels // self.batch)
+                    with torch.no_grad():
+                        m.weight[rows].uniform_(-bound, bound, generator=gen)
+                        m.bias[rows].uniform_(-bound, bound, generator=gen)
 
     def logits(self) -> torch.Tensor:
-        return self.mlp(self.features)[0]  # (1, H, W)
+        return self.mlp(self.features).view(self.batch, 1, self.size, self.size)
 
 
-def build_mask(cfg: MaskConfig, image: torch.Tensor, generator: torch.Generator) -> Mask:
-    """Build the mask ``cfg.kind`` for one image.
+def build_mask(cfg: MaskConfig, images: torch.Tensor, generators: list[torch.Generator]) -> Mask:
+    """Build the masks ``cfg.kind`` of B pairs.
 
     Args:
         cfg: mask config.
-        image: ``(3, S, S)`` the working image (guide of the bilateral filter), ``S = cfg.size``.
-        generator: the pair's CPU generator (initial weights, Fourier features).
+        images: ``(B, 3, S, S)`` the working images (guides of the bilateral filter), ``S = cfg.size``.
+        generators: one CPU generator per pair (initial weights, Fourier features).
     """
-    if image.shape != (3, cfg.size, cfg.size):
-        raise ValueError(f"mask of size {cfg.size} needs a (3, {cfg.size}, {cfg.size}) image, got {tuple(image.shape)}")
+    b = images.shape[0]
+    if images.shape[1:] != (3, cfg.size, cfg.size) or len(generators) != b:
+        raise ValueError(f"mask of size {cfg.size} needs (B, 3, {cfg.size}, {cfg.size}) images and B generators, "
+                         f"got {tuple(images.shape)} and {len(generators)}")
     bilateral = cfg.bilateral if cfg.kind.endswith("_bilateral") else None
-    kwargs = {"guide": image, "bilateral": bilateral}
+    kwargs = {"guide": images, "bilateral": bilateral}
     if cfg.kind.startswith("raster"):
         return RasterMask(cfg.size, cfg.init_logit, **kwargs)
     if cfg.kind.startswith("fourier"):
-        return FourierMask(cfg.size, cfg.fourier, generator, **kwargs)
+        return FourierMask(cfg.size, cfg.fourier, generators, **kwargs)
     raise ValueError(f"unknown mask kind {cfg.kind!r}")

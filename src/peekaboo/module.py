@@ -1,4 +1,4 @@
-"""The LightningModule that optimizes one (image, prompt) pair's mask."""
+"""The LightningModule that optimizes the masks of one (image, prompt) pair, or of B independent pairs."""
 
 from __future__ import annotations
 
@@ -13,76 +13,104 @@ from peekaboo.masks import build_mask
 
 
 class PeekabooModule(L.LightningModule):
-    """One (image, prompt) pair. Its only trainable parameters are its mask's.
+    """B (image, prompt) pairs, optimized together but independently. Its only trainable parameters are
+    the masks'.
 
-    The backbone is held as a plain attribute (it is not an ``nn.Module``), so it is never part of
-    ``state_dict()``: a checkpoint holds the mask, the optimizer and the loop state only.
+    Every random draw of pair ``i`` at step ``k`` comes from a generator seeded by (seed, pair id, k), and the
+    per-pair losses are summed (each pair's parameters reach only its own loss), so a pair gets the same mask
+    whichever batch it lands in. The backbone is a plain attribute (not an ``nn.Module``), so it is never
+    part of ``state_dict()``: a checkpoint holds the masks, the optimizer and the loop state only.
 
     Args:
-        image: ``(3, S, S)`` working image in [0, 1], ``S = cfg.mask.size``.
-        prompt: what to segment.
-        pair_id: stable identifier; with ``cfg.seed`` it seeds every random draw of this pair.
+        images: ``(B, 3, S, S)`` (or one ``(3, S, S)``) working images in [0, 1], ``S = cfg.mask.size``.
+        prompts: one prompt per pair (or one string).
+        pair_ids: stable identifiers, one per pair (or one string).
         cfg: the optimization settings.
         backbone: the shared frozen diffusion model.
     """
 
-    def __init__(self, image: torch.Tensor, prompt: str, pair_id: str, cfg: OptimizationConfig, backbone: Backbone):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        prompts: list[str] | str,
+        pair_ids: list[str] | str,
+        cfg: OptimizationConfig,
+        backbone: Backbone,
+    ):
         super().__init__()
-        self.cfg, self.prompt, self.pair_id, self.backbone = cfg, prompt, pair_id, backbone
-        self.register_buffer("image", image.float(), persistent=False)  # (3, S, S)
-        init = torch.Generator().manual_seed(ops.pair_seed(cfg.seed, pair_id))
-        self.mask = build_mask(cfg.mask, self.image, init)
+        images = images[None] if images.dim() == 3 else images
+        self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self.pair_ids = [pair_ids] if isinstance(pair_ids, str) else list(pair_ids)
+        if not len(self.prompts) == len(self.pair_ids) == images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images, {len(self.prompts)} prompts, {len(self.pair_ids)} ids")
+        self.cfg, self.backbone = cfg, backbone
+        self.register_buffer("images", images.float(), persistent=False)  # (B, 3, S, S)
+        inits = [torch.Generator().manual_seed(ops.pair_seed(cfg.seed, pid)) for pid in self.pair_ids]
+        self.mask = build_mask(cfg.mask, self.images, inits)
+        # Pairs whose loss or mask went non-finite: they stop contributing; the others go on. Persistent, so
+        # a resumed run remembers them.
+        self.register_buffer("failed", torch.zeros(len(self.pair_ids), dtype=torch.bool))
         self._emb: PromptEmbeddings | None = None
-        self.last_composite: torch.Tensor | None = None  # (1, 3, S, S), for image logging
+        self.last_composite: torch.Tensor | None = None  # (B, 3, S, S), for image logging
+        self.last_losses: dict[str, torch.Tensor] = {}  # per pair, (B,)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.pair_ids)
 
     def forward(self) -> torch.Tensor:
-        """alpha: ``(1, S, S)`` in [0, 1]."""
+        """alpha: ``(B, 1, S, S)`` in [0, 1]."""
         return self.mask()
 
     def on_fit_start(self) -> None:
         self.backbone.to(self.device)
-        self._emb = self.backbone.encode_prompt(self.prompt)
+        self._emb = PromptEmbeddings.stack([self.backbone.encode_prompt(p) for p in self.prompts])
 
-    def step_generator(self) -> torch.Generator:
-        """Random draws of this step come from (seed, pair id, step): an interrupted and resumed pair makes
-        exactly the draws an uninterrupted one makes, wherever it runs."""
-        return torch.Generator().manual_seed(ops.pair_seed(self.cfg.seed, self.pair_id, self.global_step))
+    def step_generators(self) -> list[torch.Generator]:
+        """One generator per pair for this step, seeded by (seed, pair id, step): an interrupted and resumed
+        pair makes exactly the draws an uninterrupted one makes, on any device and in any batch."""
+        step = self.global_step
+        return [torch.Generator().manual_seed(ops.pair_seed(self.cfg.seed, pid, step)) for pid in self.pair_ids]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         cfg = self.cfg
-        gen = self.step_generator()
-        alpha = self.mask()[None]  # (1, 1, S, S)
-        image = self.image[None]  # (1, 3, S, S)
-        background = ops.sample_background(cfg.background, image, gen)
-        comp = ops.composite(image, alpha, background)
-        latents = self.backbone.encode_images(comp, cfg.guidance.latent_mode, gen)
-        assert self._emb is not None
-        terms = self.backbone.dream_loss(latents, self._emb, cfg.guidance, gen)
-        dream = cfg.loss.lambda_dream * terms["loss"].sum()
-        gravity = ops.gravity_loss(alpha.float(), cfg.loss.gravity, cfg.loss.gravity_reduction).sum()
-        total = dream + gravity
-        if not torch.isfinite(total) or not torch.isfinite(alpha).all():
-            raise NonFiniteError(f"pair {self.pair_id}: non-finite loss or mask at step {self.global_step}")
+        gens = self.step_generators()
+        alpha = self.mask()  # (B, 1, S, S)
+        background = torch.cat([ops.sample_background(cfg.background, img[None], g)
+                                for img, g in zip(self.images, gens, strict=True)])  # (B, 3, S, S)
+        comp = ops.composite(self.images, alpha, background)
+        latents = self.backbone.encode_images(comp, cfg.guidance.latent_mode, gens)
+        assert self._emb is not None, "on_fit_start sets the prompt embeddings"
+        terms = self.backbone.dream_loss(latents, self._emb, cfg.guidance, gens)
+        dream = cfg.loss.lambda_dream * terms["loss"]  # (B,)
+        gravity = ops.gravity_loss(alpha.float(), cfg.loss.gravity, cfg.loss.gravity_reduction)  # (B,)
+        total = dream + gravity  # (B,)
+        finite = torch.isfinite(total) & torch.isfinite(alpha.flatten(1)).all(dim=1)
+        self.failed |= ~finite
+        if self.failed.all():
+            raise NonFiniteError(
+                f"pair(s) {', '.join(self.pair_ids)}: non-finite loss or mask at step {self.global_step}; "
+                "lower optimization.optim.lr or check the image."
+            )
+        # torch.where, not a product: 0 * nan is nan, and a failed pair must not stop the others.
+        objective = torch.where(self.failed, torch.zeros_like(total), total).sum()
         self.last_composite = comp.detach()
+        self.last_losses = {"loss/dream": dream.detach(), "loss/alpha": gravity.detach(),
+                            "loss/total": total.detach(), "mask/area": alpha.detach().flatten(1).mean(1)}
+        ok = ~self.failed
         self.log_dict(
-            {
-                "loss/dream": dream.detach(),
-                "loss/alpha": gravity.detach(),
-                "loss/total": total.detach(),
-                "mask/area": alpha.detach().mean(),
-                "guidance/t": terms["t"].float().mean(),
-                "guidance/grad_norm": terms["grad_norm"].mean(),
-            },
-            on_step=True, on_epoch=False, batch_size=1,
+            {**{k: v[ok].mean() for k, v in self.last_losses.items()},
+             "guidance/t": terms["t"].float().mean(), "guidance/grad_norm": terms["grad_norm"][ok].mean()},
+            on_step=True, on_epoch=False, batch_size=self.batch_size,
         )
-        return total
+        return objective
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_optimizer(self.cfg.optim, self.mask.parameters())
 
 
 def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
-    """SGD, Adam or AdamW with the settings of ``cfg``."""
+    """SGD, Adam or AdamW with the settings of ``cfg`` (all act element-wise: pairs stay independent)."""
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == "adam":

@@ -1,0 +1,62 @@
+"""Re-score a finished (or partial) run from its saved masks: ``python -m peekaboo.evaluate runs/NAME``.
+
+Nothing is re-optimized: each done pair's ``masks/<id>.png`` is compared with the source's ground truth and
+``summary.json`` (and the scores in ``results.jsonl``) are rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+from PIL import Image
+
+from peekaboo.config import TrainConfig
+from peekaboo.data import build_source
+from peekaboo.errors import PeekabooError
+from peekaboo.metrics import pair_scores
+from peekaboo.runner import RunDir, output_names, write_results
+
+
+def evaluate(run_dir: str | Path) -> dict[str, Any]:
+    """Recompute every done pair's IoU from its saved mask, then ``results.jsonl`` and ``summary.json``."""
+    rd = RunDir(Path(run_dir))
+    config = rd.root / "config.yaml"
+    if not config.is_file():
+        raise PeekabooError(f"{rd.root} has no config.yaml, so it is not a peekaboo run folder; pass runs/<name>.")
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(config))
+    pairs = build_source(cfg.data)
+    records = []
+    for pair, name in zip(pairs, output_names(pairs), strict=True):
+        record = rd.record(name)
+        if record is None:
+            continue
+        if record.get("status") == "done":
+            target = pair.load_target()
+            if target is not None:
+                mask = np.asarray(Image.open(rd.root / record["outputs"]["mask"]).convert("L")) > 127
+                record.update(pair_scores(mask, target))
+        records.append(record)
+    return write_results(rd, records, len(pairs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peekaboo.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a run folder, e.g. runs/NAME")
+    args = parser.parse_args(argv)
+    try:
+        summary = evaluate(args.run_dir)
+    except PeekabooError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,356 @@
+"""Dataset runs: spread pairs over worker processes, resume interrupted runs, write outputs and scores.
+
+Layout of ``<run.root>/<run.name>/``::
+
+    config.yaml  cmd.txt          the resolved config and the command line
+    masks/<id>.png                binary mask at the image's original size
+    alphas/<id>.png               soft alpha (0..255) at the original size
+    overlays/<id>.png             mask tinted over the image (run.save_overlays)
+    pairs/<id>/done.json          the pair's result record: it is finished (skipped on rerun)
+    pairs/<id>/ckpt/last.ckpt     the pair's latest checkpoint while it runs (resumed from on rerun)
+    results.jsonl                 one line per finished pair
+    summary.json                  pairs done / failed, mIoU, overall IoU, precision at IoU thresholds
+    tb/<id>/                      TensorBoard: one run per pair; tb/worker<rank>/ job-level curves
+
+Each worker optimizes the pairs ``i`` with ``i % world_size == rank``; every random draw is seeded from
+(seed, pair id, step), so where a pair runs, and whether it was interrupted, never changes its mask.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import OmegaConf
+from PIL import Image
+
+from peekaboo import io
+from peekaboo.backbone import check_model_source, shared_backbone
+from peekaboo.config import TrainConfig, to_yaml
+from peekaboo.data import Pair, build_source
+from peekaboo.devices import resolve_device, trainer_devices
+from peekaboo.engine import optimize_pair
+from peekaboo.errors import ConfigError, NonFiniteError, PeekabooError
+from peekaboo.metrics import pair_scores, summarize
+
+log = logging.getLogger(__name__)
+
+# Exit status of a worker stopped by SIGTERM/SIGUSR1 after checkpointing (128 + SIGTERM, as shells report).
+PREEMPTED_EXIT = 143
+# Config sections that change what a pair computes: a rerun must match them to resume the same run.
+RESULT_KEYS = ("data", "model", "image_options", "optimization", "trainer.max_steps", "trainer.precision")
+
+
+class Preempted(Exception):
+    """Raised inside a pair's fit after its checkpoint was saved, to stop the worker."""
+
+
+_PREEMPT = {"signal": None}
+
+
+def _on_signal(signum, frame) -> None:
+    _PREEMPT["signal"] = signum
+
+
+class SaveOnPreemption(Callback):
+    """On SIGTERM / SIGUSR1 (cluster preemption), save the pair's checkpoint and stop."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if _PREEMPT["signal"] is not None:
+            trainer.save_checkpoint(self.path)
+            raise Preempted(f"signal {_PREEMPT['signal']} at step {trainer.global_step}")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the run's workers."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @staticmethod
+    def from_env() -> World | None:
+        """The worker identity set by torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM (SLURM_PROCID/...)."""
+        env = os.environ
+        if "WORLD_SIZE" in env and "RANK" in env:
+            return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"])))
+        if "SLURM_NTASKS" in env and "SLURM_PROCID" in env and int(env["SLURM_NTASKS"]) > 1:
+            return World(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+        return None
+
+
+class RunDir:
+    """Paths and records of one run folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def pair_dir(self, name: str) -> Path:
+        return self.root / "pairs" / name
+
+    def done_path(self, name: str) -> Path:
+        return self.pair_dir(name) / "done.json"
+
+    def ckpt_dir(self, name: str) -> Path:
+        return self.pair_dir(name) / "ckpt"
+
+    def record(self, name: str) -> dict | None:
+        """The pair's finished record, or None (also for a damaged record: the pair is then redone)."""
+        try:
+            return json.loads(self.done_path(name).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+
+def output_names(pairs: list[Pair]) -> list[str]:
+    """File-system-safe output names, one per pair; two ids that map to one name are an error."""
+    names = [io.safe_name(p.id) for p in pairs]
+    seen: dict[str, str] = {}
+    for pair, name in zip(pairs, names, strict=True):
+        if name in seen:
+            raise PeekabooError(f"Pair ids {seen[name]!r} and {pair.id!r} map to the same output name {name!r}; "
+                                "make the ids differ in letters or digits.")
+        seen[name] = pair.id
+    return names
+
+
+def _check_same_run(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse to mix results of different settings in one run folder."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = OmegaConf.load(saved_path)
+    diffs = []
+    for key in RESULT_KEYS:
+        a, b = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
+        to_c = lambda x: OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x  # noqa: E731
+        if to_c(a) != to_c(b):
+            diffs.append(key)
+    if diffs:
+        raise ConfigError(
+            f"Run folder {run_dir} was started with different {', '.join(diffs)} settings; rerun the same command "
+            "to resume it, or choose a new run.name."
+        )
+
+
+def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
+    """Optimize every pair of ``cfg.data`` (resuming a previous run of the same name); returns the summary.
+
+    With ``trainer.devices=N > 1`` this process starts N workers; under torchrun or SLURM this process is
+    one worker of the job. Raises :class:`PeekabooError` for bad input found before any work starts.
+    """
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    pairs = build_source(cfg.data)
+    names = output_names(pairs)
+    check_model_source(cfg.model)
+    _check_same_run(run_dir, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env_world = World.from_env()
+    if env_world is None or env_world.rank == 0:
+        io.write_text(to_yaml(cfg), run_dir / "config.yaml")
+        io.write_text(" ".join(argv if argv is not None else sys.argv) + "\n", run_dir / "cmd.txt")
+    if env_world is not None:
+        code = run_worker(cfg, env_world)
+    elif cfg.trainer.devices > 1:
+        code = _spawn_workers(cfg)
+    else:
+        code = run_worker(cfg, World())
+    summary = finalize(run_dir, pairs, names)
+    if code:
+        raise SystemExit(code)
+    return summary
+
+
+def _spawn_workers(cfg: TrainConfig) -> int:
+    """Start ``trainer.devices`` worker processes (spawned, so CUDA initializes cleanly in each)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    n = cfg.trainer.devices
+    yaml = to_yaml(cfg)
+    procs = [ctx.Process(target=_worker_entry, args=(yaml, World(r, n, r)), daemon=False) for r in range(n)]
+    for p in procs:
+        p.start()
+    forward = lambda signum, frame: [os.kill(p.pid, signum) for p in procs if p.is_alive()]  # noqa: E731
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        for p in procs:
+            p.join()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    codes = [p.exitcode for p in procs]
+    if any(codes):
+        log.warning("worker exit codes: %s", codes)
+    return PREEMPTED_EXIT if PREEMPTED_EXIT in codes else max((abs(c) for c in codes if c), default=0)
+
+
+def _worker_entry(cfg_yaml: str, world: World) -> None:
+    from peekaboo.cli import setup_logging
+
+    setup_logging()
+    schema = OmegaConf.structured(TrainConfig)
+    cfg = OmegaConf.merge(schema, OmegaConf.create(cfg_yaml))
+    # Share the machine's cores between CPU workers instead of oversubscribing them.
+    if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.size))
+    raise SystemExit(run_worker(cfg, world))
+
+
+def run_worker(cfg: TrainConfig, world: World) -> int:
+    """Optimize this worker's share of the pairs; returns the exit status (0, or PREEMPTED_EXIT)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    run_dir = RunDir(Path(cfg.run.root) / cfg.run.name)
+    pairs = build_source(cfg.data)
+    names = output_names(pairs)
+    mine = [(p, n) for i, (p, n) in enumerate(zip(pairs, names, strict=True)) if i % world.size == world.rank]
+    todo = [(p, n) for p, n in mine if run_dir.record(n) is None]
+    device = resolve_device(cfg.trainer.accelerator, world.local_rank)
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    writer = SummaryWriter(str(run_dir.root / "tb" / f"worker{world.rank}")) if cfg.run.tensorboard else None
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"worker {world.rank}", position=world.rank,
+               unit="pair", dynamic_ncols=True, disable=not cfg.trainer.enable_progress_bar)
+    ious: list[float] = [r["iou"] for p, n in mine if (r := run_dir.record(n)) and r.get("iou") is not None]
+    done = len(mine) - len(todo)
+    try:
+        backbone = shared_backbone(cfg.model, device) if todo else None
+        for pair, name in todo:
+            try:
+                record = optimize_one(cfg, pair, name, run_dir, backbone, device)
+            except Preempted as err:
+                log.warning("worker %d preempted (%s): %s checkpointed; rerun the same command to resume.",
+                            world.rank, err, pair.id)
+                _requeue_if_slurm()
+                return PREEMPTED_EXIT
+            done += 1
+            if record.get("iou") is not None:
+                ious.append(record["iou"])
+            bar.update(1)
+            if writer is not None:
+                writer.add_scalar("job/pairs_done", done, done)
+                writer.add_scalar("job/seconds_per_pair", record.get("seconds", 0.0), done)
+                if ious:
+                    writer.add_scalar("job/running_miou", float(np.mean(ious)), done)
+                writer.flush()
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0
+
+
+def _requeue_if_slurm() -> None:
+    """Under SLURM, put the job back in the queue so the rerun happens without a human."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and os.environ.get("SLURM_PROCID", "0") == "0" and shutil.which("scontrol"):
+        subprocess.run(["scontrol", "requeue", job], check=False)
+
+
+def _valid_checkpoint(path: Path) -> Path | None:
+    """``path`` if it is a loadable checkpoint; a corrupt one is moved aside with a warning."""
+    if not path.is_file():
+        return None
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return path
+    except Exception as err:  # any unreadable file means: start this pair again
+        log.warning("checkpoint %s is unreadable (%s); restarting that pair from scratch.", path, type(err).__name__)
+        path.rename(path.with_suffix(".corrupt"))
+        return None
+
+
+def optimize_one(cfg: TrainConfig, pair: Pair, name: str, run_dir: RunDir, backbone, device) -> dict:
+    """Optimize one pair (resuming its checkpoint), write its outputs and its done record."""
+    record: dict[str, Any] = {"id": pair.id, "prompt": pair.prompt, "name": name}
+    if pair.meta:
+        record["meta"] = pair.meta
+    ckpt_dir = run_dir.ckpt_dir(name)
+    try:
+        opts = cfg.image_options
+        img = (io.load_image(pair.path, tuple(opts.flatten_background), opts.max_pixels) if pair.path is not None
+               else pair.load_image())
+        canvas, placement = io.fit_square(img, cfg.optimization.mask.size, cfg.image_options.fit)
+        callbacks = [
+            ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.run.checkpoint_every_n_steps,
+                            save_top_k=0, save_last=True, save_on_train_epoch_end=False),
+            SaveOnPreemption(ckpt_dir / "last.ckpt"),
+        ]
+        result = optimize_pair(
+            canvas, pair.prompt, pair.id, cfg.optimization, cfg.trainer, backbone,
+            tb_dir=run_dir.root / "tb" if cfg.run.tensorboard else None, callbacks=callbacks,
+            ckpt_path=_valid_checkpoint(ckpt_dir / "last.ckpt"), enable_progress_bar=False,
+            devices=trainer_devices(device),
+        )
+        alpha_u8 = io.quantize(io.unfit(result.alpha, placement))
+        mask = io.binarize(alpha_u8, cfg.optimization.threshold)
+        mask_png = Image.fromarray((mask * 255).astype(np.uint8), "L")
+        paths = {
+            "mask": io.save_png(mask_png, run_dir.root / "masks" / f"{name}.png"),
+            "alpha": io.save_png(Image.fromarray(alpha_u8, "L"), run_dir.root / "alphas" / f"{name}.png"),
+        }
+        if cfg.run.save_overlays:
+            paths["overlay"] = io.save_png(io.overlay(img, mask), run_dir.root / "overlays" / f"{name}.png")
+        record.update(status="done", outputs={k: str(v.relative_to(run_dir.root)) for k, v in paths.items()},
+                      steps=result.steps, seconds=round(result.seconds, 3), losses=result.losses,
+                      area=float(mask.mean()))
+        target = pair.load_target()
+        if target is not None:
+            record.update(pair_scores(mask, target))
+    except Preempted:
+        raise
+    except PeekabooError as err:
+        record.update(status="failed: non-finite" if isinstance(err, NonFiniteError) else "failed: input",
+                      error=str(err))
+        log.warning("pair %s failed: %s", pair.id, err)
+    io.write_text(json.dumps(record), run_dir.done_path(name))
+    io.append_line(json.dumps(record), run_dir.results)
+    if not cfg.run.keep_checkpoints:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return record
+
+
+def finalize(run_dir: Path, pairs: list[Pair], names: list[str]) -> dict[str, Any]:
+    """Rewrite ``results.jsonl`` (exactly one line per finished pair, in dataset order) and ``summary.json``."""
+    rd = RunDir(run_dir)
+    records = [r for n in names if (r := rd.record(n)) is not None]
+    summary = write_results(rd, records, len(pairs))
+    log.info("%s: %d/%d pairs finished, mIoU %s", run_dir, len(records), len(pairs), summary.get("miou"))
+    return summary
+
+
+def write_results(rd: RunDir, records: list[dict], n_pairs: int) -> dict[str, Any]:
+    """Atomically write ``results.jsonl`` (one line per record) and ``summary.json``; returns the summary."""
+    with io.atomic_path(rd.results) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = summarize(records)
+    summary["pairs"] = n_pairs
+    summary["remaining"] = n_pairs - len(records)
+    io.write_text(json.dumps(summary, indent=2) + "\n", rd.summary)
+    return summary

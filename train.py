@@ -1,0 +1,11 @@
+"""Optimize every pair of a dataset: ``python train.py data=shapes run.name=NAME [trainer.devices=N]``.
+
+Rerunning the same command resumes an interrupted run. ``python train.py --help`` lists the options.
+"""
+
+from pathlib import Path
+
+from peekaboo.cli import train_main
+
+if __name__ == "__main__":
+    raise SystemExit(train_main(config_dir=Path(__file__).resolve().parent / "configs"))
