@@ -110,9 +110,11 @@ def run_checks(pipe: StableDiffusionPipeline) -> None:
     recon = pipe.vae.decode(posterior.mean).sample.clamp(-1, 1)
     mse = ((recon - x) / 2).pow(2).mean(dim=(1, 2, 3))
     psnr = 10 * torch.log10(1 / mse)
-    print(f"VAE posterior-mean round trip on {len(scenes)} eval scenes: PSNR mean {psnr.mean():.2f} dB, "
-          f"min {psnr.min():.2f} dB; posterior std {posterior.std.mean():.4f} vs latent-mean std "
-          f"{posterior.mean.std():.4f} (ratio {posterior.std.mean() / posterior.mean.std():.3f})")
+    print(
+        f"VAE posterior-mean round trip on {len(scenes)} eval scenes: PSNR mean {psnr.mean():.2f} dB, "
+        f"min {psnr.min():.2f} dB; posterior std {posterior.std.mean():.4f} vs latent-mean std "
+        f"{posterior.mean.std():.4f} (ratio {posterior.std.mean() / posterior.mean.std():.3f})"
+    )
 
     rng = np.random.default_rng(GRID.seed)
     z0 = posterior.mean * pipe.vae.config.scaling_factor
@@ -120,8 +122,13 @@ def run_checks(pipe: StableDiffusionPipeline) -> None:
     wrong = [wrong_caption(s.objects, rng) for s in scenes]
 
     def embed(texts: list[str]) -> torch.Tensor:
-        ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return pipe.text_encoder(ids)[0]
 
     emb_true, emb_wrong, emb_empty = embed(captions), embed(wrong), embed([""] * len(scenes))
@@ -144,10 +151,13 @@ def run_checks(pipe: StableDiffusionPipeline) -> None:
             wins += (per["true"] < per["wrong"]).float()
         wins_total += int(wins.sum())
         count_total += len(scenes) * GRID.noise_draws
-        print(f"  t={t_val}: true {losses['true']:.4f}  wrong-colour {losses['wrong']:.4f}  "
-              f"empty {losses['empty']:.4f}  (true < wrong in {int(wins.sum())}/{len(scenes) * GRID.noise_draws})")
+        print(
+            f"  t={t_val}: true {losses['true']:.4f}  wrong-colour {losses['wrong']:.4f}  "
+            f"empty {losses['empty']:.4f}  (true < wrong in {int(wins.sum())}/{len(scenes) * GRID.noise_draws})"
+        )
     print(f"true caption beats wrong caption in {wins_total}/{count_total} (scene, noise, t) cases")
-    print("example wrong captions:", *[f"{c!r} -> {w!r}" for c, w in zip(captions[:3], wrong[:3])], sep="\n  ")
+    examples = [f"{c!r} -> {w!r}" for c, w in zip(captions[:3], wrong[:3], strict=True)]
+    print("example wrong captions:", *examples, sep="\n  ")
 
 
 def main() -> None:

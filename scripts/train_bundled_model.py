@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shutil
@@ -68,7 +69,7 @@ class Config:
     vae_channels: tuple[int, ...] = (32, 64, 64)  # 3 blocks -> 2 downsamplings -> 4x smaller latents
     vae_layers_per_block: int = 1
     latent_channels: int = 4
-    vae_batch: int = 32
+    vae_batch: int = 16  # more updates per image seen: the VAE is far from converged in its budget
     vae_lr: float = 1e-3
     vae_warmup_steps: int = 50
     vae_mse_weight: float = 1.0  # added to the L1 term: L1 sharpens edges, MSE fixes colours
@@ -204,11 +205,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP / GPT-2's reversible byte -> printable unicode character table (the BPE base alphabet)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     extra = 0
     for b in range(256):
@@ -216,14 +213,14 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + extra)
             extra += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE of one lower-case word (the last symbol carries the "</w>" end-of-word mark)."""
-    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    symbols = [*word[:-1], word[-1] + "</w>"]
     while len(symbols) > 1:
-        candidates = [(ranks[p], i) for i, p in enumerate(zip(symbols, symbols[1:])) if p in ranks]
+        candidates = [(ranks[p], i) for i, p in enumerate(itertools.pairwise(symbols)) if p in ranks]
         if not candidates:
             break
         first, second = symbols[min(candidates)[1]], symbols[min(candidates)[1] + 1]
@@ -260,9 +257,7 @@ def build_tokenizer(folder: Path) -> CLIPTokenizer:
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
-    )
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     tokenizer = CLIPTokenizer(
         vocab=str(folder / "vocab.json"),
         merges=str(folder / "merges.txt"),
@@ -377,8 +372,13 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor) -> tuple[torch.Tensor, dict[st
     mse = F.mse_loss(recon, x)
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
     loss = l1 + CFG.vae_mse_weight * mse + CFG.vae_kl_weight * kl
-    return loss, {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "kl": kl.item(),
-                  "post_std": posterior.std.mean().item()}
+    return loss, {
+        "loss": loss.item(),
+        "l1": l1.item(),
+        "mse": mse.item(),
+        "kl": kl.item(),
+        "post_std": posterior.std.mean().item(),
+    }
 
 
 @torch.no_grad()
@@ -416,15 +416,15 @@ def train_vae(work: Path, images: np.ndarray, minutes: float, max_steps: int | N
     log(f"VAE: {n_params(vae) / 1e6:.2f}M parameters; budget {minutes} min, max steps {max_steps}")
 
     def save_progress() -> None:
-        atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed},
-                    progress_path)
+        atomic_save(
+            {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}, progress_path
+        )
 
     vae.train()
     t_start, last_ckpt = time.time() - elapsed, time.time()
     while (max_steps is None and elapsed < minutes * 60) or (max_steps is not None and step < max_steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, run_progress(step, elapsed, minutes, max_steps), CFG.vae_lr,
-                                CFG.vae_warmup_steps)
+            group["lr"] = lr_at(step, run_progress(step, elapsed, minutes, max_steps), CFG.vae_lr, CFG.vae_warmup_steps)
         x = to_tensor(images[batch_indices("vae", step, len(images), CFG.vae_batch)])
         loss, parts = vae_loss(vae, x)
         opt.zero_grad(set_to_none=True)
@@ -434,8 +434,11 @@ def train_vae(work: Path, images: np.ndarray, minutes: float, max_steps: int | N
         step += 1
         elapsed = time.time() - t_start
         if step % CFG.log_every == 0:
-            log(f"VAE step {step} " + " ".join(f"{k}={v:.4g}" for k, v in parts.items())
-                + f" | {elapsed / step:.2f}s/step, {elapsed / 60:.1f} min")
+            log(
+                f"VAE step {step} "
+                + " ".join(f"{k}={v:.4g}" for k, v in parts.items())
+                + f" | {elapsed / step:.2f}s/step, {elapsed / 60:.1f} min"
+            )
         if time.time() - last_ckpt > CFG.checkpoint_every_s:
             save_progress()
             last_ckpt = time.time()
@@ -447,8 +450,9 @@ def train_vae(work: Path, images: np.ndarray, minutes: float, max_steps: int | N
     vae.register_to_config(scaling_factor=scaling)
     log(f"VAE done: {step} steps, {elapsed / 60:.1f} min; {stats}; scaling_factor={scaling:.4f}")
     vae.save_pretrained(final_dir)
-    (work / "vae_stats.json").write_text(json.dumps({"steps": step, "wall_s": elapsed, **stats,
-                                                     "scaling_factor": scaling}, indent=2))
+    (work / "vae_stats.json").write_text(
+        json.dumps({"steps": step, "wall_s": elapsed, **stats, "scaling_factor": scaling}, indent=2)
+    )
     return vae
 
 
@@ -471,8 +475,10 @@ def cached_latents(work: Path, vae: AutoencoderKL, images: np.ndarray) -> torch.
         chunks.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
     latents = torch.cat(chunks)
     atomic_save(latents, path)
-    log(f"encoded {len(images)} scenes to latents {tuple(latents.shape)} in {time.time() - t0:.1f}s "
-        f"(std {latents.std().item():.3f})")
+    log(
+        f"encoded {len(images)} scenes to latents {tuple(latents.shape)} in {time.time() - t0:.1f}s "
+        f"(std {latents.std().item():.3f})"
+    )
     return latents
 
 
@@ -486,12 +492,12 @@ class Ema:
     @torch.no_grad()
     def update(self, step: int) -> None:
         decay = min(CFG.ema_decay, (1 + step) / (10 + step))
-        for s, p in zip(self.shadow, self.params):
+        for s, p in zip(self.shadow, self.params, strict=True):
             s.lerp_(p.detach(), 1.0 - decay)
 
     @torch.no_grad()
     def copy_to_params(self) -> None:
-        for s, p in zip(self.shadow, self.params):
+        for s, p in zip(self.shadow, self.params, strict=True):
             p.copy_(s)
 
 
@@ -525,13 +531,23 @@ def train_unet(
         ema.shadow = state["ema"]
         step, elapsed = state["step"], state["elapsed"]
         log(f"UNet: resuming at step {step}, {elapsed / 60:.1f} min done")
-    log(f"text encoder {n_params(text_encoder) / 1e6:.3f}M, UNet {n_params(unet) / 1e6:.3f}M parameters; "
-        f"budget {minutes} min, max steps {max_steps}")
+    log(
+        f"text encoder {n_params(text_encoder) / 1e6:.3f}M, UNet {n_params(unet) / 1e6:.3f}M parameters; "
+        f"budget {minutes} min, max steps {max_steps}"
+    )
 
     def save_progress() -> None:
-        atomic_save({"text_encoder": text_encoder.state_dict(), "unet": unet.state_dict(),
-                     "opt": opt.state_dict(), "ema": ema.shadow, "step": step, "elapsed": elapsed},
-                    progress_path)
+        atomic_save(
+            {
+                "text_encoder": text_encoder.state_dict(),
+                "unet": unet.state_dict(),
+                "opt": opt.state_dict(),
+                "ema": ema.shadow,
+                "step": step,
+                "elapsed": elapsed,
+            },
+            progress_path,
+        )
 
     text_encoder.train()
     unet.train()
@@ -539,8 +555,9 @@ def train_unet(
     running = 0.0
     while (max_steps is None and elapsed < minutes * 60) or (max_steps is not None and step < max_steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, run_progress(step, elapsed, minutes, max_steps), CFG.unet_lr,
-                                CFG.unet_warmup_steps)
+            group["lr"] = lr_at(
+                step, run_progress(step, elapsed, minutes, max_steps), CFG.unet_lr, CFG.unet_warmup_steps
+            )
         idx = torch.from_numpy(batch_indices("unet", step, len(latents), CFG.unet_batch))
         gen = torch.Generator().manual_seed(CFG.seed * 1_000_003 + step)
         z0 = latents[idx]
@@ -563,8 +580,10 @@ def train_unet(
         elapsed = time.time() - t_start
         running = loss.item() if step == 1 else 0.98 * running + 0.02 * loss.item()
         if step % CFG.log_every == 0:
-            log(f"UNet step {step} loss={loss.item():.4f} ema_loss={running:.4f} "
-                f"| {elapsed / step:.2f}s/step, {elapsed / 60:.1f} min")
+            log(
+                f"UNet step {step} loss={loss.item():.4f} ema_loss={running:.4f} "
+                f"| {elapsed / step:.2f}s/step, {elapsed / 60:.1f} min"
+            )
         if time.time() - last_ckpt > CFG.checkpoint_every_s:
             save_progress()
             last_ckpt = time.time()
@@ -579,15 +598,27 @@ def train_unet(
 # ----------------------------------------------------------------------------------------------
 
 
-def export(out: Path, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-           unet: UNet2DConditionModel, tokenizer_dir: Path, train_log: dict) -> None:
+def export(
+    out: Path,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+    tokenizer_dir: Path,
+    train_log: dict,
+) -> None:
     """Save the Stable-Diffusion pipeline (fp16 weights only if fp32 would exceed the size cap)."""
     total = sum(n_params(m) for m in (vae, text_encoder, unet))
     fp32_mb = total * 4 / 2**20
     dtype = torch.float16 if fp32_mb > CFG.save_fp16_above_mb else torch.float32
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=make_sampling_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=make_sampling_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     ).to(dtype=dtype)
     if out.exists():
@@ -609,8 +640,12 @@ def main() -> None:
     parser.add_argument("--unet-minutes", type=float, default=43.0, help="wall-clock budget of stage 2")
     parser.add_argument("--vae-steps", type=int, default=None, help="exact step count (overrides minutes)")
     parser.add_argument("--unet-steps", type=int, default=None, help="exact step count (overrides minutes)")
-    parser.add_argument("--work", type=Path, default=REPO_ROOT / "work" / "bundled_model",
-                        help="progress checkpoints and caches (rerun to resume)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=REPO_ROOT / "work" / "bundled_model",
+        help="progress checkpoints and caches (rerun to resume)",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "src" / "peekaboo" / "assets" / "shapes-ldm")
     parser.add_argument("--n-scenes", type=int, default=None, help="override Config.n_scenes (quick tests)")
     args = parser.parse_args()
@@ -630,16 +665,29 @@ def main() -> None:
         args.work, vae, images, captions, tokenizer, args.unet_minutes, args.unet_steps
     )
     vae_stats = json.loads((args.work / "vae_stats.json").read_text())
-    export(args.out, vae, text_encoder, tokenizer, unet, args.work / "tokenizer_src", {
-        "command": " ".join(["python", *sys.argv]),
-        "seed": CFG.seed,
-        "config": asdict(CFG),
-        "vae": {"steps": vae_stats["steps"], "wall_s": round(vae_stats["wall_s"], 1),
-                "psnr_posterior_mean": vae_stats["psnr"], "posterior_std": vae_stats["posterior_std"],
-                "latent_std": vae_stats["latent_std"], "scaling_factor": vae_stats["scaling_factor"]},
-        "unet": {"steps": unet_steps, "wall_s": round(unet_wall, 1)},
-        "torch_threads": CFG.threads,
-    })
+    export(
+        args.out,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        args.work / "tokenizer_src",
+        {
+            "command": " ".join(["python", *sys.argv]),
+            "seed": CFG.seed,
+            "config": asdict(CFG),
+            "vae": {
+                "steps": vae_stats["steps"],
+                "wall_s": round(vae_stats["wall_s"], 1),
+                "psnr_posterior_mean": vae_stats["psnr"],
+                "posterior_std": vae_stats["posterior_std"],
+                "latent_std": vae_stats["latent_std"],
+                "scaling_factor": vae_stats["scaling_factor"],
+            },
+            "unet": {"steps": unet_steps, "wall_s": round(unet_wall, 1)},
+            "torch_threads": CFG.threads,
+        },
+    )
     log(f"all done in {(time.time() - t0) / 60:.1f} min (this invocation)")
 
 

@@ -188,6 +188,8 @@ class DataConfig:
     num_pairs: int | None = None  # shapes: how many pairs; other sources: keep only the first N
     # Manifest paths outside the manifest's folder (../, absolute) are refused unless this is set.
     allow_outside_root: bool = False
+    # Pairs optimized together in one module (one VAE and one UNet call per step); each stays independent.
+    pairs_per_step: int = 1
 
 
 @dataclass
@@ -384,6 +386,7 @@ def validate(cfg: Any) -> None:
         _check(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, ">= 1")
     if "data" in cfg and not OmegaConf.is_missing(cfg.data, "source"):
         _check(cfg.data.source in DATA_SOURCES, "data.source", cfg.data.source, " | ".join(DATA_SOURCES))
+        _check(cfg.data.pairs_per_step >= 1, "data.pairs_per_step", cfg.data.pairs_per_step, "an integer >= 1")
         _check(cfg.data.num_pairs is None or cfg.data.num_pairs >= 1, "data.num_pairs", cfg.data.num_pairs,
                "null or an integer >= 1")
     if "run" in cfg:

@@ -139,6 +139,8 @@ def optimize_pairs(
     with warnings.catch_warnings():
         # The loader yields step indices only: worker processes would add cost and nothing else.
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        # log_every_n_steps is chosen for 300-step pairs; shorter smoke runs need no reminder.
+        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
         warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")
         warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
         trainer.fit(module, loader, ckpt_path=str(ckpt_path) if ckpt_path else None)

@@ -8,6 +8,7 @@ Layout of ``<run.root>/<run.name>/``::
     overlays/<id>.png             mask tinted over the image (run.save_overlays)
     pairs/<id>/done.json          the pair's result record: it is finished (skipped on rerun)
     pairs/<id>/ckpt/last.ckpt     the pair's latest checkpoint while it runs (resumed from on rerun)
+    batches/<...>/ckpt/last.ckpt  the same for a batch of pairs (data.pairs_per_step > 1)
     results.jsonl                 one line per finished pair
     summary.json                  pairs done / failed, mIoU, overall IoU, precision at IoU thresholds
     tb/<id>/                      TensorBoard: one run per pair; tb/worker<rank>/ job-level curves
@@ -18,6 +19,7 @@ Each worker optimizes the pairs ``i`` with ``i % world_size == rank``; every ran
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -40,7 +42,7 @@ from peekaboo.backbone import check_model_source, shared_backbone
 from peekaboo.config import TrainConfig, to_yaml
 from peekaboo.data import Pair, build_source
 from peekaboo.devices import resolve_device, trainer_devices
-from peekaboo.engine import optimize_pair
+from peekaboo.engine import PairResult, optimize_pairs
 from peekaboo.errors import ConfigError, NonFiniteError, PeekabooError
 from peekaboo.metrics import pair_scores, summarize
 
@@ -239,23 +241,27 @@ def run_worker(cfg: TrainConfig, world: World) -> int:
     done = len(mine) - len(todo)
     try:
         backbone = shared_backbone(cfg.model, device) if todo else None
-        for pair, name in todo:
+        b = cfg.data.pairs_per_step
+        for start in range(0, len(todo), b):
+            batch = todo[start : start + b]
             try:
-                record = optimize_one(cfg, pair, name, run_dir, backbone, device)
+                records = optimize_batch(cfg, batch, run_dir, backbone, device)
             except Preempted as err:
                 log.warning("worker %d preempted (%s): %s checkpointed; rerun the same command to resume.",
-                            world.rank, err, pair.id)
+                            world.rank, err, ", ".join(p.id for p, _ in batch))
                 _requeue_if_slurm()
                 return PREEMPTED_EXIT
-            done += 1
-            if record.get("iou") is not None:
-                ious.append(record["iou"])
-            bar.update(1)
+            for record in records:
+                done += 1
+                if record.get("iou") is not None:
+                    ious.append(record["iou"])
+                bar.update(1)
+                if writer is not None:
+                    writer.add_scalar("job/pairs_done", done, done)
+                    writer.add_scalar("job/seconds_per_pair", record.get("seconds", 0.0), done)
+                    if ious:
+                        writer.add_scalar("job/running_miou", float(np.mean(ious)), done)
             if writer is not None:
-                writer.add_scalar("job/pairs_done", done, done)
-                writer.add_scalar("job/seconds_per_pair", record.get("seconds", 0.0), done)
-                if ious:
-                    writer.add_scalar("job/running_miou", float(np.mean(ious)), done)
                 writer.flush()
     finally:
         bar.close()
@@ -286,54 +292,100 @@ def _valid_checkpoint(path: Path) -> Path | None:
         return None
 
 
-def optimize_one(cfg: TrainConfig, pair: Pair, name: str, run_dir: RunDir, backbone, device) -> dict:
-    """Optimize one pair (resuming its checkpoint), write its outputs and its done record."""
-    record: dict[str, Any] = {"id": pair.id, "prompt": pair.prompt, "name": name}
-    if pair.meta:
-        record["meta"] = pair.meta
-    ckpt_dir = run_dir.ckpt_dir(name)
-    try:
-        opts = cfg.image_options
-        img = (io.load_image(pair.path, tuple(opts.flatten_background), opts.max_pixels) if pair.path is not None
-               else pair.load_image())
-        canvas, placement = io.fit_square(img, cfg.optimization.mask.size, cfg.image_options.fit)
-        callbacks = [
-            ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.run.checkpoint_every_n_steps,
-                            save_top_k=0, save_last=True, save_on_train_epoch_end=False),
-            SaveOnPreemption(ckpt_dir / "last.ckpt"),
-        ]
-        result = optimize_pair(
-            canvas, pair.prompt, pair.id, cfg.optimization, cfg.trainer, backbone,
-            tb_dir=run_dir.root / "tb" if cfg.run.tensorboard else None, callbacks=callbacks,
-            ckpt_path=_valid_checkpoint(ckpt_dir / "last.ckpt"), enable_progress_bar=False,
-            devices=trainer_devices(device),
-        )
-        alpha_u8 = io.quantize(io.unfit(result.alpha, placement))
-        mask = io.binarize(alpha_u8, cfg.optimization.threshold)
-        mask_png = Image.fromarray((mask * 255).astype(np.uint8), "L")
-        paths = {
-            "mask": io.save_png(mask_png, run_dir.root / "masks" / f"{name}.png"),
-            "alpha": io.save_png(Image.fromarray(alpha_u8, "L"), run_dir.root / "alphas" / f"{name}.png"),
-        }
-        if cfg.run.save_overlays:
-            paths["overlay"] = io.save_png(io.overlay(img, mask), run_dir.root / "overlays" / f"{name}.png")
-        record.update(status="done", outputs={k: str(v.relative_to(run_dir.root)) for k, v in paths.items()},
-                      steps=result.steps, seconds=round(result.seconds, 3), losses=result.losses,
-                      area=float(mask.mean()))
-        target = pair.load_target()
-        if target is not None:
-            record.update(pair_scores(mask, target))
-    except Preempted:
-        raise
-    except PeekabooError as err:
-        record.update(status="failed: non-finite" if isinstance(err, NonFiniteError) else "failed: input",
-                      error=str(err))
-        log.warning("pair %s failed: %s", pair.id, err)
+def _batch_dir(run_dir: RunDir, names: list[str]) -> Path:
+    """Checkpoint folder of a batch: a lone pair's own folder, or one named by the batch's members (a resumed
+    worker rebuilds the same unfinished batch, since finished batches drop out of its list whole)."""
+    if len(names) == 1:
+        return run_dir.ckpt_dir(names[0])
+    digest = hashlib.sha1("\0".join(names).encode()).hexdigest()[:10]
+    return run_dir.root / "batches" / f"{names[0]}+{len(names) - 1}-{digest}" / "ckpt"
+
+
+def _finish(run_dir: RunDir, name: str, record: dict) -> dict:
+    """Persist a finished pair: its done record first (the truth on rerun), then its results line."""
     io.write_text(json.dumps(record), run_dir.done_path(name))
     io.append_line(json.dumps(record), run_dir.results)
-    if not cfg.run.keep_checkpoints:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return record
+
+
+def optimize_batch(cfg: TrainConfig, batch: list[tuple[Pair, str]], run_dir: RunDir, backbone, device) -> list[dict]:
+    """Optimize a batch of pairs (resuming its checkpoint), write outputs and done records; returns records.
+
+    A pair whose image or target cannot be used is recorded as failed and the others go on.
+    """
+    opts = cfg.image_options
+    records: list[dict] = []
+    ready = []  # (pair, name, image, canvas, placement, base record)
+    for pair, name in batch:
+        record: dict[str, Any] = {"id": pair.id, "prompt": pair.prompt, "name": name, **({"meta": pair.meta}
+                                                                                       if pair.meta else {})}
+        try:
+            img = (io.load_image(pair.path, tuple(opts.flatten_background), opts.max_pixels)
+                   if pair.path is not None else pair.load_image())
+            canvas, placement = io.fit_square(img, cfg.optimization.mask.size, opts.fit)
+        except PeekabooError as err:
+            log.warning("pair %s failed: %s", pair.id, err)
+            records.append(_finish(run_dir, name, {**record, "status": "failed: input", "error": str(err)}))
+            continue
+        ready.append((pair, name, img, canvas, placement, record))
+    if not ready:
+        return records
+    names = [r[1] for r in ready]
+    ckpt_dir = _batch_dir(run_dir, names)
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.run.checkpoint_every_n_steps,
+                        save_top_k=0, save_last=True, save_on_train_epoch_end=False),
+        SaveOnPreemption(ckpt_dir / "last.ckpt"),
+    ]
+    failure = ""
+    try:
+        results = optimize_pairs(
+            torch.stack([r[3] for r in ready]), [r[0].prompt for r in ready], [r[0].id for r in ready],
+            cfg.optimization, cfg.trainer, backbone,
+            tb_dir=run_dir.root / "tb" if cfg.run.tensorboard else None, callbacks=callbacks,
+            ckpt_path=_valid_checkpoint(ckpt_dir / "last.ckpt"), enable_progress_bar=False,
+            devices=trainer_devices(device), run_name=names[0] if len(names) == 1 else ckpt_dir.parent.name,
+        )
+    except NonFiniteError as err:
+        results = [None] * len(ready)
+        failure = str(err)
+    for (pair, name, img, _, placement, record), result in zip(ready, results, strict=True):
+        if result is None or result.failed:
+            error = failure if result is None else f"non-finite loss or mask in pair {pair.id}"
+            records.append(_finish(run_dir, name, {**record, "status": "failed: non-finite", "error": error}))
+            continue
+        records.append(_finish(run_dir, name, {**record, **_write_pair(cfg, run_dir, name, img, placement,
+                                                                        result, pair)}))
+    if not cfg.run.keep_checkpoints:
+        shutil.rmtree(ckpt_dir.parent if len(names) > 1 else ckpt_dir, ignore_errors=True)
+    return records
+
+
+def _write_pair(cfg: TrainConfig, run_dir: RunDir, name: str, img: Image.Image, placement: io.Placement,
+                result: PairResult, pair: Pair) -> dict[str, Any]:
+    """Write one pair's mask, alpha (and overlay) at the original size; returns its record fields."""
+    alpha_u8 = io.quantize(io.unfit(result.alpha, placement))
+    mask = io.binarize(alpha_u8, cfg.optimization.threshold)
+    mask_png = Image.fromarray((mask * 255).astype(np.uint8), "L")
+    paths = {
+        "mask": io.save_png(mask_png, run_dir.root / "masks" / f"{name}.png"),
+        "alpha": io.save_png(Image.fromarray(alpha_u8, "L"), run_dir.root / "alphas" / f"{name}.png"),
+    }
+    if cfg.run.save_overlays:
+        paths["overlay"] = io.save_png(io.overlay(img, mask), run_dir.root / "overlays" / f"{name}.png")
+    fields: dict[str, Any] = {
+        "status": "done", "outputs": {k: str(v.relative_to(run_dir.root)) for k, v in paths.items()},
+        "steps": result.steps, "seconds": round(result.seconds, 3), "losses": result.losses,
+        "area": float(mask.mean()),
+    }
+    try:
+        target = pair.load_target()
+    except PeekabooError as err:
+        log.warning("pair %s: ground truth unusable (%s); not scored.", pair.id, err)
+        target = None
+    if target is not None:
+        fields.update(pair_scores(mask, target))
+    return fields
 
 
 def finalize(run_dir: Path, pairs: list[Pair], names: list[str]) -> dict[str, Any]:

@@ -97,6 +97,7 @@ def manifest_pairs(manifest: str | os.PathLike, allow_outside_root: bool = False
             load_image=functools.partial(load_image, image),
             load_target=functools.partial(load_mask, mask, image) if mask else functools.partial(_no_target),
             meta=extras or None,
+            path=image,
         ))
     return pairs
 

@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ DEFAULT_IMAGES_DIR = "images"
 REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 # A polygon needs at least 3 points (x, y); pycocotools reads a first "polygon" of 4 numbers as a box.
 _MIN_POLYGON_COORDS = 6
+_PYCOCOTOOLS_NUMPY2_WARNING = r"__array__ implementation doesn't accept a copy keyword"
 
 
 def refs_file(root: str | os.PathLike, split_by: str = "unc") -> Path:
@@ -142,6 +144,7 @@ def refcoco_pairs(root: str | os.PathLike, split: str = "val", split_by: str = "
                 load_image=functools.partial(load_image, image_path),
                 load_target=load_target,
                 meta=dict(meta),
+                path=image_path,
             ))
     return pairs
 
@@ -174,7 +177,10 @@ def decode_segmentation(segmentation: list | dict | None, height: int, width: in
     else:
         raise PeekabooError(f"{where}: unknown segmentation format {type(segmentation).__name__}; expected COCO "
                             "polygons or RLE.")
-    mask = mask_utils.decode(rle)
+    with warnings.catch_warnings():
+        # pycocotools' Cython decoder predates NumPy 2's copy keyword; the warning is harmless and not ours.
+        warnings.filterwarnings("ignore", message=_PYCOCOTOOLS_NUMPY2_WARNING, category=DeprecationWarning)
+        mask = mask_utils.decode(rle)
     if mask.shape != (height, width):
         raise PeekabooError(f"{where}: its mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
                             f"{width}x{height}; use the instances.json that ships with these refs.")

@@ -140,9 +140,7 @@ def scene_seed(split: str, index: int) -> int:
     return _SPLIT_OFFSETS[split] + index
 
 
-def _pick_kinds(
-    rng: np.random.Generator, n_objects: int, distractor: str | None
-) -> list[tuple[str, str]]:
+def _pick_kinds(rng: np.random.Generator, n_objects: int, distractor: str | None) -> list[tuple[str, str]]:
     """Choose ``n_objects`` distinct (shape, colour) pairs, honouring the requested distractor."""
     colours = list(COLOURS)
     if distractor is None:
@@ -213,9 +211,7 @@ def _extent(shape: str, r: float) -> float:
     return float(np.hypot(r, _TRIANGLE_BASE * r))  # triangle: its base corners are farthest
 
 
-def make_scene(
-    seed: int, size: int = 64, n_objects: int | None = None, distractor: str | None = None
-) -> Scene:
+def make_scene(seed: int, size: int = 64, n_objects: int | None = None, distractor: str | None = None) -> Scene:
     """Render the scene of ``seed``.
 
     Args:

@@ -43,6 +43,7 @@ SPLIT_DIR = Path("ImageSets", "Segmentation")
 IMAGE_DIR = "JPEGImages"
 LABEL_DIR = "SegmentationClass"
 IMAGE_SUFFIX = ".jpg"
+_UINT8_VALUES = 256
 LABEL_SUFFIX = ".png"
 
 
@@ -78,7 +79,7 @@ def voc_pairs(root: str | os.PathLike, split: str = "val") -> list[Pair]:
         label_path = root / LABEL_DIR / f"{image_id}{LABEL_SUFFIX}"
         labels = read_labels(label_path)  # ImageError (a PeekabooError) fails the listing: classes are unknown
         image_path = root / IMAGE_DIR / f"{image_id}{IMAGE_SUFFIX}"
-        for index in np.unique(labels).tolist():
+        for index in _present(labels):
             if index in (BACKGROUND, IGNORE):
                 continue
             name = VOC_CLASSES[index]
@@ -88,6 +89,7 @@ def voc_pairs(root: str | os.PathLike, split: str = "val") -> list[Pair]:
                 load_image=functools.partial(load_image, image_path),
                 load_target=functools.partial(class_target, label_path, index),
                 meta={"class": name, "class_index": index},
+                path=image_path,
             ))
     return pairs
 
@@ -112,7 +114,7 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
         raise ImageError(f"VOC segmentation {path} is not a PNG Pillow can read; re-extract it.") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"VOC segmentation {path} is truncated or corrupt ({err}); re-extract it.") from None
-    bad = sorted(set(np.unique(labels).tolist()) - {*range(len(VOC_CLASSES)), IGNORE})
+    bad = sorted(set(_present(labels)) - {*range(len(VOC_CLASSES)), IGNORE})
     if bad:
         raise ImageError(f"VOC segmentation {path} holds values {bad} that are no VOC class (0..20, 255 void); "
                          "use the original SegmentationClass files.")
@@ -125,6 +127,11 @@ def class_target(label_path: str | os.PathLike, class_index: int) -> np.ndarray:
     target = (labels == class_index).astype(np.uint8)
     target[labels == IGNORE] = IGNORE
     return target
+
+
+def _present(labels: np.ndarray) -> list[int]:
+    """The values present in a uint8 label map, ascending (bincount: much faster than np.unique here)."""
+    return np.flatnonzero(np.bincount(labels.ravel(), minlength=_UINT8_VALUES)).tolist()
 
 
 def _read_ids(split_file: Path) -> list[str]:

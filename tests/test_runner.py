@@ -1,0 +1,171 @@
+"""Dataset runs: sharding over workers, resume after kill -9 / SIGTERM, corrupt checkpoints, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests_support import REPO
+
+
+def _args(model, root, name, *extra, steps=6, pairs=6):
+    return [f"model.pretrained={model}", f"run.root={root}", f"run.name={name}", "data=shapes",
+            f"data.num_pairs={pairs}", f"trainer.max_steps={steps}", "trainer.accelerator=cpu",
+            "optimization.mask.size=16", "trainer.enable_progress_bar=false", *extra]
+
+
+def _train(*args, **kw):
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, **kw)
+
+
+def _masks(run: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted((run / "masks").glob("*.png"))}
+
+
+def _results(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    """An uninterrupted single-worker run of 6 pairs, 30 steps each."""
+    root = tmp_path_factory.mktemp("ref")
+    proc = _train(*_args(tiny_model, root, "ref", steps=30))
+    assert proc.returncode == 0, proc.stderr
+    return root / "ref"
+
+
+def test_single_worker_outputs(reference):
+    results = _results(reference)
+    assert len(results) == 6 and len({r["id"] for r in results}) == 6
+    assert all(r["status"] == "done" and r["steps"] == 30 and 0 <= r["iou"] <= 1 for r in results)
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["done"] == 6 and summary["failed"] == 0 and summary["remaining"] == 0
+    assert summary["miou"] == pytest.approx(np.mean([r["iou"] for r in results]))
+    assert (reference / "config.yaml").is_file() and (reference / "cmd.txt").is_file()
+    assert not list(reference.glob("pairs/*/ckpt"))  # checkpoints are deleted once a pair is done
+    for r in results:
+        assert (reference / r["outputs"]["mask"]).is_file() and (reference / r["outputs"]["overlay"]).is_file()
+
+
+def test_two_workers_match_one(tiny_model, reference, tmp_path):
+    proc = _train(*_args(tiny_model, tmp_path, "two", "trainer.devices=2", steps=30))
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "two"
+    assert sorted(r["id"] for r in _results(run)) == sorted(r["id"] for r in _results(reference))
+    ref, two = _masks(reference), _masks(run)
+    assert ref.keys() == two.keys()
+    assert all(np.array_equal(ref[k], two[k]) for k in ref)
+    # Every worker writes its job curves, and every pair its own run with the named scalars.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for worker in ("worker0", "worker1"):
+        acc = EventAccumulator(str(run / "tb" / worker))
+        acc.Reload()
+        assert {"job/pairs_done", "job/running_miou", "job/seconds_per_pair"} <= set(acc.Tags()["scalars"])
+    for r in _results(run):
+        acc = EventAccumulator(str(run / "tb" / r["name"]))
+        acc.Reload()
+        assert {"loss/dream", "loss/alpha", "loss/total", "mask/area"} <= set(acc.Tags()["scalars"])
+        assert "mask/alpha" in acc.Tags()["images"]
+
+
+def test_batched_run_matches_unbatched(tiny_model, reference, tmp_path):
+    proc = _train(*_args(tiny_model, tmp_path, "b4", "data.pairs_per_step=4", steps=30))
+    assert proc.returncode == 0, proc.stderr
+    ref, batched = _masks(reference), _masks(tmp_path / "b4")
+    assert ref.keys() == batched.keys()
+    for k in ref:
+        a, b = ref[k] > 127, batched[k] > 127
+        union = (a | b).sum()
+        assert union == 0 or (a & b).sum() / union >= 0.99
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    start = time.time()
+    while time.time() - start < timeout:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _start(*args):
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _half_way(run: Path):
+    """At least one pair finished and another has a checkpoint."""
+    return lambda: (run / "results.jsonl").is_file() and bool(list(run.glob("pairs/*/ckpt/last.ckpt")))
+
+
+def test_kill9_then_rerun_finishes_each_pair_once_with_identical_masks(tiny_model, reference, tmp_path):
+    args = _args(tiny_model, tmp_path, "k", "run.checkpoint_every_n_steps=3", steps=30)
+    proc = _start(*args)
+    assert _wait_for(_half_way(tmp_path / "k"), proc), "the run never reached a checkpoint"
+    proc.kill()
+    proc.wait()
+    assert 1 <= len(_results(tmp_path / "k")) < 6
+    rerun = _train(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    results = _results(tmp_path / "k")
+    assert sorted(r["id"] for r in results) == sorted(r["id"] for r in _results(reference))
+    ref, resumed = _masks(reference), _masks(tmp_path / "k")
+    assert all(np.array_equal(ref[k], resumed[k]) for k in ref)
+
+
+def test_sigterm_checkpoints_and_exits_non_zero(tiny_model, reference, tmp_path):
+    args = _args(tiny_model, tmp_path, "t", "run.checkpoint_every_n_steps=1000", steps=30)
+    proc = _start(*args)
+    assert _wait_for(lambda: (tmp_path / "t" / "results.jsonl").is_file(), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    ckpts = list((tmp_path / "t").glob("pairs/*/ckpt/last.ckpt"))
+    assert ckpts, err  # saved on the signal, although no periodic checkpoint was due
+    rerun = _train(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    ref, resumed = _masks(reference), _masks(tmp_path / "t")
+    assert all(np.array_equal(ref[k], resumed[k]) for k in ref)
+
+
+def test_corrupt_checkpoint_restarts_that_pair(tiny_model, reference, tmp_path):
+    run = tmp_path / "c"
+    first = _results(reference)[0]["name"]
+    ckpt = run / "pairs" / first / "ckpt" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"PK\x03\x04 truncated checkpoint")
+    proc = _train(*_args(tiny_model, tmp_path, "c", steps=30))
+    assert proc.returncode == 0, proc.stderr
+    assert "unreadable" in proc.stderr and "restarting that pair from scratch" in proc.stderr
+    ref, rerun = _masks(reference), _masks(run)
+    assert all(np.array_equal(ref[k], rerun[k]) for k in ref)
+
+
+def test_changed_settings_refuse_to_mix_into_a_run(tiny_model, reference):
+    proc = _train(*_args(tiny_model, reference.parent, "ref", "optimization.loss.gravity=0.5", steps=30))
+    assert proc.returncode == 2 and "different optimization settings" in proc.stderr
+
+
+def test_evaluate_rescores_from_saved_masks(reference, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(reference, run)
+    (run / "summary.json").unlink()
+    proc = subprocess.run([sys.executable, "-m", "peekaboo.evaluate", str(run)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "summary.json").read_text())["miou"] == pytest.approx(
+        json.loads((reference / "summary.json").read_text())["miou"])
