@@ -55,5 +55,7 @@ def test_bad_overrides_name_the_key(override, message):
 
 
 def test_missing_required_values():
-    with pytest.raises(ConfigError, match="image, prompt"):
+    with pytest.raises(ConfigError, match="exactly one of image=PATH"):
         load_config(PredictConfig, [])
+    with pytest.raises(ConfigError, match="No prompt given"):
+        load_config(PredictConfig, ["image=x.png"])

@@ -53,6 +53,7 @@ class ModelConfig:
     # Forces offline loading; HF_HUB_OFFLINE=1 in the environment does the same.
     local_files_only: bool = False
     channels_last: bool = False
+    compile: bool = False  # torch.compile the UNet and the VAE encoder (pays off on GPUs for long runs)
     # Side length the composite is resized to before VAE encoding; None = the model's native
     # resolution (unet.sample_size * VAE downsampling factor: 512 for SD 1.x).
     resolution: int | None = None
@@ -131,6 +132,16 @@ class TrainerConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """Stop a pair (a batch: once all its pairs) when its binary mask has stopped changing."""
+
+    enabled: bool = False
+    tolerance: float = 0.002  # at most this fraction of the mask's pixels flipped between checks ...
+    patience: int = 20  # ... for this many consecutive steps
+    min_steps: int = 50  # never stop before this step
+
+
+@dataclass
 class OptimizationConfig:
     """Everything that defines one pair's optimization."""
 
@@ -141,6 +152,7 @@ class OptimizationConfig:
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
 
 @dataclass
@@ -155,13 +167,37 @@ class ImageConfig:
 
 
 @dataclass
-class PredictConfig:
-    """``predict.py``: segment one image for one or more prompts."""
+class SamplingConfig:
+    """Sampling from the diffusion model (edit and generate), with diffusers' pipelines."""
 
-    image: str = MISSING
-    prompt: list[str] = MISSING
+    steps: int = 50
+    guidance_scale: float = 7.5
+    seed: int = 0
+    size: int | None = None  # square output side for generate; None = the model's native resolution
+
+
+@dataclass
+class EditConfig:
+    """Regenerate the segmented region from a new prompt, keeping every pixel outside it."""
+
+    prompt: str | None = None  # e.g. "a blue square"; None = no edit
+    strength: float = 1.0  # 1 = the masked region is regenerated from pure noise; lower keeps more of it
+    dilation: int = 2  # grow the binary mask by this many pixels (of the original image) before editing
+    feather: float = 2.0  # soften the edited region's edge over about this many pixels (Gaussian sigma)
+
+
+@dataclass
+class PredictConfig:
+    """``predict.py``: segment one image for one or more prompts (or a generated one: ``generate=``)."""
+
+    image: str | None = None
+    prompt: list[str] = field(default_factory=list)
+    # Text to RGBA: sample an image for this prompt, segment it with the same prompt, write an RGBA PNG.
+    generate: str | None = None
     output_dir: str = "outputs"
     tensorboard: bool = True
+    edit: EditConfig = field(default_factory=EditConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     image_options: ImageConfig = field(default_factory=ImageConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
@@ -401,6 +437,21 @@ def validate(cfg: Any) -> None:
         _check(io.fit in FIT_MODES, "image_options.fit", io.fit, " | ".join(FIT_MODES))
         _check(len(io.flatten_background) == 3 and all(0 <= v <= 1 for v in io.flatten_background),
                "image_options.flatten_background", list(io.flatten_background), "three numbers in [0, 1]")
+    if "generate" in cfg:
+        if (cfg.image is None) == (cfg.generate is None):
+            raise ConfigError("Give exactly one of image=PATH (segment an image) or generate=\"a prompt\" "
+                              "(text to RGBA).")
+        if cfg.image is not None and not cfg.prompt:
+            raise ConfigError("No prompt given; add prompt=\"what to segment\" (repeat it for several).")
+        if cfg.generate is not None and not str(cfg.generate).strip():
+            raise ConfigError("generate is empty; give the image to sample, e.g. generate=\"a green triangle\".")
+        if cfg.edit.prompt is not None and not str(cfg.edit.prompt).strip():
+            raise ConfigError("edit.prompt is empty; give what to put in place of the segmented object.")
+        _check(0.0 < cfg.edit.strength <= 1.0, "edit.strength", cfg.edit.strength, "0 < strength <= 1")
+        _check(cfg.edit.dilation >= 0, "edit.dilation", cfg.edit.dilation, "an integer >= 0")
+        _check(cfg.edit.feather >= 0, "edit.feather", cfg.edit.feather, ">= 0")
+        _check(cfg.sampling.steps >= 1, "sampling.steps", cfg.sampling.steps, "an integer >= 1")
+        _check(cfg.sampling.guidance_scale >= 0, "sampling.guidance_scale", cfg.sampling.guidance_scale, ">= 0")
     if "prompt" in cfg and not OmegaConf.is_missing(cfg, "prompt"):
         for i, prompt in enumerate(cfg.prompt):
             if not str(prompt).strip():
