@@ -125,3 +125,14 @@ def test_all_pairs_non_finite_raises(tiny_backbone):
     module.on_fit_start()
     with pytest.raises(NonFiniteError, match="non-finite"):
         module.training_step(0, 0)
+
+
+def test_early_stopping_stops_a_settled_mask(tiny_backbone):
+    cfg = _cfg()
+    cfg.early_stop.enabled, cfg.early_stop.patience, cfg.early_stop.min_steps = True, 3, 5
+    cfg.early_stop.tolerance = 1.0  # every step counts as settled: stops at min_steps
+    result = optimize_pair(torch.rand(3, SIZE, SIZE), "a red circle", "p", cfg, _trainer(40), tiny_backbone)
+    assert result.steps == 5
+    cfg.early_stop.tolerance = -1.0  # never settled: runs to max_steps
+    result = optimize_pair(torch.rand(3, SIZE, SIZE), "a red circle", "p", cfg, _trainer(8), tiny_backbone)
+    assert result.steps == 8

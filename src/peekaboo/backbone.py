@@ -300,7 +300,12 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
     resolution = cfg.resolution or _native_resolution(unet, vae)
-    return Backbone(vae, unet, text_encoder, tokenizer, scheduler_config, resolution).to(device)
+    backbone = Backbone(vae, unet, text_encoder, tokenizer, scheduler_config, resolution).to(device)
+    if cfg.compile:
+        # The two calls of every step; the text encoder runs once per prompt and is not worth compiling.
+        backbone.unet.forward = torch.compile(backbone.unet.forward)
+        backbone.vae.encoder.forward = torch.compile(backbone.vae.encoder.forward)
+    return backbone
 
 
 def _load_scheduler_config(name: str, common: dict[str, Any]) -> dict[str, Any]:

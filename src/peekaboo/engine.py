@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from peekaboo.backbone import Backbone
-from peekaboo.config import OptimizationConfig, TrainerConfig
+from peekaboo.config import EarlyStopConfig, OptimizationConfig, TrainerConfig
 from peekaboo.module import PeekabooModule
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,34 @@ class MaskImages(Callback):
             writer.add_images("mask/alpha", pl_module().detach().float().cpu(), step)
         if pl_module.last_composite is not None:
             writer.add_images("mask/composite", pl_module.last_composite.float().clamp(0, 1).cpu(), step)
+
+
+class StableMaskStop(Callback):
+    """Early stopping: stop once no pair's binary mask has flipped more than ``tolerance`` of its pixels per
+    step for ``patience`` consecutive steps (and at least ``min_steps`` were taken)."""
+
+    def __init__(self, cfg: EarlyStopConfig, threshold: float):
+        self.cfg, self.threshold = cfg, threshold
+        self.previous: torch.Tensor | None = None  # (B, S*S) bool
+        self.calm_steps = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: PeekabooModule, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():
+            binary = (pl_module().detach() > self.threshold).flatten(1)  # (B, S*S)
+        if self.previous is not None:
+            flipped = (binary != self.previous).float().mean(1)  # (B,)
+            flipped = flipped[~pl_module.failed]
+            self.calm_steps = self.calm_steps + 1 if bool((flipped <= self.cfg.tolerance).all()) else 0
+        self.previous = binary
+        if self.calm_steps >= self.cfg.patience and trainer.global_step >= self.cfg.min_steps:
+            trainer.should_stop = True
+
+    # Saved in checkpoints, so a resumed pair stops exactly where an uninterrupted one would.
+    def state_dict(self) -> dict[str, Any]:
+        return {"calm_steps": self.calm_steps, "previous": self.previous}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.calm_steps, self.previous = state_dict["calm_steps"], state_dict["previous"]
 
 
 @dataclass
@@ -131,6 +159,8 @@ def optimize_pairs(
         logger = TensorBoardLogger(str(tb_dir), name=name, version="", default_hp_metric=False)
     every = max(1, trainer_cfg.max_steps // IMAGE_SNAPSHOTS)
     cbs = [MaskImages(every), *(callbacks or [])]
+    if opt_cfg.early_stop.enabled:
+        cbs.append(StableMaskStop(opt_cfg.early_stop, opt_cfg.threshold))
     has_ckpt = any(type(cb).__name__ == "ModelCheckpoint" for cb in cbs)
     trainer = build_trainer(trainer_cfg, logger, cbs, enable_progress_bar, has_ckpt, devices)
     module = PeekabooModule(images, prompts, pair_ids, opt_cfg, backbone)
