@@ -168,3 +168,30 @@ def test_evaluate_rescores_from_saved_masks(reference, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads((run / "summary.json").read_text())["miou"] == pytest.approx(
         json.loads((reference / "summary.json").read_text())["miou"])
+
+
+def test_manifest_with_a_missing_image_finishes_the_others(tiny_model, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i in range(3):
+        if i != 1:  # image 1 is listed but missing
+            arr = np.full((20, 24, 3), 60 * i, np.uint8)
+            arr[5:15, 5:15] = (220, 30, 30)
+            Image.fromarray(arr).save(data / f"img{i}.png")
+        mask = np.zeros((20, 24), np.uint8)
+        mask[5:15, 5:15] = 255
+        Image.fromarray(mask).save(data / f"mask{i}.png")
+        rows.append({"image": f"img{i}.png", "prompt": "a red square", "mask": f"mask{i}.png", "id": f"p{i}"})
+    (data / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = _train(f"model.pretrained={tiny_model}", f"run.root={tmp_path}", "run.name=m", "data=manifest",
+                  f"data.manifest={data / 'pairs.jsonl'}", "trainer.max_steps=3", "trainer.accelerator=cpu",
+                  "optimization.mask.size=16", "trainer.enable_progress_bar=false")
+    assert proc.returncode == 0, proc.stderr
+    results = {r["id"]: r for r in _results(tmp_path / "m")}
+    assert results["p0"]["status"] == results["p2"]["status"] == "done"
+    assert results["p0"]["iou"] is not None
+    assert results["p1"]["status"] == "failed: input" and "img1.png" in results["p1"]["error"]
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary["done"] == 2 and summary["failed"] == 1
+    assert Image.open(tmp_path / "m" / "masks" / "p0.png").size == (24, 20)
