@@ -58,12 +58,23 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).expanduser().exists()
 
 
-def check_model_source(cfg: ModelConfig) -> str:
-    """Validate ``cfg.pretrained`` before any weights are read; returns the resolved name.
+def check_model_source(cfg: ModelConfig, device: torch.device | str | None = None, segmentation: bool = False) -> str:
+    """Validate ``cfg`` (and its dtype on ``device``) before any weights are read; returns the resolved name.
+
+    A local folder is checked from its small JSON files only: the components Peekaboo loads exist, the UNet
+    takes plain text conditioning (not SDXL's extra conditioning), the scheduler predicts epsilon or v, and,
+    with ``segmentation``, the UNet takes the VAE's latents alone (an inpainting UNet's extra channels can
+    edit but not segment). A hub id is checked when it loads.
 
     Raises:
-        ModelError: a missing folder, a folder without a Stable-Diffusion layout, or a missing component.
+        ModelError: float16 on CPU, a missing folder, a folder without a Stable-Diffusion layout, a missing
+            component, or a pipeline Peekaboo cannot drive.
     """
+    if device is not None and torch.device(device).type == "cpu" and cfg.dtype == "float16":
+        raise ModelError(
+            "model.dtype=float16 is not supported on CPU; use model.dtype=float32 (or bfloat16) on CPU, "
+            "float16 on a GPU."
+        )
     name = resolve_pretrained(cfg.pretrained)
     if not _looks_like_path(name):
         return name  # a hub id: diffusers resolves (and caches) it
@@ -78,10 +89,7 @@ def check_model_source(cfg: ModelConfig) -> str:
             f"model.pretrained={cfg.pretrained} has no model_index.json, so it is not a diffusers pipeline folder; "
             "save one with pipeline.save_pretrained(...)."
         )
-    try:
-        components = json.loads(index.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ModelError(f"{index} is not valid JSON ({err}); re-save the pipeline.") from None
+    components = _read_json(index)
     missing = [c for c in COMPONENTS if c not in components]
     if missing:
         raise ModelError(
@@ -95,7 +103,46 @@ def check_model_source(cfg: ModelConfig) -> str:
             f"model.pretrained={cfg.pretrained} lacks the component folder(s) {', '.join(absent)}/; "
             "copy the complete pipeline folder."
         )
+    _check_pipeline_kind(cfg.pretrained, path, str(components.get("_class_name", "diffusers")), segmentation)
     return str(path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{path} is not valid JSON ({err}); re-save the pipeline.") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} holds a JSON {type(data).__name__}, not an object; re-save the pipeline.")
+    return data
+
+
+def _check_pipeline_kind(pretrained: str, path: Path, class_name: str, segmentation: bool) -> None:
+    """Refuse pipelines with the SD layout that Peekaboo still cannot drive, from their component configs."""
+    unet = _read_json(path / "unet" / "config.json") if (path / "unet" / "config.json").is_file() else {}
+    vae = _read_json(path / "vae" / "config.json") if (path / "vae" / "config.json").is_file() else {}
+    if unet.get("addition_embed_type") is not None:
+        raise ModelError(
+            f"model.pretrained={pretrained} is a {class_name} whose UNet needs extra conditioning "
+            f"(addition_embed_type={unet['addition_embed_type']!r}, as in SDXL); Peekaboo supports Stable "
+            "Diffusion 1.x/2.x-style pipelines."
+        )
+    unet_channels, latent_channels = unet.get("in_channels", 4), vae.get("latent_channels", 4)
+    if segmentation and unet_channels != latent_channels:
+        raise ModelError(_channels_message(f"model.pretrained={pretrained} ({class_name})", unet_channels,
+                                           latent_channels))
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    prediction = _read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
+    if prediction not in PREDICTION_TYPES:
+        raise ModelError(
+            f"model.pretrained={pretrained}: the scheduler predicts {prediction!r}; Peekaboo supports "
+            f"{' or '.join(PREDICTION_TYPES)} models."
+        )
+
+
+def _channels_message(model: str, unet_channels: int, latent_channels: int) -> str:
+    return (f"{model}: its UNet takes {unet_channels} input channels but its VAE makes {latent_channels}-channel "
+            "latents (an inpainting or depth model?); segmenting needs a text-to-image model.")
 
 
 class Backbone:
@@ -151,9 +198,10 @@ class Backbone:
         limit = self.tokenizer.model_max_length
         full = self.tokenizer(prompt, truncation=False).input_ids
         if len(full) > limit:
+            # Both counts without the start and end tokens the tokenizer adds: what the user wrote.
             log.warning(
-                "Prompt %r has %d tokens; the model reads %d, so it was truncated to its first %d tokens.",
-                prompt, len(full), limit, limit - 2,
+                "Prompt %r is %d tokens long but the model reads %d, so it was truncated to its first %d tokens.",
+                prompt, len(full) - 2, limit - 2, limit - 2,
             )
         ids = self.tokenizer(prompt, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
         return ids.input_ids
@@ -214,6 +262,8 @@ class Backbone:
             ``(eps_uncond, eps_cond)``, each ``(B, C, h, w)`` float32.
         """
         b = noisy.shape[0]
+        if noisy.shape[1] != self.unet.config.in_channels:  # e.g. an inpainting UNet loaded for editing
+            raise ModelError(_channels_message("The loaded model", self.unet.config.in_channels, noisy.shape[1]))
         dtype = self.unet.dtype
         uncond = emb.uncond.expand(b, -1, -1).to(dtype)  # a shared (1, L, D) broadcasts to the batch
         cond = emb.cond.expand(b, -1, -1).to(dtype)
@@ -270,12 +320,7 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
         ModelError: the source is not a usable SD-style pipeline, or the dtype does not suit the device.
     """
     device = torch.device(device)
-    if device.type == "cpu" and cfg.dtype == "float16":
-        raise ModelError(
-            "model.dtype=float16 is not supported on CPU; use model.dtype=float32 (or bfloat16) on CPU, "
-            "float16 on a GPU."
-        )
-    name = check_model_source(cfg)
+    name = check_model_source(cfg, device)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 

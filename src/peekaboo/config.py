@@ -15,6 +15,7 @@ checks live in :func:`validate`.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import MISSING as _NO_FACTORY
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -37,6 +39,9 @@ GRAVITY_REDUCTIONS = ("sum", "mean")
 LATENT_MODES = ("mean", "sample")
 # Lightning config groups that a ``group=name`` override selects from ``configs/<group>/<name>.yaml``.
 GROUPS = ("model", "data")
+# trainer.accelerator values (peekaboo.devices maps them to a torch device).
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+MAX_MASK_SIZE = 4096
 
 BUNDLED_MODEL = "bundled"
 
@@ -278,8 +283,19 @@ def _parse_overrides(argv: Sequence[str], schema: DictConfig) -> DictConfig:
         key, sep, value = arg.partition("=")
         if not sep or not key:
             raise ConfigError(f"{arg!r} is not a key=value override; write e.g. prompt=\"a red circle\".")
-        parsed = OmegaConf.from_dotlist([f"x={value}"]).x if value.strip() else value
+        try:
+            parsed = OmegaConf.from_dotlist([f"x={value}"]).x if value.strip() else value
+        except yaml.YAMLError as err:
+            # The value is parsed alone under a dummy key: name the real key, and the parser's first line only.
+            raise ConfigError(f"Bad value for config key {key!r}: {value!r} cannot be parsed "
+                              f"({str(err).splitlines()[0]}); quote it or fix its brackets.") from None
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"Bad value for config key {key!r}: {value!r} cannot be resolved "
+                              f"({str(err).splitlines()[0].rstrip('.')}).") from None
         node = OmegaConf.select(schema, key, default=None, throw_on_missing=False)
+        if isinstance(node, DictConfig) and not isinstance(parsed, (dict, DictConfig)):
+            raise ConfigError(f"{key}={value}: {key} is a config section, not a value; set one of its keys "
+                              f"({', '.join(f'{key}.{k}' for k in list(node.keys())[:4])}, ...).")
         is_list = isinstance(node, ListConfig) or _is_list_field(schema, key)
         if is_list and not isinstance(parsed, (list, ListConfig)):
             dotlist.setdefault(key, []).append(parsed)
@@ -384,7 +400,8 @@ def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization."
     _check(0.0 <= cfg.threshold <= 1.0, p + "threshold", cfg.threshold, "0 <= threshold <= 1")
     m = cfg.mask
     _check(m.kind in MASK_KINDS, p + "mask.kind", m.kind, " | ".join(MASK_KINDS))
-    _check(m.size >= 8, p + "mask.size", m.size, "an integer >= 8")
+    # Above a few thousand pixels the mask only costs memory: the model sees the composite at its resolution.
+    _check(8 <= m.size <= MAX_MASK_SIZE, p + "mask.size", m.size, f"an integer in [8, {MAX_MASK_SIZE}]")
     _check(m.bilateral.kernel >= 1 and m.bilateral.kernel % 2 == 1, p + "mask.bilateral.kernel",
            m.bilateral.kernel, "an odd integer >= 1")
     _check(m.bilateral.iterations >= 0, p + "mask.bilateral.iterations", m.bilateral.iterations, ">= 0")
@@ -393,6 +410,8 @@ def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization."
            m.bilateral.colour_tolerance, "> 0")
     _check(m.fourier.num_features >= 1, p + "mask.fourier.num_features", m.fourier.num_features, ">= 1")
     _check(m.fourier.layers >= 1, p + "mask.fourier.layers", m.fourier.layers, ">= 1")
+    _check(m.fourier.hidden >= 1, p + "mask.fourier.hidden", m.fourier.hidden, ">= 1")
+    _check(m.fourier.scale > 0, p + "mask.fourier.scale", m.fourier.scale, "> 0")
     g = cfg.guidance
     _check(0.0 <= g.t_min < g.t_max <= 1.0, p + "guidance.t_min/t_max", (g.t_min, g.t_max),
            "0 <= t_min < t_max <= 1 (fractions of the training timesteps)")
@@ -400,6 +419,7 @@ def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization."
     _check(g.latent_mode in LATENT_MODES, p + "guidance.latent_mode", g.latent_mode, " | ".join(LATENT_MODES))
     ls = cfg.loss
     _check(ls.gravity >= 0, p + "loss.gravity", ls.gravity, ">= 0")
+    _check(ls.lambda_dream >= 0, p + "loss.lambda_dream", ls.lambda_dream, ">= 0")
     _check(ls.gravity_reduction in GRAVITY_REDUCTIONS, p + "loss.gravity_reduction", ls.gravity_reduction,
            " | ".join(GRAVITY_REDUCTIONS))
     o = cfg.optim
@@ -407,10 +427,57 @@ def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization."
     _check(o.lr > 0, p + "optim.lr", o.lr, "> 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), p + "optim.betas", list(o.betas),
            "two numbers in [0, 1)")
+    _check(o.momentum >= 0, p + "optim.momentum", o.momentum, ">= 0")
+    _check(o.weight_decay >= 0, p + "optim.weight_decay", o.weight_decay, ">= 0")
+    e = cfg.early_stop
+    _check(0 <= e.tolerance <= 1, p + "early_stop.tolerance", e.tolerance, "a fraction in [0, 1]")
+    _check(e.patience >= 1, p + "early_stop.patience", e.patience, "an integer >= 1")
+    _check(e.min_steps >= 0, p + "early_stop.min_steps", e.min_steps, "an integer >= 0")
+
+
+def validate_finite(cfg: Any) -> None:
+    """Every value resolves and every float is finite (YAML reads ``inf`` and ``.nan``): an infinite gravity or
+    learning rate would otherwise surface only as a non-finite loss, after the model has loaded."""
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"Bad value for config key {key!r}: {str(err).splitlines()[0]}.") from None
+    stack: list[tuple[str, Any]] = [("", tree)]
+    while stack:
+        key, node = stack.pop()
+        if isinstance(node, dict):
+            stack += [(f"{key}.{k}" if key else str(k), v) for k, v in node.items()]
+        elif isinstance(node, list):
+            stack += [(f"{key}[{i}]", v) for i, v in enumerate(node)]
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise ConfigError(f"Config key {key!r} = {node} is not a finite number; give a finite value.")
+
+
+def validate_output_dir(key: str, value: str) -> None:
+    """Refuse an output folder that cannot be one (empty, an existing file, on a read-only file system)
+    before any work starts, instead of failing on the first write."""
+    if not str(value).strip():
+        raise ConfigError(f"{key} is empty; give the folder to write outputs to, e.g. {key}=outputs.")
+    try:
+        path = Path(value).expanduser()
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    except (OSError, RuntimeError, ValueError) as err:  # a NUL byte, a name too long, an unknown ~user
+        raise ConfigError(f"{key}={value!r} is not a usable path ({err}); choose another {key}.") from None
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"{key}={value}: {existing} is a file, not a folder; choose another {key}.")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={value}: {existing} is not writable (permissions or a read-only file "
+                          f"system); choose another {key}.")
 
 
 def validate(cfg: Any) -> None:
     """Range-check every section a config has."""
+    validate_finite(cfg)
+    if "output_dir" in cfg:
+        validate_output_dir("output_dir", cfg.output_dir)
+    if "run" in cfg and not OmegaConf.is_missing(cfg.run, "root"):
+        validate_output_dir("run.root", cfg.run.root)
     if "optimization" in cfg:
         validate_optimization(cfg.optimization)
     if "trainer" in cfg:
@@ -420,6 +487,10 @@ def validate(cfg: Any) -> None:
         _check(str(t.precision) in PRECISIONS, "trainer.precision", t.precision,
                " | ".join(PRECISIONS) + " (never *-true half precision: the mask must stay float32)")
         _check(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, ">= 1")
+        _check(t.accelerator in ACCELERATORS, "trainer.accelerator", t.accelerator, " | ".join(ACCELERATORS))
+        if "model" in cfg and t.accelerator == "cpu" and cfg.model.dtype == "float16":
+            raise ConfigError("model.dtype=float16 is not supported with trainer.accelerator=cpu; use "
+                              "model.dtype=float32 (or bfloat16) on CPU, float16 on a GPU.")
     if "data" in cfg and not OmegaConf.is_missing(cfg.data, "source"):
         _check(cfg.data.source in DATA_SOURCES, "data.source", cfg.data.source, " | ".join(DATA_SOURCES))
         _check(cfg.data.pairs_per_step >= 1, "data.pairs_per_step", cfg.data.pairs_per_step, "an integer >= 1")
@@ -435,6 +506,7 @@ def validate(cfg: Any) -> None:
     if "image_options" in cfg:
         io = cfg.image_options
         _check(io.fit in FIT_MODES, "image_options.fit", io.fit, " | ".join(FIT_MODES))
+        _check(io.max_pixels >= 4, "image_options.max_pixels", io.max_pixels, "an integer >= 4 (a 2x2 image)")
         _check(len(io.flatten_background) == 3 and all(0 <= v <= 1 for v in io.flatten_background),
                "image_options.flatten_background", list(io.flatten_background), "three numbers in [0, 1]")
     if "generate" in cfg:

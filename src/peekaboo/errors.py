@@ -1,8 +1,9 @@
 """User-facing errors.
 
-Anything a user can cause (bad path, bad image, bad config, missing model component) raises
+Anything a user can cause (bad path, bad image, bad config, missing model component, a full disk) raises
 :class:`PeekabooError` with one sentence naming the input and the fix; the command-line entry points print
 it without a traceback and exit non-zero. Everything else is a bug and keeps its traceback.
+docs/TROUBLESHOOTING.md lists the messages.
 """
 
 
@@ -24,3 +25,10 @@ class ModelError(PeekabooError):
 
 class NonFiniteError(PeekabooError):
     """The optimization of one pair produced a non-finite loss or mask."""
+
+
+class OutputError(PeekabooError):
+    """An output file could not be written (full disk, read-only or unwritable folder).
+
+    Writes are atomic, so files written before the failure are intact; the message names the file.
+    """

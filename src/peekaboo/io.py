@@ -1,10 +1,18 @@
 """Image I/O: loading any image as upright RGB, fitting it to the square working canvas and mapping masks
-back to the original pixels, and atomic writes (a kill never leaves a half-written file)."""
+back to the original pixels, and atomic writes (a kill or a full disk never leaves a half-written file).
+
+Every failure a user can cause surfaces as one :class:`~peekaboo.errors.PeekabooError` naming the file:
+:class:`~peekaboo.errors.ImageError` for an image that cannot be used, :class:`~peekaboo.errors.OutputError`
+for an output that cannot be written.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -16,9 +24,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from peekaboo.errors import ImageError
+from peekaboo.errors import ImageError, OutputError
+
+try:  # POSIX only; without it concurrent appends still land whole, only the rollback of a failed one is unsafe
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 MIN_SIDE = 2  # a 1x1 image has no content to segment
+# Images with a side above this many canvas sides are first box-filtered by Pillow (8-bit, in C) down to it,
+# so a 100-megapixel photo never becomes a float tensor; the final antialiased resize still averages several
+# source pixels per canvas pixel.
+PREREDUCE_FACTOR = 4
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def load_image(path: str | os.PathLike, flatten_background: tuple[float, float, float] = (0.5, 0.5, 0.5),
@@ -29,15 +48,19 @@ def load_image(path: str | os.PathLike, flatten_background: tuple[float, float, 
     transparency are flattened over ``flatten_background`` (RGB in [0, 1]).
 
     Raises:
-        ImageError: missing, empty, truncated or non-image file, too small, or too large (decompression bomb).
+        ImageError: missing, empty, truncated, unreadable or non-image file, too small, or more than
+            ``max_pixels`` pixels (a decompression bomb is refused from its header, before decoding).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"Image {path} is a folder, not an image file; pass the path of the image itself.")
     if not path.is_file():
         raise ImageError(f"Image {path} does not exist; check the path.")
     if path.stat().st_size == 0:
         raise ImageError(f"Image {path} is an empty (zero-byte) file; replace it with a valid image.")
     try:
         with warnings.catch_warnings():
+            # Pillow only warns between max_pixels and twice that; both mean: refuse before decoding.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
             try:
@@ -47,15 +70,26 @@ def load_image(path: str | os.PathLike, flatten_background: tuple[float, float, 
                     rgb = to_rgb(img, flatten_background)
             finally:
                 Image.MAX_IMAGE_PIXELS = previous
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        claimed = re.search(r"\((\d+) pixels\)", str(err))
+        size = f" claims {int(claimed.group(1)):,} pixels," if claimed else " has"
         raise ImageError(
-            f"Image {path} has more than image_options.max_pixels={max_pixels} pixels (a possible decompression "
+            f"Image {path}{size} more than image_options.max_pixels={max_pixels:,} (a possible decompression "
             "bomb); raise that limit if the image is genuine."
         ) from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path} is not an image file Pillow can read; convert it to PNG or JPEG.") from None
+        raise ImageError(f"Image {path} is not an image file Pillow can read; convert it to PNG or JPEG.") from None
+    except PermissionError:
+        raise ImageError(f"Image {path} cannot be read (permission denied); check the file's permissions.") from None
+    except MemoryError:
+        raise ImageError(f"Image {path} is too large to decode in memory; downscale it or lower "
+                         "image_options.max_pixels to refuse such files.") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"Image {path} is truncated or corrupt ({err}); re-export or replace it.") from None
+    except Exception as err:
+        # Pillow's decoders raise assorted exceptions on malformed data (TypeError, struct.error, KeyError, ...);
+        # an untrusted file must never become a traceback.
+        raise ImageError(f"Image {path} is corrupt ({type(err).__name__}: {err}); re-export or replace it.") from None
     if min(rgb.size) < MIN_SIDE:
         raise ImageError(f"Image {path} is only {rgb.width}x{rgb.height} pixels; Peekaboo needs at least 2x2.")
     return rgb
@@ -97,6 +131,11 @@ class Placement:
 def fit_square(img: Image.Image, size: int, mode: str) -> tuple[torch.Tensor, Placement]:
     """Fit ``img`` to a ``size x size`` canvas.
 
+    Images much larger than the canvas (a side above ``PREREDUCE_FACTOR * size``) are box-filtered by Pillow
+    first, so memory and time stay bounded for any image that passes ``image_options.max_pixels``. The
+    placement is always in original pixels; for ``"pad"`` the pre-reduction may shift the canvas by at most
+    ``1 / PREREDUCE_FACTOR`` of a canvas pixel.
+
     Args:
         mode: ``"scale"`` stretches the whole image; ``"crop"`` takes the centred square (the mask is 0
             outside it); ``"pad"`` centres the image on a square of edge-replicated padding.
@@ -105,23 +144,42 @@ def fit_square(img: Image.Image, size: int, mode: str) -> tuple[torch.Tensor, Pl
         ``(canvas (3, size, size) in [0, 1], placement)``.
     """
     w, h = img.size
-    x = image_to_tensor(img)[None]  # (1, 3, H, W)
     if mode == "scale":
         box = (0, 0, w, h)
+        x = image_to_tensor(_shrink(img, box, size))[None]  # (1, 3, H', W')
     elif mode == "crop":
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
         box = (left, top, left + side, top + side)
-        x = x[..., top : top + side, left : left + side]
+        x = image_to_tensor(_shrink(img, box, size))[None]
     elif mode == "pad":
         side = max(w, h)
         left, top = (side - w) // 2, (side - h) // 2
         box = (-left, -top, side - left, side - top)
-        x = F.pad(x, (left, side - w - left, top, side - h - top), mode="replicate")
+        x = image_to_tensor(_shrink(img, (0, 0, w, h), size))[None]
+        sw, sh = x.shape[-1], x.shape[-2]  # == (w, h) unless the image was pre-reduced
+        s_side = max(sw, sh)
+        s_left, s_top = (s_side - sw) // 2, (s_side - sh) // 2
+        x = F.pad(x, (s_left, s_side - sw - s_left, s_top, s_side - sh - s_top), mode="replicate")
     else:
         raise ValueError(f"unknown fit mode {mode!r}")
     canvas = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return canvas[0].clamp(0, 1), Placement(w, h, box)
+
+
+def _shrink(img: Image.Image, box: tuple[int, int, int, int], size: int) -> Image.Image:
+    """The region ``box`` of ``img``; box-filtered to a long side of ``PREREDUCE_FACTOR * size`` when larger.
+
+    The resize maps the region's full extent onto the smaller image, so registration stays exact.
+    """
+    left, top, right, bottom = box
+    width, height = right - left, bottom - top
+    limit = PREREDUCE_FACTOR * size
+    if max(width, height) <= limit:
+        return img if box == (0, 0, *img.size) else img.crop(box)
+    scale = limit / max(width, height)
+    target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return img.resize(target, Image.Resampling.BOX, box=box)
 
 
 def unfit(alpha: torch.Tensor, placement: Placement) -> torch.Tensor:
@@ -136,12 +194,14 @@ def unfit(alpha: torch.Tensor, placement: Placement) -> torch.Tensor:
     left, top, right, bottom = placement.box
     region = F.interpolate(alpha[None, None].float(), size=(bottom - top, right - left), mode="bilinear",
                            align_corners=False)[0, 0]
+    if placement.box == (0, 0, placement.width, placement.height):
+        return region.clamp_(0, 1)  # "scale": the region is the image (no second full-size copy)
     out = torch.zeros(placement.height, placement.width)
     # Intersect the canvas region with the image (padding falls outside it; a crop covers only part).
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(bottom, placement.height), min(right, placement.width)
     out[y0:y1, x0:x1] = region[y0 - top : y1 - top, x0 - left : x1 - left]
-    return out.clamp(0, 1)
+    return out.clamp_(0, 1)
 
 
 def quantize(alpha: torch.Tensor) -> np.ndarray:
@@ -154,44 +214,88 @@ def binarize(alpha_u8: np.ndarray, threshold: float) -> np.ndarray:
     return alpha_u8.astype(np.float64) / 255.0 > threshold
 
 
+def output_error(path: str | os.PathLike, err: OSError) -> OutputError:
+    """The user-facing error for an output file that could not be written, with the fix for its cause."""
+    code = err.errno if err.errno is not None else next((a for a in err.args if isinstance(a, int)), None)
+    reason = err.strerror or (os.strerror(code) if code is not None else str(err) or type(err).__name__)
+    if code in _NO_SPACE:
+        fix = "free disk space or choose an output folder on another disk, then run again"
+    elif code in _NOT_WRITABLE:
+        fix = "make that folder writable or choose another output folder"
+    else:
+        fix = "check that the output folder exists, is writable and has free space"
+    return OutputError(f"Could not write {path}: {reason}; {fix} (files written before are intact).")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed over ``path`` (atomic on POSIX)."""
+    """Yield a temporary path beside ``path``; on success it is renamed over ``path`` (atomic on POSIX).
+
+    On any failure the temporary file is removed and ``path`` keeps its previous content (or stays absent).
+
+    Raises:
+        OutputError: the folder cannot be created or written (full disk, read-only, permissions).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise output_error(path, err) from err
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as err:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise output_error(path, err) from err
         raise
 
 
 def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
-    """Write ``img`` as PNG atomically."""
+    """Write ``img`` as PNG atomically (raises OutputError)."""
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return Path(path)
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:
-    """Write ``text`` atomically."""
+    """Write ``text`` atomically (raises OutputError)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
 
 
 def append_line(line: str, path: str | os.PathLike) -> None:
-    """Append one line with a single ``write`` and fsync, so a reader never sees a partial line
-    (with O_APPEND each write lands whole at the end)."""
+    """Append one line so that the file never holds a partial line.
+
+    The line goes out in one ``O_APPEND`` write (each write lands whole at the end, also with several worker
+    processes appending), then fsync. A failed or short write (full disk) is rolled back by truncating to the
+    size before it, under an exclusive lock so no other writer's line lands in between.
+
+    Raises:
+        OutputError: the file cannot be opened or the line cannot be written.
+    """
     data = (line.rstrip("\n") + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise output_error(path, err) from err
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by close
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+            os.fsync(fd)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise output_error(path, err) from err
     finally:
         os.close(fd)
 
@@ -199,13 +303,11 @@ def append_line(line: str, path: str | os.PathLike) -> None:
 def overlay(img: Image.Image, mask: np.ndarray, colour: tuple[int, int, int] = (255, 40, 40),
             opacity: float = 0.5) -> Image.Image:
     """The image with ``mask`` ``(H, W)`` bool tinted in ``colour``, and the mask's outline drawn."""
-    base = np.asarray(img, dtype=np.float32)
+    out = np.array(img, dtype=np.uint8)  # one 8-bit copy: only the tinted pixels go through float
     tint = np.asarray(colour, dtype=np.float32)
-    out = base.copy()
-    out[mask] = (1 - opacity) * base[mask] + opacity * tint
-    edge = mask ^ _erode(mask)
-    out[edge] = tint
-    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    out[mask] = ((1 - opacity) * out[mask].astype(np.float32) + opacity * tint).clip(0, 255).astype(np.uint8)
+    out[mask ^ _erode(mask)] = np.asarray(colour, dtype=np.uint8)
+    return Image.fromarray(out)
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:
@@ -222,15 +324,15 @@ def cutout(img: Image.Image, alpha_u8: np.ndarray) -> Image.Image:
 def safe_name(name: str, max_len: int = 80) -> str:
     """A file-system-safe, collision-resistant name for ``name`` (a pair id or prompt).
 
-    Spaces become ``_``; keeps ``[A-Za-z0-9._-]`` and replaces everything else with ``-``; when that (or
-    shortening) changed the name beyond its spaces, a short digest of the original is appended so distinct
-    ids do not share an output file. The result is never ``.``/``..`` and has no path separator.
+    Spaces become ``_``; keeps ``[A-Za-z0-9._-]`` and replaces everything else (``/``, ``\\``, control and
+    non-ASCII characters) with ``-``; strips leading and trailing ``-``/``.`` (no hidden files, no ``..``);
+    when that (or shortening to ``max_len``) changed the name beyond its spaces, a short digest of the original
+    is appended so distinct ids do not share an output file. The result is never empty, ``.`` or ``..``, has
+    no path separator and is at most ``max_len + 9`` characters, so ``folder / safe_name(x)`` stays in
+    ``folder`` for any ``x``.
     """
-    import hashlib
-    import re
-
     spaced = name.strip().replace(" ", "_")
     clean = re.sub(r"[^A-Za-z0-9._-]+", "-", spaced).strip("-.")[:max_len] or "pair"
     if clean != spaced:
-        clean = f"{clean}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+        clean = f"{clean}-{hashlib.sha1(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
     return clean

@@ -1,4 +1,5 @@
-"""Segment one image for one or more prompts and write the masks at the image's original size."""
+"""Segment one image (or one sampled from a prompt) for one or more prompts and write the masks at the image's
+original size; optionally regenerate each segmented region from a new prompt (``edit.prompt``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from peekaboo import io
-from peekaboo.backbone import shared_backbone
+from peekaboo import edit, io
+from peekaboo.backbone import Backbone, shared_backbone
 from peekaboo.config import PredictConfig, to_yaml
 from peekaboo.devices import resolve_device
 from peekaboo.engine import optimize_pair
@@ -30,6 +31,9 @@ class PredictOutput:
     overlay: Path  # mask tinted over the image
     cutout: Path  # RGBA: the image with the soft alpha as its alpha channel
     area: float  # fraction of the image inside the binary mask
+    rgba: Path | None = None  # generate=: the sampled image with the soft alpha (same pixels as cutout)
+    edited: Path | None = None  # edit.prompt: the image with the segmented region regenerated, original size
+    edit_compare: Path | None = None  # edit.prompt: input | blend weight | edited, side by side
 
 
 def write_outputs(img: Image.Image, alpha_orig, threshold: float, folder: Path) -> dict[str, Path]:
@@ -49,26 +53,52 @@ def write_outputs(img: Image.Image, alpha_orig, threshold: float, folder: Path) 
     }
 
 
+def write_edit(cfg: PredictConfig, backbone: Backbone, img: Image.Image, mask: np.ndarray,
+               folder: Path) -> dict[str, Path]:
+    """Regenerate the region of ``mask`` ``(H, W)`` bool from ``cfg.edit.prompt``; writes ``edited.png`` and
+    ``edit_compare.png`` into ``folder``."""
+    result = edit.edit_region(backbone, img, mask, cfg.edit.prompt, cfg.edit, cfg.sampling, cfg.model,
+                              cfg.image_options.fit, cfg.trainer.precision)
+    return {
+        "edited": io.save_png(result.image, folder / "edited.png"),
+        "edit_compare": io.save_png(edit.compare_strip(img, result.weight, result.image),
+                                    folder / "edit_compare.png"),
+    }
+
+
 def predict(cfg: PredictConfig, argv: list[str] | None = None) -> list[PredictOutput]:
-    """Run Peekaboo on ``cfg.image`` for every prompt in ``cfg.prompt``.
+    """Run Peekaboo on ``cfg.image`` (or on an image sampled for ``cfg.generate``) for every prompt.
 
     Writes ``<output_dir>/<image stem>/<prompt>/{mask,alpha,overlay,cutout}.png``, the resolved
     ``config.yaml`` and the command line ``cmd.txt`` beside them, and TensorBoard logs under ``tb/``.
+    With ``generate=TEXT`` the folder is ``<output_dir>/<TEXT>/``, the sample is ``sample.png`` there, the
+    prompts default to ``[TEXT]`` and each prompt's folder also gets ``rgba.png``. With ``edit.prompt=TEXT``
+    each prompt's folder also gets ``edited.png`` and ``edit_compare.png``.
 
     Raises:
         PeekabooError: bad image, model or config (before any optimization starts).
     """
     opt = cfg.optimization
-    img = io.load_image(cfg.image, tuple(cfg.image_options.flatten_background), cfg.image_options.max_pixels)
-    canvas, placement = io.fit_square(img, opt.mask.size, cfg.image_options.fit)
+    img: Image.Image | None = None
+    if cfg.generate is None:
+        img = io.load_image(cfg.image, tuple(cfg.image_options.flatten_background), cfg.image_options.max_pixels)
+        root = Path(cfg.output_dir) / io.safe_name(Path(cfg.image).stem)
+    else:
+        root = Path(cfg.output_dir) / io.safe_name(cfg.generate)
     device = resolve_device(cfg.trainer.accelerator)
     backbone = shared_backbone(cfg.model, device)
-    root = Path(cfg.output_dir) / io.safe_name(Path(cfg.image).stem)
+    if cfg.generate is not None and cfg.sampling.size is not None:
+        edit.check_sample_size(cfg.sampling.size, backbone)  # before any file is written
     root.mkdir(parents=True, exist_ok=True)
     io.write_text(to_yaml(cfg), root / "config.yaml")
     io.write_text(" ".join(argv if argv is not None else sys.argv) + "\n", root / "cmd.txt")
+    if img is None:
+        img = edit.generate(backbone, cfg.generate, cfg.sampling, cfg.model, cfg.trainer.precision)
+        log.info("sampled %r (seed %d) -> %s", cfg.generate, cfg.sampling.seed,
+                 io.save_png(img, root / "sample.png"))
+    canvas, placement = io.fit_square(img, opt.mask.size, cfg.image_options.fit)
     outputs = []
-    for prompt in cfg.prompt:
+    for prompt in list(cfg.prompt) or [cfg.generate]:
         name = io.safe_name(prompt)
         result = optimize_pair(
             canvas, prompt, name, opt, cfg.trainer, backbone,
@@ -77,8 +107,14 @@ def predict(cfg: PredictConfig, argv: list[str] | None = None) -> list[PredictOu
         alpha = io.unfit(result.alpha, placement)
         folder = root / name
         paths = write_outputs(img, alpha, opt.threshold, folder)
-        area = float((io.binarize(io.quantize(alpha), opt.threshold)).mean())
-        outputs.append(PredictOutput(prompt=prompt, folder=folder, area=area, **paths))
-        log.info("%r: %d steps in %.1fs, mask covers %.1f%% -> %s", prompt, result.steps, result.seconds,
-                 100 * area, folder)
+        alpha_u8 = io.quantize(alpha)
+        mask = io.binarize(alpha_u8, opt.threshold)  # exactly mask.png
+        if cfg.generate is not None:
+            paths["rgba"] = io.save_png(io.cutout(img, alpha_u8), folder / "rgba.png")
+        if cfg.edit.prompt is not None:
+            paths.update(write_edit(cfg, backbone, img, mask, folder))
+        extra = " ".join(p.name for k, p in paths.items() if k in ("rgba", "edited", "edit_compare"))
+        outputs.append(PredictOutput(prompt=prompt, folder=folder, area=float(mask.mean()), **paths))
+        log.info("%r: %d steps in %.1fs, mask covers %.1f%% -> %s%s", prompt, result.steps, result.seconds,
+                 100 * float(mask.mean()), folder, f" (also {extra})" if extra else "")
     return outputs

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -43,7 +44,7 @@ from peekaboo.config import TrainConfig, to_yaml
 from peekaboo.data import Pair, build_source
 from peekaboo.devices import resolve_device, trainer_devices
 from peekaboo.engine import PairResult, optimize_pairs
-from peekaboo.errors import ConfigError, NonFiniteError, PeekabooError
+from peekaboo.errors import ConfigError, NonFiniteError, OutputError, PeekabooError
 from peekaboo.metrics import pair_scores, summarize
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,9 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     run_dir = Path(cfg.run.root) / cfg.run.name
     pairs = build_source(cfg.data)
     names = output_names(pairs)
-    check_model_source(cfg.model)
+    # Every model problem we can see without loading weights (also float16 on CPU) fails here, before the run
+    # folder records these settings: a corrected rerun must not be refused as "different settings".
+    check_model_source(cfg.model, resolve_device(cfg.trainer.accelerator), segmentation=True)
     _check_same_run(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     env_world = World.from_env()
@@ -219,7 +222,12 @@ def _worker_entry(cfg_yaml: str, world: World) -> None:
     # Share the machine's cores between CPU workers instead of oversubscribing them.
     if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.size))
-    raise SystemExit(run_worker(cfg, world))
+    try:
+        code = run_worker(cfg, world)
+    except PeekabooError as err:  # the same one line (and status) a single-process run gives, not a traceback
+        print(f"error: worker {world.rank}: {err}", file=sys.stderr)
+        code = 2
+    raise SystemExit(code)
 
 
 def run_worker(cfg: TrainConfig, world: World) -> int:
@@ -251,6 +259,12 @@ def run_worker(cfg: TrainConfig, world: World) -> int:
                             world.rank, err, ", ".join(p.id for p, _ in batch))
                 _requeue_if_slurm()
                 return PREEMPTED_EXIT
+            except OutputError as err:
+                # A full disk or an unwritable folder fails every later pair too: stop, rather than spend the
+                # compute and record them all as failed. The unfinished pairs have no done record, so a
+                # rerun redoes exactly them; finished pairs were written atomically and stay as they are.
+                raise OutputError(f"{err} The run stopped at pair(s) {', '.join(p.id for p, _ in batch)}; fix "
+                                  "that and rerun the same command to resume (finished pairs are kept).") from None
             for record in records:
                 done += 1
                 if record.get("iou") is not None:
@@ -284,11 +298,17 @@ def _valid_checkpoint(path: Path) -> Path | None:
     if not path.is_file():
         return None
     try:
+        # weights_only: a checkpoint is untrusted input (it may come from a shared or copied run folder) and
+        # must not run code. Lightning's own load on resume would use torch's default, so a file that does
+        # not pass here never reaches it.
         torch.load(path, map_location="cpu", weights_only=True)
         return path
     except Exception as err:  # any unreadable file means: start this pair again
-        log.warning("checkpoint %s is unreadable (%s); restarting that pair from scratch.", path, type(err).__name__)
-        path.rename(path.with_suffix(".corrupt"))
+        unsafe = isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower()
+        why = "holds objects or code that a safe load refuses" if unsafe else f"is unreadable ({type(err).__name__})"
+        aside = path.with_suffix(".corrupt")
+        log.warning("checkpoint %s %s; moved it to %s and restarting that pair from scratch.", path, why, aside.name)
+        path.rename(aside)
         return None
 
 
@@ -349,6 +369,8 @@ def optimize_batch(cfg: TrainConfig, batch: list[tuple[Pair, str]], run_dir: Run
     except NonFiniteError as err:
         results = [None] * len(ready)
         failure = str(err)
+    except OSError as err:  # a checkpoint or TensorBoard write inside the fit (full disk, unwritable folder)
+        raise io.output_error(err.filename or run_dir.root, err) from None
     for (pair, name, img, _, placement, record), result in zip(ready, results, strict=True):
         if result is None or result.failed:
             error = failure if result is None else f"non-finite loss or mask in pair {pair.id}"

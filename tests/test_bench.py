@@ -1,0 +1,264 @@
+"""The shapes benchmark and the training-free baselines: pure helpers against hand-made inputs, the cross-
+attention capture on the tiny model, a tiny end-to-end benchmark, and the bundled model's accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tests_support import REPO_CONFIGS
+
+from peekaboo.backbone import BUNDLED_PATH
+from peekaboo.baselines import (
+    RANDOM_DISC_RADIUS,
+    attention_to_map,
+    content_token_positions,
+    cross_attention_map,
+    normalize_map,
+    prompt_token_positions,
+    random_mask,
+    record_cross_attention,
+    whole_image,
+)
+from peekaboo.bench import shapes as bench
+from peekaboo.errors import PeekabooError
+
+# The bundled model's accuracy floor on the first CI_PAIRS evaluation pairs (Peekaboo default settings).
+CI_PAIRS = 8
+CI_MIN_MIOU = 0.5
+
+
+# -- wrong object -------------------------------------------------------------------------------------------
+def _box(y0: int, y1: int, x0: int, x1: int, shape=(8, 8)) -> np.ndarray:
+    m = np.zeros(shape, dtype=bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_wrong_object_counts_overlap_with_each_other_object():
+    target = _box(0, 4, 0, 4).astype(np.uint8)  # 16 px
+    other = _box(4, 8, 4, 8)  # 16 px
+    far = _box(0, 2, 6, 8)
+    # Covers the target fully and 4 px of the other: right object.
+    assert not bench.wrong_object(_box(0, 4, 0, 4) | _box(4, 6, 4, 6), target, [other, far])
+    # 4 px of the target, 16 px of the other: wrong.
+    assert bench.wrong_object(_box(2, 4, 2, 4) | other, target, [far, other])
+    # A tie is not wrong (strictly more is required); an empty mask is never wrong.
+    assert not bench.wrong_object(_box(3, 5, 3, 5), target, [other])
+    assert not bench.wrong_object(np.zeros((8, 8), bool), target, [other])
+    # Ignored (255) target pixels do not count as the object.
+    ignored = np.where(target == 1, 255, 0).astype(np.uint8)
+    assert bench.wrong_object(_box(0, 8, 0, 8), ignored, [other])
+
+
+def test_score_and_summary_of_records():
+    pair = bench.BenchPair("p", "a red circle", None, _box(0, 4, 0, 4).astype(np.uint8), (_box(4, 8, 4, 8),))
+    rec = bench.score(_box(0, 4, 0, 2), pair)
+    assert rec == {"intersection": 8, "union": 16, "iou": 0.5, "wrong_object": False, "area": 8 / 64}
+    records = [{**rec, "status": "done", "seconds": 1.0},
+               {**bench.score(_box(4, 8, 4, 8), pair), "status": "done", "seconds": 3.0},
+               {"status": "failed: non-finite", "seconds": 2.0}]
+    s = bench.summarize_method(records)
+    assert s["scored"] == 2 and s["failed"] == 1
+    assert s["miou"] == pytest.approx(0.25)
+    assert s["wrong_object_rate"] == pytest.approx(0.5)
+    assert s["seconds_per_pair"] == pytest.approx(2.0)
+
+
+def test_load_pairs_gives_the_other_objects():
+    pairs = bench.load_pairs("tune", 5)
+    assert [p.id for p in pairs][:2] == ["tune-00000-0", "tune-00000-1"]
+    for p in pairs:
+        assert p.target.shape == (64, 64) and len(p.others) in (1, 2)
+        assert all(not (o & (p.target == 1)).any() for o in p.others)  # objects never overlap
+    with pytest.raises(PeekabooError):
+        bench.load_pairs("train", 5)
+
+
+# -- trivial baselines --------------------------------------------------------------------------------------
+def test_whole_image_and_random_disc():
+    assert whole_image(3, 5).all() and whole_image(3, 5).shape == (3, 5)
+    gen = torch.Generator().manual_seed(1)
+    masks = [random_mask(64, 48, gen) for _ in range(20)]
+    lo, hi = RANDOM_DISC_RADIUS
+    for m in masks:
+        assert m.shape == (64, 48)
+        area = m.sum() / (48 * 48)  # radius is relative to the shorter side
+        assert np.pi * lo**2 * 0.8 <= area <= np.pi * hi**2 * 1.2
+        # Entirely inside: the disc never touches more than one pixel of a border row/column edge-on.
+        ys, xs = np.nonzero(m)
+        assert ys.min() >= 0 and xs.max() < 48
+    assert not all((masks[0] == m).all() for m in masks[1:])  # positions vary
+    again = random_mask(64, 48, torch.Generator().manual_seed(1))
+    assert (again == masks[0]).all()  # reproducible from the generator
+
+
+# -- token bookkeeping --------------------------------------------------------------------------------------
+def test_content_token_positions():
+    words = ["a", "red", "circle"]
+    assert content_token_positions([1, 1, 1], words, None, 16) == [2, 3]
+    # A word of two tokens shifts the next one.
+    assert content_token_positions([1, 2, 1], words, None, 16) == [2, 3, 4]
+    assert content_token_positions([1, 1, 1], words, ["Circle"], 16) == [3]
+    # Position max_length - 1 holds EOS after truncation: never taken.
+    assert content_token_positions([1, 1, 1], words, None, 4) == [2]
+    assert content_token_positions([1], ["the"], None, 16) == []
+    with pytest.raises(ValueError):
+        content_token_positions([1, 1], words, None, 16)
+
+
+def test_prompt_token_positions_with_a_real_tokenizer(tiny_backbone):
+    tok = tiny_backbone.tokenizer
+    ids = tok("a red circle").input_ids
+    positions = prompt_token_positions(tok, "a red circle")
+    assert [ids[p] for p in positions] == tok("red circle", add_special_tokens=False).input_ids
+    assert prompt_token_positions(tok, "a red circle", ["circle"]) == [3]
+    with pytest.raises(PeekabooError, match="no token"):
+        prompt_token_positions(tok, "a")
+    with pytest.raises(PeekabooError, match="no token"):
+        prompt_token_positions(tok, "a red circle", ["dog"])
+
+
+# -- attention maps -----------------------------------------------------------------------------------------
+def test_attention_to_map_follows_the_content_tokens():
+    # Two layers (4x4 and 2x2 pixels, 2 heads, 5 tokens): token 2 is attended to in the top-left quarter only.
+    fine = torch.full((1, 2, 16, 5), 0.1)
+    fine.view(1, 2, 4, 4, 5)[:, :, :2, :2, 2] = 0.6
+    coarse = torch.full((1, 2, 4, 5), 0.1)
+    coarse.view(1, 2, 2, 2, 5)[:, :, 0, 0, 2] = 0.6
+    heat = attention_to_map([fine, coarse], [2], 4)
+    assert heat.shape == (4, 4)
+    assert heat[:2, :2].mean() > heat[2:, 2:].mean() + 0.3
+    # Another token sees a flat map.
+    flat = attention_to_map([fine, coarse], [4], 4)
+    assert torch.allclose(flat, torch.full((4, 4), 0.1))
+    with pytest.raises(ValueError):
+        attention_to_map([torch.zeros(1, 1, 5, 3)], [1], 4)  # 5 pixels: not a square map
+
+
+def test_normalize_map():
+    m = normalize_map(torch.tensor([[1.0, 3.0], [2.0, 5.0]]))
+    assert m.min() == 0 and m.max() == 1 and m[0, 1] == pytest.approx(0.5)
+    assert (normalize_map(torch.full((3, 3), 7.0)) == 0).all()
+
+
+def test_recorder_keeps_the_unet_output_and_restores_processors(tiny_backbone):
+    unet = tiny_backbone.unet
+    before = dict(unet.attn_processors)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 500])
+    emb = tiny_backbone.encode_prompt("a red circle").cond.expand(2, -1, -1)
+    with torch.no_grad():
+        reference = unet(z, t, encoder_hidden_states=emb).sample
+        with record_cross_attention(unet) as rec:
+            recorded = unet(z, t, encoder_hidden_states=emb).sample
+    assert torch.allclose(recorded, reference, atol=1e-5)
+    cross_layers = [n for n in before if n.endswith("attn2.processor")]
+    assert len(rec.maps) == len(cross_layers) > 0
+    for probs in rec.maps:
+        assert probs.shape[0] == 2 and probs.shape[-1] == emb.shape[1]
+        assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)  # softmax over the tokens
+    assert dict(unet.attn_processors) == before
+
+
+def test_cross_attention_map_on_the_tiny_model(tiny_backbone):
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    heat = cross_attention_map(tiny_backbone, image, "a red circle")
+    assert heat.shape == (32, 32) and heat.dtype == torch.float32
+    assert heat.min() >= 0 and heat.max() <= 1 and heat.max() == 1
+    assert torch.equal(heat, cross_attention_map(tiny_backbone, image, "a red circle"))  # deterministic
+    with pytest.raises(PeekabooError, match="timesteps"):
+        cross_attention_map(tiny_backbone, image, "a red circle", timesteps=(5000,))
+
+
+# -- the benchmark end to end -------------------------------------------------------------------------------
+def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
+    out, docs, readme = tmp_path / "r.json", tmp_path / "B.md", tmp_path / "README.md"
+    readme.write_text(f"intro\n{bench.README_START}\nold table\n{bench.README_END}\nrest\n")
+    code = bench.main([
+        "--pairs", "3", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS),
+        "--methods", "peekaboo", "raster", "cross_attention", "random", "whole_image",
+        "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=2",
+        "--set", "trainer.accelerator=cpu", "--set", "optimization.mask.size=16",
+        "--out", str(out), "--docs", str(docs), "--readme", str(readme),
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    rows = report["methods"]
+    assert list(rows) == ["peekaboo", "raster", "cross_attention", "random", "whole_image"]
+    # configs/model/shapes.yaml's default is a raster mask, so the raster row reuses the default's masks.
+    assert rows["raster"]["same_as"] == "peekaboo"
+    assert rows["peekaboo"]["settings"]["max_steps"] == 2
+    for row in rows.values():
+        assert len(row["records"]) == 3 and row["summary"]["scored"] == 3
+    assert rows["whole_image"]["summary"]["seconds_per_pair"] < 1
+    assert report["machine"]["cpu_count"] >= 1 and "--pairs 3" in report["command"]
+    table = report["table"]
+    assert table.count("\n") == 1 + len(rows) and "| whole image |" in table
+    assert table in docs.read_text() and table in readme.read_text()
+    assert readme.read_text().startswith("intro\n") and "old table" not in readme.read_text()
+    assert table in capsys.readouterr().out
+
+
+def test_resume_keeps_unchanged_rows(tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    args = ["--pairs", "2", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS), "--docs", str(tmp_path / "B.md"),
+            "--methods", "peekaboo", "random", "--set", f"model.pretrained={tiny_model}",
+            "--set", "trainer.max_steps=1", "--set", "optimization.mask.size=16", "--out", str(out)]
+    assert bench.main(args) == 0
+    first = json.loads(out.read_text())
+    assert first["partial"] is False
+
+    def no_optimization(*a, **k):
+        raise AssertionError("a kept row was optimized again")
+
+    monkeypatch.setattr(bench, "run_peekaboo", no_optimization)
+    assert bench.main([*args, "--resume"]) == 0
+    again = json.loads(out.read_text())
+    assert again["methods"]["peekaboo"]["records"] == first["methods"]["peekaboo"]["records"]
+    # A changed setting is recomputed.
+    with pytest.raises(AssertionError, match="optimized again"):
+        bench.main([*args, "--resume", "--set", "optimization.loss.gravity=0.1"])
+
+
+def test_sweep_on_the_tiny_model(tiny_model, tmp_path):
+    extra = [f"model.pretrained={tiny_model}", "trainer.max_steps=2", "optimization.mask.size=16"]
+    cache = tmp_path / "cache.json"
+    kwargs = {"num_pairs": 2, "batch_size": 2, "extra": extra, "config_dir": REPO_CONFIGS,
+              "stages": (("optimization.loss.gravity", ("0.05",)),), "steps": (1, 2),
+              "kind_lrs": {"raster": ("0.1",), "fourier": ("0.01",)}, "thresholds": (0.3, 0.5), "cache_path": cache}
+    report = bench.sweep(**kwargs)
+    stages = [t["stage"] for t in report["trials"]]
+    assert stages.count("optimization.loss.gravity") == 2 and "fourier lr" in stages
+    assert stages.count("cross-attention threshold") == 2
+    assert set(report["kind_optim"]) == {"raster", "fourier"}
+    assert report["kind_optim"]["fourier"] == ["optimization.optim.name=adam", "optimization.optim.lr=0.01"]
+    assert report["cross_attention_threshold"] in (0.3, 0.5)
+    assert all(set(t["by_steps"]) == {1, 2} for t in report["trials"] if t["max_steps"] == 2)
+    assert "mIoU@1" in report["markdown"]
+    # Rerun from the cache: the same report without optimizing.
+    assert bench.sweep(**kwargs)["default_overrides"] == report["default_overrides"]
+
+
+def test_benchmark_user_errors(tmp_path):
+    with pytest.raises(PeekabooError, match="--methods"):
+        bench.run_benchmark("eval", 2, ["peekaboo", "nonsense"], config_dir=REPO_CONFIGS)
+    with pytest.raises(PeekabooError, match="configs"):
+        bench.resolve_config_dir(tmp_path)
+    assert bench.main(["--split", "eval", "--sweep", "--config-dir", str(REPO_CONFIGS)]) == 2
+    assert not bench.update_readme(tmp_path / "missing.md", "table")
+    (tmp_path / "R.md").write_text("no markers")
+    assert not bench.update_readme(tmp_path / "R.md", "table")
+    assert (tmp_path / "R.md").read_text() == "no markers"
+
+
+@pytest.mark.skipif(not (BUNDLED_PATH / "model_index.json").is_file(),
+                    reason=f"the bundled model is not built yet ({BUNDLED_PATH}); "
+                           "scripts/train_bundled_model.py writes it")
+def test_bundled_model_segments_the_evaluation_pairs():
+    result = bench.run_benchmark("eval", CI_PAIRS, ["peekaboo"], config_dir=REPO_CONFIGS, batch_size=CI_PAIRS)
+    summary = result["methods"]["peekaboo"]["summary"]
+    assert summary["scored"] == CI_PAIRS
+    assert summary["miou"] >= CI_MIN_MIOU, result["table"]
