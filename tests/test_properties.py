@@ -25,7 +25,6 @@ from peekaboo import io
 from peekaboo.config import PredictConfig, TrainConfig, load_config
 from peekaboo.errors import ConfigError, ImageError
 
-# database=None: no example database is written into the repository (.hypothesis/ is not ignored).
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "ICO", "PPM", "TGA", "PCX")
 # Pillow's decoders warn about the corrupt metadata these examples are made of; that is the point.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -64,7 +63,7 @@ def image_bytes(draw) -> bytes:
     return bytes(data)
 
 
-@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=image_bytes())
 def test_any_bytes_load_as_rgb_or_raise_image_error(data, tmp_path_factory):
     path = Path(tmp_path_factory.getbasetemp()) / "fuzz.img"
@@ -113,13 +112,13 @@ def _returns_or_config_error(schema, base: list[str], argv: list[str], task: str
     assert OmegaConf.is_config(cfg)
 
 
-@settings(max_examples=100, deadline=None, database=None)
+@settings(max_examples=100, deadline=None)
 @given(argv=_overrides(PREDICT_KEYS))
 def test_any_predict_overrides_give_a_config_or_config_error(argv):
     _returns_or_config_error(PredictConfig, ["image=x.png", "prompt=a red circle"], argv, "predict")
 
 
-@settings(max_examples=50, deadline=None, database=None)
+@settings(max_examples=50, deadline=None)
 @given(argv=_overrides(TRAIN_KEYS))
 def test_any_train_overrides_give_a_config_or_config_error(argv):
     _returns_or_config_error(TrainConfig, ["run.name=x"], argv, "train")
