@@ -173,7 +173,8 @@ def optimize_pairs(
         warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
         warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")
         warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
-        trainer.fit(module, loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        # weights_only: a checkpoint is data (tensors, numbers, strings); never unpickle code from it.
+        trainer.fit(module, loader, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     seconds = (time.perf_counter() - start) / len(pair_ids)
     with torch.no_grad():
         alphas = module().detach().float().cpu()[:, 0]  # (B, S, S)
