@@ -53,7 +53,7 @@ class GridConfig:
     seed: int = 0
     size: int = 64
     cell: int = 128  # pixels per sample in the saved grid (nearest-neighbour upscaled)
-    label_width: int = 330
+    label_width: int = 200
     # checks
     n_check_scenes: int = 64
     check_timesteps: tuple[int, ...] = (300, 500, 700)

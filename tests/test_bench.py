@@ -233,13 +233,36 @@ def test_sweep_on_the_tiny_model(tiny_model, tmp_path):
     stages = [t["stage"] for t in report["trials"]]
     assert stages.count("optimization.loss.gravity") == 2 and "fourier lr" in stages
     assert stages.count("cross-attention threshold") == 2
-    assert set(report["kind_optim"]) == {"raster", "fourier"}
+    assert set(report["kind_optim"]) == {"raster", "fourier", "raster_bilateral", "fourier_bilateral"}
+    assert report["kind_optim"]["fourier_bilateral"] == report["kind_optim"]["fourier"]  # SWEEP_KIND_LR_FROM
     assert report["kind_optim"]["fourier"] == ["optimization.optim.name=adam", "optimization.optim.lr=0.01"]
     assert report["cross_attention_threshold"] in (0.3, 0.5)
     assert all(set(t["by_steps"]) == {1, 2} for t in report["trials"] if t["max_steps"] == 2)
     assert "mIoU@1" in report["markdown"]
     # Rerun from the cache: the same report without optimizing.
     assert bench.sweep(**kwargs)["default_overrides"] == report["default_overrides"]
+
+
+def test_tuned_settings_come_before_each_rows_own(tiny_model, tmp_path):
+    sweep_json = tmp_path / "sweep.json"
+    sweep_json.write_text(json.dumps({
+        "split": "tune", "default_overrides": ["optimization.loss.gravity=0.02", "optimization.optim.lr=0.07"],
+        "kind_optim": {"fourier": ["optimization.optim.name=adam", "optimization.optim.lr=0.004"]},
+        "cross_attention_threshold": 0.3}))
+    out = tmp_path / "r.json"
+    assert bench.main(["--pairs", "1", "--config-dir", str(REPO_CONFIGS), "--docs", str(tmp_path / "B.md"),
+                       "--methods", "peekaboo", "no_gravity", "fourier", "cross_attention", "--tuned", str(sweep_json),
+                       "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=1",
+                       "--set", "optimization.mask.size=16", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["methods"]
+    assert rows["peekaboo"]["settings"]["loss"]["gravity"] == 0.02
+    assert rows["no_gravity"]["settings"]["loss"]["gravity"] == 0  # the row's own override wins
+    assert rows["no_gravity"]["settings"]["optim"]["lr"] == 0.07
+    assert rows["fourier"]["settings"]["optim"]["lr"] == 0.004
+    assert rows["fourier"]["settings"]["mask"]["fourier"]["hidden"] == 64  # KIND_EXTRA
+    assert rows["cross_attention"]["settings"] == {"threshold": 0.3}
+    assert "optimization.loss.gravity=0.02" in (tmp_path / "B.md").read_text()
+    assert bench.main(["--tuned", str(tmp_path / "r.json"), "--config-dir", str(REPO_CONFIGS)]) == 2
 
 
 def test_benchmark_user_errors(tmp_path):
