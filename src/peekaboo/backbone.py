@@ -365,7 +365,8 @@ _SHARED: dict[tuple, Backbone] = {}
 
 def shared_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
     """The process-wide backbone for ``cfg``: loaded on first use, then reused by every pair."""
-    key = (resolve_pretrained(cfg.pretrained), cfg.revision, cfg.variant, cfg.dtype, cfg.channels_last, cfg.resolution)
+    key = (resolve_pretrained(cfg.pretrained), cfg.revision, cfg.variant, cfg.dtype, cfg.channels_last, cfg.resolution,
+           cfg.compile)
     if key not in _SHARED:
         _SHARED[key] = load_backbone(cfg, device)
     return _SHARED[key].to(device)

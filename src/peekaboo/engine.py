@@ -65,8 +65,8 @@ class StableMaskStop(Callback):
         self.calm_steps = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: PeekabooModule, outputs, batch, batch_idx) -> None:
-        with torch.no_grad():
-            binary = (pl_module().detach() > self.threshold).flatten(1)  # (B, S*S)
+        # The mask of the step just taken (one update old): enough to tell whether it has stopped changing.
+        binary = (pl_module.last_alpha > self.threshold).flatten(1)  # (B, S*S)
         if self.previous is not None:
             flipped = (binary != self.previous).float().mean(1)  # (B,)
             flipped = flipped[~pl_module.failed]

@@ -52,6 +52,7 @@ class PeekabooModule(L.LightningModule):
         self.register_buffer("failed", torch.zeros(len(self.pair_ids), dtype=torch.bool))
         self._emb: PromptEmbeddings | None = None
         self.last_composite: torch.Tensor | None = None  # (B, 3, S, S), for image logging
+        self.last_alpha: torch.Tensor | None = None  # (B, 1, S, S) of the last step
         self.last_losses: dict[str, torch.Tensor] = {}  # per pair, (B,)
 
     @property
@@ -95,6 +96,7 @@ class PeekabooModule(L.LightningModule):
         # torch.where, not a product: 0 * nan is nan, and a failed pair must not stop the others.
         objective = torch.where(self.failed, torch.zeros_like(total), total).sum()
         self.last_composite = comp.detach()
+        self.last_alpha = alpha.detach()  # read by callbacks, so they need not render the mask again
         self.last_losses = {"loss/dream": dream.detach(), "loss/alpha": gravity.detach(),
                             "loss/total": total.detach(), "mask/area": alpha.detach().flatten(1).mean(1)}
         ok = ~self.failed
