@@ -53,7 +53,7 @@ class EditResult:
         region: ``(H, W)`` bool, the segmentation mask dilated by ``edit.dilation`` (and clipped to the part
             of the image the canvas shows); every pixel outside it equals the input exactly.
         weight: ``(H, W)`` float32 in [0, 1], how much of the regenerated pixel each output pixel holds
-            (0 outside ``region``, ramping up to 1 over about ``edit.feather`` pixels inside it).
+            (0 outside ``region``, ramping up to 0.95 over ``edit.feather`` pixels inside it).
     """
 
     image: Image.Image
@@ -224,14 +224,16 @@ def blend_weights(mask: torch.Tensor, dilation: int, feather: float) -> tuple[to
     """Where an edit may change pixels, and by how much.
 
     The region is ``mask`` dilated by ``dilation`` pixels. The feathering stays INSIDE it, so every pixel
-    outside the region keeps its value exactly: the weight is ``2 * blur_sigma(region) - 1`` clipped to
-    [0, 1] (``sigma = feather``), which along a straight edge is ``erf(d / (sigma sqrt 2))`` of the distance
-    ``d`` from the region's border, i.e. a Gaussian ramp of the same width as a blurred edge, shifted inwards.
-    It reaches 0.95 about ``2 * feather`` pixels inside the border: keep ``feather <= dilation / 2`` for the
-    segmented object itself to be replaced completely.
+    outside the region keeps its value exactly: the weight is ``2 * blur(region) - 1`` clipped to [0, 1], with
+    a Gaussian blur of sigma ``feather / 2``. Along a straight edge that is ``erf(d / (sigma sqrt 2))`` of the
+    distance ``d`` from the region's border: 0 at the border, 0.68 at ``feather / 2`` pixels inside and 0.95
+    at ``feather`` pixels inside. With ``feather <= dilation`` the segmented object itself (``dilation``
+    pixels inside the border) is replaced almost completely, so no faint outline of it survives.
 
     Args:
         mask: ``(H, W)`` bool, the binary segmentation mask.
+        dilation: pixels to grow the mask by.
+        feather: width in pixels of the ramp from 0 to 0.95 inside the region's border; 0 = a hard edge.
 
     Returns:
         ``(region (H, W) bool, weight (H, W) float32 in [0, 1], 0 outside region)``.
@@ -239,7 +241,7 @@ def blend_weights(mask: torch.Tensor, dilation: int, feather: float) -> tuple[to
     region = dilate(mask, dilation)
     if feather <= 0:
         return region, region.float()
-    weight = (2.0 * gaussian_blur(region.float(), feather) - 1.0).clamp(0.0, 1.0)
+    weight = (2.0 * gaussian_blur(region.float(), feather / 2.0) - 1.0).clamp(0.0, 1.0)
     return region, torch.where(region, weight, torch.zeros_like(weight))
 
 
