@@ -154,9 +154,9 @@ def test_generate_rejects_a_size_the_model_cannot_sample(tiny_model, tmp_path, c
 # fails would test the segmentation, not the edit. Batched, two pairs cost about as much as one.
 BUNDLED_SCENES = (2, 3)
 # Pinned rather than taken from configs/model/shapes.yaml, so retuning the preset does not move this test:
-# raster_bilateral segments this model better than the preset's raster mask; for the edit, starting from the
-# noised input (strength 0.7) with stronger guidance makes the model draw the new colour inside the region
-# (from pure noise, strength 1, it mostly paints background there).
+# raster_bilateral (the preset's mask today) segments this model far better than a plain raster; for the edit,
+# starting from the noised input (strength 0.7) with stronger guidance makes the model draw the new colour
+# inside the region (from pure noise, strength 1, it mostly paints background there).
 BUNDLED_SETTINGS = ["optimization.mask.kind=raster_bilateral", "edit.strength=0.7", "sampling.guidance_scale=15",
                     "sampling.steps=25", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
                     "tensorboard=false"]

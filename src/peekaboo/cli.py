@@ -70,7 +70,8 @@ def predict_main(argv: Sequence[str] | None = None, config_dir: Path | None = No
 
     def run(cfg, cmd):
         for out in predict(cfg, cmd):
-            print(f"{out.prompt!r}: {out.folder}  (mask.png alpha.png overlay.png cutout.png; "
+            extra = "".join(f" {p.name}" for p in (out.rgba, out.edited, out.edit_compare) if p is not None)
+            print(f"{out.prompt!r}: {out.folder}  (mask.png alpha.png overlay.png cutout.png{extra}; "
                   f"mask covers {100 * out.area:.1f}%)")
 
     return run_cli("predict", PredictConfig, run, argv, config_dir or _default_config_dir())

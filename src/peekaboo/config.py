@@ -188,7 +188,7 @@ class EditConfig:
     prompt: str | None = None  # e.g. "a blue square"; None = no edit
     strength: float = 1.0  # 1 = the masked region is regenerated from pure noise; lower keeps more of it
     dilation: int = 2  # grow the binary mask by this many pixels (of the original image) before editing
-    feather: float = 2.0  # soften the edited region's edge over about this many pixels (Gaussian sigma)
+    feather: float = 2.0  # ramp width in pixels inside the dilated mask: 0 at its border, full edit this far in
 
 
 @dataclass
