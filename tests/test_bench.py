@@ -183,7 +183,7 @@ def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     readme.write_text(f"intro\n{bench.README_START}\nold table\n{bench.README_END}\nrest\n")
     code = bench.main([
         "--pairs", "3", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS),
-        "--methods", "peekaboo", "raster", "cross_attention", "random", "whole_image",
+        "--methods", "peekaboo", "raster_bilateral", "cross_attention", "random", "whole_image",
         "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=2",
         "--set", "trainer.accelerator=cpu", "--set", "optimization.mask.size=16",
         "--out", str(out), "--docs", str(docs), "--readme", str(readme),
@@ -191,9 +191,9 @@ def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     assert code == 0
     report = json.loads(out.read_text())
     rows = report["methods"]
-    assert list(rows) == ["peekaboo", "raster", "cross_attention", "random", "whole_image"]
-    # configs/model/shapes.yaml's default is a raster mask, so the raster row reuses the default's masks.
-    assert rows["raster"]["same_as"] == "peekaboo"
+    assert list(rows) == ["peekaboo", "raster_bilateral", "cross_attention", "random", "whole_image"]
+    # configs/model/shapes.yaml's default is a bilateral raster mask, so that row reuses the default's masks.
+    assert rows["raster_bilateral"]["same_as"] == "peekaboo"
     assert rows["peekaboo"]["settings"]["max_steps"] == 2
     for row in rows.values():
         assert len(row["records"]) == 3 and row["summary"]["scored"] == 3

@@ -12,7 +12,7 @@ BASE = ["image=x.png", "prompt=a red circle"]
 def test_defaults_come_from_the_dataclasses_and_the_model_group():
     cfg = load_config(PredictConfig, BASE, REPO_CONFIGS, "predict")
     assert cfg.model.pretrained == "bundled"  # configs/model/shapes.yaml via predict.yaml's defaults
-    assert cfg.optimization.mask.kind == "raster"
+    assert cfg.optimization.mask.kind == "raster_bilateral"
     assert cfg.optimization.guidance.t_min == 0.02  # dataclass default, not repeated in YAML
     paper = load_config(PredictConfig, [*BASE, "model=sd15"], REPO_CONFIGS, "predict")
     assert paper.optimization.mask.kind == "fourier_bilateral" and paper.optimization.mask.size == 256
