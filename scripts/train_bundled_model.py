@@ -95,6 +95,7 @@ class Config:
     unet_lr: float = 3e-4
     weight_decay: float = 1e-2
     unet_warmup_steps: int = 200
+    continue_warmup_steps: int = 50  # warm restart (--continue-from): the fresh optimizer's moments settle first
     final_lr_fraction: float = 0.1  # cosine decay to this fraction of the peak lr
     uncond_prob: float = 0.12
     ema_decay: float = 0.998
@@ -509,20 +510,33 @@ def train_unet(
     tokenizer: CLIPTokenizer,
     minutes: float,
     max_steps: int | None,
+    init: Path | None = None,
+    first_step: int = 0,
 ) -> tuple[CLIPTextModel, UNet2DConditionModel, int, float]:
-    """Stage 2. Returns the EMA text encoder and UNet, the number of steps and the wall time (s)."""
+    """Stage 2. Returns the EMA text encoder and UNet, the number of steps and the wall time (s).
+
+    With ``init`` (a finished pipeline folder), training continues from its (EMA) text encoder and UNet
+    with a fresh optimizer: a warm restart of the cosine schedule (short warmup, then decay over the new
+    budget). Steps are numbered from ``first_step`` (the steps the pipeline already had), so the batches
+    and noise of the continuation are new ones, and ``max_steps`` / ``minutes`` count this run only.
+    """
     latents = cached_latents(work, vae, images)
     ids_all = tokenize(tokenizer, captions)
     ids_uncond = tokenize(tokenizer, [""])
     torch.manual_seed(CFG.seed + 1)
-    text_encoder, unet = make_text_encoder(tokenizer), make_unet()
+    if init is None:
+        text_encoder, unet = make_text_encoder(tokenizer), make_unet()
+    else:
+        text_encoder = CLIPTextModel.from_pretrained(init, subfolder="text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(init, subfolder="unet")
+        log(f"UNet: continuing from {init} (step {first_step})")
     params = [*text_encoder.parameters(), *unet.parameters()]
     opt = torch.optim.AdamW(params, lr=CFG.unet_lr, weight_decay=CFG.weight_decay)
     ema = Ema(params)
     scheduler = make_train_scheduler()
     abar = scheduler.alphas_cumprod
     progress_path = work / "unet_progress.pt"
-    step, elapsed = 0, 0.0
+    step, elapsed = first_step, 0.0
     if progress_path.exists():
         state = torch.load(progress_path, weights_only=False)
         text_encoder.load_state_dict(state["text_encoder"])
@@ -553,11 +567,11 @@ def train_unet(
     unet.train()
     t_start, last_ckpt = time.time() - elapsed, time.time()
     running = 0.0
-    while (max_steps is None and elapsed < minutes * 60) or (max_steps is not None and step < max_steps):
+    warmup = CFG.unet_warmup_steps if init is None else CFG.continue_warmup_steps
+    while (max_steps is None and elapsed < minutes * 60) or (max_steps is not None and step - first_step < max_steps):
+        done = step - first_step
         for group in opt.param_groups:
-            group["lr"] = lr_at(
-                step, run_progress(step, elapsed, minutes, max_steps), CFG.unet_lr, CFG.unet_warmup_steps
-            )
+            group["lr"] = lr_at(done, run_progress(done, elapsed, minutes, max_steps), CFG.unet_lr, warmup)
         idx = torch.from_numpy(batch_indices("unet", step, len(latents), CFG.unet_batch))
         gen = torch.Generator().manual_seed(CFG.seed * 1_000_003 + step)
         z0 = latents[idx]
@@ -578,11 +592,11 @@ def train_unet(
         ema.update(step)
         step += 1
         elapsed = time.time() - t_start
-        running = loss.item() if step == 1 else 0.98 * running + 0.02 * loss.item()
+        running = loss.item() if step == first_step + 1 else 0.98 * running + 0.02 * loss.item()
         if step % CFG.log_every == 0:
             log(
                 f"UNet step {step} loss={loss.item():.4f} ema_loss={running:.4f} "
-                f"| {elapsed / step:.2f}s/step, {elapsed / 60:.1f} min"
+                f"| {elapsed / (step - first_step):.2f}s/step, {elapsed / 60:.1f} min"
             )
         if time.time() - last_ckpt > CFG.checkpoint_every_s:
             save_progress()
@@ -648,6 +662,13 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "src" / "peekaboo" / "assets" / "shapes-ldm")
     parser.add_argument("--n-scenes", type=int, default=None, help="override Config.n_scenes (quick tests)")
+    parser.add_argument(
+        "--continue-from",
+        type=Path,
+        default=None,
+        help="a finished pipeline (e.g. the bundled one): keep its VAE and tokenizer, and train its text "
+        "encoder + UNet further for --unet-minutes / --unet-steps (a warm restart of the lr schedule)",
+    )
     args = parser.parse_args()
 
     global CFG
@@ -658,11 +679,30 @@ def main() -> None:
     t0 = time.time()
     images, captions = load_scenes(args.work)
     tokenizer = build_tokenizer(args.work / "tokenizer_src")
-    vae = train_vae(args.work, images, args.vae_minutes, args.vae_steps)
+    previous: dict = {}
+    if args.continue_from is not None:
+        previous = json.loads((args.continue_from / "training_log.json").read_text())
+        vae = AutoencoderKL.from_pretrained(args.continue_from, subfolder="vae")
+        (args.work / "vae_stats.json").write_text(
+            json.dumps({**previous["vae"], "psnr": previous["vae"]["psnr_posterior_mean"]}, indent=2)
+        )
+        if args.stage == "vae":
+            raise SystemExit("--continue-from keeps the VAE of the pipeline; use --stage unet")
+    else:
+        vae = train_vae(args.work, images, args.vae_minutes, args.vae_steps)
     if args.stage == "vae":
         return
+    first_step = previous.get("unet", {}).get("steps", 0)
     text_encoder, unet, unet_steps, unet_wall = train_unet(
-        args.work, vae, images, captions, tokenizer, args.unet_minutes, args.unet_steps
+        args.work,
+        vae,
+        images,
+        captions,
+        tokenizer,
+        args.unet_minutes,
+        args.unet_steps,
+        args.continue_from,
+        first_step,
     )
     vae_stats = json.loads((args.work / "vae_stats.json").read_text())
     export(
@@ -684,7 +724,20 @@ def main() -> None:
                 "latent_std": vae_stats["latent_std"],
                 "scaling_factor": vae_stats["scaling_factor"],
             },
-            "unet": {"steps": unet_steps, "wall_s": round(unet_wall, 1)},
+            "unet": {
+                "steps": unet_steps,
+                "wall_s": round(unet_wall + previous.get("unet", {}).get("wall_s", 0.0), 1),
+                "rounds": [
+                    *previous.get("unet", {}).get(
+                        "rounds", [{"command": previous["command"], **previous["unet"]}] if previous else []
+                    ),
+                    {
+                        "command": " ".join(["python", *sys.argv]),
+                        "steps": unet_steps - first_step,
+                        "wall_s": round(unet_wall, 1),
+                    },
+                ],
+            },
             "torch_threads": CFG.threads,
         },
     )
