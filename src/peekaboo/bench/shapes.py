@@ -626,10 +626,10 @@ def sweep(
     """Choose the settings on the ``tune`` split (never ``eval``) by a coordinate search.
 
     1. The default's knobs (:data:`SWEEP_STAGES`), one at a time in order, each value tried on top of the best
-       so far, scored by mIoU at the config's step count (ties: lower wrong-object rate, then the current).
-    2. The step count: every trial also scores its masks after each of ``steps`` (snapshots of the same run);
-       the fewest steps whose mIoU is within :data:`SWEEP_STEPS_TOLERANCE` of the winner's best are chosen
-       (every step costs the same time, so a tie goes to the cheaper count).
+       so far (ties: lower wrong-object rate, then the current value). Every trial also scores its masks after
+       each of ``steps`` (snapshots of the same run) and counts at its best step count: the fewest steps whose
+       mIoU is within :data:`SWEEP_STEPS_TOLERANCE` of its best snapshot (time is per step).
+    2. The step count: the winner's, chosen the same way.
     3. The learning rate of each other mask kind (:data:`SWEEP_KIND_LRS`, Adam) on top of the chosen default.
     4. The cross-attention threshold (:data:`SWEEP_THRESHOLDS`): maps computed once, thresholds compared.
 
@@ -681,16 +681,25 @@ def sweep(
     def rank(summary: dict) -> tuple[float, float]:
         return (summary["miou"] or 0.0, -(summary["wrong_object_rate"] or 0.0))
 
-    # 1. The default's knobs, at the config's step count.
+    def best_steps_of(result: dict[int, dict]) -> int:
+        """The fewest steps whose mIoU is within SWEEP_STEPS_TOLERANCE of the trial's best snapshot."""
+        top = max(result[s]["miou"] or 0.0 for s in result)
+        return min(s for s in result if (result[s]["miou"] or 0.0) >= top - SWEEP_STEPS_TOLERANCE)
+
+    def trial_score(result: dict[int, dict]) -> tuple[float, float]:
+        return rank(result[best_steps_of(result)])
+
+    # 1. The default's knobs; each trial is scored at its own best step count (the step count is a knob too,
+    #    and a larger learning rate or gravity reaches its best mask sooner).
     chosen: dict[str, str] = {}
     for key, values in stages:
         cfg = config(chosen)
         current = str(OmegaConf.select(cfg, key))
-        best_value, best = current, rank(evaluate(key, chosen, f"{current} (current)")[cfg.trainer.max_steps])
+        best_value, best = current, trial_score(evaluate(key, chosen, f"{current} (current)"))
         for value in values:
             if value == current or _same_number(value, current):
                 continue
-            score_ = rank(evaluate(key, {**chosen, key: value}, value)[cfg.trainer.max_steps])
+            score_ = trial_score(evaluate(key, {**chosen, key: value}, value))
             if score_ > best:
                 best_value, best = value, score_
         if best_value != current:
@@ -699,8 +708,7 @@ def sweep(
 
     # 2. The step count, from the winner's snapshots.
     runs = evaluate("trainer.max_steps", chosen, "snapshots of the winner")
-    top = max(runs[s]["miou"] or 0.0 for s in runs)
-    best_steps = min(s for s in runs if (runs[s]["miou"] or 0.0) >= top - SWEEP_STEPS_TOLERANCE)
+    best_steps = best_steps_of(runs)
     if best_steps != config(chosen).trainer.max_steps:
         chosen["trainer.max_steps"] = str(best_steps)
     default_cfg = config(chosen)
@@ -765,8 +773,8 @@ def sweep_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Coordinate search on the first {report['pairs']} pairs of the `tune` split (never `eval`), "
         "`python -m peekaboo.bench.shapes --split tune --sweep`: each knob of the default in turn, on top of the "
-        "best so far (scored at the config's step count); then the step count (the fewest steps within "
-        f"{SWEEP_STEPS_TOLERANCE} mIoU of the best, from snapshots of the same runs); then each other mask kind's "
+        "best so far, every trial scored at its own best step count (the fewest steps within "
+        f"{SWEEP_STEPS_TOLERANCE} mIoU of its best snapshot; snapshots of the same run); then each other mask kind's "
         "Adam learning rate; then the cross-attention threshold. Chosen by mIoU (ties: lower wrong-object rate). "
         "With this many pairs, mIoU differences below about 0.05 are within noise.",
         "",
