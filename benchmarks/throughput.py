@@ -576,6 +576,8 @@ def section_switches(bench: Bench, report: Report, items: Sequence[Item]) -> Non
         ("`optimization.guidance.batch_cfg=false`", ["optimization.guidance.batch_cfg=false"]),
         ("`model.channels_last=true`", ["model.channels_last=true"]),
         ("`model.compile=true`", ["model.compile=true"]),
+        # bf16 autocast for the frozen model, fp32 mask; on CPU it pays only with bf16 matrix units (AMX).
+        ("`trainer.precision=bf16-mixed`", ["trainer.precision=bf16-mixed"]),
     ]
     rows, base = [], float("nan")
     figures: dict[str, Any] = {}
@@ -628,18 +630,15 @@ class AlphaRecorder(Callback):
         self.alphas: list[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        with torch.no_grad():
-            self.alphas.append(pl_module().detach().float().cpu())
+        # The step's own mask (rendered before its optimizer update): what StableMaskStop reads.
+        self.alphas.append(pl_module.last_alpha.float().cpu())
 
 
 class _Replay:
-    """What :class:`StableMaskStop` reads from a module: its rendered mask and the failed flags."""
+    """What :class:`StableMaskStop` reads from a module: the step's mask and the failed flags."""
 
     def __init__(self, alpha: torch.Tensor):
-        self.alpha, self.failed = alpha, torch.zeros(alpha.shape[0], dtype=torch.bool)
-
-    def __call__(self) -> torch.Tensor:
-        return self.alpha
+        self.last_alpha, self.failed = alpha, torch.zeros(alpha.shape[0], dtype=torch.bool)
 
 
 def replay_stop(cfg: Any, alphas: Sequence[torch.Tensor]) -> int:
