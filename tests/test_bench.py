@@ -227,6 +227,22 @@ def test_resume_keeps_unchanged_rows(tiny_model, tmp_path, monkeypatch):
         bench.main([*args, "--resume", "--set", "optimization.loss.gravity=0.1"])
 
 
+def test_resumed_table_lists_kept_rows_after_computed_ones(tiny_model, tmp_path):
+    # The default row runs first, so on resume a kept baseline row comes after a computed one.
+    out, docs, readme = tmp_path / "r.json", tmp_path / "B.md", tmp_path / "R.md"
+    readme.write_text(f"{bench.README_START}\n{bench.README_END}\n")
+    args = ["--pairs", "2", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS), "--docs", str(docs),
+            "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=1",
+            "--set", "optimization.mask.size=16", "--out", str(out), "--readme", str(readme)]
+    assert bench.main([*args, "--methods", "random"]) == 0
+    assert bench.main([*args, "--methods", "peekaboo", "random", "--resume"]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["methods"]) == ["peekaboo", "random"]
+    for text in (result["table"], docs.read_text(), readme.read_text()):
+        assert "| Peekaboo (default) |" in text and "| random disc |" in text
+    assert "- Command: `" in readme.read_text() and "- Machine: " in readme.read_text()
+
+
 def test_sweep_on_the_tiny_model(tiny_model, tmp_path):
     extra = [f"model.pretrained={tiny_model}", "trainer.max_steps=2", "optimization.mask.size=16"]
     cache = tmp_path / "cache.json"

@@ -497,6 +497,8 @@ def run_benchmark(
         result["table"] = markdown_table(result)
         if on_row is not None:
             on_row(result)
+    # Kept rows (--resume) land here too, wherever they fall in the order.
+    result["methods"] = {m.name: rows[m.name] for m in chosen if m.name in rows}
     result["table"] = markdown_table(result)
     return result
 
@@ -530,9 +532,20 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (``platform.processor()`` is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
     """Where the numbers were measured (seconds per pair depend on it)."""
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"platform": platform.platform(), "processor": _cpu_name(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
@@ -558,9 +571,22 @@ def update_readme(path: Path, table: str) -> bool:
     return True
 
 
+def provenance_lines(report: dict[str, Any]) -> list[str]:
+    """How and where a table was made: command, model, date, machine, raw results."""
+    m = report["machine"]
+    cpu = f"{m['processor']}, " if m.get("processor") else ""
+    return [
+        f"- Command: `{report['command']}`",
+        f"- Model: `{report['model']}`",
+        f"- Date: {report['date']}",
+        f"- Machine: {cpu}{m['platform']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), torch "
+        f"{m['torch']}, Python {m['python']}" + (f", GPU {m['cuda']}" if m.get("cuda") else ""),
+        f"- Raw per-pair results: `{report['out']}`",
+    ]
+
+
 def render_docs(report: dict[str, Any], sweep_report: dict[str, Any] | None = None) -> str:
     """docs/BENCHMARK.md: the table, how it was made, what each row means, and how the settings were chosen."""
-    m = report["machine"]
     rows = report["methods"]
     lines = [
         "# Synthetic shapes benchmark",
@@ -576,12 +602,7 @@ def render_docs(report: dict[str, Any], sweep_report: dict[str, Any] | None = No
         "",
         report["table"],
         "",
-        f"- Command: `{report['command']}`",
-        f"- Model: `{report['model']}`",
-        f"- Date: {report['date']}",
-        f"- Machine: {m['platform']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), torch "
-        f"{m['torch']}, Python {m['python']}" + (f", GPU {m['cuda']}" if m.get("cuda") else ""),
-        f"- Raw per-pair results: `{report['out']}`",
+        *provenance_lines(report),
         "",
         "## Columns",
         "",
@@ -897,12 +918,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PeekabooError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    save(result, partial=False)
+    report = save(result, partial=False)
     print(result["table"])
     print(f"\nwrote {out}")
     if docs is not None:
         print(f"wrote {docs}")
-    if args.readme is not None and update_readme(args.readme, result["table"]):
+    readme_text = "\n".join([result["table"], "", *provenance_lines(report)])
+    if args.readme is not None and update_readme(args.readme, readme_text):
         print(f"updated {args.readme}")
     return 0
 
