@@ -148,10 +148,10 @@ def test_generate_rejects_a_size_the_model_cannot_sample(tiny_model, tmp_path, c
 
 
 # -- the bundled shapes model: the edited object is where the old one was ---------------------------------------
-# Eval scenes whose first object the bundled model segments (IoU 0.99 and 0.81 against the ground truth with the
-# settings below). The model is weak (docs/MODEL.md): over the first six eval scenes its first segmentation
-# reaches mean IoU 0.46, and the whole segment -> edit -> segment chain 0.35, so scenes where the first step
-# fails would test the segmentation, not the edit. Batched, two pairs cost about as much as one.
+# Eval scenes whose first object the bundled model segments (chosen with an earlier, weaker model, whose first
+# segmentation found only these). With today's model, over the first eight eval scenes the first segmentation
+# reaches mean IoU 0.77 and the whole segment -> edit -> segment chain 0.38 (docs/EDITING.md); on these two it
+# measured 0.475 and 0.820 (mean 0.648). Batched, two pairs cost about as much as one.
 BUNDLED_SCENES = (2, 3)
 # Pinned rather than taken from configs/model/shapes.yaml, so retuning the preset does not move this test:
 # raster_bilateral (the preset's mask today) segments this model far better than a plain raster; for the edit,
