@@ -236,12 +236,17 @@ def test_resumed_table_lists_kept_rows_after_computed_ones(tiny_model, tmp_path)
             "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=1",
             "--set", "optimization.mask.size=16", "--out", str(out), "--readme", str(readme)]
     assert bench.main([*args, "--methods", "random"]) == 0
-    assert bench.main([*args, "--methods", "peekaboo", "random", "--resume"]) == 0
+    assert bench.main([*args, "--methods", "peekaboo", "raster_bilateral", "random", "--resume"]) == 0
     result = json.loads(out.read_text())
-    assert list(result["methods"]) == ["peekaboo", "random"]
+    assert list(result["methods"]) == ["peekaboo", "raster_bilateral", "random"]
     for text in (result["table"], docs.read_text(), readme.read_text()):
         assert "| Peekaboo (default) |" in text and "| random disc |" in text
     assert "- Command: `" in readme.read_text() and "- Machine: " in readme.read_text()
+    # The default's mask is raster_bilateral: that row reuses the default's masks, on every rerun too.
+    assert bench.main([*args, "--methods", "peekaboo", "raster_bilateral", "random", "--resume"]) == 0
+    methods = json.loads(out.read_text())["methods"]
+    assert methods["peekaboo"]["same_as"] is None and methods["raster_bilateral"]["same_as"] == "peekaboo"
+    assert methods["raster_bilateral"]["records"] == methods["peekaboo"]["records"]
 
 
 def test_sweep_on_the_tiny_model(tiny_model, tmp_path):

@@ -465,8 +465,11 @@ def run_benchmark(
         if key in earlier:
             rows[method.name] = {**earlier[key], "label": method.label, "about": method.about,
                                  "overrides": list(method.overrides)}
-            if method.kind == "peekaboo" and earlier[key]["same_as"] is None:
-                done_by_key[_settings_key(cfg)] = method.name
+            if method.kind == "peekaboo":
+                # Rows of equal settings share one key, so which row first claims the settings is decided
+                # here again, in this run's order, not taken from whichever row the earlier run stored.
+                owner = done_by_key.setdefault(_settings_key(cfg), method.name)
+                rows[method.name]["same_as"] = owner if owner != method.name else None
             log.info("  kept from the earlier run (same settings)")
             continue
         if method.kind == "peekaboo":
