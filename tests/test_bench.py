@@ -26,7 +26,7 @@ from peekaboo.bench import shapes as bench
 from peekaboo.errors import PeekabooError
 
 # The bundled model's accuracy floor on the first CI_PAIRS evaluation pairs (Peekaboo default settings): the
-# issue's 0.5. The bundled model reaches 0.507 on them (per pair 0.75, 0, 0.84, 0, 0.91, 0.33, 0.49, 0.74: the
+# issue's 0.5. The bundled model reaches 0.672 on them (per pair 0.90, 0, 0.94, 0, 0.92, 0.76, 1.0, 0.86: the
 # two zeros are hard distractors), the same to three decimals for every pair at B=1, 8 and 16 and at one or two
 # threads, so float noise does not move it. A broken loss, wrong compositing or an inverted mask lands near
 # the whole-image baseline (about 0.08 here); the test checks that margin too.

@@ -98,7 +98,7 @@ SWEEP_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("optimization.mask.kind", ("raster", "raster_bilateral")),
     ("optimization.loss.gravity", ("0.006", "0.0125", "0.025", "0.05")),
     ("optimization.optim.lr", ("0.05", "0.1")),
-    ("optimization.guidance.guidance_scale", ("15", "30", "60")),
+    ("optimization.guidance.guidance_scale", ("7.5", "15", "30", "60")),
     ("optimization.guidance.latent_mode", ("mean", "sample")),
 )
 #: Step counts every trial is also scored at (snapshots of the same run, so they cost nothing extra).
@@ -154,6 +154,9 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
         *(_kind_method(kind, kind_optim[kind]) for kind in MASK_KINDS),
         Method("guidance_7.5", "guidance 7.5", "peekaboo", ("optimization.guidance.guidance_scale=7.5",),
                "The default with the guidance scale of ordinary sampling."),
+        Method("guidance_30", "guidance 30", "peekaboo", ("optimization.guidance.guidance_scale=30",),
+               "The default with the guidance scale chosen on the tune split for the first-round bundled model "
+               "(the shipped model's tune split chose 15)."),
         Method("guidance_100", "guidance 100", "peekaboo", ("optimization.guidance.guidance_scale=100",),
                "The default with the paper's guidance scale for Stable Diffusion."),
         Method("cross_attention", "cross-attention map", "cross_attention", (),
