@@ -57,6 +57,7 @@ from reference_loop import REFERENCE_KINDS, ReferenceLoop
 
 from peekaboo import io, ops
 from peekaboo.backbone import BUNDLED_PATH, Backbone, load_backbone
+from peekaboo.bench import cpu_name
 from peekaboo.config import TrainConfig, load_config
 from peekaboo.data.synthetic import synthetic_pairs
 from peekaboo.devices import trainer_devices
@@ -835,12 +836,7 @@ def _guarded(run: Callable[[], Timing]) -> tuple[Timing | None, str]:
 # -- report --------------------------------------------------------------------------------------------------
 def machine_lines(args: argparse.Namespace, load_before: tuple[float, float, float]) -> list[str]:
     """Where and how the figures were taken."""
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_name()
     load_after = os.getloadavg()
     versions = (f"torch {torch.__version__}, lightning {lightning.__version__}, "
                 f"diffusers {_version('diffusers')}, transformers {_version('transformers')}")

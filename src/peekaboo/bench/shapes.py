@@ -39,6 +39,7 @@ from omegaconf import OmegaConf
 from peekaboo import io, ops
 from peekaboo.backbone import Backbone, shared_backbone
 from peekaboo.baselines import cross_attention_map, random_mask, whole_image
+from peekaboo.bench import cpu_name
 from peekaboo.config import MASK_KINDS, TrainConfig, load_config
 from peekaboo.data.shapes import eval_pairs
 from peekaboo.data.synthetic import SPLIT_NAMES, synthetic_pairs
@@ -499,14 +500,17 @@ def run_benchmark(
         rows[method.name] = {"label": method.label, "kind": method.kind, "overrides": list(method.overrides),
                              "about": method.about, "same_as": same_as, "settings": settings, "key": key,
                              "summary": summary, "records": records}
-        result["methods"] = {m.name: rows[m.name] for m in chosen if m.name in rows}  # table order
-        result["table"] = markdown_table(result)
+        _publish(result, rows, chosen)
         if on_row is not None:
             on_row(result)
-    # Kept rows (--resume) land here too, wherever they fall in the order.
+    _publish(result, rows, chosen)  # kept rows (--resume) land here too, wherever they fall in the order
+    return result
+
+
+def _publish(result: dict[str, Any], rows: dict[str, dict], chosen: Sequence[Method]) -> None:
+    """Put the finished rows into ``result`` in table order, with their markdown table."""
     result["methods"] = {m.name: rows[m.name] for m in chosen if m.name in rows}
     result["table"] = markdown_table(result)
-    return result
 
 
 def _row_key(method: Method, cfg: Any, threshold: float) -> str:
@@ -538,20 +542,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
-    """The CPU's model name (``platform.processor()`` is often empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict[str, Any]:
     """Where the numbers were measured (seconds per pair depend on it)."""
-    return {"platform": platform.platform(), "processor": _cpu_name(),
+    return {"platform": platform.platform(), "processor": cpu_name(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
