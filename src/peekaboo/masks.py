@@ -127,7 +127,10 @@ class FourierMask(Mask):
             # BatchNorm over the pixels of each mask; no running statistics, so the rendered mask is the same
             # in train and eval mode.
             norm = nn.BatchNorm2d(b * cfg.hidden, track_running_stats=False)
-            layers += [nn.Conv2d(b * width, b * cfg.hidden, 1, groups=b), norm, nn.ReLU()]
+            # No bias: BatchNorm subtracts it again, so its true gradient is zero and Adam would turn the
+            # rounding noise of that zero into lr-sized steps, making masks depend on the CPU and the batch.
+            conv = nn.Conv2d(b * width, b * cfg.hidden, 1, groups=b, bias=False)
+            layers += [conv, norm, nn.ReLU()]
             width = cfg.hidden
         layers.append(nn.Conv2d(b * width, b, 1, groups=b))
         self.mlp = nn.Sequential(*layers)
@@ -144,7 +147,8 @@ class FourierMask(Mask):
                     bound = 1.0 / math.sqrt(m.in_channels // self.batch)
                     with torch.no_grad():
                         m.weight[rows].uniform_(-bound, bound, generator=gen)
-                        m.bias[rows].uniform_(-bound, bound, generator=gen)
+                        if m.bias is not None:
+                            m.bias[rows].uniform_(-bound, bound, generator=gen)
 
     def logits(self) -> torch.Tensor:
         return self.mlp(self.features).view(self.batch, 1, self.size, self.size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import torch
 
@@ -10,6 +12,8 @@ from peekaboo.backbone import Backbone, PromptEmbeddings
 from peekaboo.config import OptimConfig, OptimizationConfig
 from peekaboo.errors import NonFiniteError
 from peekaboo.masks import build_mask
+
+log = logging.getLogger(__name__)
 
 
 class PeekabooModule(L.LightningModule):
@@ -106,6 +110,20 @@ class PeekabooModule(L.LightningModule):
             on_step=True, on_epoch=False, batch_size=self.batch_size,
         )
         return objective
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints written before the Fourier MLP dropped its pre-BatchNorm biases still hold them; they
+        # never changed the mask (BatchNorm subtracts them), so a resumed run drops them instead of failing.
+        own = self.state_dict()
+        stale = [k for k in checkpoint["state_dict"] if k not in own and k.startswith("mask.mlp.")
+                 and k.endswith(".bias")]
+        for key in stale:
+            del checkpoint["state_dict"][key]
+        # Their Adam moments go too: the optimizer state must match the parameters it is loaded into.
+        if stale and checkpoint.get("optimizer_states"):
+            log.warning("pair(s) %s: checkpoint from an older Fourier mask; its optimizer state is reset.",
+                        ", ".join(self.pair_ids))
+            checkpoint["optimizer_states"] = []
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_optimizer(self.cfg.optim, self.mask.parameters())
