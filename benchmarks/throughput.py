@@ -8,8 +8,10 @@ Sections (``--sections`` picks a subset):
 - ``overhead``: the same step as a bare PyTorch loop (no Lightning) vs through the Trainer, at B = 1.
 - ``reference``: a loop in the style of the paper's code (``benchmarks/reference_loop.py``) vs the project's
   default path, per bilateral mask kind; and the masks both make on synthetic ``tune`` pairs (mIoU).
-- ``switches``: ``guidance.batch_cfg``, ``model.channels_last``, ``model.compile`` (compile time apart) and
-  the number of CPU threads.
+- ``fast``: the project's fast paths (``model.compile``, bf16 weights with ``bf16-mixed``, both) at B = 1 vs the
+  reference loop, each with the mIoU of its masks; and the default path batched (B = 16) per pair.
+- ``switches``: ``guidance.batch_cfg``, ``model.channels_last``, ``model.compile`` (compile time apart),
+  ``model.attention`` (SDPA vs classic), bf16 autocast and the number of CPU threads.
 - ``early_stop``: steps saved by ``optimization.early_stop`` and what it costs in IoU.
 - ``gpu``: Stable-Diffusion-1.5-sized random-weight model at 512x512, fp32 vs bf16, B = 1, 4, 8 and the
   switches; only where CUDA is available ("not measured: no GPU" elsewhere).
@@ -57,7 +59,7 @@ from reference_loop import REFERENCE_KINDS, ReferenceLoop
 
 from peekaboo import io, ops
 from peekaboo.backbone import BUNDLED_PATH, Backbone, load_backbone
-from peekaboo.bench import cpu_name
+from peekaboo.bench import cpu_has_bf16_units, cpu_name
 from peekaboo.config import TrainConfig, load_config
 from peekaboo.data.synthetic import synthetic_pairs
 from peekaboo.devices import trainer_devices
@@ -72,7 +74,7 @@ DEFAULT_OUT = REPO_ROOT / "docs" / "PERFORMANCE.md"
 MODEL_GROUP = "shapes"  # the configs/model preset whose Peekaboo settings suit the bundled model
 SD15_GROUP = "sd15"  # the preset of the GPU section (the paper's settings)
 SPLIT = "tune"  # synthetic pairs the benchmark optimizes (never the evaluation split)
-SECTIONS = ("batch", "overhead", "reference", "switches", "early_stop", "gpu")
+SECTIONS = ("batch", "overhead", "reference", "fast", "switches", "early_stop", "gpu")
 
 WARMUP_STEPS = 5
 TIMED_STEPS = 30
@@ -85,6 +87,15 @@ REFERENCE_ROUNDS = 2  # alternating rounds of the speed comparison, as for the o
 QUALITY_KIND = "raster_bilateral"  # the bilateral kind the shapes preset's optimizer settings suit
 QUALITY_PAIRS = 8
 MASK_REPEATS = 20  # mask render + backward repetitions of the filter-only comparison
+# The project's fast paths at B=1 against the reference loop, each a set of config overrides; bf16 keeps the mask
+# float32 (`bf16-mixed` autocasts the frozen model only; its weights are loaded in bf16 as well).
+BF16 = ["model.dtype=bfloat16", "trainer.precision=bf16-mixed"]
+FAST_VARIANTS: tuple[tuple[str, list[str]], ...] = (
+    ("default (fp32, eager)", []),
+    ("`model.compile=true`", ["model.compile=true"]),
+    ("`model.dtype=bfloat16 trainer.precision=bf16-mixed`", BF16),
+    ("compile + bf16", ["model.compile=true", *BF16]),
+)
 SWITCH_BATCH = 4
 THREAD_PROBE = 2  # the thread count the "threads" switch row compares with CPU_THREADS
 THREAD_PROBE_STEPS = 10  # fewer steps: the probe is slow by design on a shared machine
@@ -128,6 +139,7 @@ GPU_SWITCHES: tuple[tuple[str, str], ...] = (
     ("`batch_cfg=false`", "optimization.guidance.batch_cfg=false"),
     ("`channels_last=true`", "model.channels_last=true"),
     ("`compile=true`", "model.compile=true"),
+    ("`attention=classic`", "model.attention=classic"),
 )
 NO_GPU = "not measured: no GPU"
 
@@ -518,6 +530,7 @@ def section_reference(bench: Bench, report: Report, items: Sequence[Item]) -> No
         reference_s = statistics.median(reference_steps)
         speedup = reference_s / project_s
         report.summary[f"speedup_{kind}"] = speedup
+        report.summary[f"reference_step_s_{kind}"] = reference_s
         ref_mask, proj_mask = mask_costs(cfg, backbone, item, bench.device)
         # Amdahl's bound: the speedup the project would reach if its mask cost nothing at all.
         bound = reference_s / max(project_s - proj_mask / 1000.0, 1e-9)
@@ -574,6 +587,77 @@ def quality_table(bench: Bench, report: Report, items: Sequence[Item]) -> str:
             + table(["pair", "prompt", "reference IoU", "project IoU", "reference vs project IoU"], rows))
 
 
+def masks_miou(cfg: Any, items: Sequence[Item], results: Sequence[Any]) -> float:
+    """Mean IoU against the ground truth of the binary masks of ``results`` (one per item)."""
+    threshold = cfg.optimization.threshold
+    return float(np.mean([pair_scores(binary_mask(r.alpha, item, threshold), item.target)["iou"]
+                          for item, r in zip(items, results, strict=True)]))
+
+
+def section_fast(bench: Bench, report: Report, items: Sequence[Item]) -> None:
+    """Item 3 with the fast paths: the B=1 step time of each switchable fast path vs the reference loop, and
+    the mIoU of the masks each makes on the :data:`QUALITY_PAIRS` pairs of the quality table."""
+    kind = QUALITY_KIND
+    chosen = items[:QUALITY_PAIRS]
+    reference_s = report.summary.get(f"reference_step_s_{kind}")
+    where = "in the reference section"
+    if reference_s is None:  # the reference section did not run: measure the reference here
+        where = "here"
+        cfg = bench.config(f"optimization.mask.kind={kind}")
+        reference, _ = bench.reference_run(f"reference {kind}", cfg, items[0], bench.backbone(cfg),
+                                           bench.warmup + bench.steps, bench.warmup)
+        reference_s = reference.step_s
+    rows: list[list[str]] = []
+    figures: dict[str, Any] = {"kind": kind, "reference_step_s": reference_s, "pairs": len(chosen), "variants": {}}
+    base_s, base_miou = float("nan"), float("nan")
+    for name, overrides in FAST_VARIANTS:
+        cfg = bench.config(f"optimization.mask.kind={kind}", *overrides)
+        notes, step_s, miou, compile_s = [], float("nan"), float("nan"), 0.0
+        try:
+            backbone = bench.backbone(cfg)
+            timing, _ = bench.trainer_run(name, cfg, chosen[:1], backbone, warmup=max(1, bench.warmup))
+            step_s = timing.step_s
+            if cfg.model.compile:
+                compile_s = timing.first_step_s - step_s
+                notes.append(f"compile: {compile_s:.0f} s in the first step (B=1), again for the batch")
+            quality = report.summary.get("quality", {})
+            if not overrides and quality.get("kind") == kind and quality.get("pairs") == len(chosen):
+                miou = quality["project_miou"]  # the quality table's run: these pairs, this config, one batch
+            elif overrides and not step_s < base_s:
+                # A path slower than the default is never the one to choose: its masks are not worth the hours.
+                notes.append("slower than the default here: masks not scored")
+            else:
+                _, results = bench.trainer_run(f"{name} quality", cfg, chosen, backbone, warmup=0,
+                                               steps=cfg.trainer.max_steps)
+                miou = masks_miou(cfg, chosen, results)
+        except Exception as err:  # report the failure instead of hiding the other rows
+            notes.append(f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            log.warning("fast path %s failed:\n%s", name, traceback.format_exc())
+        if not overrides:
+            base_s, base_miou = step_s, miou
+        figures["variants"][" ".join(overrides) or "default"] = {"step_s": step_s, "speedup": reference_s / step_s,
+                                                                "miou": miou, "compile_s": compile_s}
+        diff = miou - base_miou
+        rows.append([name, ms(step_s), f"**{reference_s / step_s:.2f}x**", fmt(miou),
+                     "-" if diff != diff else f"{diff:+.3f}", "; ".join(notes)])  # diff != diff: NaN
+    batched = report.summary.get("batch_16")
+    if batched:  # the batch section's B=16 run: the default path as a dataset run batches it
+        per_pair = batched["step_s"] / 16
+        figures["batch_16_speedup"] = reference_s / per_pair
+        rows.append(["default, `data.pairs_per_step=16` (per pair)", ms(per_pair), f"**{reference_s / per_pair:.2f}x**",
+                     "-", "-", "each pair's mask as at B=1 (tests/test_module.py)"])
+    report.summary["fast_paths"] = figures
+    units = "has" if cpu_has_bf16_units() else "lacks"
+    body = (f"`{kind}`, B=1 through the Trainer, against the reference loop's {ms(reference_s)} ms/step (measured "
+            f"{where}, same model and settings). Each fast path is a config switch; none is on by default: "
+            "compilation costs minutes per process before the first step, and bf16 pays only on CPUs with bf16 "
+            f"matrix instructions (AMX or AVX-512 BF16; this one {units} them) and on GPUs. Quality: the mIoU "
+            f"of each path's masks on the {len(chosen)} pairs of the quality table ({bench.config().trainer.max_steps}"
+            " steps, one batch), and its difference from the default's.\n\n")
+    report.add("Fast paths vs the reference loop", body + table(
+        ["project path", "ms/step", "vs reference", "mIoU", "vs default", "note"], rows))
+
+
 def section_switches(bench: Bench, report: Report, items: Sequence[Item]) -> None:
     """Item 6: the fast-path switches on CPU, at B = :data:`SWITCH_BATCH`."""
     chosen = items[:SWITCH_BATCH]
@@ -582,6 +666,8 @@ def section_switches(bench: Bench, report: Report, items: Sequence[Item]) -> Non
         ("`optimization.guidance.batch_cfg=false`", ["optimization.guidance.batch_cfg=false"]),
         ("`model.channels_last=true`", ["model.channels_last=true"]),
         ("`model.compile=true`", ["model.compile=true"]),
+        # diffusers' explicit matmul + softmax attention instead of torch's fused SDPA kernel.
+        ("`model.attention=classic`", ["model.attention=classic"]),
         # bf16 autocast for the frozen model, fp32 mask; on CPU it pays only with bf16 matrix units (AMX).
         ("`trainer.precision=bf16-mixed`", ["trainer.precision=bf16-mixed"]),
     ]
@@ -895,6 +981,16 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             f"`{k}` {v:.2f}x" + (f" (at most {summary[f'speedup_bound_{k}']:.2f}x with a free mask)"
                                  if f"speedup_bound_{k}" in summary else "")
             for k, v in speedups.items()) + f" (goal >= {SPEEDUP_GOAL:.0f}x: {'met' if met else 'NOT met'}).")
+    if "fast_paths" in summary:
+        f = summary["fast_paths"]
+        base = f["variants"]["default"]["miou"]
+        line = f"- Project fast paths vs the paper-style loop, `{f['kind']}` at B=1: " + "; ".join(
+            f"`{key}` {v['speedup']:.2f}x (" + ("masks not scored" if v["miou"] != v["miou"]  # NaN
+                                                else f"mIoU {v['miou'] - base:+.3f}") + ")"
+            for key, v in f["variants"].items() if key != "default")
+        if "batch_16_speedup" in f:
+            line += f"; the default batching 16 pairs per step: {f['batch_16_speedup']:.2f}x per pair"
+        lines.append(line + f" (mIoU differences vs the default's {base:.3f} on {f['pairs']} pairs).")
     if "quality" in summary:
         q = summary["quality"]
         lines.append(f"- Same masks? `{q['kind']}` on {q['pairs']} pairs: mIoU {q['reference_miou']:.3f} (reference) "
@@ -969,7 +1065,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n = max(max(BATCH_SIZES), QUALITY_PAIRS, EARLY_STOP_PAIRS, SWITCH_BATCH)
         items = load_items(n, cfg.optimization.mask.size, cfg.image_options.fit)
         runners = {"batch": section_batch, "overhead": section_overhead, "reference": section_reference,
-                   "switches": section_switches, "early_stop": section_early_stop}
+                   "fast": section_fast, "switches": section_switches, "early_stop": section_early_stop}
         for name in cpu_sections:
             log.info("section %s", name)
             runners[name](bench, report, items)

@@ -128,3 +128,21 @@ def test_sds_gradient_and_backbone_agree_on_weighting(tiny_backbone):
     abar = tiny_backbone.alphas_cumprod[torch.tensor([500])]
     grad = ops.sds_gradient(torch.zeros(1, 4, 1, 1), torch.zeros(1, 4, 1, 1), torch.ones(1, 4, 1, 1), abar, 100.0)
     assert torch.allclose(grad, -(1 - abar) * torch.ones(1, 4, 1, 1))
+
+
+def test_attention_switch_sets_the_processors_and_keeps_the_outputs(tiny_model):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    outputs = {}
+    for kind, processor in (("sdpa", AttnProcessor2_0), ("classic", AttnProcessor)):
+        backbone = load_backbone(ModelConfig(pretrained=str(tiny_model), attention=kind))
+        for model in (backbone.unet, backbone.vae):
+            assert model.attn_processors and all(type(p) is processor for p in model.attn_processors.values())
+        torch.manual_seed(0)
+        images = torch.rand(2, 3, 32, 32)
+        noisy, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
+        latents = backbone.encode_images(images, "mean")
+        eps_u, eps_c = backbone.predict_noise(noisy, t, backbone.encode_prompt("a red circle"))
+        outputs[kind] = (latents.detach(), eps_u, eps_c)
+    for fast, classic in zip(outputs["sdpa"], outputs["classic"], strict=True):
+        assert torch.allclose(fast, classic, atol=1e-5)

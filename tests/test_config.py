@@ -43,6 +43,7 @@ def test_override_types_are_converted():
         ("optimization.guidance.t_max=1.5", "t_min/t_max"),
         ("optimization.mask.kind=pixels", "raster | fourier"),
         ("trainer.precision=bf16-true", "mask must stay float32"),
+        ("model.attention=flash", "sdpa | classic"),
         ("model=nonexistent", "choose one of"),
         ("prompt=   ", "prompt[0] is empty"),
         ("noequals", "not a key=value"),

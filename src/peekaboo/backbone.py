@@ -344,6 +344,7 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
     if cfg.channels_last:
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
+    set_attention(cfg.attention, unet, vae)
     resolution = cfg.resolution or _native_resolution(unet, vae)
     backbone = Backbone(vae, unet, text_encoder, tokenizer, scheduler_config, resolution).to(device)
     if cfg.compile:
@@ -351,6 +352,16 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
         backbone.unet.forward = torch.compile(backbone.unet.forward)
         backbone.vae.encoder.forward = torch.compile(backbone.vae.encoder.forward)
     return backbone
+
+
+def set_attention(kind: str, *models) -> None:
+    """Give every attention layer of ``models`` the ``kind`` processor: ``"sdpa"`` (torch's fused
+    ``scaled_dot_product_attention``) or ``"classic"`` (explicit ``baddbmm`` + softmax)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    processor = {"sdpa": AttnProcessor2_0, "classic": AttnProcessor}[kind]
+    for model in models:
+        model.set_attn_processor(processor())
 
 
 def _load_scheduler_config(name: str, common: dict[str, Any]) -> dict[str, Any]:
@@ -366,7 +377,7 @@ _SHARED: dict[tuple, Backbone] = {}
 def shared_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
     """The process-wide backbone for ``cfg``: loaded on first use, then reused by every pair."""
     key = (resolve_pretrained(cfg.pretrained), cfg.revision, cfg.variant, cfg.dtype, cfg.channels_last, cfg.resolution,
-           cfg.compile)
+           cfg.compile, cfg.attention)
     if key not in _SHARED:
         _SHARED[key] = load_backbone(cfg, device)
     return _SHARED[key].to(device)

@@ -34,6 +34,9 @@ BACKGROUNDS = ("solid", "noise", "blur")
 FIT_MODES = ("scale", "crop", "pad")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DTYPES = ("float32", "float16", "bfloat16")
+# "sdpa": torch's fused scaled_dot_product_attention (diffusers' default on torch 2); "classic": diffusers'
+# AttnProcessor (explicit matmul + softmax), for comparison and for backends where SDPA misbehaves.
+ATTENTIONS = ("sdpa", "classic")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed")
 GRAVITY_REDUCTIONS = ("sum", "mean")
 LATENT_MODES = ("mean", "sample")
@@ -59,6 +62,7 @@ class ModelConfig:
     local_files_only: bool = False
     channels_last: bool = False
     compile: bool = False  # torch.compile the UNet and the VAE encoder (pays off on GPUs for long runs)
+    attention: str = "sdpa"  # the UNet's and VAE's attention kernels: sdpa | classic
     # Side length the composite is resized to before VAE encoding; None = the model's native
     # resolution (unet.sample_size * VAE downsampling factor: 512 for SD 1.x).
     resolution: int | None = None
@@ -501,6 +505,7 @@ def validate(cfg: Any) -> None:
                cfg.run.checkpoint_every_n_steps, "an integer >= 1")
     if "model" in cfg:
         _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, " | ".join(DTYPES))
+        _check(cfg.model.attention in ATTENTIONS, "model.attention", cfg.model.attention, " | ".join(ATTENTIONS))
         _check(cfg.model.resolution is None or cfg.model.resolution >= 8, "model.resolution",
                cfg.model.resolution, "null or an integer >= 8")
     if "image_options" in cfg:
