@@ -691,6 +691,11 @@ def section_switches(bench: Bench, report: Report, items: Sequence[Item]) -> Non
         base = step_s if not overrides else base
         figures[" ".join(overrides) or "default"] = step_s
         rows.append([name, ms(step_s), f"{step_s / base:.2f}x", note])
+    encode_s = prompt_encoding_s(bench.backbone(bench.config()), [item.prompt for item in chosen])
+    figures["prompt_encoding_s"] = encode_s
+    rows.append(["text embeddings every step (the default encodes each prompt once per run)",
+                 ms(base + encode_s), f"{(base + encode_s) / base:.2f}x",
+                 f"default + the text encoder's {ms(encode_s)} ms for the batch's [uncond, cond] (measured alone)"])
     probe = thread_probe(bench, chosen)
     figures[f"threads={THREAD_PROBE}"] = probe.step_s
     rows.append([f"`torch.set_num_threads({THREAD_PROBE})` (benchmark: {torch.get_num_threads()})",
@@ -700,6 +705,20 @@ def section_switches(bench: Bench, report: Report, items: Sequence[Item]) -> Non
             "\"vs default\" is the step-time ratio (below 1 is faster). The compile row uses a fresh inductor "
             "cache, so its compile time is what a first run pays.\n\n")
     report.add("Fast-path switches (CPU)", body + table(["switch", "ms/step", "vs default", "note"], rows))
+
+
+@torch.no_grad()
+def prompt_encoding_s(backbone: Backbone, prompts: Sequence[str]) -> float:
+    """Median seconds to tokenize and encode ``[uncond, cond]`` of every prompt from scratch: what each step would
+    pay if the module did not keep its prompts' embeddings."""
+    times = []
+    for _ in range(MASK_REPEATS):
+        start = time.perf_counter()
+        for prompt in ["", *prompts]:
+            backbone.text_encoder(backbone.tokenize(prompt).to(backbone.device))
+        synchronize(backbone.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def thread_probe(bench: Bench, items: Sequence[Item]) -> Timing:
