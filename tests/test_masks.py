@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from peekaboo.config import MASK_KINDS, MaskConfig
-from peekaboo.masks import apply_bilateral, bilateral_weights, build_mask
+from peekaboo.masks import apply_bilateral, bilateral_operator, bilateral_weights, build_mask
 
 SIZE = 16
 
@@ -53,8 +54,43 @@ def test_bilateral_weights_normalized_and_edge_aware():
 def test_bilateral_filter_keeps_edges_that_follow_the_image():
     logits = torch.where(torch.arange(SIZE) < SIZE // 2, 5.0, -5.0).expand(1, SIZE, SIZE).clone()
     w = bilateral_weights(_two_tone(), 3, 5.0, 0.08)
-    filtered = apply_bilateral(logits, w, iterations=40)
+    filtered = apply_bilateral(logits, bilateral_operator(w), iterations=40)
     assert torch.allclose(filtered, logits, atol=1e-3)  # the edge is the image's: nothing leaks across
     flat = bilateral_weights(torch.zeros(3, SIZE, SIZE), 3, 5.0, 0.08)
-    blurred = apply_bilateral(logits, flat, iterations=40)
+    blurred = apply_bilateral(logits, bilateral_operator(flat), iterations=40)
     assert blurred[0, 0, SIZE // 2 - 1] < 4.0  # on a flat image the same edge is smoothed
+
+
+def _filter_by_hand(logits, weights, iterations):
+    """The filter written out: replicate-pad, gather every pixel's K*K window, weighted sum."""
+    b, kk, h, w = weights.shape
+    k = int(kk**0.5)
+    x = logits
+    for _ in range(iterations):
+        windows = F.unfold(F.pad(x, (k // 2,) * 4, mode="replicate"), k).view(b, kk, h, w)
+        x = (windows * weights).sum(1, keepdim=True)
+    return x
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_bilateral_operator_is_the_filter_and_keeps_pairs_apart(kernel):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, SIZE, SIZE, generator=gen)
+    logits = torch.randn(2, 1, SIZE, SIZE, generator=gen)
+    weights = bilateral_weights(images, kernel, 5.0, 0.3)
+    for iterations in (1, 40):
+        batched = apply_bilateral(logits, bilateral_operator(weights), iterations)
+        assert torch.allclose(batched, _filter_by_hand(logits, weights, iterations), atol=1e-5)
+        for i in range(2):  # block-diagonal: each pair alone gives its slice of the batch
+            alone = apply_bilateral(logits[i], bilateral_operator(weights[i]), iterations)
+            assert torch.allclose(alone, batched[i], atol=1e-6)
+
+
+def test_bilateral_filter_gradient_is_the_transposed_filter():
+    gen = torch.Generator().manual_seed(1)
+    weights = bilateral_weights(torch.rand(2, 3, 6, 6, generator=gen), 3, 5.0, 0.3)
+    logits = torch.randn(2, 1, 6, 6, generator=gen, requires_grad=True)
+    seed = torch.randn(2, 1, 6, 6, generator=gen)
+    (grad,) = torch.autograd.grad((apply_bilateral(logits, bilateral_operator(weights), 7) * seed).sum(), logits)
+    (expected,) = torch.autograd.grad((_filter_by_hand(logits, weights, 7) * seed).sum(), logits)
+    assert grad.abs().max() > 0 and torch.allclose(grad, expected, atol=1e-6)

@@ -5,12 +5,13 @@ B pairs together gives each the mask it would get alone.
 - ``raster``: a free logit per pixel.
 - ``fourier``: a per-pixel MLP (1x1 convolutions) over fixed random Gaussian Fourier features of (u, v).
 - ``*_bilateral``: the same logits filtered by an image-guided bilateral filter before the sigmoid, so the
-  mask's edges follow the image's. The filter's weights depend only on the image: computed once.
+  mask's edges follow the image's. The filter depends only on the image: built once, as a sparse matrix.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,9 @@ def bilateral_weights(image: torch.Tensor, kernel: int, sigma: float, colour_tol
         colour_tolerance: colour Gaussian standard deviation (RGB distance, [0, 1] scale).
 
     Returns:
-        ``(K*K, H, W)`` (or ``(B, K*K, H, W)``) weights summing to 1 over the neighbourhood axis. Neighbours
-        beyond the border replicate the edge pixel, as the logits are padded the same way in
-        :func:`apply_bilateral`.
+        ``(K*K, H, W)`` (or ``(B, K*K, H, W)``) weights summing to 1 over the neighbourhood axis, in
+        ``F.unfold``'s order of the window. Neighbours beyond the border replicate the edge pixel, as
+        :func:`bilateral_operator` does for the logits.
     """
     if image.dim() == 3:
         return bilateral_weights(image[None], kernel, sigma, colour_tolerance)[0]
@@ -47,19 +48,74 @@ def bilateral_weights(image: torch.Tensor, kernel: int, sigma: float, colour_tol
     return weights / weights.sum(1, keepdim=True)
 
 
-def apply_bilateral(logits: torch.Tensor, weights: torch.Tensor, iterations: int) -> torch.Tensor:
-    """Filter ``logits`` ``(B, 1, H, W)`` with precomputed ``weights`` ``(B, K*K, H, W)``, ``iterations``
-    times (``(1, H, W)`` with ``(K*K, H, W)`` for a single pair)."""
-    if logits.dim() == 3:
-        return apply_bilateral(logits[None], weights[None], iterations)[0]
+def bilateral_operator(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of the bilateral filter as a sparse matrix, and its transpose.
+
+    Args:
+        weights: ``(B, K*K, H, W)`` from :func:`bilateral_weights` (or ``(K*K, H, W)`` for one pair).
+
+    Returns:
+        ``(A, A^T)``, each ``(B*H*W, B*H*W)`` sparse CSR: ``(A x)[b*H*W + p]`` is the weighted mean of pixel
+        ``p``'s neighbourhood in pair ``b``'s logits, a neighbour beyond the border counting as the edge pixel
+        it replicates. ``A`` is block-diagonal, so pairs never mix.
+    """
+    if weights.dim() == 3:
+        weights = weights[None]
     b, kk, h, w = weights.shape
     kernel = math.isqrt(kk)
     r = kernel // 2
-    x = logits  # (B, 1, H, W)
-    for _ in range(iterations):
-        patches = F.unfold(F.pad(x, (r, r, r, r), mode="replicate"), kernel).view(b, kk, h, w)
-        x = (patches * weights).sum(1, keepdim=True)
+    device = weights.device
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    offsets = torch.arange(-r, r + 1, device=device)
+    dy, dx = (o.reshape(kk, 1, 1) for o in torch.meshgrid(offsets, offsets, indexing="ij"))  # unfold's order
+    source = (ys + dy).clamp(0, h - 1) * w + (xs + dx).clamp(0, w - 1)  # (K*K, H, W) flat neighbour index
+    start = (torch.arange(b, device=device) * h * w).view(b, 1, 1, 1)  # each pair's block
+    rows = (start + ys * w + xs).expand(b, kk, h, w)
+    cols = start + source
+    n = b * h * w
+    # coalesce() sums the entries that replicated borders map onto the same edge pixel.
+    op = torch.sparse_coo_tensor(torch.stack([rows.flatten(), cols.flatten()]), weights.flatten(), (n, n),
+                                 check_invariants=True).coalesce()
+    with warnings.catch_warnings():
+        # Torch's once-per-process beta notice on the first CSR tensor: nothing a user can act on (the filter
+        # only multiplies the matrix with a vector).
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return op.to_sparse_csr(), op.t().coalesce().to_sparse_csr()
+
+
+class _RepeatedLinear(torch.autograd.Function):
+    """``x -> A^n x`` with the backward ``g -> (A^T)^n g``: the filter is linear, so its backward needs none of
+    the forward's intermediate results (n passes would otherwise each keep a ``(B, K*K, H, W)`` buffer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, op: torch.Tensor, op_t: torch.Tensor, iterations: int) -> torch.Tensor:
+        ctx.op_t, ctx.iterations = op_t, iterations
+        return _power(op, x, iterations)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _power(ctx.op_t, grad, ctx.iterations), None, None, None
+
+
+def _power(op: torch.Tensor, x: torch.Tensor, iterations: int) -> torch.Tensor:
+    # The mask is float32 by design: under mixed precision the filter is not autocast to half.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = x.float()
+        for _ in range(iterations):
+            x = op @ x
     return x
+
+
+def apply_bilateral(logits: torch.Tensor, operator: tuple[torch.Tensor, torch.Tensor], iterations: int) -> torch.Tensor:
+    """Filter ``logits`` ``(B, 1, H, W)`` (or one pair's ``(1, H, W)``) ``iterations`` times with the
+    ``(A, A^T)`` of :func:`bilateral_operator`; differentiable with respect to ``logits``."""
+    if logits.dim() == 3:
+        return apply_bilateral(logits[None], operator, iterations)[0]
+    op, op_t = operator
+    if op.shape[0] != logits.numel():
+        raise ValueError(f"bilateral operator of size {op.shape[0]} for logits {tuple(logits.shape)}")
+    x = _RepeatedLinear.apply(logits.reshape(-1, 1), op, op_t, iterations)  # (B*H*W, 1)
+    return x.view(logits.shape)
 
 
 class Mask(nn.Module):
@@ -76,8 +132,10 @@ class Mask(nn.Module):
                 raise ValueError("a bilateral mask needs the image as its guide")
             self.iterations = bilateral.iterations
             weights = bilateral_weights(guide, bilateral.kernel, bilateral.sigma, bilateral.colour_tolerance)
-            # Not persistent: a checkpoint holds the learned mask only; the weights are recomputed from the image.
-            self.register_buffer("bilateral", weights, persistent=False)
+            op, op_t = bilateral_operator(weights)
+            # Not persistent: a checkpoint holds the learned mask only; the filter is rebuilt from the image.
+            self.register_buffer("bilateral", op, persistent=False)
+            self.register_buffer("bilateral_t", op_t, persistent=False)
 
     def logits(self) -> torch.Tensor:
         raise NotImplementedError
@@ -86,7 +144,7 @@ class Mask(nn.Module):
         """alpha: ``(B, 1, H, W)`` in [0, 1]."""
         x = self.logits()
         if self.iterations:
-            x = apply_bilateral(x, self.bilateral, self.iterations)
+            x = apply_bilateral(x, (self.bilateral, self.bilateral_t), self.iterations)
         return torch.sigmoid(x)
 
 
