@@ -673,11 +673,12 @@ def section_switches(bench: Bench, report: Report, items: Sequence[Item]) -> Non
     ]
     rows, base = [], float("nan")
     figures: dict[str, Any] = {}
+    default = bench.backbone(bench.config())  # the default row's, the prompt encoding's and the thread probe's
     for name, overrides in variants:
         cfg = bench.config(*overrides)
         note = ""
         try:
-            backbone = bench.backbone(cfg)
+            backbone = bench.backbone(cfg) if overrides else default
             timing, _ = bench.trainer_run(name, cfg, chosen, backbone, warmup=max(1, bench.warmup))
             step_s = timing.step_s
             if cfg.model.compile:
@@ -691,12 +692,12 @@ def section_switches(bench: Bench, report: Report, items: Sequence[Item]) -> Non
         base = step_s if not overrides else base
         figures[" ".join(overrides) or "default"] = step_s
         rows.append([name, ms(step_s), f"{step_s / base:.2f}x", note])
-    encode_s = prompt_encoding_s(bench.backbone(bench.config()), [item.prompt for item in chosen])
+    encode_s = prompt_encoding_s(default, [item.prompt for item in chosen])
     figures["prompt_encoding_s"] = encode_s
     rows.append(["text embeddings every step (the default encodes each prompt once per run)",
                  ms(base + encode_s), f"{(base + encode_s) / base:.2f}x",
                  f"default + the text encoder's {ms(encode_s)} ms for the batch's [uncond, cond] (measured alone)"])
-    probe = thread_probe(bench, chosen)
+    probe = thread_probe(bench, chosen, default)
     figures[f"threads={THREAD_PROBE}"] = probe.step_s
     rows.append([f"`torch.set_num_threads({THREAD_PROBE})` (benchmark: {torch.get_num_threads()})",
                  ms(probe.step_s), f"{probe.step_s / base:.2f}x", f"{THREAD_PROBE_STEPS} timed steps"])
@@ -721,11 +722,11 @@ def prompt_encoding_s(backbone: Backbone, prompts: Sequence[str]) -> float:
     return statistics.median(times)
 
 
-def thread_probe(bench: Bench, items: Sequence[Item]) -> Timing:
-    """The default config with :data:`THREAD_PROBE` intra-op threads instead of the benchmark's count."""
+def thread_probe(bench: Bench, items: Sequence[Item], backbone: Backbone) -> Timing:
+    """The default config (``backbone`` loaded for it) with :data:`THREAD_PROBE` intra-op threads instead of
+    the benchmark's count."""
     threads = torch.get_num_threads()
     cfg = bench.config()
-    backbone = bench.backbone(cfg)
     torch.set_num_threads(THREAD_PROBE)
     try:
         timing, _ = bench.trainer_run("threads", cfg, items, backbone, warmup=1, steps=THREAD_PROBE_STEPS)
