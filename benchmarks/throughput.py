@@ -7,7 +7,8 @@ Sections (``--sections`` picks a subset):
   median seconds per step, fixed cost per run, pairs per hour at the preset's ``max_steps``, peak memory.
 - ``overhead``: the same step as a bare PyTorch loop (no Lightning) vs through the Trainer, at B = 1.
 - ``reference``: a loop in the style of the paper's code (``benchmarks/reference_loop.py``) vs the project's
-  default path, per bilateral mask kind; and the masks both make on synthetic ``tune`` pairs (mIoU).
+  default path (the preset's ``data.pairs_per_step`` pairs per module, per pair) and one pair per module, per
+  bilateral mask kind; and the masks both make on synthetic ``tune`` pairs (mIoU).
 - ``fast``: the project's fast paths (``model.compile``, bf16 weights with ``bf16-mixed``, both) at B = 1 vs the
   reference loop, each with the mIoU of its masks; and the default path batched (B = 16) per pair.
 - ``switches``: ``guidance.batch_cfg``, ``model.channels_last``, ``model.compile`` (compile time apart),
@@ -85,7 +86,7 @@ BATCH_SIZES = (1, 4, 16)
 OVERHEAD_ROUNDS = 4  # Trainer and bare loop alternate this many times, so drifting load hits both alike
 REFERENCE_ROUNDS = 2  # alternating rounds of the speed comparison, as for the overhead
 QUALITY_KIND = "raster_bilateral"  # the bilateral kind the shapes preset's optimizer settings suit
-QUALITY_PAIRS = 8
+QUALITY_PAIRS = 16  # one batch of the preset's data.pairs_per_step
 MASK_REPEATS = 20  # mask render + backward repetitions of the filter-only comparison
 # The project's fast paths at B=1 against the reference loop, each a set of config overrides; bf16 keeps the mask
 # float32 (`bf16-mixed` autocasts the frozen model only; its weights are loaded in bf16 as well).
@@ -508,46 +509,57 @@ def mask_costs(cfg: Any, backbone: Backbone, item: Item, device: torch.device) -
 
 
 def section_reference(bench: Bench, report: Report, items: Sequence[Item]) -> None:
-    """Item 3: the paper-style loop vs the project's default path, speed per kind, then quality."""
+    """Item 3: the paper-style loop vs the project's default path, speed per kind, then quality.
+
+    The default path is what a dataset run does with the preset: ``data.pairs_per_step`` pairs per module,
+    timed per pair; one pair per module (B=1) is timed beside it.
+    """
     rows = []
     item = items[0]
+    default_b = bench.config().data.pairs_per_step
     for kind in REFERENCE_KINDS:
         cfg = bench.config(f"optimization.mask.kind={kind}")
         backbone = bench.backbone(cfg)
-        project_steps: list[float] = []
-        reference_steps: list[float] = []
-        note = ""
-        for _ in range(REFERENCE_ROUNDS):  # alternating, so drifting load hits both loops alike
-            try:
-                project, _ = bench.trainer_run(f"project {kind}", cfg, [item], backbone)
-                project_steps += project.steps[project.warmup :]
-            except Exception as err:  # a diverging setting must not hide the other rows
-                note = f"project run failed: {type(err).__name__}: {err}"
+        steps: dict[str, list[float]] = {"b1": [], "default": [], "reference": []}
+        notes = []
+        for _ in range(REFERENCE_ROUNDS):  # alternating, so drifting load hits all loops alike
+            for key, chosen in (("b1", [item]), ("default", items[:default_b])):
+                try:
+                    project, _ = bench.trainer_run(f"project {kind} B={len(chosen)}", cfg, chosen, backbone)
+                    steps[key] += [s / len(chosen) for s in project.steps[project.warmup :]]  # per pair
+                except Exception as err:  # a diverging setting must not hide the other rows
+                    notes.append(f"project run failed: {type(err).__name__}: {err}")
             reference, _ = bench.reference_run(f"reference {kind}", cfg, item, backbone,
                                                bench.warmup + bench.steps, bench.warmup)
-            reference_steps += reference.steps[reference.warmup :]
-        project_s = statistics.median(project_steps) if project_steps else float("nan")
-        reference_s = statistics.median(reference_steps)
-        speedup = reference_s / project_s
+            steps["reference"] += reference.steps[reference.warmup :]
+        median = {k: statistics.median(v) if v else float("nan") for k, v in steps.items()}
+        reference_s = median["reference"]
+        speedup, speedup_b1 = reference_s / median["default"], reference_s / median["b1"]
         report.summary[f"speedup_{kind}"] = speedup
+        report.summary[f"speedup_b1_{kind}"] = speedup_b1
         report.summary[f"reference_step_s_{kind}"] = reference_s
         ref_mask, proj_mask = mask_costs(cfg, backbone, item, bench.device)
-        # Amdahl's bound: the speedup the project would reach if its mask cost nothing at all.
-        bound = reference_s / max(project_s - proj_mask / 1000.0, 1e-9)
+        # Amdahl's bound at B=1: the speedup the project would reach if its mask cost nothing at all.
+        bound = reference_s / max(median["b1"] - proj_mask / 1000.0, 1e-9)
         report.summary[f"speedup_bound_{kind}"] = bound
-        rows.append([f"`{kind}`", ms(reference_s), ms(project_s), f"**{speedup:.2f}x**",
-                     fmt(ref_mask, 1), fmt(proj_mask, 1), f"{bound:.2f}x", note])
-    body = (f"B=1, fp32, same model, same settings (preset `{MODEL_GROUP}` with the mask kind switched); "
+        rows.append([f"`{kind}`", ms(reference_s), ms(median["default"]), f"**{speedup:.2f}x**", ms(median["b1"]),
+                     f"{speedup_b1:.2f}x", fmt(ref_mask, 1), fmt(proj_mask, 1), f"{bound:.2f}x", "; ".join(notes)])
+    report.summary["default_pairs_per_step"] = default_b
+    body = (f"fp32, same model, same settings (preset `{MODEL_GROUP}` with the mask kind switched); "
             f"{REFERENCE_ROUNDS} alternating rounds of {bench.warmup}+{bench.steps} steps per loop, medians over the "
-            "pooled timed steps. The reference is `benchmarks/reference_loop.py`: the paper's loop (bilateral filter "
-            "as K*K NaN-bordered shifted copies per iteration, its colour weights computed once per image as the "
-            "original's `BilateralProxyBlur` does, mask rendered twice per step, `latents.backward(gradient=grad)`). "
-            "\"mask ms\" isolates the mask: the renders a step makes plus one backward through them. \"free-mask "
-            "bound\" is the speedup the project would reach if its mask cost nothing (reference step / (project "
-            "step - project mask)): the frozen model's share of the step caps what any mask implementation can "
-            f"gain. Goal: default path >= {SPEEDUP_GOAL:.0f}x faster per step with the bilateral filter.\n\n")
-    body += table(["mask kind", "reference ms/step", "project ms/step", "speedup", "reference mask ms",
-                   "project mask ms", "free-mask bound", "note"], rows)
+            "pooled timed steps. The reference is `benchmarks/reference_loop.py`: the paper's loop, one pair at a time "
+            "(bilateral filter as K*K NaN-bordered shifted copies per iteration, its colour weights computed once "
+            "per image as the original's `BilateralProxyBlur` does, mask rendered twice per step, "
+            f"`latents.backward(gradient=grad)`). The project's default path is a dataset run's: the preset's "
+            f"`data.pairs_per_step={default_b}` pairs per module, each pair's mask as alone; its step time is per "
+            "pair (the batch's step over its pairs). B=1 is one pair per module. \"mask ms\" isolates the mask: "
+            "the renders a step makes plus one backward through them. \"free-mask bound\" is the speedup B=1 would "
+            "reach if its mask cost nothing (reference step / (B=1 step - project mask)): the frozen model's share "
+            f"of a one-pair step caps what any mask implementation can gain there. Goal: default path >= "
+            f"{SPEEDUP_GOAL:.0f}x faster per step with the bilateral filter.\n\n")
+    body += table(["mask kind", "reference ms/step", f"default (B={default_b}) ms/pair-step", "speedup",
+                   "B=1 ms/step", "speedup B=1", "reference mask ms", "project mask ms", "free-mask bound (B=1)",
+                   "note"], rows)
     body += "\n\n" + quality_table(bench, report, items)
     report.add("Reference loop (paper style) vs the project's default path", body)
 
@@ -560,6 +572,7 @@ def quality_table(bench: Bench, report: Report, items: Sequence[Item]) -> str:
     steps = cfg.trainer.max_steps
     threshold = cfg.optimization.threshold
     # One batch of all pairs: the module makes each pair's mask independent of its batch.
+    # The default path: batches of data.pairs_per_step (each pair's mask independent of its batch).
     timing, results = bench.trainer_run("project quality", cfg, chosen, backbone, warmup=0, steps=steps)
     rows, proj_ious, ref_ious, agree = [], [], [], []
     ref_seconds = 0.0
@@ -985,11 +998,14 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             continue
         figures = [summary[f"batch_{b}{suffix}"] for b in batches]
         ratio = figures[-1]["pairs_per_hour"] / figures[0]["pairs_per_hour"]
-        lines.append(f"- Through the Trainer, {figures[0].get('threads', '?')} thread(s): " + "; ".join(
+        threads = figures[0].get("threads")
+        # The goal is about the CPU: judged with every core working, as torch uses them by default.
+        verdict = (f"goal >= {BATCH_GOAL:.0f}x on all cores: {'met' if ratio >= BATCH_GOAL else 'NOT met'}"
+                   if threads == os.cpu_count() else "the goal is judged on all cores")
+        lines.append(f"- Through the Trainer, {threads or '?'} thread(s): " + "; ".join(
             f"B={b}: {ms(f['step_s'])} ms/step, {f['pairs_per_hour']:,.0f} pairs/hour"
             for b, f in zip(batches, figures, strict=True))
-            + f"; B={batches[-1]} gives {ratio:.2f}x the pairs/hour of B={batches[0]} (goal >= {BATCH_GOAL:.0f}x: "
-            f"{'met' if ratio >= BATCH_GOAL else 'NOT met'}).")
+            + f"; B={batches[-1]} gives {ratio:.2f}x the pairs/hour of B={batches[0]} ({verdict}).")
     if "trainer_overhead_pct" in summary:
         pct = summary["trainer_overhead_pct"]
         lines.append(f"- Trainer overhead over a bare PyTorch loop at B=1: {pct:+.1f}% of the step time "
@@ -997,10 +1013,12 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     speedups = {k: summary[f"speedup_{k}"] for k in REFERENCE_KINDS if f"speedup_{k}" in summary}
     if speedups:
         met = all(v >= SPEEDUP_GOAL for v in speedups.values())
-        lines.append("- Project path vs the paper-style loop, per step at B=1: " + ", ".join(
-            f"`{k}` {v:.2f}x" + (f" (at most {summary[f'speedup_bound_{k}']:.2f}x with a free mask)"
-                                 if f"speedup_bound_{k}" in summary else "")
-            for k, v in speedups.items()) + f" (goal >= {SPEEDUP_GOAL:.0f}x: {'met' if met else 'NOT met'}).")
+        b = summary.get("default_pairs_per_step", "?")
+        lines.append(f"- Project default path (B={b} pairs per module) vs the paper-style loop, per pair-step: "
+                     + ", ".join(f"`{k}` {v:.2f}x" for k, v in speedups.items())
+                     + f" (goal >= {SPEEDUP_GOAL:.0f}x: {'met' if met else 'NOT met'}); one pair per module (B=1): "
+                     + ", ".join(f"`{k}` {summary[f'speedup_b1_{k}']:.2f}x (at most "
+                                 f"{summary[f'speedup_bound_{k}']:.2f}x with a free mask)" for k in speedups) + ".")
     if "fast_paths" in summary:
         f = summary["fast_paths"]
         base = f["variants"]["default"]["miou"]

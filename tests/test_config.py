@@ -19,6 +19,24 @@ def test_defaults_come_from_the_dataclasses_and_the_model_group():
     assert paper.optimization.guidance.guidance_scale == 100 and paper.trainer.max_steps == 300
 
 
+def test_a_model_preset_carries_settings_for_dataset_runs_only(tmp_path):
+    from peekaboo.config import TrainConfig
+
+    run = ["run.name=x"]
+    assert load_config(TrainConfig, run, REPO_CONFIGS, "train").data.pairs_per_step == 16  # the bundled model's
+    assert load_config(TrainConfig, [*run, "model=sd15"], REPO_CONFIGS, "train").data.pairs_per_step == 1
+    assert load_config(TrainConfig, [*run, "data=voc", "data.root=v"], REPO_CONFIGS, "train").data.pairs_per_step == 16
+    # predict.py has no data section: it reads the same preset without it, but is not lenient on the command
+    # line, and a typo in a preset still fails.
+    load_config(PredictConfig, BASE, REPO_CONFIGS, "predict")
+    with pytest.raises(ConfigError, match="Unknown config key 'data'"):
+        load_config(PredictConfig, [*BASE, "data.pairs_per_step=2"], REPO_CONFIGS, "predict")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "typo.yaml").write_text("dataa:\n  pairs_per_step: 2\n")
+    with pytest.raises(ConfigError, match="Unknown config key 'dataa'"):
+        load_config(TrainConfig, [*run, "model=typo"], tmp_path, "train")
+
+
 def test_repeated_list_key_appends_and_single_value_is_a_list():
     cfg = load_config(PredictConfig, ["image=x.png", "prompt=a red circle", "prompt=a blue square"])
     assert list(cfg.prompt) == ["a red circle", "a blue square"]

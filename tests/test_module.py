@@ -125,7 +125,10 @@ def test_batched_pairs_match_unbatched(tiny_backbone):
         batched = optimize_pairs(images, prompts, ids, cfg, _trainer(5), tiny_backbone)
         for i in range(4):
             alone = optimize_pair(images[i], prompts[i], ids[i], cfg, _trainer(5), tiny_backbone)
-            assert torch.allclose(batched[i].alpha, alone.alpha, atol=1e-4), kind
+            # Float noise only: batched and lone convolutions round differently, and Adam turns a gradient
+            # near zero into a step of up to lr either way (seen: 2e-3 on one Intel CPU). Coupled pairs (a
+            # batch-wide norm, a shared draw) differ by far more.
+            assert torch.allclose(batched[i].alpha, alone.alpha, atol=1e-2), kind
             assert _iou(batched[i].alpha, alone.alpha) >= 0.99
 
 
@@ -167,3 +170,32 @@ def test_early_stopping_stops_a_settled_mask(tiny_backbone):
     cfg.early_stop.tolerance = -1.0  # never settled: runs to max_steps
     result = optimize_pair(torch.rand(3, SIZE, SIZE), "a red circle", "p", cfg, _trainer(8), tiny_backbone)
     assert result.steps == 8
+
+
+def _logged_steps(run) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    return [e.step for e in acc.Scalars("loss/total")]
+
+
+def test_curves_are_built_only_on_the_steps_lightning_writes(tiny_backbone, tmp_path, monkeypatch):
+    calls = []
+    log_dict = PeekabooModule.log_dict
+    monkeypatch.setattr(PeekabooModule, "log_dict",
+                        lambda self, *a, **k: (calls.append(self.global_step), log_dict(self, *a, **k)))
+    trainer = TrainerConfig(accelerator="cpu", max_steps=12, enable_progress_bar=False, log_every_n_steps=5)
+    optimize_pair(torch.rand(3, SIZE, SIZE), "a red circle", "p", _cfg(), trainer, tiny_backbone, tb_dir=tmp_path)
+    assert calls == [4, 9]  # steps 5 and 10, counted from 1: what Lightning writes, and nothing else
+    assert _logged_steps(tmp_path / "p") == [4, 9]
+    calls.clear()
+    optimize_pair(torch.rand(3, SIZE, SIZE), "a red circle", "q", _cfg(), trainer, tiny_backbone)
+    assert calls == []  # no logger: nothing to build
+    # An early-stopped pair also logs the step it stopped at, as Lightning writes that step.
+    cfg = _cfg()
+    cfg.early_stop.enabled, cfg.early_stop.patience, cfg.early_stop.min_steps = True, 3, 7
+    cfg.early_stop.tolerance = 1.0
+    result = optimize_pair(torch.rand(3, SIZE, SIZE), "a red circle", "e", cfg, trainer, tiny_backbone, tb_dir=tmp_path)
+    assert result.steps == 7
+    assert _logged_steps(tmp_path / "e") == [4, 6]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,9 +17,19 @@ from tests_support import REPO
 
 
 def _args(model, root, name, *extra, steps=6, pairs=6):
+    # One pair per module unless a test says otherwise: the layout checks below are about single pairs.
     return [f"model.pretrained={model}", f"run.root={root}", f"run.name={name}", "data=shapes",
             f"data.num_pairs={pairs}", f"trainer.max_steps={steps}", "trainer.accelerator=cpu",
-            "optimization.mask.size=16", "trainer.enable_progress_bar=false", *extra]
+            "optimization.mask.size=16", "trainer.enable_progress_bar=false", "data.pairs_per_step=1", *extra]
+
+
+def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` of one TensorBoard run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def _train(*args, **kw):
@@ -87,6 +98,34 @@ def test_batched_run_matches_unbatched(tiny_model, reference, tmp_path):
         a, b = ref[k] > 127, batched[k] > 127
         union = (a | b).sum()
         assert union == 0 or (a & b).sum() / union >= 0.99
+    # TensorBoard: each pair of a batch has its own run, with the curves it has when run alone: the same
+    # logged steps, the same timesteps (its own random stream), and the same losses up to float noise.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for r in _results(reference):
+        alone, in_batch = _scalars(reference / "tb" / r["name"]), _scalars(tmp_path / "b4" / "tb" / r["name"])
+        assert set(alone) - {"epoch"} == set(in_batch) >= {"loss/dream", "loss/total", "mask/area", "guidance/t"}
+        assert [s for s, _ in in_batch["loss/total"]] == [s for s, _ in alone["loss/total"]] == [9, 19, 29]
+        assert in_batch["guidance/t"] == alone["guidance/t"]
+        assert [v for _, v in in_batch["loss/total"]] == pytest.approx([v for _, v in alone["loss/total"]], rel=0.05)
+        acc = EventAccumulator(str(tmp_path / "b4" / "tb" / r["name"]))
+        acc.Reload()
+        assert acc.Images("mask/alpha")[-1].step == 30
+    # ... and each batch a run of its pairs' means.
+    batch_runs = [d for d in (tmp_path / "b4" / "tb").iterdir() if "+" in d.name]
+    assert len(batch_runs) == 2 and all("loss/total" in _scalars(d) for d in batch_runs)
+
+
+def test_launcher_rank_does_not_silence_logging(tiny_model, tmp_path):
+    # torchrun / SLURM set RANK for every process; Lightning reads it and mutes loggers off rank 0, but here
+    # each worker is its own job, so worker 1 must still write its pairs' curves.
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    proc = _train(*_args(tiny_model, tmp_path, "r1", "trainer.log_every_n_steps=2"), env=env)
+    assert proc.returncode == 0, proc.stderr
+    results = _results(tmp_path / "r1")
+    assert len(results) == 3  # pairs 1, 3, 5 of 6
+    for r in results:
+        assert "loss/total" in _scalars(tmp_path / "r1" / "tb" / r["name"])
 
 
 def _wait_for(predicate, proc, timeout=120.0):

@@ -363,7 +363,7 @@ def load_config(
     try:
         cfg = schema
         for path in sources:
-            cfg = OmegaConf.merge(cfg, _load_yaml(path, config_dir, groups))
+            cfg = OmegaConf.merge(cfg, _load_yaml(path, config_dir, groups, schema))
         cfg = OmegaConf.merge(cfg, _parse_overrides(argv, schema))
         missing = sorted(OmegaConf.missing_keys(cfg))
     except OmegaConfBaseException as err:
@@ -374,10 +374,12 @@ def load_config(
     return cfg  # type: ignore[return-value]
 
 
-def _load_yaml(path: Path, config_dir: Path, selected: list[Path]) -> DictConfig:
+def _load_yaml(path: Path, config_dir: Path, selected: list[Path], schema: DictConfig) -> DictConfig:
     """Load one YAML file; a task file's ``defaults: {group: name}`` pulls in group files the command line
     did not select itself."""
     data = OmegaConf.load(path)
+    if path.parent.parent == config_dir and path.parent.name in GROUPS:  # a group file
+        return _for_task(data, schema)
     defaults = data.pop("defaults", None) if isinstance(data, DictConfig) else None
     if not defaults:
         return data
@@ -388,8 +390,21 @@ def _load_yaml(path: Path, config_dir: Path, selected: list[Path]) -> DictConfig
             group_file = config_dir / group / f"{name}.yaml"
             if not group_file.is_file():
                 raise ConfigError(f"{path}: defaults name {group}={name}, but {group_file} does not exist.")
-            merged = OmegaConf.merge(merged, OmegaConf.load(group_file))
+            merged = OmegaConf.merge(merged, _for_task(OmegaConf.load(group_file), schema))
     return OmegaConf.merge(merged, data)
+
+
+def _for_task(group: DictConfig, schema: DictConfig) -> DictConfig:
+    """A group file's settings for the task being configured.
+
+    A model preset holds what suits its model for every task, e.g. ``data.pairs_per_step`` for dataset runs;
+    a task leaves out the sections only other tasks have (``predict.py`` has no ``data``). Any other unknown
+    key still fails the merge.
+    """
+    other_tasks = {f.name for task in (TrainConfig, PredictConfig) for f in fields(task)}
+    for key in [k for k in group if k in other_tasks and k not in schema]:
+        group.pop(key)
+    return group
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -39,20 +39,48 @@ class _Steps(torch.utils.data.Dataset):
 
 
 class MaskImages(Callback):
-    """Logs the mask and the current composite to TensorBoard a few times per pair."""
+    """Logs each pair's mask and current composite to its TensorBoard run a few times over the optimization.
 
-    def __init__(self, every_n_steps: int):
-        self.every = max(1, every_n_steps)
+    Args:
+        every_n_steps: log after every this many steps, and after the last.
+        runs: pair ``i``'s TensorBoard run is ``runs[i]``.
+    """
+
+    def __init__(self, every_n_steps: int, runs: list[TensorBoardLogger]):
+        self.every, self.runs = max(1, every_n_steps), runs
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: PeekabooModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if not isinstance(trainer.logger, TensorBoardLogger) or (step % self.every and step != trainer.max_steps):
+        if step % self.every and step != trainer.max_steps:
             return
-        writer = trainer.logger.experiment
         with torch.no_grad():
-            writer.add_images("mask/alpha", pl_module().detach().float().cpu(), step)
-        if pl_module.last_composite is not None:
-            writer.add_images("mask/composite", pl_module.last_composite.float().clamp(0, 1).cpu(), step)
+            alpha = pl_module().detach().float().cpu()  # (B, 1, S, S)
+        composite = pl_module.last_composite
+        if composite is not None:
+            composite = composite.float().clamp(0, 1).cpu()  # (B, 3, S, S)
+        for i, run in enumerate(self.runs):
+            run.experiment.add_images("mask/alpha", alpha[i : i + 1], step)
+            if composite is not None:
+                run.experiment.add_images("mask/composite", composite[i : i + 1], step)
+
+
+class PairCurves(Callback):
+    """A batch's curves pair by pair: each pair's values go to its own TensorBoard run (``runs[i]``) at the
+    steps the Trainer logs the batch's means, so a pair's run reads as a one-pair run does, whatever batch
+    the pair ran in."""
+
+    def __init__(self, runs: list[TensorBoardLogger]):
+        self.runs = runs
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: PeekabooModule, outputs, batch, batch_idx) -> None:
+        if not pl_module.logged_this_step:
+            return
+        metrics = pl_module.step_metrics()
+        values = torch.stack(list(metrics.values()), 1).float().cpu()  # (B, M): one transfer for all pairs
+        step = trainer.global_step - 1  # the index of the step just taken, as Lightning's own logging counts
+        for i, run in enumerate(self.runs):
+            if not pl_module.failed[i]:
+                run.log_metrics(dict(zip(metrics, values[i].tolist(), strict=True)), step)
 
 
 class StableMaskStop(Callback):
@@ -74,6 +102,9 @@ class StableMaskStop(Callback):
         self.previous = binary
         if self.calm_steps >= self.cfg.patience and trainer.global_step >= self.cfg.min_steps:
             trainer.should_stop = True
+            # Lightning writes the logged values of the step it stops at: make them this step's.
+            if pl_module.loggers and not pl_module.logged_this_step:
+                pl_module.log_step_metrics()
 
     # Saved in checkpoints, so a resumed pair stops exactly where an uninterrupted one would.
     def state_dict(self) -> dict[str, Any]:
@@ -121,6 +152,11 @@ def build_trainer(
     )
 
 
+def _tensorboard(root: str | Path, name: str) -> TensorBoardLogger:
+    """The TensorBoard run ``<root>/<name>/``; a resumed pair appends to the run it started."""
+    return TensorBoardLogger(str(root), name=name, version="", default_hp_metric=False)
+
+
 def optimize_pair(image: torch.Tensor, prompt: str, pair_id: str, *args, **kwargs) -> PairResult:
     """Optimize one pair's mask: :func:`optimize_pairs` with a batch of one; ``image`` is ``(3, S, S)``."""
     return optimize_pairs(image[None], [prompt], [pair_id], *args, **kwargs)[0]
@@ -139,42 +175,57 @@ def optimize_pairs(
     enable_progress_bar: bool | None = None,
     devices: Any = 1,
     run_name: str | None = None,
+    pair_run_names: list[str] | None = None,
 ) -> list[PairResult]:
     """Optimize the masks of B independent pairs together with one Lightning Trainer.
 
     Args:
         images: ``(B, 3, S, S)`` working images in [0, 1].
-        tb_dir: TensorBoard root; logs go to the run ``<tb_dir>/<run_name>`` (default: the single pair's id,
-            or ``<first id>+<B-1>``). None: no logging.
+        tb_dir: TensorBoard root; each pair's curves and images go to the run ``<tb_dir>/<pair run name>``
+            and, for B > 1, the batch's means to ``<tb_dir>/<run_name>`` (default ``<first name>+<B-1>``).
+            None: no logging.
         callbacks: extra callbacks (e.g. checkpointing in dataset runs).
         ckpt_path: resume from this checkpoint.
         devices: which device of the accelerator this process uses (e.g. ``[local_rank]``).
+        run_name: the TensorBoard run of the whole batch (for B = 1, the pair's run).
+        pair_run_names: each pair's TensorBoard run name (default: its id).
 
     Returns:
         One result per pair, in order.
     """
     logger: Any = False
-    if tb_dir is not None:
-        name = run_name or (pair_ids[0] if len(pair_ids) == 1 else f"{pair_ids[0]}+{len(pair_ids) - 1}")
-        logger = TensorBoardLogger(str(tb_dir), name=name, version="", default_hp_metric=False)
-    every = max(1, trainer_cfg.max_steps // IMAGE_SNAPSHOTS)
-    cbs = [MaskImages(every), *(callbacks or [])]
+    cbs = list(callbacks or [])
     if opt_cfg.early_stop.enabled:
         cbs.append(StableMaskStop(opt_cfg.early_stop, opt_cfg.threshold))
+    pair_runs: list[TensorBoardLogger] = []
+    if tb_dir is not None:
+        names = pair_run_names or pair_ids
+        name = run_name or (names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}")
+        logger = _tensorboard(tb_dir, name)
+        # A batch logs its means to its own run and each pair's curves and images to the pair's run.
+        pair_runs = [logger] if len(names) == 1 else [_tensorboard(tb_dir, n) for n in names]
+        if len(names) > 1:
+            cbs.append(PairCurves(pair_runs))  # after StableMaskStop, which may log the step it stops at
+        cbs.insert(0, MaskImages(max(1, trainer_cfg.max_steps // IMAGE_SNAPSHOTS), pair_runs))
     has_ckpt = any(type(cb).__name__ == "ModelCheckpoint" for cb in cbs)
     trainer = build_trainer(trainer_cfg, logger, cbs, enable_progress_bar, has_ckpt, devices)
     module = PeekabooModule(images, prompts, pair_ids, opt_cfg, backbone)
     loader = DataLoader(_Steps(trainer_cfg.max_steps), batch_size=None, shuffle=False, num_workers=0)
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        # The loader yields step indices only: worker processes would add cost and nothing else.
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        # log_every_n_steps is chosen for 300-step pairs; shorter smoke runs need no reminder.
-        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
-        warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")
-        warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
-        # weights_only: a checkpoint is data (tensors, numbers, strings); never unpickle code from it.
-        trainer.fit(module, loader, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    try:
+        with warnings.catch_warnings():
+            # The loader yields step indices only: worker processes would add cost and nothing else.
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            # log_every_n_steps is chosen for 300-step pairs; shorter smoke runs need no reminder.
+            warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")
+            warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+            # weights_only: a checkpoint is data (tensors, numbers, strings); never unpickle code from it.
+            trainer.fit(module, loader, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    finally:  # an interrupted batch keeps what its pairs' runs logged (the Trainer closes its own logger)
+        for run in pair_runs:
+            if run is not logger:
+                run.finalize("success")
     seconds = (time.perf_counter() - start) / len(pair_ids)
     with torch.no_grad():
         alphas = module().detach().float().cpu()[:, 0]  # (B, S, S)

@@ -163,8 +163,10 @@ class FourierMask(Mask):
     """A per-pixel MLP over fixed random Fourier features of the pixel coordinate (the paper's "neural
     neural texture"): smoother masks than a raster.
 
-    B pairs are B separate MLPs run as grouped 1x1 convolutions (``groups=B``) on ``(1, B*C, H, W)``, so a
-    BatchNorm channel normalizes one pair's pixels only and pairs never mix.
+    B pairs are B separate MLPs. Their parameters are stored as grouped 1x1 convolutions (``groups=B``, one
+    tensor per layer, pair ``i`` owning rows ``i*C:(i+1)*C``) and BatchNorms over ``B*C`` channels; each pair's
+    MLP runs on its own pixels (:meth:`logits`), so a BatchNorm channel normalizes one pair's pixels only and
+    pairs never mix.
     """
 
     def __init__(self, size: int, cfg: FourierConfig, generators: list[torch.Generator], **kwargs):
@@ -209,7 +211,19 @@ class FourierMask(Mask):
                             m.bias[rows].uniform_(-bound, bound, generator=gen)
 
     def logits(self) -> torch.Tensor:
-        return self.mlp(self.features).view(self.batch, 1, self.size, self.size)
+        # Pair by pair rather than one grouped convolution: at B=16 a grouped convolution's activations outgrow
+        # the CPU's caches and each pair costs 1.5x its time alone; one pair's stay in them. Same arithmetic.
+        b, hw = self.batch, self.size * self.size
+        h = list(self.features.view(b, -1, hw).unbind(0))  # B x (2F, HW)
+        *hidden, last = list(self.mlp)
+        for conv, norm, _relu in zip(hidden[0::3], hidden[1::3], hidden[2::3], strict=True):
+            weights = conv.weight.view(b, conv.out_channels // b, -1).unbind(0)  # B x (C_out, C_in)
+            gammas, betas = norm.weight.view(b, -1).unbind(0), norm.bias.view(b, -1).unbind(0)  # B x (C_out,)
+            h = [F.relu(F.batch_norm(torch.mm(w, x)[None], None, None, g, be, True, 0.0, norm.eps)[0])
+                 for w, x, g, be in zip(weights, h, gammas, betas, strict=True)]  # B x (C_out, HW)
+        weights, biases = last.weight.view(b, 1, -1).unbind(0), last.bias.view(b, 1).unbind(0)
+        out = torch.stack([torch.mm(w, x) + bias[:, None] for w, x, bias in zip(weights, h, biases, strict=True)])
+        return out.view(b, 1, self.size, self.size)  # (B, 1, 1, HW) -> (B, 1, S, S)
 
 
 def build_mask(cfg: MaskConfig, images: torch.Tensor, generators: list[torch.Generator]) -> Mask:

@@ -58,6 +58,8 @@ class PeekabooModule(L.LightningModule):
         self.last_composite: torch.Tensor | None = None  # (B, 3, S, S), for image logging
         self.last_alpha: torch.Tensor | None = None  # (B, 1, S, S) of the last step
         self.last_losses: dict[str, torch.Tensor] = {}  # per pair, (B,)
+        self.last_guidance: dict[str, torch.Tensor] = {}  # per pair, (B,): timestep and gradient norm
+        self.logged_this_step = False  # whether the last step's curves went to the Trainer's logger
 
     @property
     def batch_size(self) -> int:
@@ -103,13 +105,32 @@ class PeekabooModule(L.LightningModule):
         self.last_alpha = alpha.detach()  # read by callbacks, so they need not render the mask again
         self.last_losses = {"loss/dream": dream.detach(), "loss/alpha": gravity.detach(),
                             "loss/total": total.detach(), "mask/area": alpha.detach().flatten(1).mean(1)}
-        ok = ~self.failed
-        self.log_dict(
-            {**{k: v[ok].mean() for k, v in self.last_losses.items()},
-             "guidance/t": terms["t"].float().mean(), "guidance/grad_norm": terms["grad_norm"][ok].mean()},
-            on_step=True, on_epoch=False, batch_size=self.batch_size,
-        )
+        self.last_guidance = {"guidance/t": terms["t"].float(), "guidance/grad_norm": terms["grad_norm"]}
+        self.logged_this_step = False
+        if self.writes_logs_this_step():
+            self.log_step_metrics()
         return objective
+
+    def step_metrics(self) -> dict[str, torch.Tensor]:
+        """The last step's curves, per pair: ``{name: (B,)}`` (losses, mask area, timestep, gradient norm)."""
+        return {**self.last_losses, **self.last_guidance}
+
+    def writes_logs_this_step(self) -> bool:
+        """Whether the Trainer writes the logged values of the step being taken (call in ``training_step``).
+
+        Lightning writes on-step values every ``log_every_n_steps`` steps (counting from 1) and drops the
+        rest, so building them on the other steps only costs time: 4% of a B=1 step with the bundled model.
+        """
+        if not self.loggers or not self.trainer.log_every_n_steps:  # no loggers: also no Trainer
+            return False
+        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+
+    def log_step_metrics(self) -> None:
+        """Log the last step's curves to the Trainer's logger, averaged over the pairs still running."""
+        ok = ~self.failed
+        self.logged_this_step = True
+        self.log_dict({k: v[ok].mean() for k, v in self.step_metrics().items()},
+                      on_step=True, on_epoch=False, batch_size=self.batch_size)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Checkpoints written before the Fourier MLP dropped its pre-BatchNorm biases still hold them; they

@@ -230,11 +230,24 @@ def _worker_entry(cfg_yaml: str, world: World) -> None:
     raise SystemExit(code)
 
 
+def _own_rank_zero() -> None:
+    """Make this worker rank zero for Lightning.
+
+    Lightning reads the global rank from the launcher's environment (``RANK``, ``SLURM_PROCID``) and silences
+    loggers and other rank-zero-only work everywhere else, which suits one job spread over processes. Each
+    worker here runs its own single-device Trainers on its own pairs, so every worker must log.
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    rank_zero_only.rank = 0  # one object, shared by Lightning's loggers and callbacks
+
+
 def run_worker(cfg: TrainConfig, world: World) -> int:
     """Optimize this worker's share of the pairs; returns the exit status (0, or PREEMPTED_EXIT)."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    _own_rank_zero()
     run_dir = RunDir(Path(cfg.run.root) / cfg.run.name)
     pairs = build_source(cfg.data)
     names = output_names(pairs)
@@ -365,6 +378,7 @@ def optimize_batch(cfg: TrainConfig, batch: list[tuple[Pair, str]], run_dir: Run
             tb_dir=run_dir.root / "tb" if cfg.run.tensorboard else None, callbacks=callbacks,
             ckpt_path=_valid_checkpoint(ckpt_dir / "last.ckpt"), enable_progress_bar=False,
             devices=trainer_devices(device), run_name=names[0] if len(names) == 1 else ckpt_dir.parent.name,
+            pair_run_names=names,
         )
     except NonFiniteError as err:
         results = [None] * len(ready)
