@@ -199,3 +199,8 @@ def test_curves_are_built_only_on_the_steps_lightning_writes(tiny_backbone, tmp_
     result = optimize_pair(torch.rand(3, SIZE, SIZE), "a red circle", "e", cfg, trainer, tiny_backbone, tb_dir=tmp_path)
     assert result.steps == 7
     assert _logged_steps(tmp_path / "e") == [4, 6]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "e"))
+    acc.Reload()
+    assert acc.Images("mask/alpha")[-1].step == 7  # and its final mask

@@ -42,7 +42,7 @@ class MaskImages(Callback):
     """Logs each pair's mask and current composite to its TensorBoard run a few times over the optimization.
 
     Args:
-        every_n_steps: log after every this many steps, and after the last.
+        every_n_steps: log after every this many steps, and after the last (``max_steps`` or an early stop).
         runs: pair ``i``'s TensorBoard run is ``runs[i]``.
     """
 
@@ -51,7 +51,7 @@ class MaskImages(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: PeekabooModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.every and step != trainer.max_steps:
+        if step % self.every and step != trainer.max_steps and not trainer.should_stop:
             return
         with torch.no_grad():
             alpha = pl_module().detach().float().cpu()  # (B, 1, S, S)
@@ -204,9 +204,10 @@ def optimize_pairs(
         logger = _tensorboard(tb_dir, name)
         # A batch logs its means to its own run and each pair's curves and images to the pair's run.
         pair_runs = [logger] if len(names) == 1 else [_tensorboard(tb_dir, n) for n in names]
+        # Both after StableMaskStop, which may end the run (and log its curves) at this step.
+        cbs.append(MaskImages(max(1, trainer_cfg.max_steps // IMAGE_SNAPSHOTS), pair_runs))
         if len(names) > 1:
-            cbs.append(PairCurves(pair_runs))  # after StableMaskStop, which may log the step it stops at
-        cbs.insert(0, MaskImages(max(1, trainer_cfg.max_steps // IMAGE_SNAPSHOTS), pair_runs))
+            cbs.append(PairCurves(pair_runs))
     has_ckpt = any(type(cb).__name__ == "ModelCheckpoint" for cb in cbs)
     trainer = build_trainer(trainer_cfg, logger, cbs, enable_progress_bar, has_ckpt, devices)
     module = PeekabooModule(images, prompts, pair_ids, opt_cfg, backbone)
