@@ -770,7 +770,11 @@ class AlphaRecorder(Callback):
 
 
 class _Replay:
-    """What :class:`StableMaskStop` reads from a module: the step's mask and the failed flags."""
+    """What :class:`StableMaskStop` reads from a module: the step's mask, the failed flags, and its loggers
+    (none: a replay logs nothing)."""
+
+    loggers: tuple = ()
+    logged_this_step = False
 
     def __init__(self, alpha: torch.Tensor):
         self.last_alpha, self.failed = alpha, torch.zeros(alpha.shape[0], dtype=torch.bool)
