@@ -85,7 +85,8 @@ def train_main(argv: Sequence[str] | None = None, config_dir: Path | None = None
     def go(cfg, cmd):
         summary = run(cfg, cmd)
         root = Path(cfg.run.root) / cfg.run.name
+        miou = summary.get("miou")
         print(f"{root}: {summary['done']} done, {summary['failed']} failed of {summary['pairs']} pairs; "
-              f"mIoU {summary['miou']}; summary in {root / 'summary.json'}")
+              f"mIoU {'n/a (no ground truth)' if miou is None else f'{miou:.3f}'}; summary in {root / 'summary.json'}")
 
     return run_cli("train", TrainConfig, go, argv, config_dir or _default_config_dir())

@@ -429,7 +429,9 @@ def finalize(run_dir: Path, pairs: list[Pair], names: list[str]) -> dict[str, An
     rd = RunDir(run_dir)
     records = [r for n in names if (r := rd.record(n)) is not None]
     summary = write_results(rd, records, len(pairs))
-    log.info("%s: %d/%d pairs finished, mIoU %s", run_dir, len(records), len(pairs), summary.get("miou"))
+    miou = summary.get("miou")
+    log.info("%s: %d/%d pairs finished, mIoU %s", run_dir, len(records), len(pairs),
+             "n/a (no ground truth)" if miou is None else f"{miou:.3f}")
     return summary
 
 
