@@ -80,13 +80,12 @@ def predict_main(argv: Sequence[str] | None = None, config_dir: Path | None = No
 def train_main(argv: Sequence[str] | None = None, config_dir: Path | None = None) -> int:
     """``train.py``: optimize every pair of a dataset (resumes when rerun)."""
     from peekaboo.config import TrainConfig
-    from peekaboo.runner import run
+    from peekaboo.runner import miou_text, run
 
     def go(cfg, cmd):
         summary = run(cfg, cmd)
         root = Path(cfg.run.root) / cfg.run.name
-        miou = summary.get("miou")
         print(f"{root}: {summary['done']} done, {summary['failed']} failed of {summary['pairs']} pairs; "
-              f"mIoU {'n/a (no ground truth)' if miou is None else f'{miou:.3f}'}; summary in {root / 'summary.json'}")
+              f"mIoU {miou_text(summary)}; summary in {root / 'summary.json'}")
 
     return run_cli("train", TrainConfig, go, argv, config_dir or _default_config_dir())

@@ -429,10 +429,14 @@ def finalize(run_dir: Path, pairs: list[Pair], names: list[str]) -> dict[str, An
     rd = RunDir(run_dir)
     records = [r for n in names if (r := rd.record(n)) is not None]
     summary = write_results(rd, records, len(pairs))
-    miou = summary.get("miou")
-    log.info("%s: %d/%d pairs finished, mIoU %s", run_dir, len(records), len(pairs),
-             "n/a (no ground truth)" if miou is None else f"{miou:.3f}")
+    log.info("%s: %d/%d pairs finished, mIoU %s", run_dir, len(records), len(pairs), miou_text(summary))
     return summary
+
+
+def miou_text(summary: dict[str, Any]) -> str:
+    """A run summary's mIoU for people: three decimals, or why there is none."""
+    miou = summary.get("miou")
+    return "n/a (no ground truth)" if miou is None else f"{miou:.3f}"
 
 
 def write_results(rd: RunDir, records: list[dict], n_pairs: int) -> dict[str, Any]:
