@@ -20,6 +20,7 @@ demo: install
 
 test: install
 	$(PY) -m ruff check src tests scripts benchmarks predict.py train.py
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: install

@@ -3,9 +3,7 @@
 Options are ``key=value`` overrides of the typed config (``python predict.py --help`` lists them).
 """
 
-from pathlib import Path
-
 from peekaboo.cli import predict_main
 
 if __name__ == "__main__":
-    raise SystemExit(predict_main(config_dir=Path(__file__).resolve().parent / "configs"))
+    raise SystemExit(predict_main())

@@ -3,9 +3,7 @@
 Rerunning the same command resumes an interrupted run. ``python train.py --help`` lists the options.
 """
 
-from pathlib import Path
-
 from peekaboo.cli import train_main
 
 if __name__ == "__main__":
-    raise SystemExit(train_main(config_dir=Path(__file__).resolve().parent / "configs"))
+    raise SystemExit(train_main())

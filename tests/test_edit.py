@@ -179,7 +179,7 @@ def _segment(images: list[Image.Image], prompts: list[str], ids: list[str], cfg,
     fitted = [io.fit_square(img, cfg.optimization.mask.size, cfg.image_options.fit) for img in images]
     results = optimize_pairs(torch.stack([f[0] for f in fitted]), prompts, ids, cfg.optimization, cfg.trainer,
                              backbone, enable_progress_bar=False)
-    return [io.binarize(io.quantize(io.unfit(r.alpha, f[1])), cfg.optimization.threshold)
+    return [io.finalize_mask(r.alpha, f[1], cfg.optimization.threshold).mask
             for r, f in zip(results, fitted, strict=True)]
 
 

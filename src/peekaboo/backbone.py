@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from peekaboo import ops
 from peekaboo.config import BUNDLED_MODEL, GuidanceConfig, ModelConfig
+from peekaboo.devices import check_dtype
 from peekaboo.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -70,11 +71,8 @@ def check_model_source(cfg: ModelConfig, device: torch.device | str | None = Non
         ModelError: float16 on CPU, a missing folder, a folder without a Stable-Diffusion layout, a missing
             component, or a pipeline Peekaboo cannot drive.
     """
-    if device is not None and torch.device(device).type == "cpu" and cfg.dtype == "float16":
-        raise ModelError(
-            "model.dtype=float16 is not supported on CPU; use model.dtype=float32 (or bfloat16) on CPU, "
-            "float16 on a GPU."
-        )
+    if device is not None:
+        check_dtype(cfg.dtype, torch.device(device).type, ModelError)
     name = resolve_pretrained(cfg.pretrained)
     if not _looks_like_path(name):
         return name  # a hub id: diffusers resolves (and caches) it
@@ -178,6 +176,16 @@ class Backbone:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along one side: 2 per VAE downsampling (8 for SD 1.x)."""
+        return vae_scale_factor(self.vae)
+
+    @property
+    def native_resolution(self) -> int:
+        """The side the model was trained at: ``unet.sample_size * vae_scale_factor`` (512 for SD 1.x)."""
+        return native_resolution(self.unet, self.vae)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -307,10 +315,15 @@ class Backbone:
         return {"loss": ops.dream_loss(latents, grad), "t": t, "grad_norm": grad.flatten(1).norm(dim=1)}
 
 
-def _native_resolution(unet, vae) -> int:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent cell along one side of ``vae``: it halves the side once per block after the first."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def native_resolution(unet, vae) -> int:
+    """The image side ``unet`` and ``vae`` were trained at: the UNet's latent side times the VAE's factor."""
     size = unet.config.sample_size
-    return int(size if isinstance(size, int) else size[0]) * factor
+    return int(size if isinstance(size, int) else size[0]) * vae_scale_factor(vae)
 
 
 def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
@@ -345,7 +358,7 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
     set_attention(cfg.attention, unet, vae)
-    resolution = cfg.resolution or _native_resolution(unet, vae)
+    resolution = cfg.resolution or native_resolution(unet, vae)
     backbone = Backbone(vae, unet, text_encoder, tokenizer, scheduler_config, resolution).to(device)
     if cfg.compile:
         # The two calls of every step; the text encoder runs once per prompt and is not worth compiling.
@@ -371,13 +384,23 @@ def _load_scheduler_config(name: str, common: dict[str, Any]) -> dict[str, Any]:
     return dict(config)
 
 
-_SHARED: dict[tuple, Backbone] = {}
+_SHARED: dict[str, Backbone] = {}
+
+
+def cache_key(cfg: ModelConfig) -> str:
+    """The key of ``cfg``'s shared backbone: every field of the model config (with the bundled model's name
+    resolved to its folder), so a config that differs in any field, including one added later, loads its own."""
+    from omegaconf import OmegaConf
+
+    fields = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(fields, dict)
+    fields["pretrained"] = resolve_pretrained(cfg.pretrained)
+    return json.dumps(fields, sort_keys=True)
 
 
 def shared_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
     """The process-wide backbone for ``cfg``: loaded on first use, then reused by every pair."""
-    key = (resolve_pretrained(cfg.pretrained), cfg.revision, cfg.variant, cfg.dtype, cfg.channels_last, cfg.resolution,
-           cfg.compile, cfg.attention)
+    key = cache_key(cfg)
     if key not in _SHARED:
         _SHARED[key] = load_backbone(cfg, device)
     return _SHARED[key].to(device)

@@ -1,7 +1,10 @@
-"""Typed configuration: dataclasses merged with YAML groups from ``configs/`` and ``key=value`` overrides.
+"""Typed configuration: dataclasses merged with YAML presets and ``key=value`` overrides.
 
 The dataclasses below hold every default in exactly one place. The defaults are the paper's settings for
-Stable Diffusion 1.x (DESIGN.md); YAML files in ``configs/`` only override them:
+Stable Diffusion 1.x (docs/DESIGN.md); the YAML presets only override them. The presets ship inside the
+package (``peekaboo/configs/``, which the repository's ``configs/`` links to), so ``peekaboo-predict`` run
+from any folder behaves as ``predict.py`` in the repository; ``PEEKABOO_CONFIG_DIR`` points at a folder of
+one's own instead (:func:`preset_dir`). In that folder:
 
 - ``configs/<task>.yaml`` (``predict.yaml``, ``train.yaml``) is read first;
 - a group selection on the command line, ``model=sd15`` or ``data=voc``, merges ``configs/model/sd15.yaml``
@@ -20,6 +23,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import MISSING as _NO_FACTORY
 from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +31,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from peekaboo.devices import ACCELERATORS, check_dtype
 from peekaboo.errors import ConfigError
 
 MASK_KINDS = ("raster", "fourier", "raster_bilateral", "fourier_bilateral")
@@ -42,8 +47,8 @@ GRAVITY_REDUCTIONS = ("sum", "mean")
 LATENT_MODES = ("mean", "sample")
 # Lightning config groups that a ``group=name`` override selects from ``configs/<group>/<name>.yaml``.
 GROUPS = ("model", "data")
-# trainer.accelerator values (peekaboo.devices maps them to a torch device).
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+# Environment variable naming a folder of presets that replaces the packaged ones.
+CONFIG_DIR_ENV = "PEEKABOO_CONFIG_DIR"
 MAX_MASK_SIZE = 4096
 
 BUNDLED_MODEL = "bundled"
@@ -262,6 +267,12 @@ class TrainConfig:
 
 
 C = TypeVar("C")
+
+
+def preset_dir() -> Path:
+    """The folder of YAML presets: ``$PEEKABOO_CONFIG_DIR`` if set, else the presets inside the package."""
+    env = os.environ.get(CONFIG_DIR_ENV)
+    return Path(env) if env else Path(str(resources.files("peekaboo") / "configs"))
 
 
 def _group_files(config_dir: Path, argv: Sequence[str]) -> tuple[list[Path], list[str]]:
@@ -507,9 +518,8 @@ def validate(cfg: Any) -> None:
                " | ".join(PRECISIONS) + " (never *-true half precision: the mask must stay float32)")
         _check(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, ">= 1")
         _check(t.accelerator in ACCELERATORS, "trainer.accelerator", t.accelerator, " | ".join(ACCELERATORS))
-        if "model" in cfg and t.accelerator == "cpu" and cfg.model.dtype == "float16":
-            raise ConfigError("model.dtype=float16 is not supported with trainer.accelerator=cpu; use "
-                              "model.dtype=float32 (or bfloat16) on CPU, float16 on a GPU.")
+        if "model" in cfg:
+            check_dtype(cfg.model.dtype, t.accelerator)
     if "data" in cfg and not OmegaConf.is_missing(cfg.data, "source"):
         _check(cfg.data.source in DATA_SOURCES, "data.source", cfg.data.source, " | ".join(DATA_SOURCES))
         _check(cfg.data.pairs_per_step >= 1, "data.pairs_per_step", cfg.data.pairs_per_step, "an integer >= 1")

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from peekaboo.errors import ConfigError
+from peekaboo.errors import ConfigError, PeekabooError
 
+#: ``trainer.accelerator`` values.
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def check_dtype(dtype: str, device_type: str, error: type[PeekabooError] = ConfigError) -> None:
+    """Refuse frozen-model weights in a dtype the device cannot run (float16 kernels are missing on CPU)."""
+    if device_type == "cpu" and dtype == "float16":
+        raise error("model.dtype=float16 is not supported on CPU (trainer.accelerator=cpu, or no GPU visible); "
+                    "use model.dtype=float32 (or bfloat16) on CPU, float16 on a GPU.")
 
 
 def resolve_device(accelerator: str, local_rank: int = 0) -> torch.device:

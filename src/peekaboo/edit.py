@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from peekaboo import io
-from peekaboo.backbone import Backbone, _native_resolution, check_model_source, offline
+from peekaboo.backbone import Backbone, check_model_source, offline
 from peekaboo.config import EditConfig, ModelConfig, SamplingConfig
 from peekaboo.errors import ConfigError, ModelError
 
@@ -62,16 +62,6 @@ class EditResult:
 
 
 # -- pipelines ------------------------------------------------------------------------------------------------
-def native_size(backbone: Backbone) -> int:
-    """The side the model was trained at: ``unet.sample_size * VAE downsampling`` (512 for SD 1.x)."""
-    return _native_resolution(backbone.unet, backbone.vae)
-
-
-def vae_scale_factor(backbone: Backbone) -> int:
-    """Pixels per latent cell along one side (8 for SD 1.x)."""
-    return 2 ** (len(backbone.vae.config.block_out_channels) - 1)
-
-
 def load_scheduler(model_cfg: ModelConfig) -> Any:
     """A ``DDIMScheduler`` from the model's scheduler config (cached per model source).
 
@@ -147,11 +137,11 @@ def _autocast(device: torch.device, precision: str) -> Iterator[None]:
 def check_sample_size(size: int, backbone: Backbone) -> None:
     """Raise :class:`ConfigError` unless ``size`` is a side the pipeline and the UNet can both sample."""
     levels = len(backbone.unet.config.block_out_channels) - 1  # the UNet halves the latents this many times
-    multiple = int(np.lcm(_PIPELINE_MULTIPLE, vae_scale_factor(backbone) * 2**levels))
+    multiple = int(np.lcm(_PIPELINE_MULTIPLE, backbone.vae_scale_factor * 2**levels))
     if size < multiple or size % multiple:
         raise ConfigError(
             f"sampling.size={size} does not suit this model; use a multiple of {multiple} "
-            f"(or null for its native {native_size(backbone)})."
+            f"(or null for its native {backbone.native_resolution})."
         )
 
 
@@ -171,7 +161,7 @@ def generate(
     Raises:
         ConfigError: ``sampling.size`` is not a side the model can sample.
     """
-    size = sampling.size or native_size(backbone)
+    size = sampling.size or backbone.native_resolution
     check_sample_size(size, backbone)
     pipe = text_to_image_pipeline(backbone, model_cfg)
     with _autocast(backbone.device, precision):
@@ -313,7 +303,7 @@ def edit_region(
         The edited image (original size) with the region and blend weight used.
     """
     original = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
-    size = native_size(backbone)
+    size = backbone.native_resolution
     canvas, placement = io.fit_square(img, size, fit)  # (3, S, S)
     # Pixels the canvas does not show (outside a centre crop) cannot be regenerated: keep them.
     visible = io.unfit(torch.ones(size, size), placement) > 0.5
@@ -322,7 +312,7 @@ def edit_region(
         log.warning("The mask for the edit %r is empty, so the image is left unchanged.", prompt)
         return EditResult(img.copy(), region.numpy(), weight.numpy())
     pipe = inpaint_pipeline(backbone, model_cfg)
-    target = canvas_region(region, placement, size, vae_scale_factor(backbone))  # (S, S)
+    target = canvas_region(region, placement, size, backbone.vae_scale_factor)  # (S, S)
     with _autocast(backbone.device, precision):
         out = pipe(
             prompt=prompt,

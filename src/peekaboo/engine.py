@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
 from peekaboo.backbone import Backbone
@@ -23,6 +28,79 @@ log = logging.getLogger(__name__)
 
 # How many mask/composite snapshots a pair logs to TensorBoard over its optimization.
 IMAGE_SNAPSHOTS = 4
+
+
+# Signals a cluster sends before it takes the machine back (SLURM: SIGTERM, or SIGUSR1 with --signal).
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """A fit stopped by a preemption signal, after its checkpoint was saved; rerunning resumes it."""
+
+
+@dataclass
+class _PreemptionFlag:
+    signal: int | None = None  # the preemption signal received, if any
+
+
+#: Set by the handler :func:`preemption_signals` installs; read between steps and between batches.
+PREEMPTION = _PreemptionFlag()
+
+
+def _note_signal(signum: int, frame: Any) -> None:
+    # Only a flag: the signal may land anywhere (a callback, a logger flush, a checkpoint save), so the work
+    # in flight finishes and the next safe point saves and stops.
+    PREEMPTION.signal = signum
+
+
+@contextlib.contextmanager
+def preemption_signals() -> Iterator[None]:
+    """Note SIGTERM / SIGUSR1 in :data:`PREEMPTION` instead of dying, for the duration of the block (the flag
+    starts clear). Lightning's own SIGTERM handler, installed during each fit, calls this one too."""
+    PREEMPTION.signal = None
+    old = {s: signal.signal(s, _note_signal) for s in PREEMPTION_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+class SaveOnPreemption(Callback):
+    """After a preemption signal, save the fit's checkpoint to ``path`` and stop it with :class:`Preempted`.
+
+    Checked after every step; when Lightning itself ends the fit on SIGTERM (its ``SIGTERMException``, at the
+    epoch's end) the checkpoint is saved from ``on_exception`` instead, so no path through a fit loses it.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._saved_at: int | None = None
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if self._saved_at != trainer.global_step:
+            trainer.save_checkpoint(self.path)
+            self._saved_at = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if PREEMPTION.signal is not None:
+            self._save(trainer)
+            raise Preempted(f"signal {PREEMPTION.signal} at step {trainer.global_step}")
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        if PREEMPTION.signal is not None and not isinstance(exception, Preempted):
+            self._save(trainer)
+
+
+class _Witness(Callback):
+    """Records the exception that ended a fit: Lightning turns Ctrl-C into ``sys.exit(1)``, and the engine
+    turns it back into ``KeyboardInterrupt`` (exit status 130 at the command line)."""
+
+    def __init__(self) -> None:
+        self.exception: BaseException | None = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        self.exception = exception
 
 
 class _Steps(torch.utils.data.Dataset):
@@ -149,12 +227,23 @@ def build_trainer(
         num_sanity_val_steps=0,
         limit_val_batches=0,
         deterministic=False,
+        # Each pair's Trainer drives one device of its own process: a cluster environment (SLURM's, which
+        # also raises for `srun --ntasks=N` without --ntasks-per-node) would describe the whole job instead.
+        plugins=[LightningEnvironment()],
     )
 
 
-def _tensorboard(root: str | Path, name: str) -> TensorBoardLogger:
-    """The TensorBoard run ``<root>/<name>/``; a resumed pair appends to the run it started."""
-    return TensorBoardLogger(str(root), name=name, version="", default_hp_metric=False)
+def _tensorboard(root: str | Path, name: str, resume_step: int | None = None) -> TensorBoardLogger:
+    """The TensorBoard run ``<root>/<name>/``; a resumed pair appends to the run it started, after discarding
+    what that run logged from ``resume_step`` on (logged after its checkpoint, so about to be logged again)."""
+    return TensorBoardLogger(str(root), name=name, version="", default_hp_metric=False, purge_step=resume_step)
+
+
+def checkpoint_step(path: str | Path | None) -> int | None:
+    """The global step a Lightning checkpoint was saved at (None without one)."""
+    if path is None:
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
 def optimize_pair(image: torch.Tensor, prompt: str, pair_id: str, *args, **kwargs) -> PairResult:
@@ -201,14 +290,17 @@ def optimize_pairs(
     if tb_dir is not None:
         names = pair_run_names or pair_ids
         name = run_name or (names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}")
-        logger = _tensorboard(tb_dir, name)
+        resume_step = checkpoint_step(ckpt_path)
+        logger = _tensorboard(tb_dir, name, resume_step)
         # A batch logs its means to its own run and each pair's curves and images to the pair's run.
-        pair_runs = [logger] if len(names) == 1 else [_tensorboard(tb_dir, n) for n in names]
+        pair_runs = [logger] if len(names) == 1 else [_tensorboard(tb_dir, n, resume_step) for n in names]
         # Both after StableMaskStop, which may end the run (and log its curves) at this step.
         cbs.append(MaskImages(max(1, trainer_cfg.max_steps // IMAGE_SNAPSHOTS), pair_runs))
         if len(names) > 1:
             cbs.append(PairCurves(pair_runs))
-    has_ckpt = any(type(cb).__name__ == "ModelCheckpoint" for cb in cbs)
+    witness = _Witness()
+    cbs.append(witness)
+    has_ckpt = any(isinstance(cb, Checkpoint) for cb in cbs)
     trainer = build_trainer(trainer_cfg, logger, cbs, enable_progress_bar, has_ckpt, devices)
     module = PeekabooModule(images, prompts, pair_ids, opt_cfg, backbone)
     loader = DataLoader(_Steps(trainer_cfg.max_steps), batch_size=None, shuffle=False, num_workers=0)
@@ -223,6 +315,14 @@ def optimize_pairs(
             warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
             # weights_only: a checkpoint is data (tensors, numbers, strings); never unpickle code from it.
             trainer.fit(module, loader, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    except SIGTERMException:  # Lightning's own stop on SIGTERM: SaveOnPreemption saved the checkpoint
+        raise Preempted(f"signal {PREEMPTION.signal or signal.SIGTERM} at step {trainer.global_step}") from None
+    except SystemExit:
+        if isinstance(witness.exception, KeyboardInterrupt):
+            # Lightning left SIGINT ignored for its shutdown; give Ctrl-C back to the user.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt from None
+        raise
     finally:  # an interrupted batch keeps what its pairs' runs logged (the Trainer closes its own logger)
         for run in pair_runs:
             if run is not logger:

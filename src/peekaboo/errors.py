@@ -4,7 +4,21 @@ Anything a user can cause (bad path, bad image, bad config, missing model compon
 :class:`PeekabooError` with one sentence naming the input and the fix; the command-line entry points print
 it without a traceback and exit non-zero. Everything else is a bug and keeps its traceback.
 docs/TROUBLESHOOTING.md lists the messages.
+
+:func:`exit_status` is the one place that turns these errors into what a command prints and returns.
 """
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+#: Exit status of a command stopped by a user error (bad path, image, config, model).
+EXIT_USER_ERROR = 2
+#: Exit status after Ctrl-C (128 + SIGINT, as shells report it); finished outputs are kept.
+EXIT_INTERRUPTED = 130
+#: Exit status of a worker stopped by SIGTERM/SIGUSR1 after checkpointing (128 + SIGTERM, as shells report it).
+EXIT_PREEMPTED = 143
 
 
 class PeekabooError(Exception):
@@ -32,3 +46,24 @@ class OutputError(PeekabooError):
 
     Writes are atomic, so files written before the failure are intact; the message names the file.
     """
+
+
+def exit_status(main: Callable[[], int | None], context: str = "") -> int:
+    """Run a command's body and return its exit status.
+
+    A :class:`PeekabooError` prints ``error: <context><message>`` on stderr (no traceback) and returns
+    :data:`EXIT_USER_ERROR`; Ctrl-C prints ``interrupted`` and returns :data:`EXIT_INTERRUPTED`. Any other
+    exception is a bug and propagates with its traceback.
+
+    Args:
+        main: the command's body; its return value (None meaning 0) is the status.
+        context: prefix naming where the error happened, e.g. ``"worker 1: "``.
+    """
+    try:
+        return main() or 0
+    except PeekabooError as err:
+        print(f"error: {context}{err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

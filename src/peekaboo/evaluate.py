@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import OmegaConf
-from PIL import Image
 
+from peekaboo import io
 from peekaboo.config import TrainConfig
 from peekaboo.data import build_source
 from peekaboo.errors import PeekabooError
@@ -39,8 +38,7 @@ def evaluate(run_dir: str | Path) -> dict[str, Any]:
         if record.get("status") == "done":
             target = pair.load_target()
             if target is not None:
-                mask = np.asarray(Image.open(rd.root / record["outputs"]["mask"]).convert("L")) > 127
-                record.update(pair_scores(mask, target))
+                record.update(pair_scores(io.read_mask(rd.root / record["outputs"]["mask"]), target))
         records.append(record)
     return write_results(rd, records, len(pairs))
 

@@ -204,6 +204,72 @@ def unfit(alpha: torch.Tensor, placement: Placement) -> torch.Tensor:
     return out.clamp_(0, 1)
 
 
+@dataclass(frozen=True)
+class FinalMask:
+    """A pair's result at the original image size, exactly as its files hold it.
+
+    Attributes:
+        alpha_u8: ``(H, W)`` uint8, the soft alpha as saved in ``alpha.png``.
+        mask: ``(H, W)`` bool, the binary mask as saved in ``mask.png``: ``alpha_u8 / 255 > threshold``.
+    """
+
+    alpha_u8: np.ndarray
+    mask: np.ndarray
+
+    @property
+    def alpha(self) -> np.ndarray:
+        """The soft alpha ``(H, W)`` as float32 in [0, 1] (the saved 8-bit values)."""
+        return self.alpha_u8.astype(np.float32) / 255.0
+
+    @property
+    def area(self) -> float:
+        """Fraction of the image inside the binary mask."""
+        return float(self.mask.mean())
+
+
+def finalize_mask(alpha: torch.Tensor, placement: Placement, threshold: float) -> FinalMask:
+    """The one way a working-canvas alpha ``(S, S)`` in [0, 1] becomes a pair's result: mapped back to the
+    original size, quantized to the 8 bits saved, then thresholded (so the mask follows from the saved alpha)."""
+    alpha_u8 = quantize(unfit(alpha, placement))
+    return FinalMask(alpha_u8=alpha_u8, mask=binarize(alpha_u8, threshold))
+
+
+#: The files :func:`write_pair_files` can write for a pair.
+PAIR_FILES = ("mask", "alpha", "overlay", "cutout")
+
+
+def write_pair_files(img: Image.Image, final: FinalMask, paths: dict[str, Path]) -> dict[str, Path]:
+    """Write a pair's PNGs (each atomically) at the paths given per kind of :data:`PAIR_FILES`.
+
+    ``mask`` is 0/255, ``alpha`` the soft alpha 0..255, ``overlay`` the mask shown over the image
+    (:func:`overlay`) and ``cutout`` the RGBA image with the soft alpha as its alpha channel.
+    """
+    render = {
+        "mask": lambda: Image.fromarray(final.mask.astype(np.uint8) * 255, "L"),
+        "alpha": lambda: Image.fromarray(final.alpha_u8, "L"),
+        "overlay": lambda: overlay(img, final.mask),
+        "cutout": lambda: cutout(img, final.alpha_u8),
+    }
+    unknown = set(paths) - set(render)
+    if unknown:
+        raise ValueError(f"unknown pair file kinds {sorted(unknown)}; expected some of {PAIR_FILES}")
+    return {kind: save_png(render[kind](), path) for kind, path in paths.items()}
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A binary mask written by :func:`write_pair_files` as ``(H, W)`` bool (its pixels are 0 or 255).
+
+    Raises:
+        ImageError: the file is missing or not an image.
+    """
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L")) >= 128
+    except (OSError, UnidentifiedImageError) as err:
+        raise ImageError(f"Saved mask {path} cannot be read ({type(err).__name__}); rerun the run to rewrite "
+                         "it.") from None
+
+
 def quantize(alpha: torch.Tensor) -> np.ndarray:
     """Soft alpha in [0, 1] as the uint8 values saved to PNG."""
     return (alpha.clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
@@ -300,14 +366,44 @@ def append_line(line: str, path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def overlay(img: Image.Image, mask: np.ndarray, colour: tuple[int, int, int] = (255, 40, 40),
-            opacity: float = 0.5) -> Image.Image:
-    """The image with ``mask`` ``(H, W)`` bool tinted in ``colour``, and the mask's outline drawn."""
-    out = np.array(img, dtype=np.uint8)  # one 8-bit copy: only the tinted pixels go through float
-    tint = np.asarray(colour, dtype=np.float32)
-    out[mask] = ((1 - opacity) * out[mask].astype(np.float32) + opacity * tint).clip(0, 255).astype(np.uint8)
-    out[mask ^ _erode(mask)] = np.asarray(colour, dtype=np.uint8)
-    return Image.fromarray(out)
+# Overlay: how much of its brightness and colour the image keeps outside the mask (dimmed and desaturated, so
+# the mask reads at a glance whatever the object's colour), and the outline colours it picks from.
+OVERLAY_OUTSIDE_BRIGHTNESS = 0.45
+OVERLAY_OUTSIDE_SATURATION = 0.25
+OUTLINE_COLOURS: tuple[tuple[int, int, int], ...] = ((255, 0, 255), (0, 255, 255), (255, 255, 0), (0, 255, 0),
+                                                     (255, 255, 255), (0, 0, 0))
+# Outline width in pixels per this many pixels of the image's shorter side (at least 1 pixel).
+OUTLINE_PER_SIDE = 256
+
+
+def overlay(img: Image.Image, mask: np.ndarray) -> Image.Image:
+    """The image with ``mask`` ``(H, W)`` bool shown: pixels inside unchanged, pixels outside dimmed and
+    desaturated, and the mask's outline drawn in the palette colour farthest from the pixels it runs over (a
+    red object gets no red outline). Drawn with torchvision's ``draw_segmentation_masks``."""
+    from torchvision.utils import draw_segmentation_masks
+
+    rgb = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W) uint8
+    inside = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))  # (H, W)
+    x = rgb.float()
+    grey = x.mean(0, keepdim=True)  # (1, H, W)
+    faded = OVERLAY_OUTSIDE_BRIGHTNESS * (grey + OVERLAY_OUTSIDE_SATURATION * (x - grey))
+    out = torch.where(inside, x, faded).round().clamp(0, 255).to(torch.uint8)  # (3, H, W)
+    width = max(1, min(mask.shape) // OUTLINE_PER_SIDE)
+    edge = mask_outline(mask, width)
+    if edge.any():
+        under = rgb[:, torch.from_numpy(edge)].float().mean(1)  # (3,) mean colour the outline covers
+        palette = torch.tensor(OUTLINE_COLOURS, dtype=torch.float32)  # (K, 3)
+        colour = OUTLINE_COLOURS[int((palette - under).norm(dim=1).argmax())]
+        out = draw_segmentation_masks(out, torch.from_numpy(edge)[None], alpha=1.0, colors=[colour])
+    return Image.fromarray(out.permute(1, 2, 0).numpy())
+
+
+def mask_outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """The ``(H, W)`` bool band of ``mask`` within ``width`` pixels of its border (4-neighbour erosion)."""
+    core = mask.astype(bool)
+    for _ in range(width):
+        core = _erode(core)
+    return mask.astype(bool) & ~core
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:

@@ -28,29 +28,12 @@ class PredictOutput:
     folder: Path
     mask: Path  # binary mask, original size, 0/255
     alpha: Path  # soft alpha, original size, 0..255
-    overlay: Path  # mask tinted over the image
+    overlay: Path  # the mask shown over the image (outside dimmed, outline in a contrasting colour)
     cutout: Path  # RGBA: the image with the soft alpha as its alpha channel
     area: float  # fraction of the image inside the binary mask
     rgba: Path | None = None  # generate=: the sampled image with the soft alpha (same pixels as cutout)
     edited: Path | None = None  # edit.prompt: the image with the segmented region regenerated, original size
     edit_compare: Path | None = None  # edit.prompt: input | blend weight | edited, side by side
-
-
-def write_outputs(img: Image.Image, alpha_orig, threshold: float, folder: Path) -> dict[str, Path]:
-    """Write mask, alpha, overlay and cutout PNGs for one soft mask already mapped to the original size.
-
-    Args:
-        img: the original RGB image.
-        alpha_orig: ``(H, W)`` tensor in [0, 1].
-    """
-    alpha_u8 = io.quantize(alpha_orig)
-    mask = io.binarize(alpha_u8, threshold)
-    return {
-        "mask": io.save_png(Image.fromarray((mask * 255).astype(np.uint8), "L"), folder / "mask.png"),
-        "alpha": io.save_png(Image.fromarray(alpha_u8, "L"), folder / "alpha.png"),
-        "overlay": io.save_png(io.overlay(img, mask), folder / "overlay.png"),
-        "cutout": io.save_png(io.cutout(img, alpha_u8), folder / "cutout.png"),
-    }
 
 
 def write_edit(cfg: PredictConfig, backbone: Backbone, img: Image.Image, mask: np.ndarray,
@@ -104,17 +87,15 @@ def predict(cfg: PredictConfig, argv: list[str] | None = None) -> list[PredictOu
             canvas, prompt, name, opt, cfg.trainer, backbone,
             tb_dir=root / "tb" if cfg.tensorboard else None,
         )
-        alpha = io.unfit(result.alpha, placement)
+        final = io.finalize_mask(result.alpha, placement, opt.threshold)
         folder = root / name
-        paths = write_outputs(img, alpha, opt.threshold, folder)
-        alpha_u8 = io.quantize(alpha)
-        mask = io.binarize(alpha_u8, opt.threshold)  # exactly mask.png
+        paths = io.write_pair_files(img, final, {kind: folder / f"{kind}.png" for kind in io.PAIR_FILES})
         if cfg.generate is not None:
-            paths["rgba"] = io.save_png(io.cutout(img, alpha_u8), folder / "rgba.png")
+            paths["rgba"] = io.save_png(io.cutout(img, final.alpha_u8), folder / "rgba.png")
         if cfg.edit.prompt is not None:
-            paths.update(write_edit(cfg, backbone, img, mask, folder))
+            paths.update(write_edit(cfg, backbone, img, final.mask, folder))
         extra = " ".join(p.name for k, p in paths.items() if k in ("rgba", "edited", "edit_compare"))
-        outputs.append(PredictOutput(prompt=prompt, folder=folder, area=float(mask.mean()), **paths))
+        outputs.append(PredictOutput(prompt=prompt, folder=folder, area=final.area, **paths))
         log.info("%r: %d steps in %.1fs, mask covers %.1f%% -> %s%s", prompt, result.steps, result.seconds,
-                 100 * float(mask.mean()), folder, f" (also {extra})" if extra else "")
+                 100 * final.area, folder, f" (also {extra})" if extra else "")
     return outputs

@@ -19,6 +19,7 @@ Each worker optimizes the pairs ``i`` with ``i % world_size == rank``; every ran
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -43,39 +44,30 @@ from peekaboo.backbone import check_model_source, shared_backbone
 from peekaboo.config import TrainConfig, to_yaml
 from peekaboo.data import Pair, build_source
 from peekaboo.devices import resolve_device, trainer_devices
-from peekaboo.engine import PairResult, optimize_pairs
-from peekaboo.errors import ConfigError, NonFiniteError, OutputError, PeekabooError
+from peekaboo.engine import PREEMPTION, PairResult, Preempted, SaveOnPreemption, optimize_pairs, preemption_signals
+from peekaboo.errors import EXIT_PREEMPTED, ConfigError, NonFiniteError, OutputError, PeekabooError, exit_status
+from peekaboo.logs import setup_logging
 from peekaboo.metrics import pair_scores, summarize
 
 log = logging.getLogger(__name__)
-
-# Exit status of a worker stopped by SIGTERM/SIGUSR1 after checkpointing (128 + SIGTERM, as shells report).
-PREEMPTED_EXIT = 143
+# The files a dataset run writes per pair, each under ``<kind>s/<name>.png`` (the overlay only with
+# run.save_overlays).
+RUN_FILES = ("mask", "alpha", "overlay")
 # Config sections that change what a pair computes: a rerun must match them to resume the same run.
 RESULT_KEYS = ("data", "model", "image_options", "optimization", "trainer.max_steps", "trainer.precision")
+# Keys inside RESULT_KEYS that change only how fast pairs run, never their masks (per-pair seeds make batching
+# invisible; compiled, channels-last and either attention kernel compute the same model): a resume may change them.
+SPEED_KEYS = ("data.pairs_per_step", "model.compile", "model.attention", "model.channels_last")
 
 
-class Preempted(Exception):
-    """Raised inside a pair's fit after its checkpoint was saved, to stop the worker."""
+@dataclass(frozen=True)
+class RunOutcome:
+    """What :func:`run` did: the run's summary, its folder and the exit status for the command line
+    (0, or :data:`~peekaboo.errors.EXIT_PREEMPTED` when a worker was stopped to be resumed)."""
 
-
-_PREEMPT = {"signal": None}
-
-
-def _on_signal(signum, frame) -> None:
-    _PREEMPT["signal"] = signum
-
-
-class SaveOnPreemption(Callback):
-    """On SIGTERM / SIGUSR1 (cluster preemption), save the pair's checkpoint and stop."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if _PREEMPT["signal"] is not None:
-            trainer.save_checkpoint(self.path)
-            raise Preempted(f"signal {_PREEMPT['signal']} at step {trainer.global_step}")
+    summary: dict[str, Any]
+    root: Path
+    status: int
 
 
 @dataclass(frozen=True)
@@ -146,12 +138,7 @@ def _check_same_run(run_dir: Path, cfg: TrainConfig) -> None:
     if not saved_path.is_file():
         return
     saved = OmegaConf.load(saved_path)
-    diffs = []
-    for key in RESULT_KEYS:
-        a, b = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
-        to_c = lambda x: OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x  # noqa: E731
-        if to_c(a) != to_c(b):
-            diffs.append(key)
+    diffs = [key for key in RESULT_KEYS if _result_part(saved, key) != _result_part(cfg, key)]
     if diffs:
         raise ConfigError(
             f"Run folder {run_dir} was started with different {', '.join(diffs)} settings; rerun the same command "
@@ -159,11 +146,24 @@ def _check_same_run(run_dir: Path, cfg: TrainConfig) -> None:
         )
 
 
-def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
-    """Optimize every pair of ``cfg.data`` (resuming a previous run of the same name); returns the summary.
+def _result_part(cfg: Any, key: str) -> Any:
+    """The value of ``key`` in ``cfg`` as plain data, without the :data:`SPEED_KEYS` under it."""
+    value = OmegaConf.select(cfg, key)
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    for speed in SPEED_KEYS:
+        section, _, leaf = speed.rpartition(".")
+        if section == key and isinstance(value, dict):
+            value.pop(leaf, None)
+    return value
+
+
+def run(cfg: TrainConfig, argv: list[str] | None = None) -> RunOutcome:
+    """Optimize every pair of ``cfg.data`` (resuming a previous run of the same name).
 
     With ``trainer.devices=N > 1`` this process starts N workers; under torchrun or SLURM this process is
-    one worker of the job. Raises :class:`PeekabooError` for bad input found before any work starts.
+    one worker of the job. Raises :class:`PeekabooError` for bad input found before any work starts; a
+    preempted worker is not an error but a status (:data:`~peekaboo.errors.EXIT_PREEMPTED`).
     """
     run_dir = Path(cfg.run.root) / cfg.run.name
     pairs = build_source(cfg.data)
@@ -183,10 +183,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         code = _spawn_workers(cfg)
     else:
         code = run_worker(cfg, World())
-    summary = finalize(run_dir, pairs, names)
-    if code:
-        raise SystemExit(code)
-    return summary
+    return RunOutcome(summary=finalize(run_dir, pairs, names), root=run_dir, status=code)
 
 
 def _spawn_workers(cfg: TrainConfig) -> int:
@@ -210,24 +207,28 @@ def _spawn_workers(cfg: TrainConfig) -> int:
     codes = [p.exitcode for p in procs]
     if any(codes):
         log.warning("worker exit codes: %s", codes)
-    return PREEMPTED_EXIT if PREEMPTED_EXIT in codes else max((abs(c) for c in codes if c), default=0)
+    return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else max((abs(c) for c in codes if c), default=0)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (what taskset, cgroups or SLURM's --cpus-per-task
+    leave it), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def _worker_entry(cfg_yaml: str, world: World) -> None:
-    from peekaboo.cli import setup_logging
-
     setup_logging()
     schema = OmegaConf.structured(TrainConfig)
     cfg = OmegaConf.merge(schema, OmegaConf.create(cfg_yaml))
-    # Share the machine's cores between CPU workers instead of oversubscribing them.
+    # Share the process's cores between CPU workers instead of oversubscribing them.
     if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.size))
-    try:
-        code = run_worker(cfg, world)
-    except PeekabooError as err:  # the same one line (and status) a single-process run gives, not a traceback
-        print(f"error: worker {world.rank}: {err}", file=sys.stderr)
-        code = 2
-    raise SystemExit(code)
+        torch.set_num_threads(max(1, usable_cpus() // world.size))
+    # The same one line (and status) a single-process run gives, not a traceback; the process's exit code is
+    # how the parent learns the worker's status.
+    sys.exit(exit_status(lambda: run_worker(cfg, world), context=f"worker {world.rank}: "))
 
 
 def _own_rank_zero() -> None:
@@ -243,67 +244,131 @@ def _own_rank_zero() -> None:
 
 
 def run_worker(cfg: TrainConfig, world: World) -> int:
-    """Optimize this worker's share of the pairs; returns the exit status (0, or PREEMPTED_EXIT)."""
-    from torch.utils.tensorboard import SummaryWriter
+    """Optimize this worker's share of the pairs; returns the exit status (0, or EXIT_PREEMPTED)."""
     from tqdm import tqdm
 
     _own_rank_zero()
     run_dir = RunDir(Path(cfg.run.root) / cfg.run.name)
     pairs = build_source(cfg.data)
     names = output_names(pairs)
-    mine = [(p, n) for i, (p, n) in enumerate(zip(pairs, names, strict=True)) if i % world.size == world.rank]
-    todo = [(p, n) for p, n in mine if run_dir.record(n) is None]
+    finished = sum(run_dir.record(n) is not None for n in names)
+    units = plan_units(list(zip(pairs, names, strict=True)), run_dir, cfg.data.pairs_per_step)[world.rank :: world.size]
     device = resolve_device(cfg.trainer.accelerator, world.local_rank)
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    writer = SummaryWriter(str(run_dir.root / "tb" / f"worker{world.rank}")) if cfg.run.tensorboard else None
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"worker {world.rank}", position=world.rank,
+    bar = tqdm(total=sum(map(len, units)), desc=f"worker {world.rank}", position=world.rank,
                unit="pair", dynamic_ncols=True, disable=not cfg.trainer.enable_progress_bar)
-    ious: list[float] = [r["iou"] for p, n in mine if (r := run_dir.record(n)) and r.get("iou") is not None]
-    done = len(mine) - len(todo)
-    try:
-        backbone = shared_backbone(cfg.model, device) if todo else None
-        b = cfg.data.pairs_per_step
-        for start in range(0, len(todo), b):
-            batch = todo[start : start + b]
-            try:
-                records = optimize_batch(cfg, batch, run_dir, backbone, device)
-            except Preempted as err:
-                log.warning("worker %d preempted (%s): %s checkpointed; rerun the same command to resume.",
-                            world.rank, err, ", ".join(p.id for p, _ in batch))
-                _requeue_if_slurm()
-                return PREEMPTED_EXIT
-            except OutputError as err:
-                # A full disk or an unwritable folder fails every later pair too: stop, rather than spend the
-                # compute and record them all as failed. The unfinished pairs have no done record, so a
-                # rerun redoes exactly them; finished pairs were written atomically and stay as they are.
-                raise OutputError(f"{err} The run stopped at pair(s) {', '.join(p.id for p, _ in batch)}; fix "
-                                  "that and rerun the same command to resume (finished pairs are kept).") from None
-            for record in records:
-                done += 1
-                if record.get("iou") is not None:
-                    ious.append(record["iou"])
-                bar.update(1)
-                if writer is not None:
-                    writer.add_scalar("job/pairs_done", done, done)
-                    writer.add_scalar("job/seconds_per_pair", record.get("seconds", 0.0), done)
-                    if ious:
-                        writer.add_scalar("job/running_miou", float(np.mean(ious)), done)
-            if writer is not None:
-                writer.flush()
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-        for s, h in old.items():
-            signal.signal(s, h)
+    # Job curves are indexed by pairs finished in the whole run, so a resumed worker continues past every step
+    # an earlier attempt logged instead of writing the same steps again.
+    curves = _JobCurves(run_dir.root / "tb" / f"worker{world.rank}", finished) if cfg.run.tensorboard else None
+    with preemption_signals(), contextlib.closing(bar):
+        try:
+            backbone = shared_backbone(cfg.model, device) if units else None
+            for unit in units:
+                if PREEMPTION.signal is not None:  # stopped between batches: nothing in flight to save
+                    _requeue_once(run_dir)
+                    return EXIT_PREEMPTED
+                # Pairs of the share that another attempt finished meanwhile are not redone.
+                batch = [(p, n) for p, n in unit if run_dir.record(n) is None]
+                if not batch:
+                    continue
+                try:
+                    records = optimize_batch(cfg, batch, run_dir, backbone, device)
+                except Preempted as err:
+                    log.warning("worker %d preempted (%s): %s checkpointed; rerun the same command to resume.",
+                                world.rank, err, ", ".join(p.id for p, _ in batch))
+                    _requeue_once(run_dir)
+                    return EXIT_PREEMPTED
+                except OutputError as err:
+                    # A full disk or an unwritable folder fails every later pair too: stop, rather than spend the
+                    # compute and record them all as failed. The unfinished pairs have no done record, so a
+                    # rerun redoes exactly them; finished pairs were written atomically and stay as they are.
+                    raise OutputError(f"{err} The run stopped at pair(s) {', '.join(p.id for p, _ in batch)}; "
+                                      "fix that and rerun the same command to resume (finished pairs are kept)."
+                                      ) from None
+                bar.update(len(records))
+                if curves is not None:
+                    curves.add(records)
+        finally:
+            if curves is not None:
+                curves.close()
     return 0
 
 
-def _requeue_if_slurm() -> None:
-    """Under SLURM, put the job back in the queue so the rerun happens without a human."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if job and os.environ.get("SLURM_PROCID", "0") == "0" and shutil.which("scontrol"):
-        subprocess.run(["scontrol", "requeue", job], check=False)
+class _JobCurves:
+    """One worker's job-level TensorBoard curves: pairs done, seconds per pair and the running mIoU of the
+    pairs it finished, each at x = pairs finished in the whole run."""
+
+    def __init__(self, folder: Path, finished: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder))
+        self.done, self.ious = finished, []
+
+    def add(self, records: list[dict]) -> None:
+        for record in records:
+            self.done += 1
+            if record.get("iou") is not None:
+                self.ious.append(record["iou"])
+            self.writer.add_scalar("job/pairs_done", self.done, self.done)
+            self.writer.add_scalar("job/seconds_per_pair", record.get("seconds", 0.0), self.done)
+            if self.ious:
+                self.writer.add_scalar("job/running_miou", float(np.mean(self.ious)), self.done)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def plan_units(todo: list[tuple[Pair, str]], run_dir: RunDir, pairs_per_step: int) -> list[list[tuple[Pair, str]]]:
+    """Split the run's unfinished pairs into batches ("units") that the workers share round-robin.
+
+    A batch interrupted with a checkpoint is kept whole (whatever ``pairs_per_step`` is now), so it resumes
+    from its checkpoint; the other unfinished pairs are batched in dataset order. Every worker computes the
+    same plan from the run folder, so the remaining pairs are spread evenly over however many workers the
+    rerun has, whoever finished what before.
+    """
+    unfinished = [(p, n) for p, n in todo if run_dir.record(n) is None]
+    index = {n: i for i, (_, n) in enumerate(unfinished)}
+    units: list[list[tuple[Pair, str]]] = []
+    taken: set[str] = set()
+    for members in _checkpointed_batches(run_dir):
+        if all(n in index and n not in taken for n in members):
+            units.append([unfinished[index[n]] for n in members])
+            taken.update(members)
+    rest = [(p, n) for p, n in unfinished if n not in taken]
+    units += [rest[i : i + pairs_per_step] for i in range(0, len(rest), pairs_per_step)]
+    return sorted(units, key=lambda unit: index[unit[0][1]])
+
+
+def _checkpointed_batches(run_dir: RunDir) -> list[list[str]]:
+    """The member names of every batch (or lone pair) with a checkpoint to resume from."""
+    found = []
+    for members_file in sorted((run_dir.root / "batches").glob(f"*/{BATCH_MEMBERS}")):
+        if (members_file.parent / "ckpt" / "last.ckpt").is_file():
+            with contextlib.suppress(json.JSONDecodeError, OSError):
+                found.append([str(n) for n in json.loads(members_file.read_text())])
+    found += [[ckpt.parents[1].name] for ckpt in sorted((run_dir.root / "pairs").glob("*/ckpt/last.ckpt"))]
+    return found
+
+
+def _requeue_once(run_dir: RunDir) -> None:
+    """Under SLURM, put the job back in the queue so the rerun happens without a human.
+
+    Every preempted worker of the job gets here; the first to create the job's marker file in the run folder
+    is the one that calls ``scontrol requeue`` (a job requeued twice would run twice).
+    """
+    env = os.environ
+    array = env.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{env['SLURM_ARRAY_TASK_ID']}" if array and "SLURM_ARRAY_TASK_ID" in env else env.get("SLURM_JOB_ID")
+    if not job or not shutil.which("scontrol"):
+        return
+    marker = run_dir.root / f".requeued-{job}-{env.get('SLURM_RESTART_COUNT', '0')}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return  # another worker of this job attempt requeued it
+    except OSError as err:
+        log.warning("could not create %s (%s); requeueing without it.", marker, err)
+    subprocess.run(["scontrol", "requeue", job], check=False)
 
 
 def _valid_checkpoint(path: Path) -> Path | None:
@@ -323,6 +388,10 @@ def _valid_checkpoint(path: Path) -> Path | None:
         log.warning("checkpoint %s %s; moved it to %s and restarting that pair from scratch.", path, why, aside.name)
         path.rename(aside)
         return None
+
+
+# The file in a batch's folder that lists its members, so a rerun can rebuild the batch around its checkpoint.
+BATCH_MEMBERS = "members.json"
 
 
 def _batch_dir(run_dir: RunDir, names: list[str]) -> Path:
@@ -365,6 +434,8 @@ def optimize_batch(cfg: TrainConfig, batch: list[tuple[Pair, str]], run_dir: Run
         return records
     names = [r[1] for r in ready]
     ckpt_dir = _batch_dir(run_dir, names)
+    if len(names) > 1:
+        io.write_text(json.dumps(names), ckpt_dir.parent / BATCH_MEMBERS)
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.run.checkpoint_every_n_steps,
                         save_top_k=0, save_last=True, save_on_train_epoch_end=False),
@@ -400,19 +471,13 @@ def optimize_batch(cfg: TrainConfig, batch: list[tuple[Pair, str]], run_dir: Run
 def _write_pair(cfg: TrainConfig, run_dir: RunDir, name: str, img: Image.Image, placement: io.Placement,
                 result: PairResult, pair: Pair) -> dict[str, Any]:
     """Write one pair's mask, alpha (and overlay) at the original size; returns its record fields."""
-    alpha_u8 = io.quantize(io.unfit(result.alpha, placement))
-    mask = io.binarize(alpha_u8, cfg.optimization.threshold)
-    mask_png = Image.fromarray((mask * 255).astype(np.uint8), "L")
-    paths = {
-        "mask": io.save_png(mask_png, run_dir.root / "masks" / f"{name}.png"),
-        "alpha": io.save_png(Image.fromarray(alpha_u8, "L"), run_dir.root / "alphas" / f"{name}.png"),
-    }
-    if cfg.run.save_overlays:
-        paths["overlay"] = io.save_png(io.overlay(img, mask), run_dir.root / "overlays" / f"{name}.png")
+    final = io.finalize_mask(result.alpha, placement, cfg.optimization.threshold)
+    kinds = RUN_FILES if cfg.run.save_overlays else tuple(k for k in RUN_FILES if k != "overlay")
+    paths = io.write_pair_files(img, final, {kind: run_dir.root / f"{kind}s" / f"{name}.png" for kind in kinds})
     fields: dict[str, Any] = {
         "status": "done", "outputs": {k: str(v.relative_to(run_dir.root)) for k, v in paths.items()},
         "steps": result.steps, "seconds": round(result.seconds, 3), "losses": result.losses,
-        "area": float(mask.mean()),
+        "area": final.area,
     }
     try:
         target = pair.load_target()
@@ -420,7 +485,7 @@ def _write_pair(cfg: TrainConfig, run_dir: RunDir, name: str, img: Image.Image, 
         log.warning("pair %s: ground truth unusable (%s); not scored.", pair.id, err)
         target = None
     if target is not None:
-        fields.update(pair_scores(mask, target))
+        fields.update(pair_scores(final.mask, target))
     return fields
 
 
