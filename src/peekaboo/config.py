@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING as _NO_FACTORY
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
@@ -347,7 +347,8 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
 
 
 def load_config(
-    schema_cls: type[C], argv: Sequence[str], config_dir: str | os.PathLike | None = None, task: str | None = None
+    schema_cls: type[C], argv: Sequence[str], config_dir: str | os.PathLike | None = None, task: str | None = None,
+    inputs: bool = True,
 ) -> C:
     """Build a config from ``schema_cls`` defaults, ``configs/<task>.yaml``, group files and overrides.
 
@@ -356,6 +357,7 @@ def load_config(
         argv: command-line ``key=value`` strings (and ``group=name`` selections).
         config_dir: folder with ``<task>.yaml`` and group sub-folders; None uses defaults and overrides only.
         task: the base YAML's stem, e.g. ``"predict"``.
+        inputs: require a predict config's inputs (see :func:`validate`).
 
     Returns:
         The validated config object (an OmegaConf structured config typed as ``schema_cls``).
@@ -381,8 +383,32 @@ def load_config(
         raise ConfigError(_explain(err, schema)) from None
     if missing:
         raise ConfigError(f"Missing required config value(s): {', '.join(missing)}; pass them as key=value.")
-    validate(cfg)
+    validate(cfg, inputs)
     return cfg  # type: ignore[return-value]
+
+
+def apply_overrides(cfg: C, overrides: Mapping[str, Any], inputs: bool = True) -> C:
+    """``cfg`` with ``overrides`` merged in and validated, for callers in Python (the command line's
+    ``key=value`` strings go through :func:`load_config`).
+
+    Args:
+        cfg: a config built by :func:`load_config` (or ``OmegaConf.structured``).
+        overrides: nested (``{"trainer": {"max_steps": 50}}``) and/or dotted (``{"trainer.max_steps": 50}``)
+            keys with Python values, taken as they are (no YAML parsing).
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type, or a value out of range.
+    """
+    schema = cfg if OmegaConf.is_config(cfg) else OmegaConf.structured(cfg)
+    try:
+        update = OmegaConf.create()
+        for key, value in overrides.items():
+            OmegaConf.update(update, key, value, merge=True, force_add=True)
+        merged = OmegaConf.merge(schema, update)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err, schema)) from None
+    validate(merged, inputs)
+    return merged  # type: ignore[return-value]
 
 
 def _load_yaml(path: Path, config_dir: Path, selected: list[Path], schema: DictConfig) -> DictConfig:
@@ -501,8 +527,9 @@ def validate_output_dir(key: str, value: str) -> None:
                           f"system); choose another {key}.")
 
 
-def validate(cfg: Any) -> None:
-    """Range-check every section a config has."""
+def validate(cfg: Any, inputs: bool = True) -> None:
+    """Range-check every section a config has; with ``inputs``, also that a predict config names its inputs
+    (an image or ``generate=``, and prompts). The Python API gives those per call instead."""
     validate_finite(cfg)
     if "output_dir" in cfg:
         validate_output_dir("output_dir", cfg.output_dir)
@@ -539,7 +566,7 @@ def validate(cfg: Any) -> None:
         _check(io.max_pixels >= 4, "image_options.max_pixels", io.max_pixels, "an integer >= 4 (a 2x2 image)")
         _check(len(io.flatten_background) == 3 and all(0 <= v <= 1 for v in io.flatten_background),
                "image_options.flatten_background", list(io.flatten_background), "three numbers in [0, 1]")
-    if "generate" in cfg:
+    if "generate" in cfg and inputs:
         if (cfg.image is None) == (cfg.generate is None):
             raise ConfigError("Give exactly one of image=PATH (segment an image) or generate=\"a prompt\" "
                               "(text to RGBA).")

@@ -7,10 +7,10 @@ import logging
 import signal
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
@@ -22,9 +22,12 @@ from torch.utils.data import DataLoader
 
 from peekaboo.backbone import Backbone
 from peekaboo.config import EarlyStopConfig, OptimizationConfig, TrainerConfig
+from peekaboo.errors import PeekabooError
 from peekaboo.module import PeekabooModule
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # How many mask/composite snapshots a pair logs to TensorBoard over its optimization.
 IMAGE_SNAPSHOTS = 4
@@ -337,3 +340,24 @@ def optimize_pairs(
                    losses={k: float(v[i]) for k, v in module.last_losses.items()})
         for i in range(len(pair_ids))
     ]
+
+
+def split_on_oom(items: list[T], run: Callable[[list[T]], list[Any]], what: str = "pairs") -> list[Any]:
+    """``run(items)``, and when the accelerator runs out of memory, ``run`` on each half in turn, down to one.
+
+    Every pair keeps its own random stream whatever batch it runs in, so the results are those of the whole
+    batch. One item that still does not fit is a user error with the knobs that shrink it.
+    """
+    try:
+        return run(items)
+    except torch.cuda.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(items) == 1:
+            raise PeekabooError(f"One of the {what} alone does not fit in accelerator memory; lower "
+                                "optimization.mask.size or model.resolution, or use model.dtype=bfloat16 with "
+                                "trainer.precision=bf16-mixed.") from None
+        half = len(items) // 2
+        log.warning("out of accelerator memory for %d %s in one batch; retrying as %d + %d.", len(items), what,
+                    half, len(items) - half)
+        return split_on_oom(items[:half], run, what) + split_on_oom(items[half:], run, what)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from omegaconf import OmegaConf
 from peekaboo import io
 from peekaboo.config import TrainConfig
 from peekaboo.data import build_source
-from peekaboo.errors import PeekabooError
+from peekaboo.errors import PeekabooError, exit_status
 from peekaboo.metrics import pair_scores
 from peekaboo.runner import RunDir, output_names, write_results
 
@@ -47,13 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peekaboo.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run folder, e.g. runs/NAME")
     args = parser.parse_args(argv)
-    try:
-        summary = evaluate(args.run_dir)
-    except PeekabooError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return exit_status(lambda: print(json.dumps(evaluate(args.run_dir), indent=2)))
 
 
 if __name__ == "__main__":
