@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -13,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from peekaboo.config import DataConfig
-from peekaboo.data import IGNORE, Pair, build_source
+from peekaboo.data import IGNORE, Pair, build_source, shapes
 from peekaboo.data.manifest import load_mask, manifest_pairs
 from peekaboo.data.refcoco import decode_segmentation, load_refs, refcoco_pairs
 from peekaboo.data.synthetic import synthetic_pairs
@@ -376,3 +378,154 @@ def test_synthetic_source():
     assert set(np.unique(target).tolist()) == {0, 1}
     assert pairs[0].path is None  # in-memory scene: the runner calls load_image()
     assert pairs[0].prompt.startswith("a ") and pairs[0].meta["shape"] in pairs[0].prompt
+
+
+# --- synthetic shapes scenes (peekaboo.data.shapes) -------------------------------------------------------
+
+# sha256 digests of the classic tune / eval pairs and of classic default-argument scenes, computed with the
+# generator as it was before the wide style was added. docs/BENCHMARK.md and the CI accuracy floor were
+# measured on exactly these pairs: a change here silently invalidates them.
+SHAPES_PINNED = {
+    ("pairs", "tune", 48): "104596f5d48a89f5649fdca5ef56c37aff32fd44c309ea238d74515e30f0ca4b",
+    ("pairs", "eval", 200): "3fe10f248d173bd05166bccfcb5eab249d00bb4e72e74c7b42faabb85940a186",
+    ("scenes", "eval", 16): "2ef8ef82b1fa1c540857da5d71f3ee7032b5c38f519ae6e2fa5211c470e76d1f",
+    ("scenes", "train", 16): "125b5b09ed86748e4881c8c7ece48e692f09b52cf059c3b56e02b87dc303da51",
+}
+
+
+def _shapes_digest(kind: str, split: str, n: int) -> str:
+    h = hashlib.sha256()
+    if kind == "pairs":
+        for p in shapes.eval_pairs(split, n):
+            for part in (p.id, p.prompt, p.scene.caption, str(p.scene.seed)):
+                h.update(part.encode())
+            h.update(p.scene.image.tobytes())
+            h.update(p.mask.tobytes())
+        return h.hexdigest()
+    for i in range(n):
+        scene = shapes.make_scene(shapes.scene_seed(split, i))
+        h.update(scene.caption.encode())
+        h.update(scene.image.tobytes())
+        for obj in scene.objects:
+            h.update(obj.mask.tobytes())
+    return h.hexdigest()
+
+
+def test_shapes_classic_splits_are_pinned():
+    for (kind, split, n), digest in SHAPES_PINNED.items():
+        assert _shapes_digest(kind, split, n) == digest, f"classic {kind} of {split} changed"
+
+
+def test_shapes_splits_are_disjoint():
+    assert set(shapes.SPLITS) == {"train", "tune", "eval", "robust"}
+    last = 10**8 - 1
+    ranges = sorted((shapes.scene_seed(s, 0), shapes.scene_seed(s, last)) for s in shapes.SPLITS)
+    for (_, end), (start, _) in itertools.pairwise(ranges):
+        assert end < start
+    with pytest.raises(ValueError, match="outside"):
+        shapes.scene_seed("robust", 10**8)
+
+
+def _wide_scenes(n: int, n_objects: int | None = None, size: int = 64) -> list[shapes.Scene]:
+    return [shapes.make_scene(shapes.scene_seed("train", i), size, n_objects, None, shapes.WIDE) for i in range(n)]
+
+
+def test_shapes_wide_border_objects_are_clipped_with_visible_area():
+    crossing = [(s, o) for s in _wide_scenes(60) for o in s.objects if o.visible_fraction < 1.0]
+    assert len(crossing) >= 5  # the wide style does cross the border
+    for scene, obj in crossing:
+        assert obj.mask.shape == scene.image.shape[:2]
+        assert obj.visible_fraction >= shapes.WIDE.min_visible_fraction
+        assert obj.mask.sum() >= shapes.WIDE.min_visible_pixels
+        edges = np.concatenate([obj.mask[0], obj.mask[-1], obj.mask[:, 0], obj.mask[:, -1]])
+        assert edges.any()  # a clipped object touches the border
+        assert (scene.image[obj.mask] == obj.rgb).all()  # the clipped mask is exactly its painted pixels
+    # Objects never overlap, also where they leave the image.
+    for scene in _wide_scenes(30):
+        assert (np.sum([o.mask for o in scene.objects], axis=0) <= 1).all()
+
+
+def test_shapes_wide_colour_jitter_within_bounds():
+    jitter = shapes.WIDE.colour_jitter
+    offsets = []
+    for scene in _wide_scenes(40):
+        for obj in scene.objects:
+            offset = np.array(obj.rgb) - np.array(shapes.COLOURS[obj.colour])
+            assert np.abs(offset).max() <= jitter
+            offsets.append(offset)
+    assert np.abs(np.array(offsets)).max() > jitter // 2  # the jitter is actually applied
+    classic = shapes.make_scene(shapes.scene_seed("eval", 0))
+    assert all(o.rgb == shapes.COLOURS[o.colour] for o in classic.objects)
+
+
+def test_shapes_wide_backgrounds_stay_far_from_named_colours():
+    palette = np.array(list(shapes.COLOURS.values()), dtype=float)
+    for scene in _wide_scenes(30):
+        background = ~np.any([o.mask for o in scene.objects], axis=0)
+        pixels = scene.image[background].astype(float)
+        dist = np.linalg.norm(pixels[:, None] - palette[None], axis=2)
+        assert dist.min() >= shapes.WIDE.min_bg_pixel_distance - 1  # uint8 rounding
+
+
+def test_shapes_caption_forms_parse_back():
+    objects = shapes.make_scene(shapes.scene_seed("train", 3), n_objects=3, style=shapes.WIDE).objects
+    names = [(o.colour, o.shape) for o in objects]
+    for form in shapes.CAPTION_FORMS:
+        caption = shapes.caption_for(objects, form)
+        assert shapes.parse_caption(caption) == names
+    assert shapes.caption_for(objects[:1], "the") == f"the {objects[0].name}"
+    assert shapes.caption_for(objects[:2], "comma") == f"{objects[0].name}, {objects[1].name}"
+    seen = set()
+    for scene in _wide_scenes(80):
+        assert shapes.parse_caption(scene.caption) == [(o.colour, o.shape) for o in scene.objects]
+        assert len(scene.caption.replace(",", " ,").split()) <= shapes.WIDE.max_caption_words
+        seen.add(scene.caption.split()[0] if scene.caption.split()[0] in ("a", "the") else "bare")
+    assert seen == {"a", "the", "bare"}
+    with pytest.raises(ValueError, match="not a list"):
+        shapes.parse_caption("a red blob")
+
+
+def test_shapes_wide_four_objects():
+    scenes = _wide_scenes(20, n_objects=4)
+    assert all(len(s.objects) == 4 for s in scenes)
+    for scene in scenes:  # no two objects share colour AND shape: each prompt names exactly one object
+        assert len({(o.colour, o.shape) for o in scene.objects}) == 4
+    with pytest.raises(ValueError, match="n_objects"):
+        shapes.make_scene(0, n_objects=4)  # classic keeps 1..3
+    radii = {np.sqrt(o.mask.sum()) for s in _wide_scenes(60) for o in s.objects if o.visible_fraction == 1.0}
+    assert min(radii) < np.sqrt(np.pi * 7**2) and max(radii) > np.sqrt(np.pi * 15**2)  # wider size range
+
+
+def test_shapes_deterministic_per_seed():
+    for style in (shapes.CLASSIC, shapes.WIDE):
+        a, b = (shapes.make_scene(12345, style=style, distractor="same_shape") for _ in range(2))
+        assert a.caption == b.caption and np.array_equal(a.image, b.image)
+        assert all(np.array_equal(x.mask, y.mask) for x, y in zip(a.objects, b.objects, strict=True))
+    one, two = (shapes.make_scene(seed, style=shapes.WIDE) for seed in (1, 2))
+    assert not np.array_equal(one.image, two.image)
+
+
+def test_shapes_robust_pairs_from_the_wide_style():
+    pairs = shapes.eval_pairs("robust", 30)
+    assert [p.id for p in pairs] == [p.id for p in shapes.robust_pairs(30)]
+    assert pairs[0].id == "robust-00000-0"
+    assert {len(p.scene.objects) for p in pairs} == {1, 2, 3, 4}
+    for p in pairs:
+        assert p.scene.seed == shapes.scene_seed("robust", int(p.id.split("-")[1]))
+        obj = p.scene.objects[p.target]
+        assert p.prompt == f"a {obj.colour} {obj.shape}"
+        assert sum((o.colour, o.shape) == (obj.colour, obj.shape) for o in p.scene.objects) == 1
+        expected = shapes.make_scene(p.scene.seed, n_objects=len(p.scene.objects),
+                                     distractor=_distractor_of(p.scene), style=shapes.WIDE)
+        assert np.array_equal(expected.image, p.scene.image)
+    assert any(o.visible_fraction < 1 for p in pairs for o in p.scene.objects)
+    # Half the multi-object scenes carry a distractor (same colour or same shape).
+    assert any(_distractor_of(p.scene) for p in pairs)
+
+
+def _distractor_of(scene: shapes.Scene) -> str | None:
+    """The distractor robust_pairs asked for: even scenes with 2+ objects alternate same_colour / same_shape."""
+    index = scene.seed - shapes.scene_seed("robust", 0)
+    if index % 2 or len(scene.objects) < 2:
+        return None
+    return shapes.DISTRACTORS[(index // 2) % 2]

@@ -2,41 +2,67 @@
 
 These scenes are what the project's bundled text-to-image model is trained on, and what the
 out-of-the-box demo and the tests segment. Everything here is pure numpy: a scene is a
-deterministic function of its integer seed, so the same seed always yields the same pixels,
-caption and masks on every machine.
+deterministic function of its integer seed and its :class:`SceneStyle`, so the same seed always
+yields the same pixels, caption and masks on every machine.
 
-A scene is a ``size`` x ``size`` RGB image (64 x 64 by default) holding 1 to 3 non-overlapping
-shapes (circle, square, triangle), each filled with one of a few well-separated named colours, on a
-background whose colour is far from every named colour (plain, or with a gentle linear gradient).
-Its caption lists every object, in random order: ``"a red circle and a blue square"``.
+A scene is a ``size`` x ``size`` RGB image (64 x 64 by default) holding non-overlapping shapes
+(circle, square, triangle), each filled with one of a few well-separated named colours, on a
+background whose colour is far from every named colour. How varied the scenes are is data, a
+:class:`SceneStyle`; two are named:
+
+* :data:`CLASSIC`: 1 to 3 objects of radius 9..16 px (at 64 x 64) wholly inside the image, exact
+  named colours, plain or gently graded backgrounds, captions ``"a red circle and a blue square"``.
+  The ``tune`` and ``eval`` pairs (:func:`eval_pairs`) use it and are pinned byte for byte
+  (tests/test_data.py): the published benchmark figures were measured on them.
+* :data:`WIDE`: 1 to 4 objects of radius 5..18 px that may cross the image border (their masks
+  are clipped to the image, and each keeps at least 40% of its pixels in view), named colours
+  jittered by up to +/- 15 per channel, backgrounds plain, graded, noisy and blotchy (every
+  background pixel still far from every named colour), and captions in several forms
+  (:data:`CAPTION_FORMS`): ``"a red circle and a blue square"``, ``"the red circle and the blue
+  square"``, ``"red circle, blue square"``, ``"a red circle, a blue square and a green
+  triangle"``. The bundled model's training scenes and the ``robust`` split use it.
+
+In every style, no two objects of a scene share both colour and shape, so a prompt
+``"a <colour> <shape>"`` names exactly one object; the hard distractors (a same-colour or a
+same-shape pair, :data:`DISTRACTORS`) can be forced. Objects are listed in caption order and
+:func:`parse_caption` reads any caption form back into (colour, shape) pairs.
 
 Seed ranges of the splits (disjoint by construction):
 
-* ``train``: seeds ``0 .. 10**8 - 1`` (``scene_seed("train", i) == i``)
-* ``tune``:  seeds ``2 * 10**8 + i``
-* ``eval``:  seeds ``3 * 10**8 + i``
+* ``train``:  seeds ``0 .. 10**8 - 1`` (``scene_seed("train", i) == i``)
+* ``tune``:   seeds ``2 * 10**8 + i``
+* ``eval``:   seeds ``3 * 10**8 + i``
+* ``robust``: seeds ``4 * 10**8 + i``
 
-Training must draw from the ``train`` range only; ``tune`` is for choosing Peekaboo's settings and
-``eval`` for reporting.
+Training must draw from the ``train`` range only; ``tune`` is for choosing Peekaboo's settings,
+``eval`` for reporting, and ``robust`` for reporting on the wide style (:func:`robust_pairs`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
+    "CAPTION_FORMS",
+    "CLASSIC",
     "COLOURS",
     "DISTRACTORS",
     "SHAPES",
     "SPLITS",
+    "STYLES",
+    "WIDE",
     "Scene",
+    "SceneStyle",
     "ShapeObject",
     "ShapePair",
     "caption_for",
     "eval_pairs",
     "make_scene",
+    "parse_caption",
+    "robust_pairs",
     "scene_seed",
 ]
 
@@ -54,18 +80,31 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
 #: Dataset splits; their seed ranges are disjoint (see :func:`scene_seed`).
-SPLITS: tuple[str, ...] = ("train", "tune", "eval")
+SPLITS: tuple[str, ...] = ("train", "tune", "eval", "robust")
 
 #: Kinds of hard distractor :func:`make_scene` can force.
 DISTRACTORS: tuple[str, ...] = ("same_colour", "same_shape")
 
+#: Caption forms, for objects listed in order (shown for two objects):
+#: ``"and"``: "a red circle and a blue square"; ``"the"``: "the red circle and the blue square";
+#: ``"comma"``: "red circle, blue square"; ``"list"``: "a red circle, a blue square and ..." (commas,
+#: then "and" before the last object; the same as ``"and"`` for two objects).
+CAPTION_FORMS: tuple[str, ...] = ("and", "the", "comma", "list")
+
+# Caption words that name no object (parse_caption skips them).
+_FILLER_WORDS = frozenset({"a", "the", "and"})
+
 # Seed layout: each split owns a block of _SPLIT_STRIDE seeds starting at its offset.
 _SPLIT_STRIDE = 10**8
-_SPLIT_OFFSETS: dict[str, int] = {"train": 0, "tune": 2 * _SPLIT_STRIDE, "eval": 3 * _SPLIT_STRIDE}
+_SPLIT_OFFSETS: dict[str, int] = {
+    "train": 0,
+    "tune": 2 * _SPLIT_STRIDE,
+    "eval": 3 * _SPLIT_STRIDE,
+    "robust": 4 * _SPLIT_STRIDE,
+}
 
-# Object size, as the "radius" of the shape in pixels at size 64 (scaled for other sizes).
-_MIN_RADIUS = 9
-_MAX_RADIUS = 16
+# Sizes are given in pixels at this native image side and scaled for other sizes.
+_NATIVE_SIZE = 64
 # Minimum free gap, in pixels, between the bounding circles of two objects (keeps them apart).
 _GAP = 2
 # Half side of a square relative to its radius: 0.85 makes its area (2.89 r^2) close to a circle's.
@@ -74,12 +113,81 @@ _SQUARE_HALF = 0.85
 _TRIANGLE_BASE = 0.8
 # Placement attempts per radius before the radius is shrunk by one pixel.
 _PLACEMENT_TRIES = 60
+# Fresh layouts (new sizes and places) tried when a scene gets too crowded to place every object.
+_LAYOUT_TRIES = 20
 # Background colours must be at least this far (Euclidean RGB) from every named colour.
 _MIN_BG_DISTANCE = 110.0
-# Peak-to-peak amplitude of the optional background gradient (RGB units).
-_GRADIENT_AMPLITUDE = 24.0
-# Probability that a background carries a gentle gradient instead of being plain.
-_P_GRADIENT = 0.5
+# Words a caption may hold (commas count as words): the bundled tokenizer's 16 positions, less its
+# <|startoftext|> and <|endoftext|>, with one token per scene word. Longer forms fall back to "comma".
+_CAPTION_WORD_BUDGET = 14
+
+
+@dataclass(frozen=True)
+class SceneStyle:
+    """How varied the scenes are: every knob of :func:`make_scene` that is data, not code.
+
+    Lengths are in pixels at 64 x 64 (scaled for other sizes); colours in RGB units (0..255).
+    Probabilities are per scene (background) or per object (border).
+    """
+
+    min_objects: int = 1
+    max_objects: int = 3
+    min_radius: float = 9.0
+    max_radius: float = 16.0
+    # A crowded scene shrinks its next object one pixel at a time, down to this radius at most.
+    min_shrunk_radius: float = 4.5
+    # Probability that an object may cross the image border (its centre then lies anywhere in the image).
+    p_border: float = 0.0
+    # An object crossing the border keeps at least this fraction of its pixels, and this many, in view.
+    min_visible_fraction: float = 0.4
+    min_visible_pixels: int = 30
+    # Object colours: each channel of the named colour moves by a uniform integer in [-jitter, jitter].
+    colour_jitter: int = 0
+    # Background: a gentle linear gradient (peak-to-peak amplitude), Gaussian pixel noise (std, clipped
+    # at noise_clip), and soft Gaussian blotches of random colour (1..max_blotches of them).
+    p_gradient: float = 0.5
+    gradient_amplitude: float = 24.0
+    p_noise: float = 0.0
+    noise_std: float = 6.0
+    noise_clip: float = 15.0
+    p_blotches: float = 0.0
+    max_blotches: int = 4
+    blotch_sigma: tuple[float, float] = (4.0, 14.0)
+    blotch_amplitude: float = 30.0
+    # Textured backgrounds are redrawn until every pixel is at least this far from every named colour
+    # (plain and graded ones keep their base colour _MIN_BG_DISTANCE away, as they always did).
+    min_bg_pixel_distance: float = 80.0
+    # Caption forms drawn from uniformly (see CAPTION_FORMS); forms longer than max_caption_words
+    # words fall back to the compact "comma" form.
+    caption_forms: tuple[str, ...] = ("and",)
+    max_caption_words: int = _CAPTION_WORD_BUDGET
+
+    @property
+    def textured(self) -> bool:
+        """Whether backgrounds can carry pixel noise or blotches."""
+        return self.p_noise > 0 or self.p_blotches > 0
+
+
+#: The original scenes: the ``tune`` / ``eval`` pairs and the first bundled model's training scenes.
+CLASSIC = SceneStyle()
+
+#: The widest scenes: the bundled model's training scenes from issue 14 on, and the ``robust`` split.
+WIDE = SceneStyle(
+    max_objects=4,
+    min_radius=5.0,
+    max_radius=18.0,
+    min_shrunk_radius=5.0,
+    p_border=0.3,
+    colour_jitter=15,
+    p_gradient=0.5,
+    gradient_amplitude=40.0,
+    p_noise=0.35,
+    p_blotches=0.35,
+    caption_forms=CAPTION_FORMS,
+)
+
+#: Named styles, e.g. for a training config that names its style.
+STYLES: dict[str, SceneStyle] = {"classic": CLASSIC, "wide": WIDE}
 
 
 @dataclass(frozen=True)
@@ -88,7 +196,9 @@ class ShapeObject:
 
     shape: str
     colour: str
-    mask: np.ndarray  # (H, W) bool, exactly the pixels painted with this object's colour
+    mask: np.ndarray  # (H, W) bool, exactly the pixels painted with this object's colour (inside the image)
+    rgb: tuple[int, int, int] | None = None  # the painted colour (the named one, jittered); None = the named one
+    visible_fraction: float = 1.0  # share of the whole shape's pixels that lie inside the image
 
     @property
     def name(self) -> str:
@@ -126,9 +236,50 @@ class ShapePair:
         return self.scene.objects[self.target].mask
 
 
-def caption_for(objects: tuple[ShapeObject, ...] | list[ShapeObject]) -> str:
-    """The caption listing ``objects`` in the given order: ``"a red circle and a blue square"``."""
-    return " and ".join(obj.prompt for obj in objects)
+def _caption_words(caption: str) -> int:
+    """Words of a caption, commas counted as words (each is one token of the bundled tokenizer)."""
+    return len(caption.replace(",", " ,").split())
+
+
+def caption_for(
+    objects: tuple[ShapeObject, ...] | list[ShapeObject], form: str = "and", max_words: int | None = None
+) -> str:
+    """The caption listing ``objects`` in the given order.
+
+    Args:
+        objects: the objects, in caption order.
+        form: one of :data:`CAPTION_FORMS`; ``"and"`` gives ``"a red circle and a blue square"``.
+        max_words: when the caption would be longer (commas count as words), the compact ``"comma"``
+            form is used instead; None = no limit.
+    """
+    names = [obj.name for obj in objects]
+    if form == "and":
+        caption = " and ".join(f"a {n}" for n in names)
+    elif form == "the":
+        caption = " and ".join(f"the {n}" for n in names)
+    elif form == "comma":
+        caption = ", ".join(names)
+    elif form == "list":
+        listed = [f"a {n}" for n in names]
+        caption = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " and " + listed[-1]
+    else:
+        raise ValueError(f"unknown caption form {form!r}; expected one of {CAPTION_FORMS}")
+    if max_words is not None and _caption_words(caption) > max_words and form != "comma":
+        return caption_for(objects, "comma")
+    return caption
+
+
+def parse_caption(caption: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a caption of any form names, in order.
+
+    Raises:
+        ValueError: a word that is neither filler, colour nor shape, or a colour without its shape.
+    """
+    words = [w for w in caption.replace(",", " ").split() if w not in _FILLER_WORDS]
+    pairs = list(zip(words[::2], words[1::2], strict=False))
+    if len(words) % 2 or any(c not in COLOURS or s not in SHAPES for c, s in pairs):
+        raise ValueError(f"caption {caption!r} is not a list of '<colour> <shape>' names")
+    return pairs
 
 
 def scene_seed(split: str, index: int) -> int:
@@ -166,22 +317,48 @@ def _pick_kinds(rng: np.random.Generator, n_objects: int, distractor: str | None
     return kinds
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _texture(rng: np.random.Generator, size: int, style: SceneStyle) -> np.ndarray:
+    """A (size, size, 3) float offset: optional clipped pixel noise plus optional colour blotches."""
+    scale = size / _NATIVE_SIZE
+    texture = np.zeros((size, size, 3))
+    if rng.random() < style.p_noise:
+        noise = rng.normal(0.0, style.noise_std, size=(size, size, 3))
+        texture += np.clip(noise, -style.noise_clip, style.noise_clip)
+    if rng.random() < style.p_blotches:
+        coords = np.arange(size) + 0.5
+        yy, xx = np.meshgrid(coords, coords, indexing="ij")
+        for _ in range(int(rng.integers(1, style.max_blotches + 1))):
+            cx, cy = rng.uniform(0.0, size, size=2)
+            sigma = rng.uniform(*style.blotch_sigma) * scale
+            colour = rng.uniform(-style.blotch_amplitude, style.blotch_amplitude, size=3)
+            bump = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2.0 * sigma**2))  # (size, size), peak 1
+            texture += bump[..., None] * colour
+    return texture
+
+
+def _background(rng: np.random.Generator, size: int, style: SceneStyle) -> np.ndarray:
     """A (size, size, 3) float background far in colour from every named colour."""
     palette = np.array(list(COLOURS.values()), dtype=np.float64)
     while True:
-        base = rng.uniform(0.0, 255.0, size=3)
-        if np.min(np.linalg.norm(palette - base, axis=1)) >= _MIN_BG_DISTANCE:
-            break
-    bg = np.broadcast_to(base, (size, size, 3)).copy()
-    if rng.random() < _P_GRADIENT:
-        # A gentle linear ramp in a random direction, the same for all channels.
-        angle = rng.uniform(0.0, 2.0 * np.pi)
-        coords = (np.arange(size) + 0.5) / size - 0.5
-        yy, xx = np.meshgrid(coords, coords, indexing="ij")
-        ramp = np.cos(angle) * xx + np.sin(angle) * yy  # in [-0.71, 0.71]
-        bg += (_GRADIENT_AMPLITUDE * ramp)[..., None]
-    return bg
+        while True:
+            base = rng.uniform(0.0, 255.0, size=3)
+            if np.min(np.linalg.norm(palette - base, axis=1)) >= _MIN_BG_DISTANCE:
+                break
+        bg = np.broadcast_to(base, (size, size, 3)).copy()
+        if rng.random() < style.p_gradient:
+            # A gentle linear ramp in a random direction, the same for all channels.
+            angle = rng.uniform(0.0, 2.0 * np.pi)
+            coords = (np.arange(size) + 0.5) / size - 0.5
+            yy, xx = np.meshgrid(coords, coords, indexing="ij")
+            ramp = np.cos(angle) * xx + np.sin(angle) * yy  # in [-0.71, 0.71]
+            bg += (style.gradient_amplitude * ramp)[..., None]
+        if not style.textured:
+            # No per-pixel check here: the classic scenes must keep their exact random draws.
+            return bg
+        bg += _texture(rng, size, style)
+        pixels = np.clip(bg, 0.0, 255.0).reshape(-1, 1, 3)
+        if np.min(np.linalg.norm(pixels - palette[None], axis=2)) >= style.min_bg_pixel_distance:
+            return bg
 
 
 def _render_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
@@ -202,6 +379,12 @@ def _render_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.nd
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
+def _full_area(shape: str, cx: float, cy: float, r: float, size: int) -> int:
+    """Pixels of the whole shape, also those outside the image (rendered on a padded canvas)."""
+    pad = math.ceil(_extent(shape, r)) + 1
+    return int(_render_mask(shape, cx + pad, cy + pad, r, size + 2 * pad).sum())
+
+
 def _extent(shape: str, r: float) -> float:
     """Radius of a circle around the shape's centre that contains the whole shape."""
     if shape == "circle":
@@ -211,79 +394,156 @@ def _extent(shape: str, r: float) -> float:
     return float(np.hypot(r, _TRIANGLE_BASE * r))  # triangle: its base corners are farthest
 
 
-def make_scene(seed: int, size: int = 64, n_objects: int | None = None, distractor: str | None = None) -> Scene:
+def _jittered(rng: np.random.Generator, colour: str, jitter: int) -> tuple[int, int, int]:
+    """The named colour moved by a uniform integer in [-jitter, jitter] per channel (clipped to 0..255)."""
+    rgb = np.asarray(COLOURS[colour])
+    if jitter > 0:
+        rgb = np.clip(rgb + rng.integers(-jitter, jitter + 1, size=3), 0, 255)
+    return (int(rgb[0]), int(rgb[1]), int(rgb[2]))
+
+
+
+def _place_objects(
+    rng: np.random.Generator, kinds: list[tuple[str, str]], size: int, style: SceneStyle
+) -> list[ShapeObject] | None:
+    """Place and colour one object per (shape, colour), apart from each other; None when the scene got
+    too crowded (an object would have to shrink below ``style.min_shrunk_radius``)."""
+    scale = size / _NATIVE_SIZE
+    min_pixels = style.min_visible_pixels * scale**2
+    placed: list[tuple[float, float, float]] = []  # (cx, cy, extent) of placed objects
+    objects: list[ShapeObject] = []
+    for shape, colour in kinds:
+        radius = rng.uniform(style.min_radius, style.max_radius) * scale
+        # Random draws only where the style uses them, so the classic scenes keep their exact pixels.
+        crossing = style.p_border > 0 and rng.random() < style.p_border
+        found = None
+        while found is None:
+            ext = _extent(shape, radius)
+            for _ in range(_PLACEMENT_TRIES):
+                low, high = (0.0, size) if crossing else (ext, size - ext)
+                cx, cy = rng.uniform(low, high, size=2)
+                if not all(np.hypot(cx - px, cy - py) >= ext + pe + _GAP * scale for px, py, pe in placed):
+                    continue
+                mask = _render_mask(shape, cx, cy, radius, size)
+                visible = 1.0
+                if crossing:
+                    visible = float(mask.sum()) / max(_full_area(shape, cx, cy, radius, size), 1)
+                    if visible < style.min_visible_fraction or mask.sum() < min_pixels:
+                        continue
+                found = (cx, cy, mask, visible)
+                break
+            if found is None:
+                # Crowded: try a smaller object (never below the style's smallest shrunk radius).
+                radius -= scale
+                if radius < style.min_shrunk_radius * scale:
+                    return None
+        cx, cy, mask, visible = found
+        placed.append((cx, cy, ext))
+        rgb = _jittered(rng, colour, style.colour_jitter)
+        objects.append(ShapeObject(shape=shape, colour=colour, mask=mask, rgb=rgb, visible_fraction=visible))
+    return objects
+
+
+def make_scene(
+    seed: int,
+    size: int = 64,
+    n_objects: int | None = None,
+    distractor: str | None = None,
+    style: SceneStyle = CLASSIC,
+) -> Scene:
     """Render the scene of ``seed``.
 
     Args:
         seed: the scene's seed; the scene is a deterministic function of all the arguments.
         size: image side in pixels (shape sizes scale with it; 64 is the native size).
-        n_objects: number of objects (1..3); drawn uniformly from 1..3 when None (2..3 when a
-            distractor is requested).
+        n_objects: number of objects (``style.min_objects .. style.max_objects``); drawn uniformly
+            from that range when None (from 2 on when a distractor is requested).
         distractor: None, ``"same_colour"`` (two objects share a colour, not a shape) or
             ``"same_shape"`` (two objects share a shape, not a colour). No two objects ever share
             both, so every object's prompt names exactly one object.
+        style: how varied the scene is (:data:`CLASSIC` by default, the original scenes).
 
     Returns:
         The scene; objects are listed in caption order.
+
+    Raises:
+        ValueError: ``n_objects`` outside the style's range.
+        RuntimeError: the objects could not be placed (not seen for the named styles).
     """
     rng = np.random.default_rng(seed)
     if n_objects is None:
-        low = 2 if distractor is not None else 1
-        n_objects = int(rng.integers(low, 4))
-    if not 1 <= n_objects <= 3:
-        raise ValueError(f"n_objects must be in 1..3, got {n_objects}")
+        low = max(2, style.min_objects) if distractor is not None else style.min_objects
+        n_objects = int(rng.integers(low, style.max_objects + 1))
+    if not style.min_objects <= n_objects <= style.max_objects:
+        raise ValueError(f"n_objects must be in {style.min_objects}..{style.max_objects}, got {n_objects}")
     kinds = _pick_kinds(rng, n_objects, distractor)
     order = rng.permutation(n_objects)  # caption order is random, not tied to the distractor pair
     kinds = [kinds[i] for i in order]
 
-    scale = size / 64.0
-    image = _background(rng, size)
-    placed: list[tuple[float, float, float]] = []  # (cx, cy, extent) of placed objects
-    objects: list[ShapeObject] = []
-    for shape, colour in kinds:
-        radius = rng.uniform(_MIN_RADIUS, _MAX_RADIUS) * scale
-        while True:
-            ext = _extent(shape, radius)
-            centre = None
-            for _ in range(_PLACEMENT_TRIES):
-                cx, cy = rng.uniform(ext, size - ext, size=2)
-                if all(np.hypot(cx - px, cy - py) >= ext + pe + _GAP * scale for px, py, pe in placed):
-                    centre = (cx, cy)
-                    break
-            if centre is not None:
-                break
-            # Crowded: try a smaller object (never below the minimum size scaled down further).
-            radius -= scale
-            if radius < 0.5 * _MIN_RADIUS * scale:
-                raise RuntimeError(f"could not place {n_objects} objects for seed {seed}")
-        cx, cy = centre
-        placed.append((cx, cy, ext))
-        mask = _render_mask(shape, cx, cy, radius, size)
-        image[mask] = COLOURS[colour]
-        objects.append(ShapeObject(shape=shape, colour=colour, mask=mask))
+    image = _background(rng, size, style)
+    for _ in range(_LAYOUT_TRIES):
+        objects = _place_objects(rng, kinds, size, style)
+        if objects is not None:
+            break
+    else:
+        raise RuntimeError(f"could not place {n_objects} objects for seed {seed}")
+    for obj in objects:
+        image[obj.mask] = obj.rgb
 
+    form = style.caption_forms[0]
+    if len(style.caption_forms) > 1:
+        form = style.caption_forms[int(rng.integers(len(style.caption_forms)))]
     image_u8 = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     objs = tuple(objects)
-    return Scene(image=image_u8, objects=objs, caption=caption_for(objs), seed=seed)
+    caption = caption_for(objs, form, style.max_caption_words)
+    return Scene(image=image_u8, objects=objs, caption=caption, seed=seed)
 
 
-def eval_pairs(split: str, n: int, size: int = 64) -> list[ShapePair]:
-    """The first ``n`` segmentation pairs of ``split`` (deterministic).
-
-    Scene ``i`` of the split has 2 objects, or 3 when ``i % 3 == 2``; even-numbered scenes carry a
-    hard distractor, alternating ``"same_colour"`` (i % 4 == 0) and ``"same_shape"`` (i % 4 == 2),
-    so at least half the scenes have one. Each scene contributes one pair per object, in caption
-    order, until ``n`` pairs are collected. Pair ids read ``"<split>-<scene index:05d>-<object>"``.
-    """
+def _collect_pairs(split: str, n: int, size: int, style: SceneStyle, layout: tuple[int, ...]) -> list[ShapePair]:
+    """The first ``n`` pairs of ``split``: scene ``i`` has ``layout[i % len(layout)]`` objects, and
+    even-numbered scenes with 2+ objects carry a distractor, alternating same-colour and same-shape."""
     pairs: list[ShapePair] = []
     index = 0
     while len(pairs) < n:
-        distractor = None if index % 2 else DISTRACTORS[(index // 2) % 2]
-        n_objects = 3 if index % 3 == 2 else 2
-        scene = make_scene(scene_seed(split, index), size=size, n_objects=n_objects, distractor=distractor)
+        n_objects = layout[index % len(layout)]
+        distractor = None if index % 2 or n_objects < 2 else DISTRACTORS[(index // 2) % 2]
+        scene = make_scene(scene_seed(split, index), size=size, n_objects=n_objects, distractor=distractor, style=style)
         for k, obj in enumerate(scene.objects):
             if len(pairs) >= n:
                 break
             pairs.append(ShapePair(id=f"{split}-{index:05d}-{k}", scene=scene, target=k, prompt=obj.prompt))
         index += 1
     return pairs
+
+
+# Object counts of consecutive evaluation scenes (cycled). Classic: 2, 2, 3 (as it always was). Robust:
+# every count of the wide style; its even scenes (2 and 4 objects) carry the distractors.
+_CLASSIC_LAYOUT = (2, 2, 3)
+_ROBUST_LAYOUT = (2, 3, 4, 1)
+
+
+def eval_pairs(split: str, n: int, size: int = 64) -> list[ShapePair]:
+    """The first ``n`` segmentation pairs of ``split`` (deterministic).
+
+    For ``tune`` / ``eval`` (and ``train``), classic scenes: scene ``i`` has 2 objects, or 3 when
+    ``i % 3 == 2``; even-numbered scenes carry a hard distractor, alternating ``"same_colour"``
+    (i % 4 == 0) and ``"same_shape"`` (i % 4 == 2), so at least half the scenes have one. Each scene
+    contributes one pair per object, in caption order, until ``n`` pairs are collected. Pair ids
+    read ``"<split>-<scene index:05d>-<object>"``; prompts ``"a <colour> <shape>"``.
+    ``"robust"`` gives :func:`robust_pairs`.
+    """
+    if split == "robust":
+        return robust_pairs(n, size)
+    return _collect_pairs(split, n, size, CLASSIC, _CLASSIC_LAYOUT)
+
+
+def robust_pairs(n: int, size: int = 64) -> list[ShapePair]:
+    """The first ``n`` pairs of the ``robust`` split: :data:`WIDE` scenes (deterministic).
+
+    Scene ``i`` has 2, 3, 4, 1 objects for ``i % 4 == 0, 1, 2, 3``; the 2- and 4-object scenes
+    carry a hard distractor, alternating same-colour and same-shape. Objects may cross the border
+    (each keeps at least 40% of its pixels in view), colours are jittered, backgrounds textured.
+    Prompts stay ``"a <colour> <shape>"`` and each names exactly one object of its scene (no two
+    objects share both colour and shape); ids read ``"robust-<scene index:05d>-<object>"``.
+    """
+    return _collect_pairs("robust", n, size, WIDE, _ROBUST_LAYOUT)
