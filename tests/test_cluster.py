@@ -172,7 +172,7 @@ def test_plan_keeps_an_interrupted_batch_whole(tmp_path):
     from peekaboo.data import Pair
 
     rd = runner.RunDir(tmp_path)
-    pairs = [(Pair(id=f"p{i}", prompt="a red circle"), f"p{i}") for i in range(5)]
+    pairs = [(Pair(f"p{i}", "a red circle", load_image=None, load_target=lambda: None), f"p{i}") for i in range(5)]
     batch = tmp_path / "batches" / "p1+1-abc"
     (batch / "ckpt").mkdir(parents=True)
     (batch / "ckpt" / "last.ckpt").write_bytes(b"x")

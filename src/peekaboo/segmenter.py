@@ -46,7 +46,7 @@ class Segmentation:
         image: the RGB image that was segmented.
         final: the soft alpha as 8 bits and the binary mask, exactly as :meth:`save` writes them.
         steps: optimization steps run.
-        losses: the final loss terms (``dream``, ``alpha``, ``total``).
+        losses: the final loss terms and mask area (``loss/dream``, ``loss/alpha``, ``loss/total``, ``mask/area``).
     """
 
     prompt: str
