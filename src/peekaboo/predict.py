@@ -53,12 +53,14 @@ def write_outputs(img: Image.Image, alpha_orig, threshold: float, folder: Path) 
     }
 
 
-def write_edit(cfg: PredictConfig, backbone: Backbone, img: Image.Image, mask: np.ndarray,
-               folder: Path) -> dict[str, Path]:
-    """Regenerate the region of ``mask`` ``(H, W)`` bool from ``cfg.edit.prompt``; writes ``edited.png`` and
-    ``edit_compare.png`` into ``folder``."""
-    result = edit.edit_region(backbone, img, mask, cfg.edit.prompt, cfg.edit, cfg.sampling, cfg.model,
-                              cfg.image_options.fit, cfg.trainer.precision)
+def edit_result(cfg: PredictConfig, backbone: Backbone, img: Image.Image, mask: np.ndarray) -> edit.EditResult:
+    """Regenerate the region of ``mask`` ``(H, W)`` bool from ``cfg.edit.prompt`` (nothing is written)."""
+    return edit.edit_region(backbone, img, mask, cfg.edit.prompt, cfg.edit, cfg.sampling, cfg.model,
+                            cfg.image_options.fit, cfg.trainer.precision)
+
+
+def write_edit(img: Image.Image, result: edit.EditResult, folder: Path) -> dict[str, Path]:
+    """Write an edit's ``edited.png`` and ``edit_compare.png`` into ``folder``."""
     return {
         "edited": io.save_png(result.image, folder / "edited.png"),
         "edit_compare": io.save_png(edit.compare_strip(img, result.weight, result.image),
@@ -75,8 +77,13 @@ def predict(cfg: PredictConfig, argv: list[str] | None = None) -> list[PredictOu
     prompts default to ``[TEXT]`` and each prompt's folder also gets ``rgba.png``. With ``edit.prompt=TEXT``
     each prompt's folder also gets ``edited.png`` and ``edit_compare.png``.
 
+    Every prompt is optimized (and edited) before any file is written, and ``config.yaml`` / ``cmd.txt`` are
+    written last: a rerun into a folder holding an earlier result that fails (bad model, non-finite loss)
+    leaves every earlier file as it was, and the two files always describe the masks beside them.
+
     Raises:
-        PeekabooError: bad image, model or config (before any optimization starts).
+        PeekabooError: bad image, model or config (before any optimization starts), a non-finite loss, or a
+            failed write (files written before it are intact).
     """
     opt = cfg.optimization
     img: Image.Image | None = None
@@ -89,15 +96,11 @@ def predict(cfg: PredictConfig, argv: list[str] | None = None) -> list[PredictOu
     backbone = shared_backbone(cfg.model, device)
     if cfg.generate is not None and cfg.sampling.size is not None:
         edit.check_sample_size(cfg.sampling.size, backbone)  # before any file is written
-    root.mkdir(parents=True, exist_ok=True)
-    io.write_text(to_yaml(cfg), root / "config.yaml")
-    io.write_text(" ".join(argv if argv is not None else sys.argv) + "\n", root / "cmd.txt")
+    sample = None
     if img is None:
-        img = edit.generate(backbone, cfg.generate, cfg.sampling, cfg.model, cfg.trainer.precision)
-        log.info("sampled %r (seed %d) -> %s", cfg.generate, cfg.sampling.seed,
-                 io.save_png(img, root / "sample.png"))
+        img = sample = edit.generate(backbone, cfg.generate, cfg.sampling, cfg.model, cfg.trainer.precision)
     canvas, placement = io.fit_square(img, opt.mask.size, cfg.image_options.fit)
-    outputs = []
+    results = []  # (prompt, folder, optimization result, alpha at the original size, mask, edit result)
     for prompt in list(cfg.prompt) or [cfg.generate]:
         name = io.safe_name(prompt)
         result = optimize_pair(
@@ -105,16 +108,23 @@ def predict(cfg: PredictConfig, argv: list[str] | None = None) -> list[PredictOu
             tb_dir=root / "tb" if cfg.tensorboard else None,
         )
         alpha = io.unfit(result.alpha, placement)
-        folder = root / name
+        mask = io.binarize(io.quantize(alpha), opt.threshold)  # exactly mask.png
+        edited = edit_result(cfg, backbone, img, mask) if cfg.edit.prompt is not None else None
+        results.append((prompt, root / name, result, alpha, mask, edited))
+    if sample is not None:
+        log.info("sampled %r (seed %d) -> %s", cfg.generate, cfg.sampling.seed,
+                 io.save_png(sample, root / "sample.png"))
+    outputs = []
+    for prompt, folder, result, alpha, mask, edited in results:
         paths = write_outputs(img, alpha, opt.threshold, folder)
-        alpha_u8 = io.quantize(alpha)
-        mask = io.binarize(alpha_u8, opt.threshold)  # exactly mask.png
         if cfg.generate is not None:
-            paths["rgba"] = io.save_png(io.cutout(img, alpha_u8), folder / "rgba.png")
-        if cfg.edit.prompt is not None:
-            paths.update(write_edit(cfg, backbone, img, mask, folder))
+            paths["rgba"] = io.save_png(io.cutout(img, io.quantize(alpha)), folder / "rgba.png")
+        if edited is not None:
+            paths.update(write_edit(img, edited, folder))
         extra = " ".join(p.name for k, p in paths.items() if k in ("rgba", "edited", "edit_compare"))
         outputs.append(PredictOutput(prompt=prompt, folder=folder, area=float(mask.mean()), **paths))
         log.info("%r: %d steps in %.1fs, mask covers %.1f%% -> %s%s", prompt, result.steps, result.seconds,
                  100 * float(mask.mean()), folder, f" (also {extra})" if extra else "")
+    io.write_text(to_yaml(cfg), root / "config.yaml")
+    io.write_text(" ".join(argv if argv is not None else sys.argv) + "\n", root / "cmd.txt")
     return outputs
