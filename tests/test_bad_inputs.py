@@ -158,8 +158,10 @@ def _model_variant(kind: str, tiny: Path, folder: Path) -> tuple[Path, str]:
                                "component unet/: block_out_channels=[3000000, 6000000]"),
              "huge_sample_size": ("unet", "config.json", "sample_size", 1_000_000_000,
                                   "component unet/: sample_size=1000000000"),
-             "huge_text_encoder": ("text_encoder", "config.json", "num_hidden_layers", 1_000_000,
+             "huge_text_encoder": ("text_encoder", "config.json", "hidden_size", 500_000,
                                    "component text_encoder/: its config.json describes at least"),
+             "deep_text_encoder": ("text_encoder", "config.json", "num_hidden_layers", 1_000_000,
+                                   "component text_encoder/: num_hidden_layers=1000000"),
              "prediction_type": ("scheduler", "scheduler_config.json", "prediction_type", "sample",
                                  "the scheduler predicts 'sample'")}
     sub, name, key, value, message = edits[kind]
@@ -169,7 +171,7 @@ def _model_variant(kind: str, tiny: Path, folder: Path) -> tuple[Path, str]:
 
 
 MODEL_KINDS = ("missing", "not_a_pipeline", "non_sd", "no_vae", "sdxl", "prediction_type", "huge_channels",
-               "huge_sample_size", "huge_text_encoder", "pickled_text_encoder")
+               "huge_sample_size", "huge_text_encoder", "deep_text_encoder", "pickled_text_encoder")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,10 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 MAX_COMPONENT_PARAMETERS = 50_000_000_000
 # Any single width, length or count in a component config (channels, hidden size, vocabulary, layers).
 MAX_CONFIG_DIMENSION = 1_048_576
+# Any count of layers or heads (CLIP: 12..32 layers; a UNet: 1..3 layers per block): deep tiny stacks would pass
+# the parameter bound yet take hours to build.
+MAX_CONFIG_COUNT = 1024
+_COUNT_SUFFIXES = ("_layers", "_per_block", "_heads")
 # UNet latent side (SD 1.x: 64, SDXL: 128) and VAE image side (SD 1.x: 512, SDXL: 1024).
 MAX_LATENT_SAMPLE_SIZE = 1024
 MAX_IMAGE_SAMPLE_SIZE = 8192
@@ -155,6 +159,10 @@ def _check_component_sizes(path: Path, component: str) -> None:
         ints = [v for v in numbers if isinstance(v, int) and not isinstance(v, bool)]
         if key.startswith("_") or not ints:
             continue
+        if any(v > MAX_CONFIG_COUNT for v in ints) and key.endswith(_COUNT_SUFFIXES):
+            raise _component_error(path, component, f"{key}={value} in config.json is beyond any real model "
+                                                    f"(at most {MAX_CONFIG_COUNT:,}); the file is damaged "
+                                                    "or not this model's; re-save the pipeline.")
         if any(v > MAX_CONFIG_DIMENSION for v in ints) and _is_size_key(key):
             raise _component_error(path, component, f"{key}={value} in config.json is beyond any real model "
                                                     f"(at most {MAX_CONFIG_DIMENSION:,}); the file is damaged "
