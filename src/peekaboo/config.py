@@ -346,9 +346,10 @@ def _schema_node(schema: DictConfig, key: str) -> Any:
     """The schema's node for a dotted ``key`` (a value node, list or section), or None for an unknown key."""
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(schema, parent_key, default=None) if parent_key else schema
-    if not isinstance(parent, DictConfig) or leaf not in parent:
+    if not isinstance(parent, DictConfig):
         return None
-    return parent._get_node(leaf)
+    # Not ``leaf in parent``: that is False for a required (``???``) key such as run.name.
+    return parent._get_node(leaf, throw_on_missing_key=False)
 
 
 def _is_text_field(node: Any) -> bool:
