@@ -459,7 +459,9 @@ def test_bomb_is_refused_from_its_header_without_decoding(tmp_path):
 LITERAL_TEXT = [
     (PredictConfig, "prompt", "a red circle: the big one"),
     (PredictConfig, "prompt", "{a: b}"),
-    (PredictConfig, "prompt", "[x, y]"),
+    (PredictConfig, "prompt", "a photo of [x, y]"),
+    (PredictConfig, "prompt", "[x] {y}"),
+    (PredictConfig, "prompt", "[a, b: c]"),
     (PredictConfig, "prompt", "- a dash"),
     (PredictConfig, "prompt", "true"),
     (PredictConfig, "prompt", "1e5"),
@@ -490,6 +492,11 @@ def test_text_values_are_taken_literally(schema, key, value):
 def test_null_clears_an_optional_text_key_but_is_a_prompt_for_a_list():
     cfg = load_config(PredictConfig, ["image=x.png", "prompt=null", "edit.prompt=null"])
     assert cfg.edit.prompt is None and list(cfg.prompt) == ["null"]
+
+
+def test_a_flow_list_of_prompts_is_several_prompts_each_taken_as_written():
+    cfg = load_config(PredictConfig, ["image=x.png", "prompt=[true, 1e5, a red circle]", "prompt=c: d"])
+    assert list(cfg.prompt) == ["true", "1e5", "a red circle", "c: d"]
 
 
 def test_unicode_and_overlong_prompts_in_a_real_process(corpus, tmp_path):

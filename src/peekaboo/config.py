@@ -285,9 +285,10 @@ def _parse_overrides(argv: Sequence[str], schema: DictConfig) -> DictConfig:
     """Turn ``key=value`` strings into a config; repeated list keys accumulate.
 
     A value for a text field (``str``, ``Optional[str]`` or a list of ``str`` in ``schema``) is taken literally:
-    a prompt such as ``a red circle: the big one`` or ``[x]`` stays that text instead of becoming a YAML
-    mapping or list. Every other value is parsed as YAML, and one of the wrong shape for its field (a mapping
-    or list for a number, a nested value in a list of numbers) is a :class:`ConfigError` naming the key.
+    a prompt such as ``a red circle: the big one`` or ``{x}`` stays that text instead of becoming a YAML
+    mapping (a list of text still takes a flow list of plain items, ``prompt=[a, b]``, see :func:`_text_list`).
+    Every other value is parsed as YAML, and one of the wrong shape for its field (a mapping or list for a
+    number, a nested value in a list of numbers) is a :class:`ConfigError` naming the key.
     """
     dotlist: dict[str, Any] = {}
     for arg in argv:
@@ -295,8 +296,10 @@ def _parse_overrides(argv: Sequence[str], schema: DictConfig) -> DictConfig:
         if not sep or not key:
             raise ConfigError(f"{arg!r} is not a key=value override; write e.g. prompt=\"a red circle\".")
         node = _schema_node(schema, key)
-        if _is_text_field(node):
-            parsed: Any = _literal(value, optional=isinstance(node, StringNode) and node._is_optional())
+        if isinstance(node, ListConfig) and node._metadata.element_type is str:
+            parsed: Any = _text_list(value)
+        elif isinstance(node, StringNode):
+            parsed = _literal(value, optional=node._is_optional())
         else:
             parsed = _parse_value(key, value)
         section = OmegaConf.select(schema, key, default=None, throw_on_missing=False)
@@ -352,11 +355,19 @@ def _schema_node(schema: DictConfig, key: str) -> Any:
     return parent._get_node(leaf, throw_on_missing_key=False)
 
 
-def _is_text_field(node: Any) -> bool:
-    """Whether the schema types ``node`` as text: ``str``, ``Optional[str]`` or a list of ``str``."""
-    if isinstance(node, StringNode):
-        return True
-    return isinstance(node, ListConfig) and node._metadata.element_type is str
+def _text_list(value: str) -> str | list[str]:
+    """A value for a list-of-text field: a flow list of plain items (``[a, b]``) is that list, each item taken
+    as written; anything else (``a: b``, ``[x] y``, ``[a, b: c]``, ``- x``) is one item, taken literally."""
+    if value.lstrip().startswith("["):
+        try:
+            # BaseLoader keeps every scalar as the text written ([true, 1e5] is ["true", "1e5"]) and, unlike
+            # the full loader, builds no objects.
+            items = yaml.load(value, Loader=yaml.BaseLoader)
+        except yaml.YAMLError:
+            items = None
+        if isinstance(items, list) and all(isinstance(item, str) for item in items):
+            return [item.replace("${", "\\${") for item in items]
+    return _literal(value, optional=False)  # type: ignore[return-value]
 
 
 def _check_shape(key: str, value: str, parsed: Any, node: Any) -> None:
