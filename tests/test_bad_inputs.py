@@ -30,13 +30,15 @@ import lightning.pytorch as lp
 import numpy as np
 import pytest
 import torch
+import yaml
+from omegaconf import OmegaConf
 from PIL import Image
 from tests_support import REPO, REPO_CONFIGS
 
 from peekaboo import io
 from peekaboo.backbone import Backbone, check_model_source, load_backbone
 from peekaboo.cli import predict_main, train_main
-from peekaboo.config import ModelConfig
+from peekaboo.config import ModelConfig, PredictConfig, TrainConfig, load_config, to_yaml
 from peekaboo.data import Pair
 from peekaboo.errors import ImageError, ModelError, OutputError, PeekabooError
 from peekaboo.runner import output_names
@@ -143,7 +145,23 @@ def _model_variant(kind: str, tiny: Path, folder: Path) -> tuple[Path, str]:
         config = json.loads((path / "unet" / "config.json").read_text())
         UNet2DConditionModel.from_config({**config, "in_channels": 9}).save_pretrained(path / "unet")
         return path, "its UNet takes 9 input channels"
+    if kind == "pickled_text_encoder":  # weights as a pickle that runs code when fully unpickled
+        from safetensors.torch import load_file
+
+        weights = path / "text_encoder" / "model.safetensors"
+        state = {**load_file(weights), "payload": _Payload(path.parent / f"PWNED-{path.name}")}
+        weights.unlink()
+        torch.save(state, path / "text_encoder" / "pytorch_model.bin")
+        return path, "component text_encoder/: pytorch_model.bin is a pickle that a safe load refuses"
     edits = {"sdxl": ("unet", "config.json", "addition_embed_type", "text_time", "addition_embed_type='text_time'"),
+             "huge_channels": ("unet", "config.json", "block_out_channels", [3_000_000, 6_000_000],
+                               "component unet/: block_out_channels=[3000000, 6000000]"),
+             "huge_sample_size": ("unet", "config.json", "sample_size", 1_000_000_000,
+                                  "component unet/: sample_size=1000000000"),
+             "huge_text_encoder": ("text_encoder", "config.json", "hidden_size", 500_000,
+                                   "component text_encoder/: its config.json describes at least"),
+             "deep_text_encoder": ("text_encoder", "config.json", "num_hidden_layers", 1_000_000,
+                                   "component text_encoder/: num_hidden_layers=1000000"),
              "prediction_type": ("scheduler", "scheduler_config.json", "prediction_type", "sample",
                                  "the scheduler predicts 'sample'")}
     sub, name, key, value, message = edits[kind]
@@ -152,7 +170,8 @@ def _model_variant(kind: str, tiny: Path, folder: Path) -> tuple[Path, str]:
     return path, message
 
 
-MODEL_KINDS = ("missing", "not_a_pipeline", "non_sd", "no_vae", "sdxl", "prediction_type")
+MODEL_KINDS = ("missing", "not_a_pipeline", "non_sd", "no_vae", "sdxl", "prediction_type", "huge_channels",
+               "huge_sample_size", "huge_text_encoder", "deep_text_encoder", "pickled_text_encoder")
 
 
 @dataclass(frozen=True)
@@ -275,6 +294,16 @@ CASES = [
     _config_case("accelerator", "trainer.accelerator=tpu", "'trainer.accelerator'", "auto | cpu"),
     _config_case("broken-list", "optimization.optim.betas=[0.9", "'optimization.optim.betas'", "cannot be parsed"),
     _config_case("section-as-value", "optimization=fast", "optimization is a config section"),
+    # Typed keys keep YAML parsing; a value of the wrong shape for its field is one line naming the key.
+    _config_case("number-given-a-mapping", "optimization.optim.lr=big: 1",
+                 "optimization.optim.lr takes one number, not a mapping"),
+    _config_case("number-given-a-list", "trainer.max_steps=[1, 2]", "trainer.max_steps takes one integer, not a list"),
+    _config_case("nested-list", "optimization.optim.betas=[[0.9], 0.99]",
+                 "optimization.optim.betas is a list of plain values"),
+    _config_case("list-given-a-mapping", "image_options.flatten_background=grey: 1",
+                 "image_options.flatten_background is a list of plain values"),
+    Case("model-is-a-file", lambda tmp, c: ({"model.pretrained": c.model / "model_index.json"},
+                                            [str(c.model / "model_index.json"), "is a file, not a folder"])),
     Case("config-output-dir-is-a-file", lambda tmp, c: ({"output_dir": c.image / "sub"},
                                                         [str(c.image), "is a file, not a folder"])),
     # predict.py loads the model the way editing does, where a 9-channel UNet is fine; the UNet call refuses it
@@ -285,6 +314,15 @@ CASES = [
     Case("numerics-non-finite", lambda tmp, c: ({"image": _copy_of_scene("nan_scene.png")(tmp, c)},
                                                 ["non-finite loss or mask", "optimization.optim.lr"]),
          optimizes=True, extra=NON_FINITE),
+    # A failed rerun for the image of the good run: its folder (config.yaml and cmd.txt included) stays as it
+    # was, and the message names the setting that overflowed.
+    Case("rerun-non-finite-lr", lambda tmp, c: ({}, ["non-finite loss or mask", "optimization.optim.lr=1e+30"]),
+         optimizes=True, extra=NON_FINITE),
+    Case("rerun-huge-gravity", lambda tmp, c: ({}, ["non-finite loss or mask", "optimization.loss.gravity=1e+38"]),
+         optimizes=True, extra=["optimization.loss.gravity=1e38"]),
+    Case("rerun-huge-guidance", lambda tmp, c: ({}, ["non-finite loss or mask",
+                                                     "optimization.guidance.guidance_scale=1e+38"]),
+         optimizes=True, extra=["optimization.guidance.guidance_scale=1e38"]),
     Case("fault-disk-full-mid-write", lambda tmp, c: ({"image": _copy_of_scene("full_scene.png")(tmp, c)},
                                                       ["alpha.png", "No space left on device", "free disk space"]),
          optimizes=True, patch=_save_fails_on_call(2)),
@@ -416,10 +454,55 @@ def test_bomb_is_refused_from_its_header_without_decoding(tmp_path):
 
 
 # -- prompts ----------------------------------------------------------------------------------------------
+# Text keys (str, Optional[str] and list-of-str fields of the schema) take the value literally, whatever YAML
+# would make of it: (schema, key, value).
+LITERAL_TEXT = [
+    (PredictConfig, "prompt", "a red circle: the big one"),
+    (PredictConfig, "prompt", "{a: b}"),
+    (PredictConfig, "prompt", "a photo of [x, y]"),
+    (PredictConfig, "prompt", "[x] {y}"),
+    (PredictConfig, "prompt", "[a, b: c]"),
+    (PredictConfig, "prompt", "- a dash"),
+    (PredictConfig, "prompt", "true"),
+    (PredictConfig, "prompt", "1e5"),
+    (PredictConfig, "prompt", "null"),
+    (PredictConfig, "prompt", "costs ${x}"),
+    (PredictConfig, "prompt", "[unclosed"),
+    (PredictConfig, "image", "[scene]: 1.png"),
+    (PredictConfig, "edit.prompt", "key: value"),
+    (PredictConfig, "model.pretrained", "{models}/sd"),
+    (PredictConfig, "output_dir", "out: {1}"),
+    (TrainConfig, "data.manifest", "pairs: [1].jsonl"),
+    (TrainConfig, "run.name", "run: 1"),
+]
+
+
+@pytest.mark.parametrize("schema,key,value", LITERAL_TEXT, ids=lambda v: v if isinstance(v, str) else "")
+def test_text_values_are_taken_literally(schema, key, value):
+    base = ["image=x.png", "prompt=p"] if schema is PredictConfig else ["data.source=shapes", "run.name=r"]
+    cfg = load_config(schema, [*[a for a in base if a.partition("=")[0] != key], f"{key}={value}"])
+    got = OmegaConf.select(cfg, key)
+    assert (got[-1] if key == "prompt" else got) == value
+    saved = yaml.safe_load(to_yaml(cfg))  # the saved config.yaml holds the same text
+    for part in key.split("."):
+        saved = saved[part]
+    assert (saved[-1] if key == "prompt" else saved) == value
+
+
+def test_null_clears_an_optional_text_key_but_is_a_prompt_for_a_list():
+    cfg = load_config(PredictConfig, ["image=x.png", "prompt=null", "edit.prompt=null"])
+    assert cfg.edit.prompt is None and list(cfg.prompt) == ["null"]
+
+
+def test_a_flow_list_of_prompts_is_several_prompts_each_taken_as_written():
+    cfg = load_config(PredictConfig, ["image=x.png", "prompt=[true, 1e5, a red circle]", "prompt=c: d"])
+    assert list(cfg.prompt) == ["true", "1e5", "a red circle", "c: d"]
+
+
 def test_unicode_and_overlong_prompts_in_a_real_process(corpus, tmp_path):
     out = tmp_path / "out"
     long_prompt = " ".join(["a red circle and a blue square"] * 4)  # 28 words; the tiny model reads 14 tokens
-    prompts = ["ein grüner Kreis 🟢", "绿色的圆", long_prompt]
+    prompts = ["ein grüner Kreis 🟢", "绿色的圆", long_prompt, "a red circle: the big one"]
     proc = subprocess.run(
         [sys.executable, str(REPO / "predict.py"), f"image={corpus.image}", *(f"prompt={p}" for p in prompts),
          f"model.pretrained={corpus.model}", f"output_dir={out}", *PREDICT_FAST],
@@ -428,7 +511,7 @@ def test_unicode_and_overlong_prompts_in_a_real_process(corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "is 28 tokens long but the model reads 14, so it was truncated to its first 14 tokens" in proc.stderr
     folders = sorted(p for p in (out / "scene").iterdir() if p.is_dir())
-    assert len(folders) == 3
+    assert len(folders) == 4
     for folder in folders:  # ASCII names inside the output folder, each with all four files
         assert folder.name.isascii() and folder.parent == out / "scene"
         assert {"mask.png", "alpha.png", "overlay.png", "cutout.png"} <= {p.name for p in folder.iterdir()}
@@ -453,6 +536,22 @@ def test_weights_load_from_safetensors_without_unpickling(tiny_model, monkeypatc
     assert isinstance(backbone, Backbone)
 
 
+def test_pickled_text_encoder_is_refused_and_never_runs(corpus, tmp_path, monkeypatch, capsys):
+    path, message = _model_variant("pickled_text_encoder", corpus.model, tmp_path)
+    marker = tmp_path / f"PWNED-{path.name}"
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch's default made unsafe: still refused
+    monkeypatch.setattr(lp.Trainer, "fit", _fit_must_not_run)
+    out = tmp_path / "out"
+    code = predict_main([f"image={corpus.image}", "prompt=a red circle", f"model.pretrained={path}",
+                         f"output_dir={out}", *PREDICT_FAST], REPO_CONFIGS)
+    line = _error_line(capsys.readouterr().err)
+    assert code == 2 and str(path) in line and message in line
+    assert not marker.exists() and not out.exists()
+    monkeypatch.undo()
+    torch.load(path / "text_encoder" / "pytorch_model.bin", weights_only=False)["payload"].close()
+    assert marker.exists()  # the payload was live
+
+
 def test_no_remote_code_is_ever_trusted():
     sources = [p for p in (REPO / "src").rglob("*.py")] + [REPO / "predict.py", REPO / "train.py"]
     assert [str(p) for p in sources if "trust_remote_code" in p.read_text()] == []
@@ -475,7 +574,8 @@ def _write_manifest(path: Path, rows: list[dict]) -> Path:
 
 
 NASTY_IDS = ["../../etc/passwd", "/abs", "a/b", "..", "", "x" * 300, "çà-猫-🟢", "C:\\win\\path", ".hidden", "-"]
-NASTY_PROMPTS = ["a red circle", "ein grüner Kreis 🟢", "绿色的圆", "a blue square"]
+NASTY_PROMPTS = ["a red circle", "ein grüner Kreis 🟢", "绿色的圆", "a blue square", "a red circle: the big one",
+                 "[x] {y: z}"]
 
 
 def test_dataset_run_records_bad_images_and_keeps_every_output_inside_the_run(corpus, tmp_path, capsys):
@@ -500,6 +600,7 @@ def test_dataset_run_records_bad_images_and_keeps_every_output_inside_the_run(co
             record["error"]
     done = [r for r in results.values() if r["status"] == "done"]
     assert len(done) == len(NASTY_IDS)
+    assert {r["prompt"] for r in done} == set(NASTY_PROMPTS)  # manifest prompts are text, whatever they look like
     assert len({r["name"] for r in done}) == len(done)  # distinct ids, distinct files
     for record in done:
         for output in record["outputs"].values():
@@ -527,6 +628,39 @@ def test_distinct_ids_get_distinct_names_or_a_clear_error():
     pairs = [Pair(id=i, prompt="p", load_image=Image.new, load_target=lambda: None) for i in ("a b", "a_b")]
     with pytest.raises(PeekabooError, match="map to the same output name 'a_b'"):
         output_names(pairs)
+
+
+@pytest.mark.parametrize("name,text", [("empty.jsonl", ""), ("blank.jsonl", "\n \n"), ("header.csv", "image,prompt\n"),
+                                       ("commas.csv", "image,prompt\n,\n")])
+def test_empty_manifest_names_the_file(name, text, corpus, tmp_path, monkeypatch, capsys):
+    manifest = tmp_path / "data" / name
+    manifest.parent.mkdir()
+    manifest.write_text(text)
+    monkeypatch.setattr(lp.Trainer, "fit", _fit_must_not_run)
+    runs = tmp_path / "runs"
+    code = train_main(_train(corpus, runs, "e", "data=manifest", f"data.manifest={manifest}"), REPO_CONFIGS)
+    line = _error_line(capsys.readouterr().err)
+    assert code == 2 and f"Manifest {manifest} is empty" in line and "data.split" not in line
+    assert not runs.exists()
+
+
+def test_train_rerun_that_is_refused_or_fails_keeps_the_run_record(corpus, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    argv = _train(corpus, runs, "keep", "data=shapes", "data.num_pairs=1")
+    assert train_main(argv, REPO_CONFIGS) == 0, capsys.readouterr().err
+    before = _snapshot(runs / "keep")
+    assert {"config.yaml", "cmd.txt"} <= set(before)
+    refused = train_main([*argv, "optimization.loss.gravity=0.5"], REPO_CONFIGS)
+    assert refused == 2 and "different optimization settings" in _error_line(capsys.readouterr().err)
+    assert _snapshot(runs / "keep") == before
+
+    def disk_full(*args, **kwargs):
+        raise OutputError("Could not write a checkpoint: No space left on device; free disk space.")
+
+    monkeypatch.setattr("peekaboo.runner.run_worker", disk_full)  # a rerun (other logging) that then fails
+    assert train_main([*argv, "run.checkpoint_every_n_steps=7"], REPO_CONFIGS) == 2
+    _error_line(capsys.readouterr().err)
+    assert _snapshot(runs / "keep") == before
 
 
 def test_manifest_paths_outside_its_folder_are_refused_unless_allowed(corpus, tmp_path, capsys, monkeypatch):
@@ -597,7 +731,8 @@ def test_refcoco_pickle_with_code_is_refused(corpus, tmp_path, monkeypatch, caps
     assert not marker.exists() and not runs.exists()
 
 
-@pytest.mark.parametrize("kind", ["missing", "non_sd", "no_vae", "sdxl", "inpainting", "prediction_type", "float16"])
+@pytest.mark.parametrize("kind", ["missing", "non_sd", "no_vae", "sdxl", "inpainting", "prediction_type", "float16",
+                                  "huge_channels", "huge_sample_size", "pickled_text_encoder"])
 def test_train_refuses_a_bad_model_before_the_run_starts(kind, corpus, tmp_path, monkeypatch, capsys):
     if kind == "float16":
         args, message = [f"model.pretrained={corpus.model}", "model.dtype=float16"], "model.dtype=float16"

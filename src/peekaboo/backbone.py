@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,28 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 BUNDLED_PATH = Path(__file__).parent / "assets" / "shapes-ldm"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Sanity bounds on a local folder's component configs, read before any module is built: a config with absurd
+# sizes would otherwise end in an allocator error or a size overflow (possibly after outputs were started).
+# Each bound is far above any real text-to-image model (SD 1.5's UNet has 0.86 B parameters, SDXL's 2.6 B).
+MAX_COMPONENT_PARAMETERS = 50_000_000_000
+# Any single width, length or count in a component config (channels, hidden size, vocabulary, layers).
+MAX_CONFIG_DIMENSION = 1_048_576
+# Any count of layers or heads (CLIP: 12..32 layers; a UNet: 1..3 layers per block): deep tiny stacks would pass
+# the parameter bound yet take hours to build.
+MAX_CONFIG_COUNT = 1024
+_COUNT_SUFFIXES = ("_layers", "_per_block", "_heads")
+# UNet latent side (SD 1.x: 64, SDXL: 128) and VAE image side (SD 1.x: 512, SDXL: 1024).
+MAX_LATENT_SAMPLE_SIZE = 1024
+MAX_IMAGE_SAMPLE_SIZE = 8192
+# A 3x3 ResNet block holds two 3x3 convolutions: 2 * 9 * c^2 weights, a lower bound of what a block costs.
+_RESNET_WEIGHTS_PER_CHANNEL_SQUARED = 18
+# A transformer layer holds at least the four h x h attention projections (plus its MLP, counted apart).
+_ATTENTION_WEIGHTS_PER_HIDDEN_SQUARED = 4
+# Weight files: safetensors hold only tensors; the others are pickles, read with weights_only=True.
+SAFE_WEIGHT_SUFFIX = ".safetensors"
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+WEIGHTED_COMPONENTS = ("vae", "unet", "text_encoder")
 
 
 @dataclass(frozen=True)
@@ -77,6 +101,9 @@ def check_model_source(cfg: ModelConfig, device: torch.device | str | None = Non
     if not _looks_like_path(name):
         return name  # a hub id: diffusers resolves (and caches) it
     path = Path(name).expanduser()
+    if path.is_file():
+        raise ModelError(f"model.pretrained={cfg.pretrained} is a file, not a folder; pass the diffusers pipeline "
+                         f"folder that holds model_index.json (e.g. {path.parent}).")
     if not path.is_dir():
         if cfg.pretrained == BUNDLED_MODEL:
             raise ModelError(f"The bundled model is missing from the package ({path}); reinstall peekaboo.")
@@ -102,7 +129,103 @@ def check_model_source(cfg: ModelConfig, device: torch.device | str | None = Non
             "copy the complete pipeline folder."
         )
     _check_pipeline_kind(cfg.pretrained, path, str(components.get("_class_name", "diffusers")), segmentation)
+    for component in WEIGHTED_COMPONENTS:
+        _check_component_sizes(path, component)
+        _check_safe_weights(path, component)
     return str(path)
+
+
+def _component_error(path: Path, component: str, what: str) -> ModelError:
+    return ModelError(f"Model folder {path}, component {component}/: {what}")
+
+
+def _check_component_sizes(path: Path, component: str) -> None:
+    """Refuse a component config whose sizes no real model has, before a module is built from it.
+
+    Raises:
+        ModelError: naming the folder, the component and the offending key.
+    """
+    config_file = path / component / "config.json"
+    if not config_file.is_file():
+        return  # diffusers / transformers report a missing config themselves
+    config = _read_json(config_file)
+    for key, value in config.items():
+        numbers = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v) for v in numbers):
+            raise _component_error(path, component, f"{key}={value} in config.json is not a finite number; "
+                                                    "re-save the pipeline.")
+        ints = [v for v in numbers if isinstance(v, int) and not isinstance(v, bool)]
+        if key.startswith("_") or not ints:
+            continue
+        if any(v > MAX_CONFIG_COUNT for v in ints) and key.endswith(_COUNT_SUFFIXES):
+            raise _component_error(path, component, f"{key}={value} in config.json is beyond any real model "
+                                                    f"(at most {MAX_CONFIG_COUNT:,}); the file is damaged "
+                                                    "or not this model's; re-save the pipeline.")
+        if any(v > MAX_CONFIG_DIMENSION for v in ints) and _is_size_key(key):
+            raise _component_error(path, component, f"{key}={value} in config.json is beyond any real model "
+                                                    f"(at most {MAX_CONFIG_DIMENSION:,}); the file is damaged "
+                                                    "or not this model's; re-save the pipeline.")
+    limit = MAX_LATENT_SAMPLE_SIZE if component == "unet" else MAX_IMAGE_SAMPLE_SIZE
+    sample = config.get("sample_size")
+    sides = [v for v in (sample if isinstance(sample, list) else [sample]) if isinstance(v, int)]
+    if any(v > limit or v < 1 for v in sides):
+        raise _component_error(path, component, f"sample_size={sample} in config.json is outside 1..{limit:,}; "
+                                                "the file is damaged or not this model's; re-save the pipeline.")
+    estimate = _parameter_estimate(config)
+    if estimate > MAX_COMPONENT_PARAMETERS:
+        raise _component_error(path, component, f"its config.json describes at least {estimate:,.0f} parameters, "
+                                                f"beyond any real model (at most {MAX_COMPONENT_PARAMETERS:,}); "
+                                                "re-save the pipeline.")
+
+
+def _is_size_key(key: str) -> bool:
+    """Whether a config key names a width, length or count (not an id or a seed)."""
+    return key.endswith(("_channels", "_size", "_dim", "_layers", "_heads", "_embeddings", "_per_block",
+                         "_groups", "_length"))
+
+
+def _parameter_estimate(config: dict[str, Any]) -> float:
+    """A lower bound of a UNet's, VAE's or CLIP text encoder's parameter count from its config (float: the
+    product of absurd sizes must not overflow anything)."""
+    total = 0.0
+    channels = config.get("block_out_channels")
+    if isinstance(channels, list):
+        layers = config.get("layers_per_block", 1)
+        layers = max(layers) if isinstance(layers, list) else layers
+        per_block = max(int(layers) if isinstance(layers, int) else 1, 1)
+        total += sum(_RESNET_WEIGHTS_PER_CHANNEL_SQUARED * per_block * float(c) ** 2
+                     for c in channels if isinstance(c, (int, float)))
+    hidden, depth = config.get("hidden_size"), config.get("num_hidden_layers")
+    if isinstance(hidden, int) and isinstance(depth, int):
+        ff = config.get("intermediate_size", 0)
+        ff = ff if isinstance(ff, int) else 0
+        vocab = config.get("vocab_size", 0)
+        vocab = vocab if isinstance(vocab, int) else 0
+        total += depth * (_ATTENTION_WEIGHTS_PER_HIDDEN_SQUARED * float(hidden) ** 2 + 2.0 * hidden * ff)
+        total += float(vocab) * hidden
+    return total
+
+
+def _check_safe_weights(path: Path, component: str) -> None:
+    """Refuse a local component whose weights exist only as pickles (``*.bin``) that hold objects or code.
+
+    diffusers and transformers read such files with ``weights_only=True`` too, but only mid-load and with a
+    pages-long refusal; this trial load runs first, memory-mapped (no tensor data is read), and runs nothing
+    from the file either. A file in torch's legacy format, which cannot be mapped, is left to the loader.
+    """
+    folder = path / component
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    if any(p.name.endswith(SAFE_WEIGHT_SUFFIX) for p in files):
+        return  # the loaders prefer safetensors and never open the pickles
+    for weights in (p for p in files if p.suffix in PICKLE_WEIGHT_SUFFIXES):
+        try:
+            torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            raise _component_error(path, component, f"{weights.name} is a pickle that a safe load refuses (it "
+                                                    "holds objects or code, which never ran); convert the "
+                                                    "weights to safetensors.") from None
+        except (OSError, RuntimeError, ValueError, EOFError):
+            continue  # legacy or damaged: the loader's own message names it
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -326,6 +449,14 @@ def native_resolution(unet, vae) -> int:
     return int(size if isinstance(size, int) else size[0]) * vae_scale_factor(vae)
 
 
+def _safetensors(name: str, component: str) -> bool | None:
+    """``use_safetensors`` for one component: True for a local folder that has safetensors weights (so a
+    pickle beside them is never read), else None: the libraries then take safetensors where a hub repository
+    has them and fall back to the (safely loaded) pickle only where it has none."""
+    folder = Path(name) / component
+    return True if folder.is_dir() and any(folder.glob("*.safetensors")) else None
+
+
 def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
     """Load a Stable-Diffusion-style pipeline's components, frozen, from a hub id or local folder.
 
@@ -340,14 +471,29 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
     dtype = _DTYPES[cfg.dtype]
     common: dict[str, Any] = {"revision": cfg.revision, "local_files_only": offline(cfg)}
     weights = {**common, "variant": cfg.variant}
+    component = "vae"
     try:
-        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype, **weights)
-        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=dtype, **weights)
-        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dtype, **weights)
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype,
+                                            use_safetensors=_safetensors(name, "vae"), **weights)
+        component = "unet"
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=dtype,
+                                                    use_safetensors=_safetensors(name, "unet"), **weights)
+        component = "text_encoder"
+        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dtype,
+                                                     use_safetensors=_safetensors(name, "text_encoder"), **weights)
+        component = "tokenizer"
         tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
+        component = "scheduler"
         scheduler_config = _load_scheduler_config(name, common)
     except ModelError:
         raise
+    except pickle.UnpicklingError:
+        # The safe loader refused a pickle (it may hold code); nothing of it ran. Its message is pages long.
+        raise ModelError(f"Model folder {name}, component {component}/: its weights are a pickle that a safe load "
+                         "refuses (it holds objects or code); convert them to safetensors.") from None
+    except (MemoryError, OverflowError, torch.OutOfMemoryError) as err:
+        raise ModelError(f"Model folder {name}, component {component}/: building it failed "
+                         f"({type(err).__name__}); its config describes a model too large for this machine.") from None
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode, ValueNode
 
 from peekaboo.devices import ACCELERATORS, check_dtype
 from peekaboo.errors import ConfigError
@@ -292,25 +293,31 @@ def _group_files(config_dir: Path, argv: Sequence[str]) -> tuple[list[Path], lis
 
 
 def _parse_overrides(argv: Sequence[str], schema: DictConfig) -> DictConfig:
-    """Turn ``key=value`` strings into a config; repeated list keys accumulate."""
+    """Turn ``key=value`` strings into a config; repeated list keys accumulate.
+
+    A value for a text field (``str``, ``Optional[str]`` or a list of ``str`` in ``schema``) is taken literally:
+    a prompt such as ``a red circle: the big one`` or ``{x}`` stays that text instead of becoming a YAML
+    mapping (a list of text still takes a flow list of plain items, ``prompt=[a, b]``, see :func:`_text_list`).
+    Every other value is parsed as YAML, and one of the wrong shape for its field (a mapping or list for a
+    number, a nested value in a list of numbers) is a :class:`ConfigError` naming the key.
+    """
     dotlist: dict[str, Any] = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or not key:
             raise ConfigError(f"{arg!r} is not a key=value override; write e.g. prompt=\"a red circle\".")
-        try:
-            parsed = OmegaConf.from_dotlist([f"x={value}"]).x if value.strip() else value
-        except yaml.YAMLError as err:
-            # The value is parsed alone under a dummy key: name the real key, and the parser's first line only.
-            raise ConfigError(f"Bad value for config key {key!r}: {value!r} cannot be parsed "
-                              f"({str(err).splitlines()[0]}); quote it or fix its brackets.") from None
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"Bad value for config key {key!r}: {value!r} cannot be resolved "
-                              f"({str(err).splitlines()[0].rstrip('.')}).") from None
-        node = OmegaConf.select(schema, key, default=None, throw_on_missing=False)
-        if isinstance(node, DictConfig) and not isinstance(parsed, (dict, DictConfig)):
+        node = _schema_node(schema, key)
+        if isinstance(node, ListConfig) and node._metadata.element_type is str:
+            parsed: Any = _text_list(value)
+        elif isinstance(node, StringNode):
+            parsed = _literal(value, optional=node._is_optional())
+        else:
+            parsed = _parse_value(key, value)
+        section = OmegaConf.select(schema, key, default=None, throw_on_missing=False)
+        if isinstance(section, DictConfig) and not isinstance(parsed, (dict, DictConfig)):
             raise ConfigError(f"{key}={value}: {key} is a config section, not a value; set one of its keys "
-                              f"({', '.join(f'{key}.{k}' for k in list(node.keys())[:4])}, ...).")
+                              f"({', '.join(f'{key}.{k}' for k in list(section.keys())[:4])}, ...).")
+        _check_shape(key, value, parsed, node)
         is_list = isinstance(node, ListConfig) or _is_list_field(schema, key)
         if is_list and not isinstance(parsed, (list, ListConfig)):
             dotlist.setdefault(key, []).append(parsed)
@@ -320,6 +327,73 @@ def _parse_overrides(argv: Sequence[str], schema: DictConfig) -> DictConfig:
     for key, value in dotlist.items():
         OmegaConf.update(cfg, key, value, force_add=True)
     return cfg
+
+
+# What ``key=null`` means for an optional text field (e.g. ``edit.prompt=null`` clears an edit a config file set);
+# any other spelling, and this one for a prompt, is text.
+_NULL_TEXT = "null"
+# The names of scalar field types in "takes one ..." messages.
+_SCALAR_NAMES = {IntegerNode: "integer", FloatNode: "number", BooleanNode: "true or false"}
+
+
+def _parse_value(key: str, value: str) -> Any:
+    """``value`` parsed as YAML, as OmegaConf parses a dotlist value; errors name ``key``."""
+    try:
+        return OmegaConf.from_dotlist([f"x={value}"]).x if value.strip() else value
+    except yaml.YAMLError as err:
+        # The value is parsed alone under a dummy key: name the real key, and the parser's first line only.
+        raise ConfigError(f"Bad value for config key {key!r}: {value!r} cannot be parsed "
+                          f"({str(err).splitlines()[0]}); quote it or fix its brackets.") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"Bad value for config key {key!r}: {value!r} cannot be resolved "
+                          f"({str(err).splitlines()[0].rstrip('.')}).") from None
+
+
+def _literal(value: str, optional: bool) -> str | None:
+    """``value`` as the text it is; ``${`` is escaped so OmegaConf never reads it as an interpolation."""
+    if optional and value == _NULL_TEXT:
+        return None
+    return value.replace("${", "\\${")
+
+
+def _schema_node(schema: DictConfig, key: str) -> Any:
+    """The schema's node for a dotted ``key`` (a value node, list or section), or None for an unknown key."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(schema, parent_key, default=None) if parent_key else schema
+    if not isinstance(parent, DictConfig):
+        return None
+    # Not ``leaf in parent``: that is False for a required (``???``) key such as run.name.
+    return parent._get_node(leaf, throw_on_missing_key=False)
+
+
+def _text_list(value: str) -> str | list[str]:
+    """A value for a list-of-text field: a flow list of plain items (``[a, b]``) is that list, each item taken
+    as written; anything else (``a: b``, ``[x] y``, ``[a, b: c]``, ``- x``) is one item, taken literally."""
+    if value.lstrip().startswith("["):
+        try:
+            # BaseLoader keeps every scalar as the text written ([true, 1e5] is ["true", "1e5"]) and, unlike
+            # the full loader, builds no objects.
+            items = yaml.load(value, Loader=yaml.BaseLoader)
+        except yaml.YAMLError:
+            items = None
+        if isinstance(items, list) and all(isinstance(item, str) for item in items):
+            return [item.replace("${", "\\${") for item in items]
+    return _literal(value, optional=False)  # type: ignore[return-value]
+
+
+def _check_shape(key: str, value: str, parsed: Any, node: Any) -> None:
+    """Refuse a mapping or list where ``node`` takes one number or flag, and nesting in a list of them."""
+    containers = (dict, list, DictConfig, ListConfig)
+    if isinstance(node, ValueNode) and not isinstance(node, StringNode) and isinstance(parsed, containers):
+        what = "mapping" if isinstance(parsed, (dict, DictConfig)) else "list"
+        kind = _SCALAR_NAMES.get(type(node), "value")
+        raise ConfigError(f"{key}={value}: {key} takes one {kind}, not a {what}; write e.g. {key}={node._value()}.")
+    if isinstance(node, ListConfig) and node._metadata.element_type is not str:
+        items = parsed if isinstance(parsed, (list, ListConfig)) else [parsed]
+        if any(isinstance(item, containers) for item in items):
+            example = ",".join(str(v) for v in node) if len(node) else "..."
+            raise ConfigError(f"{key}={value}: {key} is a list of plain values, not of mappings or lists; "
+                              f"write e.g. {key}=[{example}].")
 
 
 def _is_list_field(schema: DictConfig, key: str) -> bool:

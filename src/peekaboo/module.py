@@ -15,6 +15,31 @@ from peekaboo.masks import build_mask
 
 log = logging.getLogger(__name__)
 
+# Settings that overflow float32 when far too large, with a generous "usual" upper bound for each (SD 1.x runs
+# use lr 1e-5 .. 0.05, gravity 0.0125 .. 0.05, guidance 15 .. 100, lambda_dream 1): a non-finite loss names the
+# one furthest above its bound.
+SUSPECT_SETTINGS = {
+    "optim.lr": 1.0,
+    "loss.gravity": 100.0,
+    "guidance.guidance_scale": 1000.0,
+    "loss.lambda_dream": 1000.0,
+}
+
+
+def non_finite_hint(cfg: OptimizationConfig, prefix: str = "optimization.") -> str:
+    """What to change after a non-finite loss or mask: the setting of ``cfg`` furthest above its usual range
+    (``SUSPECT_SETTINGS``), or the learning rate and the image when every setting is in range."""
+    ratios = {}
+    for key, bound in SUSPECT_SETTINGS.items():
+        section, _, leaf = key.partition(".")
+        value = float(getattr(getattr(cfg, section), leaf))
+        if value > bound:
+            ratios[key] = (value / bound, value, bound)
+    if not ratios:
+        return f"lower {prefix}optim.lr or check the image."
+    key, (_, value, bound) = max(ratios.items(), key=lambda item: item[1][0])
+    return f"the likely cause is {prefix}{key}={value:g} (usually at most {bound:g}); lower it."
+
 
 class PeekabooModule(L.LightningModule):
     """B (image, prompt) pairs, optimized together but independently. Its only trainable parameters are
@@ -97,7 +122,7 @@ class PeekabooModule(L.LightningModule):
         if self.failed.all():
             raise NonFiniteError(
                 f"pair(s) {', '.join(self.pair_ids)}: non-finite loss or mask at step {self.global_step}; "
-                "lower optimization.optim.lr or check the image."
+                f"{non_finite_hint(cfg)}"
             )
         # torch.where, not a product: 0 * nan is nan, and a failed pair must not stop the others.
         objective = torch.where(self.failed, torch.zeros_like(total), total).sum()

@@ -15,7 +15,7 @@ from peekaboo import edit, io
 from peekaboo.backbone import Backbone, shared_backbone
 from peekaboo.config import PredictConfig, to_yaml
 from peekaboo.devices import resolve_device
-from peekaboo.engine import optimize_pair
+from peekaboo.segmenter import segment_image
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,14 @@ class PredictOutput:
     edit_compare: Path | None = None  # edit.prompt: input | blend weight | edited, side by side
 
 
-def write_edit(cfg: PredictConfig, backbone: Backbone, img: Image.Image, mask: np.ndarray,
-               folder: Path) -> dict[str, Path]:
-    """Regenerate the region of ``mask`` ``(H, W)`` bool from ``cfg.edit.prompt``; writes ``edited.png`` and
-    ``edit_compare.png`` into ``folder``."""
-    result = edit.edit_region(backbone, img, mask, cfg.edit.prompt, cfg.edit, cfg.sampling, cfg.model,
-                              cfg.image_options.fit, cfg.trainer.precision)
+def edit_result(cfg: PredictConfig, backbone: Backbone, img: Image.Image, mask: np.ndarray) -> edit.EditResult:
+    """Regenerate the region of ``mask`` ``(H, W)`` bool from ``cfg.edit.prompt`` (nothing is written)."""
+    return edit.edit_region(backbone, img, mask, cfg.edit.prompt, cfg.edit, cfg.sampling, cfg.model,
+                            cfg.image_options.fit, cfg.trainer.precision)
+
+
+def write_edit(img: Image.Image, result: edit.EditResult, folder: Path) -> dict[str, Path]:
+    """Write an edit's ``edited.png`` and ``edit_compare.png`` into ``folder``."""
     return {
         "edited": io.save_png(result.image, folder / "edited.png"),
         "edit_compare": io.save_png(edit.compare_strip(img, result.weight, result.image),
@@ -58,10 +60,16 @@ def predict(cfg: PredictConfig, argv: list[str] | None = None) -> list[PredictOu
     prompts default to ``[TEXT]`` and each prompt's folder also gets ``rgba.png``. With ``edit.prompt=TEXT``
     each prompt's folder also gets ``edited.png`` and ``edit_compare.png``.
 
+    The prompts are optimized together as one batch (:func:`peekaboo.segmenter.segment_image`), each with its
+    own random stream, so each gets the mask it gets alone. Every prompt is optimized (and edited) before any
+    file is written, and ``config.yaml`` / ``cmd.txt`` are
+    written last: a rerun into a folder holding an earlier result that fails (bad model, non-finite loss)
+    leaves every earlier file as it was, and the two files always describe the masks beside them.
+
     Raises:
-        PeekabooError: bad image, model or config (before any optimization starts).
+        PeekabooError: bad image, model or config (before any optimization starts), a non-finite loss, or a
+            failed write (files written before it are intact).
     """
-    opt = cfg.optimization
     img: Image.Image | None = None
     if cfg.generate is None:
         img = io.load_image(cfg.image, tuple(cfg.image_options.flatten_background), cfg.image_options.max_pixels)
@@ -72,30 +80,28 @@ def predict(cfg: PredictConfig, argv: list[str] | None = None) -> list[PredictOu
     backbone = shared_backbone(cfg.model, device)
     if cfg.generate is not None and cfg.sampling.size is not None:
         edit.check_sample_size(cfg.sampling.size, backbone)  # before any file is written
-    root.mkdir(parents=True, exist_ok=True)
+    sample = None
+    if img is None:
+        img = sample = edit.generate(backbone, cfg.generate, cfg.sampling, cfg.model, cfg.trainer.precision)
+    prompts = list(cfg.prompt) or [cfg.generate]
+    # All prompts in one batch, each with its own random stream: the masks of one-at-a-time runs.
+    results = [(seg, result, edit_result(cfg, backbone, img, seg.mask) if cfg.edit.prompt is not None else None)
+               for seg, result in segment_image(img, prompts, cfg, backbone, root / "tb" if cfg.tensorboard else None)]
+    if sample is not None:
+        log.info("sampled %r (seed %d) -> %s", cfg.generate, cfg.sampling.seed,
+                 io.save_png(sample, root / "sample.png"))
+    outputs = []
+    for seg, result, edited in results:
+        folder = root / io.safe_name(seg.prompt)
+        paths = seg.save(folder)
+        if cfg.generate is not None:
+            paths["rgba"] = io.save_png(io.cutout(img, seg.final.alpha_u8), folder / "rgba.png")
+        if edited is not None:
+            paths.update(write_edit(img, edited, folder))
+        extra = " ".join(p.name for k, p in paths.items() if k in ("rgba", "edited", "edit_compare"))
+        outputs.append(PredictOutput(prompt=seg.prompt, folder=folder, area=seg.area, **paths))
+        log.info("%r: %d steps in %.1fs, mask covers %.1f%% -> %s%s", seg.prompt, result.steps, result.seconds,
+                 100 * seg.area, folder, f" (also {extra})" if extra else "")
     io.write_text(to_yaml(cfg), root / "config.yaml")
     io.write_text(" ".join(argv if argv is not None else sys.argv) + "\n", root / "cmd.txt")
-    if img is None:
-        img = edit.generate(backbone, cfg.generate, cfg.sampling, cfg.model, cfg.trainer.precision)
-        log.info("sampled %r (seed %d) -> %s", cfg.generate, cfg.sampling.seed,
-                 io.save_png(img, root / "sample.png"))
-    canvas, placement = io.fit_square(img, opt.mask.size, cfg.image_options.fit)
-    outputs = []
-    for prompt in list(cfg.prompt) or [cfg.generate]:
-        name = io.safe_name(prompt)
-        result = optimize_pair(
-            canvas, prompt, name, opt, cfg.trainer, backbone,
-            tb_dir=root / "tb" if cfg.tensorboard else None,
-        )
-        final = io.finalize_mask(result.alpha, placement, opt.threshold)
-        folder = root / name
-        paths = io.write_pair_files(img, final, {kind: folder / f"{kind}.png" for kind in io.PAIR_FILES})
-        if cfg.generate is not None:
-            paths["rgba"] = io.save_png(io.cutout(img, final.alpha_u8), folder / "rgba.png")
-        if cfg.edit.prompt is not None:
-            paths.update(write_edit(cfg, backbone, img, final.mask, folder))
-        extra = " ".join(p.name for k, p in paths.items() if k in ("rgba", "edited", "edit_compare"))
-        outputs.append(PredictOutput(prompt=prompt, folder=folder, area=final.area, **paths))
-        log.info("%r: %d steps in %.1fs, mask covers %.1f%% -> %s%s", prompt, result.steps, result.seconds,
-                 100 * final.area, folder, f" (also {extra})" if extra else "")
     return outputs

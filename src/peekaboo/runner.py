@@ -2,7 +2,7 @@
 
 Layout of ``<run.root>/<run.name>/``::
 
-    config.yaml  cmd.txt          the resolved config and the command line
+    config.yaml  cmd.txt          the resolved config and the command line that started the run
     masks/<id>.png                binary mask at the image's original size
     alphas/<id>.png               soft alpha (0..255) at the original size
     overlays/<id>.png             mask tinted over the image (run.save_overlays)
@@ -48,6 +48,7 @@ from peekaboo.engine import PREEMPTION, PairResult, Preempted, SaveOnPreemption,
 from peekaboo.errors import EXIT_PREEMPTED, ConfigError, NonFiniteError, OutputError, PeekabooError, exit_status
 from peekaboo.logs import setup_logging
 from peekaboo.metrics import pair_scores, summarize
+from peekaboo.module import non_finite_hint
 
 log = logging.getLogger(__name__)
 # The files a dataset run writes per pair, each under ``<kind>s/<name>.png`` (the overlay only with
@@ -174,9 +175,11 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> RunOutcome:
     _check_same_run(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     env_world = World.from_env()
-    if env_world is None or env_world.rank == 0:
-        io.write_text(to_yaml(cfg), run_dir / "config.yaml")
+    # Written once, when the run starts: a rerun resumes under the same settings (_check_same_run compared
+    # them above), and one that is refused or fails must leave the record of the run's start as it was.
+    if (env_world is None or env_world.rank == 0) and not (run_dir / "config.yaml").is_file():
         io.write_text(" ".join(argv if argv is not None else sys.argv) + "\n", run_dir / "cmd.txt")
+        io.write_text(to_yaml(cfg), run_dir / "config.yaml")  # last: its presence marks a started run
     if env_world is not None:
         code = run_worker(cfg, env_world)
     elif cfg.trainer.devices > 1:
@@ -458,7 +461,8 @@ def optimize_batch(cfg: TrainConfig, batch: list[tuple[Pair, str]], run_dir: Run
         raise io.output_error(err.filename or run_dir.root, err) from None
     for (pair, name, img, _, placement, record), result in zip(ready, results, strict=True):
         if result is None or result.failed:
-            error = failure if result is None else f"non-finite loss or mask in pair {pair.id}"
+            error = failure if result is None else (f"non-finite loss or mask in pair {pair.id}; "
+                                                    f"{non_finite_hint(cfg.optimization)}")
             records.append(_finish(run_dir, name, {**record, "status": "failed: non-finite", "error": error}))
             continue
         records.append(_finish(run_dir, name, {**record, **_write_pair(cfg, run_dir, name, img, placement,

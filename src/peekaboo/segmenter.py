@@ -29,6 +29,7 @@ from peekaboo.config import PredictConfig, apply_overrides, load_config, preset_
 from peekaboo.devices import resolve_device
 from peekaboo.engine import PairResult, optimize_pairs, split_on_oom
 from peekaboo.errors import ConfigError, ImageError, NonFiniteError, PeekabooError
+from peekaboo.module import non_finite_hint
 
 #: What :meth:`Segmenter.__call__` accepts as an image.
 ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
@@ -99,8 +100,8 @@ def segment_image(img: Image.Image, prompts: Sequence[str], cfg: PredictConfig, 
     out = []
     for prompt, result in zip(prompts, results, strict=True):
         if result.failed:
-            raise NonFiniteError(f"The optimization of {prompt!r} produced a non-finite loss or mask; lower "
-                                 "optimization.optim.lr or optimization.guidance.guidance_scale.")
+            raise NonFiniteError(f"The optimization of {prompt!r} produced a non-finite loss or mask; "
+                                 f"{non_finite_hint(opt)}")
         final = io.finalize_mask(result.alpha, placement, opt.threshold)
         out.append((Segmentation(prompt, img, final, result.steps, dict(result.losses)), result))
     return out

@@ -30,6 +30,8 @@ __all__ = ["IGNORE", "Pair", "build_source"]
 
 # What an unset (``???``) config value reads as on a plain DataConfig dataclass.
 _MISSING = "???"
+# The sources whose pairs depend on data.split.
+_SPLIT_SOURCES = ("shapes", "voc", "refcoco")
 
 
 def build_source(cfg: Any) -> list[Pair]:
@@ -64,8 +66,10 @@ def build_source(cfg: Any) -> list[Pair]:
     if source != "shapes" and cfg.num_pairs is not None:
         pairs = pairs[: cfg.num_pairs]
     if not pairs:
-        raise PeekabooError(f"data.source={source} (split {cfg.split!r}) yielded no pairs; check the data files "
-                            "and data.split.")
+        # Only the sources that read data.split name it: a manifest lists its pairs itself.
+        split = f" (split {cfg.split!r})" if source in _SPLIT_SOURCES else ""
+        hint = " and data.split" if source in _SPLIT_SOURCES else ""
+        raise PeekabooError(f"data.source={source}{split} yielded no pairs; check the data files{hint}.")
     _check_unique(pairs, source)
     return pairs
 

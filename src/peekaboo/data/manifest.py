@@ -68,14 +68,17 @@ def manifest_pairs(manifest: str | os.PathLike, allow_outside_root: bool = False
         One :class:`Pair` per row; targets load from ``mask`` as ``(H, W)`` uint8 0/1/255, or None without one.
 
     Raises:
-        PeekabooError: unreadable file, malformed line, missing column, empty prompt, duplicate id, or a path
-            outside the manifest's folder.
+        PeekabooError: unreadable or empty (zero-row) file, malformed line, missing column, empty prompt,
+            duplicate id, or a path outside the manifest's folder.
     """
     path = Path(manifest).absolute()
     if not path.is_file():
         raise PeekabooError(f"Manifest {path} does not exist; check data.manifest.")
     root = path.parent
     rows = list(_read_rows(path))
+    if not rows:
+        raise PeekabooError(f"Manifest {path} is empty (no rows); add one row per pair, e.g. "
+                            "{\"image\": \"imgs/cat.jpg\", \"prompt\": \"a cat\"}, or check data.manifest.")
     explicit = _explicit_ids(path, rows)
     taken = set(explicit.values())
     pairs = []
