@@ -33,7 +33,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 from PIL import Image
-from tests_support import REPO, REPO_CONFIGS
+from tests_support import FAST, REPO, REPO_CONFIGS, write_scene
 
 from peekaboo import io
 from peekaboo.backbone import Backbone, check_model_source, load_backbone
@@ -43,8 +43,6 @@ from peekaboo.data import Pair
 from peekaboo.errors import ImageError, ModelError, OutputError, PeekabooError
 from peekaboo.runner import output_names
 
-FAST = ["trainer.max_steps=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-        "optimization.mask.size=16"]
 PREDICT_FAST = [*FAST, "tensorboard=false"]
 TRAIN_FAST = [*FAST, "run.tensorboard=false"]
 # A learning rate no float32 MLP survives: the mask's logits overflow to inf - inf = nan in one step.
@@ -54,15 +52,6 @@ ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 # -- the corpus ---------------------------------------------------------------------------------------------
-def _scene(path: Path, size: tuple[int, int] = (52, 30)) -> Path:
-    """A small RGB scene (a red square on blue), ``size`` = (width, height)."""
-    arr = np.full((size[1], size[0], 3), (40, 120, 200), np.uint8)
-    arr[5:20, 10:25] = (220, 30, 30)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
-    return path
-
-
 def _noise_bytes(fmt: str) -> bytes:
     """An image of random pixels (so it does not compress away and a cut lands inside the pixel data)."""
     import io as _io
@@ -187,7 +176,7 @@ class Corpus:
 @pytest.fixture(scope="module")
 def corpus(tiny_model, tmp_path_factory) -> Corpus:
     root = tmp_path_factory.mktemp("corpus")
-    image = _scene(root / "scene.png")
+    image = write_scene(root / "scene.png")
     out = root / "out"
     code = predict_main([f"image={image}", "prompt=a red circle", f"model.pretrained={tiny_model}",
                          f"output_dir={out}", *PREDICT_FAST], REPO_CONFIGS)
@@ -250,7 +239,7 @@ def _config_case(id: str, override: str, *expected: str) -> Case:
     return Case(f"config-{id}", lambda tmp, c: ({key: value}, list(expected)))
 
 
-def _copy_of_scene(name: str) -> Callable[[Path, Corpus], Path]:
+def _copy_ofwrite_scene(name: str) -> Callable[[Path, Corpus], Path]:
     return lambda tmp, c: Path(shutil.copy(c.image, tmp / name))
 
 
@@ -308,10 +297,10 @@ CASES = [
                                                         [str(c.image), "is a file, not a folder"])),
     # predict.py loads the model the way editing does, where a 9-channel UNet is fine; the UNet call refuses it
     # for segmenting at the first step (a dataset run refuses it at start-up, see the train tests).
-    Case("model-inpainting", lambda tmp, c: ({"image": _copy_of_scene("inpaint_scene.png")(tmp, c),
+    Case("model-inpainting", lambda tmp, c: ({"image": _copy_ofwrite_scene("inpaint_scene.png")(tmp, c),
                                               "model.pretrained": _model_variant("inpainting", c.model, tmp)[0]},
                                              ["The loaded model: its UNet takes 9 input channels"]), optimizes=True),
-    Case("numerics-non-finite", lambda tmp, c: ({"image": _copy_of_scene("nan_scene.png")(tmp, c)},
+    Case("numerics-non-finite", lambda tmp, c: ({"image": _copy_ofwrite_scene("nan_scene.png")(tmp, c)},
                                                 ["non-finite loss or mask", "optimization.optim.lr"]),
          optimizes=True, extra=NON_FINITE),
     # A failed rerun for the image of the good run: its folder (config.yaml and cmd.txt included) stays as it
@@ -323,7 +312,7 @@ CASES = [
     Case("rerun-huge-guidance", lambda tmp, c: ({}, ["non-finite loss or mask",
                                                      "optimization.guidance.guidance_scale=1e+38"]),
          optimizes=True, extra=["optimization.guidance.guidance_scale=1e38"]),
-    Case("fault-disk-full-mid-write", lambda tmp, c: ({"image": _copy_of_scene("full_scene.png")(tmp, c)},
+    Case("fault-disk-full-mid-write", lambda tmp, c: ({"image": _copy_ofwrite_scene("full_scene.png")(tmp, c)},
                                                       ["alpha.png", "No space left on device", "free disk space"]),
          optimizes=True, patch=_save_fails_on_call(2)),
 ]
@@ -580,7 +569,7 @@ NASTY_PROMPTS = ["a red circle", "ein grüner Kreis 🟢", "绿色的圆", "a bl
 
 def test_dataset_run_records_bad_images_and_keeps_every_output_inside_the_run(corpus, tmp_path, capsys):
     data = tmp_path / "data"
-    _scene(data / "imgs" / "good.png")
+    write_scene(data / "imgs" / "good.png")
     rows = [{"image": "imgs/good.png", "prompt": NASTY_PROMPTS[i % len(NASTY_PROMPTS)], "id": pair_id}
             for i, pair_id in enumerate(NASTY_IDS)]
     bad = {kind: _bad_image(kind, data / "imgs") for kind in BAD_IMAGES if kind != "folder"}
@@ -664,7 +653,7 @@ def test_train_rerun_that_is_refused_or_fails_keeps_the_run_record(corpus, tmp_p
 
 
 def test_manifest_paths_outside_its_folder_are_refused_unless_allowed(corpus, tmp_path, capsys, monkeypatch):
-    _scene(tmp_path / "elsewhere" / "outside.png")
+    write_scene(tmp_path / "elsewhere" / "outside.png")
     runs = tmp_path / "runs"
     for value, message in (("../elsewhere/outside.png", "resolves outside the manifest's folder"),
                            (str(tmp_path / "elsewhere" / "outside.png"), "is an absolute path")):

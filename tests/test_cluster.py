@@ -17,6 +17,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
+from tests_support import FAST
 
 from peekaboo import engine, runner
 from peekaboo.cli import train_main
@@ -28,9 +29,8 @@ PAIRS = 6
 
 
 def _args(model: Path, root: Path, name: str, *extra: str, pairs: int = PAIRS) -> list[str]:
-    return [f"model.pretrained={model}", f"run.root={root}", f"run.name={name}", "data=shapes",
-            f"data.num_pairs={pairs}", f"trainer.max_steps={STEPS}", "trainer.accelerator=cpu",
-            "optimization.mask.size=16", "trainer.enable_progress_bar=false", "data.pairs_per_step=1",
+    return [*FAST, f"model.pretrained={model}", f"run.root={root}", f"run.name={name}", "data=shapes",
+            f"data.num_pairs={pairs}", f"trainer.max_steps={STEPS}", "data.pairs_per_step=1",
             "run.checkpoint_every_n_steps=1000", *extra]
 
 

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests_support import REPO, REPO_CONFIGS
+from tests_support import FAST, REPO, REPO_CONFIGS
 
 from peekaboo import edit
 from peekaboo.cli import predict_main
 from peekaboo.config import EditConfig, ModelConfig, SamplingConfig
 
-FAST = ["trainer.max_steps=3", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-        "optimization.mask.size=16", "tensorboard=false", "sampling.steps=4"]
+PREDICT_FAST = [*FAST, "trainer.max_steps=3", "tensorboard=false", "sampling.steps=4"]
 BUNDLED_INDEX = REPO / "src" / "peekaboo" / "assets" / "shapes-ldm" / "model_index.json"
 
 
@@ -102,7 +101,7 @@ def test_a_nine_channel_inpainting_unet_is_conditioned_on_the_mask(tiny_backbone
 def test_edit_command_writes_edited_and_compare(tiny_model, image_path, tmp_path):
     out = tmp_path / "out"
     argv = [f"image={image_path}", "prompt=a red circle", "edit.prompt=a blue square", "edit.dilation=2",
-            f"model.pretrained={tiny_model}", f"output_dir={out}", *FAST]
+            f"model.pretrained={tiny_model}", f"output_dir={out}", *PREDICT_FAST]
     assert predict_main(argv, REPO_CONFIGS) == 0
     folder = out / "scene" / "a_red_circle"
     before, after = _png(image_path), _png(folder / "edited.png")
@@ -125,7 +124,7 @@ def test_generate_writes_rgba_with_the_saved_alpha_and_a_seed_reproduces_it(tiny
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         out = tmp_path / name
         argv = ["generate=a green triangle", f"sampling.seed={seed}", f"model.pretrained={tiny_model}",
-                f"output_dir={out}", *FAST]
+                f"output_dir={out}", *PREDICT_FAST]
         assert predict_main(argv, REPO_CONFIGS) == 0
         runs.append({f: (out / "a_green_triangle" / f).read_bytes() for f in files})
     root = tmp_path / "a" / "a_green_triangle"
@@ -140,7 +139,7 @@ def test_generate_writes_rgba_with_the_saved_alpha_and_a_seed_reproduces_it(tiny
 
 def test_generate_rejects_a_size_the_model_cannot_sample(tiny_model, tmp_path, capsys):
     argv = ["generate=a red circle", "sampling.size=36", f"model.pretrained={tiny_model}",
-            f"output_dir={tmp_path}", *FAST]
+            f"output_dir={tmp_path}", *PREDICT_FAST]
     assert predict_main(argv, REPO_CONFIGS) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: sampling.size=36") and "multiple of" in err[0]

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests_support import REPO
+from tests_support import FAST, REPO, write_scene
 
 from peekaboo import io
 
-FAST = ["trainer.max_steps=3", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-        "optimization.mask.size=16", "tensorboard=false"]
+PREDICT_FAST = [*FAST, "trainer.max_steps=3", "tensorboard=false"]
 
 
 def _run(*args, cwd=REPO):
@@ -21,17 +20,13 @@ def _run(*args, cwd=REPO):
 
 @pytest.fixture(scope="module")
 def image_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "wide photo.png"
-    arr = np.full((30, 52, 3), (40, 120, 200), np.uint8)
-    arr[5:20, 10:25] = (220, 30, 30)
-    Image.fromarray(arr).save(path)
-    return path
+    return write_scene(tmp_path_factory.mktemp("img") / "wide photo.png")  # a space in its name, 52x30
 
 
 def test_predict_writes_every_output_at_original_size(tiny_model, image_path, tmp_path):
     out = tmp_path / "out"
     proc = _run(f"image={image_path}", "prompt=a red circle", "prompt=a blue square",
-                f"model.pretrained={tiny_model}", f"output_dir={out}", *FAST)
+                f"model.pretrained={tiny_model}", f"output_dir={out}", *PREDICT_FAST)
     assert proc.returncode == 0, proc.stderr
     root = out / "wide_photo"
     assert (root / "config.yaml").is_file() and "a blue square" in (root / "config.yaml").read_text()
