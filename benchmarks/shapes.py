@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.docs = DOCS
     if args.sweep_report is None and SWEEP_OUT.is_file():
         args.sweep_report = SWEEP_OUT
-    return shapes.run(args, "python benchmarks/shapes.py " + shlex.join(argv))
+    return shapes.run(args, shlex.join(["python", "benchmarks/shapes.py", *argv]))
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m peekaboo.bench.shapes``: parse ``argv`` (default ``sys.argv[1:]``) and :func:`run` it."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    return run(parser().parse_args(argv), "python -m peekaboo.bench.shapes " + shlex.join(argv))
+    return run(parser().parse_args(argv), shlex.join(["python", "-m", "peekaboo.bench.shapes", *argv]))
 
 
 if __name__ == "__main__":
