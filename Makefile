@@ -24,7 +24,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) -m peekaboo.bench.shapes
+	$(PY) benchmarks/shapes.py
 
 clean:
 	rm -rf outputs runs .pytest_cache

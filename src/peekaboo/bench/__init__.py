@@ -1,28 +1,18 @@
-"""Benchmarks: ``python -m peekaboo.bench.shapes`` scores Peekaboo, its ablations and training-free
-baselines on the synthetic shapes scenes (see docs/BENCHMARK.md); ``benchmarks/throughput.py`` times it."""
+"""Benchmarks of Peekaboo, layered over the app and the core (nothing outside this package imports it):
 
-import platform
-from pathlib import Path
+- :mod:`~peekaboo.bench.common`: timing, machine info and markdown tables every benchmark shares;
+- :mod:`~peekaboo.bench.baselines`: the training-free baselines (whole image, random disc, cross-attention);
+- :mod:`~peekaboo.bench.methods`: the rows the shapes benchmark compares and the config of each;
+- :mod:`~peekaboo.bench.run`: scoring a row over the synthetic shapes pairs;
+- :mod:`~peekaboo.bench.sweep`: choosing the settings on the ``tune`` split;
+- :mod:`~peekaboo.bench.report`: the markdown of docs/BENCHMARK.md and of the README's table, as strings;
+- :mod:`~peekaboo.bench.shapes`: the shapes benchmark's command line (``benchmarks/shapes.py`` wraps it);
+- :mod:`~peekaboo.bench.reference_loop`: the paper-style loop the throughput benchmark compares against;
+- :mod:`~peekaboo.bench.throughput`: seconds per step, pairs per hour and the fast paths
+  (``benchmarks/throughput.py`` wraps it);
+- :mod:`~peekaboo.bench.samples`: the bundled model's sample grid and sanity checks
+  (``scripts/sample_grid.py`` wraps it).
 
-
-def _cpuinfo(key: str) -> str | None:
-    """The first ``key`` field of ``/proc/cpuinfo`` (None where there is none, e.g. off Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":", 1)[0].strip() == key:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_name() -> str:
-    """The CPU's model name, for a benchmark's provenance (``platform.processor()`` is often empty on Linux)."""
-    return _cpuinfo("model name") or platform.processor() or platform.machine()
-
-
-def cpu_has_bf16_units() -> bool:
-    """Whether the CPU has bf16 matrix instructions (AMX or AVX-512 BF16); without them bf16 runs emulated and
-    is several times slower than float32."""
-    flags = set((_cpuinfo("flags") or "").split())
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
+The package computes and returns text; the scripts under ``benchmarks/`` and ``scripts/`` own the repository's
+paths (results, docs, README) and write them.
+"""

@@ -1,5 +1,5 @@
 """A straightforward Peekaboo loop written the way the paper's original code writes it: the baseline that
-``benchmarks/throughput.py`` measures the project's path against.
+:mod:`peekaboo.bench.throughput` measures the project's path against.
 
 The original code (github.com/RyannDaGreat/peekaboo, ``source/peekaboo.py``, ``source/bilateral_blur.py``,
 ``source/learnable_textures.py``, ``source/stable_diffusion.py``) is followed where it costs time:

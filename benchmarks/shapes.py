@@ -1,0 +1,40 @@
+"""The shapes benchmark with the repository's paths: ``python benchmarks/shapes.py [options]`` (``make bench``).
+
+Runs :mod:`peekaboo.bench.shapes` (same options) from the repository root, filling in where its output goes
+when the command does not say: the results JSON under ``benchmarks/results/``, docs/BENCHMARK.md for the eval
+split (with the sweep's trials, once the sweep has run), and the sweep's cache of finished trials.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from peekaboo.bench import shapes
+
+# Relative to the repository root (the working folder), as the reports quote them.
+RESULTS = {"eval": Path("benchmarks/results/shapes_eval.json"), "tune": Path("benchmarks/results/shapes_tune.json")}
+SWEEP_OUT = Path("benchmarks/results/shapes_sweep.json")
+SWEEP_CACHE = Path("work/bench_sweep_cache.json")
+DOCS = Path("docs/BENCHMARK.md")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` as :mod:`peekaboo.bench.shapes` does, default its paths to the repository's, run it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = shapes.parser(prog="python benchmarks/shapes.py").parse_args(argv)
+    if args.out is None:
+        args.out = SWEEP_OUT if args.sweep else RESULTS[args.split]
+    if args.sweep_cache is None:
+        args.sweep_cache = SWEEP_CACHE
+    if args.docs is None and args.split == "eval" and not args.sweep:
+        args.docs = DOCS
+    if args.sweep_report is None and SWEEP_OUT.is_file():
+        args.sweep_report = SWEEP_OUT
+    return shapes.run(args, shlex.join(["python", "benchmarks/shapes.py", *argv]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""What every benchmark of :mod:`peekaboo.bench` shares: timing, the machine the figures were taken on, and
+markdown tables, so that the shapes benchmark and the throughput benchmark compute each of them one way."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from peekaboo import io
+
+MB = 2**20
+SECONDS_PER_HOUR = 3600.0
+
+
+# -- the machine ----------------------------------------------------------------------------------------------
+def _cpuinfo(key: str) -> str | None:
+    """The first ``key`` field of ``/proc/cpuinfo`` (None where there is none, e.g. off Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":", 1)[0].strip() == key:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for a benchmark's provenance (``platform.processor()`` is often empty on Linux)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether the CPU has bf16 matrix instructions (AMX or AVX-512 BF16); without them bf16 runs emulated and
+    is several times slower than float32."""
+    flags = set((_cpuinfo("flags") or "").split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the figures were measured (times depend on it): platform, CPU, cores, torch threads, versions, GPU."""
+    return {"platform": platform.platform(), "processor": cpu_name(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# -- markdown -------------------------------------------------------------------------------------------------
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], right_from: int | None = None) -> str:
+    """A markdown table; the columns from index ``right_from`` on are right-aligned (figures), none if None."""
+    aligns = ["---:" if right_from is not None and k >= right_from else "---" for k in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(aligns) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(x: float | None, digits: int = 3, missing: str = "n/a") -> str:
+    """``x`` to ``digits`` decimals; ``missing`` for None or NaN (a figure not measured)."""
+    return missing if x is None or x != x else f"{x:.{digits}f}"  # x != x: NaN
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Write ``data`` to ``path`` as indented JSON (the caller chose the path), creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    io.write_text(json.dumps(data, indent=1, default=str), path)
+
+
+def ms(seconds: float) -> str:
+    """Seconds as milliseconds to one decimal."""
+    return fmt(seconds * 1000, 1)
+
+
+# -- timing ---------------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timestamp marks finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the compiler's worker processes)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+@dataclass
+class Timing:
+    """One measured run: ``batch`` pairs optimized together for ``len(steps)`` steps."""
+
+    label: str
+    batch: int
+    steps: list[float]  # wall seconds of every step, in order (the first includes lazy setup and compilation)
+    warmup: int
+    fixed_s: float  # the run's wall time outside its steps
+    peak_mb: float
+    note: str = ""
+
+    @property
+    def step_s(self) -> float:
+        """Median seconds per step over the timed (post-warm-up) steps."""
+        return statistics.median(self.steps[self.warmup :])
+
+    @property
+    def first_step_s(self) -> float:
+        """Seconds of the first step (lazy setup and compilation included)."""
+        return self.steps[0]
+
+    def pairs_per_hour(self, max_steps: int) -> float:
+        """Pairs finished per hour when every batch runs ``max_steps`` steps and pays the fixed cost once."""
+        return self.batch * SECONDS_PER_HOUR / (max_steps * self.step_s + self.fixed_s)
+
+
+class StepClock(Callback):
+    """Timestamps the start of training and the end of every step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = 0.0
+        self.ends: list[float] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        synchronize(self.device)
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        synchronize(self.device)
+        self.ends.append(time.perf_counter())
+
+    def durations(self) -> list[float]:
+        """Seconds of every step, in order."""
+        stamps = [self.start, *self.ends]
+        return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+class PeakMemory:
+    """Peak memory of the block: the RSS high-water mark on CPU (reset through ``/proc/self/clear_refs``,
+    so it covers this block only), ``max_memory_allocated`` on a GPU. ``peak_mb`` is set on exit."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mb = float("nan")
+        self.whole_process = False  # True when the RSS mark could not be reset (then it is the process's peak)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak RSS (Linux >= 4.0)
+            except OSError:
+                self.whole_process = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / MB
+        elif not self.whole_process and (hwm := _status_kb("VmHWM")) is not None:
+            self.peak_mb = hwm / 1024
+        else:
+            self.whole_process = True
+            self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None

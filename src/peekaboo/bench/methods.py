@@ -1,0 +1,138 @@
+"""The rows of the shapes benchmark: Peekaboo, its ablations and the training-free baselines, and the project
+config each Peekaboo row runs with.
+
+Every Peekaboo row starts from the project's config (``configs/train.yaml`` + ``configs/model/shapes.yaml``,
+read with :func:`peekaboo.config.load_config`); a row only lists what it changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from peekaboo.config import MASK_KINDS, TrainConfig, load_config
+from peekaboo.errors import PeekabooError
+
+# The model config group every row starts from: configs/model/<MODEL_GROUP>.yaml.
+MODEL_GROUP = "shapes"
+# The dataset-run task: configs/train.yaml, whose validation needs no image (a predict config would).
+CONFIG_TASK = "train"
+# The bench writes no run folder, but a dataset-run config requires a run name.
+_RUN_NAME = "run.name=shapes-bench"
+
+# -- settings chosen by the sweep on the tune split (see docs/BENCHMARK.md, "How the settings were chosen") --
+#: Optimizer of each mask kind in the mask-kind rows: a learning rate suits one parameterization only (a
+#: raster's logits and an MLP's weights live on different scales). A kind equal to the default's adds nothing.
+KIND_OPTIM: dict[str, tuple[str, ...]] = {
+    "raster": ("optimization.optim.name=adam", "optimization.optim.lr=0.05"),
+    "fourier": ("optimization.optim.name=adam", "optimization.optim.lr=0.003"),
+    "raster_bilateral": ("optimization.optim.name=adam", "optimization.optim.lr=0.05"),
+    "fourier_bilateral": ("optimization.optim.name=adam", "optimization.optim.lr=0.003"),
+}
+#: Settings of a mask kind's row that are fixed, not tuned. The Fourier MLP is 64 wide over 64 frequencies
+#: instead of the paper's 256 over 128: at 256 the MLP alone outweighs the VAE and UNet per step on a CPU,
+#: and a 64x64 mask needs far less capacity than the paper's 256x256 one.
+_SMALL_FOURIER = ("optimization.mask.fourier.hidden=64", "optimization.mask.fourier.num_features=64")
+KIND_EXTRA: dict[str, tuple[str, ...]] = {"fourier": _SMALL_FOURIER, "fourier_bilateral": _SMALL_FOURIER}
+#: The cross-attention baseline's mask is ``map > threshold`` (the map is min-max normalized per pair).
+#: Chosen on the ``tune`` split with the bundled model (the sweep's figures are in docs/BENCHMARK.md).
+CROSS_ATTENTION_THRESHOLD = 0.7
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table.
+
+    Attributes:
+        name: the ``--methods`` name.
+        label: the row's label.
+        kind: ``"peekaboo"``, ``"cross_attention"``, ``"random"`` or ``"whole_image"``.
+        overrides: config overrides on top of the project's config (Peekaboo rows only).
+        about: what the row measures (written to docs/BENCHMARK.md).
+    """
+
+    name: str
+    label: str
+    kind: str
+    overrides: tuple[str, ...] = ()
+    about: str = ""
+
+
+def _kind_method(kind: str, optim: Sequence[str]) -> Method:
+    label = kind.replace("_", " + ")
+    overrides = (f"optimization.mask.kind={kind}", *KIND_EXTRA.get(kind, ()), *optim)
+    return Method(kind, f"mask: {label}", "peekaboo", overrides,
+                  f"The default with the `{kind}` mask parameterization and the optimizer chosen for it on the "
+                  "tune split.")
+
+
+def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[Method, ...]:
+    """The table's rows, in order; ``kind_optim`` replaces :data:`KIND_OPTIM` (e.g. a sweep's choice)."""
+    kind_optim = {**KIND_OPTIM, **(kind_optim or {})}
+    return (
+        Method("peekaboo", "Peekaboo (default)", "peekaboo", (),
+               "Peekaboo with the settings of `configs/model/shapes.yaml` (plus any `--set` of the command)."),
+        Method("no_gravity", "no gravity", "peekaboo", ("optimization.loss.gravity=0",),
+               "The default without the alpha regularizer: nothing pulls the mask towards empty, so keeping the "
+               "whole image is as good an answer as keeping the object."),
+        *(_kind_method(kind, kind_optim[kind]) for kind in MASK_KINDS),
+        Method("guidance_7.5", "guidance 7.5", "peekaboo", ("optimization.guidance.guidance_scale=7.5",),
+               "The default with the guidance scale of ordinary sampling."),
+        Method("guidance_30", "guidance 30", "peekaboo", ("optimization.guidance.guidance_scale=30",),
+               "The default with the guidance scale chosen on the tune split for the first-round bundled model "
+               "(the shipped model's tune split chose 15)."),
+        Method("guidance_100", "guidance 100", "peekaboo", ("optimization.guidance.guidance_scale=100",),
+               "The default with the paper's guidance scale for Stable Diffusion."),
+        Method("cross_attention", "cross-attention map", "cross_attention", (),
+               "No optimization: the UNet's cross-attention to the prompt's content words on the VAE-encoded image "
+               "noised at a few timesteps, averaged over heads, layers and timesteps, normalized to [0, 1] and "
+               "thresholded (threshold chosen on the tune split)."),
+        Method("random", "random disc", "random", (),
+               "Chance level: a disc of a typical object's size at a random position (seeded by the pair id)."),
+        Method("whole_image", "whole image", "whole_image", (),
+               "Every pixel selected: the IoU is the object's share of the image."),
+    )
+
+
+METHODS = build_methods()
+METHOD_NAMES = tuple(m.name for m in METHODS)
+
+
+# -- configs --------------------------------------------------------------------------------------------------
+def resolve_config_dir(config_dir: str | os.PathLike | None) -> Path:
+    """The project's ``configs/`` folder (``--config-dir``, ``$PEEKABOO_CONFIG_DIR``, or ``./configs``).
+
+    Raises:
+        PeekabooError: none exists: the benchmark's defaults must come from the project's config.
+    """
+    if config_dir is not None:
+        candidates = [Path(config_dir)]  # an explicit folder must be right: no silent fallback
+    else:
+        env = os.environ.get("PEEKABOO_CONFIG_DIR")
+        candidates = [Path(env)] if env else [Path.cwd() / "configs"]
+    for c in candidates:
+        if (c / "model" / f"{MODEL_GROUP}.yaml").is_file():
+            return c
+    raise PeekabooError(f"{candidates[0]} has no model/{MODEL_GROUP}.yaml; run from the repository root or pass "
+                        "--config-dir pointing at the project's configs/ folder.")
+
+
+def method_config(overrides: Sequence[str], extra: Sequence[str], config_dir: Path, base: Sequence[str] = ()) -> Any:
+    """The project's dataset-run config (``configs/train.yaml``) with ``model=shapes``, then ``base`` (tuned
+    defaults every row starts from), then a row's ``overrides``, then ``extra`` (the command's ``--set``):
+    later ones win."""
+    argv = [f"model={MODEL_GROUP}", "data=shapes", _RUN_NAME, *base, *overrides, *extra]
+    return load_config(TrainConfig, argv, config_dir, CONFIG_TASK)
+
+
+def settings_key(cfg: Any) -> str:
+    """What decides a Peekaboo row's masks: two rows with the same key produce the same masks."""
+    return json.dumps({k: OmegaConf.to_container(cfg[k], resolve=True)
+                       for k in ("model", "image_options", "optimization")} | {"steps": cfg.trainer.max_steps},
+                      sort_keys=True)

@@ -1,0 +1,366 @@
+"""Running the shapes benchmark's rows over the synthetic pairs and scoring them.
+
+:func:`run_benchmark` scores every chosen row of :mod:`peekaboo.bench.methods` on the first pairs of a split of
+:func:`peekaboo.data.synthetic.synthetic_pairs` (scenes whose seeds are disjoint from the bundled model's
+training scenes): IoU terms, whether the mask took another object of the scene, and seconds per pair.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
+
+from peekaboo import io, ops
+from peekaboo.backbone import Backbone, shared_backbone
+from peekaboo.bench.baselines import cross_attention_map, random_mask, whole_image
+from peekaboo.bench.methods import (
+    CROSS_ATTENTION_THRESHOLD,
+    METHOD_NAMES,
+    Method,
+    build_methods,
+    method_config,
+    resolve_config_dir,
+    settings_key,
+)
+from peekaboo.bench.report import markdown_table
+from peekaboo.data.shapes import eval_pairs
+from peekaboo.data.synthetic import SPLIT_NAMES, synthetic_pairs
+from peekaboo.engine import optimize_pairs
+from peekaboo.errors import NonFiniteError, PeekabooError
+from peekaboo.metrics import DONE, pair_scores, summarize
+
+log = logging.getLogger("peekaboo.bench")
+
+BENCH_SPLITS = ("eval", "tune")
+DEFAULT_PAIRS = 200
+# Pairs optimized together (one VAE and one UNet call per step); each pair still gets the mask it gets alone.
+DEFAULT_BATCH = 16
+# Untimed optimization steps before the first row (see _warm_up).
+WARM_UP_STEPS = 2
+
+
+# -- pairs and scores -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchPair:
+    """One evaluation pair with everything scoring needs.
+
+    Attributes:
+        image: the scene, ``(H, W, 3)`` uint8 RGB as a PIL image.
+        target: ``(H, W)`` uint8 0/1 mask of the named object.
+        others: ``(H, W)`` bool masks of the scene's other objects.
+    """
+
+    id: str
+    prompt: str
+    image: Any
+    target: np.ndarray
+    others: tuple[np.ndarray, ...]
+    meta: dict = field(default_factory=dict)
+
+
+def load_pairs(split: str, n: int) -> list[BenchPair]:
+    """The first ``n`` pairs of ``split`` from :func:`synthetic_pairs`, with the other objects' masks.
+
+    Raises:
+        PeekabooError: an unknown split or ``n < 1``.
+    """
+    if split not in BENCH_SPLITS:
+        raise PeekabooError(f"--split {split}: use one of {', '.join(BENCH_SPLITS)}.")
+    pairs = synthetic_pairs(split, n)
+    # synthetic_pairs lists eval_pairs in order; the scenes give the masks of the objects not named.
+    scenes = eval_pairs(SPLIT_NAMES[split], n)
+    out = []
+    for pair, sp in zip(pairs, scenes, strict=True):
+        if pair.id != sp.id:
+            raise AssertionError(f"pair order differs: {pair.id} vs {sp.id}")
+        others = tuple(o.mask for k, o in enumerate(sp.scene.objects) if k != sp.target)
+        out.append(BenchPair(pair.id, pair.prompt, pair.load_image(), pair.load_target(), others, pair.meta or {}))
+    return out
+
+
+def wrong_object(pred: np.ndarray, target: np.ndarray, others: Sequence[np.ndarray]) -> bool:
+    """Whether the prediction covers some other object more than the named one.
+
+    Args:
+        pred: ``(H, W)`` bool predicted mask.
+        target: ``(H, W)`` the named object (nonzero = object; 255, ignored, counts as not object).
+        others: ``(H, W)`` bool masks of the scene's other objects.
+
+    Returns:
+        True when ``|pred & other_k| > |pred & target|`` for some ``k``. An empty prediction is never wrong
+        (it chose nothing; its IoU of 0 already counts against it).
+    """
+    on_target = int(np.count_nonzero(pred & (target == 1)))
+    return any(int(np.count_nonzero(pred & other)) > on_target for other in others)
+
+
+def score(pred: np.ndarray, pair: BenchPair) -> dict[str, Any]:
+    """The per-pair record fields of a predicted ``(H, W)`` bool mask: IoU terms, wrong object, area."""
+    return {**pair_scores(pred, pair.target), "wrong_object": wrong_object(pred, pair.target, pair.others),
+            "area": float(pred.mean())}
+
+
+def summarize_method(records: Sequence[dict]) -> dict[str, Any]:
+    """:func:`peekaboo.metrics.summarize` plus the wrong-object rate and the mean seconds per pair."""
+    summary = summarize(records)
+    scored = [r for r in records if r.get("status") == DONE]
+    summary["wrong_object_rate"] = (sum(bool(r["wrong_object"]) for r in scored) / len(scored)) if scored else None
+    summary["seconds_per_pair"] = (sum(float(r["seconds"]) for r in records) / len(records)) if records else None
+    return summary
+
+
+# -- running methods ------------------------------------------------------------------------------------------
+class AlphaSnapshots(Callback):
+    """Keeps the soft masks ``(B, S, S)`` after each of ``steps`` optimizer steps: one long run then scores
+    every shorter step count too (no schedule depends on the total, so step ``k`` of a long run is exactly
+    the end of a run of ``k`` steps)."""
+
+    def __init__(self, steps: Sequence[int]):
+        self.steps = set(steps)
+        self.alphas: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step in self.steps:
+            with torch.no_grad():
+                self.alphas[trainer.global_step] = pl_module().detach().float().cpu()[:, 0]
+
+
+Progress = Callable[[int, int, float], None]
+
+
+def run_peekaboo(
+    cfg: Any,
+    pairs: Sequence[BenchPair],
+    backbone: Backbone,
+    batch_size: int = DEFAULT_BATCH,
+    snapshot_steps: Sequence[int] = (),
+    progress: Progress | None = None,
+) -> dict[int, list[dict]]:
+    """Optimize every pair's mask with ``cfg`` in batches and score it.
+
+    Args:
+        cfg: a resolved config (optimization, trainer, image options).
+        snapshot_steps: also score the masks after these step counts (each <= ``trainer.max_steps``).
+        progress: called after each batch with (pairs done, pairs in all, seconds so far).
+
+    Returns:
+        ``{steps: records}`` for ``trainer.max_steps`` and each snapshot step; one record per pair.
+    """
+    opt, trainer = cfg.optimization, cfg.trainer
+    steps_scored = sorted({*snapshot_steps, trainer.max_steps})
+    out: dict[int, list[dict]] = {s: [] for s in steps_scored}
+    start = time.perf_counter()
+    for first in range(0, len(pairs), batch_size):
+        batch = pairs[first : first + batch_size]
+        fitted = [io.fit_square(p.image, opt.mask.size, cfg.image_options.fit) for p in batch]
+        snaps = AlphaSnapshots(steps_scored)
+        t0 = time.perf_counter()
+        try:
+            results = optimize_pairs(torch.stack([f[0] for f in fitted]), [p.prompt for p in batch],
+                                     [p.id for p in batch], opt, trainer, backbone, callbacks=[snaps],
+                                     enable_progress_bar=False)
+            failed = [r.failed for r in results]
+        except NonFiniteError:
+            failed = [True] * len(batch)
+        per_pair = (time.perf_counter() - t0) / len(batch)
+        for steps in steps_scored:
+            alphas = snaps.alphas.get(steps)
+            for i, (pair, (_, placement)) in enumerate(zip(batch, fitted, strict=True)):
+                record: dict[str, Any] = {"id": pair.id, "prompt": pair.prompt, "steps": steps,
+                                          "seconds": round(per_pair * steps / trainer.max_steps, 4)}
+                if failed[i] or alphas is None:
+                    record["status"] = "failed: non-finite"
+                else:
+                    alpha_u8 = io.quantize(io.unfit(alphas[i], placement))
+                    record.update(status=DONE, **score(io.binarize(alpha_u8, opt.threshold), pair))
+                out[steps].append(record)
+        if progress is not None:
+            progress(first + len(batch), len(pairs), time.perf_counter() - start)
+    return out
+
+
+def attention_maps(cfg: Any, pairs: Sequence[BenchPair], backbone: Backbone,
+                   progress: Progress | None = None) -> list[tuple[torch.Tensor, float]]:
+    """The cross-attention map of every pair at its original size, ``(H, W)`` in [0, 1], with the seconds
+    it took."""
+    out = []
+    start = time.perf_counter()
+    for n, pair in enumerate(pairs, 1):
+        t0 = time.perf_counter()
+        canvas, placement = io.fit_square(pair.image, cfg.optimization.mask.size, cfg.image_options.fit)
+        gen = torch.Generator().manual_seed(ops.pair_seed(cfg.optimization.seed, pair.id))
+        heat = cross_attention_map(backbone, canvas, pair.prompt, generator=gen)
+        out.append((io.unfit(heat, placement), time.perf_counter() - t0))
+        if progress is not None and (n % DEFAULT_BATCH == 0 or n == len(pairs)):
+            progress(n, len(pairs), time.perf_counter() - start)
+    return out
+
+
+def score_attention(maps: Sequence[tuple[torch.Tensor, float]], pairs: Sequence[BenchPair],
+                    threshold: float) -> list[dict]:
+    """Records of the cross-attention baseline: ``map > threshold`` per pair."""
+    return [{"id": p.id, "prompt": p.prompt, "status": DONE, "seconds": round(sec, 4),
+             **score((heat > threshold).numpy(), p)} for (heat, sec), p in zip(maps, pairs, strict=True)]
+
+
+def run_trivial(kind: str, pairs: Sequence[BenchPair], seed: int) -> list[dict]:
+    """Records of the random-disc or whole-image baseline."""
+    records = []
+    for pair in pairs:
+        t0 = time.perf_counter()
+        h, w = pair.target.shape
+        if kind == "random":
+            pred = random_mask(h, w, torch.Generator().manual_seed(ops.pair_seed(seed, pair.id)))
+        else:
+            pred = whole_image(h, w)
+        records.append({"id": pair.id, "prompt": pair.prompt, "status": DONE,
+                        "seconds": round(time.perf_counter() - t0, 4), **score(pred, pair)})
+    return records
+
+
+def progress_logger(label: str) -> Progress:
+    """A :data:`Progress` callback that logs pairs done, seconds per pair and the time left."""
+
+    def report(done: int, total: int, seconds: float) -> None:
+        eta = seconds / done * (total - done)
+        log.info("  %s: %d/%d pairs, %.2f s/pair, %.0f s elapsed, ETA %.0f s", label, done, total,
+                 seconds / done, seconds, eta)
+    return report
+
+
+def _warm_up(cfg: Any, pair: BenchPair, backbone: Backbone) -> None:
+    """One short optimization, untimed, so the first row's seconds per pair leave out one-time costs (lazy
+    initialization of kernels and of Lightning)."""
+    canvas, _ = io.fit_square(pair.image, cfg.optimization.mask.size, cfg.image_options.fit)
+    trainer = OmegaConf.merge(cfg.trainer, {"max_steps": WARM_UP_STEPS})
+    optimize_pairs(canvas[None], [pair.prompt], [pair.id], cfg.optimization, trainer, backbone,
+                   enable_progress_bar=False)
+
+
+def run_benchmark(
+    split: str = "eval",
+    num_pairs: int = DEFAULT_PAIRS,
+    methods: Sequence[str] = METHOD_NAMES,
+    extra: Sequence[str] = (),
+    batch_size: int = DEFAULT_BATCH,
+    config_dir: str | os.PathLike | None = None,
+    cross_attention_threshold: float = CROSS_ATTENTION_THRESHOLD,
+    previous: dict[str, Any] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    base_overrides: Sequence[str] = (),
+    kind_optim: dict[str, Sequence[str]] | None = None,
+) -> dict[str, Any]:
+    """Score ``methods`` on the first ``num_pairs`` pairs of ``split``.
+
+    Args:
+        methods: names from :data:`METHOD_NAMES`, in table order.
+        extra: ``key=value`` overrides applied to every row's config after its own (e.g. another model).
+        previous: an earlier (partial) result of the same split and pairs: its rows whose settings are
+            unchanged are kept instead of recomputed (``--resume``).
+        on_row: called with the result so far after each row (to save partial results).
+        base_overrides: settings every row starts from, before its own overrides (``--tuned``: the sweep's
+            choice for the default).
+        kind_optim: the optimizer of each mask kind's row, instead of :data:`KIND_OPTIM`.
+
+    Returns:
+        ``{"split", "pairs", "methods": {name: {"label", "kind", "overrides", "about", "same_as",
+        "summary", "records"}}, "table"}``.
+
+    Raises:
+        PeekabooError: an unknown method or split, bad overrides, or a missing model.
+    """
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown or not methods:
+        raise PeekabooError(f"--methods {' '.join(unknown) or '(none)'}: choose from {' '.join(METHOD_NAMES)}.")
+    if batch_size < 1:
+        raise PeekabooError(f"--batch-size {batch_size} must be >= 1.")
+    cdir = resolve_config_dir(config_dir)
+    pairs = load_pairs(split, num_pairs)
+    base = method_config((), extra, cdir, base_overrides)
+    chosen = [m for m in build_methods(kind_optim) if m.name in methods]
+    # All configs first, so a bad override fails before hours of work.
+    configs = {m.name: method_config(m.overrides, extra, cdir, base_overrides) for m in chosen}
+    log.info("shapes benchmark: %d %s pairs, %d methods", len(pairs), split, len(chosen))
+    if any(m.kind in ("peekaboo", "cross_attention") for m in chosen):
+        _warm_up(base, pairs[0], shared_backbone(base.model))
+    done_by_key: dict[str, str] = {}
+    rows: dict[str, dict] = {}
+    result = {"split": split, "pairs": len(pairs), "base_overrides": list(base_overrides),
+              "extra_overrides": list(extra), "model": base.model.pretrained, "methods": rows}
+    earlier = {}
+    if previous is not None and previous.get("split") == split and previous.get("pairs") == len(pairs):
+        earlier = {row["key"]: row for row in previous.get("methods", {}).values() if "key" in row}
+    # The default and the baselines without optimization first: they are what a partial run should show.
+    order = sorted(chosen, key=lambda m: 0 if m.name == "peekaboo" else 1 if m.kind != "peekaboo" else 2)
+    for method in order:
+        cfg = configs[method.name]
+        same_as = None
+        t0 = time.perf_counter()
+        log.info("%s", method.label)
+        key = _row_key(method, cfg, cross_attention_threshold)
+        if key in earlier:
+            rows[method.name] = {**earlier[key], "label": method.label, "about": method.about,
+                                 "overrides": list(method.overrides)}
+            if method.kind == "peekaboo":
+                # Rows of equal settings share one key, so which row first claims the settings is decided
+                # here again, in this run's order, not taken from whichever row the earlier run stored.
+                owner = done_by_key.setdefault(settings_key(cfg), method.name)
+                rows[method.name]["same_as"] = owner if owner != method.name else None
+            log.info("  kept from the earlier run (same settings)")
+            continue
+        if method.kind == "peekaboo":
+            same_as = done_by_key.get(settings_key(cfg))
+            if same_as is not None:
+                records = copy.deepcopy(rows[same_as]["records"])
+                log.info("  same settings as %s: its masks are reused", same_as)
+            else:
+                backbone = shared_backbone(cfg.model)
+                records = run_peekaboo(cfg, pairs, backbone, batch_size,
+                                       progress=progress_logger(method.name))[cfg.trainer.max_steps]
+                done_by_key[settings_key(cfg)] = method.name
+        elif method.kind == "cross_attention":
+            maps = attention_maps(cfg, pairs, shared_backbone(cfg.model), progress_logger(method.name))
+            records = score_attention(maps, pairs, cross_attention_threshold)
+        else:
+            records = run_trivial(method.kind, pairs, base.optimization.seed)
+        summary = summarize_method(records)
+        log.info("  mIoU %.3f, wrong object %.1f%%, %.0f s", summary["miou"] or 0.0,
+                 100 * (summary["wrong_object_rate"] or 0.0), time.perf_counter() - t0)
+        settings = (OmegaConf.to_container(cfg.optimization, resolve=True) | {"max_steps": cfg.trainer.max_steps}
+                    if method.kind == "peekaboo" else
+                    {"threshold": cross_attention_threshold} if method.kind == "cross_attention" else {})
+        rows[method.name] = {"label": method.label, "kind": method.kind, "overrides": list(method.overrides),
+                             "about": method.about, "same_as": same_as, "settings": settings, "key": key,
+                             "summary": summary, "records": records}
+        _publish(result, rows, chosen)
+        if on_row is not None:
+            on_row(result)
+    _publish(result, rows, chosen)  # kept rows (--resume) land here too, wherever they fall in the order
+    return result
+
+
+def _publish(result: dict[str, Any], rows: dict[str, dict], chosen: Sequence[Method]) -> None:
+    """Put the finished rows into ``result`` in table order, with their markdown table."""
+    result["methods"] = {m.name: rows[m.name] for m in chosen if m.name in rows}
+    result["table"] = markdown_table(result)
+
+
+def _row_key(method: Method, cfg: Any, threshold: float) -> str:
+    """Everything a row's numbers depend on, so ``--resume`` keeps a row only when nothing changed."""
+    if method.kind == "peekaboo":
+        return "peekaboo " + settings_key(cfg)
+    if method.kind == "cross_attention":
+        return f"cross_attention {threshold} " + settings_key(cfg)
+    return f"{method.kind} seed={cfg.optimization.seed}"
+
+

@@ -1,0 +1,217 @@
+"""The tuning sweep that chose the shapes benchmark's settings, on the ``tune`` split only (:func:`sweep`): a
+coordinate search over the default's knobs, the learning rate of each mask kind and the cross-attention
+threshold."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from peekaboo.backbone import shared_backbone
+from peekaboo.bench.common import write_json
+from peekaboo.bench.methods import KIND_EXTRA, method_config, resolve_config_dir, settings_key
+from peekaboo.bench.report import sweep_markdown
+from peekaboo.bench.run import (
+    DEFAULT_BATCH,
+    attention_maps,
+    load_pairs,
+    progress_logger,
+    run_peekaboo,
+    score_attention,
+    summarize_method,
+)
+from peekaboo.config import MASK_KINDS
+
+log = logging.getLogger("peekaboo.bench")
+
+# Pairs of the tune split the sweep scores each trial on (--pairs).
+TUNE_PAIRS = 48
+
+# -- the sweep's search space ---------------------------------------------------------------------------------
+#: Knobs of the default, searched one at a time in this order, each starting from the best so far.
+#: The mask kind comes first: an unfiltered raster mask picks up the VAE encoder's high-frequency gradients
+#: (speckled masks), which the bilateral filter removes. The Fourier kinds cost more and are left to their rows.
+SWEEP_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("optimization.mask.kind", ("raster", "raster_bilateral")),
+    ("optimization.loss.gravity", ("0.006", "0.0125", "0.025", "0.05")),
+    ("optimization.optim.lr", ("0.05", "0.1")),
+    ("optimization.guidance.guidance_scale", ("7.5", "15", "30", "60")),
+    ("optimization.guidance.latent_mode", ("mean", "sample")),
+)
+#: Step counts every trial is also scored at (snapshots of the same run, so they cost nothing extra).
+SWEEP_STEPS = (50, 100, 150, 200)
+#: The fewest steps whose tune mIoU is within this of the best step count's are chosen (time is per step).
+SWEEP_STEPS_TOLERANCE = 0.01
+#: Learning rates tried for a mask kind's row (Adam; the paper's SGD at 1e-5 barely moves a 64x64 mask). The
+#: default's kind keeps the default's tuned rate.
+SWEEP_KIND_LRS: dict[str, tuple[str, ...]] = {"fourier": ("0.003", "0.01")}
+#: A kind whose rate is not searched takes its partner's (the same parameters with or without the bilateral
+#: filter: the filter averages logits, so it does not change the parameters' scale; a search costs hours here).
+SWEEP_KIND_PARTNER: dict[str, str] = {"raster": "raster_bilateral", "raster_bilateral": "raster",
+                                      "fourier": "fourier_bilateral", "fourier_bilateral": "fourier"}
+SWEEP_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def sweep(
+    num_pairs: int = TUNE_PAIRS,
+    batch_size: int = DEFAULT_BATCH,
+    extra: Sequence[str] = (),
+    config_dir: str | os.PathLike | None = None,
+    stages: Sequence[tuple[str, Sequence[str]]] = SWEEP_STAGES,
+    steps: Sequence[int] = SWEEP_STEPS,
+    kind_lrs: dict[str, Sequence[str]] | None = None,
+    thresholds: Sequence[float] = SWEEP_THRESHOLDS,
+    cache_path: Path | None = None,
+    partner: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Choose the settings on the ``tune`` split (never ``eval``) by a coordinate search.
+
+    1. The default's knobs (:data:`SWEEP_STAGES`), one at a time in order, each value tried on top of the best
+       so far (ties: lower wrong-object rate, then the current value). Every trial also scores its masks after
+       each of ``steps`` (snapshots of the same run) and counts at its best step count: the fewest steps whose
+       mIoU is within :data:`SWEEP_STEPS_TOLERANCE` of its best snapshot (time is per step).
+    2. The step count: the winner's, chosen the same way.
+    3. The learning rate of each other mask kind (:data:`SWEEP_KIND_LRS`, Adam) on top of the chosen default.
+    4. The cross-attention threshold (:data:`SWEEP_THRESHOLDS`): maps computed once, thresholds compared.
+
+    Args:
+        cache_path: a JSON file of finished trials: a rerun after an interruption skips them.
+
+    Returns:
+        ``{"trials": [...], "default_overrides": [...], "kind_optim": {...}, "cross_attention_threshold",
+        "markdown", ...}``; each trial holds its stage, overrides, step count and summary.
+    """
+    kind_lrs = SWEEP_KIND_LRS if kind_lrs is None else kind_lrs
+    partner = SWEEP_KIND_PARTNER if partner is None else partner
+    cdir = resolve_config_dir(config_dir)
+    pairs = load_pairs("tune", num_pairs)
+    base = method_config((), extra, cdir)
+    backbone = shared_backbone(base.model)
+    cache: dict[str, dict[str, dict]] = {}
+    if cache_path is not None and cache_path.is_file():
+        cache = json.loads(cache_path.read_text())
+        log.info("sweep: %d finished trials read from %s", len(cache), cache_path)
+    trials: list[dict[str, Any]] = []
+
+    def config(overrides: dict[str, str]) -> Any:
+        return method_config([f"{k}={v}" for k, v in overrides.items()], extra, cdir)
+
+    def evaluate(stage: str, overrides: dict[str, str], value: str) -> dict[int, dict]:
+        """Summaries by step count of one setting (snapshots at ``steps`` up to its max_steps); ``value`` is
+        what the stage tries (for the report)."""
+        cfg = config(overrides)
+        snaps = [s for s in steps if s <= cfg.trainer.max_steps]
+        key = settings_key(cfg) + json.dumps({"snapshots": snaps, "pairs": len(pairs)})
+        argv = [f"{k}={v}" for k, v in overrides.items()]
+        if key not in cache:
+            log.info("sweep %s: %s", stage, " ".join(argv) or "(project config)")
+            t0 = time.perf_counter()
+            runs = run_peekaboo(cfg, pairs, backbone, batch_size, snaps, progress_logger(stage))
+            cache[key] = {str(s): summarize_method(r) for s, r in runs.items()}
+            if cache_path is not None:
+                write_json(cache, cache_path)
+            final = cache[key][str(cfg.trainer.max_steps)]
+            log.info("  -> mIoU %.3f, wrong %.1f%% (%.0f s)", final["miou"] or 0.0,
+                     100 * (final["wrong_object_rate"] or 0.0), time.perf_counter() - t0)
+        result = {int(s): summ for s, summ in cache[key].items()}
+        if not any(t["stage"] == stage and t["overrides"] == argv for t in trials):
+            trials.append({"stage": stage, "value": value, "overrides": argv, "max_steps": cfg.trainer.max_steps,
+                           "by_steps": dict(sorted(result.items()))})
+        return result
+
+    def rank(summary: dict) -> tuple[float, float]:
+        return (summary["miou"] or 0.0, -(summary["wrong_object_rate"] or 0.0))
+
+    def best_steps_of(result: dict[int, dict]) -> int:
+        """The fewest steps whose mIoU is within SWEEP_STEPS_TOLERANCE of the trial's best snapshot."""
+        top = max(result[s]["miou"] or 0.0 for s in result)
+        return min(s for s in result if (result[s]["miou"] or 0.0) >= top - SWEEP_STEPS_TOLERANCE)
+
+    def trial_score(result: dict[int, dict]) -> tuple[float, float]:
+        return rank(result[best_steps_of(result)])
+
+    # 1. The default's knobs; each trial is scored at its own best step count (the step count is a knob too,
+    #    and a larger learning rate or gravity reaches its best mask sooner).
+    chosen: dict[str, str] = {}
+    for key, values in stages:
+        cfg = config(chosen)
+        current = str(OmegaConf.select(cfg, key))
+        best_value, best = current, trial_score(evaluate(key, chosen, f"{current} (current)"))
+        for value in values:
+            if value == current or _same_number(value, current):
+                continue
+            score_ = trial_score(evaluate(key, {**chosen, key: value}, value))
+            if score_ > best:
+                best_value, best = value, score_
+        if best_value != current:
+            chosen[key] = best_value
+        log.info("sweep %s: best %s (mIoU %.3f)", key, best_value, best[0])
+
+    # 2. The step count, from the winner's snapshots.
+    runs = evaluate("trainer.max_steps", chosen, "snapshots of the winner")
+    best_steps = best_steps_of(runs)
+    if best_steps != config(chosen).trainer.max_steps:
+        chosen["trainer.max_steps"] = str(best_steps)
+    default_cfg = config(chosen)
+    default_summary = runs[best_steps]
+
+    # 3. Each other mask kind: its learning rate on top of the chosen default.
+    kind_optim: dict[str, list[str]] = {}
+    kind_scores: dict[str, float | None] = {}
+    default_kind = default_cfg.optimization.mask.kind
+    kind_optim[default_kind] = [f"optimization.optim.name={default_cfg.optimization.optim.name}",
+                                f"optimization.optim.lr={default_cfg.optimization.optim.lr}"]
+    kind_scores[default_kind] = default_summary["miou"]
+    for kind, lrs in kind_lrs.items():
+        if kind == default_kind:
+            continue
+        best_lr, best_kind = lrs[0], (-1.0, 0.0)
+        for lr in lrs:
+            fixed = dict(o.split("=", 1) for o in KIND_EXTRA.get(kind, ()))
+            over = {**chosen, "optimization.mask.kind": kind, **fixed, "optimization.optim.name": "adam",
+                    "optimization.optim.lr": lr}
+            score_ = rank(evaluate(f"{kind} lr", over, lr)[best_steps])
+            if score_ > best_kind:
+                best_lr, best_kind = lr, score_
+        kind_optim[kind] = ["optimization.optim.name=adam", f"optimization.optim.lr={best_lr}"]
+        kind_scores[kind] = best_kind[0]
+    for kind in MASK_KINDS:
+        if kind not in kind_optim and partner.get(kind) in kind_optim:
+            kind_optim[kind] = kind_optim[partner[kind]]
+            kind_scores[kind] = None  # not measured on the tune split
+    kind_optim = {k: kind_optim[k] for k in MASK_KINDS if k in kind_optim}
+
+    # 4. The cross-attention threshold.
+    log.info("sweep cross-attention threshold")
+    maps = attention_maps(base, pairs, backbone, progress_logger("cross_attention"))
+    ca = {t: summarize_method(score_attention(maps, pairs, t)) for t in thresholds}
+    best_t = max(thresholds, key=lambda t: rank(ca[t]))
+    trials.extend({"stage": "cross-attention threshold", "value": str(t), "overrides": [], "max_steps": None,
+                   "by_steps": {0: ca[t]}} for t in thresholds)
+
+    report = {
+        "split": "tune", "pairs": len(pairs), "extra_overrides": list(extra),
+        "default_overrides": [f"{k}={v}" for k, v in chosen.items()],
+        "default_miou": default_summary["miou"], "default_wrong_object_rate": default_summary["wrong_object_rate"],
+        "kind_optim": kind_optim, "kind_miou": kind_scores,
+        "cross_attention_threshold": best_t, "cross_attention_miou": ca[best_t]["miou"],
+        "trials": trials,
+    }
+    report["markdown"] = sweep_markdown(report, SWEEP_STEPS_TOLERANCE)
+    return report
+
+
+def _same_number(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
+
+
