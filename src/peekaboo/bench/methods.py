@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from peekaboo.config import MASK_KINDS, TrainConfig, load_config
+from peekaboo.config import MASK_KINDS, TrainConfig, load_config, preset_dir
 from peekaboo.errors import PeekabooError
 
 # The model config group every row starts from: configs/model/<MODEL_GROUP>.yaml.
@@ -106,21 +106,17 @@ METHOD_NAMES = tuple(m.name for m in METHODS)
 
 # -- configs --------------------------------------------------------------------------------------------------
 def resolve_config_dir(config_dir: str | os.PathLike | None) -> Path:
-    """The project's ``configs/`` folder (``--config-dir``, ``$PEEKABOO_CONFIG_DIR``, or ``./configs``).
+    """The presets the rows start from: ``--config-dir``, else :func:`peekaboo.config.preset_dir` (the
+    packaged presets, or ``$PEEKABOO_CONFIG_DIR``).
 
     Raises:
-        PeekabooError: none exists: the benchmark's defaults must come from the project's config.
+        PeekabooError: the folder has no model/shapes.yaml: the benchmark's defaults must come from a preset.
     """
-    if config_dir is not None:
-        candidates = [Path(config_dir)]  # an explicit folder must be right: no silent fallback
-    else:
-        env = os.environ.get("PEEKABOO_CONFIG_DIR")
-        candidates = [Path(env)] if env else [Path.cwd() / "configs"]
-    for c in candidates:
-        if (c / "model" / f"{MODEL_GROUP}.yaml").is_file():
-            return c
-    raise PeekabooError(f"{candidates[0]} has no model/{MODEL_GROUP}.yaml; run from the repository root or pass "
-                        "--config-dir pointing at the project's configs/ folder.")
+    folder = Path(config_dir) if config_dir is not None else preset_dir()  # an explicit folder: no fallback
+    if not (folder / "model" / f"{MODEL_GROUP}.yaml").is_file():
+        raise PeekabooError(f"{folder} has no model/{MODEL_GROUP}.yaml; pass --config-dir pointing at a folder "
+                            "of presets like the project's configs/.")
+    return folder
 
 
 def method_config(overrides: Sequence[str], extra: Sequence[str], config_dir: Path, base: Sequence[str] = ()) -> Any:

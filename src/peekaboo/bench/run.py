@@ -181,8 +181,8 @@ def run_peekaboo(
                 if failed[i] or alphas is None:
                     record["status"] = "failed: non-finite"
                 else:
-                    alpha_u8 = io.quantize(io.unfit(alphas[i], placement))
-                    record.update(status=DONE, **score(io.binarize(alpha_u8, opt.threshold), pair))
+                    final = io.finalize_mask(alphas[i], placement, opt.threshold)
+                    record.update(status=DONE, **score(final.mask, pair))
                 out[steps].append(record)
         if progress is not None:
             progress(first + len(batch), len(pairs), time.perf_counter() - start)

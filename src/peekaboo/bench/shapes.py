@@ -30,7 +30,8 @@ from peekaboo.bench.methods import CROSS_ATTENTION_THRESHOLD, METHOD_NAMES
 from peekaboo.bench.report import README_END, README_START, readme_block, render_docs, with_marked_block
 from peekaboo.bench.run import BENCH_SPLITS, DEFAULT_BATCH, DEFAULT_PAIRS, run_benchmark
 from peekaboo.bench.sweep import TUNE_PAIRS, sweep
-from peekaboo.errors import PeekabooError
+from peekaboo.errors import PeekabooError, exit_status
+from peekaboo.logs import setup_logging
 
 log = logging.getLogger("peekaboo.bench")
 
@@ -51,7 +52,8 @@ def parser(prog: str = "python -m peekaboo.bench.shapes") -> argparse.ArgumentPa
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="pairs optimized together")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every Peekaboo row (repeatable), e.g. --set model.pretrained=PATH")
-    p.add_argument("--config-dir", type=Path, default=None, help="the project's configs/ folder")
+    p.add_argument("--config-dir", type=Path, default=None,
+                   help="a folder of presets (default: the packaged ones, or $PEEKABOO_CONFIG_DIR)")
     p.add_argument("--cross-attention-threshold", type=float, default=None,
                    help=f"default {CROSS_ATTENTION_THRESHOLD} (or the --tuned sweep's choice)")
     p.add_argument("--tuned", type=Path, default=None, metavar="SWEEP_JSON",
@@ -104,11 +106,14 @@ def run(args: argparse.Namespace, command: str) -> int:
         command: the command line, recorded in the results.
 
     Returns:
-        The exit status: 0, or 2 after a user error (printed).
+        The exit status: 0, or 2 after a user error (printed as one line).
     """
-    from peekaboo.cli import setup_logging
-
     setup_logging()
+    return exit_status(lambda: _run(args, command))
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
+    """:func:`run`'s body; user errors propagate as :class:`PeekabooError`."""
     started = dt.datetime.now(dt.UTC)
 
     def stamp() -> dict[str, Any]:
@@ -116,43 +121,39 @@ def run(args: argparse.Namespace, command: str) -> int:
                 "seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1)}
 
     out, docs = args.out, args.docs
-    try:
-        if args.sweep:
-            if args.split != "tune":
-                raise PeekabooError("--sweep tunes on the tune split only; pass --split tune.")
-            report = sweep(args.pairs or TUNE_PAIRS, args.batch_size, args.overrides, args.config_dir,
-                           cache_path=args.sweep_cache) | stamp()
-            if out is not None:
-                write_json(report, out)
-            print(report["markdown"])
-            if out is not None:
-                print(f"\nwrote {out}")
-            return 0
-        if args.resume and out is None:
-            raise PeekabooError("--resume keeps the rows of an earlier run's --out; pass --out.")
-        previous = json.loads(out.read_text()) if args.resume and out.is_file() else None
-        sweep_report = read_sweep(args.sweep_report, "--sweep-report") if args.sweep_report is not None else None
+    if args.sweep:
+        if args.split != "tune":
+            raise PeekabooError("--sweep tunes on the tune split only; pass --split tune.")
+        report = sweep(args.pairs or TUNE_PAIRS, args.batch_size, args.overrides, args.config_dir,
+                       cache_path=args.sweep_cache) | stamp()
+        if out is not None:
+            write_json(report, out)
+        print(report["markdown"])
+        if out is not None:
+            print(f"\nwrote {out}")
+        return 0
+    if args.resume and out is None:
+        raise PeekabooError("--resume keeps the rows of an earlier run's --out; pass --out.")
+    previous = json.loads(out.read_text()) if args.resume and out.is_file() else None
+    sweep_report = read_sweep(args.sweep_report, "--sweep-report") if args.sweep_report is not None else None
 
-        def save(result: dict[str, Any], partial: bool = True) -> dict[str, Any]:
-            report = {"benchmark": "shapes", **stamp(), "out": None if out is None else str(out), "partial": partial,
-                      **result}
-            if out is not None:
-                write_json(report, out)
-            if docs is not None:
-                docs.parent.mkdir(parents=True, exist_ok=True)
-                io.write_text(render_docs(report, sweep_report), docs)
-            return report
+    def save(result: dict[str, Any], partial: bool = True) -> dict[str, Any]:
+        report = {"benchmark": "shapes", **stamp(), "out": None if out is None else str(out), "partial": partial,
+                  **result}
+        if out is not None:
+            write_json(report, out)
+        if docs is not None:
+            docs.parent.mkdir(parents=True, exist_ok=True)
+            io.write_text(render_docs(report, sweep_report), docs)
+        return report
 
-        tuned = read_sweep(args.tuned) if args.tuned is not None else {}
-        threshold = args.cross_attention_threshold
-        if threshold is None:
-            threshold = tuned.get("cross_attention_threshold", CROSS_ATTENTION_THRESHOLD)
-        result = run_benchmark(args.split, args.pairs or DEFAULT_PAIRS, args.methods, args.overrides,
-                               args.batch_size, args.config_dir, threshold, previous, save,
-                               tuned.get("default_overrides", ()), tuned.get("kind_optim"))
-    except PeekabooError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    tuned = read_sweep(args.tuned) if args.tuned is not None else {}
+    threshold = args.cross_attention_threshold
+    if threshold is None:
+        threshold = tuned.get("cross_attention_threshold", CROSS_ATTENTION_THRESHOLD)
+    result = run_benchmark(args.split, args.pairs or DEFAULT_PAIRS, args.methods, args.overrides,
+                           args.batch_size, args.config_dir, threshold, previous, save,
+                           tuned.get("default_overrides", ()), tuned.get("kind_optim"))
     report = save(result, partial=False)
     print(result["table"])
     if out is not None:

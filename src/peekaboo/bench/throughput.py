@@ -196,7 +196,7 @@ def batch_of(items: Sequence[Item]) -> tuple[torch.Tensor, list[str], list[str]]
 
 def binary_mask(alpha: torch.Tensor, item: Item, threshold: float) -> np.ndarray:
     """The binary mask at the original image's size, made exactly as a dataset run makes it."""
-    return io.binarize(io.quantize(io.unfit(alpha, item.placement)), threshold)
+    return io.finalize_mask(alpha, item.placement, threshold).mask
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -993,7 +993,7 @@ def parser(prog: str = "python -m peekaboo.bench.throughput") -> argparse.Argume
                    help="override trainer.max_steps (quick checks of this script only; the report then is not "
                         "comparable)")
     p.add_argument("--config-dir", type=Path, default=None,
-                   help="the project's configs/ folder (default $PEEKABOO_CONFIG_DIR or ./configs)")
+                   help="a folder of presets (default: the packaged ones, or $PEEKABOO_CONFIG_DIR)")
     return p
 
 
