@@ -213,19 +213,23 @@ class PredictConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-DATA_SOURCES = ("manifest", "shapes", "voc", "refcoco")
+DATA_SOURCES = ("manifest", "shapes", "voc", "refcoco", "folder")
 
 
 @dataclass
 class DataConfig:
     """Where a dataset run's pairs come from (see ``peekaboo.data``)."""
 
-    source: str = MISSING  # manifest | shapes | voc | refcoco
+    source: str = MISSING  # manifest | shapes | voc | refcoco | folder
     # manifest: the JSONL/CSV file (image, prompt, optional mask, optional id; paths relative to it).
     manifest: str | None = None
     # voc: the VOC2012 folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/);
-    # refcoco: the folder holding refs(<split_by>).p and instances.json, and images under images_dir.
+    # refcoco: the folder holding refs(<split_by>).p and instances.json, and images under images_dir;
+    # folder: the folder searched recursively for images.
     root: str | None = None
+    # folder: the prompts of every image without a sidecar <image stem>.txt (which replaces them for its image).
+    prompts: list[str] = field(default_factory=list)
+    extensions: list[str] = field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".webp"])  # folder: suffixes
     images_dir: str | None = None  # refcoco: COCO train2014 images (default <root>/images)
     split: str = "val"  # voc: ImageSets/Segmentation/<split>.txt; refcoco: the refs' split; shapes: eval | tune
     dataset: str = "refcoco"  # refcoco | refcoco+ | refcocog (informational; the files define the data)
