@@ -15,6 +15,7 @@ checks live in :func:`validate`.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import os
 from collections.abc import Sequence
@@ -45,6 +46,10 @@ GROUPS = ("model", "data")
 # trainer.accelerator values (peekaboo.devices maps them to a torch device).
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 MAX_MASK_SIZE = 4096
+# run.logger values: Lightning's loggers (peekaboo.loggers builds them), or none.
+LOGGERS = ("tensorboard", "csv", "wandb", "mlflow", "none")
+# Loggers whose package is an optional extra of this project: logger -> (module, pip extra).
+OPTIONAL_LOGGERS = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
 
 BUNDLED_MODEL = "bundled"
 
@@ -250,7 +255,8 @@ class RunConfig:
     checkpoint_every_n_steps: int = 50  # per-pair ModelCheckpoint; a resumed pair continues from the last one
     keep_checkpoints: bool = False  # delete a pair's checkpoints once it is done
     save_overlays: bool = True
-    tensorboard: bool = True
+    logger: str = "tensorboard"  # one run per pair: tensorboard | csv | wandb | mlflow | none
+    tensorboard: bool = True  # false = no logger at all (as run.logger=none; kept for existing commands)
 
 
 @dataclass
@@ -494,6 +500,28 @@ def validate_output_dir(key: str, value: str) -> None:
                           f"system); choose another {key}.")
 
 
+def logger_kind(run: RunConfig) -> str | None:
+    """The logger a run uses (``run.logger``), or None when logging is off."""
+    return None if run.logger == "none" or not run.tensorboard else run.logger
+
+
+def validate_logger(run: RunConfig) -> None:
+    """``run.logger`` is known, agrees with ``run.tensorboard``, and its optional package is installed."""
+    _check(run.logger in LOGGERS, "run.logger", run.logger, " | ".join(LOGGERS))
+    if not run.tensorboard and run.logger not in ("tensorboard", "none"):
+        raise ConfigError(f"run.tensorboard=false turns logging off but run.logger={run.logger} asks for it; drop "
+                          "run.tensorboard=false, or use run.logger=none for no logger.")
+    if run.logger in OPTIONAL_LOGGERS:
+        module, extra = OPTIONAL_LOGGERS[run.logger]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken install, or a module entry without a spec
+            found = False
+        if not found:
+            raise ConfigError(f"run.logger={run.logger} needs the {module} package; install it with "
+                              f"pip install 'peekaboo[{extra}]'.")
+
+
 def validate(cfg: Any) -> None:
     """Range-check every section a config has."""
     validate_finite(cfg)
@@ -520,6 +548,7 @@ def validate(cfg: Any) -> None:
         _check(cfg.data.num_pairs is None or cfg.data.num_pairs >= 1, "data.num_pairs", cfg.data.num_pairs,
                "null or an integer >= 1")
     if "run" in cfg:
+        validate_logger(cfg.run)
         _check(cfg.run.checkpoint_every_n_steps >= 1, "run.checkpoint_every_n_steps",
                cfg.run.checkpoint_every_n_steps, "an integer >= 1")
     if "model" in cfg:
