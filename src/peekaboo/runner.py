@@ -11,7 +11,9 @@ Layout of ``<run.root>/<run.name>/``::
     batches/<...>/ckpt/last.ckpt  the same for a batch of pairs (data.pairs_per_step > 1)
     results.jsonl                 one line per finished pair
     summary.json                  pairs done / failed, mIoU, overall IoU, precision at IoU thresholds
+    report.html  report/*.png     the run report (peekaboo.report): summary, figures, gallery, failures
     tb/<id>/                      TensorBoard: one run per pair; tb/worker<rank>/ job-level curves
+                                  (csv/, wandb/, mlruns/ instead with run.logger=csv | wandb | mlflow)
 
 Each worker optimizes the pairs ``i`` with ``i % world_size == rank``; every random draw is seeded from
 (seed, pair id, step), so where a pair runs, and whether it was interrupted, never changes its mask.
@@ -38,13 +40,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import OmegaConf
 from PIL import Image
 
-from peekaboo import io
+from peekaboo import io, report
 from peekaboo.backbone import check_model_source, shared_backbone
-from peekaboo.config import TrainConfig, to_yaml
+from peekaboo.config import TrainConfig, logger_kind, to_yaml
 from peekaboo.data import Pair, build_source
 from peekaboo.devices import resolve_device, trainer_devices
 from peekaboo.engine import PairResult, optimize_pairs
 from peekaboo.errors import ConfigError, NonFiniteError, OutputError, PeekabooError
+from peekaboo.loggers import log_root, make_logger
 from peekaboo.metrics import pair_scores, summarize
 
 log = logging.getLogger(__name__)
@@ -244,7 +247,6 @@ def _own_rank_zero() -> None:
 
 def run_worker(cfg: TrainConfig, world: World) -> int:
     """Optimize this worker's share of the pairs; returns the exit status (0, or PREEMPTED_EXIT)."""
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     _own_rank_zero()
@@ -255,7 +257,8 @@ def run_worker(cfg: TrainConfig, world: World) -> int:
     todo = [(p, n) for p, n in mine if run_dir.record(n) is None]
     device = resolve_device(cfg.trainer.accelerator, world.local_rank)
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    writer = SummaryWriter(str(run_dir.root / "tb" / f"worker{world.rank}")) if cfg.run.tensorboard else None
+    kind = logger_kind(cfg.run)
+    writer = make_logger(kind, log_root(run_dir.root, kind), f"worker{world.rank}") if kind else None
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"worker {world.rank}", position=world.rank,
                unit="pair", dynamic_ncols=True, disable=not cfg.trainer.enable_progress_bar)
     ious: list[float] = [r["iou"] for p, n in mine if (r := run_dir.record(n)) and r.get("iou") is not None]
@@ -284,16 +287,15 @@ def run_worker(cfg: TrainConfig, world: World) -> int:
                     ious.append(record["iou"])
                 bar.update(1)
                 if writer is not None:
-                    writer.add_scalar("job/pairs_done", done, done)
-                    writer.add_scalar("job/seconds_per_pair", record.get("seconds", 0.0), done)
-                    if ious:
-                        writer.add_scalar("job/running_miou", float(np.mean(ious)), done)
+                    job = {"job/pairs_done": done, "job/seconds_per_pair": record.get("seconds", 0.0)}
+                    writer.log_metrics({**job, **({"job/running_miou": float(np.mean(ious))} if ious else {})},
+                                       step=done)
             if writer is not None:
-                writer.flush()
+                writer.save()
     finally:
         bar.close()
         if writer is not None:
-            writer.close()
+            writer.finalize("success")
         for s, h in old.items():
             signal.signal(s, h)
     return 0
@@ -375,10 +377,10 @@ def optimize_batch(cfg: TrainConfig, batch: list[tuple[Pair, str]], run_dir: Run
         results = optimize_pairs(
             torch.stack([r[3] for r in ready]), [r[0].prompt for r in ready], [r[0].id for r in ready],
             cfg.optimization, cfg.trainer, backbone,
-            tb_dir=run_dir.root / "tb" if cfg.run.tensorboard else None, callbacks=callbacks,
+            tb_dir=log_root(run_dir.root, logger_kind(cfg.run)), callbacks=callbacks,
             ckpt_path=_valid_checkpoint(ckpt_dir / "last.ckpt"), enable_progress_bar=False,
             devices=trainer_devices(device), run_name=names[0] if len(names) == 1 else ckpt_dir.parent.name,
-            pair_run_names=names,
+            pair_run_names=names, logger_kind=logger_kind(cfg.run) or "tensorboard",
         )
     except NonFiniteError as err:
         results = [None] * len(ready)
@@ -411,7 +413,7 @@ def _write_pair(cfg: TrainConfig, run_dir: RunDir, name: str, img: Image.Image, 
         paths["overlay"] = io.save_png(io.overlay(img, mask), run_dir.root / "overlays" / f"{name}.png")
     fields: dict[str, Any] = {
         "status": "done", "outputs": {k: str(v.relative_to(run_dir.root)) for k, v in paths.items()},
-        "steps": result.steps, "seconds": round(result.seconds, 3), "losses": result.losses,
+        "steps": result.steps, "seconds": round(result.seconds, 3), "losses": result.losses, "curve": result.curve,
         "area": float(mask.mean()),
     }
     try:
@@ -429,6 +431,11 @@ def finalize(run_dir: Path, pairs: list[Pair], names: list[str]) -> dict[str, An
     rd = RunDir(run_dir)
     records = [r for n in names if (r := rd.record(n)) is not None]
     summary = write_results(rd, records, len(pairs))
+    try:
+        report.write_report(run_dir)
+    except Exception as err:  # the report is a view of the results: it must never cost the run them
+        log.warning("could not write %s (%s: %s); the results are intact, and python -m peekaboo.evaluate %s "
+                    "writes it again.", run_dir / report.REPORT_FILE, type(err).__name__, err, run_dir)
     log.info("%s: %d/%d pairs finished, mIoU %s", run_dir, len(records), len(pairs), miou_text(summary))
     return summary
 
