@@ -236,7 +236,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img.figure { max-width: 100%; margin: .3em 1em .3em 0; }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: .8em; }
 figure { margin: 0; font-size: .8em; }
-figure img { width: 100%; image-rendering: pixelated; border: 1px solid #ccc; }
+figure img { width: 100%; border: 1px solid #ccc; }
 figcaption small { color: #777; word-break: break-all; }
 table.failed td { font-size: .85em; }
 """
