@@ -111,7 +111,7 @@ def _summary_section(summary: dict) -> str:
     parts = ["<h2>Summary</h2>", "<div class='tables'>", "<table>", *rows, "</table>"]
     precision = summary.get("precision")
     if precision:
-        parts += ["<table><tr><th>IoU &ge;</th><th>pairs</th></tr>",
+        parts += ["<table><tr><th>IoU &ge;</th><th>share of pairs</th></tr>",
                   *(f"<tr><th>{_e(k.removeprefix('P@'))}</th>{_cell(f'precision.{k}', v)}</tr>"
                     for k, v in precision.items()), "</table>"]
     per_class = summary.get("per_class_iou")
@@ -120,7 +120,9 @@ def _summary_section(summary: dict) -> str:
                   *(f"<tr><th>{_e(k)}</th>{_cell(f'per_class_iou.{k}', v)}</tr>" for k, v in per_class.items()),
                   "</table>"]
     parts.append("</div>")
-    if summary.get("scored") == 0:
+    if not summary.get("done"):
+        parts.append("<p>No pair has finished yet.</p>")
+    elif not summary.get("scored"):
         parts.append("<p>No ground truth: the gallery is ordered by final dream loss, highest first.</p>")
     return "\n".join(parts)
 
@@ -195,6 +197,9 @@ def _scores_figure(root: Path, done: list[dict], scored: list[dict]) -> Path | N
     ax.hist(values, bins=bins, color="#4c72b0", edgecolor="white")
     mean = sum(values) / len(values)
     ax.axvline(mean, color="#c44e52", linestyle="--", label=f"mean {mean:.{DIGITS}f}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of pairs
     ax.set_xlabel(label)
     ax.set_ylabel("pairs")
     ax.legend(frameon=False)
