@@ -23,6 +23,7 @@ from peekaboo import engine, runner
 from peekaboo.cli import train_main
 from peekaboo.config import TrainerConfig
 from peekaboo.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from peekaboo.loggers import make_logger
 
 STEPS = 6
 PAIRS = 6
@@ -189,12 +190,12 @@ def test_worker_threads_follow_cpu_affinity(monkeypatch):
 def test_resumed_tensorboard_run_has_no_duplicate_steps(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    first = engine._tensorboard(tmp_path, "pair")
+    first = make_logger("tensorboard", tmp_path, "pair")
     for step in range(10):
         first.log_metrics({"loss": float(step)}, step)
     first.finalize("success")
     # Resumed from a checkpoint at step 5: steps 5..9 are logged again and must replace the first ones.
-    resumed = engine._tensorboard(tmp_path, "pair", resume_step=5)
+    resumed = make_logger("tensorboard", tmp_path, "pair", resume_step=5)
     for step in range(5, 10):
         resumed.log_metrics({"loss": 100.0 + step}, step)
     resumed.finalize("success")

@@ -18,6 +18,7 @@ checks live in :func:`validate`.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -51,6 +52,10 @@ GROUPS = ("model", "data")
 # Environment variable naming a folder of presets that replaces the packaged ones.
 CONFIG_DIR_ENV = "PEEKABOO_CONFIG_DIR"
 MAX_MASK_SIZE = 4096
+# run.logger values: Lightning's loggers (peekaboo.loggers builds them), or none.
+LOGGERS = ("tensorboard", "csv", "wandb", "mlflow", "none")
+# Loggers whose package is an optional extra of this project: logger -> (module, pip extra).
+OPTIONAL_LOGGERS = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
 
 BUNDLED_MODEL = "bundled"
 
@@ -219,19 +224,23 @@ class PredictConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-DATA_SOURCES = ("manifest", "shapes", "voc", "refcoco")
+DATA_SOURCES = ("manifest", "shapes", "voc", "refcoco", "folder")
 
 
 @dataclass
 class DataConfig:
     """Where a dataset run's pairs come from (see ``peekaboo.data``)."""
 
-    source: str = MISSING  # manifest | shapes | voc | refcoco
+    source: str = MISSING  # manifest | shapes | voc | refcoco | folder
     # manifest: the JSONL/CSV file (image, prompt, optional mask, optional id; paths relative to it).
     manifest: str | None = None
     # voc: the VOC2012 folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/);
-    # refcoco: the folder holding refs(<split_by>).p and instances.json, and images under images_dir.
+    # refcoco: the folder holding refs(<split_by>).p and instances.json, and images under images_dir;
+    # folder: the folder searched recursively for images.
     root: str | None = None
+    # folder: the prompts of every image without a sidecar <image stem>.txt (which replaces them for its image).
+    prompts: list[str] = field(default_factory=list)
+    extensions: list[str] = field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".webp"])  # folder: suffixes
     images_dir: str | None = None  # refcoco: COCO train2014 images (default <root>/images)
     split: str = "val"  # voc: ImageSets/Segmentation/<split>.txt; refcoco: the refs' split; shapes: eval | tune
     dataset: str = "refcoco"  # refcoco | refcoco+ | refcocog (informational; the files define the data)
@@ -252,7 +261,8 @@ class RunConfig:
     checkpoint_every_n_steps: int = 50  # per-pair ModelCheckpoint; a resumed pair continues from the last one
     keep_checkpoints: bool = False  # delete a pair's checkpoints once it is done
     save_overlays: bool = True
-    tensorboard: bool = True
+    logger: str = "tensorboard"  # one run per pair: tensorboard | csv | wandb | mlflow | none
+    tensorboard: bool = True  # false = no logger at all (as run.logger=none; kept for existing commands)
 
 
 @dataclass
@@ -601,6 +611,28 @@ def validate_output_dir(key: str, value: str) -> None:
                           f"system); choose another {key}.")
 
 
+def logger_kind(run: RunConfig) -> str | None:
+    """The logger a run uses (``run.logger``), or None when logging is off."""
+    return None if run.logger == "none" or not run.tensorboard else run.logger
+
+
+def validate_logger(run: RunConfig) -> None:
+    """``run.logger`` is known, agrees with ``run.tensorboard``, and its optional package is installed."""
+    _check(run.logger in LOGGERS, "run.logger", run.logger, " | ".join(LOGGERS))
+    if not run.tensorboard and run.logger not in ("tensorboard", "none"):
+        raise ConfigError(f"run.tensorboard=false turns logging off but run.logger={run.logger} asks for it; drop "
+                          "run.tensorboard=false, or use run.logger=none for no logger.")
+    if run.logger in OPTIONAL_LOGGERS:
+        module, extra = OPTIONAL_LOGGERS[run.logger]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken install, or a module entry without a spec
+            found = False
+        if not found:
+            raise ConfigError(f"run.logger={run.logger} needs the {module} package; install it with "
+                              f"pip install 'peekaboo[{extra}]'.")
+
+
 def validate(cfg: Any, inputs: bool = True) -> None:
     """Range-check every section a config has; with ``inputs``, also that a predict config names its inputs
     (an image or ``generate=``, and prompts). The Python API gives those per call instead."""
@@ -627,6 +659,7 @@ def validate(cfg: Any, inputs: bool = True) -> None:
         _check(cfg.data.num_pairs is None or cfg.data.num_pairs >= 1, "data.num_pairs", cfg.data.num_pairs,
                "null or an integer >= 1")
     if "run" in cfg:
+        validate_logger(cfg.run)
         _check(cfg.run.checkpoint_every_n_steps >= 1, "run.checkpoint_every_n_steps",
                cfg.run.checkpoint_every_n_steps, "an integer >= 1")
     if "model" in cfg:

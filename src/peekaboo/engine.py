@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import time
 import warnings
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader
 from peekaboo.backbone import Backbone
 from peekaboo.config import EarlyStopConfig, OptimizationConfig, TrainerConfig
 from peekaboo.errors import PeekabooError
+from peekaboo.loggers import make_logger
 from peekaboo.module import PeekabooModule
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,11 @@ T = TypeVar("T")
 
 # How many mask/composite snapshots a pair logs to TensorBoard over its optimization.
 IMAGE_SNAPSHOTS = 4
+# About how many points of each pair's loss curve its result keeps (the run report plots them), and with how
+# many significant digits: enough for a plot, small enough for one results.jsonl line per pair.
+CURVE_POINTS = 32
+CURVE_DIGITS = 4
+CURVE_KEYS = ("loss/dream", "loss/alpha", "loss/total")
 
 
 # Signals a cluster sends before it takes the machine back (SLURM: SIGTERM, or SIGUSR1 with --signal).
@@ -195,6 +202,36 @@ class StableMaskStop(Callback):
         self.calm_steps, self.previous = state_dict["calm_steps"], state_dict["previous"]
 
 
+class LossCurves(Callback):
+    """Each pair's losses every ``ceil(max_steps / CURVE_POINTS)`` steps and at the last step, whatever the
+    logger (or none); saved in checkpoints, so a resumed pair's curve is whole."""
+
+    def __init__(self, max_steps: int):
+        self.every = max(1, math.ceil(max_steps / CURVE_POINTS))
+        self.steps: list[int] = []
+        self.values: list[list[list[float]]] = []  # per recorded step: (K, B) for the K = len(CURVE_KEYS) terms
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: PeekabooModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every and step != trainer.max_steps and not trainer.should_stop:
+            return
+        self.steps.append(step)
+        self.values.append(torch.stack([pl_module.last_losses[k] for k in CURVE_KEYS]).float().cpu().tolist())
+
+    def curve(self, i: int) -> dict[str, list]:
+        """Pair ``i``'s curve: ``{"step": [...], "loss/dream": [...], ...}`` (non-finite values as None)."""
+        out: dict[str, list] = {"step": list(self.steps)}
+        for k, key in enumerate(CURVE_KEYS):
+            out[key] = [float(f"{v[k][i]:.{CURVE_DIGITS}g}") if math.isfinite(v[k][i]) else None for v in self.values]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "values": self.values}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps, self.values = state_dict["steps"], state_dict["values"]
+
+
 @dataclass
 class PairResult:
     """What one pair's optimization produced."""
@@ -204,6 +241,7 @@ class PairResult:
     seconds: float  # wall time of the batch it was optimized in, divided by the batch size
     losses: dict[str, float] = field(default_factory=dict)
     failed: bool = False  # its loss or mask went non-finite (its alpha is then meaningless)
+    curve: dict[str, list] = field(default_factory=dict)  # LossCurves.curve: losses at a few steps
 
 
 def build_trainer(
@@ -236,12 +274,6 @@ def build_trainer(
     )
 
 
-def _tensorboard(root: str | Path, name: str, resume_step: int | None = None) -> TensorBoardLogger:
-    """The TensorBoard run ``<root>/<name>/``; a resumed pair appends to the run it started, after discarding
-    what that run logged from ``resume_step`` on (logged after its checkpoint, so about to be logged again)."""
-    return TensorBoardLogger(str(root), name=name, version="", default_hp_metric=False, purge_step=resume_step)
-
-
 def checkpoint_step(path: str | Path | None) -> int | None:
     """The global step a Lightning checkpoint was saved at (None without one)."""
     if path is None:
@@ -268,19 +300,21 @@ def optimize_pairs(
     devices: Any = 1,
     run_name: str | None = None,
     pair_run_names: list[str] | None = None,
+    logger_kind: str = "tensorboard",
 ) -> list[PairResult]:
     """Optimize the masks of B independent pairs together with one Lightning Trainer.
 
     Args:
         images: ``(B, 3, S, S)`` working images in [0, 1].
-        tb_dir: TensorBoard root; each pair's curves and images go to the run ``<tb_dir>/<pair run name>``
-            and, for B > 1, the batch's means to ``<tb_dir>/<run_name>`` (default ``<first name>+<B-1>``).
-            None: no logging.
+        tb_dir: the logger's root; each pair's curves (and, for TensorBoard, images) go to the run
+            ``<tb_dir>/<pair run name>`` and, for B > 1, the batch's means to ``<tb_dir>/<run_name>`` (default
+            ``<first name>+<B-1>``). None: no logging.
         callbacks: extra callbacks (e.g. checkpointing in dataset runs).
         ckpt_path: resume from this checkpoint.
         devices: which device of the accelerator this process uses (e.g. ``[local_rank]``).
         run_name: the TensorBoard run of the whole batch (for B = 1, the pair's run).
         pair_run_names: each pair's TensorBoard run name (default: its id).
+        logger_kind: which Lightning logger writes the runs (:func:`peekaboo.loggers.make_logger`).
 
     Returns:
         One result per pair, in order.
@@ -289,16 +323,20 @@ def optimize_pairs(
     cbs = list(callbacks or [])
     if opt_cfg.early_stop.enabled:
         cbs.append(StableMaskStop(opt_cfg.early_stop, opt_cfg.threshold))
-    pair_runs: list[TensorBoardLogger] = []
+    curves = LossCurves(trainer_cfg.max_steps)  # after StableMaskStop: it records the step a pair stops at
+    cbs.append(curves)
+    pair_runs: list[Any] = []
     if tb_dir is not None:
         names = pair_run_names or pair_ids
         name = run_name or (names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}")
         resume_step = checkpoint_step(ckpt_path)
-        logger = _tensorboard(tb_dir, name, resume_step)
+        logger = make_logger(logger_kind, tb_dir, name, resume_step)
         # A batch logs its means to its own run and each pair's curves and images to the pair's run.
-        pair_runs = [logger] if len(names) == 1 else [_tensorboard(tb_dir, n, resume_step) for n in names]
+        pair_runs = [logger] if len(names) == 1 else [make_logger(logger_kind, tb_dir, n, resume_step)
+                                                      for n in names]
         # Both after StableMaskStop, which may end the run (and log its curves) at this step.
-        cbs.append(MaskImages(max(1, trainer_cfg.max_steps // IMAGE_SNAPSHOTS), pair_runs))
+        if isinstance(logger, TensorBoardLogger):  # the other loggers have no common image call
+            cbs.append(MaskImages(max(1, trainer_cfg.max_steps // IMAGE_SNAPSHOTS), pair_runs))
         if len(names) > 1:
             cbs.append(PairCurves(pair_runs))
     witness = _Witness()
@@ -337,7 +375,7 @@ def optimize_pairs(
         logger.finalize("success")
     return [
         PairResult(alpha=alphas[i], steps=trainer.global_step, seconds=seconds, failed=bool(module.failed[i]),
-                   losses={k: float(v[i]) for k, v in module.last_losses.items()})
+                   losses={k: float(v[i]) for k, v in module.last_losses.items()}, curve=curves.curve(i))
         for i in range(len(pair_ids))
     ]
 

@@ -1,7 +1,7 @@
 """Re-score a finished (or partial) run from its saved masks: ``python -m peekaboo.evaluate runs/NAME``.
 
 Nothing is re-optimized: each done pair's ``masks/<id>.png`` is compared with the source's ground truth and
-``summary.json`` (and the scores in ``results.jsonl``) are rewritten.
+``summary.json`` (and the scores in ``results.jsonl``) are rewritten, and the run report ``report.html``.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from peekaboo.config import TrainConfig
 from peekaboo.data import build_source
 from peekaboo.errors import PeekabooError, exit_status
 from peekaboo.metrics import pair_scores
+from peekaboo.report import write_report
 from peekaboo.runner import RunDir, output_names, write_results
 
 
 def evaluate(run_dir: str | Path) -> dict[str, Any]:
-    """Recompute every done pair's IoU from its saved mask, then ``results.jsonl`` and ``summary.json``."""
+    """Recompute every done pair's IoU from its saved mask, then ``results.jsonl``, ``summary.json`` and
+    ``report.html``; returns the summary."""
     rd = RunDir(Path(run_dir))
     config = rd.root / "config.yaml"
     if not config.is_file():
@@ -39,7 +41,9 @@ def evaluate(run_dir: str | Path) -> dict[str, Any]:
             if target is not None:
                 record.update(pair_scores(io.read_mask(rd.root / record["outputs"]["mask"]), target))
         records.append(record)
-    return write_results(rd, records, len(pairs))
+    summary = write_results(rd, records, len(pairs))
+    write_report(rd.root)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,9 @@ Layout of ``<run.root>/<run.name>/``::
     batches/<...>/ckpt/last.ckpt  the same for a batch of pairs (data.pairs_per_step > 1)
     results.jsonl                 one line per finished pair
     summary.json                  pairs done / failed, mIoU, overall IoU, precision at IoU thresholds
+    report.html  report/*.png     the run report (peekaboo.report): summary, figures, gallery, failures
     tb/<id>/                      TensorBoard: one run per pair; tb/worker<rank>/ job-level curves
+                                  (csv/, wandb/, mlruns/ instead with run.logger=csv | wandb | mlflow)
 
 Each worker optimizes the pairs ``i`` with ``i % world_size == rank``; every random draw is seeded from
 (seed, pair id, step), so where a pair runs, and whether it was interrupted, never changes its mask.
@@ -39,13 +41,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 from PIL import Image
 
-from peekaboo import io
+from peekaboo import io, report
 from peekaboo.backbone import check_model_source, shared_backbone
-from peekaboo.config import TrainConfig, to_yaml
+from peekaboo.config import TrainConfig, logger_kind, to_yaml
 from peekaboo.data import Pair, build_source
 from peekaboo.devices import resolve_device, trainer_devices
 from peekaboo.engine import PREEMPTION, PairResult, Preempted, SaveOnPreemption, optimize_pairs, preemption_signals
 from peekaboo.errors import EXIT_PREEMPTED, ConfigError, NonFiniteError, OutputError, PeekabooError, exit_status
+from peekaboo.loggers import log_root, make_logger
 from peekaboo.logs import setup_logging
 from peekaboo.metrics import pair_scores, summarize
 from peekaboo.module import non_finite_hint
@@ -261,7 +264,9 @@ def run_worker(cfg: TrainConfig, world: World) -> int:
                unit="pair", dynamic_ncols=True, disable=not cfg.trainer.enable_progress_bar)
     # Job curves are indexed by pairs finished in the whole run, so a resumed worker continues past every step
     # an earlier attempt logged instead of writing the same steps again.
-    curves = _JobCurves(run_dir.root / "tb" / f"worker{world.rank}", finished) if cfg.run.tensorboard else None
+    kind = logger_kind(cfg.run)
+    job_logger = make_logger(kind, log_root(run_dir.root, kind), f"worker{world.rank}") if kind else None
+    curves = _JobCurves(job_logger, finished) if job_logger is not None else None
     with preemption_signals(), contextlib.closing(bar):
         try:
             backbone = shared_backbone(cfg.model, device) if units else None
@@ -297,13 +302,11 @@ def run_worker(cfg: TrainConfig, world: World) -> int:
 
 
 class _JobCurves:
-    """One worker's job-level TensorBoard curves: pairs done, seconds per pair and the running mIoU of the
-    pairs it finished, each at x = pairs finished in the whole run."""
+    """One worker's job-level curves, through the run's logger: pairs done, seconds per pair and the running
+    mIoU of the pairs it finished, each at step = pairs finished in the whole run."""
 
-    def __init__(self, folder: Path, finished: int):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(folder))
+    def __init__(self, logger: Any, finished: int):
+        self.logger = logger
         self.done, self.ious = finished, []
 
     def add(self, records: list[dict]) -> None:
@@ -311,14 +314,14 @@ class _JobCurves:
             self.done += 1
             if record.get("iou") is not None:
                 self.ious.append(record["iou"])
-            self.writer.add_scalar("job/pairs_done", self.done, self.done)
-            self.writer.add_scalar("job/seconds_per_pair", record.get("seconds", 0.0), self.done)
+            metrics = {"job/pairs_done": self.done, "job/seconds_per_pair": record.get("seconds", 0.0)}
             if self.ious:
-                self.writer.add_scalar("job/running_miou", float(np.mean(self.ious)), self.done)
-        self.writer.flush()
+                metrics["job/running_miou"] = float(np.mean(self.ious))
+            self.logger.log_metrics(metrics, step=self.done)
+        self.logger.save()
 
     def close(self) -> None:
-        self.writer.close()
+        self.logger.finalize("success")
 
 
 def plan_units(todo: list[tuple[Pair, str]], run_dir: RunDir, pairs_per_step: int) -> list[list[tuple[Pair, str]]]:
@@ -449,10 +452,10 @@ def optimize_batch(cfg: TrainConfig, batch: list[tuple[Pair, str]], run_dir: Run
         results = optimize_pairs(
             torch.stack([r[3] for r in ready]), [r[0].prompt for r in ready], [r[0].id for r in ready],
             cfg.optimization, cfg.trainer, backbone,
-            tb_dir=run_dir.root / "tb" if cfg.run.tensorboard else None, callbacks=callbacks,
+            tb_dir=log_root(run_dir.root, logger_kind(cfg.run)), callbacks=callbacks,
             ckpt_path=_valid_checkpoint(ckpt_dir / "last.ckpt"), enable_progress_bar=False,
             devices=trainer_devices(device), run_name=names[0] if len(names) == 1 else ckpt_dir.parent.name,
-            pair_run_names=names,
+            pair_run_names=names, logger_kind=logger_kind(cfg.run) or "tensorboard",
         )
     except NonFiniteError as err:
         results = [None] * len(ready)
@@ -480,7 +483,7 @@ def _write_pair(cfg: TrainConfig, run_dir: RunDir, name: str, img: Image.Image, 
     paths = io.write_pair_files(img, final, {kind: run_dir.root / f"{kind}s" / f"{name}.png" for kind in kinds})
     fields: dict[str, Any] = {
         "status": "done", "outputs": {k: str(v.relative_to(run_dir.root)) for k, v in paths.items()},
-        "steps": result.steps, "seconds": round(result.seconds, 3), "losses": result.losses,
+        "steps": result.steps, "seconds": round(result.seconds, 3), "losses": result.losses, "curve": result.curve,
         "area": final.area,
     }
     try:
@@ -498,6 +501,11 @@ def finalize(run_dir: Path, pairs: list[Pair], names: list[str]) -> dict[str, An
     rd = RunDir(run_dir)
     records = [r for n in names if (r := rd.record(n)) is not None]
     summary = write_results(rd, records, len(pairs))
+    try:
+        report.write_report(run_dir)
+    except Exception as err:  # the report is a view of the results: it must never cost the run them
+        log.warning("could not write %s (%s: %s); the results are intact, and python -m peekaboo.evaluate %s "
+                    "writes it again.", run_dir / report.REPORT_FILE, type(err).__name__, err, run_dir)
     log.info("%s: %d/%d pairs finished, mIoU %s", run_dir, len(records), len(pairs), miou_text(summary))
     return summary
 

@@ -6,6 +6,7 @@ Sources (``data.source``):
 - ``shapes`` (:mod:`~peekaboo.data.synthetic`): synthetic coloured-shapes scenes with exact masks.
 - ``voc`` (:mod:`~peekaboo.data.voc`): Pascal VOC 2012 segmentation, one pair per class in each image.
 - ``refcoco`` (:mod:`~peekaboo.data.refcoco`): RefCOCO / RefCOCO+ / RefCOCOg, one pair per sentence.
+- ``folder`` (:mod:`~peekaboo.data.folder`): every image under a folder times its prompts, no ground truth.
 
 Every pair's image and target load lazily and every loader is a ``functools.partial`` of a module-level
 function, so pairs pickle to worker processes.
@@ -20,6 +21,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from peekaboo.config import DATA_SOURCES
 from peekaboo.data.base import IGNORE, Pair
+from peekaboo.data.folder import folder_pairs
 from peekaboo.data.manifest import manifest_pairs
 from peekaboo.data.refcoco import refcoco_pairs
 from peekaboo.data.synthetic import synthetic_pairs
@@ -59,6 +61,8 @@ def build_source(cfg: Any) -> list[Pair]:
     elif source == "refcoco":
         pairs = refcoco_pairs(_required(cfg, "root", "the folder holding refs(<split_by>).p and instances.json"),
                               split=cfg.split, split_by=cfg.split_by, images_dir=_value(cfg, "images_dir"))
+    elif source == "folder":
+        pairs = folder_pairs(_required(cfg, "root", "the folder holding your images"), cfg.prompts, cfg.extensions)
     elif source is None:
         raise ConfigError(f"data.source is not set; choose one of {' | '.join(DATA_SOURCES)}, e.g. data=voc.")
     else:
