@@ -219,3 +219,24 @@ def test_a_checkpoint_callback_of_any_class_name_enables_checkpointing(tiny_back
                                      TrainerConfig(accelerator="cpu", max_steps=2, enable_progress_bar=False),
                                      tiny_backbone, callbacks=[PairCheckpoint(dirpath=tmp_path, save_last=True)])
     assert result.steps == 2 and (tmp_path / "last.ckpt").is_file()
+
+
+def test_a_log_gets_one_job_wide_progress_line_not_bars(tiny_model, tmp_path, caplog, capsys):
+    args = [*_args(tiny_model, tmp_path, "p", pairs=3), "run.progress_every_s=0", "trainer.enable_progress_bar=true"]
+    with caplog.at_level("INFO", logger="peekaboo.runner"):
+        assert train_main(args) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert lines[-1].startswith("progress: 3/3 pairs finished (100%)") and "ETA 0:00:00" in lines[-1]
+    assert "pair/s" not in capsys.readouterr().err  # stderr is not a terminal here: no tqdm bar
+
+
+def test_progress_line_counts_every_workers_pairs_and_estimates(tmp_path):
+    rd = runner.RunDir(tmp_path)
+    names = [f"p{i}" for i in range(4)]
+    progress = runner.JobProgress(rd, names, every_s=0)
+    for name in names[:2]:  # finished by other workers since this one started
+        rd.done_path(name).parent.mkdir(parents=True)
+        rd.done_path(name).write_text("{}")
+    line = progress.line(progress.finished(), progress.start + 60.0)
+    assert line == "progress: 2/4 pairs finished (50%), 0:01:00 elapsed, ETA 0:01:00"

@@ -68,8 +68,11 @@ def test_single_worker_outputs(reference):
 
 
 def test_two_workers_match_one(tiny_model, reference, tmp_path):
-    proc = _train(*_args(tiny_model, tmp_path, "two", "trainer.devices=2", steps=30))
+    proc = _train(*_args(tiny_model, tmp_path, "two", "trainer.devices=2", "trainer.enable_progress_bar=true",
+                         steps=30))
     assert proc.returncode == 0, proc.stderr
+    # The log (not a terminal) gets the parent's job-wide line, not one bar per worker.
+    assert "progress: 6/6 pairs finished (100%)" in proc.stderr and "pair/s" not in proc.stderr
     run = tmp_path / "two"
     assert sorted(r["id"] for r in _results(run)) == sorted(r["id"] for r in _results(reference))
     ref, two = _masks(reference), _masks(run)

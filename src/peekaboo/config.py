@@ -263,6 +263,8 @@ class RunConfig:
     save_overlays: bool = True
     logger: str = "tensorboard"  # one run per pair: tensorboard | csv | wandb | mlflow | none
     tensorboard: bool = True  # false = no logger at all (as run.logger=none; kept for existing commands)
+    # Seconds between the job-wide progress lines (pairs finished of all, ETA) in a log that is not a terminal.
+    progress_every_s: float = 30.0
 
 
 @dataclass

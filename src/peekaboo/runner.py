@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,27 +187,31 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> RunOutcome:
     if env_world is not None:
         code = run_worker(cfg, env_world)
     elif cfg.trainer.devices > 1:
-        code = _spawn_workers(cfg)
+        code = _spawn_workers(cfg, names)
     else:
         code = run_worker(cfg, World())
     return RunOutcome(summary=finalize(run_dir, pairs, names), root=run_dir, status=code)
 
 
-def _spawn_workers(cfg: TrainConfig) -> int:
+def _spawn_workers(cfg: TrainConfig, names: list[str]) -> int:
     """Start ``trainer.devices`` worker processes (spawned, so CUDA initializes cleanly in each)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     n = cfg.trainer.devices
     yaml = to_yaml(cfg)
+    progress = JobProgress(RunDir(Path(cfg.run.root) / cfg.run.name), names, cfg.run.progress_every_s)
     procs = [ctx.Process(target=_worker_entry, args=(yaml, World(r, n, r)), daemon=False) for r in range(n)]
     for p in procs:
         p.start()
     forward = lambda signum, frame: [os.kill(p.pid, signum) for p in procs if p.is_alive()]  # noqa: E731
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        for p in procs:
-            p.join()
+        # The parent speaks for the job: one progress line for all workers, whose own bars stay off in a log.
+        while any(p.is_alive() for p in procs):
+            next(p for p in procs if p.is_alive()).join(timeout=progress.poll_s)
+            progress.report()
+        progress.report(final=True)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -214,6 +219,58 @@ def _spawn_workers(cfg: TrainConfig) -> int:
     if any(codes):
         log.warning("worker exit codes: %s", codes)
     return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else max((abs(c) for c in codes if c), default=0)
+
+
+class JobProgress:
+    """The job-wide progress line of a run: pairs finished (by any worker) of all, and an ETA.
+
+    In a log that is not a terminal (a cluster job's output file) one line every ``run.progress_every_s``
+    seconds replaces the per-worker bars, which would garble each other there. Counting reads the run folder,
+    so it sees every worker's pairs; the rate is taken from the pairs finished since this process started.
+    """
+
+    def __init__(self, run_dir: RunDir, names: list[str], every_s: float):
+        self.run_dir, self.names = run_dir, names
+        self.every = float(every_s)
+        self.poll_s = max(0.1, min(self.every, 5.0))
+        self.start = time.monotonic()
+        self.at_start = self.finished()
+        self.last_time: float | None = None
+        self.last_count: int | None = None
+
+    @staticmethod
+    def enabled() -> bool:
+        """Lines, not bars: stderr is not a terminal."""
+        return not sys.stderr.isatty()
+
+    def finished(self) -> int:
+        return sum(self.run_dir.done_path(n).is_file() for n in self.names)
+
+    def line(self, finished: int, now: float) -> str:
+        total, elapsed = len(self.names), now - self.start
+        rate = (finished - self.at_start) / elapsed if elapsed > 0 else 0.0
+        eta = _clock((total - finished) / rate) if rate > 0 else "unknown"
+        return (f"progress: {finished}/{total} pairs finished ({100 * finished / max(total, 1):.0f}%), "
+                f"{_clock(elapsed)} elapsed, ETA {eta}")
+
+    def report(self, final: bool = False) -> None:
+        """Log the line when it is due (every ``run.progress_every_s``, if the count changed); ``final``: now,
+        unless the last line already said the same."""
+        if not self.enabled():
+            return
+        now = time.monotonic()
+        if not final and self.last_time is not None and now - self.last_time < self.every:
+            return
+        count = self.finished()
+        if count != self.last_count or (final and self.last_time is None):
+            log.info("%s", self.line(count, now))
+            self.last_time, self.last_count = now, count
+
+
+def _clock(seconds: float) -> str:
+    """``H:MM:SS``."""
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def usable_cpus() -> int:
@@ -234,7 +291,7 @@ def _worker_entry(cfg_yaml: str, world: World) -> None:
         torch.set_num_threads(max(1, usable_cpus() // world.size))
     # The same one line (and status) a single-process run gives, not a traceback; the process's exit code is
     # how the parent learns the worker's status.
-    sys.exit(exit_status(lambda: run_worker(cfg, world), context=f"worker {world.rank}: "))
+    sys.exit(exit_status(lambda: run_worker(cfg, world, spawned=True), context=f"worker {world.rank}: "))
 
 
 def _own_rank_zero() -> None:
@@ -249,8 +306,12 @@ def _own_rank_zero() -> None:
     rank_zero_only.rank = 0  # one object, shared by Lightning's loggers and callbacks
 
 
-def run_worker(cfg: TrainConfig, world: World) -> int:
-    """Optimize this worker's share of the pairs; returns the exit status (0, or EXIT_PREEMPTED)."""
+def run_worker(cfg: TrainConfig, world: World, spawned: bool = False) -> int:
+    """Optimize this worker's share of the pairs; returns the exit status (0, or EXIT_PREEMPTED).
+
+    ``spawned``: started by this package's own launcher (``trainer.devices > 1``), whose parent process
+    reports the job's progress.
+    """
     from tqdm import tqdm
 
     _own_rank_zero()
@@ -260,8 +321,10 @@ def run_worker(cfg: TrainConfig, world: World) -> int:
     finished = sum(run_dir.record(n) is not None for n in names)
     units = plan_units(list(zip(pairs, names, strict=True)), run_dir, cfg.data.pairs_per_step)[world.rank :: world.size]
     device = resolve_device(cfg.trainer.accelerator, world.local_rank)
-    bar = tqdm(total=sum(map(len, units)), desc=f"worker {world.rank}", position=world.rank,
-               unit="pair", dynamic_ncols=True, disable=not cfg.trainer.enable_progress_bar)
+    # Bars only on a terminal; in a log the job-wide line speaks instead (the parent's, or rank 0's).
+    bar = tqdm(total=sum(map(len, units)), desc=f"worker {world.rank}", position=world.rank, unit="pair",
+               dynamic_ncols=True, disable=not cfg.trainer.enable_progress_bar or JobProgress.enabled())
+    progress = JobProgress(run_dir, names, cfg.run.progress_every_s) if world.rank == 0 and not spawned else None
     # Job curves are indexed by pairs finished in the whole run, so a resumed worker continues past every step
     # an earlier attempt logged instead of writing the same steps again.
     kind = logger_kind(cfg.run)
@@ -293,8 +356,12 @@ def run_worker(cfg: TrainConfig, world: World) -> int:
                                       "fix that and rerun the same command to resume (finished pairs are kept)."
                                       ) from None
                 bar.update(len(records))
+                if progress is not None:
+                    progress.report()
                 if curves is not None:
                     curves.add(records)
+            if progress is not None:
+                progress.report(final=True)
         finally:
             if curves is not None:
                 curves.close()
