@@ -240,3 +240,28 @@ def test_progress_line_counts_every_workers_pairs_and_estimates(tmp_path):
         rd.done_path(name).write_text("{}")
     line = progress.line(progress.finished(), progress.start + 60.0)
     assert line == "progress: 2/4 pairs finished (50%), 0:01:00 elapsed, ETA 0:01:00"
+
+
+def test_a_batch_out_of_accelerator_memory_is_halved_with_the_same_masks(tiny_model, reference, tmp_path,
+                                                                          monkeypatch, caplog):
+    from peekaboo.backbone import Backbone
+
+    original = Backbone.predict_noise
+
+    def small_gpu(self, noisy, *args, **kwargs):  # holds at most 2 pairs per step
+        if noisy.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, noisy, *args, **kwargs)
+
+    monkeypatch.setattr(Backbone, "predict_noise", small_gpu)
+    with caplog.at_level("WARNING"):
+        assert train_main([*_args(tiny_model, tmp_path, "oom"), "data.pairs_per_step=6"]) == 0
+    assert "out of accelerator memory for 6 pairs in one batch; retrying as 3 + 3" in caplog.text
+    assert "out of accelerator memory for 3 pairs in one batch; retrying as 1 + 2" in caplog.text
+    ref, split = _masks(reference), _masks(tmp_path / "oom")
+    assert ref.keys() == split.keys()
+    for k in ref:  # batching changes float rounding only
+        a, b = ref[k] > 127, split[k] > 127
+        union = (a | b).sum()
+        assert union == 0 or (a & b).sum() / union >= 0.99
+    assert not list((tmp_path / "oom").glob("batches/*")), "the batches that ran out of memory left folders"

@@ -47,7 +47,15 @@ from peekaboo.backbone import check_model_source, shared_backbone
 from peekaboo.config import TrainConfig, logger_kind, to_yaml
 from peekaboo.data import Pair, build_source
 from peekaboo.devices import resolve_device, trainer_devices
-from peekaboo.engine import PREEMPTION, PairResult, Preempted, SaveOnPreemption, optimize_pairs, preemption_signals
+from peekaboo.engine import (
+    PREEMPTION,
+    PairResult,
+    Preempted,
+    SaveOnPreemption,
+    optimize_pairs,
+    preemption_signals,
+    split_on_oom,
+)
 from peekaboo.errors import EXIT_PREEMPTED, ConfigError, NonFiniteError, OutputError, PeekabooError, exit_status
 from peekaboo.loggers import log_root, make_logger
 from peekaboo.logs import setup_logging
@@ -505,6 +513,14 @@ def optimize_batch(cfg: TrainConfig, batch: list[tuple[Pair, str]], run_dir: Run
         ready.append((pair, name, img, canvas, placement, record))
     if not ready:
         return records
+    # Out of accelerator memory: the batch is split in halves and retried (the masks are the same).
+    return records + split_on_oom(ready, lambda part: _fit_and_write(cfg, part, run_dir, backbone, device))
+
+
+def _fit_and_write(cfg: TrainConfig, ready: list[tuple], run_dir: RunDir, backbone, device) -> list[dict]:
+    """Optimize the loaded pairs ``ready`` as one batch (resuming its checkpoint) and write their outputs and
+    done records; returns the records."""
+    records: list[dict] = []
     names = [r[1] for r in ready]
     ckpt_dir = _batch_dir(run_dir, names)
     if len(names) > 1:
@@ -527,6 +543,10 @@ def optimize_batch(cfg: TrainConfig, batch: list[tuple[Pair, str]], run_dir: Run
     except NonFiniteError as err:
         results = [None] * len(ready)
         failure = str(err)
+    except torch.cuda.OutOfMemoryError:
+        if len(names) > 1 and not (ckpt_dir / "last.ckpt").is_file():  # nothing to resume: the halves start anew
+            shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
+        raise
     except OSError as err:  # a checkpoint or TensorBoard write inside the fit (full disk, unwritable folder)
         raise io.output_error(err.filename or run_dir.root, err) from None
     for (pair, name, img, _, placement, record), result in zip(ready, results, strict=True):
