@@ -348,6 +348,7 @@ def test_predict_bad_input_exits_2_naming_it_and_keeps_earlier_outputs(case, cor
         assert after == before
 
 
+@pytest.mark.slow
 def test_disk_full_keeps_the_files_written_before_it(corpus, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     argv = [f"image={corpus.image}", "prompt=a red circle", f"model.pretrained={corpus.model}", f"output_dir={out}",
@@ -403,6 +404,7 @@ def test_unusual_images_load_as_upright_rgb(kind, tmp_path):
     assert np.abs(np.asarray(img)[2, 2].astype(int) - top_left).max() <= 8  # JPEG may shift a few levels
 
 
+@pytest.mark.slow
 def test_exif_rotated_photo_is_segmented_upright(corpus, tmp_path, capsys):
     path, (w, h), _ = _variant("exif_rotated", tmp_path / "photo.png")
     assert Image.open(path).size == (h, w)  # stored sideways
@@ -488,6 +490,7 @@ def test_a_flow_list_of_prompts_is_several_prompts_each_taken_as_written():
     assert list(cfg.prompt) == ["true", "1e5", "a red circle", "c: d"]
 
 
+@pytest.mark.slow
 def test_unicode_and_overlong_prompts_in_a_real_process(corpus, tmp_path):
     out = tmp_path / "out"
     long_prompt = " ".join(["a red circle and a blue square"] * 4)  # 28 words; the tiny model reads 14 tokens
@@ -567,6 +570,7 @@ NASTY_PROMPTS = ["a red circle", "ein grüner Kreis 🟢", "绿色的圆", "a bl
                  "[x] {y: z}"]
 
 
+@pytest.mark.slow
 def test_dataset_run_records_bad_images_and_keeps_every_output_inside_the_run(corpus, tmp_path, capsys):
     data = tmp_path / "data"
     write_scene(data / "imgs" / "good.png")
@@ -633,6 +637,7 @@ def test_empty_manifest_names_the_file(name, text, corpus, tmp_path, monkeypatch
     assert not runs.exists()
 
 
+@pytest.mark.slow
 def test_train_rerun_that_is_refused_or_fails_keeps_the_run_record(corpus, tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
     argv = _train(corpus, runs, "keep", "data=shapes", "data.num_pairs=1")
@@ -652,6 +657,7 @@ def test_train_rerun_that_is_refused_or_fails_keeps_the_run_record(corpus, tmp_p
     assert _snapshot(runs / "keep") == before
 
 
+@pytest.mark.slow
 def test_manifest_paths_outside_its_folder_are_refused_unless_allowed(corpus, tmp_path, capsys, monkeypatch):
     write_scene(tmp_path / "elsewhere" / "outside.png")
     runs = tmp_path / "runs"
@@ -680,6 +686,7 @@ class _Payload:
         return open, (str(self.marker), "w")
 
 
+@pytest.mark.slow
 def test_malicious_checkpoint_never_runs_code(corpus, tmp_path, monkeypatch, capsys, caplog):
     runs, marker = tmp_path / "runs", tmp_path / "PWNED"
     ckpt = runs / "evil" / "pairs" / "eval-00000-0" / "ckpt" / "last.ckpt"
@@ -776,6 +783,7 @@ def test_one_non_finite_pair_in_a_batch_does_not_stop_the_others(corpus, tmp_pat
     assert [r["status"] for r in _results(runs / "one")] == ["failed: non-finite", "done"]
 
 
+@pytest.mark.slow
 def test_disk_full_stops_the_run_cleanly_and_a_rerun_finishes_it(corpus, tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
     run = runs / "full"

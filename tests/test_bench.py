@@ -180,6 +180,7 @@ def test_cross_attention_map_on_the_tiny_model(tiny_backbone):
 
 
 # -- the benchmark end to end -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     out, docs, readme = tmp_path / "r.json", tmp_path / "B.md", tmp_path / "README.md"
     readme.write_text(f"intro\n{bench_report.README_START}\nold table\n{bench_report.README_END}\nrest\n")
@@ -208,6 +209,7 @@ def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     assert table in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_resume_keeps_unchanged_rows(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     args = ["--pairs", "2", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS), "--docs", str(tmp_path / "B.md"),
@@ -229,6 +231,7 @@ def test_resume_keeps_unchanged_rows(tiny_model, tmp_path, monkeypatch):
         shapes.main([*args, "--resume", "--set", "optimization.loss.gravity=0.1"])
 
 
+@pytest.mark.slow
 def test_resumed_table_lists_kept_rows_after_computed_ones(tiny_model, tmp_path):
     # The default row runs first, so on resume a kept baseline row comes after a computed one.
     out, docs, readme = tmp_path / "r.json", tmp_path / "B.md", tmp_path / "R.md"
@@ -250,6 +253,7 @@ def test_resumed_table_lists_kept_rows_after_computed_ones(tiny_model, tmp_path)
     assert methods["raster_bilateral"]["records"] == methods["peekaboo"]["records"]
 
 
+@pytest.mark.slow
 def test_sweep_on_the_tiny_model(tiny_model, tmp_path):
     extra = [f"model.pretrained={tiny_model}", "trainer.max_steps=2", "optimization.mask.size=16"]
     cache = tmp_path / "cache.json"
@@ -270,6 +274,7 @@ def test_sweep_on_the_tiny_model(tiny_model, tmp_path):
     assert sweep.sweep(**kwargs)["default_overrides"] == report["default_overrides"]
 
 
+@pytest.mark.slow
 def test_tuned_settings_come_before_each_rows_own(tiny_model, tmp_path):
     sweep_json = tmp_path / "sweep.json"
     sweep_json.write_text(json.dumps({
@@ -307,6 +312,7 @@ def test_benchmark_user_errors(tmp_path):
 @pytest.mark.skipif(not (BUNDLED_PATH / "model_index.json").is_file(),
                     reason=f"the bundled model is not built yet ({BUNDLED_PATH}); "
                            "scripts/train_bundled_model.py writes it")
+@pytest.mark.slow
 def test_bundled_model_segments_the_evaluation_pairs():
     result = bench_run.run_benchmark("eval", CI_PAIRS, ["peekaboo", "whole_image"], config_dir=REPO_CONFIGS,
                                  batch_size=CI_PAIRS)

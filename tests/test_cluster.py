@@ -67,6 +67,7 @@ def _signal_at_last_step(monkeypatch, cls: type, method: str) -> None:
     monkeypatch.setattr(cls, method, wrapped)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["checkpoint save", "callback"])
 def test_sigterm_anywhere_in_the_last_step_saves_exits_143_and_resumes(tiny_model, reference, tmp_path, monkeypatch,
                                                                        where):
@@ -89,6 +90,7 @@ def test_sigterm_anywhere_in_the_last_step_saves_exits_143_and_resumes(tiny_mode
     assert ref.keys() == resumed.keys() and all(np.array_equal(ref[k], resumed[k]) for k in ref)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_fit_exits_130_and_keeps_finished_pairs(tiny_model, reference, tmp_path, monkeypatch,
                                                                 capsys):
     from peekaboo.module import PeekabooModule
@@ -142,6 +144,7 @@ def test_only_one_preempted_worker_requeues_the_job(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+@pytest.mark.slow
 def test_resume_accepts_speed_only_changes_and_rebalances(tiny_model, reference, tmp_path, monkeypatch):
     run = tmp_path / "r"
     args = _args(tiny_model, tmp_path, "r")
@@ -221,6 +224,7 @@ def test_a_checkpoint_callback_of_any_class_name_enables_checkpointing(tiny_back
     assert result.steps == 2 and (tmp_path / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_a_log_gets_one_job_wide_progress_line_not_bars(tiny_model, tmp_path, caplog, capsys):
     args = [*_args(tiny_model, tmp_path, "p", pairs=3), "run.progress_every_s=0", "trainer.enable_progress_bar=true"]
     with caplog.at_level("INFO", logger="peekaboo.runner"):
@@ -242,6 +246,7 @@ def test_progress_line_counts_every_workers_pairs_and_estimates(tmp_path):
     assert line == "progress: 2/4 pairs finished (50%), 0:01:00 elapsed, ETA 0:01:00"
 
 
+@pytest.mark.slow
 def test_a_batch_out_of_accelerator_memory_is_halved_with_the_same_masks(tiny_model, reference, tmp_path,
                                                                           monkeypatch, caplog):
     from peekaboo.backbone import Backbone

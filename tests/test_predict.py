@@ -23,6 +23,7 @@ def image_path(tmp_path_factory):
     return write_scene(tmp_path_factory.mktemp("img") / "wide photo.png")  # a space in its name, 52x30
 
 
+@pytest.mark.slow
 def test_predict_writes_every_output_at_original_size(tiny_model, image_path, tmp_path):
     out = tmp_path / "out"
     proc = _run(f"image={image_path}", "prompt=a red circle", "prompt=a blue square",
@@ -68,6 +69,7 @@ def test_pad_maps_a_canvas_square_exactly():
     assert torch.equal(back, expected)
 
 
+@pytest.mark.slow
 def test_help_lists_options():
     proc = _run("--help")
     assert proc.returncode == 0 and "optimization.loss.gravity" in proc.stdout and "usage:" in proc.stdout
@@ -81,6 +83,7 @@ def test_help_lists_options():
         (["prompt=a red circle", "model.pretrained={tmp}"], "not a diffusers pipeline folder"),
     ],
 )
+@pytest.mark.slow
 def test_user_errors_are_one_line_and_non_zero(args, message, image_path, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if not any(a.startswith("image=") for a in args):

@@ -15,6 +15,9 @@ import pytest
 from PIL import Image
 from tests_support import REPO
 
+# Every test here runs train.py in a real process (signals, kill -9, several workers): the slow end-to-end tier.
+pytestmark = pytest.mark.slow
+
 
 def _args(model, root, name, *extra, steps=6, pairs=6):
     # One pair per module unless a test says otherwise: the layout checks below are about single pairs.
