@@ -1,5 +1,9 @@
 """Typed configs: YAML groups, overrides, and clear errors for bad keys and values."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from tests_support import REPO_CONFIGS
 
@@ -78,3 +82,22 @@ def test_missing_required_values():
         load_config(PredictConfig, [])
     with pytest.raises(ConfigError, match="No prompt given"):
         load_config(PredictConfig, ["image=x.png"])
+
+
+def test_presets_ship_in_the_package_and_apply_from_any_folder(tmp_path, monkeypatch):
+    import peekaboo
+    from peekaboo.config import preset_dir
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    monkeypatch.delenv("PEEKABOO_CONFIG_DIR", raising=False)
+    assert preset_dir() == Path(peekaboo.__file__).parent / "configs"
+    cfg = load_config(PredictConfig, ["image=x.png", "prompt=a"], preset_dir(), "predict")
+    assert cfg.optimization.mask.kind == "raster_bilateral"  # the bundled model's preset, not the paper's defaults
+    sd15 = load_config(PredictConfig, ["image=x.png", "prompt=a", "model=sd15"], preset_dir(), "predict")
+    assert sd15.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the maintained copy
+    # The installed command, run from this folder, reads the packaged presets as predict.py does.
+    proc = subprocess.run([str(Path(sys.executable).parent / "peekaboo-predict"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and str(preset_dir() / "predict.yaml") in proc.stdout
+    monkeypatch.setenv("PEEKABOO_CONFIG_DIR", str(tmp_path))
+    assert preset_dir() == tmp_path

@@ -35,6 +35,7 @@ from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode, Val
 
 from peekaboo.devices import ACCELERATORS, check_dtype
 from peekaboo.errors import ConfigError
+from peekaboo.io import DEFAULT_MAX_PIXELS
 
 MASK_KINDS = ("raster", "fourier", "raster_bilateral", "fourier_bilateral")
 BACKGROUNDS = ("solid", "noise", "blur")
@@ -183,7 +184,7 @@ class ImageConfig:
     # RGBA images are flattened over this colour (RGB in [0, 1]) before use.
     flatten_background: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     # Refuse images with more pixels than this (decompression bombs).
-    max_pixels: int = 178_956_970
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 @dataclass

@@ -32,6 +32,9 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 MIN_SIDE = 2  # a 1x1 image has no content to segment
+# Pixels an image may claim before it is refused from its header (image_options.max_pixels): Pillow's own
+# decompression-bomb limit, twice its warning threshold.
+DEFAULT_MAX_PIXELS = 178_956_970
 # Images with a side above this many canvas sides are first box-filtered by Pillow (8-bit, in C) down to it,
 # so a 100-megapixel photo never becomes a float tensor; the final antialiased resize still averages several
 # source pixels per canvas pixel.
@@ -41,7 +44,7 @@ _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def load_image(path: str | os.PathLike, flatten_background: tuple[float, float, float] = (0.5, 0.5, 0.5),
-               max_pixels: int = 178_956_970) -> Image.Image:
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Load ``path`` as an upright 8-bit RGB image.
 
     EXIF orientation is applied; grayscale, palette, 16-bit and CMYK images are converted; images with

@@ -36,6 +36,7 @@ from torch import nn
 
 from peekaboo.backbone import Backbone
 from peekaboo.config import BilateralConfig, FourierConfig, OptimizationConfig
+from peekaboo.module import build_optimizer
 
 # The paper's code supports these two parameterizations here; the benchmark compares them (and raster
 # without the filter would measure nothing the filter changes).
@@ -224,7 +225,7 @@ class ReferenceLoop:
         image = image.to(device).float()
         torch.manual_seed(seed)  # nn.Conv2d's own initialization reads the global RNG
         mask = self.build_mask(image, gen).to(device)
-        optim = _optimizer(cfg, mask.parameters())
+        optim = build_optimizer(cfg.optim, mask.parameters())
         embeddings = self.text_embeddings(prompt)
         gravity_scale = 1.0 if cfg.loss.gravity_reduction == "sum" else 1.0 / image[0].numel()
         result = ReferenceResult(alpha=torch.empty(0))
@@ -245,10 +246,3 @@ class ReferenceLoop:
             result.alpha = mask()[0].float().cpu()
         return result
 
-
-def _optimizer(cfg: OptimizationConfig, params) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
