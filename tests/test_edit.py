@@ -148,9 +148,8 @@ def test_generate_rejects_a_size_the_model_cannot_sample(tiny_model, tmp_path, c
 
 # -- the bundled shapes model: the edited object is where the old one was ---------------------------------------
 # Eval scenes whose first object the bundled model segments (chosen with an earlier, weaker model, whose first
-# segmentation found only these). With today's model, over the first eight eval scenes the first segmentation
-# reaches mean IoU 0.91 and the whole segment -> edit -> segment chain 0.42 (docs/EDITING.md); on these two it
-# measured 0.482 and 0.844 (mean 0.663). Batched, two pairs cost about as much as one.
+# segmentation found only these). docs/EDITING.md has the measured segment -> edit -> segment figures. Batched,
+# two pairs cost about as much as one.
 BUNDLED_SCENES = (2, 3)
 # Pinned rather than taken from configs/model/shapes.yaml, so retuning the preset does not move this test:
 # raster_bilateral (the preset's mask today) segments this model far better than a plain raster; for the edit,
