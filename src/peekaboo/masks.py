@@ -212,7 +212,7 @@ class FourierMask(Mask):
 
     def logits(self) -> torch.Tensor:
         # Pair by pair rather than one grouped convolution: at B=16 a grouped convolution's activations outgrow
-        # the CPU's caches (docs/PERFORMANCE.md measures it); one pair's stay in them. Same arithmetic.
+        # the CPU's caches, so each pair costs more than alone; one pair's stay in them. Same arithmetic.
         b, hw = self.batch, self.size * self.size
         h = list(self.features.view(b, -1, hw).unbind(0))  # B x (2F, HW)
         *hidden, last = list(self.mlp)

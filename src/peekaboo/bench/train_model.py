@@ -99,7 +99,7 @@ class Config:
     # is already a token.
     added_words: tuple[str, ...] = ("the",)
     # --- UNet ---
-    unet_channels: tuple[int, ...] = (64, 64, 64)  # wider channels cost more per step than they gave (docs/MODEL.md)
+    unet_channels: tuple[int, ...] = (64, 64, 64)  # wider channels were slower per step on 2 CPU cores
     unet_layers_per_block: int = 2
     unet_heads: int = 4  # diffusers' "attention_head_dim" of SD-1 configs is the number of heads
     unet_norm_groups: int = 32  # GroupNorm groups; must divide every unet_channels entry
