@@ -15,8 +15,8 @@ Layout of ``<run.root>/<run.name>/``::
     tb/<id>/                      TensorBoard: one run per pair; tb/worker<rank>/ job-level curves
                                   (csv/, wandb/, mlruns/ instead with run.logger=csv | wandb | mlflow)
 
-Each worker optimizes the pairs ``i`` with ``i % world_size == rank``; every random draw is seeded from
-(seed, pair id, step), so where a pair runs, and whether it was interrupted, never changes its mask.
+The unfinished pairs are dealt to the workers in batches (:func:`plan_units`); every random draw is seeded
+from (seed, pair id, step), so where a pair runs, and whether it was interrupted, never changes its mask.
 """
 
 from __future__ import annotations
