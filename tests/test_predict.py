@@ -10,6 +10,7 @@ from PIL import Image
 from tests_support import FAST, REPO, write_scene
 
 from peekaboo import io
+from peekaboo.cli import predict_main
 
 PREDICT_FAST = [*FAST, "trainer.max_steps=3", "tensorboard=false"]
 
@@ -69,10 +70,10 @@ def test_pad_maps_a_canvas_square_exactly():
     assert torch.equal(back, expected)
 
 
-@pytest.mark.slow
-def test_help_lists_options():
-    proc = _run("--help")
-    assert proc.returncode == 0 and "optimization.loss.gravity" in proc.stdout and "usage:" in proc.stdout
+def test_help_lists_options(capsys):
+    assert predict_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "optimization.loss.gravity" in out and "usage:" in out
 
 
 @pytest.mark.parametrize(
@@ -83,13 +84,13 @@ def test_help_lists_options():
         (["prompt=a red circle", "model.pretrained={tmp}"], "not a diffusers pipeline folder"),
     ],
 )
-@pytest.mark.slow
-def test_user_errors_are_one_line_and_non_zero(args, message, image_path, tmp_path):
+def test_user_errors_are_one_line_and_non_zero(args, message, image_path, tmp_path, capsys):
+    # In-process: tests/test_bad_inputs.py runs one real process for what only a real process shows.
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if not any(a.startswith("image=") for a in args):
         args.insert(0, f"image={image_path}")
-    proc = _run(*args, f"output_dir={tmp_path / 'out'}")
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+    assert predict_main([*args, f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in err

@@ -15,11 +15,16 @@ import pytest
 from PIL import Image
 from tests_support import REPO
 
-# Every test here runs train.py in a real process (signals, kill -9, several workers): the slow end-to-end tier.
+from peekaboo import evaluate
+from peekaboo.cli import train_main
+
+PAIRS = 4
+
+# Dataset runs end to end, most in a real train.py process (signals, kill -9, several workers): the slow tier.
 pytestmark = pytest.mark.slow
 
 
-def _args(model, root, name, *extra, steps=6, pairs=6):
+def _args(model, root, name, *extra, steps=6, pairs=PAIRS):
     # One pair per module unless a test says otherwise: the layout checks below are about single pairs.
     return [f"model.pretrained={model}", f"run.root={root}", f"run.name={name}", "data=shapes",
             f"data.num_pairs={pairs}", f"trainer.max_steps={steps}", "trainer.accelerator=cpu",
@@ -50,7 +55,7 @@ def _results(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, tmp_path_factory):
-    """An uninterrupted single-worker run of 6 pairs, 30 steps each."""
+    """An uninterrupted single-worker run of PAIRS pairs, 30 steps each."""
     root = tmp_path_factory.mktemp("ref")
     proc = _train(*_args(tiny_model, root, "ref", steps=30))
     assert proc.returncode == 0, proc.stderr
@@ -59,10 +64,10 @@ def reference(tiny_model, tmp_path_factory):
 
 def test_single_worker_outputs(reference):
     results = _results(reference)
-    assert len(results) == 6 and len({r["id"] for r in results}) == 6
+    assert len(results) == PAIRS and len({r["id"] for r in results}) == PAIRS
     assert all(r["status"] == "done" and r["steps"] == 30 and 0 <= r["iou"] <= 1 for r in results)
     summary = json.loads((reference / "summary.json").read_text())
-    assert summary["done"] == 6 and summary["failed"] == 0 and summary["remaining"] == 0
+    assert summary["done"] == PAIRS and summary["failed"] == 0 and summary["remaining"] == 0
     assert summary["miou"] == pytest.approx(np.mean([r["iou"] for r in results]))
     assert (reference / "config.yaml").is_file() and (reference / "cmd.txt").is_file()
     assert not list(reference.glob("pairs/*/ckpt"))  # checkpoints are deleted once a pair is done
@@ -75,7 +80,7 @@ def test_two_workers_match_one(tiny_model, reference, tmp_path):
                          steps=30))
     assert proc.returncode == 0, proc.stderr
     # The log (not a terminal) gets the parent's job-wide line, not one bar per worker.
-    assert "progress: 6/6 pairs finished (100%)" in proc.stderr and "pair/s" not in proc.stderr
+    assert f"progress: {PAIRS}/{PAIRS} pairs finished (100%)" in proc.stderr and "pair/s" not in proc.stderr
     run = tmp_path / "two"
     assert sorted(r["id"] for r in _results(run)) == sorted(r["id"] for r in _results(reference))
     ref, two = _masks(reference), _masks(run)
@@ -96,7 +101,7 @@ def test_two_workers_match_one(tiny_model, reference, tmp_path):
 
 
 def test_batched_run_matches_unbatched(tiny_model, reference, tmp_path):
-    proc = _train(*_args(tiny_model, tmp_path, "b4", "data.pairs_per_step=4", steps=30))
+    proc = _train(*_args(tiny_model, tmp_path, "b4", "data.pairs_per_step=2", steps=30))
     assert proc.returncode == 0, proc.stderr
     ref, batched = _masks(reference), _masks(tmp_path / "b4")
     assert ref.keys() == batched.keys()
@@ -129,7 +134,7 @@ def test_launcher_rank_does_not_silence_logging(tiny_model, tmp_path):
     proc = _train(*_args(tiny_model, tmp_path, "r1", "trainer.log_every_n_steps=2"), env=env)
     assert proc.returncode == 0, proc.stderr
     results = _results(tmp_path / "r1")
-    assert len(results) == 3  # pairs 1, 3, 5 of 6
+    assert len(results) == PAIRS // 2  # worker 1 of 2: every second pair
     for r in results:
         assert "loss/total" in _scalars(tmp_path / "r1" / "tb" / r["name"])
 
@@ -161,7 +166,7 @@ def test_kill9_then_rerun_finishes_each_pair_once_with_identical_masks(tiny_mode
     assert _wait_for(_half_way(tmp_path / "k"), proc), "the run never reached a checkpoint"
     proc.kill()
     proc.wait()
-    assert 1 <= len(_results(tmp_path / "k")) < 6
+    assert 1 <= len(_results(tmp_path / "k")) < PAIRS
     rerun = _train(*args)
     assert rerun.returncode == 0, rerun.stderr
     results = _results(tmp_path / "k")
@@ -198,9 +203,9 @@ def test_corrupt_checkpoint_restarts_that_pair(tiny_model, reference, tmp_path):
     assert all(np.array_equal(ref[k], rerun[k]) for k in ref)
 
 
-def test_changed_settings_refuse_to_mix_into_a_run(tiny_model, reference):
-    proc = _train(*_args(tiny_model, reference.parent, "ref", "optimization.loss.gravity=0.5", steps=30))
-    assert proc.returncode == 2 and "different optimization settings" in proc.stderr
+def test_changed_settings_refuse_to_mix_into_a_run(tiny_model, reference, capsys):
+    assert train_main(_args(tiny_model, reference.parent, "ref", "optimization.loss.gravity=0.5", steps=30)) == 2
+    assert "different optimization settings" in capsys.readouterr().err
 
 
 def test_evaluate_rescores_from_saved_masks(reference, tmp_path):
@@ -209,8 +214,7 @@ def test_evaluate_rescores_from_saved_masks(reference, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(reference, run)
     (run / "summary.json").unlink()
-    proc = subprocess.run([sys.executable, "-m", "peekaboo.evaluate", str(run)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert evaluate.main([str(run)]) == 0
     assert json.loads((run / "summary.json").read_text())["miou"] == pytest.approx(
         json.loads((reference / "summary.json").read_text())["miou"])
 
@@ -229,10 +233,9 @@ def test_manifest_with_a_missing_image_finishes_the_others(tiny_model, tmp_path)
         Image.fromarray(mask).save(data / f"mask{i}.png")
         rows.append({"image": f"img{i}.png", "prompt": "a red square", "mask": f"mask{i}.png", "id": f"p{i}"})
     (data / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = _train(f"model.pretrained={tiny_model}", f"run.root={tmp_path}", "run.name=m", "data=manifest",
-                  f"data.manifest={data / 'pairs.jsonl'}", "trainer.max_steps=3", "trainer.accelerator=cpu",
-                  "optimization.mask.size=16", "trainer.enable_progress_bar=false")
-    assert proc.returncode == 0, proc.stderr
+    assert train_main([f"model.pretrained={tiny_model}", f"run.root={tmp_path}", "run.name=m", "data=manifest",
+                       f"data.manifest={data / 'pairs.jsonl'}", "trainer.max_steps=3", "trainer.accelerator=cpu",
+                       "optimization.mask.size=16", "trainer.enable_progress_bar=false"]) == 0
     results = {r["id"]: r for r in _results(tmp_path / "m")}
     assert results["p0"]["status"] == results["p2"]["status"] == "done"
     assert results["p0"]["iou"] is not None
