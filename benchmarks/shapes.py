@@ -15,7 +15,7 @@ from pathlib import Path
 from peekaboo.bench import shapes
 
 # Relative to the repository root (the working folder), as the reports quote them.
-RESULTS = {"eval": Path("benchmarks/results/shapes_eval.json"), "tune": Path("benchmarks/results/shapes_tune.json")}
+RESULTS = {split: Path(f"benchmarks/results/shapes_{split}.json") for split in ("eval", "tune", "robust")}
 SWEEP_OUT = Path("benchmarks/results/shapes_sweep.json")
 SWEEP_CACHE = Path("work/bench_sweep_cache.json")
 DOCS = Path("docs/BENCHMARK.md")

@@ -529,3 +529,11 @@ def _distractor_of(scene: shapes.Scene) -> str | None:
     if index % 2 or len(scene.objects) < 2:
         return None
     return shapes.DISTRACTORS[(index // 2) % 2]
+
+
+def test_the_robust_split_is_a_shapes_source():
+    from peekaboo.data.synthetic import synthetic_pairs
+
+    pairs = synthetic_pairs("robust", 3)
+    assert [p.id.split("-")[0] for p in pairs] == ["robust"] * 3
+    assert all(p.load_target().shape == p.load_image().size[::-1] for p in pairs)
