@@ -419,27 +419,22 @@ def make_unet(cfg: Config) -> UNet2DConditionModel:
     )
 
 
+def _schedule(cfg: Config) -> dict:
+    """The noise schedule both schedulers share (SD-1's scaled-linear betas, epsilon prediction)."""
+    return {"num_train_timesteps": cfg.num_train_timesteps, "beta_schedule": "scaled_linear",
+            "beta_start": cfg.beta_start, "beta_end": cfg.beta_end, "prediction_type": "epsilon",
+            "clip_sample": False}
+
+
 def make_train_scheduler(cfg: Config) -> DDPMScheduler:
     """Stable Diffusion's noise schedule."""
-    return DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_schedule="scaled_linear",
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        prediction_type="epsilon",
-        clip_sample=False,
-    )
+    return DDPMScheduler(**_schedule(cfg))
 
 
 def make_sampling_scheduler(cfg: Config) -> DDIMScheduler:
     """The scheduler saved with the pipeline: DDIM on the training schedule (SD-1 settings)."""
     return DDIMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_schedule="scaled_linear",
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        prediction_type="epsilon",
-        clip_sample=False,
+        **_schedule(cfg),
         set_alpha_to_one=False,
         steps_offset=1,
     )
