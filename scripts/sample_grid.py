@@ -2,11 +2,12 @@
 
 Computation is :mod:`peekaboo.bench.samples`; this script loads the pipeline with
 ``StableDiffusionPipeline.from_pretrained`` (as users will), owns where the grid goes (``docs/samples.png``)
-and prints the checks' report (``--checks``, on scenes of the ``eval`` split).
+and prints the checks' report (``--checks``, on scenes of the ``eval`` split, or ``--check-split robust``).
 
 Example::
 
     python scripts/sample_grid.py --checks
+    python scripts/sample_grid.py --no-grid --checks --check-split robust
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from peekaboo.backbone import BUNDLED_PATH
-from peekaboo.bench.samples import run_checks, sample_grid
+from peekaboo.bench.samples import CHECK_STYLES, run_checks, sample_grid
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=BUNDLED_PATH)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "samples.png")
     parser.add_argument("--checks", action="store_true", help="also run the VAE and conditioning checks")
+    parser.add_argument("--check-split", choices=sorted(CHECK_STYLES), default="eval",
+                        help="the split whose scenes the checks use")
     parser.add_argument("--no-grid", action="store_true", help="skip sampling the grid")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -39,7 +42,7 @@ def main() -> None:
         sample_grid(pipe).save(args.out)
         print(f"saved {args.out}")
     if args.checks:
-        print(*run_checks(pipe), sep="\n")
+        print(*run_checks(pipe, args.check_split), sep="\n")
 
 
 if __name__ == "__main__":

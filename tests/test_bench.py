@@ -297,12 +297,26 @@ def test_tuned_settings_come_before_each_rows_own(tiny_model, tmp_path):
     assert shapes.main(["--tuned", str(tmp_path / "r.json"), "--config-dir", str(REPO_CONFIGS)]) == 2
 
 
+def test_sweep_knobs_restrict_the_search(monkeypatch):
+    seen = {}
+
+    def fake_sweep(*args, **kwargs):
+        seen.update(kwargs)
+        return {"markdown": "table"}
+
+    monkeypatch.setattr(shapes, "sweep", fake_sweep)
+    knob = "optimization.guidance.guidance_scale"
+    assert shapes.main(["--split", "tune", "--sweep", "--sweep-knobs", knob]) == 0
+    assert seen["stages"] == [(knob, dict(sweep.SWEEP_STAGES)[knob])] and seen["kind_lrs"] == {}
+
+
 def test_benchmark_user_errors(tmp_path):
     with pytest.raises(PeekabooError, match="--methods"):
         bench_run.run_benchmark("eval", 2, ["peekaboo", "nonsense"], config_dir=REPO_CONFIGS)
     with pytest.raises(PeekabooError, match="configs"):
         methods.resolve_config_dir(tmp_path)
     assert shapes.main(["--split", "eval", "--sweep", "--config-dir", str(REPO_CONFIGS)]) == 2
+    assert shapes.main(["--split", "tune", "--sweep", "--sweep-knobs", "optimization.nonsense"]) == 2
     assert not shapes.update_readme(tmp_path / "missing.md", "table")
     (tmp_path / "R.md").write_text("no markers")
     assert not shapes.update_readme(tmp_path / "R.md", "table")

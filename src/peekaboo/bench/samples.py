@@ -5,9 +5,11 @@ a ``StableDiffusionPipeline`` (loaded as users will) and returns a labelled grid
 saves it to ``docs/samples.png``. :func:`run_checks` reports, on scenes of the ``eval`` split:
 
 * the VAE round trip (posterior mean -> decoder) PSNR and the posterior std vs the latent spread;
-* the text-conditioning check: the UNet's denoising loss at moderate timesteps with the scene's true
-  caption vs a wrong caption (one colour word swapped), on identical noise. The true caption must
-  give the lower loss, otherwise the model ignores its prompt.
+* the text-conditioning check, per caption word kind: the UNet's denoising loss at moderate timesteps with
+  the scene's true caption vs the caption with one object's colour word swapped, vs one with one object's
+  shape word swapped, vs the empty caption, on identical noise. The true caption must give the lower loss
+  against both wrong ones, otherwise the model ignores that kind of word (a segmenter built on it cannot
+  tell a red square from a yellow one, or a square from a circle of the same colour).
 
 The checks return their report as lines of text; the script prints them.
 """
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
-from peekaboo.data.shapes import COLOURS, ShapeObject, caption_for, make_scene, scene_seed
+from peekaboo.data.shapes import COLOURS, SHAPES, STYLES, ShapeObject, caption_for, make_scene, scene_seed
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,13 @@ class GridConfig:
     n_check_scenes: int = 64
     check_timesteps: tuple[int, ...] = (300, 500, 700)
     noise_draws: int = 4
+
+
+#: The caption word kinds the conditioning check swaps, one at a time.
+WORD_KINDS: tuple[str, ...] = ("colour", "shape")
+
+#: The scene style of each split the checks can run on (the splits' own styles, see peekaboo.data.shapes).
+CHECK_STYLES: dict[str, str] = {"eval": "classic", "robust": "wide"}
 
 
 GRID = GridConfig()
@@ -82,70 +91,101 @@ def sample_grid(pipe: StableDiffusionPipeline) -> Image.Image:
     return grid
 
 
-def wrong_caption(objects: tuple[ShapeObject, ...], rng: np.random.Generator) -> str:
-    """The caption with one object's colour replaced by a colour no object of that shape has."""
+def swap_word(objects: tuple[ShapeObject, ...], kind: str, rng: np.random.Generator) -> tuple[ShapeObject, ...]:
+    """``objects`` with one object's colour (``kind="colour"``) or shape (``kind="shape"``) replaced by one
+    that no object of the scene has in that combination, so the swapped caption describes another scene."""
     k = int(rng.integers(len(objects)))
     taken = {(o.shape, o.colour) for o in objects}
-    choices = [c for c in COLOURS if c != objects[k].colour and (objects[k].shape, c) not in taken]
-    new = ShapeObject(shape=objects[k].shape, colour=str(rng.choice(choices)), mask=objects[k].mask)
-    return caption_for(tuple(new if i == k else o for i, o in enumerate(objects)))
+    old = objects[k]
+    if kind == "colour":
+        choices = [c for c in COLOURS if c != old.colour and (old.shape, c) not in taken]
+        new = ShapeObject(shape=old.shape, colour=str(rng.choice(choices)), mask=old.mask)
+    elif kind == "shape":
+        choices = [sh for sh in SHAPES if sh != old.shape and (sh, old.colour) not in taken]
+        new = ShapeObject(shape=str(rng.choice(choices)), colour=old.colour, mask=old.mask)
+    else:
+        raise ValueError(f"unknown word kind {kind!r}; expected one of {WORD_KINDS}")
+    return tuple(new if i == k else o for i, o in enumerate(objects))
+
+
+def wrong_caption(objects: tuple[ShapeObject, ...], rng: np.random.Generator, kind: str = "colour") -> str:
+    """The ``"and"`` caption of ``objects`` with one word of ``kind`` swapped (see :func:`swap_word`)."""
+    return caption_for(swap_word(objects, kind, rng))
 
 
 @torch.no_grad()
-def run_checks(pipe: StableDiffusionPipeline) -> list[str]:
-    """The VAE round-trip numbers and the true-vs-wrong-caption denoising losses, as lines of a report."""
-    scenes = [make_scene(scene_seed("eval", i)) for i in range(GRID.n_check_scenes)]
+def run_checks(pipe: StableDiffusionPipeline, split: str = "eval") -> list[str]:
+    """The VAE round-trip numbers and the per-word-kind conditioning table, as lines of a report (markdown)."""
+    style = STYLES[CHECK_STYLES[split]]
+    scenes = [make_scene(scene_seed(split, i), style=style) for i in range(GRID.n_check_scenes)]
     x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
     posterior = pipe.vae.encode(x).latent_dist
     recon = pipe.vae.decode(posterior.mean).sample.clamp(-1, 1)
     mse = ((recon - x) / 2).pow(2).mean(dim=(1, 2, 3))
     psnr = 10 * torch.log10(1 / mse)
     lines = [
-        f"VAE posterior-mean round trip on {len(scenes)} eval scenes: PSNR mean {psnr.mean():.2f} dB, "
+        f"VAE posterior-mean round trip on {len(scenes)} {split} scenes: PSNR mean {psnr.mean():.2f} dB, "
         f"min {psnr.min():.2f} dB; posterior std {posterior.std.mean():.4f} vs latent-mean std "
-        f"{posterior.mean.std():.4f} (ratio {posterior.std.mean() / posterior.mean.std():.3f})"
+        f"{posterior.mean.std():.4f} (ratio {posterior.std.mean() / posterior.mean.std():.3f})",
+        "",
     ]
+    z0 = posterior.mean * pipe.vae.config.scaling_factor  # [N,4,h,w]
+    # Every caption in the one "and" form and in the scene's object order, so the true and the swapped
+    # captions differ in exactly one word.
+    captions = {"true": [caption_for(s.objects) for s in scenes]}
+    for kind in WORD_KINDS:
+        rng = np.random.default_rng([GRID.seed, WORD_KINDS.index(kind)])
+        captions[kind] = [wrong_caption(s.objects, rng, kind) for s in scenes]
+    captions["empty"] = [""] * len(scenes)
+    table = conditioning_table(pipe, z0, captions)
+    lines += [f"Denoising MSE per timestep, mean over {len(scenes)} {split} scenes x {GRID.noise_draws} noise draws; "
+              "a wrong word's cost is its loss over the true caption's, minus 1:", "", *table]
+    examples = [f"{captions['true'][i]!r} -> {captions['colour'][i]!r} / {captions['shape'][i]!r}" for i in range(3)]
+    lines += ["", "\n  ".join(["example wrong captions (colour / shape):", *examples])]
+    return lines
 
-    rng = np.random.default_rng(GRID.seed)
-    z0 = posterior.mean * pipe.vae.config.scaling_factor
-    captions = [s.caption for s in scenes]
-    wrong = [wrong_caption(s.objects, rng) for s in scenes]
+
+def conditioning_table(pipe: StableDiffusionPipeline, z0: torch.Tensor, captions: dict[str, list[str]]) -> list[str]:
+    """Markdown rows: per timestep, the denoising MSE of each caption set on identical noise, the relative cost
+    of each wrong word kind and how often the true caption wins against it. ``z0``: [N,4,h,w] scaled latents;
+    ``captions``: ``"true"``, one list per :data:`WORD_KINDS` entry and ``"empty"``, N captions each."""
 
     def embed(texts: list[str]) -> torch.Tensor:
-        ids = pipe.tokenizer(
-            texts,
-            padding="max_length",
-            max_length=pipe.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return pipe.text_encoder(ids)[0]
+        ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return pipe.text_encoder(ids)[0]  # [N,L,D]
 
-    emb_true, emb_wrong, emb_empty = embed(captions), embed(wrong), embed([""] * len(scenes))
+    emb = {name: embed(texts) for name, texts in captions.items()}
     abar = pipe.scheduler.alphas_cumprod
     gen = torch.Generator().manual_seed(GRID.seed)
-    lines.append(f"denoising MSE per timestep (mean over {len(scenes)} eval scenes x {GRID.noise_draws} noise draws):")
-    wins_total, count_total = 0, 0
+    n = z0.shape[0]
+    kinds = " | ".join(f"wrong {k}" for k in WORD_KINDS)
+    costs = " | ".join(f"{k} cost | true < wrong {k}" for k in WORD_KINDS)
+    rows = [f"| t | true caption | {kinds} | empty caption | {costs} |",
+            "|" + "---|" * (3 + 3 * len(WORD_KINDS))]
+    wins_total = dict.fromkeys(WORD_KINDS, 0)
     for t_val in GRID.check_timesteps:
-        losses = {"true": 0.0, "wrong": 0.0, "empty": 0.0}
-        wins = torch.zeros(len(scenes))
+        loss = {name: torch.zeros(n) for name in emb}  # per scene, mean over draws
+        wins = dict.fromkeys(WORD_KINDS, 0)
         for _ in range(GRID.noise_draws):
             noise = torch.randn(z0.shape, generator=gen)
-            t = torch.full((len(scenes),), t_val)
+            t = torch.full((n,), t_val)
             zt = abar[t_val].sqrt() * z0 + (1 - abar[t_val]).sqrt() * noise
-            per = {}
-            for name, emb in (("true", emb_true), ("wrong", emb_wrong), ("empty", emb_empty)):
-                pred = pipe.unet(zt, t, encoder_hidden_states=emb).sample
-                per[name] = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-                losses[name] += per[name].mean().item() / GRID.noise_draws
-            wins += (per["true"] < per["wrong"]).float()
-        wins_total += int(wins.sum())
-        count_total += len(scenes) * GRID.noise_draws
-        lines.append(
-            f"  t={t_val}: true {losses['true']:.4f}  wrong-colour {losses['wrong']:.4f}  "
-            f"empty {losses['empty']:.4f}  (true < wrong in {int(wins.sum())}/{len(scenes) * GRID.noise_draws})"
-        )
-    lines.append(f"true caption beats wrong caption in {wins_total}/{count_total} (scene, noise, t) cases")
-    examples = [f"{c!r} -> {w!r}" for c, w in zip(captions[:3], wrong[:3], strict=True)]
-    lines.append("\n  ".join(["example wrong captions:", *examples]))
-    return lines
+            per = {name: F.mse_loss(pipe.unet(zt, t, encoder_hidden_states=e).sample, noise,
+                                    reduction="none").mean(dim=(1, 2, 3)) for name, e in emb.items()}
+            for name in emb:
+                loss[name] += per[name] / GRID.noise_draws
+            for kind in WORD_KINDS:
+                wins[kind] += int((per["true"] < per[kind]).sum())
+        count = n * GRID.noise_draws
+        mean = {name: v.mean().item() for name, v in loss.items()}
+        wrong = " | ".join(f"{mean[k]:.4f}" for k in WORD_KINDS)
+        cost = " | ".join(f"{mean[k] / mean['true'] - 1:+.1%} | {wins[k]}/{count}" for k in WORD_KINDS)
+        rows.append(f"| {t_val} | {mean['true']:.4f} | {wrong} | {mean['empty']:.4f} | {cost} |")
+        for kind in WORD_KINDS:
+            wins_total[kind] += wins[kind]
+    total = n * GRID.noise_draws * len(GRID.check_timesteps)
+    rows.append("")
+    rows.append("True caption beats the wrong one: " + ", ".join(
+        f"{k} {wins_total[k]}/{total} ({wins_total[k] / total:.0%})" for k in WORD_KINDS) + ".")
+    return rows

@@ -29,7 +29,7 @@ from peekaboo.bench.common import machine_info, write_json
 from peekaboo.bench.methods import CROSS_ATTENTION_THRESHOLD, METHOD_NAMES
 from peekaboo.bench.report import README_END, README_START, readme_block, render_docs, with_marked_block
 from peekaboo.bench.run import BENCH_SPLITS, DEFAULT_BATCH, DEFAULT_PAIRS, run_benchmark
-from peekaboo.bench.sweep import TUNE_PAIRS, sweep
+from peekaboo.bench.sweep import SWEEP_STAGES, TUNE_PAIRS, sweep
 from peekaboo.errors import PeekabooError, exit_status
 from peekaboo.logs import setup_logging
 
@@ -62,6 +62,10 @@ def parser(prog: str = "python -m peekaboo.bench.shapes") -> argparse.ArgumentPa
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of an earlier (interrupted) run in --out whose settings are unchanged")
     p.add_argument("--sweep", action="store_true", help="run the tuning sweep (tune split only)")
+    p.add_argument("--sweep-knobs", nargs="+", default=None, metavar="KEY",
+                   help="search only these knobs of the default (from: "
+                   f"{' '.join(k for k, _ in SWEEP_STAGES)}) and skip the other mask kinds' learning rates; "
+                   "for a quick re-choice after a model change")
     p.add_argument("--sweep-cache", type=Path, default=None,
                    help="finished sweep trials, reused when the sweep is rerun (delete it to start afresh)")
     return p
@@ -124,8 +128,15 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if args.sweep:
         if args.split != "tune":
             raise PeekabooError("--sweep tunes on the tune split only; pass --split tune.")
+        knobs = {}
+        if args.sweep_knobs is not None:
+            known = dict(SWEEP_STAGES)
+            unknown = [k for k in args.sweep_knobs if k not in known]
+            if unknown:
+                raise PeekabooError(f"--sweep-knobs: unknown knob {unknown[0]!r}; choose from {' '.join(known)}.")
+            knobs = {"stages": [(k, v) for k, v in SWEEP_STAGES if k in args.sweep_knobs], "kind_lrs": {}}
         report = sweep(args.pairs or TUNE_PAIRS, args.batch_size, args.overrides, args.config_dir,
-                       cache_path=args.sweep_cache) | stamp()
+                       cache_path=args.sweep_cache, **knobs) | stamp()
         if out is not None:
             write_json(report, out)
         print(report["markdown"])
