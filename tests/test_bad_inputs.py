@@ -30,7 +30,6 @@ import lightning.pytorch as lp
 import numpy as np
 import pytest
 import torch
-import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 from tests_support import FAST, REPO, REPO_CONFIGS, write_scene
@@ -474,7 +473,8 @@ def test_text_values_are_taken_literally(schema, key, value):
     cfg = load_config(schema, [*[a for a in base if a.partition("=")[0] != key], f"{key}={value}"])
     got = OmegaConf.select(cfg, key)
     assert (got[-1] if key == "prompt" else got) == value
-    saved = yaml.safe_load(to_yaml(cfg))  # the saved config.yaml holds the same text
+    # The saved config.yaml, read back as a rerun and the worker processes read it, holds the same text.
+    saved = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)), resolve=True)
     for part in key.split("."):
         saved = saved[part]
     assert (saved[-1] if key == "prompt" else saved) == value

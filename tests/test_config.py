@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from tests_support import REPO_CONFIGS
 
-from peekaboo.config import PredictConfig, load_config
+from peekaboo.config import PredictConfig, load_config, to_yaml
 from peekaboo.errors import ConfigError
 
 BASE = ["image=x.png", "prompt=a red circle"]
@@ -101,3 +102,12 @@ def test_presets_ship_in_the_package_and_apply_from_any_folder(tmp_path, monkeyp
     assert proc.returncode == 0 and str(preset_dir() / "predict.yaml") in proc.stdout
     monkeypatch.setenv("PEEKABOO_CONFIG_DIR", str(tmp_path))
     assert preset_dir() == tmp_path
+
+
+def test_saved_config_keeps_a_literal_interpolation_marker():
+    """A prompt holding ``${`` reads back from config.yaml as the same text, not as an interpolation (a
+    dataset rerun compares the saved config with the new one; a worker process reads it)."""
+    cfg = OmegaConf.structured(PredictConfig)
+    cfg.prompt = ["a \\${colour} circle"]  # escaped, as the command line's text keys are
+    back = OmegaConf.merge(OmegaConf.structured(PredictConfig), OmegaConf.create(to_yaml(cfg)))
+    assert OmegaConf.to_container(back, resolve=True)["prompt"] == ["a ${colour} circle"]

@@ -698,8 +698,21 @@ def validate(cfg: Any, inputs: bool = True) -> None:
 
 
 def to_yaml(cfg: Any) -> str:
-    """The resolved config as YAML (saved beside every run's outputs)."""
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The resolved config as YAML (saved beside every run's outputs, and handed to worker processes).
+
+    Text that holds a literal ``${`` (a prompt, a path) is escaped again, so reading the file back gives the
+    same text rather than an interpolation to resolve.
+    """
+    return OmegaConf.to_yaml(OmegaConf.create(_escape_interpolations(OmegaConf.to_container(cfg, resolve=True))))
+
+
+def _escape_interpolations(node: Any) -> Any:
+    """``node`` (plain containers) with every ``${`` in its strings escaped as ``\\${``."""
+    if isinstance(node, dict):
+        return {k: _escape_interpolations(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_escape_interpolations(v) for v in node]
+    return node.replace("${", "\\${") if isinstance(node, str) else node
 
 
 def help_text(schema_cls: type, prefix: str = "") -> str:
