@@ -237,6 +237,9 @@ class StableMaskStop(Callback):
                 cfg.loss_tolerance)
             settled &= self.since >= cfg.patience
         done = self.stopped | pl_module.failed.to(binary.device)  # failed pairs count as finished
+        stopped_at = getattr(pl_module, "stopped_at", None)  # pairs stopped by other means count too
+        if stopped_at is not None:
+            done = done | (stopped_at.to(binary.device) >= 0)
         new = settled & ~done if trainer.global_step >= cfg.min_steps else torch.zeros_like(settled)
         if bool(new.any()):
             self.stopped = self.stopped | new

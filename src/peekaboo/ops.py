@@ -107,9 +107,8 @@ def timestep_range(
         centre = t_max - (t_max - t_min) * progress
         return max(t_min, centre - jitter), min(t_max, centre + jitter)
     if schedule == "stratified":
-        width = (t_max - t_min) / strata
-        lo = t_min + (index % strata) * width
-        return lo, lo + width
+        s = index % strata
+        return t_min + (t_max - t_min) * s / strata, t_min + (t_max - t_min) * (s + 1) / strata
     raise ValueError(f"unknown timestep schedule {schedule!r}")
 
 
