@@ -312,3 +312,21 @@ def test_a_stopped_pair_stays_stopped_after_a_resume(tiny_backbone, tmp_path):
     torch.save(state, tmp_path / "old.ckpt")
     old = optimize_pairs(_images(2), PROMPTS[:2], ids, cfg, _trainer(5), tiny_backbone, ckpt_path=tmp_path / "old.ckpt")
     assert [r.steps for r in old] == [5, 5]
+
+
+def test_a_run_folder_from_before_the_new_keys_still_resumes(tmp_path):
+    from omegaconf import OmegaConf
+
+    from peekaboo.config import TrainConfig, to_yaml
+    from peekaboo.errors import ConfigError
+    from peekaboo.runner import _check_same_run
+
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"data": {"source": "shapes"}, "run": {"name": "x"}})
+    saved = OmegaConf.to_container(cfg)
+    for section, key in (("optim", "schedule"), ("guidance", "samples_per_step"), ("early_stop", "loss_tolerance")):
+        del saved["optimization"][section][key]  # what a folder started before these keys holds
+    (tmp_path / "config.yaml").write_text(to_yaml(OmegaConf.create(saved)))
+    _check_same_run(tmp_path, cfg)  # the defaults are what that run did: the same run
+    cfg.optimization.guidance.samples_per_step = 2
+    with pytest.raises(ConfigError, match="different optimization settings"):
+        _check_same_run(tmp_path, cfg)
