@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 from tests_support import REPO_CONFIGS
 
-from peekaboo.config import PredictConfig, load_config, to_yaml
+from peekaboo.config import PredictConfig, help_text, load_config, to_yaml
 from peekaboo.errors import ConfigError
 
 BASE = ["image=x.png", "prompt=a red circle"]
@@ -70,6 +70,17 @@ def test_override_types_are_converted():
         ("model=nonexistent", "choose one of"),
         ("prompt=   ", "prompt[0] is empty"),
         ("noequals", "not a key=value"),
+        ("optimization.optim.schedule=linear", "optimization.optim.schedule"),
+        ("optimization.optim.warmup_steps=-1", "optimization.optim.warmup_steps"),
+        ("optimization.optim.final_lr_fraction=1.5", "optimization.optim.final_lr_fraction"),
+        ("optimization.optim.step_every=0", "optimization.optim.step_every"),
+        ("optimization.optim.step_gamma=0", "optimization.optim.step_gamma"),
+        ("optimization.guidance.t_schedule=random", "optimization.guidance.t_schedule"),
+        ("optimization.guidance.t_anneal_jitter=2", "optimization.guidance.t_anneal_jitter"),
+        ("optimization.guidance.t_strata=0", "optimization.guidance.t_strata"),
+        ("optimization.guidance.samples_per_step=0", "optimization.guidance.samples_per_step"),
+        ("optimization.early_stop.loss_tolerance=-0.1", "optimization.early_stop.loss_tolerance"),
+        ("optimization.early_stop.loss_ema=1", "optimization.early_stop.loss_ema"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -111,3 +122,20 @@ def test_saved_config_keeps_a_literal_interpolation_marker():
     cfg.prompt = ["a \\${colour} circle"]  # escaped, as the command line's text keys are
     back = OmegaConf.merge(OmegaConf.structured(PredictConfig), OmegaConf.create(to_yaml(cfg)))
     assert OmegaConf.to_container(back, resolve=True)["prompt"] == ["a ${colour} circle"]
+
+
+def test_help_lists_the_step_switches_with_their_defaults():
+    text = help_text(PredictConfig)
+    for line in ("optimization.optim.schedule: str = 'constant'", "optimization.optim.warmup_steps: int = 0",
+                 "optimization.guidance.t_schedule: str = 'uniform'", "optimization.guidance.samples_per_step: int = 1",
+                 "optimization.early_stop.loss_tolerance: float | None = None"):
+        assert line in text
+
+
+def test_step_switches_are_set_from_the_command_line():
+    cfg = load_config(PredictConfig, [*BASE, "optimization.optim.schedule=cosine",
+                                      "optimization.guidance.t_schedule=annealed",
+                                      "optimization.guidance.samples_per_step=4",
+                                      "optimization.early_stop.loss_tolerance=0.01"])
+    assert cfg.optimization.optim.schedule == "cosine" and cfg.optimization.guidance.t_schedule == "annealed"
+    assert cfg.optimization.guidance.samples_per_step == 4 and cfg.optimization.early_stop.loss_tolerance == 0.01

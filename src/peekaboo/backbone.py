@@ -411,31 +411,59 @@ class Backbone:
             out_u, out_c = ops.v_to_epsilon(out_u, noisy, abar), ops.v_to_epsilon(out_c, noisy, abar)
         return out_u, out_c
 
-    def sample_timestep(self, cfg: GuidanceConfig, generator: torch.Generator) -> torch.Tensor:
-        """``t ~ U[t_min * T, t_max * T)``: one int64 timestep, shape ``(1,)``, on CPU."""
-        lo = int(cfg.t_min * self.num_train_timesteps)
-        hi = max(lo + 1, int(cfg.t_max * self.num_train_timesteps))
-        return torch.randint(lo, hi, (1,), generator=generator)
+    def sample_timestep(
+        self, cfg: GuidanceConfig, generator: torch.Generator, index: int = 0, count: int | None = None
+    ) -> torch.Tensor:
+        """Draw ``index`` of a pair's run of ``count`` timestep draws under ``cfg.t_schedule``
+        (:func:`peekaboo.ops.timestep_range`; ``uniform``: ``t ~ U[t_min * T, t_max * T)``). One int64
+        timestep, shape ``(1,)``, on CPU."""
+        lo, hi = ops.timestep_range(cfg.t_schedule, index, count, cfg.t_min, cfg.t_max, cfg.t_anneal_jitter,
+                                    cfg.t_strata)
+        return ops.draw_timestep(lo, hi, self.num_train_timesteps, generator)
 
     def dream_loss(
-        self, latents: torch.Tensor, emb: PromptEmbeddings, cfg: GuidanceConfig, generators: list[torch.Generator]
+        self,
+        latents: torch.Tensor,
+        emb: PromptEmbeddings,
+        cfg: GuidanceConfig,
+        generators: list[torch.Generator],
+        step: int = 0,
+        total_steps: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Score-distillation loss terms for ``latents`` ``(B, C, h, w)``.
 
-        Sample ``i`` draws its ``t`` and then its ``eps`` from ``generators[i]``; the loss's gradient w.r.t.
-        ``latents`` is ``w(t) (eps_u + s (eps_c - eps_u) - eps)``.
+        Sample ``i`` makes ``K = cfg.samples_per_step`` draws from ``generators[i]``, each its ``t`` and then its
+        ``eps``; all ``B*K`` noisy latents go through one UNet call, and the loss's gradient w.r.t. ``latents``
+        is the mean over the K draws of ``w(t) (eps_u + s (eps_c - eps_u) - eps)``.
+
+        Args:
+            step: the step being taken, and ``total_steps`` the run's length: the timestep schedule's position
+                (draw ``k`` of the step is draw ``step * K + k`` of the run's ``total_steps * K``).
 
         Returns:
-            ``{"loss": (B,), "t": (B,), "grad_norm": (B,)}``.
+            ``{"loss": (B,), "t": (B,) float (the mean timestep of the K draws), "grad_norm": (B,)}``.
         """
-        draws = [(self.sample_timestep(cfg, g), torch.randn(latents.shape[1:], generator=g)) for g in generators]
-        t = torch.cat([d[0] for d in draws]).to(latents.device)  # (B,)
-        noise = torch.stack([d[1] for d in draws]).to(latents.device)  # (B, C, h, w)
-        abar = self.alphas_cumprod.to(latents.device)[t]
-        noisy = ops.add_noise(latents.detach(), noise, abar)
+        k_draws = cfg.samples_per_step
+        count = None if total_steps is None else total_steps * k_draws
+        # Pair-major order: pair i's K draws are rows i*K .. i*K+K-1 of every (B*K, ...) tensor below.
+        draws = [(self.sample_timestep(cfg, g, step * k_draws + k, count), torch.randn(latents.shape[1:], generator=g))
+                 for g in generators for k in range(k_draws)]
+        t = torch.cat([d[0] for d in draws]).to(latents.device)  # (B*K,)
+        noise = torch.stack([d[1] for d in draws]).to(latents.device)  # (B*K, C, h, w)
+        abar = self.alphas_cumprod.to(latents.device)[t]  # (B*K,)
+        clean = latents.detach()
+        if k_draws > 1:  # K = 1 keeps exactly the tensors (and results) of a single draw
+            clean = clean.repeat_interleave(k_draws, 0)  # (B*K, C, h, w)
+            emb = PromptEmbeddings(*(e.repeat_interleave(k_draws, 0) if e.shape[0] > 1 else e
+                                     for e in (emb.uncond, emb.cond)))  # (B*K, L, D), or a shared (1, L, D)
+        noisy = ops.add_noise(clean, noise, abar)  # (B*K, C, h, w)
         eps_u, eps_c = self.predict_noise(noisy, t, emb, cfg.batch_cfg)
-        grad = ops.sds_gradient(eps_u, eps_c, noise, abar, cfg.guidance_scale)
-        return {"loss": ops.dream_loss(latents, grad), "t": t, "grad_norm": grad.flatten(1).norm(dim=1)}
+        grad = ops.sds_gradient(eps_u, eps_c, noise, abar, cfg.guidance_scale)  # (B*K, C, h, w)
+        t_mean = t.float()  # (B*K,), which is (B,) for K = 1
+        if k_draws > 1:
+            grad = grad.view(-1, k_draws, *grad.shape[1:]).mean(1)  # (B, K, C, h, w) -> (B, C, h, w)
+            t_mean = t_mean.view(-1, k_draws).mean(1)  # (B,)
+        return {"loss": ops.dream_loss(latents, grad), "t": t_mean, "grad_norm": grad.flatten(1).norm(dim=1)}
 
 
 def vae_scale_factor(vae) -> int:

@@ -48,6 +48,10 @@ ATTENTIONS = ("sdpa", "classic")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed")
 GRAVITY_REDUCTIONS = ("sum", "mean")
 LATENT_MODES = ("mean", "sample")
+# optimization.optim.schedule: the learning rate over a pair's steps (peekaboo.module.lr_factor).
+LR_SCHEDULES = ("constant", "cosine", "step")
+# optimization.guidance.t_schedule: where each step's dream-loss timestep comes from (peekaboo.ops.timestep_range).
+T_SCHEDULES = ("uniform", "annealed", "stratified")
 # Lightning config groups that a ``group=name`` override selects from ``configs/<group>/<name>.yaml``.
 GROUPS = ("model", "data")
 # Environment variable naming a folder of presets that replaces the packaged ones.
@@ -91,6 +95,15 @@ class GuidanceConfig:
     latent_mode: str = "sample"
     # Run [uncond, cond] as one UNet batch of 2B (faster) or as two calls (less memory).
     batch_cfg: bool = True
+    # uniform: t ~ U[t_min, t_max] every step (the paper); annealed: t falls linearly from t_max to t_min over
+    # the run, drawn within +-t_anneal_jitter of that line (after DreamTime, arXiv:2306.12422); stratified:
+    # the steps cycle through t_strata equal slices of [t_min, t_max], one draw in each.
+    t_schedule: str = "uniform"
+    t_anneal_jitter: float = 0.05  # annealed: half-width of the band around the line, in the units of t_min
+    t_strata: int = 8  # stratified: how many slices of [t_min, t_max] a cycle visits
+    # Timestep/noise draws per step for the same composite, in one UNet batch of B*K (2B*K with batch_cfg);
+    # the gradient is their mean (a lower-variance estimate at K times the UNet cost).
+    samples_per_step: int = 1
 
 
 @dataclass
@@ -138,6 +151,14 @@ class OptimConfig:
     momentum: float = 0.0  # sgd only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam / adamw only
     weight_decay: float = 0.0
+    # The learning rate over a pair's trainer.max_steps steps: constant (the paper), cosine (from lr down to
+    # final_lr_fraction * lr at the last step) or step (times step_gamma every step_every steps); each after
+    # warmup_steps of linear warm-up from lr / warmup_steps.
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    final_lr_fraction: float = 0.0  # cosine only
+    step_every: int = 100  # step only
+    step_gamma: float = 0.5  # step only
 
 
 @dataclass
@@ -154,12 +175,18 @@ class TrainerConfig:
 
 @dataclass
 class EarlyStopConfig:
-    """Stop a pair (a batch: once all its pairs) when its binary mask has stopped changing."""
+    """Stop a pair when its binary mask has stopped changing (and, with ``loss_tolerance``, its dream loss
+    has stopped improving). In a batch each pair stops on its own and is frozen from then on; the batch ends
+    when all its pairs have stopped."""
 
     enabled: bool = False
     tolerance: float = 0.002  # at most this fraction of the mask's pixels flipped between checks ...
     patience: int = 20  # ... for this many consecutive steps
     min_steps: int = 50  # never stop before this step
+    # None: the mask test alone. A number: also wait until the EMA of the pair's dream loss has not fallen
+    # below (1 - loss_tolerance) times its best value for `patience` steps.
+    loss_tolerance: float | None = None
+    loss_ema: float = 0.9  # decay of that EMA (0: the raw per-step loss, which the random t makes noisy)
 
 
 @dataclass
@@ -560,6 +587,10 @@ def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization."
            "0 <= t_min < t_max <= 1 (fractions of the training timesteps)")
     _check(g.guidance_scale >= 0, p + "guidance.guidance_scale", g.guidance_scale, ">= 0")
     _check(g.latent_mode in LATENT_MODES, p + "guidance.latent_mode", g.latent_mode, " | ".join(LATENT_MODES))
+    _check(g.t_schedule in T_SCHEDULES, p + "guidance.t_schedule", g.t_schedule, " | ".join(T_SCHEDULES))
+    _check(0 <= g.t_anneal_jitter <= 1, p + "guidance.t_anneal_jitter", g.t_anneal_jitter, "a fraction in [0, 1]")
+    _check(g.t_strata >= 1, p + "guidance.t_strata", g.t_strata, "an integer >= 1")
+    _check(g.samples_per_step >= 1, p + "guidance.samples_per_step", g.samples_per_step, "an integer >= 1")
     ls = cfg.loss
     _check(ls.gravity >= 0, p + "loss.gravity", ls.gravity, ">= 0")
     _check(ls.lambda_dream >= 0, p + "loss.lambda_dream", ls.lambda_dream, ">= 0")
@@ -572,10 +603,18 @@ def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization."
            "two numbers in [0, 1)")
     _check(o.momentum >= 0, p + "optim.momentum", o.momentum, ">= 0")
     _check(o.weight_decay >= 0, p + "optim.weight_decay", o.weight_decay, ">= 0")
+    _check(o.schedule in LR_SCHEDULES, p + "optim.schedule", o.schedule, " | ".join(LR_SCHEDULES))
+    _check(o.warmup_steps >= 0, p + "optim.warmup_steps", o.warmup_steps, "an integer >= 0")
+    _check(0 <= o.final_lr_fraction <= 1, p + "optim.final_lr_fraction", o.final_lr_fraction, "a fraction in [0, 1]")
+    _check(o.step_every >= 1, p + "optim.step_every", o.step_every, "an integer >= 1")
+    _check(0 < o.step_gamma <= 1, p + "optim.step_gamma", o.step_gamma, "0 < step_gamma <= 1")
     e = cfg.early_stop
     _check(0 <= e.tolerance <= 1, p + "early_stop.tolerance", e.tolerance, "a fraction in [0, 1]")
     _check(e.patience >= 1, p + "early_stop.patience", e.patience, "an integer >= 1")
     _check(e.min_steps >= 0, p + "early_stop.min_steps", e.min_steps, "an integer >= 0")
+    _check(e.loss_tolerance is None or e.loss_tolerance >= 0, p + "early_stop.loss_tolerance", e.loss_tolerance,
+           "null (mask test only) or a relative improvement >= 0")
+    _check(0 <= e.loss_ema < 1, p + "early_stop.loss_ema", e.loss_ema, "0 <= loss_ema < 1")
 
 
 def validate_finite(cfg: Any) -> None:

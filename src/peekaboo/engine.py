@@ -166,29 +166,87 @@ class PairCurves(Callback):
         metrics = pl_module.step_metrics()
         values = torch.stack(list(metrics.values()), 1).float().cpu()  # (B, M): one transfer for all pairs
         step = trainer.global_step - 1  # the index of the step just taken, as Lightning's own logging counts
+        took = pl_module.took_step.tolist()  # a pair frozen by early stopping has no new values
         for i, run in enumerate(self.runs):
-            if not pl_module.failed[i]:
+            if not pl_module.failed[i] and took[i]:
                 run.log_metrics(dict(zip(metrics, values[i].tolist(), strict=True)), step)
 
 
+def loss_plateau_update(
+    loss: torch.Tensor,
+    ema: torch.Tensor | None,
+    best: torch.Tensor | None,
+    since: torch.Tensor | None,
+    decay: float,
+    tolerance: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of the loss-plateau test, per pair: every tensor is ``(B,)``.
+
+    ``ema = decay * ema + (1 - decay) * loss`` (the first loss starts it). ``best`` is the EMA when it last
+    improved, i.e. fell below ``best - tolerance * |best|``, and ``since`` counts the steps since then (0 at
+    the first step): a pair whose ``since`` reaches the patience has not improved by more than ``tolerance``
+    (relative) over that many steps.
+
+    Returns:
+        ``(ema, best, since)`` after this step.
+    """
+    loss = loss.detach().float()
+    if ema is None or best is None or since is None:
+        return loss.clone(), loss.clone(), torch.zeros_like(loss, dtype=torch.long)
+    ema = decay * ema + (1.0 - decay) * loss
+    improved = ema < best - tolerance * best.abs()
+    return ema, torch.where(improved, ema, best), torch.where(improved, torch.zeros_like(since), since + 1)
+
+
 class StableMaskStop(Callback):
-    """Early stopping: stop once no pair's binary mask has flipped more than ``tolerance`` of its pixels per
-    step for ``patience`` consecutive steps (and at least ``min_steps`` were taken)."""
+    """Early stopping, pair by pair. A pair stops after a step once (a) its binary mask has flipped at most
+    ``tolerance`` of its pixels per step for ``patience`` consecutive steps, (b) with ``loss_tolerance`` set,
+    the EMA of its dream loss has not improved by more than ``loss_tolerance`` (relative) for ``patience``
+    steps (:func:`loss_plateau_update`), and (c) at least ``min_steps`` steps were taken.
+
+    A stopped pair is frozen (:meth:`PeekabooModule.stop_pairs`) while the batch's other pairs go on; the fit
+    ends once every pair has stopped or failed. Each pair's test reads only its own mask and loss, so a pair
+    stops at the same step in any batch.
+    """
 
     def __init__(self, cfg: EarlyStopConfig, threshold: float):
         self.cfg, self.threshold = cfg, threshold
-        self.previous: torch.Tensor | None = None  # (B, S*S) bool
-        self.calm_steps = 0
+        self.previous: torch.Tensor | None = None  # (B, S*S) bool: the last step's binary masks
+        self.calm: torch.Tensor | None = None  # (B,) long: consecutive steps each mask has been settled
+        self.ema: torch.Tensor | None = None  # (B,) float: the dream-loss EMA (with loss_tolerance)
+        self.best: torch.Tensor | None = None  # (B,) float: its value when it last improved
+        self.since: torch.Tensor | None = None  # (B,) long: steps since then
+        self.stopped: torch.Tensor | None = None  # (B,) bool: pairs this callback has stopped
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: PeekabooModule, outputs, batch, batch_idx) -> None:
+        cfg = self.cfg
         # The mask of the step just taken (one update old): enough to tell whether it has stopped changing.
         binary = (pl_module.last_alpha > self.threshold).flatten(1)  # (B, S*S)
+        if self.calm is None:
+            self.calm = torch.zeros(binary.shape[0], dtype=torch.long, device=binary.device)
+        if self.stopped is None:
+            self.stopped = torch.zeros(binary.shape[0], dtype=torch.bool, device=binary.device)
         if self.previous is not None:
             flipped = (binary != self.previous).float().mean(1)  # (B,)
-            flipped = flipped[~pl_module.failed]
-            self.calm_steps = self.calm_steps + 1 if bool((flipped <= self.cfg.tolerance).all()) else 0
+            self.calm = torch.where(flipped <= cfg.tolerance, self.calm + 1, torch.zeros_like(self.calm))
         self.previous = binary
-        if self.calm_steps >= self.cfg.patience and trainer.global_step >= self.cfg.min_steps:
+        settled = self.calm >= cfg.patience  # (B,)
+        if cfg.loss_tolerance is not None:
+            self.ema, self.best, self.since = loss_plateau_update(
+                pl_module.last_losses["loss/dream"], self.ema, self.best, self.since, cfg.loss_ema,
+                cfg.loss_tolerance)
+            settled &= self.since >= cfg.patience
+        done = self.stopped | pl_module.failed.to(binary.device)  # failed pairs count as finished
+        stopped_at = getattr(pl_module, "stopped_at", None)  # pairs stopped by other means count too
+        if stopped_at is not None:
+            done = done | (stopped_at.to(binary.device) >= 0)
+        new = settled & ~done if trainer.global_step >= cfg.min_steps else torch.zeros_like(settled)
+        if bool(new.any()):
+            self.stopped = self.stopped | new
+            stop_pairs = getattr(pl_module, "stop_pairs", None)  # a stand-in module (a replay) may lack it
+            if stop_pairs is not None:
+                stop_pairs(new, trainer.global_step)
+        if bool((done | new).all()):
             trainer.should_stop = True
             # Lightning writes the logged values of the step it stops at: make them this step's.
             if pl_module.loggers and not pl_module.logged_this_step:
@@ -196,10 +254,17 @@ class StableMaskStop(Callback):
 
     # Saved in checkpoints, so a resumed pair stops exactly where an uninterrupted one would.
     def state_dict(self) -> dict[str, Any]:
-        return {"calm_steps": self.calm_steps, "previous": self.previous}
+        return {"calm": self.calm, "previous": self.previous, "ema": self.ema, "best": self.best,
+                "since": self.since, "stopped": self.stopped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.calm_steps, self.previous = state_dict["calm_steps"], state_dict["previous"]
+        self.previous = state_dict["previous"]
+        if "calm" not in state_dict:  # a checkpoint from before pairs stopped one by one: one batch-wide count
+            pairs = None if self.previous is None else self.previous.shape[0]
+            self.calm = None if pairs is None else torch.full((pairs,), state_dict["calm_steps"], dtype=torch.long)
+            return
+        self.calm, self.ema, self.best = state_dict["calm"], state_dict["ema"], state_dict["best"]
+        self.since, self.stopped = state_dict["since"], state_dict["stopped"]
 
 
 class LossCurves(Callback):
@@ -213,16 +278,20 @@ class LossCurves(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: PeekabooModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.every and step != trainer.max_steps and not trainer.should_stop:
+        stopped_now = bool((pl_module.stopped_at == step).any()) if pl_module.can_stop else False
+        if step % self.every and step != trainer.max_steps and not trainer.should_stop and not stopped_now:
             return
         self.steps.append(step)
         self.values.append(torch.stack([pl_module.last_losses[k] for k in CURVE_KEYS]).float().cpu().tolist())
 
-    def curve(self, i: int) -> dict[str, list]:
-        """Pair ``i``'s curve: ``{"step": [...], "loss/dream": [...], ...}`` (non-finite values as None)."""
-        out: dict[str, list] = {"step": list(self.steps)}
+    def curve(self, i: int, last_step: int | None = None) -> dict[str, list]:
+        """Pair ``i``'s curve up to ``last_step`` (its stop, if it stopped early; None: all of it):
+        ``{"step": [...], "loss/dream": [...], ...}`` (non-finite values as None)."""
+        kept = [j for j, step in enumerate(self.steps) if last_step is None or step <= last_step]
+        out: dict[str, list] = {"step": [self.steps[j] for j in kept]}
         for k, key in enumerate(CURVE_KEYS):
-            out[key] = [float(f"{v[k][i]:.{CURVE_DIGITS}g}") if math.isfinite(v[k][i]) else None for v in self.values]
+            values = [self.values[j][k][i] for j in kept]
+            out[key] = [float(f"{v:.{CURVE_DIGITS}g}") if math.isfinite(v) else None for v in values]
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -237,7 +306,7 @@ class PairResult:
     """What one pair's optimization produced."""
 
     alpha: torch.Tensor  # (S, S) float32 in [0, 1], on CPU
-    steps: int
+    steps: int  # the steps this pair took: fewer than the batch's when early stopping froze it sooner
     seconds: float  # wall time of the batch it was optimized in, divided by the batch size
     losses: dict[str, float] = field(default_factory=dict)
     failed: bool = False  # its loss or mask went non-finite (its alpha is then meaningless)
@@ -343,7 +412,7 @@ def optimize_pairs(
     cbs.append(witness)
     has_ckpt = any(isinstance(cb, Checkpoint) for cb in cbs)
     trainer = build_trainer(trainer_cfg, logger, cbs, enable_progress_bar, has_ckpt, devices)
-    module = PeekabooModule(images, prompts, pair_ids, opt_cfg, backbone)
+    module = PeekabooModule(images, prompts, pair_ids, opt_cfg, backbone, trainer_cfg.max_steps)
     loader = DataLoader(_Steps(trainer_cfg.max_steps), batch_size=None, shuffle=False, num_workers=0)
     start = time.perf_counter()
     try:
@@ -373,11 +442,16 @@ def optimize_pairs(
         alphas = module().detach().float().cpu()[:, 0]  # (B, S, S)
     if logger:
         logger.finalize("success")
-    return [
-        PairResult(alpha=alphas[i], steps=trainer.global_step, seconds=seconds, failed=bool(module.failed[i]),
-                   losses={k: float(v[i]) for k, v in module.last_losses.items()}, curve=curves.curve(i))
-        for i in range(len(pair_ids))
-    ]
+    steps = module.steps_used(trainer.global_step)
+    stopped = (module.stopped_at >= 0).tolist()
+    results = []
+    for i in range(len(pair_ids)):
+        losses = {k: float(v[i]) for k, v in module.last_losses.items()}
+        if stopped[i]:  # a pair frozen before a resume has no losses of its own in this process
+            losses = {k: v for k, v in losses.items() if math.isfinite(v)}
+        results.append(PairResult(alpha=alphas[i], steps=steps[i], seconds=seconds, failed=bool(module.failed[i]),
+                                  losses=losses, curve=curves.curve(i, steps[i] if stopped[i] else None)))
+    return results
 
 
 def split_on_oom(items: list[T], run: Callable[[list[T]], list[Any]], what: str = "pairs") -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import lightning as L
 import torch
@@ -56,6 +57,11 @@ class PeekabooModule(L.LightningModule):
         pair_ids: stable identifiers, one per pair (or one string).
         cfg: the optimization settings.
         backbone: the shared frozen diffusion model.
+        max_steps: the run's length when no Trainer is attached (a Trainer's ``max_steps`` wins): the horizon
+            of the learning-rate and timestep schedules.
+
+    With early stopping, a pair that has stopped (:meth:`stop_pairs`) is frozen: it leaves the objective and
+    the model calls, and its parameters keep their values, while the others go on.
     """
 
     def __init__(
@@ -65,6 +71,7 @@ class PeekabooModule(L.LightningModule):
         pair_ids: list[str] | str,
         cfg: OptimizationConfig,
         backbone: Backbone,
+        max_steps: int | None = None,
     ):
         super().__init__()
         images = images[None] if images.dim() == 3 else images
@@ -79,6 +86,12 @@ class PeekabooModule(L.LightningModule):
         # Pairs whose loss or mask went non-finite: they stop contributing; the others go on. Persistent, so
         # a resumed run remembers them.
         self.register_buffer("failed", torch.zeros(len(self.pair_ids), dtype=torch.bool))
+        # The step count at which each pair stopped early (-1: still running). Persistent only when early
+        # stopping can stop a pair, so other checkpoints hold exactly what they held before.
+        self.register_buffer("stopped_at", torch.full((len(self.pair_ids),), -1, dtype=torch.long),
+                             persistent=cfg.early_stop.enabled)
+        self.took_step = torch.ones(len(self.pair_ids), dtype=torch.bool)  # (B,): the pairs the last step moved
+        self.max_steps = max_steps
         self._emb: PromptEmbeddings | None = None
         self.last_composite: torch.Tensor | None = None  # (B, 3, S, S), for image logging
         self.last_alpha: torch.Tensor | None = None  # (B, 1, S, S) of the last step
@@ -90,9 +103,30 @@ class PeekabooModule(L.LightningModule):
     def batch_size(self) -> int:
         return len(self.pair_ids)
 
+    @property
+    def can_stop(self) -> bool:
+        """Whether early stopping may freeze pairs of this module."""
+        return self.cfg.early_stop.enabled
+
+    @property
+    def total_steps(self) -> int | None:
+        """The run's length in steps: the Trainer's ``max_steps``, else the constructor's (None: unknown)."""
+        if self._trainer is not None and self.trainer.max_steps > 0:
+            return int(self.trainer.max_steps)
+        return self.max_steps
+
     def forward(self) -> torch.Tensor:
         """alpha: ``(B, 1, S, S)`` in [0, 1]."""
         return self.mask()
+
+    def stop_pairs(self, pairs: torch.Tensor, step: int) -> None:
+        """Freeze the pairs ``pairs`` (``(B,)`` bool) after ``step`` steps; pairs already stopped keep theirs."""
+        pairs = pairs.to(self.stopped_at.device) & (self.stopped_at < 0)
+        self.stopped_at[pairs] = step
+
+    def steps_used(self, steps_taken: int) -> list[int]:
+        """Each pair's optimization steps: where it stopped, or ``steps_taken`` (the fit's) if it never did."""
+        return torch.where(self.stopped_at >= 0, self.stopped_at, steps_taken).tolist()
 
     def on_fit_start(self) -> None:
         self.backbone.to(self.device)
@@ -108,33 +142,64 @@ class PeekabooModule(L.LightningModule):
         cfg = self.cfg
         gens = self.step_generators()
         alpha = self.mask()  # (B, 1, S, S)
+        running = self.stopped_at < 0  # (B,)
+        # Only the pairs still running pay for the VAE and the UNet: R of the B rows (all of them, untouched,
+        # until early stopping freezes one; without early stopping, no device sync to find that out).
+        rows = None if not self.can_stop or bool(running.all()) else running.nonzero()[:, 0]  # (R,)
+        images, alpha_r, gens_r, emb = self.images, alpha, gens, self._emb
+        assert emb is not None, "on_fit_start sets the prompt embeddings"
+        if rows is not None:
+            images, alpha_r = images[rows], alpha[rows]  # (R, 3, S, S), (R, 1, S, S)
+            gens_r = [gens[i] for i in rows.tolist()]
+            emb = PromptEmbeddings(emb.uncond[rows], emb.cond[rows])
         background = torch.cat([ops.sample_background(cfg.background, img[None], g)
-                                for img, g in zip(self.images, gens, strict=True)])  # (B, 3, S, S)
-        comp = ops.composite(self.images, alpha, background)
-        latents = self.backbone.encode_images(comp, cfg.guidance.latent_mode, gens)
-        assert self._emb is not None, "on_fit_start sets the prompt embeddings"
-        terms = self.backbone.dream_loss(latents, self._emb, cfg.guidance, gens)
-        dream = cfg.loss.lambda_dream * terms["loss"]  # (B,)
-        gravity = ops.gravity_loss(alpha.float(), cfg.loss.gravity, cfg.loss.gravity_reduction)  # (B,)
-        total = dream + gravity  # (B,)
-        finite = torch.isfinite(total) & torch.isfinite(alpha.flatten(1)).all(dim=1)
-        self.failed |= ~finite
+                                for img, g in zip(images, gens_r, strict=True)])  # (R, 3, S, S)
+        comp = ops.composite(images, alpha_r, background)
+        latents = self.backbone.encode_images(comp, cfg.guidance.latent_mode, gens_r)
+        terms = self.backbone.dream_loss(latents, emb, cfg.guidance, gens_r, self.global_step, self.total_steps)
+        dream = cfg.loss.lambda_dream * terms["loss"]  # (R,)
+        gravity = ops.gravity_loss(alpha_r.float(), cfg.loss.gravity, cfg.loss.gravity_reduction)  # (R,)
+        total = dream + gravity  # (R,)
+        finite = torch.isfinite(total) & torch.isfinite(alpha_r.flatten(1)).all(dim=1)
+        self.failed |= _rows_to_pairs(~finite, rows, torch.zeros_like(self.failed), self.batch_size)
+        failed_r = self.failed if rows is None else self.failed[rows]
         if self.failed.all():
             raise NonFiniteError(
                 f"pair(s) {', '.join(self.pair_ids)}: non-finite loss or mask at step {self.global_step}; "
                 f"{non_finite_hint(cfg)}"
             )
         # torch.where, not a product: 0 * nan is nan, and a failed pair must not stop the others.
-        objective = torch.where(self.failed, torch.zeros_like(total), total).sum()
-        self.last_composite = comp.detach()
+        objective = torch.where(failed_r, torch.zeros_like(total), total).sum()
+        # Per-pair records over all B pairs; a frozen pair keeps those of the last step it took.
+        old = self.last_losses
+        self.last_composite = _rows_to_pairs(comp.detach(), rows, self.last_composite, self.batch_size, 0.0)
         self.last_alpha = alpha.detach()  # read by callbacks, so they need not render the mask again
-        self.last_losses = {"loss/dream": dream.detach(), "loss/alpha": gravity.detach(),
-                            "loss/total": total.detach(), "mask/area": alpha.detach().flatten(1).mean(1)}
-        self.last_guidance = {"guidance/t": terms["t"].float(), "guidance/grad_norm": terms["grad_norm"]}
+        self.last_losses = {k: _rows_to_pairs(v, rows, old.get(k), self.batch_size) for k, v in {
+            "loss/dream": dream.detach(), "loss/alpha": gravity.detach(), "loss/total": total.detach(),
+            "mask/area": alpha_r.detach().flatten(1).mean(1)}.items()}
+        self.last_guidance = {k: _rows_to_pairs(v, rows, self.last_guidance.get(k), self.batch_size) for k, v in {
+            "guidance/t": terms["t"].float(), "guidance/grad_norm": terms["grad_norm"]}.items()}
+        self.took_step = running
         self.logged_this_step = False
         if self.writes_logs_this_step():
             self.log_step_metrics()
         return objective
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """The optimizer's step, after which every frozen pair's parameters are put back: a zero gradient
+        alone would not freeze them (Adam's moments and weight decay still move a parameter)."""
+        frozen = self.stopped_at >= 0
+        if not self.can_stop or not bool(frozen.any()):
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        rows = frozen.nonzero()[:, 0]
+        # Every mask parameter is pair-major (masks.py): pair i owns the i-th of B equal leading chunks.
+        params = list(self.mask.parameters())
+        kept = [p.detach().view(self.batch_size, -1)[rows].clone() for p in params]  # each (F, numel / B)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        with torch.no_grad():
+            for p, values in zip(params, kept, strict=True):
+                p.view(self.batch_size, -1)[rows] = values
+        return None
 
     def step_metrics(self) -> dict[str, torch.Tensor]:
         """The last step's curves, per pair: ``{name: (B,)}`` (losses, mask area, timestep, gradient norm)."""
@@ -152,7 +217,7 @@ class PeekabooModule(L.LightningModule):
 
     def log_step_metrics(self) -> None:
         """Log the last step's curves to the Trainer's logger, averaged over the pairs still running."""
-        ok = ~self.failed
+        ok = ~self.failed & self.took_step.to(self.failed.device)
         self.logged_this_step = True
         self.log_dict({k: v[ok].mean() for k, v in self.step_metrics().items()},
                       on_step=True, on_epoch=False, batch_size=self.batch_size)
@@ -161,6 +226,13 @@ class PeekabooModule(L.LightningModule):
         # Checkpoints written before the Fourier MLP dropped its pre-BatchNorm biases still hold them; they
         # never changed the mask (BatchNorm subtracts them), so a resumed run drops them instead of failing.
         own = self.state_dict()
+        saved = checkpoint["state_dict"]
+        # Which pairs had stopped exists only where early stopping is on: an older or other checkpoint is
+        # read as "none had".
+        if "stopped_at" in own and "stopped_at" not in saved:
+            saved["stopped_at"] = torch.full_like(self.stopped_at, -1)
+        if "stopped_at" not in own:
+            saved.pop("stopped_at", None)
         stale = [k for k in checkpoint["state_dict"] if k not in own and k.startswith("mask.mlp.")
                  and k.endswith(".bias")]
         for key in stale:
@@ -171,8 +243,65 @@ class PeekabooModule(L.LightningModule):
                         ", ".join(self.pair_ids))
             checkpoint["optimizer_states"] = []
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.cfg.optim, self.mask.parameters())
+    def configure_optimizers(self):
+        """The optimizer, and with a schedule (``optim.schedule``, ``optim.warmup_steps``) a per-step
+        ``LambdaLR`` over the run's ``max_steps``, in Lightning's dict form (its state goes into checkpoints)."""
+        optimizer = build_optimizer(self.cfg.optim, self.mask.parameters())
+        if not is_scheduled(self.cfg.optim):
+            return optimizer  # no scheduler at all: the constant rate of before, and checkpoints as before
+        total, cfg = self.total_steps, self.cfg.optim
+        if total is None:
+            raise ValueError(f"optim.schedule={cfg.schedule} needs the run's length: attach a Trainer or pass "
+                             "max_steps")
+        # A closure, not a bound method: LambdaLR's state_dict then holds numbers only (weights_only loads).
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, cfg))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def _rows_to_pairs(values: torch.Tensor, rows: torch.Tensor | None, fill: torch.Tensor | None, batch: int,
+                   missing: float = math.nan) -> torch.Tensor:
+    """Per-pair values ``(B, ...)`` from the R running rows' ``values`` ``(R, ...)``: ``values`` itself when
+    every pair ran (``rows`` None); else ``fill`` (the stopped pairs' earlier values) with the running rows
+    replaced, or ``missing`` for a stopped pair when there is no ``fill`` (a run resumed after it stopped)."""
+    if rows is None:
+        return values
+    if fill is None:
+        base = torch.full((batch, *values.shape[1:]), missing, dtype=values.dtype, device=values.device)
+    else:
+        base = fill.to(values.device, values.dtype).clone()
+    return base.index_copy(0, rows, values)
+
+
+def is_scheduled(cfg: OptimConfig) -> bool:
+    """Whether ``cfg`` changes the learning rate over the run (else the optimizer runs alone, as always)."""
+    return cfg.schedule != "constant" or cfg.warmup_steps > 0
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """The learning rate of step ``step`` (0-based) of ``total_steps``, as a multiple of ``cfg.lr``.
+
+    Linear warm-up over the first ``cfg.warmup_steps`` steps (``(step + 1) / warmup_steps``, so no step has a
+    zero rate), then over the remaining steps:
+
+    - ``constant``: 1.
+    - ``cosine``: from 1 down to ``final_lr_fraction`` at the last step, ``f + (1 - f) (1 + cos(pi p)) / 2``
+      with ``p`` going linearly from 0 (first step after the warm-up) to 1 (step ``total_steps - 1``)
+      (Loshchilov & Hutter, 2017, "SGDR: Stochastic Gradient Descent with Warm Restarts", arXiv:1608.03983,
+      without restarts).
+    - ``step``: ``step_gamma ** (k // step_every)``, ``k`` the steps since the warm-up.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    since = step - cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** (since // cfg.step_every)
+    if cfg.schedule == "cosine":
+        progress = min(1.0, since / max(1, total_steps - cfg.warmup_steps - 1))
+        f = cfg.final_lr_fraction
+        return f + (1.0 - f) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown learning-rate schedule {cfg.schedule!r}")
 
 
 def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:

@@ -80,6 +80,46 @@ def sds_gradient(
     return torch.nan_to_num(w * (eps_hat - noise.float()), nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def timestep_range(
+    schedule: str, index: int, count: int | None, t_min: float, t_max: float, jitter: float = 0.0, strata: int = 1
+) -> tuple[float, float]:
+    """The interval ``[lo, hi)`` (fractions of the training timesteps) that a pair's draw ``index`` of the run's
+    ``count`` draws (steps times draws per step) takes its timestep from.
+
+    - ``uniform``: ``[t_min, t_max)`` for every draw (the paper's schedule).
+    - ``annealed``: a band of half-width ``jitter`` around a line falling from ``t_max`` (first draw) to
+      ``t_min`` (last draw), clipped to ``[t_min, t_max]``: coarse structure first, details last, as in
+      DreamTime's time-prioritized SDS (Huang et al., 2023, "DreamTime: An Improved Optimization Strategy for
+      Diffusion-Guided 3D Generation", arXiv:2306.12422). The line is linear, not DreamTime's
+      prior-weighted curve; the band keeps some randomness in each step's draw.
+    - ``stratified``: draw ``index`` takes slice ``index mod strata`` of ``strata`` equal slices of
+      ``[t_min, t_max)``, so every ``strata`` consecutive draws cover the range evenly.
+
+    Args:
+        count: the run's number of draws; only ``annealed`` needs it.
+    """
+    if schedule == "uniform":
+        return t_min, t_max
+    if schedule == "annealed":
+        if count is None:
+            raise ValueError("the annealed timestep schedule needs the run's length (count)")
+        progress = min(1.0, index / max(1, count - 1))  # 0 at the first draw, 1 at the last
+        centre = t_max - (t_max - t_min) * progress
+        return max(t_min, centre - jitter), min(t_max, centre + jitter)
+    if schedule == "stratified":
+        s = index % strata
+        return t_min + (t_max - t_min) * s / strata, t_min + (t_max - t_min) * (s + 1) / strata
+    raise ValueError(f"unknown timestep schedule {schedule!r}")
+
+
+def draw_timestep(lo: float, hi: float, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    """One integer timestep ``t ~ U{int(lo T), ..., int(hi T) - 1}`` (at least the one value ``int(lo T)``),
+    ``T = num_train_timesteps``; shape ``(1,)``, int64, on CPU. Always one draw from ``generator``."""
+    first = int(lo * num_train_timesteps)
+    end = max(first + 1, int(hi * num_train_timesteps))
+    return torch.randint(first, end, (1,), generator=generator)
+
+
 def v_to_epsilon(v: torch.Tensor, noisy: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
     """Convert a v-prediction to an epsilon prediction: ``eps = sqrt(abar) v + sqrt(1 - abar) z_t``.
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
 from peekaboo import io, report
@@ -151,6 +152,11 @@ def _check_same_run(run_dir: Path, cfg: TrainConfig) -> None:
     if not saved_path.is_file():
         return
     saved = OmegaConf.load(saved_path)
+    # A folder started before a key existed saved no value for it: it ran with what is now the key's default
+    # (every new key's default keeps the behaviour of before), so it reads as that default. A key that no
+    # longer exists fails the merge: the saved config is then compared as it is, and shows as a difference.
+    with contextlib.suppress(OmegaConfBaseException):
+        saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
     diffs = [key for key in RESULT_KEYS if _result_part(saved, key) != _result_part(cfg, key)]
     if diffs:
         raise ConfigError(
