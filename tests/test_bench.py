@@ -231,6 +231,18 @@ def test_resume_keeps_unchanged_rows(tiny_model, tmp_path, monkeypatch):
         shapes.main([*args, "--resume", "--set", "optimization.loss.gravity=0.1"])
 
 
+def test_retrained_weights_at_the_same_path_change_the_row_key(tmp_path):
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"first round")
+    before = methods.model_fingerprint(str(model))
+    weights.write_bytes(b"second round")
+    methods.model_fingerprint.cache_clear()
+    assert methods.model_fingerprint(str(model)) != before
+    assert methods.model_fingerprint("org/some-hub-model") == "org/some-hub-model"
+
+
 @pytest.mark.slow
 def test_resumed_table_lists_kept_rows_after_computed_ones(tiny_model, tmp_path):
     # The default row runs first, so on resume a kept baseline row comes after a computed one.

@@ -7,6 +7,8 @@ read with :func:`peekaboo.config.load_config`); a row only lists what it changes
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from peekaboo.backbone import resolve_pretrained
 from peekaboo.config import MASK_KINDS, TrainConfig, load_config, preset_dir
 from peekaboo.errors import PeekabooError
 
@@ -128,7 +131,29 @@ def method_config(overrides: Sequence[str], extra: Sequence[str], config_dir: Pa
 
 
 def settings_key(cfg: Any) -> str:
-    """What decides a Peekaboo row's masks: two rows with the same key produce the same masks."""
+    """What decides a Peekaboo row's masks: two rows with the same key produce the same masks. The model's
+    weights count too (:func:`model_fingerprint`): retrained weights at the same path make other masks."""
     return json.dumps({k: OmegaConf.to_container(cfg[k], resolve=True)
-                       for k in ("model", "image_options", "optimization")} | {"steps": cfg.trainer.max_steps},
+                       for k in ("model", "image_options", "optimization")}
+                      | {"steps": cfg.trainer.max_steps, "weights": model_fingerprint(cfg.model.pretrained)},
                       sort_keys=True)
+
+
+#: Files up to this size are hashed by content; larger ones (a full-size checkpoint's weights) by size and
+#: modification time, so a key costs well under a second even for Stable Diffusion folders.
+FINGERPRINT_CONTENT_BYTES = 64 * 2**20
+
+
+@functools.cache
+def model_fingerprint(pretrained: str) -> str:
+    """A short digest of a local model folder's files (names, sizes, contents); a hub id is its own key."""
+    folder = Path(resolve_pretrained(pretrained))
+    if not folder.is_dir():
+        return pretrained
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder).as_posix()}:{stat.st_size}".encode())
+        small = stat.st_size <= FINGERPRINT_CONTENT_BYTES
+        digest.update(path.read_bytes() if small else str(stat.st_mtime_ns).encode())
+    return digest.hexdigest()[:16]
