@@ -2,7 +2,8 @@
 
 Runs :mod:`peekaboo.bench.shapes` (same options) from the repository root, filling in where its output goes
 when the command does not say: the results JSON under ``benchmarks/results/``, docs/BENCHMARK.md for the eval
-split (with the sweep's trials, once the sweep has run), and the sweep's cache of finished trials.
+split (with the sweep's trials, once the sweep has run), docs/BENCHMARK_ROBUST.md for the robust split, and the
+sweep's cache of finished trials.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from peekaboo.bench import shapes
 RESULTS = {split: Path(f"benchmarks/results/shapes_{split}.json") for split in ("eval", "tune", "robust")}
 SWEEP_OUT = Path("benchmarks/results/shapes_sweep.json")
 SWEEP_CACHE = Path("work/bench_sweep_cache.json")
-DOCS = Path("docs/BENCHMARK.md")
+DOCS = {"eval": Path("docs/BENCHMARK.md"), "robust": Path("docs/BENCHMARK_ROBUST.md")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,8 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out = SWEEP_OUT if args.sweep else RESULTS[args.split]
     if args.sweep_cache is None:
         args.sweep_cache = SWEEP_CACHE
-    if args.docs is None and args.split == "eval" and not args.sweep:
-        args.docs = DOCS
+    if args.docs is None and args.split in DOCS and not args.sweep:
+        args.docs = DOCS[args.split]
     if args.sweep_report is None and SWEEP_OUT.is_file():
         args.sweep_report = SWEEP_OUT
     return shapes.run(args, shlex.join(["python", "benchmarks/shapes.py", *argv]))

@@ -537,3 +537,11 @@ def test_the_robust_split_is_a_shapes_source():
     pairs = synthetic_pairs("robust", 3)
     assert [p.id.split("-")[0] for p in pairs] == ["robust"] * 3
     assert all(p.load_target().shape == p.load_image().size[::-1] for p in pairs)
+
+
+def test_split_descriptions_follow_the_split_styles():
+    classic, wide = shapes.split_description("eval"), shapes.split_description("robust")
+    assert "2 or 3 coloured shapes" in classic and "50% of the multi-object" in classic
+    assert "border" not in classic and "jitter" not in classic
+    assert "1 to 4 coloured shapes" in wide and "67% of the multi-object" in wide  # (2, 3, 4, 1): 2 of 3 have one
+    assert "border" in wide and "+/-15" in wide and "noisy" in wide

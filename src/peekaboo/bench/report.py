@@ -7,6 +7,7 @@ from typing import Any
 
 from peekaboo.bench.common import fmt
 from peekaboo.bench.common import markdown_table as _table
+from peekaboo.data.shapes import split_description
 
 # Precision columns of the table (the paper's ablation table reports these four).
 TABLE_THRESHOLDS = (0.2, 0.4, 0.6, 0.8)
@@ -74,10 +75,9 @@ def render_docs(report: dict[str, Any], sweep_report: dict[str, Any] | None = No
         "",
         *([f"**Partial results: {len(rows)} rows so far; the run is still going.**", ""] if report.get("partial")
           else []),
-        f"{report['pairs']} pairs of the `{report['split']}` split: scenes of 2 or 3 coloured shapes (half of them "
-        "with a hard distractor of the same colour or the same shape), one pair per object, prompt "
-        "\"a <colour> <shape>\". Their seeds are disjoint from the bundled model's training scenes and from the "
-        "`tune` split the settings were chosen on.",
+        f"{report['pairs']} pairs of the `{report['split']}` split: {split_description(report['split'])}; one pair "
+        "per object, prompt \"a <colour> <shape>\". Their seeds are disjoint from the bundled model's training "
+        "scenes" + (" and from the `tune` split the settings were chosen on." if report["split"] != "tune" else "."),
         "",
         report["table"],
         "",

@@ -522,6 +522,32 @@ _CLASSIC_LAYOUT = (2, 2, 3)
 _ROBUST_LAYOUT = (2, 3, 4, 1)
 
 
+#: The scene style and object-count layout of each evaluation split.
+_SPLIT_LAYOUTS: dict[str, tuple[SceneStyle, tuple[int, ...]]] = {
+    "tune": (CLASSIC, _CLASSIC_LAYOUT), "eval": (CLASSIC, _CLASSIC_LAYOUT), "robust": (WIDE, _ROBUST_LAYOUT)}
+
+
+def split_description(split: str) -> str:
+    """One sentence on what the pairs of an evaluation split look like (for reports), from its style."""
+    style, layout = _SPLIT_LAYOUTS[split]
+    counts = sorted(set(layout))
+    count_text = " or ".join(str(c) for c in counts) if len(counts) < 3 else f"{counts[0]} to {counts[-1]}"
+    # _collect_pairs gives even-numbered multi-object scenes a distractor: count them over one whole cycle.
+    cycle = [layout[i % len(layout)] for i in range(math.lcm(len(layout), 2))]
+    multi = [i for i, c in enumerate(cycle) if c >= 2]
+    share = sum(i % 2 == 0 for i in multi) / len(multi)
+    parts = [f"scenes of {count_text} coloured shapes of radius {style.min_radius:g}..{style.max_radius:g} px "
+             f"(at 64x64), {share:.0%} of the multi-object ones with a hard distractor of the same colour or the "
+             "same shape"]
+    if style.p_border:
+        parts.append(f"{style.p_border:.0%} of the objects may cross the image border")
+    if style.colour_jitter:
+        parts.append(f"colours jittered by up to +/-{style.colour_jitter} per channel")
+    if style.textured:
+        parts.append("backgrounds plain, graded, noisy or blotched")
+    return "; ".join(parts)
+
+
 def eval_pairs(split: str, n: int, size: int = 64) -> list[ShapePair]:
     """The first ``n`` segmentation pairs of ``split`` (deterministic).
 
@@ -534,7 +560,8 @@ def eval_pairs(split: str, n: int, size: int = 64) -> list[ShapePair]:
     """
     if split == "robust":
         return robust_pairs(n, size)
-    return _collect_pairs(split, n, size, CLASSIC, _CLASSIC_LAYOUT)
+    style, layout = _SPLIT_LAYOUTS.get(split, _SPLIT_LAYOUTS["eval"])  # "train" pairs: classic, as tune/eval
+    return _collect_pairs(split, n, size, style, layout)
 
 
 def robust_pairs(n: int, size: int = 64) -> list[ShapePair]:
@@ -546,4 +573,4 @@ def robust_pairs(n: int, size: int = 64) -> list[ShapePair]:
     Prompts stay ``"a <colour> <shape>"`` and each names exactly one object of its scene (no two
     objects share both colour and shape); ids read ``"robust-<scene index:05d>-<object>"``.
     """
-    return _collect_pairs("robust", n, size, WIDE, _ROBUST_LAYOUT)
+    return _collect_pairs("robust", n, size, *_SPLIT_LAYOUTS["robust"])
