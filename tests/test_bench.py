@@ -207,6 +207,20 @@ def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     assert table in docs.read_text() and table in readme.read_text()
     assert readme.read_text().startswith("intro\n") and "old table" not in readme.read_text()
     assert table in capsys.readouterr().out
+    # The headline's figures are the table's, and the ratio is the default's mIoU over the baseline's.
+    miou, ca = rows["peekaboo"]["summary"]["miou"], rows["cross_attention"]["summary"]["miou"]
+    line = bench_report.headline(report)
+    assert f"mIoU {miou:.3f}" in line and (not ca or f"{miou / ca:.1f}x" in line)
+    assert line in readme.read_text() and line in docs.read_text()
+
+
+def test_each_split_has_its_own_readme_markers():
+    start, end = bench_report.readme_markers("robust")
+    text = f"{bench_report.README_START}\neval\n{bench_report.README_END}\n{start}\nold\n{end}\n"
+    new = bench_report.with_marked_block(text, "robust table", "robust")
+    assert new is not None and "robust table" in new and "\neval\n" in new and "old" not in new
+    eval_only = f"{bench_report.README_START}{bench_report.README_END}"
+    assert bench_report.with_marked_block(eval_only, "t", "robust") is None
 
 
 @pytest.mark.slow

@@ -15,6 +15,14 @@ README_START = "<!-- bench:shapes:start -->"
 README_END = "<!-- bench:shapes:end -->"
 
 
+def readme_markers(split: str = "eval") -> tuple[str, str]:
+    """The README markers a split's table goes between: :data:`README_START` / :data:`README_END` for
+    ``eval``, ``<!-- bench:shapes-<split>:start -->`` / ``...:end -->`` for the others."""
+    if split == "eval":
+        return README_START, README_END
+    return f"<!-- bench:shapes-{split}:start -->", f"<!-- bench:shapes-{split}:end -->"
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     """A figure of the shapes tables: "-" where there is none."""
     return fmt(x, digits, missing="-")
@@ -34,21 +42,38 @@ def markdown_table(result: dict[str, Any]) -> str:
     return _table(head, rows, right_from=1)
 
 
-def with_marked_block(text: str, block: str) -> str | None:
-    """``text`` with what lies between :data:`README_START` and :data:`README_END` replaced by ``block``.
+def with_marked_block(text: str, block: str, split: str = "eval") -> str | None:
+    """``text`` with what lies between the split's :func:`readme_markers` replaced by ``block``.
 
     Returns:
         None when a marker is missing (or the end comes before the start).
     """
-    start, end = text.find(README_START), text.find(README_END)
+    start_marker, end_marker = readme_markers(split)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
         return None
-    return text[: start + len(README_START)] + "\n" + block + "\n" + text[end:]
+    return text[: start + len(start_marker)] + "\n" + block + "\n" + text[end:]
 
 
 def readme_block(report: dict[str, Any]) -> str:
-    """What goes between the README's markers: the table and how it was made."""
-    return "\n".join([report["table"], "", *provenance_lines(report)])
+    """What goes between the README's markers: the headline, the table and how it was made."""
+    return "\n".join([*([headline(report), ""] if headline(report) else []), report["table"], "",
+                      *provenance_lines(report)])
+
+
+def headline(report: dict[str, Any]) -> str:
+    """One sentence with the default's figures and its ratio to the cross-attention baseline ("" without the
+    default's row), so prose around a table never has to copy a figure."""
+    rows = report["methods"]
+    if "peekaboo" not in rows or rows["peekaboo"]["summary"]["miou"] is None:
+        return ""
+    s = rows["peekaboo"]["summary"]
+    text = (f"On {report['pairs']} `{report['split']}` pairs, Peekaboo with the default settings reaches **mIoU "
+            f"{s['miou']:.3f}** with {100 * (s['wrong_object_rate'] or 0):.1f}% wrong-object masks")
+    ca = rows.get("cross_attention", {}).get("summary", {}).get("miou")
+    if ca:
+        text += f": {s['miou'] / ca:.1f}x the cross-attention baseline (mIoU {ca:.3f})"
+    return text + "."
 
 
 def provenance_lines(report: dict[str, Any]) -> list[str]:
@@ -79,6 +104,7 @@ def render_docs(report: dict[str, Any], sweep_report: dict[str, Any] | None = No
         "per object, prompt \"a <colour> <shape>\". Their seeds are disjoint from the bundled model's training "
         "scenes" + (" and from the `tune` split the settings were chosen on." if report["split"] != "tune" else "."),
         "",
+        *([headline(report), ""] if headline(report) else []),
         report["table"],
         "",
         *provenance_lines(report),

@@ -27,7 +27,7 @@ from typing import Any
 from peekaboo import io
 from peekaboo.bench.common import machine_info, write_json
 from peekaboo.bench.methods import CROSS_ATTENTION_THRESHOLD, METHOD_NAMES
-from peekaboo.bench.report import README_END, README_START, readme_block, render_docs, with_marked_block
+from peekaboo.bench.report import readme_block, readme_markers, render_docs, with_marked_block
 from peekaboo.bench.run import BENCH_SPLITS, DEFAULT_BATCH, DEFAULT_PAIRS, run_benchmark
 from peekaboo.bench.sweep import SWEEP_STAGES, TUNE_PAIRS, sweep
 from peekaboo.errors import PeekabooError, exit_status
@@ -86,8 +86,9 @@ def read_sweep(path: Path, flag: str = "--tuned") -> dict[str, Any]:
     return report
 
 
-def update_readme(path: Path, block: str) -> bool:
-    """Replace the text between :data:`README_START` and :data:`README_END` in ``path`` with ``block``.
+def update_readme(path: Path, block: str, split: str = "eval") -> bool:
+    """Replace the text between the split's markers (:func:`~peekaboo.bench.report.readme_markers`) in ``path``
+    with ``block``.
 
     Returns:
         False (with a warning, and nothing written) when the file or a marker is missing.
@@ -95,9 +96,9 @@ def update_readme(path: Path, block: str) -> bool:
     if not path.is_file():
         log.warning("%s does not exist; the table is not put there.", path)
         return False
-    new = with_marked_block(path.read_text(), block)
+    new = with_marked_block(path.read_text(), block, split)
     if new is None:
-        log.warning("%s lacks the markers %s ... %s; the table is not put there.", path, README_START, README_END)
+        log.warning("%s lacks the markers %s ... %s; the table is not put there.", path, *readme_markers(split))
         return False
     io.write_text(new, path)
     return True
@@ -171,7 +172,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         print(f"\nwrote {out}")
     if docs is not None:
         print(f"wrote {docs}")
-    if args.readme is not None and update_readme(args.readme, readme_block(report)):
+    if args.readme is not None and update_readme(args.readme, readme_block(report), args.split):
         print(f"updated {args.readme}")
     return 0
 
