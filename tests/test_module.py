@@ -4,26 +4,18 @@ import itertools
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from tests_support import MODULE_SIZE
+from tests_support import cpu_trainer_config as _trainer
+from tests_support import small_optimization_config as _cfg
 
-from peekaboo.config import OptimizationConfig, TrainerConfig
+from peekaboo.config import TrainerConfig
 from peekaboo.engine import optimize_pair, optimize_pairs
 from peekaboo.module import PeekabooModule
 
-SIZE = 16
+SIZE = MODULE_SIZE
 
 
-def _cfg(kind="raster", seed=0):
-    cfg = OptimizationConfig(seed=seed)
-    cfg.mask.kind, cfg.mask.size = kind, SIZE
-    cfg.mask.fourier.hidden, cfg.mask.fourier.num_features = 16, 8
-    cfg.mask.bilateral.iterations = 3
-    cfg.optim.name, cfg.optim.lr = "adam", 0.05
-    cfg.guidance.guidance_scale = 30.0
-    return cfg
 
-
-def _trainer(steps=4):
-    return TrainerConfig(accelerator="cpu", max_steps=steps, enable_progress_bar=False, log_every_n_steps=1)
 
 
 def test_state_dict_holds_only_mask(tiny_backbone):

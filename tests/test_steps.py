@@ -7,28 +7,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from tests_support import MODULE_SIZE
+from tests_support import cpu_trainer_config as _trainer
+from tests_support import small_optimization_config as _cfg
 
 from peekaboo import ops
-from peekaboo.config import EarlyStopConfig, GuidanceConfig, OptimConfig, OptimizationConfig, TrainerConfig
+from peekaboo.config import EarlyStopConfig, GuidanceConfig, OptimConfig
 from peekaboo.engine import StableMaskStop, loss_plateau_update, optimize_pair, optimize_pairs
 from peekaboo.module import PeekabooModule, lr_factor
 
-SIZE = 16
+SIZE = MODULE_SIZE
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 
-def _cfg(kind="raster"):
-    cfg = OptimizationConfig()
-    cfg.mask.kind, cfg.mask.size = kind, SIZE
-    cfg.mask.fourier.hidden, cfg.mask.fourier.num_features = 16, 8
-    cfg.mask.bilateral.iterations = 3
-    cfg.optim.name, cfg.optim.lr = "adam", 0.05
-    cfg.guidance.guidance_scale = 30.0
-    return cfg
 
-
-def _trainer(steps):
-    return TrainerConfig(accelerator="cpu", max_steps=steps, enable_progress_bar=False, log_every_n_steps=1)
 
 
 def _images(n):

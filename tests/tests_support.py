@@ -21,3 +21,27 @@ def write_scene(path: Path, size: tuple[int, int] = (52, 30)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
     return path
+
+
+# -- small module settings (the tiny model's module tests) -----------------------------------------------------
+MODULE_SIZE = 16  # mask side of the module tests
+
+
+def small_optimization_config(kind: str = "raster", seed: int = 0):
+    """Optimization settings small enough for module tests on the tiny model: a 16x16 mask, Adam."""
+    from peekaboo.config import OptimizationConfig
+
+    cfg = OptimizationConfig(seed=seed)
+    cfg.mask.kind, cfg.mask.size = kind, MODULE_SIZE
+    cfg.mask.fourier.hidden, cfg.mask.fourier.num_features = 16, 8
+    cfg.mask.bilateral.iterations = 3
+    cfg.optim.name, cfg.optim.lr = "adam", 0.05
+    cfg.guidance.guidance_scale = 30.0
+    return cfg
+
+
+def cpu_trainer_config(steps: int = 4):
+    """A CPU TrainerConfig of ``steps`` steps that logs every step and shows no progress bar."""
+    from peekaboo.config import TrainerConfig
+
+    return TrainerConfig(accelerator="cpu", max_steps=steps, enable_progress_bar=False, log_every_n_steps=1)
