@@ -122,8 +122,8 @@ def summarize_method(records: Sequence[dict]) -> dict[str, Any]:
 # -- running methods ------------------------------------------------------------------------------------------
 class AlphaSnapshots(Callback):
     """Keeps the soft masks ``(B, S, S)`` after each of ``steps`` optimizer steps: one long run then scores
-    every shorter step count too (no schedule depends on the total, so step ``k`` of a long run is exactly
-    the end of a run of ``k`` steps)."""
+    every shorter step count too. Step ``k`` of a long run is exactly the end of a run of ``k`` steps only
+    when nothing depends on the run's length (:func:`peekaboo.bench.steps.horizon_free`)."""
 
     def __init__(self, steps: Sequence[int]):
         self.steps = set(steps)
@@ -170,13 +170,16 @@ def run_peekaboo(
                                      [p.id for p in batch], opt, trainer, backbone, callbacks=[snaps],
                                      enable_progress_bar=False)
             failed = [r.failed for r in results]
+            taken = [r.steps for r in results]
         except NonFiniteError:
-            failed = [True] * len(batch)
+            failed, taken = [True] * len(batch), [trainer.max_steps] * len(batch)
         per_pair = (time.perf_counter() - t0) / len(batch)
         for steps in steps_scored:
             alphas = snaps.alphas.get(steps)
             for i, (pair, (_, placement)) in enumerate(zip(batch, fitted, strict=True)):
+                # steps_used: fewer than steps when early stopping froze the pair sooner (its mask then stays).
                 record: dict[str, Any] = {"id": pair.id, "prompt": pair.prompt, "steps": steps,
+                                          "steps_used": min(steps, taken[i]),
                                           "seconds": round(per_pair * steps / trainer.max_steps, 4)}
                 if failed[i] or alphas is None:
                     record["status"] = "failed: non-finite"

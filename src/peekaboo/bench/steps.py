@@ -1,0 +1,232 @@
+"""Quality against optimization steps: the mIoU of Peekaboo settings after 25 .. 300 steps on the shapes pairs.
+
+``python -m peekaboo.bench.steps [--split tune] [--pairs 24] [--candidate 'label: key=value ...'] [--out JSON]
+[--docs MD] [--plot PNG]`` runs the paper's settings, the project's and any candidates, and scores each at every
+step count of ``--steps``: one mIoU-vs-steps curve per setting (a table, and a PNG with matplotlib).
+
+A setting whose run does not depend on its length (:func:`horizon_free`) runs once, for the largest step count,
+and is scored on snapshots of that run; a setting with a learning-rate schedule over the run, an annealed
+timestep schedule or early stopping runs once per step count (its step ``k`` of a long run is not a run of
+``k`` steps). With early stopping the x value is the mean number of steps the pairs took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from peekaboo import io
+from peekaboo.backbone import shared_backbone
+from peekaboo.bench.common import fmt, machine_info, markdown_table, write_json
+from peekaboo.bench.methods import method_config, resolve_config_dir
+from peekaboo.bench.run import DEFAULT_BATCH, load_pairs, progress_logger, run_peekaboo, summarize_method
+from peekaboo.data.shapes import split_description
+from peekaboo.errors import PeekabooError, exit_status
+from peekaboo.logs import setup_logging
+
+log = logging.getLogger("peekaboo.bench")
+
+STEP_COUNTS = (25, 50, 75, 100, 150, 200, 250, 300)
+DEFAULT_PAIRS = 24
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One curve: a label, what it is, and its overrides of the project's shapes config."""
+
+    label: str
+    about: str
+    overrides: tuple[str, ...] = ()
+
+
+#: The paper's own numbers where they carry over to the bundled model (DESIGN.md: guidance 100, a posterior
+#: sample, 300 iterations); the mask kind, optimizer, gravity and resolution stay the preset's, since the
+#: paper's are for 256-pixel masks on Stable Diffusion.
+PAPER = Setting("paper", "the paper's guidance 100 and posterior sampling",
+                ("optimization.guidance.guidance_scale=100", "optimization.guidance.latent_mode=sample"))
+PROJECT = Setting("project", "the shapes preset (configs/model/shapes.yaml)")
+BUILTIN = (PAPER, PROJECT)
+
+
+def parse_candidate(text: str) -> Setting:
+    """``"label: key=value key=value"`` as a :class:`Setting` (the label must not be a built-in one).
+
+    Raises:
+        PeekabooError: no label, or a label already taken.
+    """
+    label, sep, rest = text.partition(":")
+    label = label.strip()
+    if not sep or not label:
+        raise PeekabooError(f"--candidate {text!r}: write it as 'label: key=value ...'.")
+    if label in {s.label for s in BUILTIN}:
+        raise PeekabooError(f"--candidate {text!r}: the label {label!r} is a built-in setting's; choose another.")
+    overrides = tuple(shlex.split(rest))
+    return Setting(label, " ".join(overrides) or "the preset", overrides)
+
+
+def horizon_free(cfg: Any) -> bool:
+    """Whether step ``k`` of a long run of ``cfg`` equals the end of a run of ``k`` steps: no learning-rate
+    schedule or warm-up, no annealed timesteps (both follow the run's length) and no early stopping (a stop
+    depends on the steps that follow the check only through the cap)."""
+    opt = cfg.optimization
+    return (opt.optim.schedule == "constant" and opt.optim.warmup_steps == 0
+            and opt.guidance.t_schedule != "annealed" and not opt.early_stop.enabled)
+
+
+def curve(setting: Setting, pairs: Sequence[Any], steps: Sequence[int], extra: Sequence[str], config_dir: Path,
+          batch_size: int) -> list[dict[str, Any]]:
+    """The setting's points: for each step count, the summary of its pairs (mIoU, wrong-object rate, ...),
+    the mean steps the pairs took and the wall seconds per pair of reaching that step count."""
+    cfg = method_config(setting.overrides, extra, config_dir)
+    backbone = shared_backbone(cfg.model, "cpu")
+    runs: dict[int, list[dict]] = {}
+    if horizon_free(cfg):
+        long = OmegaConf.merge(cfg, {"trainer": {"max_steps": max(steps)}})
+        runs = run_peekaboo(long, pairs, backbone, batch_size, snapshot_steps=steps,
+                            progress=progress_logger(f"{setting.label} ({max(steps)} steps, snapshots)"))
+    else:
+        for n in steps:
+            one = OmegaConf.merge(cfg, {"trainer": {"max_steps": n}})
+            runs[n] = run_peekaboo(one, pairs, backbone, batch_size,
+                                   progress=progress_logger(f"{setting.label} ({n} steps)"))[n]
+    points = []
+    for n in steps:
+        records = runs[n]
+        summary = summarize_method(records)
+        used = [r["steps_used"] for r in records]
+        points.append({"steps": n, "mean_steps": float(np.mean(used)), **summary})
+    return points
+
+
+def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Every setting's curve on the chosen pairs; writes ``--out``, ``--docs`` and ``--plot`` when given."""
+    steps = sorted(set(args.steps))
+    if steps[0] < 1:
+        raise PeekabooError(f"--steps {' '.join(map(str, args.steps))}: step counts must be at least 1.")
+    settings = [*BUILTIN, *(parse_candidate(c) for c in args.candidate)]
+    config_dir = resolve_config_dir(args.config_dir)
+    pairs = load_pairs(args.split, args.pairs)
+    start = time.perf_counter()
+    result: dict[str, Any] = {"split": args.split, "pairs": len(pairs), "steps": steps, "command": command,
+                              "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(),
+                              "settings": {}}
+    for setting in settings:
+        log.info("%s: %s", setting.label, setting.about)
+        result["settings"][setting.label] = {"about": setting.about, "overrides": list(setting.overrides),
+                                            "points": curve(setting, pairs, steps, args.set, config_dir,
+                                                            args.batch_size)}
+        if args.out is not None:  # after every setting, so an interrupted run keeps the finished curves
+            write_json(result, args.out)
+    result["wall_s"] = time.perf_counter() - start
+    if args.out is not None:
+        write_json(result, args.out)
+    if args.plot is not None:
+        plot(result, args.plot)
+    if args.docs is not None:
+        io.write_text(render(result, args.plot), args.docs)
+    return result
+
+
+def fewest_steps(points: Sequence[dict[str, Any]], miou: float, tolerance: float = 0.01) -> dict[str, Any] | None:
+    """The first point (fewest steps) whose mIoU is at least ``miou - tolerance``, or None."""
+    for point in sorted(points, key=lambda p: p["mean_steps"]):
+        if point["miou"] is not None and point["miou"] >= miou - tolerance:
+            return point
+    return None
+
+
+def render(result: dict[str, Any], plot_path: Path | None) -> str:
+    """The markdown report: one row per setting and step count, and the fewest steps at the paper's quality."""
+    settings = result["settings"]
+    steps = result["steps"]
+    header = ["setting", *(str(s) for s in steps)]
+    rows = [[label, *(fmt(p["miou"]) for p in s["points"])] for label, s in settings.items()]
+    wrong = [[label, *(f"{p['wrong_object_rate']:.0%}" if p["wrong_object_rate"] is not None else "n/a"
+                       for p in s["points"])] for label, s in settings.items()]
+    paper_final = settings[PAPER.label]["points"][-1]
+    lines = [
+        "# Quality against optimization steps", "",
+        "Generated by `python benchmarks/steps.py` (do not edit by hand; rerun it).", "",
+        f"{result['pairs']} pairs of the `{result['split']}` split: {split_description(result['split'])}. "
+        f"Command: `{result['command']}`; {result['date']}; {result['machine']['processor']}; "
+        f"{result.get('wall_s', 0) / 60:.0f} min.", "",
+    ]
+    if plot_path is not None:
+        lines += [f"![mIoU against steps]({plot_path.name})", ""]
+    lines += ["## mIoU after each step count", "", markdown_table(header, rows, right_from=1), "",
+              "## Wrong-object rate", "", markdown_table(header, wrong, right_from=1), "",
+              "## Settings", ""]
+    lines += [f"- **{label}**: {s['about']}" + (f" (`{' '.join(s['overrides'])}`)" if s["overrides"] else "")
+              for label, s in settings.items()]
+    lines += ["", f"## Fewest steps at the paper's quality ({paper_final['steps']} steps: mIoU "
+                  f"{fmt(paper_final['miou'])}, within 0.01)", ""]
+    for label, s in settings.items():
+        hit = fewest_steps(s["points"], paper_final["miou"])
+        lines.append(f"- {label}: " + (f"{hit['mean_steps']:.0f} steps (mIoU {fmt(hit['miou'])})" if hit
+                                       else "not reached"))
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """mIoU against (mean) steps, one line per setting, as a PNG."""
+    from matplotlib.figure import Figure  # a plot only when asked: matplotlib is slow to import
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    ax = fig.add_subplot()
+    for label, s in result["settings"].items():
+        xs = [p["mean_steps"] for p in s["points"]]
+        ax.plot(xs, [p["miou"] for p in s["points"]], marker="o", label=label)
+    ax.set_xlabel("optimization steps per pair (mean)")
+    ax.set_ylabel("mIoU")
+    ax.set_title(f"{result['pairs']} {result['split']} pairs, bundled shapes model")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line of :func:`run`."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--split", choices=("tune", "eval", "robust"), default="tune")
+    p.add_argument("--pairs", type=int, default=DEFAULT_PAIRS)
+    p.add_argument("--steps", type=int, nargs="+", default=list(STEP_COUNTS), help="step counts to score")
+    p.add_argument("--candidate", action="append", default=[], metavar="'LABEL: KEY=VALUE ...'",
+                   help="another setting to draw (repeatable), overriding the preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every setting (repeatable), e.g. --set model.pretrained=PATH")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="pairs optimized together")
+    p.add_argument("--config-dir", default=None, help="a folder of presets (default: the packaged ones)")
+    p.add_argument("--out", type=Path, default=None, help="results JSON")
+    p.add_argument("--docs", type=Path, default=None, help="markdown report")
+    p.add_argument("--plot", type=Path, default=None, help="PNG of the curves")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m peekaboo.bench.steps") -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run, print the report; a user error ends in one sentence and
+    exit status 2."""
+    setup_logging()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser(prog).parse_args(argv)
+
+    def body() -> int:
+        result = run(args, shlex.join([*shlex.split(prog), *argv]))
+        print(render(result, args.plot))
+        return 0
+    return exit_status(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

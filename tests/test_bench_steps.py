@@ -1,0 +1,71 @@
+"""The quality-against-steps benchmark: which settings may be scored on snapshots of one run, the candidate
+syntax, and a tiny end-to-end run whose snapshot scores equal separate shorter runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tests_support import REPO_CONFIGS
+
+from peekaboo.bench import steps
+from peekaboo.bench.methods import method_config
+from peekaboo.errors import PeekabooError
+
+
+def _cfg(*overrides: str):
+    return method_config(overrides, (), REPO_CONFIGS)
+
+
+def test_horizon_free_settings():
+    assert steps.horizon_free(_cfg())
+    assert not steps.horizon_free(_cfg("optimization.optim.schedule=cosine"))
+    assert not steps.horizon_free(_cfg("optimization.optim.warmup_steps=5"))
+    assert not steps.horizon_free(_cfg("optimization.guidance.t_schedule=annealed"))
+    assert not steps.horizon_free(_cfg("optimization.early_stop.enabled=true"))
+    # Stratified timesteps cycle by step index, not by the run's length: still one run for every count.
+    assert steps.horizon_free(_cfg("optimization.guidance.t_schedule=stratified"))
+
+
+def test_candidate_syntax():
+    s = steps.parse_candidate("fast: optimization.optim.lr=0.1 optimization.optim.schedule=cosine")
+    assert s.label == "fast" and s.overrides == ("optimization.optim.lr=0.1", "optimization.optim.schedule=cosine")
+    for bad in ("no label here", ": x=1", "paper: x=1"):
+        with pytest.raises(PeekabooError):
+            steps.parse_candidate(bad)
+
+
+def test_fewest_steps_at_a_quality():
+    points = [{"steps": n, "mean_steps": n, "miou": m} for n, m in ((25, 0.3), (50, 0.55), (100, 0.6))]
+    assert steps.fewest_steps(points, 0.56)["steps"] == 50  # within the 0.01 tolerance
+    assert steps.fewest_steps(points, 0.61)["steps"] == 100
+    assert steps.fewest_steps(points, 0.7) is None
+
+
+def test_steps_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
+    out, docs, png = tmp_path / "s.json", tmp_path / "S.md", tmp_path / "s.png"
+    common = ["--pairs", "2", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS),
+              "--set", f"model.pretrained={tiny_model}", "--set", "trainer.accelerator=cpu",
+              "--set", "optimization.mask.size=16"]
+    code = steps.main([*common, "--steps", "1", "3", "--candidate", "cos: optimization.optim.schedule=cosine",
+                       "--out", str(out), "--docs", str(docs), "--plot", str(png)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert list(result["settings"]) == ["paper", "project", "cos"]
+    for s in result["settings"].values():
+        assert [p["steps"] for p in s["points"]] == [1, 3]
+        assert all(p["scored"] == 2 for p in s["points"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = docs.read_text()
+    assert "| project |" in text and "Fewest steps at the paper's quality" in text and "s.png" in text
+    assert text in capsys.readouterr().out + "\n"
+    # A snapshot after 1 step of the 3-step run is exactly a 1-step run (the project's settings are horizon free).
+    short = tmp_path / "short.json"
+    assert steps.main([*common, "--steps", "1", "--out", str(short)]) == 0
+    again = json.loads(short.read_text())["settings"]["project"]["points"][0]
+    assert again["miou"] == result["settings"]["project"]["points"][0]["miou"]
+
+
+def test_steps_user_errors(capsys):
+    assert steps.main(["--steps", "0", "--config-dir", str(REPO_CONFIGS)]) == 2
+    assert "at least 1" in capsys.readouterr().err
