@@ -4,6 +4,7 @@ import torch
 from tests_support import REPO_CONFIGS
 
 from peekaboo.bench import throughput
+from peekaboo.bench.steps import Setting
 
 
 def test_early_stop_section_checks_each_pairs_stop(tiny_model):
@@ -20,3 +21,23 @@ def test_early_stop_section_checks_each_pairs_stop(tiny_model):
     assert es["pair_stop_mean"] == 3  # stopped at min_steps, not at max_steps
     assert es["replay_matches"] is True
     assert es["max_abs_alpha_diff"] == 0.0  # a frozen pair keeps the full run's mask at its stop step
+
+
+def test_end_to_end_section_compares_whole_runs(tiny_model, monkeypatch):
+    monkeypatch.setattr(throughput, "END_TO_END_PAIRS", 3)
+    monkeypatch.setattr(throughput, "PAPER_STEPS", 4)
+    monkeypatch.setattr(throughput, "FAST", Setting("fast", "short", ("trainer.max_steps=2",)))
+    bench = throughput.Bench(str(tiny_model), torch.device("cpu"), warmup=0, steps=1, max_steps=3,
+                             config_dir=REPO_CONFIGS)
+    bench.base += ["optimization.mask.size=16", "data.pairs_per_step=2"]
+    report = throughput.Report()
+    throughput.section_end_to_end(bench, report, [])
+    e2e = report.summary["end_to_end"]
+    assert e2e["split"] == "eval" and e2e["pairs"] == 3
+    assert [r["mean_steps"] for r in e2e["rows"]] == [4, 4, 3, 2]
+    assert all(0.0 <= r["miou"] <= 1.0 and r["pairs_per_hour"] > 0 for r in e2e["rows"])
+    body = report.sections[-1][1]
+    assert body.count("\n| ") == 1 + 4 and "| project fast |" in body
+    (line_fast,) = [ln for ln in throughput.summary_lines(report.summary) if "project fast vs" in ln]
+    ratio = e2e["rows"][3]["pairs_per_hour"] / e2e["rows"][0]["pairs_per_hour"]
+    assert f"{ratio:.1f}x the pairs per hour" in line_fast

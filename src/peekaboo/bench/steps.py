@@ -55,8 +55,13 @@ class Setting:
 #: paper's are for 256-pixel masks on Stable Diffusion.
 PAPER = Setting("paper", "the paper's guidance 100 and posterior sampling",
                 ("optimization.guidance.guidance_scale=100", "optimization.guidance.latent_mode=sample"))
+PAPER_STEPS = 300  # the paper code's iterations
 PROJECT = Setting("project", "the shapes preset (configs/model/shapes.yaml)")
-BUILTIN = (PAPER, PROJECT)
+#: Fewer steps at the paper's quality, chosen on the tune split (docs/STEPS.md shows the curves; the end-to-end
+#: rows of docs/PERFORMANCE.md measure them on held-out pairs).
+FAST = Setting("fast", "a cosine learning-rate schedule from a doubled rate over 75 steps",
+               ("trainer.max_steps=75", "optimization.optim.lr=0.1", "optimization.optim.schedule=cosine"))
+BUILTIN = (PAPER, PROJECT, FAST)
 
 
 def parse_candidate(text: str) -> Setting:

@@ -14,6 +14,8 @@ Sections (``--sections`` picks a subset):
 - ``switches``: ``guidance.batch_cfg``, ``model.channels_last``, ``model.compile`` (compile time apart),
   ``model.attention`` (SDPA vs classic), bf16 autocast and the number of CPU threads.
 - ``early_stop``: steps saved by ``optimization.early_stop`` and what it costs in IoU.
+- ``end_to_end``: pairs per hour and mIoU on held-out pairs, the paper-style loop with the paper's settings vs
+  the project's default and fast settings (:data:`peekaboo.bench.steps.FAST`).
 - ``gpu``: Stable-Diffusion-1.5-sized random-weight model at 512x512, fp32 vs bf16, B = 1, 4, 8 and the
   switches; only where CUDA is available ("not measured: no GPU" elsewhere).
 
@@ -71,6 +73,7 @@ from peekaboo.bench.common import (
 from peekaboo.bench.common import markdown_table as table
 from peekaboo.bench.methods import MODEL_GROUP, resolve_config_dir
 from peekaboo.bench.reference_loop import REFERENCE_KINDS, ReferenceLoop
+from peekaboo.bench.steps import FAST, PAPER, PAPER_STEPS
 from peekaboo.config import TrainConfig, load_config
 from peekaboo.data.synthetic import synthetic_pairs
 from peekaboo.devices import trainer_devices
@@ -81,7 +84,7 @@ from peekaboo.module import PeekabooModule
 
 SD15_GROUP = "sd15"  # the preset of the GPU section (the paper's settings)
 SPLIT = "tune"  # synthetic pairs the benchmark optimizes (never the evaluation split)
-SECTIONS = ("batch", "overhead", "reference", "fast", "switches", "early_stop", "gpu")
+SECTIONS = ("batch", "overhead", "reference", "fast", "switches", "early_stop", "end_to_end", "gpu")
 
 WARMUP_STEPS = 5
 TIMED_STEPS = 30
@@ -107,6 +110,9 @@ SWITCH_BATCH = 4
 THREAD_PROBE = 2  # the thread count the "threads" switch row compares with CPU_THREADS
 THREAD_PROBE_STEPS = 10  # fewer steps: the probe is slow by design on a shared machine
 EARLY_STOP_PAIRS = 16
+# The end-to-end rows score held-out pairs: the fast settings were chosen on the tune split.
+END_TO_END_SPLIT = "eval"
+END_TO_END_PAIRS = 16
 OVERHEAD_GOAL_PCT = 10.0  # the issue's goals, quoted in the report
 SPEEDUP_GOAL = 3.0
 BATCH_GOAL = 2.0  # B=16 vs B=1 pairs per hour
@@ -178,10 +184,10 @@ class Item:
     target: np.ndarray  # (H, W) uint8 ground truth
 
 
-def load_items(n: int, size: int, fit: str) -> list[Item]:
-    """The first ``n`` synthetic pairs of :data:`SPLIT`, fitted to ``size x size`` canvases."""
+def load_items(n: int, size: int, fit: str, split: str = SPLIT) -> list[Item]:
+    """The first ``n`` synthetic pairs of ``split``, fitted to ``size x size`` canvases."""
     items = []
-    for pair in synthetic_pairs(SPLIT, n):
+    for pair in synthetic_pairs(split, n):
         canvas, placement = io.fit_square(pair.load_image(), size, fit)
         target = pair.load_target()
         assert target is not None, "synthetic pairs always have ground truth"
@@ -750,6 +756,58 @@ def section_early_stop(bench: Bench, report: Report, items: Sequence[Item]) -> N
         ["run", "steps", "steps saved", "mIoU", "IoU vs full-run mask"], rows))
 
 
+def section_end_to_end(bench: Bench, report: Report, items: Sequence[Item]) -> None:
+    """End to end: pairs per hour and mIoU of the paper-style loop with the paper's settings against the project's
+    default and fast settings, on :data:`END_TO_END_PAIRS` held-out pairs, each path as a user runs it."""
+    paper_cfg = bench.config(*PAPER.overrides, f"trainer.max_steps={PAPER_STEPS}")
+    chosen = load_items(END_TO_END_PAIRS, paper_cfg.optimization.mask.size, paper_cfg.image_options.fit,
+                        END_TO_END_SPLIT)
+    backbone = bench.backbone(paper_cfg)
+    threshold = paper_cfg.optimization.threshold
+
+    def scored(label: str, about: str, alphas: Sequence[torch.Tensor], steps: Sequence[int], wall: float) -> dict:
+        ious = [pair_scores(binary_mask(a, it, threshold), it.target)["iou"]
+                for a, it in zip(alphas, chosen, strict=True)]
+        return {"label": label, "about": about, "miou": float(np.mean(ious)), "mean_steps": float(np.mean(steps)),
+                "wall_s": wall, "pairs_per_hour": 3600.0 * len(chosen) / wall}
+
+    wall, alphas = 0.0, []
+    for item in chosen:  # the paper's loop: one pair at a time
+        timing, alpha = bench.reference_run("end to end, reference", paper_cfg, item, backbone, PAPER_STEPS)
+        wall += sum(timing.steps) + timing.fixed_s
+        alphas.append(alpha)
+    rows = [scored("paper-style loop, paper settings", f"`peekaboo.bench.reference_loop`, one pair at a time, "
+                   f"{PAPER_STEPS} steps, `{' '.join(PAPER.overrides)}`", alphas, [PAPER_STEPS] * len(chosen), wall)]
+    project = [("project, paper settings", f"{PAPER_STEPS} steps, `{' '.join(PAPER.overrides)}`",
+                [*PAPER.overrides, f"trainer.max_steps={PAPER_STEPS}"]),
+               ("project default", "the preset", []),
+               ("project fast", f"`{' '.join(FAST.overrides)}` (chosen on the tune split)", list(FAST.overrides))]
+    for label, about, overrides in project:
+        cfg = bench.config(*overrides)
+        per_module = cfg.data.pairs_per_step
+        wall, alphas, steps = 0.0, [], []
+        for first in range(0, len(chosen), per_module):  # a dataset run's batches
+            batch = chosen[first : first + per_module]
+            timing, results = bench.trainer_run(label, cfg, batch, backbone, warmup=0, steps=cfg.trainer.max_steps)
+            wall += sum(timing.steps) + timing.fixed_s
+            alphas += [r.alpha for r in results]
+            steps += [r.steps for r in results]
+        rows.append(scored(label, about, alphas, steps, wall))
+    report.summary["end_to_end"] = {"split": END_TO_END_SPLIT, "pairs": len(chosen), "rows": rows}
+    base = rows[0]
+    body = (f"{len(chosen)} synthetic `{END_TO_END_SPLIT}` pairs (held out: the fast settings were chosen on "
+            f"`tune`), fp32, {torch.get_num_threads()} torch thread(s). Each path runs as a user runs it: the "
+            "paper-style loop one pair at a time, the project in a dataset run's batches of `data.pairs_per_step` "
+            "pairs through the Trainer; wall time includes every fixed cost. Pairs per hour and mIoU (threshold "
+            f"{threshold}) against the paper-style loop's; docs/STEPS.md has mIoU against steps.\n\n")
+    body += table(["path", "settings", "mean steps", "s/pair", "pairs/hour", "vs paper-style", "mIoU",
+                   "mIoU vs paper-style"],
+                  [[r["label"], r["about"], f"{r['mean_steps']:.0f}", f"{r['wall_s'] / len(chosen):.2f}",
+                    f"{r['pairs_per_hour']:,.0f}", f"**{r['pairs_per_hour'] / base['pairs_per_hour']:.1f}x**",
+                    fmt(r["miou"]), f"{r['miou'] - base['miou']:+.3f}"] for r in rows])
+    report.add("End to end: pairs per hour at the paper's quality", body)
+
+
 # -- GPU: Stable Diffusion 1.5 size ----------------------------------------------------------------------------
 def build_sd15_folder(folder: Path, device: torch.device, unet_config: dict[str, Any] = SD15_UNET,
                       vae_config: dict[str, Any] = SD15_VAE, text_config: dict[str, Any] = SD15_TEXT) -> Path:
@@ -953,9 +1011,16 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
                      "(the project batches the pairs).")
     if "early_stop" in summary:
         e = summary["early_stop"]
-        lines.append(f"- Early stopping: a batch stopped at step {e['batch_stop']}, single pairs at "
-                     f"{e['pair_stop_mean']:.0f} on average; mIoU {e['miou_full']:.3f} without, "
-                     f"{e['miou_batch']:.3f} (batch) / {e['miou_pair']:.3f} (single pairs) with.")
+        lines.append(f"- Early stopping: each pair of a batch stops on its own, at {e['pair_stop_mean']:.0f} steps on "
+                     f"average; mIoU {e['miou_full']:.3f} without, {e['miou_early_stop']:.3f} with.")
+    if "end_to_end" in summary:
+        e = summary["end_to_end"]
+        paper = e["rows"][0]
+        for row in e["rows"][1:]:
+            lines.append(f"- End to end on {e['pairs']} `{e['split']}` pairs, {row['label']} vs {paper['label']}: "
+                         f"{row['pairs_per_hour'] / paper['pairs_per_hour']:.1f}x the pairs per hour "
+                         f"({row['pairs_per_hour']:,.0f} vs {paper['pairs_per_hour']:,.0f}), mean "
+                         f"{row['mean_steps']:.0f} steps per pair, mIoU {row['miou']:.3f} vs {paper['miou']:.3f}.")
     if "gpu" in summary:
         lines.append(f"- GPU: {summary['gpu']}.")
     return lines
@@ -1021,7 +1086,8 @@ def measure(args: argparse.Namespace, command: str) -> str:
             n = max(max(BATCH_SIZES), QUALITY_PAIRS, EARLY_STOP_PAIRS, SWITCH_BATCH)
             items = load_items(n, cfg.optimization.mask.size, cfg.image_options.fit)
             runners = {"batch": section_batch, "overhead": section_overhead, "reference": section_reference,
-                       "fast": section_fast, "switches": section_switches, "early_stop": section_early_stop}
+                       "fast": section_fast, "switches": section_switches, "early_stop": section_early_stop,
+                       "end_to_end": section_end_to_end}
             for name in cpu_sections:
                 log.info("section %s", name)
                 runners[name](bench, report, items)
