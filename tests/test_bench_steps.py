@@ -47,8 +47,8 @@ def test_steps_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     common = ["--pairs", "2", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS),
               "--set", f"model.pretrained={tiny_model}", "--set", "trainer.accelerator=cpu",
               "--set", "optimization.mask.size=16"]
-    code = steps.main([*common, "--steps", "1", "3", "--candidate", "cos: optimization.optim.schedule=cosine",
-                       "--out", str(out), "--docs", str(docs), "--plot", str(png)])
+    code = steps.main([*common, "--steps", "1", "3", "--builtins", "paper", "project",
+                       "--candidate", "cos: optimization.optim.schedule=cosine", "--out", str(out), "--docs", str(docs), "--plot", str(png)])
     assert code == 0
     result = json.loads(out.read_text())
     assert list(result["settings"]) == ["paper", "project", "cos"]
@@ -61,7 +61,7 @@ def test_steps_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     assert text in capsys.readouterr().out + "\n"
     # A snapshot after 1 step of the 3-step run is exactly a 1-step run (the project's settings are horizon free).
     short = tmp_path / "short.json"
-    assert steps.main([*common, "--steps", "1", "--out", str(short)]) == 0
+    assert steps.main([*common, "--steps", "1", "--builtins", "project", "--out", str(short)]) == 0
     again = json.loads(short.read_text())["settings"]["project"]["points"][0]
     assert again["miou"] == result["settings"]["project"]["points"][0]["miou"]
 
@@ -69,3 +69,5 @@ def test_steps_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
 def test_steps_user_errors(capsys):
     assert steps.main(["--steps", "0", "--config-dir", str(REPO_CONFIGS)]) == 2
     assert "at least 1" in capsys.readouterr().err
+    assert steps.main(["--builtins", "--config-dir", str(REPO_CONFIGS)]) == 2
+    assert "nothing to run" in capsys.readouterr().err
