@@ -48,7 +48,8 @@ def test_steps_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
               "--set", f"model.pretrained={tiny_model}", "--set", "trainer.accelerator=cpu",
               "--set", "optimization.mask.size=16"]
     code = steps.main([*common, "--steps", "1", "3", "--builtins", "paper", "project",
-                       "--candidate", "cos: optimization.optim.schedule=cosine", "--out", str(out), "--docs", str(docs), "--plot", str(png)])
+                       "--candidate", "cos: optimization.optim.schedule=cosine",
+                       "--out", str(out), "--docs", str(docs), "--plot", str(png)])
     assert code == 0
     result = json.loads(out.read_text())
     assert list(result["settings"]) == ["paper", "project", "cos"]
