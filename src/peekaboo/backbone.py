@@ -378,6 +378,39 @@ class Backbone:
 
     # -- dream loss -----------------------------------------------------------------------------------------
     @torch.no_grad()
+    def predict_eps(
+        self, noisy: list[torch.Tensor], t: list[torch.Tensor], hidden: list[torch.Tensor], batch: bool = True
+    ) -> list[torch.Tensor]:
+        """UNet epsilon predictions for groups of rows (v-predictions are converted to epsilon).
+
+        Args:
+            noisy: per group ``(N_i, C, h, w)`` noisy latents ``z_t``.
+            t: per group ``(N_i,)`` integer timesteps.
+            hidden: per group text embeddings ``(N_i, L, D)``, or a shared ``(1, L, D)``.
+            batch: one UNet call over all groups' rows instead of one call per group.
+
+        Returns:
+            per group ``(N_i, C, h, w)`` float32.
+        """
+        channels = self.unet.config.in_channels
+        if noisy[0].shape[1] != channels:  # e.g. an inpainting UNet loaded for editing
+            raise ModelError(_channels_message("The loaded model", channels, noisy[0].shape[1]))
+        dtype = self.unet.dtype
+        hidden = [e.expand(z.shape[0], -1, -1).to(dtype) for z, e in zip(noisy, hidden, strict=True)]
+        zs = [z.to(dtype) for z in noisy]
+        if batch:
+            sizes = [z.shape[0] for z in zs]
+            out = self.unet(torch.cat(zs), torch.cat(t), encoder_hidden_states=torch.cat(hidden)).sample
+            outs = list(out.float().split(sizes))
+        else:
+            outs = [self.unet(z, tt, encoder_hidden_states=e).sample.float() for z, tt, e in zip(zs, t, hidden,
+                                                                                                  strict=True)]
+        if self.prediction_type == "v_prediction":
+            abar = self.alphas_cumprod.to(noisy[0].device)
+            outs = [ops.v_to_epsilon(o, z, abar[tt]) for o, z, tt in zip(outs, noisy, t, strict=True)]
+        return outs
+
+    @torch.no_grad()
     def predict_noise(
         self, noisy: torch.Tensor, t: torch.Tensor, emb: PromptEmbeddings, batch_cfg: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,24 +425,8 @@ class Backbone:
         Returns:
             ``(eps_uncond, eps_cond)``, each ``(B, C, h, w)`` float32.
         """
-        b = noisy.shape[0]
-        if noisy.shape[1] != self.unet.config.in_channels:  # e.g. an inpainting UNet loaded for editing
-            raise ModelError(_channels_message("The loaded model", self.unet.config.in_channels, noisy.shape[1]))
-        dtype = self.unet.dtype
-        uncond = emb.uncond.expand(b, -1, -1).to(dtype)  # a shared (1, L, D) broadcasts to the batch
-        cond = emb.cond.expand(b, -1, -1).to(dtype)
-        z = noisy.to(dtype)
-        if batch_cfg:
-            both = torch.cat([uncond, cond])  # diffusers order: [uncond, cond]
-            out = self.unet(torch.cat([z, z]), torch.cat([t, t]), encoder_hidden_states=both).sample
-            out_u, out_c = out.float().chunk(2)
-        else:
-            out_u = self.unet(z, t, encoder_hidden_states=uncond).sample.float()
-            out_c = self.unet(z, t, encoder_hidden_states=cond).sample.float()
-        if self.prediction_type == "v_prediction":
-            abar = self.alphas_cumprod.to(noisy.device)[t]
-            out_u, out_c = ops.v_to_epsilon(out_u, noisy, abar), ops.v_to_epsilon(out_c, noisy, abar)
-        return out_u, out_c
+        eps_u, eps_c = self.predict_eps([noisy, noisy], [t, t], [emb.uncond, emb.cond], batch_cfg)
+        return eps_u, eps_c
 
     def sample_timestep(
         self, cfg: GuidanceConfig, generator: torch.Generator, index: int = 0, count: int | None = None
@@ -421,6 +438,37 @@ class Backbone:
                                     cfg.t_strata)
         return ops.draw_timestep(lo, hi, self.num_train_timesteps, generator)
 
+    @torch.no_grad()
+    def invert(self, clean: torch.Tensor, t: torch.Tensor, emb: PromptEmbeddings, cfg: GuidanceConfig) -> torch.Tensor:
+        """Noisy latents ``z_t`` by deterministic DDIM inversion of ``clean`` ``(N, C, h, w)`` from timestep 0
+        (the clean latents, taken as ``abar = 1``) up to ``t`` ``(N,)`` in ``cfg.inversion_steps`` even steps
+        (:func:`peekaboo.ops.inversion_timesteps`, :func:`peekaboo.ops.ddim_inversion_step`), as in Score
+        Distillation via Inversion (Lukoianov et al., 2024, "Score Distillation via Reparametrized DDIM",
+        arXiv:2405.15891).
+
+        Each step predicts the noise with the prompt-conditioned, classifier-free-guided prediction
+        ``eps_u + s (eps_c - eps_u)`` at the run's ``guidance_scale``: SDI replaces SDS's random noise with the
+        noise of the prompt-conditioned DDIM trajectory, and the trajectory the dream loss follows is the guided
+        one, so inverting with the same guided prediction gives the noise DDIM would have used to reach this
+        latent. (At very large scales such as the paper preset's 100 the inversion strays far from the data;
+        SDI, like NFSD, is meant for ordinary scales such as 7.5.)
+
+        Cost: ``inversion_steps`` UNet calls of ``2N`` rows (``[uncond, cond]``), before the dream loss's own.
+
+        Returns:
+            ``(N, C, h, w)`` float32.
+        """
+        abar_all = self.alphas_cumprod.to(clean.device)
+        z = clean.float()
+        t_prev = torch.zeros_like(t)
+        abar_prev = torch.ones_like(abar_all[t])  # the clean latents: no noise at all
+        for t_next in ops.inversion_timesteps(t, cfg.inversion_steps):
+            eps_u, eps_c = self.predict_noise(z, t_prev, emb, cfg.batch_cfg)
+            abar_next = abar_all[t_next]
+            z = ops.ddim_inversion_step(z, ops.guided_score(eps_u, eps_c, cfg.guidance_scale), abar_prev, abar_next)
+            t_prev, abar_prev = t_next, abar_next
+        return z
+
     def dream_loss(
         self,
         latents: torch.Tensor,
@@ -429,20 +477,32 @@ class Backbone:
         generators: list[torch.Generator],
         step: int = 0,
         total_steps: int | None = None,
+        reference: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Score-distillation loss terms for ``latents`` ``(B, C, h, w)``.
 
         Sample ``i`` makes ``K = cfg.samples_per_step`` draws from ``generators[i]``, each its ``t`` and then its
         ``eps``; all ``B*K`` noisy latents go through one UNet call, and the loss's gradient w.r.t. ``latents``
-        is the mean over the K draws of ``w(t) (eps_u + s (eps_c - eps_u) - eps)``.
+        is the mean over the K draws of ``cfg.estimator``'s gradient, by default (``sds``)
+        ``w(t) (eps_u + s (eps_c - eps_u) - eps)``. With ``cfg.noise = "ddim_inversion"`` the noisy latents
+        come from :meth:`invert` (the draws of ``eps`` are still made, so the timesteps stay those of
+        ``random``) and ``eps`` is the implied noise.
+
+        UNet rows per draw, in the one call: ``sds`` 2 (``[uncond, cond]``); ``nfsd`` 2, or 3 with a non-empty
+        ``nfsd_negative_prompt``; ``dds`` 3 (``background``) or 4 (``image``).
 
         Args:
             step: the step being taken, and ``total_steps`` the run's length: the timestep schedule's position
                 (draw ``k`` of the step is draw ``step * K + k`` of the run's ``total_steps * K``).
+            reference: ``(B, C, h, w)`` the ``dds`` reference latents (no gradient): the background's
+                (``dds_reference = "background"``, paired with the empty prompt) or the unmasked image's
+                (``"image"``, paired with the prompt); needed by ``dds`` only.
 
         Returns:
             ``{"loss": (B,), "t": (B,) float (the mean timestep of the K draws), "grad_norm": (B,)}``.
         """
+        if cfg.estimator == "dds" and reference is None:
+            raise ValueError("guidance.estimator=dds needs the reference latents")
         k_draws = cfg.samples_per_step
         count = None if total_steps is None else total_steps * k_draws
         # Pair-major order: pair i's K draws are rows i*K .. i*K+K-1 of every (B*K, ...) tensor below.
@@ -454,16 +514,53 @@ class Backbone:
         clean = latents.detach()
         if k_draws > 1:  # K = 1 keeps exactly the tensors (and results) of a single draw
             clean = clean.repeat_interleave(k_draws, 0)  # (B*K, C, h, w)
+            reference = None if reference is None else reference.repeat_interleave(k_draws, 0)
             emb = PromptEmbeddings(*(e.repeat_interleave(k_draws, 0) if e.shape[0] > 1 else e
                                      for e in (emb.uncond, emb.cond)))  # (B*K, L, D), or a shared (1, L, D)
-        noisy = ops.add_noise(clean, noise, abar)  # (B*K, C, h, w)
-        eps_u, eps_c = self.predict_noise(noisy, t, emb, cfg.batch_cfg)
-        grad = ops.sds_gradient(eps_u, eps_c, noise, abar, cfg.guidance_scale)  # (B*K, C, h, w)
+        if cfg.noise == "ddim_inversion":
+            noisy = self.invert(clean, t, emb, cfg)  # (B*K, C, h, w)
+            noise = ops.implied_noise(noisy, clean, abar)
+        else:
+            noisy = ops.add_noise(clean, noise, abar)  # (B*K, C, h, w)
+        grad = self._estimator_gradient(noisy, noise, t, abar, emb, cfg, reference)  # (B*K, C, h, w)
         t_mean = t.float()  # (B*K,), which is (B,) for K = 1
         if k_draws > 1:
             grad = grad.view(-1, k_draws, *grad.shape[1:]).mean(1)  # (B, K, C, h, w) -> (B, C, h, w)
             t_mean = t_mean.view(-1, k_draws).mean(1)  # (B,)
         return {"loss": ops.dream_loss(latents, grad), "t": t_mean, "grad_norm": grad.flatten(1).norm(dim=1)}
+
+    def _estimator_gradient(
+        self,
+        noisy: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        abar: torch.Tensor,
+        emb: PromptEmbeddings,
+        cfg: GuidanceConfig,
+        reference: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``cfg.estimator``'s gradient ``(N, C, h, w)`` from one UNet call over the main rows ``[uncond, cond]``
+        on ``noisy`` ``(N, C, h, w)`` and the estimator's extra rows (a negative prompt's, or the reference's,
+        noised with the same ``t`` and ``noise``)."""
+        groups = [(noisy, emb.uncond), (noisy, emb.cond)]
+        if cfg.estimator == "nfsd" and cfg.nfsd_negative_prompt:
+            groups.append((noisy, self._embed(cfg.nfsd_negative_prompt)))  # cached: encoded once
+        if cfg.estimator == "dds":
+            assert reference is not None
+            noisy_ref = ops.add_noise(reference.float(), noise, abar)  # (N, C, h, w): same t, same noise
+            groups.append((noisy_ref, emb.uncond))
+            if cfg.dds_reference == "image":
+                groups.append((noisy_ref, emb.cond))
+        eps = self.predict_eps([z for z, _ in groups], [t] * len(groups), [e for _, e in groups], cfg.batch_cfg)
+        if cfg.estimator == "nfsd":
+            small_t = t < cfg.nfsd_t_threshold * self.num_train_timesteps  # (N,)
+            return ops.nfsd_gradient(eps[0], eps[1], eps[-1] if len(eps) == 3 else eps[0], small_t, abar,
+                                     cfg.guidance_scale)
+        if cfg.estimator == "dds":
+            eps_ref = eps[2] if cfg.dds_reference == "background" else ops.guided_score(eps[2], eps[3],
+                                                                                          cfg.guidance_scale)
+            return ops.dds_gradient(ops.guided_score(eps[0], eps[1], cfg.guidance_scale), eps_ref, abar)
+        return ops.sds_gradient(eps[0], eps[1], noise, abar, cfg.guidance_scale)
 
 
 def vae_scale_factor(vae) -> int:

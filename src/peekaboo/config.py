@@ -52,6 +52,12 @@ LATENT_MODES = ("mean", "sample")
 LR_SCHEDULES = ("constant", "cosine", "step")
 # optimization.guidance.t_schedule: where each step's dream-loss timestep comes from (peekaboo.ops.timestep_range).
 T_SCHEDULES = ("uniform", "annealed", "stratified")
+# optimization.guidance.estimator: how the UNet's predictions make the dream-loss gradient (peekaboo.ops:
+# sds_gradient, nfsd_gradient, dds_gradient); guidance.dds_reference: what the dds reference branch sees.
+ESTIMATORS = ("sds", "nfsd", "dds")
+DDS_REFERENCES = ("background", "image")
+# optimization.guidance.noise: where the noisy latents come from (a fresh draw, or DDIM inversion).
+NOISE_KINDS = ("random", "ddim_inversion")
 # Lightning config groups that a ``group=name`` override selects from ``configs/<group>/<name>.yaml``.
 GROUPS = ("model", "data")
 # Environment variable naming a folder of presets that replaces the packaged ones.
@@ -104,6 +110,23 @@ class GuidanceConfig:
     # Timestep/noise draws per step for the same composite, in one UNet batch of B*K (2B*K with batch_cfg);
     # the gradient is their mean (a lower-variance estimate at K times the UNet cost).
     samples_per_step: int = 1
+    # The gradient from the predictions (UNet rows per draw: 2 with batch_cfg). sds: w (eps_hat - eps), the
+    # paper's; nfsd: Noise-Free Score Distillation (arXiv:2310.17590), w (delta_D + s delta_C), no noise term
+    # (meant for ordinary guidance scales such as 7.5); dds: a reference branch on the same t and noise is
+    # subtracted, after Delta Denoising Score (arXiv:2304.07090).
+    estimator: str = "sds"
+    # nfsd: delta_D is eps_u below this fraction of the training timesteps, eps_u - eps_neg above it.
+    nfsd_t_threshold: float = 0.2
+    # nfsd: the negative prompt of eps_neg; "" makes eps_neg = eps_u (no extra rows), another adds a row per draw.
+    nfsd_negative_prompt: str = ""
+    # dds: background (the step's background, with the empty prompt: +1 row per draw) or image (the unmasked
+    # image, with the prompt and guidance: +2 rows per draw); both encoded with the VAE's posterior mean.
+    dds_reference: str = "background"
+    # random: z_t from a fresh eps ~ N(0, I) (the paper); ddim_inversion: z_t by DDIM inversion of the clean
+    # latents in inversion_steps steps, eps the implied noise (SDI, arXiv:2405.15891); each inversion step is
+    # one more UNet call of 2 rows per draw (with guidance).
+    noise: str = "random"
+    inversion_steps: int = 4
 
 
 @dataclass
@@ -591,6 +614,12 @@ def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization."
     _check(0 <= g.t_anneal_jitter <= 1, p + "guidance.t_anneal_jitter", g.t_anneal_jitter, "a fraction in [0, 1]")
     _check(g.t_strata >= 1, p + "guidance.t_strata", g.t_strata, "an integer >= 1")
     _check(g.samples_per_step >= 1, p + "guidance.samples_per_step", g.samples_per_step, "an integer >= 1")
+    _check(g.estimator in ESTIMATORS, p + "guidance.estimator", g.estimator, " | ".join(ESTIMATORS))
+    _check(0 < g.nfsd_t_threshold < 1, p + "guidance.nfsd_t_threshold", g.nfsd_t_threshold, "a fraction in (0, 1)")
+    _check(g.dds_reference in DDS_REFERENCES, p + "guidance.dds_reference", g.dds_reference,
+           " | ".join(DDS_REFERENCES))
+    _check(g.noise in NOISE_KINDS, p + "guidance.noise", g.noise, " | ".join(NOISE_KINDS))
+    _check(g.inversion_steps >= 1, p + "guidance.inversion_steps", g.inversion_steps, "an integer >= 1")
     ls = cfg.loss
     _check(ls.gravity >= 0, p + "loss.gravity", ls.gravity, ">= 0")
     _check(ls.lambda_dream >= 0, p + "loss.lambda_dream", ls.lambda_dream, ">= 0")

@@ -93,6 +93,7 @@ class PeekabooModule(L.LightningModule):
         self.took_step = torch.ones(len(self.pair_ids), dtype=torch.bool)  # (B,): the pairs the last step moved
         self.max_steps = max_steps
         self._emb: PromptEmbeddings | None = None
+        self._image_latents: torch.Tensor | None = None  # (B, C, h, w): the dds "image" reference, encoded once
         self.last_composite: torch.Tensor | None = None  # (B, 3, S, S), for image logging
         self.last_alpha: torch.Tensor | None = None  # (B, 1, S, S) of the last step
         self.last_losses: dict[str, torch.Tensor] = {}  # per pair, (B,)
@@ -156,7 +157,9 @@ class PeekabooModule(L.LightningModule):
                                 for img, g in zip(images, gens_r, strict=True)])  # (R, 3, S, S)
         comp = ops.composite(images, alpha_r, background)
         latents = self.backbone.encode_images(comp, cfg.guidance.latent_mode, gens_r)
-        terms = self.backbone.dream_loss(latents, emb, cfg.guidance, gens_r, self.global_step, self.total_steps)
+        reference = self.reference_latents(background, rows) if cfg.guidance.estimator == "dds" else None
+        terms = self.backbone.dream_loss(latents, emb, cfg.guidance, gens_r, self.global_step, self.total_steps,
+                                         reference)
         dream = cfg.loss.lambda_dream * terms["loss"]  # (R,)
         gravity = ops.gravity_loss(alpha_r.float(), cfg.loss.gravity, cfg.loss.gravity_reduction)  # (R,)
         total = dream + gravity  # (R,)
@@ -184,6 +187,18 @@ class PeekabooModule(L.LightningModule):
         if self.writes_logs_this_step():
             self.log_step_metrics()
         return objective
+
+    @torch.no_grad()
+    def reference_latents(self, background: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """The ``dds`` reference latents ``(R, C, h, w)`` of the running rows ``rows`` (None: all B), without
+        gradient and with the VAE's posterior mean (no draw from the pairs' generators): this step's
+        ``background`` ``(R, 3, S, S)`` (``guidance.dds_reference = "background"``), or the unmasked images
+        (``"image"``), encoded once per module and kept out of ``state_dict``."""
+        if self.cfg.guidance.dds_reference == "background":
+            return self.backbone.encode_images(background, "mean")
+        if self._image_latents is None:
+            self._image_latents = self.backbone.encode_images(self.images, "mean")  # (B, C, h, w)
+        return self._image_latents if rows is None else self._image_latents[rows]
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """The optimizer's step, after which every frozen pair's parameters are put back: a zero gradient

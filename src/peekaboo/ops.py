@@ -57,6 +57,17 @@ def sample_background(
     raise ValueError(f"unknown background kind {kind!r}")
 
 
+def guided_score(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ``eps_u + s (eps_c - eps_u)``, float32; inputs ``(B, C, h, w)``."""
+    return eps_uncond.float() + guidance_scale * (eps_cond.float() - eps_uncond.float())
+
+
+def _weighted(direction: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    """``w(t) * direction`` with ``w = 1 - abar_t`` (``(B,)``), non-finite entries zeroed: ``(B, C, h, w)``."""
+    w = (1.0 - alphas_cumprod_t.float()).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    return torch.nan_to_num(w * direction, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def sds_gradient(
     eps_uncond: torch.Tensor,
     eps_cond: torch.Tensor,
@@ -75,9 +86,89 @@ def sds_gradient(
     Returns:
         ``(B, C, h, w)`` float32 gradient, non-finite entries zeroed.
     """
-    eps_hat = eps_uncond.float() + guidance_scale * (eps_cond.float() - eps_uncond.float())
-    w = (1.0 - alphas_cumprod_t.float()).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    return torch.nan_to_num(w * (eps_hat - noise.float()), nan=0.0, posinf=0.0, neginf=0.0)
+    return _weighted(guided_score(eps_uncond, eps_cond, guidance_scale) - noise.float(), alphas_cumprod_t)
+
+
+def nfsd_gradient(
+    eps_uncond: torch.Tensor,
+    eps_cond: torch.Tensor,
+    eps_negative: torch.Tensor,
+    small_t: torch.Tensor,
+    alphas_cumprod_t: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Noise-Free Score Distillation's gradient: ``w(t) (delta_D + s delta_C)`` with ``delta_C = eps_c - eps_u``
+    and ``delta_D = eps_u`` where ``small_t``, else ``eps_u - eps_neg`` (Katzir et al., 2023, "Noise-Free Score
+    Distillation", arXiv:2310.17590). There is no ``- eps`` term: at small t the unconditional prediction is
+    the domain direction, at large t the difference to a negative prompt's prediction is.
+
+    Args:
+        eps_uncond, eps_cond, eps_negative: ``(B, C, h, w)`` predictions for the empty prompt, the prompt and
+            the negative prompt (pass ``eps_uncond`` for an empty negative prompt: ``delta_D`` is then 0 at
+            large t).
+        small_t: ``(B,)`` bool, whether each sample's timestep is below the threshold.
+        alphas_cumprod_t: ``(B,)``.
+
+    Returns:
+        ``(B, C, h, w)`` float32 gradient, non-finite entries zeroed.
+    """
+    eps_u = eps_uncond.float()
+    delta_c = eps_cond.float() - eps_u
+    delta_d = torch.where(small_t.view(-1, 1, 1, 1), eps_u, eps_u - eps_negative.float())
+    return _weighted(delta_d + guidance_scale * delta_c, alphas_cumprod_t)
+
+
+def dds_gradient(
+    eps_hat: torch.Tensor, eps_hat_reference: torch.Tensor, alphas_cumprod_t: torch.Tensor
+) -> torch.Tensor:
+    """Delta Denoising Score's gradient: ``w(t) (eps_hat - eps_hat_ref)``, the reference branch's prediction
+    (same t, same noise, a reference latent that matches its own text) subtracted, so the noisy bias both
+    share cancels (Hertz et al., 2023, "Delta Denoising Score", arXiv:2304.07090).
+
+    Args:
+        eps_hat: ``(B, C, h, w)`` the guided prediction on the noised latents.
+        eps_hat_reference: ``(B, C, h, w)`` the reference's prediction on its noised latents.
+        alphas_cumprod_t: ``(B,)``.
+
+    Returns:
+        ``(B, C, h, w)`` float32 gradient, non-finite entries zeroed.
+    """
+    return _weighted(eps_hat.float() - eps_hat_reference.float(), alphas_cumprod_t)
+
+
+def ddim_inversion_step(
+    noisy: torch.Tensor, eps_hat: torch.Tensor, alphas_cumprod_t: torch.Tensor, alphas_cumprod_next: torch.Tensor
+) -> torch.Tensor:
+    """One deterministic DDIM step up the noise schedule, from ``t`` to a later ``t_next``:
+    ``z_next = sqrt(abar_next) x0_hat + sqrt(1 - abar_next) eps_hat``, ``x0_hat = (z - sqrt(1 - abar) eps_hat)
+    / sqrt(abar)``.
+
+    Args:
+        noisy: ``(B, C, h, w)`` latents ``z`` at ``t`` (the clean latents at ``abar = 1``).
+        eps_hat: ``(B, C, h, w)`` the noise prediction at ``(z, t)``.
+        alphas_cumprod_t, alphas_cumprod_next: ``(B,)`` ``abar`` at ``t`` and at ``t_next``.
+
+    Returns:
+        ``(B, C, h, w)`` float32 latents at ``t_next``.
+    """
+    abar = alphas_cumprod_t.float().view(-1, 1, 1, 1)
+    abar_next = alphas_cumprod_next.float().view(-1, 1, 1, 1)
+    eps = eps_hat.float()
+    x0_hat = (noisy.float() - (1.0 - abar).sqrt() * eps) / abar.sqrt()
+    return abar_next.sqrt() * x0_hat + (1.0 - abar_next).sqrt() * eps
+
+
+def implied_noise(noisy: torch.Tensor, latents: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    """The noise that takes ``latents`` to ``noisy`` in one forward step (:func:`add_noise` solved for eps):
+    ``eps = (z_t - sqrt(abar_t) z_0) / sqrt(1 - abar_t)``; ``(B, C, h, w)`` float32, ``alphas_cumprod_t`` ``(B,)``."""
+    abar = alphas_cumprod_t.float().view(-1, 1, 1, 1)
+    return (noisy.float() - abar.sqrt() * latents.float()) / (1.0 - abar).sqrt()
+
+
+def inversion_timesteps(t: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """The timesteps a DDIM inversion from 0 up to ``t`` (``(B,)`` int) visits in ``steps`` even steps:
+    ``[t * i // steps for i in 1..steps]``, each ``(B,)``; the last is ``t`` itself."""
+    return [t * i // steps for i in range(1, steps + 1)]
 
 
 def timestep_range(
