@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from peekaboo import ops
 from peekaboo.config import BUNDLED_MODEL, GuidanceConfig, ModelConfig
 from peekaboo.devices import check_dtype
-from peekaboo.errors import ModelError
+from peekaboo.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -350,31 +350,64 @@ class Backbone:
 
     # -- images ---------------------------------------------------------------------------------------------
     def encode_images(
-        self, images: torch.Tensor, mode: str = "sample", generators: list[torch.Generator] | None = None
+        self, images: torch.Tensor, mode: str = "sample", generators: list[torch.Generator] | None = None,
+        resolution: int | None = None,
     ) -> torch.Tensor:
         """VAE-encode images at the model's resolution; gradients flow through the encoder.
 
         Args:
-            images: ``(B, 3, S, S)`` in [0, 1] (any S: resized to ``self.resolution``).
+            images: ``(B, 3, S, S)`` in [0, 1] (any S: resized to ``resolution``).
             mode: ``"mean"`` (posterior mean) or ``"sample"`` (a draw from the posterior; sample ``i`` uses
                 ``generators[i]``, so a pair's draw does not depend on its batch).
+            resolution: the side encoded; None = ``self.resolution``.
 
         Returns:
             latents ``(B, C, h, w)``, float32, scaled by the VAE's ``scaling_factor``.
         """
-        x = images
-        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
-        x = (2.0 * x - 1.0).to(self.vae.dtype)
-        dist = self.vae.encode(x).latent_dist
+        dist = self.vae.encode(self._vae_input(images, resolution)).latent_dist
         if mode == "mean":
             z = dist.mean
         else:
-            shape = dist.mean.shape[1:]
-            gens = generators or [torch.default_generator] * images.shape[0]
-            noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dist.mean.device, dist.mean.dtype)
+            noise = posterior_noise(dist.mean, generators)
             z = dist.mean + dist.std * noise
         return (z.float() - self.shift_factor) * self.scaling_factor
+
+    def _vae_input(self, images: torch.Tensor, resolution: int | None = None) -> torch.Tensor:
+        """``images`` ``(B, 3, S, S)`` in [0, 1] as the VAE takes them: resized to ``resolution`` (None:
+        ``self.resolution``), in [-1, 1], in the VAE's dtype."""
+        side = resolution or self.resolution
+        x = images
+        if x.shape[-1] != side or x.shape[-2] != side:
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        return (2.0 * x - 1.0).to(self.vae.dtype)
+
+    @torch.no_grad()
+    def encode_posterior(
+        self, images: torch.Tensor, resolution: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior of ``images`` ``(B, 3, S, S)``, without gradient, in the scaled latent units of
+        :meth:`encode_images`: ``(mean, std)``, each ``(B, C, h, w)`` float32. ``mean + std * eps`` is the
+        latent :meth:`encode_images` draws with noise ``eps`` (up to rounding)."""
+        dist = self.vae.encode(self._vae_input(images, resolution)).latent_dist
+        mean = (dist.mean.float() - self.shift_factor) * self.scaling_factor
+        return mean, dist.std.float() * self.scaling_factor
+
+    def check_encode_resolution(self, side: int | None, key: str = "optimization.guidance.encode_resolution") -> None:
+        """Refuse an encoding side the VAE and UNet cannot take: it must be a multiple of the VAE's factor
+        times the UNet's downsampling (every latent side halves evenly through the UNet's down blocks).
+
+        Raises:
+            ConfigError: naming ``key``, the side and the multiple.
+        """
+        if side is None:
+            return
+        unet_factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        multiple = self.vae_scale_factor * unet_factor
+        if side % multiple:
+            nearest = max(multiple, side // multiple * multiple)
+            raise ConfigError(f"Config key {key!r} = {side} is out of range for this model; allowed: a multiple "
+                              f"of {multiple} (VAE factor {self.vae_scale_factor} times the UNet's downsampling "
+                              f"{unet_factor}), e.g. {nearest}.")
 
     # -- dream loss -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -563,6 +596,15 @@ class Backbone:
         return ops.sds_gradient(eps[0], eps[1], noise, abar, cfg.guidance_scale)
 
 
+def posterior_noise(like: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """One standard normal draw per sample for a posterior sample shaped like ``like`` ``(B, C, h, w)``:
+    sample ``i`` from ``generators[i]`` (a CPU generator; None: the global one), in ``like``'s device and
+    dtype, so a pair's draw does not depend on its batch."""
+    gens = generators or [torch.default_generator] * like.shape[0]
+    noise = torch.stack([torch.randn(like.shape[1:], generator=g) for g in gens])  # (B, C, h, w)
+    return noise.to(like.device, like.dtype)
+
+
 def vae_scale_factor(vae) -> int:
     """Pixels per latent cell along one side of ``vae``: it halves the side once per block after the first."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
@@ -675,3 +717,27 @@ def shared_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Bac
     if key not in _SHARED:
         _SHARED[key] = load_backbone(cfg, device)
     return _SHARED[key].to(device)
+
+
+@torch.no_grad()
+def latent_blend_error(
+    backbone: Backbone, images: torch.Tensor, alpha: torch.Tensor, background: torch.Tensor,
+    resolution: int | None = None,
+) -> torch.Tensor:
+    """How far the latent composite (``optimization.composite=latent``) is from encoding the pixel composite:
+    ``||blend - encode(composite)|| / ||encode(composite)||`` per pair, posterior means throughout.
+
+    Args:
+        images: ``(B, 3, S, S)`` in [0, 1].
+        alpha: ``(B, 1, S, S)`` in [0, 1].
+        background: ``(B, 3, S, S)``.
+        resolution: the encoded side (``guidance.encode_resolution``); None = the backbone's.
+
+    Returns:
+        ``(B,)`` float32 relative errors (0 where alpha is all ones or all zeros).
+    """
+    z_image, _ = backbone.encode_posterior(images, resolution)
+    z_background, _ = backbone.encode_posterior(background, resolution)
+    blend = ops.blend_latents(z_image, z_background, ops.downsample_alpha(alpha, z_image.shape[-2:]))
+    true = backbone.encode_images(ops.composite(images, alpha, background), "mean", resolution=resolution)
+    return ops.relative_error(blend, true)

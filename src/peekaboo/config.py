@@ -48,6 +48,7 @@ ATTENTIONS = ("sdpa", "classic")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed")
 GRAVITY_REDUCTIONS = ("sum", "mean")
 LATENT_MODES = ("mean", "sample")
+COMPOSITES = ("pixel", "latent")
 # optimization.optim.schedule: the learning rate over a pair's steps (peekaboo.module.lr_factor).
 LR_SCHEDULES = ("constant", "cosine", "step")
 # optimization.guidance.t_schedule: where each step's dream-loss timestep comes from (peekaboo.ops.timestep_range).
@@ -127,6 +128,10 @@ class GuidanceConfig:
     # one more UNet call of 2 rows per draw (with guidance).
     noise: str = "random"
     inversion_steps: int = 4
+    # Side the composite is resized to before the VAE encoder in this optimization; None = the backbone's
+    # (model.resolution, else the model's native side). A smaller side makes the encoder's forward and
+    # backward cheaper; it must be a multiple of the VAE factor times the UNet's downsampling (checked on load).
+    encode_resolution: int | None = None
 
 
 @dataclass
@@ -224,6 +229,10 @@ class OptimizationConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    # Where the composite is made: "pixel" (alpha * image + (1 - alpha) * background, VAE-encoded with
+    # gradient: the paper's) or "latent" (alpha pooled to the latent grid blends the image's cached latents
+    # with the background's, encoded without gradient: no VAE backward, an approximation of the encoding).
+    composite: str = "pixel"
 
 
 @dataclass
@@ -620,6 +629,9 @@ def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization."
            " | ".join(DDS_REFERENCES))
     _check(g.noise in NOISE_KINDS, p + "guidance.noise", g.noise, " | ".join(NOISE_KINDS))
     _check(g.inversion_steps >= 1, p + "guidance.inversion_steps", g.inversion_steps, "an integer >= 1")
+    _check(g.encode_resolution is None or g.encode_resolution >= 8, p + "guidance.encode_resolution",
+           g.encode_resolution, "null or an integer >= 8")
+    _check(cfg.composite in COMPOSITES, p + "composite", cfg.composite, " | ".join(COMPOSITES))
     ls = cfg.loss
     _check(ls.gravity >= 0, p + "loss.gravity", ls.gravity, ">= 0")
     _check(ls.lambda_dream >= 0, p + "loss.lambda_dream", ls.lambda_dream, ">= 0")

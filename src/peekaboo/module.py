@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from peekaboo import ops
-from peekaboo.backbone import Backbone, PromptEmbeddings
+from peekaboo.backbone import Backbone, PromptEmbeddings, posterior_noise
 from peekaboo.config import OptimConfig, OptimizationConfig
 from peekaboo.errors import NonFiniteError
 from peekaboo.masks import build_mask
@@ -81,6 +81,11 @@ class PeekabooModule(L.LightningModule):
             raise ValueError(f"{images.shape[0]} images, {len(self.prompts)} prompts, {len(self.pair_ids)} ids")
         self.cfg, self.backbone = cfg, backbone
         self.register_buffer("images", images.float(), persistent=False)  # (B, 3, S, S)
+        backbone.check_encode_resolution(cfg.guidance.encode_resolution)
+        # composite=latent and the dds image reference: the images' VAE posterior (mean, std), each (B, C, h, w),
+        # encoded on first use.
+        self.register_buffer("image_latent_mean", None, persistent=False)
+        self.register_buffer("image_latent_std", None, persistent=False)
         inits = [torch.Generator().manual_seed(ops.pair_seed(cfg.seed, pid)) for pid in self.pair_ids]
         self.mask = build_mask(cfg.mask, self.images, inits)
         # Pairs whose loss or mask went non-finite: they stop contributing; the others go on. Persistent, so
@@ -93,7 +98,6 @@ class PeekabooModule(L.LightningModule):
         self.took_step = torch.ones(len(self.pair_ids), dtype=torch.bool)  # (B,): the pairs the last step moved
         self.max_steps = max_steps
         self._emb: PromptEmbeddings | None = None
-        self._image_latents: torch.Tensor | None = None  # (B, C, h, w): the dds "image" reference, encoded once
         self.last_composite: torch.Tensor | None = None  # (B, 3, S, S), for image logging
         self.last_alpha: torch.Tensor | None = None  # (B, 1, S, S) of the last step
         self.last_losses: dict[str, torch.Tensor] = {}  # per pair, (B,)
@@ -155,8 +159,7 @@ class PeekabooModule(L.LightningModule):
             emb = PromptEmbeddings(emb.uncond[rows], emb.cond[rows])
         background = torch.cat([ops.sample_background(cfg.background, img[None], g)
                                 for img, g in zip(images, gens_r, strict=True)])  # (R, 3, S, S)
-        comp = ops.composite(images, alpha_r, background)
-        latents = self.backbone.encode_images(comp, cfg.guidance.latent_mode, gens_r)
+        comp, latents = self.composite_latents(images, alpha_r, background, gens_r, rows)  # (R, 3, S, S), (R, C, h, w)
         reference = self.reference_latents(background, rows) if cfg.guidance.estimator == "dds" else None
         terms = self.backbone.dream_loss(latents, emb, cfg.guidance, gens_r, self.global_step, self.total_steps,
                                          reference)
@@ -193,12 +196,52 @@ class PeekabooModule(L.LightningModule):
         """The ``dds`` reference latents ``(R, C, h, w)`` of the running rows ``rows`` (None: all B), without
         gradient and with the VAE's posterior mean (no draw from the pairs' generators): this step's
         ``background`` ``(R, 3, S, S)`` (``guidance.dds_reference = "background"``), or the unmasked images
-        (``"image"``), encoded once per module and kept out of ``state_dict``."""
+        (``"image"``, :meth:`image_posterior`'s cached mean)."""
+        side = self.cfg.guidance.encode_resolution
         if self.cfg.guidance.dds_reference == "background":
-            return self.backbone.encode_images(background, "mean")
-        if self._image_latents is None:
-            self._image_latents = self.backbone.encode_images(self.images, "mean")  # (B, C, h, w)
-        return self._image_latents if rows is None else self._image_latents[rows]
+            return self.backbone.encode_images(background, "mean", None, side)
+        mean, _ = self.image_posterior()  # (B, C, h, w), the cache the latent composite also reads
+        return mean if rows is None else mean[rows]
+
+    def composite_latents(
+        self, images: torch.Tensor, alpha: torch.Tensor, background: torch.Tensor,
+        generators: list[torch.Generator], rows: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's pixel composite ``(R, 3, S, S)`` and the latents ``(R, C, h, w)`` the dream loss scores,
+        for the R running rows ``rows`` (None: all B pairs) of ``images``, ``alpha`` and ``background``.
+
+        - ``composite=pixel``: the composite, VAE-encoded with gradient (``guidance.latent_mode``).
+        - ``composite=latent``: ``alpha_l * z_img + (1 - alpha_l) * z_bg``, ``alpha_l`` alpha area-averaged to
+          the latent grid, ``z_img`` from the images' cached posterior, ``z_bg`` the background encoded without
+          gradient. With ``latent_mode=sample`` both are drawn with the same noise, one draw per pair from its
+          generator (as the pixel path draws). Alpha's gradient goes through the blend only: no VAE backward;
+          the returned composite is detached (it is only logged).
+        """
+        mode, side = self.cfg.guidance.latent_mode, self.cfg.guidance.encode_resolution
+        if self.cfg.composite == "pixel":
+            comp = ops.composite(images, alpha, background)
+            return comp, self.backbone.encode_images(comp, mode, generators, side)
+        mean, std = self.image_posterior()
+        if rows is not None:
+            mean, std = mean[rows], std[rows]  # (R, C, h, w)
+        bg_mean, bg_std = self.backbone.encode_posterior(background, side)  # (R, C, h, w), no gradient
+        z_img, z_bg = mean, bg_mean
+        if mode == "sample":
+            noise = posterior_noise(mean, generators)  # (R, C, h, w)
+            z_img, z_bg = mean + std * noise, bg_mean + bg_std * noise
+        latents = ops.blend_latents(z_img, z_bg, ops.downsample_alpha(alpha, mean.shape[-2:]))
+        with torch.no_grad():
+            comp = ops.composite(images, alpha, background)
+        return comp, latents
+
+    def image_posterior(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images' VAE posterior ``(mean, std)``, each ``(B, C, h, w)`` (:meth:`Backbone.encode_posterior`):
+        encoded once, on the module's device, on first use, and cached in non-persistent buffers."""
+        if self.image_latent_mean is None or self.image_latent_mean.device != self.images.device:
+            mean, std = self.backbone.encode_posterior(self.images, self.cfg.guidance.encode_resolution)
+            self.image_latent_mean, self.image_latent_std = mean, std
+        assert self.image_latent_std is not None
+        return self.image_latent_mean, self.image_latent_std
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """The optimizer's step, after which every frozen pair's parameters are put back: a zero gradient

@@ -259,3 +259,45 @@ def pair_seed(seed: int, pair_id: str, step: int | None = None) -> int:
     """
     key = f"{seed}\x00{pair_id}" + ("" if step is None else f"\x00{step}")
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def downsample_alpha(alpha: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``alpha`` on a coarser grid by area averaging: each cell of the result is the mean of the pixels it
+    covers (``F.adaptive_avg_pool2d``; for a side that divides evenly, exactly ``avg_pool2d`` with kernel
+    ``H // h``). Differentiable, so a gradient on the coarse alpha reaches every pixel it averages.
+
+    Args:
+        alpha: ``(B, 1, H, W)``.
+        size: ``(h, w)``, the latent grid.
+
+    Returns:
+        ``(B, 1, h, w)``.
+    """
+    if alpha.dim() != 4 or alpha.shape[1] != 1:
+        raise ValueError(f"downsample_alpha: alpha must be (B, 1, H, W), got {tuple(alpha.shape)}")
+    if tuple(alpha.shape[-2:]) == tuple(size):
+        return alpha
+    return F.adaptive_avg_pool2d(alpha, tuple(size))
+
+
+def blend_latents(z_image: torch.Tensor, z_background: torch.Tensor, alpha_latent: torch.Tensor) -> torch.Tensor:
+    """The latent-space composite ``alpha_l * z_image + (1 - alpha_l) * z_background``: an approximation of
+    encoding the pixel composite (the VAE is not linear; :func:`relative_error` measures how far off it is).
+
+    Args:
+        z_image, z_background: ``(B, C, h, w)`` latents of the image and of the background.
+        alpha_latent: ``(B, 1, h, w)``, alpha on the latent grid (:func:`downsample_alpha`).
+
+    Returns:
+        ``(B, C, h, w)``.
+    """
+    return composite(z_image, alpha_latent, z_background)
+
+
+def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-sample relative error ``||estimate - reference|| / ||reference||`` (Frobenius norms over all but
+    the first dimension), ``(B,)`` float32; a zero reference gives inf (or nan where both are zero)."""
+    if estimate.shape != reference.shape:
+        raise ValueError(f"relative_error: {tuple(estimate.shape)} != {tuple(reference.shape)}")
+    diff = (estimate.float() - reference.float()).flatten(1).norm(dim=1)  # (B,)
+    return diff / reference.float().flatten(1).norm(dim=1)

@@ -92,6 +92,13 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
                "(the shipped model's tune split chose 15)."),
         Method("guidance_100", "guidance 100", "peekaboo", ("optimization.guidance.guidance_scale=100",),
                "The default with the paper's guidance scale for Stable Diffusion."),
+        Method("latent_composite", "latent composite", "peekaboo", ("optimization.composite=latent",),
+               "The default compositing in latent space: alpha, area-averaged to the latent grid, blends the "
+               "image's latents (encoded once) with the background's (encoded without gradient), so a step pays "
+               "no VAE backward; the blend only approximates encoding the composite."),
+        Method("encode_32", "encode at 32 px", "peekaboo", ("optimization.guidance.encode_resolution=32",),
+               "The default with the composite encoded at 32x32 instead of the model's 64x64: a cheaper VAE "
+               "encoder (forward and backward) and UNet, on 8x8 latents the model was not trained at."),
         Method("cross_attention", "cross-attention map", "cross_attention", (),
                "No optimization: the UNet's cross-attention to the prompt's content words on the VAE-encoded image "
                "noised at a few timesteps, averaged over heads, layers and timesteps, normalized to [0, 1] and "

@@ -12,7 +12,8 @@ Sections (``--sections`` picks a subset):
 - ``fast``: the project's fast paths (``model.compile``, bf16 weights with ``bf16-mixed``, both) at B = 1 vs the
   reference loop, each with the mIoU of its masks; and the default path batched (B = 16) per pair.
 - ``switches``: ``guidance.batch_cfg``, ``model.channels_last``, ``model.compile`` (compile time apart),
-  ``model.attention`` (SDPA vs classic), bf16 autocast and the number of CPU threads.
+  ``model.attention`` (SDPA vs classic), bf16 autocast, ``optimization.composite=latent`` (with the latent
+  blend's error against the true encoding), ``guidance.encode_resolution`` and the number of CPU threads.
 - ``early_stop``: steps saved by ``optimization.early_stop`` and what it costs in IoU.
 - ``end_to_end``: pairs per hour and mIoU on held-out pairs, the paper-style loop with the paper's settings vs
   the project's default and fast settings (:data:`peekaboo.bench.steps.FAST`).
@@ -56,9 +57,10 @@ import lightning
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from PIL import Image
 
 from peekaboo import io, ops
-from peekaboo.backbone import BUNDLED_PATH, Backbone, load_backbone
+from peekaboo.backbone import BUNDLED_PATH, Backbone, latent_blend_error, load_backbone
 from peekaboo.bench.common import (
     PeakMemory,
     StepClock,
@@ -107,6 +109,8 @@ FAST_VARIANTS: tuple[tuple[str, list[str]], ...] = (
     ("compile + bf16", ["model.compile=true", *BF16]),
 )
 SWITCH_BATCH = 4
+#: The switches section's latent-composite override (its row also reports the blend's error).
+LATENT_COMPOSITE = "optimization.composite=latent"
 THREAD_PROBE = 2  # the thread count the "threads" switch row compares with CPU_THREADS
 THREAD_PROBE_STEPS = 10  # fewer steps: the probe is slow by design on a shared machine
 EARLY_STOP_PAIRS = 16
@@ -605,6 +609,9 @@ def section_switches(bench: Bench, report: Report, items: Sequence[Item]) -> Non
         ("`model.attention=classic`", ["model.attention=classic"]),
         # bf16 autocast for the frozen model, fp32 mask; on CPU it pays only with bf16 matrix units (AMX).
         ("`trainer.precision=bf16-mixed`", ["trainer.precision=bf16-mixed"]),
+        # Blend the image's cached latents with the background's: no VAE backward, an approximate encoding.
+        ("`optimization.composite=latent`", [LATENT_COMPOSITE]),
+        ("`optimization.guidance.encode_resolution=32`", ["optimization.guidance.encode_resolution=32"]),
     ]
     rows, base = [], float("nan")
     figures: dict[str, Any] = {}
@@ -620,6 +627,10 @@ def section_switches(bench: Bench, report: Report, items: Sequence[Item]) -> Non
                 # Compilation happens inside the first step (forward and backward graphs).
                 figures["compile_s"] = timing.first_step_s - step_s
                 note = f"compile: {figures['compile_s']:.1f} s in the first step (cold cache)"
+            if LATENT_COMPOSITE in overrides:
+                figures["latent_blend_error"] = mean_blend_error(backbone, chosen, cfg.image_options.fit)
+                note = (f"blend vs encoding the composite: {figures['latent_blend_error']:.2f} relative error "
+                        "(ground-truth masks, solid backgrounds)")
         except Exception as err:  # report the failure instead of hiding it
             step_s = float("nan")
             note = f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -644,6 +655,19 @@ def section_switches(bench: Bench, report: Report, items: Sequence[Item]) -> Non
 
 
 @torch.no_grad()
+def mean_blend_error(backbone: Backbone, items: Sequence[Item], fit: str) -> float:
+    """The mean over ``items`` of :func:`peekaboo.backbone.latent_blend_error` with each pair's ground-truth
+    mask as alpha (the binary mask a converged run approaches) over a solid background seeded by its id."""
+    images, _, ids = batch_of(items)  # (B, 3, S, S)
+    size = images.shape[-1]
+    targets = [Image.fromarray((item.target == 1).astype(np.uint8) * 255).convert("RGB") for item in items]
+    alpha = torch.stack([io.fit_square(t, size, fit)[0][:1].gt(0.5).float() for t in targets])  # (B, 1, S, S)
+    gens = [torch.Generator().manual_seed(ops.pair_seed(0, i)) for i in ids]
+    background = torch.cat([ops.sample_background("solid", img[None], g)
+                            for img, g in zip(images, gens, strict=True)])  # (B, 3, S, S)
+    return float(latent_blend_error(backbone, images, alpha, background).mean())
+
+
 def prompt_encoding_s(backbone: Backbone, prompts: Sequence[str]) -> float:
     """Median seconds to tokenize and encode ``[uncond, cond]`` of every prompt from scratch: what each step would
     pay if the module did not keep its prompts' embeddings."""
