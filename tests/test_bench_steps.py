@@ -28,8 +28,8 @@ def test_horizon_free_settings():
 
 
 def test_candidate_syntax():
-    s = steps.parse_candidate("fast: optimization.optim.lr=0.1 optimization.optim.schedule=cosine")
-    assert s.label == "fast" and s.overrides == ("optimization.optim.lr=0.1", "optimization.optim.schedule=cosine")
+    s = steps.parse_candidate("quick: optimization.optim.lr=0.1 optimization.optim.schedule=cosine")
+    assert s.label == "quick" and s.overrides == ("optimization.optim.lr=0.1", "optimization.optim.schedule=cosine")
     for bad in ("no label here", ": x=1", "paper: x=1"):
         with pytest.raises(PeekabooError):
             steps.parse_candidate(bad)

@@ -251,14 +251,14 @@ def test_a_batch_out_of_accelerator_memory_is_halved_with_the_same_masks(tiny_mo
                                                                           monkeypatch, caplog):
     from peekaboo.backbone import Backbone
 
-    original = Backbone.predict_noise
+    original = Backbone.predict_eps  # every UNet call of the dream loss
 
     def small_gpu(self, noisy, *args, **kwargs):  # holds at most 2 pairs per step
-        if noisy.shape[0] > 2:
+        if noisy[0].shape[0] > 2:  # noisy: per row group (B, C, h, w)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(self, noisy, *args, **kwargs)
 
-    monkeypatch.setattr(Backbone, "predict_noise", small_gpu)
+    monkeypatch.setattr(Backbone, "predict_eps", small_gpu)
     with caplog.at_level("WARNING"):
         assert train_main([*_args(tiny_model, tmp_path, "oom"), "data.pairs_per_step=6"]) == 0
     assert "out of accelerator memory for 6 pairs in one batch; retrying as 3 + 3" in caplog.text

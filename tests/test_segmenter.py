@@ -59,13 +59,13 @@ def test_results_at_the_original_size_for_every_image_kind(seg, scene_image):
 
 def test_prompts_of_one_image_run_as_one_batch_with_the_masks_of_each_alone(seg, scene_image, monkeypatch):
     batch_sizes = []
-    original = Backbone.predict_noise
+    original = Backbone.predict_eps  # every UNet call of the dream loss
 
     def spy(self, noisy, *args, **kwargs):
-        batch_sizes.append(noisy.shape[0])
+        batch_sizes.append(noisy[0].shape[0])  # pairs in the call
         return original(self, noisy, *args, **kwargs)
 
-    monkeypatch.setattr(Backbone, "predict_noise", spy)
+    monkeypatch.setattr(Backbone, "predict_eps", spy)
     together = seg(scene_image, PROMPTS)
     assert set(batch_sizes) == {len(PROMPTS)}
     alone = [seg(scene_image, p)[0] for p in PROMPTS]
@@ -76,14 +76,14 @@ def test_prompts_of_one_image_run_as_one_batch_with_the_masks_of_each_alone(seg,
 
 def test_out_of_memory_halves_the_batch_with_the_same_masks(seg, scene_image, monkeypatch, caplog):
     reference = seg(scene_image, PROMPTS)
-    original = Backbone.predict_noise
+    original = Backbone.predict_eps  # every UNet call of the dream loss
 
     def small_gpu(self, noisy, *args, **kwargs):  # a device that holds at most one pair per step
-        if noisy.shape[0] > 1:
+        if noisy[0].shape[0] > 1:  # noisy: per row group (B, C, h, w)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(self, noisy, *args, **kwargs)
 
-    monkeypatch.setattr(Backbone, "predict_noise", small_gpu)
+    monkeypatch.setattr(Backbone, "predict_eps", small_gpu)
     with caplog.at_level("WARNING"):
         split = seg(scene_image, PROMPTS)
     assert "out of accelerator memory for 3 prompts" in caplog.text
@@ -93,7 +93,7 @@ def test_out_of_memory_halves_the_batch_with_the_same_masks(seg, scene_image, mo
     def no_gpu(self, *args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(Backbone, "predict_noise", no_gpu)
+    monkeypatch.setattr(Backbone, "predict_eps", no_gpu)
     with pytest.raises(PeekabooError, match="alone does not fit in accelerator memory"):
         seg(scene_image, PROMPTS[0])
 

@@ -59,6 +59,8 @@ ESTIMATORS = ("sds", "nfsd", "dds")
 DDS_REFERENCES = ("background", "image")
 # optimization.guidance.noise: where the noisy latents come from (a fresh draw, or DDIM inversion).
 NOISE_KINDS = ("random", "ddim_inversion")
+# optimization.mask.init: where the mask starts (peekaboo.module.PeekabooModule.on_fit_start).
+MASK_INITS = ("constant", "cross_attention")
 # Lightning config groups that a ``group=name`` override selects from ``configs/<group>/<name>.yaml``.
 GROUPS = ("model", "data")
 # Environment variable naming a folder of presets that replaces the packaged ones.
@@ -158,7 +160,15 @@ class FourierConfig:
 class MaskConfig:
     kind: str = "fourier_bilateral"
     size: int = 256  # working resolution of the mask (square)
-    init_logit: float = 0.0  # raster: initial logit of every pixel (0 = alpha 0.5)
+    init_logit: float = 0.0  # raster, init=constant: initial logit of every pixel (0 = alpha 0.5)
+    # constant: raster logits at init_logit, the Fourier MLP's random init. cross_attention (raster kinds only):
+    # before the first step the raster's logits become init_scale * (m - init_threshold), m the model's cross-attention
+    # map of the prompt over the image in [0, 1] (peekaboo.attention), so alpha starts above 0.5 where m is
+    # above init_threshold (before any bilateral filter); a resumed run keeps its checkpointed mask.
+    init: str = "constant"
+    # cross_attention: logits per unit of the map; 8 with init_threshold 0.5 starts alpha in 0.02 .. 0.98.
+    init_scale: float = 8.0
+    init_threshold: float = 0.5  # cross_attention: the map value that starts at alpha 0.5
     fourier: FourierConfig = field(default_factory=FourierConfig)
     bilateral: BilateralConfig = field(default_factory=BilateralConfig)
 
@@ -595,6 +605,14 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"Config key {key!r} = {value!r} is out of range; allowed: {allowed}.")
 
 
+def check_mask_init(cfg: MaskConfig, prefix: str = "optimization.") -> None:
+    """Refuse a mask init that the mask kind cannot start from (raises ConfigError naming the key)."""
+    if cfg.init == "cross_attention" and not cfg.kind.startswith("raster"):
+        raise ConfigError(f"Config key {prefix + 'mask.init'!r} = 'cross_attention' supports the raster kinds only, "
+                          f"not mask.kind={cfg.kind!r}; set {prefix}mask.kind=raster or raster_bilateral, or "
+                          f"{prefix}mask.init=constant.")
+
+
 def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization.") -> None:
     """Range checks for one pair's optimization settings (raises ConfigError naming the key)."""
     p = prefix
@@ -614,6 +632,10 @@ def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization."
     _check(m.fourier.layers >= 1, p + "mask.fourier.layers", m.fourier.layers, ">= 1")
     _check(m.fourier.hidden >= 1, p + "mask.fourier.hidden", m.fourier.hidden, ">= 1")
     _check(m.fourier.scale > 0, p + "mask.fourier.scale", m.fourier.scale, "> 0")
+    _check(m.init in MASK_INITS, p + "mask.init", m.init, " | ".join(MASK_INITS))
+    _check(m.init_scale > 0, p + "mask.init_scale", m.init_scale, "> 0")
+    _check(0 <= m.init_threshold <= 1, p + "mask.init_threshold", m.init_threshold, "a map value in [0, 1]")
+    check_mask_init(m, p)
     g = cfg.guidance
     _check(0.0 <= g.t_min < g.t_max <= 1.0, p + "guidance.t_min/t_max", (g.t_min, g.t_max),
            "0 <= t_min < t_max <= 1 (fractions of the training timesteps)")

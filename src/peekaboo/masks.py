@@ -158,6 +158,19 @@ class RasterMask(Mask):
     def logits(self) -> torch.Tensor:
         return self.raster
 
+    @torch.no_grad()
+    def start_from(self, logits: torch.Tensor) -> None:
+        """Replace the logits, ``(B, 1, H, W)``, before the first step (e.g. with :func:`map_logits`)."""
+        if logits.shape != self.raster.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} for a raster of {tuple(self.raster.shape)}")
+        self.raster.copy_(logits)
+
+
+def map_logits(m: torch.Tensor, scale: float, threshold: float) -> torch.Tensor:
+    """Starting logits from a map ``m`` in [0, 1] (any shape): ``scale * (m - threshold)``, so
+    ``sigmoid`` of them is 0.5 where ``m == threshold`` and grows with ``m`` (``mask.init=cross_attention``)."""
+    return scale * (m - threshold)
+
 
 class FourierMask(Mask):
     """A per-pixel MLP over fixed random Fourier features of the pixel coordinate (the paper's "neural

@@ -9,10 +9,11 @@ import lightning as L
 import torch
 
 from peekaboo import ops
+from peekaboo.attention import cross_attention_map
 from peekaboo.backbone import Backbone, PromptEmbeddings, posterior_noise
-from peekaboo.config import OptimConfig, OptimizationConfig
+from peekaboo.config import OptimConfig, OptimizationConfig, check_mask_init
 from peekaboo.errors import NonFiniteError
-from peekaboo.masks import build_mask
+from peekaboo.masks import build_mask, map_logits
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class PeekabooModule(L.LightningModule):
         self.pair_ids = [pair_ids] if isinstance(pair_ids, str) else list(pair_ids)
         if not len(self.prompts) == len(self.pair_ids) == images.shape[0]:
             raise ValueError(f"{images.shape[0]} images, {len(self.prompts)} prompts, {len(self.pair_ids)} ids")
+        check_mask_init(cfg.mask)
         self.cfg, self.backbone = cfg, backbone
         self.register_buffer("images", images.float(), persistent=False)  # (B, 3, S, S)
         backbone.check_encode_resolution(cfg.guidance.encode_resolution)
@@ -88,6 +90,10 @@ class PeekabooModule(L.LightningModule):
         self.register_buffer("image_latent_std", None, persistent=False)
         inits = [torch.Generator().manual_seed(ops.pair_seed(cfg.seed, pid)) for pid in self.pair_ids]
         self.mask = build_mask(cfg.mask, self.images, inits)
+        # Whether the masks have had their start from the model (mask.init=cross_attention). Persistent there
+        # only: Lightning loads a checkpoint before on_fit_start, so a resumed run sees True and keeps its
+        # checkpointed mask; other checkpoints hold exactly what they held before.
+        self.register_buffer("initialized", torch.tensor(False), persistent=cfg.mask.init != "constant")
         # Pairs whose loss or mask went non-finite: they stop contributing; the others go on. Persistent, so
         # a resumed run remembers them.
         self.register_buffer("failed", torch.zeros(len(self.pair_ids), dtype=torch.bool))
@@ -136,6 +142,23 @@ class PeekabooModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.backbone.to(self.device)
         self._emb = PromptEmbeddings.stack([self.backbone.encode_prompt(p) for p in self.prompts])
+        if self.cfg.mask.init == "cross_attention" and not bool(self.initialized):
+            self.start_from_cross_attention()
+
+    def start_from_cross_attention(self) -> None:
+        """Set every pair's raster logits to :func:`~peekaboo.masks.map_logits` of the cross-attention map of
+        its prompt over its image (``mask.init=cross_attention``), and mark the masks initialized.
+
+        Each map's noise is seeded by (seed, pair id), so a pair starts from the same mask in any batch.
+        """
+        m = self.cfg.mask
+        maps = torch.stack([
+            cross_attention_map(self.backbone, image, prompt,
+                                generator=torch.Generator().manual_seed(ops.pair_seed(self.cfg.seed, pid)))
+            for image, prompt, pid in zip(self.images, self.prompts, self.pair_ids, strict=True)
+        ])  # (B, S, S) in [0, 1], on CPU
+        self.mask.start_from(map_logits(maps[:, None], m.init_scale, m.init_threshold).to(self.images.device))
+        self.initialized.fill_(True)
 
     def step_generators(self) -> list[torch.Generator]:
         """One generator per pair for this step, seeded by (seed, pair id, step): an interrupted and resumed
@@ -291,6 +314,12 @@ class PeekabooModule(L.LightningModule):
             saved["stopped_at"] = torch.full_like(self.stopped_at, -1)
         if "stopped_at" not in own:
             saved.pop("stopped_at", None)
+        # Likewise whether the masks had their start: a checkpoint without the flag is of a run that started
+        # (from whatever init), so its mask is kept.
+        if "initialized" in own and "initialized" not in saved:
+            saved["initialized"] = torch.tensor(True)
+        if "initialized" not in own:
+            saved.pop("initialized", None)
         stale = [k for k in checkpoint["state_dict"] if k not in own and k.startswith("mask.mlp.")
                  and k.endswith(".bias")]
         for key in stale:

@@ -99,6 +99,10 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
         Method("encode_32", "encode at 32 px", "peekaboo", ("optimization.guidance.encode_resolution=32",),
                "The default with the composite encoded at 32x32 instead of the model's 64x64: a cheaper VAE "
                "encoder (forward and backward) and UNet, on 8x8 latents the model was not trained at."),
+        Method("cross_attention_init", "start from cross-attention", "peekaboo",
+               ("optimization.mask.init=cross_attention",),
+               "The default with its mask started from the cross-attention map of the row below instead of alpha "
+               "0.5 everywhere: logits `init_scale * (map - init_threshold)`, then the same optimization."),
         Method("cross_attention", "cross-attention map", "cross_attention", (),
                "No optimization: the UNet's cross-attention to the prompt's content words on the VAE-encoded image "
                "noised at a few timesteps, averaged over heads, layers and timesteps, normalized to [0, 1] and "

@@ -21,8 +21,9 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
 from peekaboo import io, ops
+from peekaboo.attention import cross_attention_map
 from peekaboo.backbone import Backbone, shared_backbone
-from peekaboo.bench.baselines import cross_attention_map, random_mask, whole_image
+from peekaboo.bench.baselines import attention_mask, random_mask, whole_image
 from peekaboo.bench.methods import (
     CROSS_ATTENTION_THRESHOLD,
     METHOD_NAMES,
@@ -213,7 +214,7 @@ def score_attention(maps: Sequence[tuple[torch.Tensor, float]], pairs: Sequence[
                     threshold: float) -> list[dict]:
     """Records of the cross-attention baseline: ``map > threshold`` per pair."""
     return [{"id": p.id, "prompt": p.prompt, "status": DONE, "seconds": round(sec, 4),
-             **score((heat > threshold).numpy(), p)} for (heat, sec), p in zip(maps, pairs, strict=True)]
+             **score(attention_mask(heat, threshold), p)} for (heat, sec), p in zip(maps, pairs, strict=True)]
 
 
 def run_trivial(kind: str, pairs: Sequence[BenchPair], seed: int) -> list[dict]:
