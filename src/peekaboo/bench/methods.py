@@ -141,13 +141,42 @@ def method_config(overrides: Sequence[str], extra: Sequence[str], config_dir: Pa
     return load_config(TrainConfig, argv, config_dir, CONFIG_TASK)
 
 
+#: The config groups whose every setting can change a Peekaboo row's masks.
+KEYED_GROUPS = ("model", "image_options", "optimization")
+
+
 def settings_key(cfg: Any) -> str:
     """What decides a Peekaboo row's masks: two rows with the same key produce the same masks. The model's
     weights count too (:func:`model_fingerprint`): retrained weights at the same path make other masks."""
-    return json.dumps({k: OmegaConf.to_container(cfg[k], resolve=True)
-                       for k in ("model", "image_options", "optimization")}
+    return json.dumps({k: OmegaConf.to_container(cfg[k], resolve=True) for k in KEYED_GROUPS}
                       | {"steps": cfg.trainer.max_steps, "weights": model_fingerprint(cfg.model.pretrained)},
                       sort_keys=True)
+
+
+def canonical_key(key: str) -> str:
+    """``key`` (a row key ending in a :func:`settings_key`) with the settings it lacks filled in at their schema
+    defaults: a key stored before a setting existed then equals today's key of the same run, since the run
+    used what is now that setting's default. Keys without settings come back unchanged."""
+    prefix, brace, body = key.partition("{")
+    if not brace:
+        return key
+    try:
+        settings = json.loads(brace + body)
+    except json.JSONDecodeError:
+        return key
+    schema = OmegaConf.structured(TrainConfig)
+    for group in KEYED_GROUPS:
+        if isinstance(settings.get(group), dict):
+            settings[group] = _fill(OmegaConf.to_container(schema[group], resolve=True), settings[group])
+    return prefix + json.dumps(settings, sort_keys=True)
+
+
+def _fill(defaults: Any, stored: Any) -> Any:
+    """``stored`` with the keys of ``defaults`` it lacks added, recursively (stored values win)."""
+    if not (isinstance(defaults, dict) and isinstance(stored, dict)):
+        return stored
+    return {k: _fill(defaults.get(k), v) for k, v in stored.items()} | {k: v for k, v in defaults.items()
+                                                                         if k not in stored}
 
 
 #: Files up to this size are hashed by content; larger ones (a full-size checkpoint's weights) by size and

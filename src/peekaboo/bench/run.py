@@ -29,6 +29,7 @@ from peekaboo.bench.methods import (
     METHOD_NAMES,
     Method,
     build_methods,
+    canonical_key,
     method_config,
     resolve_config_dir,
     settings_key,
@@ -303,7 +304,8 @@ def run_benchmark(
               "extra_overrides": list(extra), "model": base.model.pretrained, "methods": rows}
     earlier = {}
     if previous is not None and previous.get("split") == split and previous.get("pairs") == len(pairs):
-        earlier = {row["key"]: row for row in previous.get("methods", {}).values() if "key" in row}
+        # Canonical keys, so a row stored before a setting was added still counts as the same settings.
+        earlier = {canonical_key(row["key"]): row for row in previous.get("methods", {}).values() if "key" in row}
     # The default and the baselines without optimization first: they are what a partial run should show.
     order = sorted(chosen, key=lambda m: 0 if m.name == "peekaboo" else 1 if m.kind != "peekaboo" else 2)
     for method in order:
@@ -312,9 +314,9 @@ def run_benchmark(
         t0 = time.perf_counter()
         log.info("%s", method.label)
         key = _row_key(method, cfg, cross_attention_threshold)
-        if key in earlier:
-            rows[method.name] = {**earlier[key], "label": method.label, "about": method.about,
-                                 "overrides": list(method.overrides)}
+        if canonical_key(key) in earlier:
+            rows[method.name] = {**earlier[canonical_key(key)], "key": key, "label": method.label,
+                                 "about": method.about, "overrides": list(method.overrides)}
             if method.kind == "peekaboo":
                 # Rows of equal settings share one key, so which row first claims the settings is decided
                 # here again, in this run's order, not taken from whichever row the earlier run stored.
