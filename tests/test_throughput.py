@@ -1,10 +1,14 @@
-"""The throughput benchmark's early-stopping section, on the tiny model: its checks hold for per-pair stops."""
+"""The throughput benchmark: its sections on the tiny model, and refreshing some sections of a report."""
 
+import json
+
+import pytest
 import torch
 from tests_support import REPO_CONFIGS
 
 from peekaboo.bench import throughput
 from peekaboo.bench.steps import Setting
+from peekaboo.errors import PeekabooError
 
 
 def test_early_stop_section_checks_each_pairs_stop(tiny_model):
@@ -41,3 +45,31 @@ def test_end_to_end_section_compares_whole_runs(tiny_model, monkeypatch):
     (line_fast,) = [ln for ln in throughput.summary_lines(report.summary) if "project fast vs" in ln]
     ratio = e2e["rows"][3]["pairs_per_hour"] / e2e["rows"][0]["pairs_per_hour"]
     assert f"{ratio:.1f}x the pairs per hour" in line_fast
+
+
+def _report(sections: dict[str, str], summary: dict, date: str) -> str:
+    report = throughput.Report(sections=list(sections.items()), summary=summary)
+    lines = ["# Performance", "", f"- Date: {date}", f"- Command: `run {date}`", "", "note", ""]
+    lines += [f"## {throughput.SUMMARY_TITLE}", "", "stale", ""]
+    for title, body in report.sections:
+        lines += [f"## {title}", "", body, ""]
+    lines += [f"## {throughput.RAW_TITLE}", "", "```json", json.dumps(summary), "```", ""]
+    return "\n".join(lines)
+
+
+def test_update_report_replaces_only_the_sections_measured():
+    early = {"pair_stop_mean": 40, "miou_full": 0.6, "miou_early_stop": 0.59}
+    old = _report({"Batch": "old batch", "Early stopping": "old stop"},
+                  {"trainer_overhead_pct": 1.0, "trainer_tensorboard_overhead_pct": 2.0, "early_stop": early}, "day 1")
+    new = _report({"Early stopping": "new stop", "End to end": "new e2e"},
+                  {"early_stop": early | {"pair_stop_mean": 30}}, "day 2")
+    merged = throughput.update_report(old, new)
+    titles = [ln.removeprefix("## ") for ln in merged.splitlines() if ln.startswith("## ")]
+    assert titles == ["Summary", "Batch", "Early stopping", "End to end", "Raw figures"]
+    assert "old batch" in merged and "new stop" in merged and "old stop" not in merged and "stale" not in merged
+    assert "- Refreshed day 2: Early stopping, End to end, by `run day 2`" in merged
+    _, _, raw = throughput.split_report(merged)
+    assert raw["trainer_overhead_pct"] == 1.0 and raw["early_stop"]["pair_stop_mean"] == 30
+    assert "at 30 steps on average" in merged  # the Summary is derived from the merged figures
+    with pytest.raises(PeekabooError, match="Raw figures"):
+        throughput.update_report("# Performance\n\n## Batch\n\nbody\n", new)

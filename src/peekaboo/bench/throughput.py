@@ -40,6 +40,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -80,6 +81,7 @@ from peekaboo.config import TrainConfig, load_config
 from peekaboo.data.synthetic import synthetic_pairs
 from peekaboo.devices import trainer_devices
 from peekaboo.engine import StableMaskStop, optimize_pairs
+from peekaboo.errors import PeekabooError
 from peekaboo.masks import build_mask
 from peekaboo.metrics import pair_scores
 from peekaboo.module import PeekabooModule
@@ -1035,8 +1037,13 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
                      "(the project batches the pairs).")
     if "early_stop" in summary:
         e = summary["early_stop"]
-        lines.append(f"- Early stopping: each pair of a batch stops on its own, at {e['pair_stop_mean']:.0f} steps on "
-                     f"average; mIoU {e['miou_full']:.3f} without, {e['miou_early_stop']:.3f} with.")
+        if "miou_early_stop" in e:
+            lines.append(f"- Early stopping: each pair of a batch stops on its own, at {e['pair_stop_mean']:.0f} "
+                         f"steps on average; mIoU {e['miou_full']:.3f} without, {e['miou_early_stop']:.3f} with.")
+        else:  # figures of a report from before per-pair stops in a batch (kept by --update)
+            lines.append(f"- Early stopping: a batch stopped at step {e['batch_stop']}, single pairs at "
+                         f"{e['pair_stop_mean']:.0f} on average; mIoU {e['miou_full']:.3f} without, "
+                         f"{e['miou_batch']:.3f} (batch) / {e['miou_pair']:.3f} (single pairs) with.")
     if "end_to_end" in summary:
         e = summary["end_to_end"]
         paper = e["rows"][0]
@@ -1059,10 +1066,61 @@ def render(report: Report, args: argparse.Namespace, load_before: tuple[float, f
              f"- Benchmark cost: {wall_s / 60:.1f} min wall, {cpu_s / 60:.1f} min CPU", "",
              load_note(load_before, os.getloadavg()), ""]
     if headline := summary_lines(report.summary):
-        lines += ["## Summary", "", *headline, ""]
+        lines += [f"## {SUMMARY_TITLE}", "", *headline, ""]
     for title, body in report.sections:
         lines += [f"## {title}", "", body, ""]
-    lines += ["## Raw figures", "", "```json", json.dumps(report.summary, indent=1, default=str), "```", ""]
+    lines += [f"## {RAW_TITLE}", "", "```json", json.dumps(report.summary, indent=1, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+SUMMARY_TITLE, RAW_TITLE = "Summary", "Raw figures"
+
+
+def split_report(text: str) -> tuple[list[str], list[tuple[str, str]], dict[str, Any]]:
+    """A report of :func:`render` as its header lines (before the first section), its measured sections
+    ``(title, body)`` in order (not the Summary, which is derived) and its raw figures.
+
+    Raises:
+        PeekabooError: ``text`` has no raw-figures block to merge with.
+    """
+    header, *chunks = re.split(r"^## ", text, flags=re.M)
+    sections, raw = [], None
+    for chunk in chunks:
+        title, _, body = chunk.partition("\n")
+        if title == RAW_TITLE:
+            block = re.search(r"```json\n(.*?)\n```", body, flags=re.S)
+            raw = json.loads(block.group(1)) if block else None
+        elif title != SUMMARY_TITLE:
+            sections.append((title, body.strip("\n")))
+    if raw is None:
+        raise PeekabooError(f"the report has no '## {RAW_TITLE}' block to merge with; rerun every section instead.")
+    return header.rstrip("\n").split("\n"), sections, raw
+
+
+def update_report(old: str, new: str) -> str:
+    """``old`` (a whole report) with the sections ``new`` measured put in place of their earlier versions
+    (new ones go last), its raw figures updated with ``new``'s and the Summary derived again from them. The
+    header keeps ``old``'s machine and run lines and gains one line naming what was refreshed, when and by
+    which command, so a reader can tell which figures come from which run."""
+    old_header, old_sections, old_raw = split_report(old)
+    new_header, new_sections, new_raw = split_report(new)
+    fresh = dict(new_sections)
+    sections = [(t, fresh.pop(t, body)) for t, body in old_sections] + list(fresh.items())
+    when = next((ln.removeprefix("- Date: ") for ln in new_header if ln.startswith("- Date: ")), "?")
+    command = next((ln.removeprefix("- Command: ") for ln in new_header if ln.startswith("- Command: ")), "?")
+    load = next((ln.removeprefix("- ") for ln in new_header if ln.startswith("- Load average")), None)
+    note = (f"- Refreshed {when}: {', '.join(t for t, _ in new_sections)}, by {command}"
+            + (f" ({load[0].lower()}{load[1:]})" if load else ""))
+    # The header's first run-detail block ends at its first blank line after the list; the note joins it.
+    end = max((i for i, ln in enumerate(old_header) if ln.startswith("- ")), default=len(old_header) - 1) + 1
+    header = [*old_header[:end], note, *old_header[end:]]
+    summary = old_raw | new_raw
+    lines = [*header, ""]
+    if headline := summary_lines(summary):
+        lines += [f"## {SUMMARY_TITLE}", "", *headline, ""]
+    for title, body in sections:
+        lines += [f"## {title}", "", body, ""]
+    lines += [f"## {RAW_TITLE}", "", "```json", json.dumps(summary, indent=1, default=str), "```", ""]
     return "\n".join(lines)
 
 
