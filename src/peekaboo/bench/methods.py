@@ -164,11 +164,18 @@ def canonical_key(key: str) -> str:
         settings = json.loads(brace + body)
     except json.JSONDecodeError:
         return key
-    schema = OmegaConf.structured(TrainConfig)
+    defaults = _keyed_defaults()
     for group in KEYED_GROUPS:
         if isinstance(settings.get(group), dict):
-            settings[group] = _fill(OmegaConf.to_container(schema[group], resolve=True), settings[group])
+            settings[group] = _fill(defaults[group], settings[group])
     return prefix + json.dumps(settings, sort_keys=True)
+
+
+@functools.cache
+def _keyed_defaults() -> dict[str, Any]:
+    """The schema defaults of :data:`KEYED_GROUPS` (read-only: :func:`_fill` builds new dicts)."""
+    schema = OmegaConf.structured(TrainConfig)
+    return {group: OmegaConf.to_container(schema[group], resolve=True) for group in KEYED_GROUPS}
 
 
 def _fill(defaults: Any, stored: Any) -> Any:

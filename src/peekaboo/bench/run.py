@@ -314,9 +314,10 @@ def run_benchmark(
         t0 = time.perf_counter()
         log.info("%s", method.label)
         key = _row_key(method, cfg, cross_attention_threshold)
-        if canonical_key(key) in earlier:
-            rows[method.name] = {**earlier[canonical_key(key)], "key": key, "label": method.label,
-                                 "about": method.about, "overrides": list(method.overrides)}
+        kept = earlier.get(canonical_key(key))
+        if kept is not None:
+            rows[method.name] = {**kept, "key": key, "label": method.label, "about": method.about,
+                                 "overrides": list(method.overrides)}
             if method.kind == "peekaboo":
                 # Rows of equal settings share one key, so which row first claims the settings is decided
                 # here again, in this run's order, not taken from whichever row the earlier run stored.

@@ -1065,15 +1065,20 @@ def render(report: Report, args: argparse.Namespace, load_before: tuple[float, f
              *machine_lines(args, load_before, command),
              f"- Benchmark cost: {wall_s / 60:.1f} min wall, {cpu_s / 60:.1f} min CPU", "",
              load_note(load_before, os.getloadavg()), ""]
-    if headline := summary_lines(report.summary):
-        lines += [f"## {SUMMARY_TITLE}", "", *headline, ""]
-    for title, body in report.sections:
-        lines += [f"## {title}", "", body, ""]
-    lines += [f"## {RAW_TITLE}", "", "```json", json.dumps(report.summary, indent=1, default=str), "```", ""]
-    return "\n".join(lines)
+    return "\n".join([*lines, *report_body(report.sections, report.summary)])
 
 
 SUMMARY_TITLE, RAW_TITLE = "Summary", "Raw figures"
+
+
+def report_body(sections: Sequence[tuple[str, str]], summary: dict[str, Any]) -> list[str]:
+    """The lines after a report's header: the Summary derived from ``summary``, the sections, the raw figures."""
+    lines = []
+    if headline := summary_lines(summary):
+        lines += [f"## {SUMMARY_TITLE}", "", *headline, ""]
+    for title, body in sections:
+        lines += [f"## {title}", "", body, ""]
+    return [*lines, f"## {RAW_TITLE}", "", "```json", json.dumps(summary, indent=1, default=str), "```", ""]
 
 
 def split_report(text: str) -> tuple[list[str], list[tuple[str, str]], dict[str, Any]]:
@@ -1111,17 +1116,10 @@ def update_report(old: str, new: str) -> str:
     load = next((ln.removeprefix("- ") for ln in new_header if ln.startswith("- Load average")), None)
     note = (f"- Refreshed {when}: {', '.join(t for t, _ in new_sections)}, by {command}"
             + (f" ({load[0].lower()}{load[1:]})" if load else ""))
-    # The header's first run-detail block ends at its first blank line after the list; the note joins it.
+    # The note goes right after the header's last list line (the run details), before its closing prose.
     end = max((i for i, ln in enumerate(old_header) if ln.startswith("- ")), default=len(old_header) - 1) + 1
     header = [*old_header[:end], note, *old_header[end:]]
-    summary = old_raw | new_raw
-    lines = [*header, ""]
-    if headline := summary_lines(summary):
-        lines += [f"## {SUMMARY_TITLE}", "", *headline, ""]
-    for title, body in sections:
-        lines += [f"## {title}", "", body, ""]
-    lines += [f"## {RAW_TITLE}", "", "```json", json.dumps(summary, indent=1, default=str), "```", ""]
-    return "\n".join(lines)
+    return "\n".join([*header, "", *report_body(sections, old_raw | new_raw)])
 
 
 def parser(prog: str = "python -m peekaboo.bench.throughput") -> argparse.ArgumentParser:
