@@ -1,8 +1,8 @@
 """Quality against steps with the repository's paths: ``python benchmarks/steps.py [options]``.
 
 Runs :mod:`peekaboo.bench.steps` (same options) from the repository root, filling in where its output goes when
-the command does not say: the results JSON under ``benchmarks/results/``, and on the eval split the report
-docs/STEPS.md with its plot docs/steps.png.
+the command does not say: the results JSON under ``benchmarks/results/``, and on the eval and robust splits the
+report docs/STEPS.md (docs/STEPS_ROBUST.md) with its plot docs/steps.png (docs/steps_robust.png).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 from peekaboo.bench import steps
 
 RESULTS = "benchmarks/results/steps_{split}.json"
-DOCS = {"eval": (Path("docs/STEPS.md"), Path("docs/steps.png"))}
+DOCS = {"eval": (Path("docs/STEPS.md"), Path("docs/steps.png")),
+        "robust": (Path("docs/STEPS_ROBUST.md"), Path("docs/steps_robust.png"))}
 PROG = "python benchmarks/steps.py"
 
 

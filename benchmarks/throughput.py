@@ -2,7 +2,8 @@
 
 Runs :mod:`peekaboo.bench.throughput` (same options; ``--help`` lists the sections) with the repository's
 configs, and owns where its report goes: ``--out`` (default docs/PERFORMANCE.md, ``-`` to print only);
-``--update`` refreshes only the ``--sections`` measured in an existing report.
+``--update`` refreshes only the ``--sections`` measured in an existing report; the report's Summary is copied
+between the performance markers of ``--readme`` (default README.md; ``-`` for none).
 
 Example::
 
@@ -18,10 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peekaboo.bench import throughput
+from peekaboo.bench.common import update_marked
 from peekaboo.errors import PeekabooError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "docs" / "PERFORMANCE.md"
+DEFAULT_README = REPO_ROOT / "README.md"
 
 log = logging.getLogger("throughput")
 
@@ -33,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report to write ('-' = print only)")
     p.add_argument("--update", action="store_true",
                    help="merge the sections measured into the existing --out (the others, and their figures, stay)")
+    p.add_argument("--readme", type=Path, default=DEFAULT_README,
+                   help="copy the report's Summary between this file's performance markers ('-' = none)")
     args = p.parse_args(argv)
     if args.config_dir is None:
         args.config_dir = REPO_ROOT / "configs"
@@ -48,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     log.info("wrote %s", args.out)
+    if str(args.readme) != "-":
+        source = args.out.resolve().relative_to(args.readme.resolve().parent, walk_up=True).as_posix()
+        if update_marked(args.readme, throughput.readme_block(text, source), throughput.README_MARKERS):
+            log.info("updated %s", args.readme)
     return 0
 
 

@@ -79,6 +79,7 @@ def test_defaults_are_the_papers_sds():
     g = GuidanceConfig()
     assert (g.estimator, g.noise, g.nfsd_t_threshold, g.nfsd_negative_prompt, g.dds_reference, g.inversion_steps) == (
         "sds", "random", 0.2, "", "background", 4)
+    assert g.inversion_guidance_scale == -7.5  # SDI's default, apart from the dream loss's scale
 
 
 @pytest.mark.parametrize(("key", "value"), [("estimator", "vsd"), ("nfsd_t_threshold", 1.0),
@@ -161,12 +162,14 @@ def test_dds_image_reference_on_its_own_latents_is_zero(tiny_backbone):
         _dream(tiny_backbone, _guidance(estimator="dds"), latents)
 
 
-def test_one_inversion_step_is_one_guided_ddim_step_from_the_clean_latents(tiny_backbone):
+@pytest.mark.parametrize("scale", [1.0, -7.5])
+def test_one_inversion_step_is_one_guided_ddim_step_from_the_clean_latents(tiny_backbone, scale):
     clean, t = _latents(), torch.tensor([300, 700])
     emb = tiny_backbone.encode_prompt("a red circle")
-    z_t = tiny_backbone.invert(clean, t, emb, _guidance(noise="ddim_inversion", inversion_steps=1))
+    cfg = _guidance(noise="ddim_inversion", inversion_steps=1, inversion_guidance_scale=scale)
+    z_t = tiny_backbone.invert(clean, t, emb, cfg)
     eps_u, eps_c = tiny_backbone.predict_noise(clean, torch.zeros_like(t), emb)
-    eps_hat = ops.guided_score(eps_u, eps_c, 7.5)
+    eps_hat = ops.guided_score(eps_u, eps_c, scale)  # the inversion's scale, not the dream loss's 7.5
     abar = tiny_backbone.alphas_cumprod[t]
     assert torch.allclose(z_t, ops.add_noise(clean, eps_hat, abar), atol=1e-5)
     assert torch.allclose(ops.implied_noise(z_t, clean, abar), eps_hat, atol=1e-4)

@@ -7,6 +7,7 @@ import torch
 from tests_support import REPO_CONFIGS
 
 from peekaboo.bench import throughput
+from peekaboo.bench.common import update_marked
 from peekaboo.bench.steps import Setting
 from peekaboo.errors import PeekabooError
 
@@ -47,9 +48,10 @@ def test_end_to_end_section_compares_whole_runs(tiny_model, monkeypatch):
     assert f"{ratio:.1f}x the pairs per hour" in line_fast
 
 
-def _report(sections: dict[str, str], summary: dict, date: str) -> str:
+def _report(sections: dict[str, str], summary: dict, date: str, machine: str = "CPU A, 2 cores") -> str:
     report = throughput.Report(sections=list(sections.items()), summary=summary)
-    lines = ["# Performance", "", f"- Date: {date}", f"- Command: `run {date}`", "", "note", ""]
+    lines = ["# Performance", "", f"- Date: {date}", f"- Command: `run {date}`", f"- Machine: {machine}; GPU: none",
+             "", "note", ""]
     lines += [f"## {throughput.SUMMARY_TITLE}", "", "stale", ""]
     for title, body in report.sections:
         lines += [f"## {title}", "", body, ""]
@@ -73,3 +75,27 @@ def test_update_report_replaces_only_the_sections_measured():
     assert "at 30 steps on average" in merged  # the Summary is derived from the merged figures
     with pytest.raises(PeekabooError, match="Raw figures"):
         throughput.update_report("# Performance\n\n## Batch\n\nbody\n", new)
+
+    # Measured again elsewhere: the note names the other CPU, and the day-2 note (whose sections are all
+    # superseded) goes, while a note with a section not measured again would stay.
+    again = _report({"Early stopping": "3rd stop", "End to end": "3rd e2e"}, {}, "day 3", machine="CPU B, 2 cores")
+    merged3 = throughput.update_report(merged, again)
+    assert "- Refreshed day 3: Early stopping, End to end, by `run day 3` on CPU B, 2 cores" in merged3
+    assert "Refreshed day 2" not in merged3 and "- Machine: CPU A, 2 cores; GPU: none" in merged3
+    partial = throughput.update_report(merged, _report({"End to end": "e2e 4"}, {}, "day 4"))
+    assert "Refreshed day 2" in partial and "Refreshed day 4: End to end, by `run day 4`" in partial
+
+
+def test_readme_block_copies_the_summary_into_the_marked_lines(tmp_path):
+    summary = {"trainer_overhead_pct": 1.0, "trainer_tensorboard_overhead_pct": 2.0}
+    report = _report({"Batch": "b"}, summary, "day 1")
+    block = throughput.readme_block(report, "docs/PERFORMANCE.md")
+    assert block.splitlines()[0] == throughput.summary_lines(summary)[0]
+    assert "[docs/PERFORMANCE.md](docs/PERFORMANCE.md) (machine: CPU A, 2 cores; GPU: none)" in block
+    readme = tmp_path / "README.md"
+    start, end = throughput.README_MARKERS
+    readme.write_text(f"# R\n\n{start}\nold figures\n{end}\n\nafter\n")
+    assert update_marked(readme, block, throughput.README_MARKERS)
+    text = readme.read_text()
+    assert "old figures" not in text and block in text and text.endswith(f"{end}\n\nafter\n")
+    assert not update_marked(tmp_path / "missing.md", block, throughput.README_MARKERS)

@@ -130,6 +130,9 @@ class GuidanceConfig:
     # one more UNet call of 2 rows per draw (with guidance).
     noise: str = "random"
     inversion_steps: int = 4
+    # ddim_inversion: the guidance scale of the inversion's own predictions, apart from the dream loss's (SDI's
+    # published default; inverting at the loss's own scale lost the masks on the shapes tune split).
+    inversion_guidance_scale: float = -7.5
     # Side the composite is resized to before the VAE encoder in this optimization; None = the backbone's
     # (model.resolution, else the model's native side). A smaller side makes the encoder's forward and
     # backward cheaper; it must be a multiple of the VAE factor times the UNet's downsampling (checked on load).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import platform
 import resource
@@ -19,6 +20,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from peekaboo import io
+
+log = logging.getLogger("peekaboo.bench")
 
 MB = 2**20
 SECONDS_PER_HOUR = 3600.0
@@ -68,6 +71,36 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], right_f
 def fmt(x: float | None, digits: int = 3, missing: str = "n/a") -> str:
     """``x`` to ``digits`` decimals; ``missing`` for None or NaN (a figure not measured)."""
     return missing if x is None or x != x else f"{x:.{digits}f}"  # x != x: NaN
+
+
+def replace_marked(text: str, block: str, markers: tuple[str, str]) -> str | None:
+    """``text`` with what lies between ``markers`` (start, end) replaced by ``block``, the markers kept.
+
+    Returns:
+        None when a marker is missing (or the end comes before the start).
+    """
+    start_marker, end_marker = markers
+    start, end = text.find(start_marker), text.find(end_marker)
+    if start < 0 or end < start:
+        return None
+    return text[: start + len(start_marker)] + "\n" + block + "\n" + text[end:]
+
+
+def update_marked(path: Path, block: str, markers: tuple[str, str]) -> bool:
+    """Replace the text between ``markers`` in the file ``path`` with ``block`` (:func:`replace_marked`).
+
+    Returns:
+        False (with a warning, and nothing written) when the file or a marker is missing.
+    """
+    if not path.is_file():
+        log.warning("%s does not exist; the block is not put there.", path)
+        return False
+    new = replace_marked(path.read_text(), block, markers)
+    if new is None:
+        log.warning("%s lacks the markers %s ... %s; the block is not put there.", path, *markers)
+        return False
+    io.write_text(new, path)
+    return True
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:

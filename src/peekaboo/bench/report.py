@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from peekaboo.bench.common import fmt
+from peekaboo.bench.common import fmt, replace_marked
 from peekaboo.bench.common import markdown_table as _table
 from peekaboo.data.shapes import split_description
 
@@ -43,16 +43,9 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def with_marked_block(text: str, block: str, split: str = "eval") -> str | None:
-    """``text`` with what lies between the split's :func:`readme_markers` replaced by ``block``.
-
-    Returns:
-        None when a marker is missing (or the end comes before the start).
-    """
-    start_marker, end_marker = readme_markers(split)
-    start, end = text.find(start_marker), text.find(end_marker)
-    if start < 0 or end < start:
-        return None
-    return text[: start + len(start_marker)] + "\n" + block + "\n" + text[end:]
+    """``text`` with what lies between the split's :func:`readme_markers` replaced by ``block``; None when a
+    marker is missing (:func:`peekaboo.bench.common.replace_marked`)."""
+    return replace_marked(text, block, readme_markers(split))
 
 
 def readme_block(report: dict[str, Any]) -> str:

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from peekaboo import io
-from peekaboo.bench.common import machine_info, write_json
+from peekaboo.bench.common import machine_info, update_marked, write_json
 from peekaboo.bench.methods import CROSS_ATTENTION_THRESHOLD, METHOD_NAMES
-from peekaboo.bench.report import readme_block, readme_markers, render_docs, with_marked_block
+from peekaboo.bench.report import readme_block, readme_markers, render_docs
 from peekaboo.bench.run import BENCH_SPLITS, DEFAULT_BATCH, DEFAULT_PAIRS, run_benchmark
 from peekaboo.bench.sweep import SWEEP_STAGES, TUNE_PAIRS, sweep
 from peekaboo.errors import PeekabooError, exit_status
@@ -93,15 +93,7 @@ def update_readme(path: Path, block: str, split: str = "eval") -> bool:
     Returns:
         False (with a warning, and nothing written) when the file or a marker is missing.
     """
-    if not path.is_file():
-        log.warning("%s does not exist; the table is not put there.", path)
-        return False
-    new = with_marked_block(path.read_text(), block, split)
-    if new is None:
-        log.warning("%s lacks the markers %s ... %s; the table is not put there.", path, *readme_markers(split))
-        return False
-    io.write_text(new, path)
-    return True
+    return update_marked(path, block, readme_markers(split))
 
 
 def run(args: argparse.Namespace, command: str) -> int:

@@ -60,8 +60,8 @@ PROJECT = Setting("project", "the shapes preset (configs/model/shapes.yaml)")
 #: Fewer steps at the paper's quality, chosen on the tune split as the fewest steps whose mIoU reaches the paper
 #: settings' 300-step mIoU there (benchmarks/results/steps_tune*.json hold the tune curves of the rates, schedules
 #: and mask starts tried); docs/STEPS.md and the end-to-end rows of docs/PERFORMANCE.md measure it on held-out pairs.
-FAST = Setting("fast", "the preset with a 4x learning rate (constant) for 50 steps",
-               ("trainer.max_steps=50", "optimization.optim.lr=0.2"))
+FAST = Setting("fast", "the preset with a 6x learning rate (constant) and stratified timesteps for 50 steps",
+               ("trainer.max_steps=50", "optimization.optim.lr=0.3", "optimization.guidance.t_schedule=stratified"))
 BUILTIN = (PAPER, PROJECT, FAST)
 
 

@@ -1057,6 +1057,20 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: Where the Summary goes in the README (between these lines, by ``benchmarks/throughput.py``).
+README_MARKERS = ("<!-- bench:performance:start -->", "<!-- bench:performance:end -->")
+
+
+def readme_block(text: str, source: str) -> str:
+    """The README's copy of a whole report ``text``'s Summary (derived again from its raw figures), with the
+    report's machine line and the file ``source`` it came from."""
+    header, _, raw = split_report(text)
+    machine = next((ln.removeprefix("- Machine: ") for ln in header if ln.startswith("- Machine: ")), "?")
+    return "\n".join([*summary_lines(raw), "",
+                      f"From [{source}]({source}) (machine: {machine}); `python benchmarks/throughput.py` "
+                      "rewrites both."])
+
+
 def render(report: Report, args: argparse.Namespace, load_before: tuple[float, float, float],
            cpu_s: float, wall_s: float, command: str) -> str:
     """The whole ``docs/PERFORMANCE.md``."""
@@ -1102,6 +1116,19 @@ def split_report(text: str) -> tuple[list[str], list[tuple[str, str]], dict[str,
     return header.rstrip("\n").split("\n"), sections, raw
 
 
+def _header_field(header: Sequence[str], name: str, missing: str) -> str:
+    """The value of a report header's ``- <name>: <value>`` line, or ``missing``."""
+    return next((ln.removeprefix(f"- {name}: ") for ln in header if ln.startswith(f"- {name}: ")), missing)
+
+
+def _refreshes_only(line: str, titles: set[str]) -> bool:
+    """Whether ``line`` is an :func:`update_report` note naming only sections among ``titles``."""
+    if not line.startswith("- Refreshed "):
+        return False
+    named = line.partition(", by ")[0].partition(": ")[2]
+    return bool(named) and set(named.split(", ")) <= titles
+
+
 def update_report(old: str, new: str) -> str:
     """``old`` (a whole report) with the sections ``new`` measured put in place of their earlier versions
     (new ones go last), its raw figures updated with ``new``'s and the Summary derived again from them. The
@@ -1111,11 +1138,14 @@ def update_report(old: str, new: str) -> str:
     new_header, new_sections, new_raw = split_report(new)
     fresh = dict(new_sections)
     sections = [(t, fresh.pop(t, body)) for t, body in old_sections] + list(fresh.items())
-    when = next((ln.removeprefix("- Date: ") for ln in new_header if ln.startswith("- Date: ")), "?")
-    command = next((ln.removeprefix("- Command: ") for ln in new_header if ln.startswith("- Command: ")), "?")
+    when, command = _header_field(new_header, "Date", "?"), _header_field(new_header, "Command", "?")
     load = next((ln.removeprefix("- ") for ln in new_header if ln.startswith("- Load average")), None)
+    cpu = _header_field(new_header, "Machine", "?").split(";")[0]
+    elsewhere = cpu if cpu != _header_field(old_header, "Machine", "?").split(";")[0] else None
     note = (f"- Refreshed {when}: {', '.join(t for t, _ in new_sections)}, by {command}"
-            + (f" ({load[0].lower()}{load[1:]})" if load else ""))
+            + (f" on {elsewhere}" if elsewhere else "") + (f" ({load[0].lower()}{load[1:]})" if load else ""))
+    # An earlier note whose sections are all measured again describes figures that are gone.
+    old_header = [ln for ln in old_header if not _refreshes_only(ln, {t for t, _ in new_sections})]
     # The note goes right after the header's last list line (the run details), before its closing prose.
     end = max((i for i, ln in enumerate(old_header) if ln.startswith("- ")), default=len(old_header) - 1) + 1
     header = [*old_header[:end], note, *old_header[end:]]
