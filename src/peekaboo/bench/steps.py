@@ -57,9 +57,10 @@ PAPER = Setting("paper", "the paper's guidance 100 and posterior sampling",
                 ("optimization.guidance.guidance_scale=100", "optimization.guidance.latent_mode=sample"))
 PAPER_STEPS = 300  # the paper code's iterations
 PROJECT = Setting("project", "the shapes preset (configs/model/shapes.yaml)")
-#: Fewer steps at the paper's quality, chosen on the tune split as the fewest steps whose mIoU reaches the paper
-#: settings' 300-step mIoU there (benchmarks/results/steps_tune*.json hold the tune curves of the rates, schedules
-#: and mask starts tried); docs/STEPS.md and the end-to-end rows of docs/PERFORMANCE.md measure it on held-out pairs.
+#: Fewer steps at better than the paper's quality, chosen on the tune split: 50 steps, the first count where the
+#: curves there flatten, at the best rate and timestep schedule tried (benchmarks/results/steps_tune*.json hold
+#: the tune curves of the rates, schedules, mask starts and estimators); docs/STEPS.md, docs/STEPS_ROBUST.md and
+#: the end-to-end rows of docs/PERFORMANCE.md measure it on held-out pairs.
 FAST = Setting("fast", "the preset with a 6x learning rate (constant) and stratified timesteps for 50 steps",
                ("trainer.max_steps=50", "optimization.optim.lr=0.3", "optimization.guidance.t_schedule=stratified"))
 BUILTIN = (PAPER, PROJECT, FAST)
