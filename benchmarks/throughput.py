@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.write_text(text)
     log.info("wrote %s", args.out)
     if str(args.readme) != "-":
-        source = args.out.resolve().relative_to(args.readme.resolve().parent, walk_up=True).as_posix()
+        source = Path(os.path.relpath(args.out.resolve(), args.readme.resolve().parent)).as_posix()
         if update_marked(args.readme, throughput.readme_block(text, source), throughput.README_MARKERS):
             log.info("updated %s", args.readme)
     return 0
