@@ -1065,9 +1065,9 @@ def readme_block(text: str, source: str) -> str:
     """The README's copy of a whole report ``text``'s Summary (derived again from its raw figures), with the
     report's machine line and the file ``source`` it came from."""
     header, _, raw = split_report(text)
-    machine = next((ln.removeprefix("- Machine: ") for ln in header if ln.startswith("- Machine: ")), "?")
     return "\n".join([*summary_lines(raw), "",
-                      f"From [{source}]({source}) (machine: {machine}); `python benchmarks/throughput.py` "
+                      f"From [{source}]({source}) (machine: {_header_field(header, 'Machine', '?')}); "
+                      "`python benchmarks/throughput.py` "
                       "rewrites both."])
 
 
