@@ -17,12 +17,13 @@ from peekaboo.bench import run as bench_run
 from peekaboo.bench.baselines import RANDOM_DISC_RADIUS, attention_mask, random_mask, whole_image
 from peekaboo.errors import PeekabooError
 
-# The bundled model's accuracy floor on the first CI_PAIRS evaluation pairs (Peekaboo default settings): the
-# issue's 0.5. Each pair's mask is the same whatever the batch size and thread count, so float noise does not
-# move the score. A broken loss, wrong compositing or an inverted mask lands near the whole-image baseline; the
-# test checks that margin too. (Measured figures belong in docs/BENCHMARK.md, not here.)
+# The bundled model's accuracy floor on the first CI_PAIRS evaluation pairs (Peekaboo default settings), set
+# below the figure of benchmarks/results/shapes_eval.json for the same pairs by a margin of most of one pair.
+# Each pair's mask is the same whatever the batch size and thread count, so float noise does not move the
+# score. A broken loss, wrong compositing or an inverted mask lands near the whole-image baseline; the test
+# checks that margin too. (Measured figures belong in docs/BENCHMARK.md, not here.)
 CI_PAIRS = 8
-CI_MIN_MIOU = 0.5
+CI_MIN_MIOU = 0.6
 CI_MIN_MARGIN_OVER_WHOLE_IMAGE = 0.15
 # The same on the first CI_PAIRS robust-split pairs (wider radii, border crossings, textured backgrounds,
 # jittered colours, free caption forms): scenes unlike the model's training ones, so a lower floor, set below

@@ -33,9 +33,9 @@ _RUN_NAME = "run.name=shapes-bench"
 #: Optimizer of each mask kind in the mask-kind rows: a learning rate suits one parameterization only (a
 #: raster's logits and an MLP's weights live on different scales). A kind equal to the default's adds nothing.
 KIND_OPTIM: dict[str, tuple[str, ...]] = {
-    "raster": ("optimization.optim.name=adam", "optimization.optim.lr=0.05"),
+    "raster": ("optimization.optim.name=adam", "optimization.optim.lr=0.2"),
     "fourier": ("optimization.optim.name=adam", "optimization.optim.lr=0.003"),
-    "raster_bilateral": ("optimization.optim.name=adam", "optimization.optim.lr=0.05"),
+    "raster_bilateral": ("optimization.optim.name=adam", "optimization.optim.lr=0.2"),
     "fourier_bilateral": ("optimization.optim.name=adam", "optimization.optim.lr=0.003"),
 }
 #: Settings of a mask kind's row that are fixed, not tuned. The Fourier MLP is 64 wide over 64 frequencies

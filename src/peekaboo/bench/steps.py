@@ -61,7 +61,7 @@ PROJECT = Setting("project", "the shapes preset (configs/model/shapes.yaml)")
 #: curves there flatten, at the best rate and timestep schedule tried (benchmarks/results/steps_tune*.json hold
 #: the tune curves of the rates, schedules, mask starts and estimators); docs/STEPS.md, docs/STEPS_ROBUST.md and
 #: the end-to-end rows of docs/PERFORMANCE.md measure it on held-out pairs.
-FAST = Setting("fast", "the preset with a 6x learning rate (constant) and stratified timesteps for 50 steps",
+FAST = Setting("fast", "the preset at learning rate 0.3 with stratified timesteps for 50 steps",
                ("trainer.max_steps=50", "optimization.optim.lr=0.3", "optimization.guidance.t_schedule=stratified"))
 BUILTIN = (PAPER, PROJECT, FAST)
 
