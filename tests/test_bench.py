@@ -27,8 +27,8 @@ CI_MIN_MIOU = 0.6
 CI_MIN_MARGIN_OVER_WHOLE_IMAGE = 0.15
 # The same on the first CI_PAIRS robust-split pairs (wider radii, border crossings, textured backgrounds,
 # jittered colours, free caption forms): scenes unlike the model's training ones, so a lower floor, set below
-# the figure of benchmarks/results/shapes_robust.json for the same pairs by a margin for float noise.
-CI_ROBUST_MIN_MIOU = 0.35
+# the figure of benchmarks/results/shapes_robust.json for the same pairs by a margin of most of one pair.
+CI_ROBUST_MIN_MIOU = 0.4
 
 
 # -- wrong object -------------------------------------------------------------------------------------------
