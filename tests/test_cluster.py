@@ -91,6 +91,27 @@ def test_sigterm_anywhere_in_the_last_step_saves_exits_143_and_resumes(tiny_mode
 
 
 @pytest.mark.slow
+def test_sigterm_between_pairs_exits_143_with_nothing_to_save_and_resumes(tiny_model, reference, tmp_path,
+                                                                          monkeypatch):
+    original = runner.optimize_batch
+
+    def then_signal(*args, **kwargs):  # the signal lands after the first pair's record, before the next fit
+        records = original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return records
+
+    monkeypatch.setattr(runner, "optimize_batch", then_signal)
+    args = _args(tiny_model, tmp_path, "b")
+    assert train_main(args) == EXIT_PREEMPTED
+    run = tmp_path / "b"
+    assert len(_done(run)) == 1 and not list(run.glob("pairs/*/ckpt/last.ckpt"))  # no fit was in flight
+    monkeypatch.undo()
+    assert train_main(args) == 0
+    ref, resumed = _masks(reference), _masks(run)
+    assert ref.keys() == resumed.keys() and all(np.array_equal(ref[k], resumed[k]) for k in ref)
+
+
+@pytest.mark.slow
 def test_ctrl_c_during_a_fit_exits_130_and_keeps_finished_pairs(tiny_model, reference, tmp_path, monkeypatch,
                                                                 capsys):
     from peekaboo.module import PeekabooModule

@@ -139,20 +139,29 @@ def test_launcher_rank_does_not_silence_logging(tiny_model, tmp_path):
         assert "loss/total" in _scalars(tmp_path / "r1" / "tb" / r["name"])
 
 
-def _wait_for(predicate, proc, timeout=120.0):
+def _wait_for(predicate, proc, timeout=120.0, poll=0.05):
     start = time.time()
     while time.time() - start < timeout:
         if predicate():
             return True
         if proc.poll() is not None:
             return False
-        time.sleep(0.05)
+        time.sleep(poll)
     return False
 
 
 def _start(*args):
     return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _in_flight(run: Path):
+    """At least one pair finished and another one's fit has begun (its TensorBoard run logged its hparams)."""
+    def predicate() -> bool:
+        done = {p.parent.name for p in run.glob("pairs/*/done.json")}
+        started = {p.parent.name for p in run.glob("tb/*/hparams.yaml")} - {"worker0"}
+        return (run / "results.jsonl").is_file() and bool(started - done)
+    return predicate
 
 
 def _half_way(run: Path):
@@ -178,7 +187,8 @@ def test_kill9_then_rerun_finishes_each_pair_once_with_identical_masks(tiny_mode
 def test_sigterm_checkpoints_and_exits_non_zero(tiny_model, reference, tmp_path):
     args = _args(tiny_model, tmp_path, "t", "run.checkpoint_every_n_steps=1000", steps=30)
     proc = _start(*args)
-    assert _wait_for(lambda: (tmp_path / "t" / "results.jsonl").is_file(), proc)
+    # A signal between pairs rightly saves nothing (nothing is in flight): wait until a pair's fit has begun.
+    assert _wait_for(_in_flight(tmp_path / "t"), proc, poll=0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
