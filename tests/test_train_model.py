@@ -6,11 +6,21 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from peekaboo.bench.train_model import Config, load_scenes, train
-from peekaboo.data.shapes import parse_caption
+from peekaboo.bench.train_model import (
+    Config,
+    build_tokenizer,
+    contrast_hinge,
+    load_scenes,
+    swap_one_word,
+    tokenize,
+    train,
+    word_kinds,
+)
+from peekaboo.data.shapes import COLOURS, SHAPES, parse_caption
 
 # Seconds on CPU: 32x32 scenes (8x8 latents), a handful of them, narrow networks, one thread per step.
 TINY = Config(
@@ -73,3 +83,28 @@ def test_train_model_stages_resume_and_continue(tmp_path):
     assert {t: i for t, i in tokenizer.get_vocab().items() if t in old_vocab} == old_vocab
     assert len(tokenizer("the", add_special_tokens=False).input_ids) == 1
     UNet2DConditionModel.from_pretrained(out2, subfolder="unet")
+
+
+def test_swap_one_word_names_an_object_the_caption_did_not(tmp_path):
+    tokenizer = build_tokenizer(TINY, tmp_path / "tok")
+    captions = ["a red circle and a blue square", "the green triangle", "red circle, blue square", ""]
+    ids = tokenize(TINY, tokenizer, captions)
+    swapped = swap_one_word(ids, word_kinds(tokenizer), torch.Generator().manual_seed(0))
+    for before, after, caption in zip(ids, swapped, captions, strict=True):
+        changed = torch.nonzero(before != after).flatten().tolist()
+        if not caption:  # nothing to swap in an empty caption
+            assert changed == []
+            continue
+        assert len(changed) == 1
+        old, new = (tokenizer.convert_ids_to_tokens(int(x[changed[0]])).removesuffix("</w>") for x in (before, after))
+        assert old != new and ({old, new} <= set(COLOURS) or {old, new} <= set(SHAPES))
+
+
+def test_contrast_hinge_is_zero_past_the_margin_and_pushes_both_errors_equally():
+    mse_true = torch.tensor([0.02, 0.02, 0.02], requires_grad=True)
+    mse_wrong = torch.tensor([0.021, 0.0251, 0.03], requires_grad=True)
+    hinge = contrast_hinge(mse_true, mse_wrong, margin=0.25)  # zero from 1.25 * 0.02 = 0.025 on
+    assert torch.allclose(hinge, torch.tensor([0.004, 0.0, 0.0]))
+    hinge.sum().backward()
+    # Growing every error gains nothing: only telling the captions apart lowers the hinge.
+    assert mse_true.grad.tolist() == [1.0, 0.0, 0.0] and mse_wrong.grad.tolist() == [-1.0, 0.0, 0.0]

@@ -12,7 +12,9 @@ Two stages, each resumable and each with its own wall-clock budget:
    posterior-mean latents of training scenes is written into its config.
 2. ``unet``: a CLIP text encoder (from scratch) and a ``UNet2DConditionModel`` trained jointly with
    the epsilon-prediction denoising loss of Stable Diffusion on cached latents of training scenes;
-   captions are dropped (replaced by ``""``) some of the time for classifier-free guidance.
+   captions are dropped (replaced by ``""``) some of the time for classifier-free guidance, and a caption
+   contrast hinge (:func:`contrast_hinge`) asks a caption with one wrong colour or shape word to denoise
+   worse than the true one.
 
 The training scenes come from the ``train`` seed range of :mod:`peekaboo.data.shapes`, in the scene
 style ``Config.train_style`` (:data:`~peekaboo.data.shapes.WIDE` by default) with the caption forms
@@ -110,6 +112,14 @@ class Config:
     continue_warmup_steps: int = 50  # warm restart (--continue-from): the fresh optimizer's moments settle first
     final_lr_fraction: float = 0.1  # cosine decay to this fraction of the peak lr
     uncond_prob: float = 0.12
+    # Hard-negative captions ("caption contrast"). Trained on the denoising loss alone, the model let a wrong
+    # colour or shape word cost about as much as no caption (docs/MODEL.md), and Peekaboo then often settled on
+    # the wrong object. On `contrast_fraction` of each batch's captioned scenes the same noisy latent is also
+    # denoised under the caption with one colour or shape word swapped, and a hinge asks that error to exceed
+    # the true caption's by the relative `contrast_margin`; `contrast_weight` 0 turns it off.
+    contrast_fraction: float = 0.5
+    contrast_margin: float = 0.25
+    contrast_weight: float = 1.0
     ema_decay: float = 0.998
     grad_clip: float = 1.0
     num_train_timesteps: int = 1000
@@ -353,6 +363,39 @@ def _resize_vocabulary(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, in
         text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=True)
         added = sorted(set(new_vocab) - set(old_vocab), key=new_vocab.get)
         log(f"text encoder vocabulary {old} -> {len(tokenizer)} (new tokens {added}, initialised at the mean row)")
+
+
+def word_kinds(tokenizer: CLIPTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ids of the colour words and of the shape words (each scene word is one token)."""
+    def ids(words) -> torch.Tensor:
+        return torch.tensor([tokenizer.convert_tokens_to_ids(w + "</w>") for w in words])
+    return ids(COLOURS), ids(SHAPES)
+
+
+def swap_one_word(ids: torch.Tensor, kinds: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
+    """``ids`` [B, L] with, in each row, one colour or shape token (drawn uniformly among the row's) replaced by
+    another word of its kind: a caption that names an object the scene does not have. Rows with no such
+    token are returned unchanged."""
+    out = ids.clone()
+    for row in out:
+        slots = [(pos, kind) for kind in kinds for pos in torch.nonzero(torch.isin(row, kind)).flatten().tolist()]
+        if not slots:
+            continue
+        pos, kind = slots[int(torch.randint(len(slots), (1,), generator=gen))]
+        others = kind[kind != row[pos]]
+        row[pos] = others[int(torch.randint(len(others), (1,), generator=gen))]
+    return out
+
+
+def contrast_hinge(mse_true: torch.Tensor, mse_wrong: torch.Tensor, margin: float) -> torch.Tensor:
+    """Per-scene hinge ``relu(margin * sg(mse_true) + mse_true - mse_wrong)`` [N]: zero once the wrong caption's
+    denoising error exceeds the true caption's by the relative margin.
+
+    The two errors get equal and opposite gradients, so the only way down is to tell the captions apart: a
+    model that merely grew every error would gain nothing. (Pushing the wrong caption's error alone, against a
+    detached target, did exactly that: the denoising loss rose tenfold within 100 steps.)
+    """
+    return F.relu(margin * mse_true.detach() + mse_true - mse_wrong)
 
 
 def tokenize(cfg: Config, tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
@@ -613,6 +656,7 @@ def train_unet(
     latents = cached_latents(cfg, work, vae, images)
     ids_all = tokenize(cfg, tokenizer, captions)
     ids_uncond = tokenize(cfg, tokenizer, [""])
+    kinds = word_kinds(tokenizer)
     torch.manual_seed(cfg.seed + 1)
     if init is None:
         text_encoder, unet = make_text_encoder(cfg, tokenizer), make_unet(cfg)
@@ -657,7 +701,7 @@ def train_unet(
     text_encoder.train()
     unet.train()
     t_start, last_ckpt = time.time() - elapsed, time.time()
-    running = 0.0
+    running = contrast_running = beaten = 0.0  # EMAs of the denoising loss, the hinge, true < wrong
     warmup = cfg.unet_warmup_steps if init is None else cfg.continue_warmup_steps
     while (max_steps is None and elapsed < minutes * 60) or (max_steps is not None and step - first_step < max_steps):
         done = step - first_step
@@ -673,9 +717,20 @@ def train_unet(
         noise = torch.randn(z0.shape, generator=gen)
         a = abar[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        hidden = text_encoder(ids).last_hidden_state
-        pred = unet(zt, t, encoder_hidden_states=hidden).sample
-        loss = F.mse_loss(pred, noise)
+        # Hard negatives ride in the same forward pass: the same z_t, t and noise under a one-word-wrong caption.
+        neg = torch.nonzero(~drop & (torch.rand(len(idx), generator=gen) < cfg.contrast_fraction)).flatten()
+        if cfg.contrast_weight <= 0:
+            neg = neg[:0]
+        ids_all_rows = torch.cat([ids, swap_one_word(ids[neg], kinds, gen)])
+        hidden = text_encoder(ids_all_rows).last_hidden_state
+        pred = unet(torch.cat([zt, zt[neg]]), torch.cat([t, t[neg]]), encoder_hidden_states=hidden).sample
+        sq_err = ((pred - torch.cat([noise, noise[neg]])) ** 2).mean(dim=(1, 2, 3))  # [B + N]
+        loss = denoise = sq_err[: len(idx)].mean()
+        if len(neg):
+            hinge = contrast_hinge(sq_err[neg], sq_err[len(idx):], cfg.contrast_margin)  # [N]
+            loss = denoise + cfg.contrast_weight * hinge.mean()
+            contrast_running = 0.98 * contrast_running + 0.02 * hinge.mean().item()
+            beaten = 0.98 * beaten + 0.02 * (sq_err[len(idx):] > sq_err[neg]).float().mean().item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -683,10 +738,11 @@ def train_unet(
         ema.update(step)
         step += 1
         elapsed = time.time() - t_start
-        running = loss.item() if step == first_step + 1 else 0.98 * running + 0.02 * loss.item()
+        running = denoise.item() if step == first_step + 1 else 0.98 * running + 0.02 * denoise.item()
         if step % cfg.log_every == 0:
+            contrast = f" contrast={contrast_running:.4f} true<wrong={beaten:.0%}" if cfg.contrast_weight > 0 else ""
             log(
-                f"UNet step {step} loss={loss.item():.4f} ema_loss={running:.4f} "
+                f"UNet step {step} loss={denoise.item():.4f} ema_loss={running:.4f}{contrast} "
                 f"| {elapsed / (step - first_step):.2f}s/step, {elapsed / 60:.1f} min"
             )
         if time.time() - last_ckpt > cfg.checkpoint_every_s:
