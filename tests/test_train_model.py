@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -89,7 +90,7 @@ def test_swap_one_word_names_an_object_the_caption_did_not(tmp_path):
     tokenizer = build_tokenizer(TINY, tmp_path / "tok")
     captions = ["a red circle and a blue square", "the green triangle", "red circle, blue square", ""]
     ids = tokenize(TINY, tokenizer, captions)
-    swapped = swap_one_word(ids, word_kinds(tokenizer), torch.Generator().manual_seed(0))
+    swapped = swap_one_word(ids, word_kinds(tokenizer), torch.Generator().manual_seed(0), (0.5, 0.5))
     for before, after, caption in zip(ids, swapped, captions, strict=True):
         changed = torch.nonzero(before != after).flatten().tolist()
         if not caption:  # nothing to swap in an empty caption
@@ -98,6 +99,22 @@ def test_swap_one_word_names_an_object_the_caption_did_not(tmp_path):
         assert len(changed) == 1
         old, new = (tokenizer.convert_ids_to_tokens(int(x[changed[0]])).removesuffix("</w>") for x in (before, after))
         assert old != new and ({old, new} <= set(COLOURS) or {old, new} <= set(SHAPES))
+
+
+@pytest.mark.parametrize(("kind_weights", "kind"), [((1.0, 0.0), COLOURS), ((0.0, 1.0), SHAPES)])
+def test_swap_one_word_draws_the_word_kind_with_the_given_weights(tmp_path, kind_weights, kind):
+    tokenizer = build_tokenizer(TINY, tmp_path / "tok")
+    ids = tokenize(TINY, tokenizer, ["a red circle and a blue square", "green triangle, yellow circle"] * 8)
+    swapped = swap_one_word(ids, word_kinds(tokenizer), torch.Generator().manual_seed(0), kind_weights)
+    old = {tokenizer.convert_ids_to_tokens(int(i)).removesuffix("</w>") for i in ids[swapped != ids]}
+    assert len(old) > 1 and old <= set(kind)
+
+
+def test_swap_one_word_rejects_weights_that_do_not_fit_the_kinds(tmp_path):
+    tokenizer = build_tokenizer(TINY, tmp_path / "tok")
+    ids = tokenize(TINY, tokenizer, ["a red circle"])
+    with pytest.raises(ValueError, match="kind_weights"):
+        swap_one_word(ids, word_kinds(tokenizer), torch.Generator(), (0.0, 0.0))
 
 
 def test_contrast_hinge_is_zero_past_the_margin_and_pushes_both_errors_equally():

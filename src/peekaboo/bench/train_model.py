@@ -118,6 +118,9 @@ class Config:
     # denoised under the caption with one colour or shape word swapped, and a hinge asks that error to exceed
     # the true caption's by the relative `contrast_margin`; `contrast_weight` 0 turns it off.
     contrast_fraction: float = 0.5
+    # Share of the swaps that change a shape word rather than a colour word: shape words are read less well
+    # than colour words (the conditioning check), so they get the larger share.
+    contrast_shape_share: float = 0.7
     contrast_margin: float = 0.25
     contrast_weight: float = 1.0
     ema_decay: float = 0.998
@@ -372,17 +375,28 @@ def word_kinds(tokenizer: CLIPTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return ids(COLOURS), ids(SHAPES)
 
 
-def swap_one_word(ids: torch.Tensor, kinds: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
-    """``ids`` [B, L] with, in each row, one colour or shape token (drawn uniformly among the row's) replaced by
-    another word of its kind: a caption that names an object the scene does not have. Rows with no such
-    token are returned unchanged."""
+def swap_one_word(
+    ids: torch.Tensor, kinds: tuple[torch.Tensor, ...], gen: torch.Generator, kind_weights: tuple[float, ...]
+) -> torch.Tensor:
+    """``ids`` [B, L] with, in each row, one colour or shape token replaced by another word of its kind: a
+    caption that names an object the scene does not have.
+
+    The word kind is drawn with ``kind_weights`` (one per entry of ``kinds``, renormalised over the kinds the
+    row holds), then the position uniformly among that kind's tokens. Rows with no such token are returned
+    unchanged.
+    """
+    if len(kind_weights) != len(kinds) or min(kind_weights) < 0 or sum(kind_weights) <= 0:
+        raise ValueError(f"kind_weights {kind_weights} must be {len(kinds)} non-negative weights, not all zero")
     out = ids.clone()
     for row in out:
-        slots = [(pos, kind) for kind in kinds for pos in torch.nonzero(torch.isin(row, kind)).flatten().tolist()]
-        if not slots:
+        present = [(k, torch.nonzero(torch.isin(row, kind)).flatten()) for k, kind in enumerate(kinds)]
+        present = [(k, pos) for k, pos in present if len(pos) and kind_weights[k] > 0]
+        if not present:
             continue
-        pos, kind = slots[int(torch.randint(len(slots), (1,), generator=gen))]
-        others = kind[kind != row[pos]]
+        weights = torch.tensor([kind_weights[k] for k, _ in present], dtype=torch.float)
+        k, positions = present[int(torch.multinomial(weights, 1, generator=gen))]
+        pos = int(positions[int(torch.randint(len(positions), (1,), generator=gen))])
+        others = kinds[k][kinds[k] != row[pos]]
         row[pos] = others[int(torch.randint(len(others), (1,), generator=gen))]
     return out
 
@@ -656,7 +670,8 @@ def train_unet(
     latents = cached_latents(cfg, work, vae, images)
     ids_all = tokenize(cfg, tokenizer, captions)
     ids_uncond = tokenize(cfg, tokenizer, [""])
-    kinds = word_kinds(tokenizer)
+    kinds = word_kinds(tokenizer)  # (colours, shapes)
+    kind_weights = (1.0 - cfg.contrast_shape_share, cfg.contrast_shape_share)
     torch.manual_seed(cfg.seed + 1)
     if init is None:
         text_encoder, unet = make_text_encoder(cfg, tokenizer), make_unet(cfg)
@@ -721,8 +736,8 @@ def train_unet(
         neg = torch.nonzero(~drop & (torch.rand(len(idx), generator=gen) < cfg.contrast_fraction)).flatten()
         if cfg.contrast_weight <= 0:
             neg = neg[:0]
-        ids_all_rows = torch.cat([ids, swap_one_word(ids[neg], kinds, gen)])
-        hidden = text_encoder(ids_all_rows).last_hidden_state
+        ids_neg = swap_one_word(ids[neg], kinds, gen, kind_weights)  # [N, L]
+        hidden = text_encoder(torch.cat([ids, ids_neg])).last_hidden_state
         pred = unet(torch.cat([zt, zt[neg]]), torch.cat([t, t[neg]]), encoder_hidden_states=hidden).sample
         sq_err = ((pred - torch.cat([noise, noise[neg]])) ** 2).mean(dim=(1, 2, 3))  # [B + N]
         loss = denoise = sq_err[: len(idx)].mean()
