@@ -8,6 +8,8 @@ Examples::
     python scripts/train_bundled_model.py --stage all --vae-minutes 12 --unet-minutes 43
     python scripts/train_bundled_model.py --stage unet --continue-from src/peekaboo/assets/shapes-ldm \\
         --unet-minutes 100 --work /tmp/train/work --out /tmp/train/shapes-ldm-robust
+    python scripts/train_bundled_model.py --stage unet --continue-from src/peekaboo/assets/shapes-ldm \\
+        --device cuda --workers 16 --set n_scenes=200000 unet_batch=512 --unet-minutes 6
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from peekaboo.bench.train_model import STAGES, Config, train
+from peekaboo.bench.train_model import STAGES, Config, config_with, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = REPO_ROOT / "work" / "bundled_model"
@@ -43,12 +45,28 @@ def main() -> None:
         help="a finished pipeline (e.g. the bundled one): keep its VAE, and train its text encoder + UNet "
         "further for --unet-minutes / --unet-steps (a warm restart of the lr schedule)",
     )
+    parser.add_argument(
+        "--vae-from",
+        type=Path,
+        default=None,
+        help="a finished pipeline whose VAE is kept while a new text encoder + UNet are trained from scratch",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device of the UNet stage, e.g. cuda")
+    parser.add_argument("--workers", type=int, default=1, help="processes that render the training scenes")
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="override Config fields, e.g. unet_batch=256"
+    )
     args = parser.parse_args()
     cfg = Config()
     if args.n_scenes is not None:
         cfg = replace(cfg, n_scenes=args.n_scenes)
+    try:
+        cfg = config_with(cfg, args.set)
+    except ValueError as err:
+        parser.error(str(err))
     train(cfg, args.work, args.out, args.stage, args.vae_minutes, args.unet_minutes, args.vae_steps,
-          args.unet_steps, args.continue_from, command=shlex.join(["python", *sys.argv]))
+          args.unet_steps, args.continue_from, command=shlex.join(["python", *sys.argv]),
+          vae_from=args.vae_from, device=args.device, workers=args.workers)
 
 
 if __name__ == "__main__":

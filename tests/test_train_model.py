@@ -14,6 +14,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from peekaboo.bench.train_model import (
     Config,
     build_tokenizer,
+    config_with,
     contrast_hinge,
     load_scenes,
     swap_one_word,
@@ -125,3 +126,62 @@ def test_contrast_hinge_is_zero_past_the_margin_and_pushes_both_errors_equally()
     hinge.sum().backward()
     # Growing every error gains nothing: only telling the captions apart lowers the hinge.
     assert mse_true.grad.tolist() == [1.0, 0.0, 0.0] and mse_wrong.grad.tolist() == [-1.0, 0.0, 0.0]
+
+
+def test_new_text_encoder_and_unet_on_a_kept_vae(tmp_path):
+    # vae_from: the pipeline's VAE as it was, a text encoder + UNet of another architecture from scratch.
+    first = tmp_path / "model"
+    train(TINY, tmp_path / "work", first, "all", vae_steps=2, unet_steps=2, command="first")
+    wide = replace(TINY, unet_cross_attention=(True, True, True), text_width=24)
+    out = tmp_path / "wide"
+    log = train(wide, tmp_path / "work_wide", out, "unet", unet_steps=2, vae_from=first, command="wide")
+    assert log["unet"]["steps"] == 2 and [r["command"] for r in log["unet"]["rounds"]] == ["wide"]
+    assert log["unet"]["rounds"][0]["device"] == "cpu"
+    unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    assert unet.config.down_block_types == ["CrossAttnDownBlock2D"] * 3 and unet.config.cross_attention_dim == 24
+    for name, p in AutoencoderKL.from_pretrained(out, subfolder="vae").state_dict().items():
+        assert torch.equal(p, AutoencoderKL.from_pretrained(first, subfolder="vae").state_dict()[name])
+    with pytest.raises(ValueError, match="not both"):
+        train(TINY, tmp_path / "w3", tmp_path / "m3", "unet", continue_from=first, vae_from=first)
+    with pytest.raises(ValueError, match="one flag per level"):
+        train(replace(TINY, unet_cross_attention=(True,)), tmp_path / "w4", tmp_path / "m4", "unet",
+              unet_steps=1, vae_from=first)
+
+
+def test_scenes_stage_renders_the_same_scenes_with_several_workers(tmp_path):
+    cfg = replace(TINY, n_scenes=5)
+    assert train(cfg, tmp_path / "one", tmp_path / "unused", "scenes") == {}
+    assert not (tmp_path / "unused").exists()  # the scenes stage writes its cache only
+    images, captions = load_scenes(cfg, tmp_path / "one")
+    (tmp_path / "two").mkdir()
+    images2, captions2 = load_scenes(cfg, tmp_path / "two", workers=2)
+    assert np.array_equal(images, images2) and captions == captions2
+
+
+def test_config_with_parses_typed_overrides_and_refuses_unknown_keys():
+    cfg = config_with(TINY, ["unet_batch=512", "unet_lr=1", "unet_cross_attention=(True,True,True)",
+                             "train_style=classic", "caption_forms=['and']"])
+    assert cfg.unet_batch == 512 and cfg.unet_lr == 1.0 and isinstance(cfg.unet_lr, float)
+    assert cfg.unet_cross_attention == (True, True, True) and cfg.caption_forms == ("and",)
+    assert cfg.train_style == "classic"
+    with pytest.raises(ValueError, match="unet_batch"):
+        config_with(TINY, ["unet_bach=3"])
+    with pytest.raises(ValueError, match="takes a value like 2"):
+        config_with(TINY, ["unet_batch=big"])
+    with pytest.raises(ValueError, match="takes a value like"):
+        config_with(TINY, ["unet_cross_attention=(1, 2, 3)"])
+
+
+def test_swap_one_word_follows_the_kind_weights_on_average(tmp_path):
+    tokenizer = build_tokenizer(TINY, tmp_path / "tok")
+    ids = tokenize(TINY, tokenizer, ["a red circle and a blue square"] * 2000)
+    swapped = swap_one_word(ids, word_kinds(tokenizer), torch.Generator().manual_seed(0), (0.3, 0.7))
+    colours, shapes = word_kinds(tokenizer)
+    changed = ids[swapped != ids]
+    assert len(changed) == 2000  # one word per row
+    share = torch.isin(changed, shapes).float().mean().item()
+    assert 0.66 < share < 0.74
+    new = swapped[swapped != ids]
+    # the new word is one of the kind's others, uniformly: each of the 4 other colours of "red"/"blue" appears
+    assert set(tokenizer.convert_ids_to_tokens(new[torch.isin(new, colours)].tolist())) == {
+        f"{c}</w>" for c in COLOURS}

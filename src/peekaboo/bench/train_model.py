@@ -5,7 +5,8 @@ conditional UNet, scheduler) small enough to train and run on a CPU, shipped ins
 the demo and the tests need no model hub. ``scripts/train_bundled_model.py`` is the command line; it
 owns the repository paths, this module only computes (:func:`train`).
 
-Two stages, each resumable and each with its own wall-clock budget:
+Two stages, each resumable and each with its own wall-clock budget (``scenes`` only renders and caches the
+training scenes, e.g. on a many-core machine before a GPU run):
 
 1. ``vae``: an ``AutoencoderKL`` (64x64x3 images <-> 16x16x4 latents) trained with an L1 + MSE
    reconstruction loss and a small KL term; afterwards ``scaling_factor`` = 1 / std of the
@@ -21,17 +22,22 @@ style ``Config.train_style`` (:data:`~peekaboo.data.shapes.WIDE` by default) wit
 ``Config.caption_forms``. Progress checkpoints go to the work folder every few minutes; calling
 :func:`train` again with the same folder continues from them. The rendered scenes and their latents are
 cached there too, keyed by the settings that made them, so a change of style re-renders them.
+
+Training runs on the CPU by default and on any torch device (``device="cuda"``): the batches and noise are
+drawn on the CPU from per-step seeds either way, so a run's data does not depend on where it trains.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import itertools
 import json
 import math
+import multiprocessing
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +54,19 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from peekaboo.data.shapes import CAPTION_FORMS, COLOURS, SHAPES, STYLES, Scene, SceneStyle, make_scene, scene_seed
 
-__all__ = ["STAGES", "Config", "build_tokenizer", "train", "training_scene", "training_style"]
+__all__ = [
+    "STAGES",
+    "Config",
+    "build_tokenizer",
+    "config_with",
+    "train",
+    "training_scene",
+    "training_style",
+]
 
-#: What :func:`train` can run: the VAE only, the text encoder + UNet only (on a finished VAE), or both.
-STAGES: tuple[str, ...] = ("vae", "unet", "all")
+#: What :func:`train` can run: the training scenes only (rendered and cached), the VAE only, the text
+#: encoder + UNet only (on a finished VAE), or both.
+STAGES: tuple[str, ...] = ("scenes", "vae", "unet", "all")
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,8 @@ class Config:
     unet_channels: tuple[int, ...] = (64, 64, 64)  # wider channels were slower per step on 2 CPU cores
     unet_layers_per_block: int = 2
     unet_heads: int = 4  # diffusers' "attention_head_dim" of SD-1 configs is the number of heads
+    # Which resolutions (16x16, 8x8, 4x4 latents for 64x64 images) carry cross-attention to the caption.
+    unet_cross_attention: tuple[bool, ...] = (False, True, True)
     unet_norm_groups: int = 32  # GroupNorm groups; must divide every unet_channels entry
     unet_batch: int = 64
     unet_lr: float = 3e-4
@@ -133,6 +150,35 @@ class Config:
     log_every: int = 25
     encode_batch: int = 256
     save_fp16_above_mb: float = 25.0  # weights are stored in fp16 if fp32 would exceed this
+
+
+def config_with(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` with ``key=value`` overrides applied (values as Python literals; a bare word is a string).
+
+    Raises:
+        ValueError: an unknown key, or a value whose type does not match the field's default.
+    """
+    known = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    changes: dict[str, object] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        default = known[key]
+        if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+            value = tuple(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default) or (
+            isinstance(default, tuple) and default and any(type(v) is not type(default[0]) for v in value)
+        ):
+            raise ValueError(f"{item!r}: {key} takes a value like {default!r}")
+        changes[key] = value
+    return replace(cfg, **changes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,11 +268,19 @@ def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_scenes(cfg: Config, work: Path) -> tuple[np.ndarray, list[str]]:
+def _render(args: tuple[Config, int, int]) -> tuple[np.ndarray, list[str]]:
+    """Training scenes ``start .. stop - 1``: uint8 images [N, H, W, 3] and captions (one worker's chunk)."""
+    cfg, start, stop = args
+    scenes = [training_scene(cfg, i) for i in range(start, stop)]
+    return np.stack([s.image for s in scenes]), [s.caption for s in scenes]
+
+
+def load_scenes(cfg: Config, work: Path, workers: int = 1) -> tuple[np.ndarray, list[str]]:
     """Render (or load from the cache) the ``n_scenes`` training scenes: uint8 images and captions.
 
     The cache is reused only when it was rendered with the same settings (:func:`scenes_key`); a cache
-    without a key (made before scene styles existed) holds classic scenes and is re-rendered.
+    without a key (made before scene styles existed) holds classic scenes and is re-rendered. Each scene is a
+    function of its index alone, so ``workers`` processes render the same scenes as one.
     """
     images_path, captions_path = work / "scenes_images.npy", work / "scenes_captions.json"
     key_path = work / "scenes_key.json"
@@ -238,12 +292,15 @@ def load_scenes(cfg: Config, work: Path) -> tuple[np.ndarray, list[str]]:
             return images, captions
     log(f"rendering {cfg.n_scenes} training scenes (style {cfg.train_style}; no cache with key {key})")
     t0 = time.time()
-    images = np.empty((cfg.n_scenes, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
-    captions = []
-    for i in range(cfg.n_scenes):
-        scene = training_scene(cfg, i)
-        images[i] = scene.image
-        captions.append(scene.caption)
+    chunk = 2_000
+    jobs = [(cfg, start, min(start + chunk, cfg.n_scenes)) for start in range(0, cfg.n_scenes, chunk)]
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            parts = pool.map(_render, jobs)
+    else:
+        parts = [_render(job) for job in jobs]
+    images = np.concatenate([p[0] for p in parts])
+    captions = [c for p in parts for c in p[1]]
     np.save(images_path, images)
     captions_path.write_text(json.dumps(captions))
     key_path.write_text(key)
@@ -382,22 +439,33 @@ def swap_one_word(
     caption that names an object the scene does not have.
 
     The word kind is drawn with ``kind_weights`` (one per entry of ``kinds``, renormalised over the kinds the
-    row holds), then the position uniformly among that kind's tokens. Rows with no such token are returned
-    unchanged.
+    row holds), then the position uniformly among that kind's tokens, then the new word uniformly among the
+    kind's other words. Rows with no such token are returned unchanged. All rows are drawn at once (this runs
+    on every training step).
     """
     if len(kind_weights) != len(kinds) or min(kind_weights) < 0 or sum(kind_weights) <= 0:
         raise ValueError(f"kind_weights {kind_weights} must be {len(kinds)} non-negative weights, not all zero")
     out = ids.clone()
-    for row in out:
-        present = [(k, torch.nonzero(torch.isin(row, kind)).flatten()) for k, kind in enumerate(kinds)]
-        present = [(k, pos) for k, pos in present if len(pos) and kind_weights[k] > 0]
-        if not present:
-            continue
-        weights = torch.tensor([kind_weights[k] for k, _ in present], dtype=torch.float)
-        k, positions = present[int(torch.multinomial(weights, 1, generator=gen))]
-        pos = int(positions[int(torch.randint(len(positions), (1,), generator=gen))])
-        others = kinds[k][kinds[k] != row[pos]]
-        row[pos] = others[int(torch.randint(len(others), (1,), generator=gen))]
+    if len(ids) == 0:
+        return out
+    # word_of[k]: [B, L], the index of each token in kinds[k] (-1: not a word of that kind)
+    word_of = [(ids[..., None] == kind).to(torch.long).argmax(-1).where(torch.isin(ids, kind), -1) for kind in kinds]
+    present = torch.stack([(w >= 0).any(1) for w in word_of], dim=1)  # [B, K]
+    weights = present * torch.tensor(kind_weights, dtype=torch.float)  # [B, K]
+    rows = torch.nonzero(weights.sum(1) > 0).flatten()  # [R] rows with a word to swap
+    if len(rows) == 0:
+        return out
+    kind = torch.multinomial(weights[rows], 1, generator=gen).squeeze(1)  # [R]
+    words = torch.stack(word_of)[kind, rows]  # [R, L] word indices in the drawn kind
+    # A uniform position among the drawn kind's tokens: the largest of uniform scores over those positions.
+    scores = torch.rand(words.shape, generator=gen).where(words >= 0, -1.0)
+    pos = scores.argmax(1)  # [R]
+    old = words[torch.arange(len(rows)), pos]  # [R]
+    sizes = torch.tensor([len(k) for k in kinds])[kind]  # [R]
+    # Another word of the same kind, uniformly: shift the old index by 1 .. size - 1 (mod size).
+    shift = 1 + (torch.rand(len(rows), generator=gen) * (sizes - 1)).long()
+    table = torch.nn.utils.rnn.pad_sequence(list(kinds), batch_first=True)  # [K, max words]
+    out[rows, pos] = table[kind, (old + shift) % sizes]
     return out
 
 
@@ -461,13 +529,20 @@ def make_text_encoder(cfg: Config, tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 
 def make_unet(cfg: Config) -> UNet2DConditionModel:
-    """The latent UNet: cross-attention only at the two lower resolutions (8x8 and 4x4)."""
+    """The latent UNet, with cross-attention at the resolutions ``cfg.unet_cross_attention`` names."""
+    if len(cfg.unet_cross_attention) != len(cfg.unet_channels):
+        raise ValueError(
+            f"unet_cross_attention {cfg.unet_cross_attention} needs one flag per level of unet_channels "
+            f"{cfg.unet_channels}"
+        )
+    down = tuple("CrossAttnDownBlock2D" if x else "DownBlock2D" for x in cfg.unet_cross_attention)
+    up = tuple("CrossAttnUpBlock2D" if x else "UpBlock2D" for x in reversed(cfg.unet_cross_attention))
     return UNet2DConditionModel(
         sample_size=cfg.image_size // 4,
         in_channels=cfg.latent_channels,
         out_channels=cfg.latent_channels,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=down,
+        up_block_types=up,
         block_out_channels=cfg.unet_channels,
         layers_per_block=cfg.unet_layers_per_block,
         cross_attention_dim=cfg.text_width,
@@ -601,8 +676,11 @@ def train_vae(cfg: Config, work: Path, images: np.ndarray, minutes: float, max_s
 
 
 @torch.no_grad()
-def cached_latents(cfg: Config, work: Path, vae: AutoencoderKL, images: np.ndarray) -> torch.Tensor:
-    """Scaled posterior-mean latents of all training scenes (encoded once, cached on disk).
+def cached_latents(
+    cfg: Config, work: Path, vae: AutoencoderKL, images: np.ndarray, device: torch.device
+) -> torch.Tensor:
+    """Scaled posterior-mean latents [N, C, h, w] of all training scenes (encoded once on ``device``, cached
+    on disk), returned on ``device``.
 
     The cache is keyed by the scenes (:func:`scenes_key`) and the VAE's weights, so new scenes or another
     VAE re-encode.
@@ -611,15 +689,16 @@ def cached_latents(cfg: Config, work: Path, vae: AutoencoderKL, images: np.ndarr
     weights = sum(float(t.double().sum()) for t in vae.state_dict().values())  # identifies the VAE cheaply
     key = _digest({"scenes": scenes_key(cfg), "vae": weights, "scale": vae.config.scaling_factor})
     if path.exists() and key_path.exists() and key_path.read_text() == key:
-        return torch.load(path)
+        return torch.load(path).to(device)
     t0 = time.time()
-    vae.eval()
+    vae.eval().to(device)
     chunks = []
     for start in range(0, len(images), cfg.encode_batch):
-        x = to_tensor(images[start : start + cfg.encode_batch])
+        x = to_tensor(images[start : start + cfg.encode_batch]).to(device)
         chunks.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
     latents = torch.cat(chunks)
-    atomic_save(latents, path)
+    vae.cpu()
+    atomic_save(latents.cpu(), path)
     key_path.write_text(key)
     log(
         f"encoded {len(images)} scenes to latents {tuple(latents.shape)} in {time.time() - t0:.1f}s "
@@ -639,8 +718,7 @@ class Ema:
     @torch.no_grad()
     def update(self, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        for s, p in zip(self.shadow, self.params, strict=True):
-            s.lerp_(p.detach(), 1.0 - decay)
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
 
     @torch.no_grad()
     def copy_to_params(self) -> None:
@@ -659,15 +737,18 @@ def train_unet(
     max_steps: int | None,
     init: Path | None = None,
     first_step: int = 0,
+    device: torch.device | None = None,
 ) -> tuple[CLIPTextModel, UNet2DConditionModel, int, float]:
-    """Stage 2. Returns the EMA text encoder and UNet, the number of steps and the wall time (s).
+    """Stage 2, on ``device`` (the CPU by default). Returns the EMA text encoder and UNet (on the CPU), the
+    number of steps and the wall time (s).
 
     With ``init`` (a finished pipeline folder), training continues from its (EMA) text encoder and UNet
     with a fresh optimizer: a warm restart of the cosine schedule (short warmup, then decay over the new
     budget). Steps are numbered from ``first_step`` (the steps the pipeline already had), so the batches
     and noise of the continuation are new ones, and ``max_steps`` / ``minutes`` count this run only.
     """
-    latents = cached_latents(cfg, work, vae, images)
+    device = device or torch.device("cpu")
+    latents = cached_latents(cfg, work, vae, images, device)  # [N, C, h, w] on device
     ids_all = tokenize(cfg, tokenizer, captions)
     ids_uncond = tokenize(cfg, tokenizer, [""])
     kinds = word_kinds(tokenizer)  # (colours, shapes)
@@ -680,15 +761,17 @@ def train_unet(
         _resize_vocabulary(text_encoder, tokenizer, init)
         unet = UNet2DConditionModel.from_pretrained(init, subfolder="unet")
         log(f"UNet: continuing from {init} (step {first_step})")
+    text_encoder.to(device)
+    unet.to(device)
     params = [*text_encoder.parameters(), *unet.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     ema = Ema(params, cfg.ema_decay)
     scheduler = make_train_scheduler(cfg)
-    abar = scheduler.alphas_cumprod
+    abar = scheduler.alphas_cumprod.to(device)
     progress_path = work / "unet_progress.pt"
     step, elapsed = first_step, 0.0
     if progress_path.exists():
-        state = torch.load(progress_path, weights_only=False)
+        state = torch.load(progress_path, weights_only=False, map_location=device)
         text_encoder.load_state_dict(state["text_encoder"])
         unet.load_state_dict(state["unet"])
         opt.load_state_dict(state["opt"])
@@ -716,20 +799,25 @@ def train_unet(
     text_encoder.train()
     unet.train()
     t_start, last_ckpt = time.time() - elapsed, time.time()
-    running = contrast_running = beaten = 0.0  # EMAs of the denoising loss, the hinge, true < wrong
+    # EMAs of the denoising loss, the hinge and of true < wrong, kept on the device: reading them every step
+    # would wait for the GPU each time.
+    running, contrast_running, beaten = (torch.zeros((), device=device) for _ in range(3))
     warmup = cfg.unet_warmup_steps if init is None else cfg.continue_warmup_steps
     while (max_steps is None and elapsed < minutes * 60) or (max_steps is not None and step - first_step < max_steps):
         done = step - first_step
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, done, run_progress(done, elapsed, minutes, max_steps), cfg.unet_lr, warmup)
+        # The step's draws (scenes, caption drop, t, noise, negatives) come from CPU generators seeded by the
+        # step, so they are the same on every device and after a resume.
         idx = torch.from_numpy(batch_indices(cfg, "unet", step, len(latents), cfg.unet_batch))
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        z0 = latents[idx]
-        ids = ids_all[idx].clone()
+        ids = ids_all[idx].clone()  # [B, L]
         drop = torch.rand(len(idx), generator=gen) < cfg.uncond_prob
         ids[drop] = ids_uncond
-        t = torch.randint(0, cfg.num_train_timesteps, (len(idx),), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, cfg.num_train_timesteps, (len(idx),), generator=gen)  # [B]
+        noise = torch.randn((len(idx), *latents.shape[1:]), generator=gen).to(device)  # [B, C, h, w]
+        z0 = latents[idx.to(device)]  # [B, C, h, w]
+        t = t.to(device)
         a = abar[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         # Hard negatives ride in the same forward pass: the same z_t, t and noise under a one-word-wrong caption.
@@ -737,15 +825,16 @@ def train_unet(
         if cfg.contrast_weight <= 0:
             neg = neg[:0]
         ids_neg = swap_one_word(ids[neg], kinds, gen, kind_weights)  # [N, L]
-        hidden = text_encoder(torch.cat([ids, ids_neg])).last_hidden_state
+        neg = neg.to(device)
+        hidden = text_encoder(torch.cat([ids, ids_neg]).to(device)).last_hidden_state
         pred = unet(torch.cat([zt, zt[neg]]), torch.cat([t, t[neg]]), encoder_hidden_states=hidden).sample
         sq_err = ((pred - torch.cat([noise, noise[neg]])) ** 2).mean(dim=(1, 2, 3))  # [B + N]
         loss = denoise = sq_err[: len(idx)].mean()
         if len(neg):
             hinge = contrast_hinge(sq_err[neg], sq_err[len(idx):], cfg.contrast_margin)  # [N]
             loss = denoise + cfg.contrast_weight * hinge.mean()
-            contrast_running = 0.98 * contrast_running + 0.02 * hinge.mean().item()
-            beaten = 0.98 * beaten + 0.02 * (sq_err[len(idx):] > sq_err[neg]).float().mean().item()
+            contrast_running.lerp_(hinge.detach().mean(), 0.02)
+            beaten.lerp_((sq_err[len(idx):] > sq_err[neg]).float().mean(), 0.02)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -753,11 +842,17 @@ def train_unet(
         ema.update(step)
         step += 1
         elapsed = time.time() - t_start
-        running = denoise.item() if step == first_step + 1 else 0.98 * running + 0.02 * denoise.item()
+        if step == first_step + 1:
+            running.copy_(denoise.detach())
+        else:
+            running.lerp_(denoise.detach(), 0.02)
         if step % cfg.log_every == 0:
-            contrast = f" contrast={contrast_running:.4f} true<wrong={beaten:.0%}" if cfg.contrast_weight > 0 else ""
+            contrast = (
+                f" contrast={contrast_running.item():.4f} true<wrong={beaten.item():.0%}"
+                if cfg.contrast_weight > 0 else ""
+            )
             log(
-                f"UNet step {step} loss={denoise.item():.4f} ema_loss={running:.4f}{contrast} "
+                f"UNet step {step} loss={denoise.item():.4f} ema_loss={running.item():.4f}{contrast} "
                 f"| {elapsed / (step - first_step):.2f}s/step, {elapsed / 60:.1f} min"
             )
         if time.time() - last_ckpt > cfg.checkpoint_every_s:
@@ -766,7 +861,7 @@ def train_unet(
     save_progress()
     ema.copy_to_params()
     log(f"UNet done: {step} steps, {elapsed / 60:.1f} min")
-    return text_encoder.eval(), unet.eval(), step, elapsed
+    return text_encoder.eval().cpu(), unet.eval().cpu(), step, elapsed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -823,6 +918,10 @@ def train(
     unet_steps: int | None = None,
     continue_from: Path | None = None,
     command: str = "",
+    *,
+    vae_from: Path | None = None,
+    device: str = "cpu",
+    workers: int = 1,
 ) -> dict:
     """Train (or continue training) the bundled model and write the pipeline to ``out``.
 
@@ -837,40 +936,55 @@ def train(
             ``cfg.added_words``, and train its text encoder + UNet further (a warm restart of the lr
             schedule; step numbers continue from the pipeline's).
         command: the command line, recorded in ``training_log.json``.
+        vae_from: a finished pipeline whose VAE is kept while a new text encoder + UNet (``cfg``'s
+            architecture) are trained from scratch.
+        device: the torch device of the VAE encoding and of stage 2 (the VAE stage trains on the CPU).
+        workers: processes that render the training scenes.
 
     Returns:
-        The training log written to ``out/training_log.json`` (empty for ``stage="vae"``).
+        The training log written to ``out/training_log.json`` (empty for ``stage="scenes"`` / ``"vae"``).
 
     Raises:
-        ValueError: an unknown stage, or ``stage="vae"`` with ``continue_from``.
+        ValueError: an unknown stage, ``stage="vae"`` with ``continue_from`` / ``vae_from``, or both of them.
     """
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
-    if continue_from is not None and stage == "vae":
-        raise ValueError("continue_from keeps the VAE of the pipeline; use stage 'unet'")
+    if continue_from is not None and vae_from is not None:
+        raise ValueError("continue_from already keeps the pipeline's VAE; give continue_from or vae_from, not both")
+    source = continue_from or vae_from
+    if source is not None and stage == "vae":
+        raise ValueError("continue_from / vae_from keep the VAE of the pipeline; use stage 'unet'")
     torch.set_num_threads(cfg.threads)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions: fp32 range, ~fp16 speed
+        torch.backends.cudnn.allow_tf32 = True
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    images, captions = load_scenes(cfg, work)
+    images, captions = load_scenes(cfg, work, workers)
+    if stage == "scenes":
+        return {}
     tokenizer = build_tokenizer(cfg, work / "tokenizer_src")
     previous: dict = {}
-    if continue_from is not None:
-        previous = json.loads((continue_from / "training_log.json").read_text())
-        vae = AutoencoderKL.from_pretrained(continue_from, subfolder="vae")
+    if source is not None:
+        previous = json.loads((source / "training_log.json").read_text())
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
         (work / "vae_stats.json").write_text(
             json.dumps({**previous["vae"], "psnr": previous["vae"]["psnr_posterior_mean"]}, indent=2)
         )
+        if vae_from is not None:  # a new text encoder + UNet: their history starts here
+            previous = {"vae": previous["vae"]}
     else:
         vae = train_vae(cfg, work, images, vae_minutes, vae_steps)
     if stage == "vae":
         return {}
     first_step = previous.get("unet", {}).get("steps", 0)
     text_encoder, unet, steps, wall = train_unet(
-        cfg, work, vae, images, captions, tokenizer, unet_minutes, unet_steps, continue_from, first_step
+        cfg, work, vae, images, captions, tokenizer, unet_minutes, unet_steps, continue_from, first_step,
+        torch.device(device),
     )
     vae_stats = json.loads((work / "vae_stats.json").read_text())
     earlier = previous.get("unet", {})
-    rounds = earlier.get("rounds", [{"command": previous["command"], **earlier}] if previous else [])
+    rounds = earlier.get("rounds", [{"command": previous["command"], **earlier}] if earlier else [])
     train_log = {
         "command": command,
         "seed": cfg.seed,
@@ -891,6 +1005,7 @@ def train(
                 {
                     "command": command,
                     "train_style": cfg.train_style,
+                    "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
                     "steps": steps - first_step,
                     "wall_s": round(wall, 1),
                 },
