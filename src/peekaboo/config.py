@@ -231,6 +231,19 @@ class EarlyStopConfig:
 
 
 @dataclass
+class RestartsConfig:
+    """Several independent optimizations of each pair, one kept, chosen by the model itself (no labels): the
+    candidate whose composite the prompt explains best, i.e. with the lowest denoising error under the prompt
+    over ``draws`` (background, timestep, noise) draws that all of a pair's candidates share
+    (:mod:`peekaboo.restarts`). Candidate 0 is the single optimization's mask, bit for bit."""
+
+    count: int = 1  # optimizations per pair; 1: one (the paper), no scoring
+    draws: int = 16  # scoring draws per candidate (one VAE encode and one UNet call of this batch)
+    t_min: float = 0.2  # the scoring timesteps, t ~ U[t_min, t_max) as fractions of the training timesteps
+    t_max: float = 0.8
+
+
+@dataclass
 class OptimizationConfig:
     """Everything that defines one pair's optimization."""
 
@@ -242,6 +255,7 @@ class OptimizationConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    restarts: RestartsConfig = field(default_factory=RestartsConfig)
     # Where the composite is made: "pixel" (alpha * image + (1 - alpha) * background, VAE-encoded with
     # gradient: the paper's) or "latent" (alpha pooled to the latent grid blends the image's cached latents
     # with the background's, encoded without gradient: no VAE backward, an approximation of the encoding).
@@ -681,6 +695,11 @@ def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization."
     _check(e.loss_tolerance is None or e.loss_tolerance >= 0, p + "early_stop.loss_tolerance", e.loss_tolerance,
            "null (mask test only) or a relative improvement >= 0")
     _check(0 <= e.loss_ema < 1, p + "early_stop.loss_ema", e.loss_ema, "0 <= loss_ema < 1")
+    r = cfg.restarts
+    _check(r.count >= 1, p + "restarts.count", r.count, "an integer >= 1")
+    _check(r.draws >= 1, p + "restarts.draws", r.draws, "an integer >= 1")
+    _check(0.0 <= r.t_min < r.t_max <= 1.0, p + "restarts.t_min/t_max", (r.t_min, r.t_max),
+           "0 <= t_min < t_max <= 1 (fractions of the training timesteps)")
 
 
 def validate_finite(cfg: Any) -> None:

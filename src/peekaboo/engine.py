@@ -26,6 +26,7 @@ from peekaboo.config import EarlyStopConfig, OptimizationConfig, TrainerConfig
 from peekaboo.errors import PeekabooError
 from peekaboo.loggers import make_logger
 from peekaboo.module import PeekabooModule
+from peekaboo.restarts import candidate_ids, choose, prompt_fit
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +374,11 @@ def optimize_pairs(
 ) -> list[PairResult]:
     """Optimize the masks of B independent pairs together with one Lightning Trainer.
 
+    With ``opt_cfg.restarts.count = K > 1``, each pair's K candidates (:mod:`peekaboo.restarts`) are optimized
+    together as ``K * B`` pairs (their TensorBoard runs are the pair's run name with ``#restart<k>`` for
+    ``k >= 1``), and each pair's result is its kept candidate, with the losses ``restart/kept`` (its index) and
+    ``restart/fit`` (its :func:`~peekaboo.restarts.prompt_fit`). Arguments and return as for one optimization:
+
     Args:
         images: ``(B, 3, S, S)`` working images in [0, 1].
         tb_dir: the logger's root; each pair's curves (and, for TensorBoard, images) go to the run
@@ -388,6 +394,50 @@ def optimize_pairs(
     Returns:
         One result per pair, in order.
     """
+    count = opt_cfg.restarts.count
+    if count == 1:
+        return _optimize(images, prompts, pair_ids, opt_cfg, trainer_cfg, backbone, tb_dir, callbacks, ckpt_path,
+                         enable_progress_bar, devices, run_name, pair_run_names, logger_kind)
+    start = time.perf_counter()
+    ids = candidate_ids(pair_ids, count)
+    names = candidate_ids(pair_run_names or pair_ids, count)
+    results = _optimize(images.repeat_interleave(count, dim=0), [p for p in prompts for _ in range(count)], ids,
+                        opt_cfg, trainer_cfg, backbone, tb_dir, callbacks, ckpt_path, enable_progress_bar, devices,
+                        run_name or (names[0] if len(pair_ids) == 1 else None), names, logger_kind)
+    alphas = torch.stack([r.alpha for r in results])[:, None]  # (K*B, 1, S, S)
+    failed = torch.tensor([r.failed for r in results])
+    # Candidates of a pair share their scoring draws: seeded by the pair's id, not the candidate's.
+    fit = prompt_fit(backbone, images.repeat_interleave(count, dim=0).float(), alphas.float(),
+                     [p for p in prompts for _ in range(count)], [p for p in pair_ids for _ in range(count)],
+                     opt_cfg.restarts, opt_cfg.seed, opt_cfg.background)
+    kept = choose(fit, failed, count).tolist()
+    seconds = (time.perf_counter() - start) / len(pair_ids)
+    out = []
+    for i, k in enumerate(kept):
+        best = results[i * count + k]
+        losses = {**best.losses, "restart/kept": float(k), "restart/fit": float(fit[i * count + k])}
+        out.append(PairResult(alpha=best.alpha, steps=best.steps, seconds=seconds, losses=losses,
+                              failed=best.failed, curve=best.curve))
+    return out
+
+
+def _optimize(
+    images: torch.Tensor,
+    prompts: list[str],
+    pair_ids: list[str],
+    opt_cfg: OptimizationConfig,
+    trainer_cfg: TrainerConfig,
+    backbone: Backbone,
+    tb_dir: str | Path | None,
+    callbacks: list[Callback] | None,
+    ckpt_path: str | Path | None,
+    enable_progress_bar: bool | None,
+    devices: Any,
+    run_name: str | None,
+    pair_run_names: list[str] | None,
+    logger_kind: str,
+) -> list[PairResult]:
+    """One optimization of each of B pairs (:func:`optimize_pairs` without restarts)."""
     logger: Any = False
     cbs = list(callbacks or [])
     if opt_cfg.early_stop.enabled:

@@ -106,6 +106,11 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
                ("optimization.mask.init=cross_attention",),
                "The default with its mask started from the cross-attention map of the row below instead of alpha "
                "0.5 everywhere: logits `init_scale * (map - init_threshold)`, then the same optimization."),
+        Method("restarts_4", "4 restarts, model-chosen", "peekaboo", ("optimization.restarts.count=4",),
+               "The default optimized 4 times per pair (other random streams; the first is the default's own "
+               "run), keeping the mask whose composite the prompt explains best: the lowest denoising error "
+               "under the prompt over 16 draws shared by the 4 candidates (`peekaboo.restarts`). No label is "
+               "used; it costs 4 optimizations per pair."),
         Method("cross_attention", "cross-attention map", "cross_attention", (),
                "No optimization: the UNet's cross-attention to the prompt's content words on the VAE-encoded image "
                "noised at a few timesteps, averaged over heads, layers and timesteps, normalized to [0, 1] and "

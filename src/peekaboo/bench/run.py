@@ -160,6 +160,10 @@ def run_peekaboo(
     """
     opt, trainer = cfg.optimization, cfg.trainer
     steps_scored = sorted({*snapshot_steps, trainer.max_steps})
+    if opt.restarts.count > 1 and len(steps_scored) > 1:
+        # A snapshot holds every candidate's mask; only the end of the run chooses among them.
+        raise PeekabooError("Snapshots of shorter runs cannot score optimization.restarts.count > 1; score each "
+                            "step count as a run of its own.")
     out: dict[int, list[dict]] = {s: [] for s in steps_scored}
     start = time.perf_counter()
     for first in range(0, len(pairs), batch_size):
@@ -173,6 +177,8 @@ def run_peekaboo(
                                      enable_progress_bar=False)
             failed = [r.failed for r in results]
             taken = [r.steps for r in results]
+            # The run's end is each pair's result (with restarts, its kept candidate; else the last snapshot).
+            snaps.alphas[trainer.max_steps] = torch.stack([r.alpha for r in results])
         except NonFiniteError:
             failed, taken = [True] * len(batch), [trainer.max_steps] * len(batch)
         per_pair = (time.perf_counter() - t0) / len(batch)

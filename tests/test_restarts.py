@@ -1,0 +1,88 @@
+"""Restarts (optimization.restarts): candidate ids, the choice, the model's prompt fit and the engine's wiring."""
+
+import pytest
+import torch
+from tests_support import MODULE_SIZE
+from tests_support import cpu_trainer_config as _trainer
+from tests_support import small_optimization_config as _cfg
+
+from peekaboo import engine
+from peekaboo.config import RestartsConfig, validate_optimization
+from peekaboo.engine import optimize_pair, optimize_pairs
+from peekaboo.errors import ConfigError
+from peekaboo.restarts import candidate_ids, choose, prompt_fit
+
+
+def _images(n, seed=5):
+    return torch.rand(n, 3, MODULE_SIZE, MODULE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def test_candidate_ids_keep_the_pair_id_first_and_go_pair_by_pair():
+    assert candidate_ids(["a", "b"], 3) == ["a", "a#restart1", "a#restart2", "b", "b#restart1", "b#restart2"]
+    assert candidate_ids(["a"], 1) == ["a"]
+
+
+def test_choose_takes_the_lowest_fit_of_each_pair_and_skips_failed_candidates():
+    fit = torch.tensor([0.3, 0.1, 0.2, 0.5, 0.5, 0.4])  # two pairs of three candidates
+    none = torch.zeros(6, dtype=torch.bool)
+    assert choose(fit, none, 3).tolist() == [1, 2]
+    failed = torch.tensor([False, True, False, True, True, True])
+    assert choose(fit, failed, 3).tolist() == [2, 0]  # all of pair 2 failed: candidate 0 (it reports failed)
+    assert choose(torch.tensor([0.2, 0.2]), torch.zeros(2, dtype=torch.bool), 2).tolist() == [0]  # first on ties
+    with pytest.raises(ValueError, match="B \\* 4"):
+        choose(fit, none, 4)
+
+
+def test_prompt_fit_shares_draws_within_a_pair_and_tells_masks_apart(tiny_backbone):
+    cfg = RestartsConfig(count=2, draws=4)
+    images = _images(1).expand(3, -1, -1, -1)
+    full, empty = torch.ones(1, 1, MODULE_SIZE, MODULE_SIZE), torch.zeros(1, 1, MODULE_SIZE, MODULE_SIZE)
+    alphas = torch.cat([full, full, empty])
+    fit = prompt_fit(tiny_backbone, images, alphas, ["a red circle"] * 3, ["p", "p", "p"], cfg, seed=0)
+    assert fit.shape == (3,) and torch.isfinite(fit).all()
+    assert fit[0] == fit[1]  # same pair, same mask: the same draws give the same error
+    assert fit[0] != fit[2]  # another mask, another composite
+    other_draws = prompt_fit(tiny_backbone, images[:1], full, ["a red circle"], ["q"], cfg, seed=0)
+    assert other_draws[0] != fit[0]  # another pair id draws other backgrounds, timesteps and noise
+    # Deterministic, and a row's fit does not depend on the other rows.
+    assert torch.equal(prompt_fit(tiny_backbone, images[2:], empty, ["a red circle"], ["p"], cfg, seed=0), fit[2:])
+
+
+def test_restarts_keep_the_candidate_the_fit_prefers(tiny_backbone, monkeypatch):
+    cfg = _cfg()
+    cfg.restarts.count = 3
+    single = _cfg()
+    # Each candidate is the single optimization of its candidate id; candidate 0 is the pair's own run.
+    runs = [optimize_pair(_images(1)[0], "a red circle", pid, single, _trainer(2), tiny_backbone).alpha
+            for pid in ("p", "p#restart1", "p#restart2")]
+    assert not torch.allclose(runs[0], runs[1])
+    seen = {}
+
+    def fake_fit(backbone, images, alphas, prompts, pair_ids, restarts_cfg, seed, background):
+        seen.update(n=len(pair_ids), ids=list(pair_ids))
+        return torch.tensor([0.5, 0.5, 0.5, 0.9, 0.2, 0.9])  # pair p: a tie (first wins); pair q: candidate 1
+
+    monkeypatch.setattr(engine, "prompt_fit", fake_fit)
+    p, q = optimize_pairs(torch.cat([_images(1), _images(1, seed=6)]), ["a red circle", "a blue square"],
+                          ["p", "q"], cfg, _trainer(2), tiny_backbone)
+    assert seen == {"n": 6, "ids": ["p"] * 3 + ["q"] * 3}  # scored on each pair's own draws
+    assert p.losses["restart/kept"] == 0 and torch.allclose(p.alpha, runs[0], atol=1e-2)
+    assert q.losses["restart/kept"] == 1 and q.losses["restart/fit"] == pytest.approx(0.2)
+    q1 = optimize_pair(_images(1, seed=6)[0], "a blue square", "q#restart1", single, _trainer(2), tiny_backbone)
+    assert torch.allclose(q.alpha, q1.alpha, atol=1e-2)
+    assert p.steps == 2 and "loss/dream" in p.losses
+
+
+def test_restarts_end_to_end_with_the_real_fit(tiny_backbone):
+    cfg = _cfg()
+    cfg.restarts.count, cfg.restarts.draws = 2, 2
+    [result] = optimize_pairs(_images(1), ["a red circle"], ["p"], cfg, _trainer(2), tiny_backbone)
+    assert result.losses["restart/kept"] in (0.0, 1.0) and torch.isfinite(result.alpha).all()
+
+
+@pytest.mark.parametrize(("key", "value"), [("count", 0), ("draws", 0), ("t_min", 0.9)])
+def test_restarts_settings_out_of_range_are_refused(key, value):
+    cfg = _cfg()
+    setattr(cfg.restarts, key, value)
+    with pytest.raises(ConfigError, match=f"optimization.restarts.{key}"):
+        validate_optimization(cfg)
