@@ -399,17 +399,17 @@ def optimize_pairs(
         return _optimize(images, prompts, pair_ids, opt_cfg, trainer_cfg, backbone, tb_dir, callbacks, ckpt_path,
                          enable_progress_bar, devices, run_name, pair_run_names, logger_kind)
     start = time.perf_counter()
-    ids = candidate_ids(pair_ids, count)
     names = candidate_ids(pair_run_names or pair_ids, count)
-    results = _optimize(images.repeat_interleave(count, dim=0), [p for p in prompts for _ in range(count)], ids,
-                        opt_cfg, trainer_cfg, backbone, tb_dir, callbacks, ckpt_path, enable_progress_bar, devices,
+    images_k = images.repeat_interleave(count, dim=0)  # (K*B, 3, S, S), pair by pair
+    prompts_k = [p for p in prompts for _ in range(count)]
+    results = _optimize(images_k, prompts_k, candidate_ids(pair_ids, count), opt_cfg, trainer_cfg, backbone, tb_dir,
+                        callbacks, ckpt_path, enable_progress_bar, devices,
                         run_name or (names[0] if len(pair_ids) == 1 else None), names, logger_kind)
     alphas = torch.stack([r.alpha for r in results])[:, None]  # (K*B, 1, S, S)
     failed = torch.tensor([r.failed for r in results])
     # Candidates of a pair share their scoring draws: seeded by the pair's id, not the candidate's.
-    fit = prompt_fit(backbone, images.repeat_interleave(count, dim=0).float(), alphas.float(),
-                     [p for p in prompts for _ in range(count)], [p for p in pair_ids for _ in range(count)],
-                     opt_cfg.restarts, opt_cfg.seed, opt_cfg.background)
+    fit = prompt_fit(backbone, images_k.float(), alphas.float(), prompts_k,
+                     [p for p in pair_ids for _ in range(count)], opt_cfg.restarts, opt_cfg.seed, opt_cfg.background)
     kept = choose(fit, failed, count).tolist()
     seconds = (time.perf_counter() - start) / len(pair_ids)
     out = []

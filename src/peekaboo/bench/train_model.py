@@ -449,7 +449,8 @@ def swap_one_word(
     if len(ids) == 0:
         return out
     # word_of[k]: [B, L], the index of each token in kinds[k] (-1: not a word of that kind)
-    word_of = [(ids[..., None] == kind).to(torch.long).argmax(-1).where(torch.isin(ids, kind), -1) for kind in kinds]
+    matches = [ids[..., None] == kind for kind in kinds]  # each [B, L, words of the kind]
+    word_of = [m.to(torch.long).argmax(-1).where(m.any(-1), -1) for m in matches]
     present = torch.stack([(w >= 0).any(1) for w in word_of], dim=1)  # [B, K]
     weights = present * torch.tensor(kind_weights, dtype=torch.float)  # [B, K]
     rows = torch.nonzero(weights.sum(1) > 0).flatten()  # [R] rows with a word to swap
