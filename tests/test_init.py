@@ -131,3 +131,15 @@ def test_init_keys_are_validated(key, value):
     setattr(cfg.mask, key, value)
     with pytest.raises(ConfigError, match=f"'optimization.mask.{key}'"):
         validate_optimization(cfg)
+
+
+def test_per_pair_inits_start_only_their_rows_from_the_map(tiny_backbone):
+    cfg = _cfg("raster", "constant")
+    images, ids = _images(2), ["a", "b"]
+    module = PeekabooModule(images, PROMPTS[:2], ids, cfg, tiny_backbone, mask_inits=["constant", "cross_attention"])
+    assert "initialized" in module.state_dict()  # a resumed run must know row b has had its start
+    module.on_fit_start()
+    assert torch.equal(module.mask.raster[1, 0], _expected_logits(tiny_backbone, images[1], PROMPTS[1], "b", cfg))
+    assert torch.equal(module.mask.raster[0], torch.full_like(module.mask.raster[0], cfg.mask.init_logit))
+    with pytest.raises(ValueError, match="1 mask inits for 2 pairs"):
+        PeekabooModule(images, PROMPTS[:2], ids, cfg, tiny_backbone, mask_inits=["constant"])

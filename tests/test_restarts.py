@@ -86,3 +86,36 @@ def test_restarts_settings_out_of_range_are_refused(key, value):
     setattr(cfg.restarts, key, value)
     with pytest.raises(ConfigError, match=f"optimization.restarts.{key}"):
         validate_optimization(cfg)
+
+
+def test_candidate_inits_cycle_the_list_and_default_to_the_mask_init():
+    assert RestartsConfig(count=3).candidate_inits("constant") == ["constant"] * 3
+    mixed = RestartsConfig(count=3, mask_inits=["constant", "cross_attention"])
+    assert mixed.candidate_inits("constant") == ["constant", "cross_attention", "constant"]
+
+
+def test_mixed_starts_give_each_candidate_its_own_init(tiny_backbone, monkeypatch):
+    cfg = _cfg("raster")
+    cfg.restarts.count, cfg.restarts.mask_inits = 2, ["constant", "cross_attention"]
+    # Candidate k is the single optimization of its candidate id from its own start: candidate 0 the default's
+    # alpha-0.5 run, candidate 1 the cross-attention start's.
+    constant, attention = _cfg("raster"), _cfg("raster")
+    attention.mask.init = "cross_attention"
+    runs = [optimize_pair(_images(1)[0], "a red circle", "p", constant, _trainer(2), tiny_backbone).alpha,
+            optimize_pair(_images(1)[0], "a red circle", "p#restart1", attention, _trainer(2), tiny_backbone).alpha]
+    for k in (0, 1):
+        monkeypatch.setattr(engine, "prompt_fit", lambda *args, k=k: torch.tensor([0.0, 1.0] if k == 0 else [1.0, 0.0]))
+        [result] = optimize_pairs(_images(1), ["a red circle"], ["p"], cfg, _trainer(2), tiny_backbone)
+        assert result.losses["restart/kept"] == k and torch.allclose(result.alpha, runs[k], atol=1e-2)
+    assert not torch.allclose(runs[0], runs[1], atol=1e-2)
+
+
+@pytest.mark.parametrize(("kind", "inits", "match"), [
+    ("raster", ["constant", "everywhere"], "allowed: a list of constant | cross_attention"),
+    ("fourier", ["constant", "cross_attention"], "leave cross_attention out of optimization.restarts.mask_inits"),
+])
+def test_bad_mask_inits_are_refused_naming_the_key(kind, inits, match):
+    cfg = _cfg(kind)
+    cfg.restarts.mask_inits = inits
+    with pytest.raises(ConfigError, match=match):
+        validate_optimization(cfg)

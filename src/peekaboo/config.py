@@ -241,6 +241,14 @@ class RestartsConfig:
     draws: int = 16  # scoring draws per candidate (one VAE encode and one UNet call of this batch)
     t_min: float = 0.2  # the scoring timesteps, t ~ U[t_min, t_max) as fractions of the training timesteps
     t_max: float = 0.8
+    # Each candidate's mask.init, cycled (candidate k takes mask_inits[k % len]); empty: mask.init for all. A
+    # mix (e.g. [constant, cross_attention]) gives candidates that start apart and so settle apart.
+    mask_inits: list[str] = field(default_factory=list)
+
+    def candidate_inits(self, default: str) -> list[str]:
+        """The mask init of each of the ``count`` candidates of one pair; ``default`` is ``mask.init``."""
+        inits = self.mask_inits or [default]
+        return [inits[k % len(inits)] for k in range(self.count)]
 
 
 @dataclass
@@ -622,12 +630,16 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"Config key {key!r} = {value!r} is out of range; allowed: {allowed}.")
 
 
-def check_mask_init(cfg: MaskConfig, prefix: str = "optimization.") -> None:
-    """Refuse a mask init that the mask kind cannot start from (raises ConfigError naming the key)."""
-    if cfg.init == "cross_attention" and not cfg.kind.startswith("raster"):
-        raise ConfigError(f"Config key {prefix + 'mask.init'!r} = 'cross_attention' supports the raster kinds only, "
+def check_mask_init(cfg: MaskConfig, prefix: str = "optimization.", init: str | None = None,
+                    key: str = "mask.init") -> None:
+    """Refuse a mask init (``init``, default ``cfg.init``, read from config key ``key``) that the mask kind cannot
+    start from (raises ConfigError naming the key)."""
+    init = cfg.init if init is None else init
+    if init == "cross_attention" and not cfg.kind.startswith("raster"):
+        raise ConfigError(f"Config key {prefix + key!r} = 'cross_attention' supports the raster kinds only, "
                           f"not mask.kind={cfg.kind!r}; set {prefix}mask.kind=raster or raster_bilateral, or "
-                          f"{prefix}mask.init=constant.")
+                          + (f"{prefix}mask.init=constant." if key == "mask.init" else
+                             f"leave cross_attention out of {prefix}{key}."))
 
 
 def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization.") -> None:
@@ -700,6 +712,9 @@ def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization."
     _check(r.draws >= 1, p + "restarts.draws", r.draws, "an integer >= 1")
     _check(0.0 <= r.t_min < r.t_max <= 1.0, p + "restarts.t_min/t_max", (r.t_min, r.t_max),
            "0 <= t_min < t_max <= 1 (fractions of the training timesteps)")
+    for init in r.mask_inits:
+        _check(init in MASK_INITS, p + "restarts.mask_inits", list(r.mask_inits), "a list of " + " | ".join(MASK_INITS))
+        check_mask_init(cfg.mask, p, init, "restarts.mask_inits")
 
 
 def validate_finite(cfg: Any) -> None:

@@ -374,10 +374,11 @@ def optimize_pairs(
 ) -> list[PairResult]:
     """Optimize the masks of B independent pairs together with one Lightning Trainer.
 
-    With ``opt_cfg.restarts.count = K > 1``, each pair's K candidates (:mod:`peekaboo.restarts`) are optimized
-    together as ``K * B`` pairs (their TensorBoard runs are the pair's run name with ``#restart<k>`` for
-    ``k >= 1``), and each pair's result is its kept candidate, with the losses ``restart/kept`` (its index) and
-    ``restart/fit`` (its :func:`~peekaboo.restarts.prompt_fit`). Arguments and return as for one optimization:
+    With ``opt_cfg.restarts.count = K > 1``, each pair's K candidates (:mod:`peekaboo.restarts`; candidate k
+    starts from ``restarts.mask_inits``' init, cycled) are optimized together as ``K * B`` pairs (their
+    TensorBoard runs are the pair's run name with ``#restart<k>`` for ``k >= 1``), and each pair's result is its
+    kept candidate, with the losses ``restart/kept`` (its index) and ``restart/fit`` (its
+    :func:`~peekaboo.restarts.prompt_fit`). Arguments and return as for one optimization:
 
     Args:
         images: ``(B, 3, S, S)`` working images in [0, 1].
@@ -397,14 +398,15 @@ def optimize_pairs(
     count = opt_cfg.restarts.count
     if count == 1:
         return _optimize(images, prompts, pair_ids, opt_cfg, trainer_cfg, backbone, tb_dir, callbacks, ckpt_path,
-                         enable_progress_bar, devices, run_name, pair_run_names, logger_kind)
+                         enable_progress_bar, devices, run_name, pair_run_names, logger_kind, None)
     start = time.perf_counter()
     names = candidate_ids(pair_run_names or pair_ids, count)
     images_k = images.repeat_interleave(count, dim=0)  # (K*B, 3, S, S), pair by pair
     prompts_k = [p for p in prompts for _ in range(count)]
     results = _optimize(images_k, prompts_k, candidate_ids(pair_ids, count), opt_cfg, trainer_cfg, backbone, tb_dir,
                         callbacks, ckpt_path, enable_progress_bar, devices,
-                        run_name or (names[0] if len(pair_ids) == 1 else None), names, logger_kind)
+                        run_name or (names[0] if len(pair_ids) == 1 else None), names, logger_kind,
+                        opt_cfg.restarts.candidate_inits(opt_cfg.mask.init) * len(pair_ids))
     alphas = torch.stack([r.alpha for r in results])[:, None]  # (K*B, 1, S, S)
     failed = torch.tensor([r.failed for r in results])
     # Candidates of a pair share their scoring draws: seeded by the pair's id, not the candidate's.
@@ -436,8 +438,10 @@ def _optimize(
     run_name: str | None,
     pair_run_names: list[str] | None,
     logger_kind: str,
+    mask_inits: list[str] | None,
 ) -> list[PairResult]:
-    """One optimization of each of B pairs (:func:`optimize_pairs` without restarts)."""
+    """One optimization of each of B pairs (:func:`optimize_pairs` without restarts); ``mask_inits``: each
+    pair's mask init (None: ``opt_cfg.mask.init``)."""
     logger: Any = False
     cbs = list(callbacks or [])
     if opt_cfg.early_stop.enabled:
@@ -462,7 +466,7 @@ def _optimize(
     cbs.append(witness)
     has_ckpt = any(isinstance(cb, Checkpoint) for cb in cbs)
     trainer = build_trainer(trainer_cfg, logger, cbs, enable_progress_bar, has_ckpt, devices)
-    module = PeekabooModule(images, prompts, pair_ids, opt_cfg, backbone, trainer_cfg.max_steps)
+    module = PeekabooModule(images, prompts, pair_ids, opt_cfg, backbone, trainer_cfg.max_steps, mask_inits)
     loader = DataLoader(_Steps(trainer_cfg.max_steps), batch_size=None, shuffle=False, num_workers=0)
     start = time.perf_counter()
     try:

@@ -73,6 +73,7 @@ class PeekabooModule(L.LightningModule):
         cfg: OptimizationConfig,
         backbone: Backbone,
         max_steps: int | None = None,
+        mask_inits: list[str] | None = None,
     ):
         super().__init__()
         images = images[None] if images.dim() == 3 else images
@@ -80,7 +81,12 @@ class PeekabooModule(L.LightningModule):
         self.pair_ids = [pair_ids] if isinstance(pair_ids, str) else list(pair_ids)
         if not len(self.prompts) == len(self.pair_ids) == images.shape[0]:
             raise ValueError(f"{images.shape[0]} images, {len(self.prompts)} prompts, {len(self.pair_ids)} ids")
-        check_mask_init(cfg.mask)
+        # Each pair's mask.init (restarts may mix them, optimization.restarts.mask_inits); default: mask.init.
+        self.mask_inits = list(mask_inits) if mask_inits is not None else [cfg.mask.init] * len(self.pair_ids)
+        if len(self.mask_inits) != len(self.pair_ids):
+            raise ValueError(f"{len(self.mask_inits)} mask inits for {len(self.pair_ids)} pairs")
+        for init in dict.fromkeys(self.mask_inits):
+            check_mask_init(cfg.mask, init=init)
         self.cfg, self.backbone = cfg, backbone
         self.register_buffer("images", images.float(), persistent=False)  # (B, 3, S, S)
         backbone.check_encode_resolution(cfg.guidance.encode_resolution)
@@ -93,7 +99,8 @@ class PeekabooModule(L.LightningModule):
         # Whether the masks have had their start from the model (mask.init=cross_attention). Persistent there
         # only: Lightning loads a checkpoint before on_fit_start, so a resumed run sees True and keeps its
         # checkpointed mask; other checkpoints hold exactly what they held before.
-        self.register_buffer("initialized", torch.tensor(False), persistent=cfg.mask.init != "constant")
+        self.register_buffer("initialized", torch.tensor(False),
+                             persistent=any(init != "constant" for init in self.mask_inits))
         # Pairs whose loss or mask went non-finite: they stop contributing; the others go on. Persistent, so
         # a resumed run remembers them.
         self.register_buffer("failed", torch.zeros(len(self.pair_ids), dtype=torch.bool))
@@ -142,22 +149,26 @@ class PeekabooModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.backbone.to(self.device)
         self._emb = PromptEmbeddings.stack([self.backbone.encode_prompt(p) for p in self.prompts])
-        if self.cfg.mask.init == "cross_attention" and not bool(self.initialized):
-            self.start_from_cross_attention()
+        rows = [i for i, init in enumerate(self.mask_inits) if init == "cross_attention"]
+        if rows and not bool(self.initialized):
+            self.start_from_cross_attention(rows)
 
-    def start_from_cross_attention(self) -> None:
-        """Set every pair's raster logits to :func:`~peekaboo.masks.map_logits` of the cross-attention map of
-        its prompt over its image (``mask.init=cross_attention``), and mark the masks initialized.
+    def start_from_cross_attention(self, rows: list[int] | None = None) -> None:
+        """Set the raster logits of pairs ``rows`` (default: all) to :func:`~peekaboo.masks.map_logits` of the
+        cross-attention map of their prompt over their image (``mask.init=cross_attention``), and mark the masks
+        initialized.
 
         Each map's noise is seeded by (seed, pair id), so a pair starts from the same mask in any batch.
         """
         m = self.cfg.mask
+        rows = list(range(len(self.pair_ids))) if rows is None else rows
         maps = torch.stack([
-            cross_attention_map(self.backbone, image, prompt,
-                                generator=torch.Generator().manual_seed(ops.pair_seed(self.cfg.seed, pid)))
-            for image, prompt, pid in zip(self.images, self.prompts, self.pair_ids, strict=True)
-        ])  # (B, S, S) in [0, 1], on CPU
-        self.mask.start_from(map_logits(maps[:, None], m.init_scale, m.init_threshold).to(self.images.device))
+            cross_attention_map(self.backbone, self.images[i], self.prompts[i],
+                                generator=torch.Generator().manual_seed(ops.pair_seed(self.cfg.seed, self.pair_ids[i])))
+            for i in rows
+        ])  # (R, S, S) in [0, 1], on CPU
+        logits = map_logits(maps[:, None], m.init_scale, m.init_threshold).to(self.images.device)  # (R, 1, S, S)
+        self.mask.start_from(logits, torch.tensor(rows, device=self.images.device))
         self.initialized.fill_(True)
 
     def step_generators(self) -> list[torch.Generator]:

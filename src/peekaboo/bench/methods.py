@@ -111,6 +111,12 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
                "run), keeping the mask whose composite the prompt explains best: the lowest denoising error "
                "under the prompt over 16 draws shared by the 4 candidates (`peekaboo.restarts`). No label is "
                "used; it costs 4 optimizations per pair."),
+        Method("restarts_2_mixed", "2 restarts, mixed starts, model-chosen", "peekaboo",
+               ("optimization.restarts.count=2", "optimization.restarts.mask_inits=[constant,cross_attention]"),
+               "The default's own run plus a second one started from the cross-attention map (the `start from "
+               "cross-attention` row's start, on another random stream), keeping the one the prompt explains "
+               "best as in the row above: two starts that begin apart settle on different objects more often "
+               "than two from alpha 0.5. Costs 2 optimizations per pair."),
         Method("cross_attention", "cross-attention map", "cross_attention", (),
                "No optimization: the UNet's cross-attention to the prompt's content words on the VAE-encoded image "
                "noised at a few timesteps, averaged over heads, layers and timesteps, normalized to [0, 1] and "
