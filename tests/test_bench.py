@@ -119,6 +119,12 @@ def test_restarts_row_is_the_default_with_four_candidates_and_scores_the_run_end
         bench_run.run_peekaboo(cfg, [], tiny_backbone, snapshot_steps=(5,))
 
 
+def test_mixed_restarts_row_starts_every_other_candidate_from_cross_attention():
+    row = {m.name: m for m in methods.METHODS}["restarts_2_mixed"]
+    r = methods.method_config(row.overrides, (), REPO_CONFIGS).optimization.restarts
+    assert r.candidate_inits("constant") == ["constant", "cross_attention"]  # candidate 0: the default's own run
+
+
 # -- the benchmark end to end -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):

@@ -9,6 +9,10 @@ under the prompt (:func:`prompt_fit`), over draws of background, timestep and no
 candidates share, so they are compared on the same draws. No label is used: this is the model's own
 judgement of which mask shows what the prompt names, in the spirit of diffusion classifiers (Li et al.,
 arXiv:2303.16203).
+
+The choice is only as good as the candidates: runs that all start from alpha 0.5 often settle on the same
+look-alike. ``restarts.mask_inits`` gives candidates different starts (e.g. the cross-attention map for every
+other one), so they begin apart and more often cover the named object between them.
 """
 
 from __future__ import annotations
