@@ -16,6 +16,7 @@ from peekaboo.bench import report as bench_report
 from peekaboo.bench import run as bench_run
 from peekaboo.bench.baselines import RANDOM_DISC_RADIUS, attention_mask, random_mask, whole_image
 from peekaboo.errors import PeekabooError
+from peekaboo.restarts import candidate_inits
 
 # The bundled model's accuracy floor on the first CI_PAIRS evaluation pairs (Peekaboo default settings), set
 # below the figure of benchmarks/results/shapes_eval.json for the same pairs by a margin of most of one pair.
@@ -121,8 +122,8 @@ def test_restarts_row_is_the_default_with_four_candidates_and_scores_the_run_end
 
 def test_mixed_restarts_row_starts_every_other_candidate_from_cross_attention():
     row = {m.name: m for m in methods.METHODS}["restarts_2_mixed"]
-    r = methods.method_config(row.overrides, (), REPO_CONFIGS).optimization.restarts
-    assert r.candidate_inits("constant") == ["constant", "cross_attention"]  # candidate 0: the default's own run
+    r = methods.method_config(row.overrides, (), REPO_CONFIGS).optimization.restarts  # an OmegaConf node
+    assert candidate_inits(r, "constant") == ["constant", "cross_attention"]  # candidate 0: the default's own run
 
 
 # -- the benchmark end to end -------------------------------------------------------------------------------

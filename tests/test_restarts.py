@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tests_support import MODULE_SIZE
 from tests_support import cpu_trainer_config as _trainer
 from tests_support import small_optimization_config as _cfg
@@ -10,7 +11,7 @@ from peekaboo import engine
 from peekaboo.config import RestartsConfig, validate_optimization
 from peekaboo.engine import optimize_pair, optimize_pairs
 from peekaboo.errors import ConfigError
-from peekaboo.restarts import candidate_ids, choose, prompt_fit
+from peekaboo.restarts import candidate_ids, candidate_inits, choose, prompt_fit
 
 
 def _images(n, seed=5):
@@ -89,9 +90,9 @@ def test_restarts_settings_out_of_range_are_refused(key, value):
 
 
 def test_candidate_inits_cycle_the_list_and_default_to_the_mask_init():
-    assert RestartsConfig(count=3).candidate_inits("constant") == ["constant"] * 3
+    assert candidate_inits(RestartsConfig(count=3), "constant") == ["constant"] * 3
     mixed = RestartsConfig(count=3, mask_inits=["constant", "cross_attention"])
-    assert mixed.candidate_inits("constant") == ["constant", "cross_attention", "constant"]
+    assert candidate_inits(mixed, "constant") == ["constant", "cross_attention", "constant"]
 
 
 def test_mixed_starts_give_each_candidate_its_own_init(tiny_backbone, monkeypatch):
@@ -105,7 +106,9 @@ def test_mixed_starts_give_each_candidate_its_own_init(tiny_backbone, monkeypatc
             optimize_pair(_images(1)[0], "a red circle", "p#restart1", attention, _trainer(2), tiny_backbone).alpha]
     for k in (0, 1):
         monkeypatch.setattr(engine, "prompt_fit", lambda *args, k=k: torch.tensor([0.0, 1.0] if k == 0 else [1.0, 0.0]))
-        [result] = optimize_pairs(_images(1), ["a red circle"], ["p"], cfg, _trainer(2), tiny_backbone)
+        # As loaded from YAML (an OmegaConf node, the form runs pass), not only the dataclass.
+        [result] = optimize_pairs(_images(1), ["a red circle"], ["p"], OmegaConf.structured(cfg), _trainer(2),
+                                  tiny_backbone)
         assert result.losses["restart/kept"] == k and torch.allclose(result.alpha, runs[k], atol=1e-2)
     assert not torch.allclose(runs[0], runs[1], atol=1e-2)
 

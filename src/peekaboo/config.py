@@ -245,11 +245,6 @@ class RestartsConfig:
     # mix (e.g. [constant, cross_attention]) gives candidates that start apart and so settle apart.
     mask_inits: list[str] = field(default_factory=list)
 
-    def candidate_inits(self, default: str) -> list[str]:
-        """The mask init of each of the ``count`` candidates of one pair; ``default`` is ``mask.init``."""
-        inits = self.mask_inits or [default]
-        return [inits[k % len(inits)] for k in range(self.count)]
-
 
 @dataclass
 class OptimizationConfig:

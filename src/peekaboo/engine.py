@@ -26,7 +26,7 @@ from peekaboo.config import EarlyStopConfig, OptimizationConfig, TrainerConfig
 from peekaboo.errors import PeekabooError
 from peekaboo.loggers import make_logger
 from peekaboo.module import PeekabooModule
-from peekaboo.restarts import candidate_ids, choose, prompt_fit
+from peekaboo.restarts import candidate_ids, candidate_inits, choose, prompt_fit
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ def optimize_pairs(
     results = _optimize(images_k, prompts_k, candidate_ids(pair_ids, count), opt_cfg, trainer_cfg, backbone, tb_dir,
                         callbacks, ckpt_path, enable_progress_bar, devices,
                         run_name or (names[0] if len(pair_ids) == 1 else None), names, logger_kind,
-                        opt_cfg.restarts.candidate_inits(opt_cfg.mask.init) * len(pair_ids))
+                        candidate_inits(opt_cfg.restarts, opt_cfg.mask.init) * len(pair_ids))
     alphas = torch.stack([r.alpha for r in results])[:, None]  # (K*B, 1, S, S)
     failed = torch.tensor([r.failed for r in results])
     # Candidates of a pair share their scoring draws: seeded by the pair's id, not the candidate's.

@@ -25,7 +25,7 @@ from peekaboo import ops
 from peekaboo.backbone import Backbone
 from peekaboo.config import RestartsConfig
 
-__all__ = ["candidate_ids", "choose", "prompt_fit"]
+__all__ = ["candidate_ids", "candidate_inits", "choose", "prompt_fit"]
 
 #: Suffix of candidate ``k >= 1``'s id: ``f"{pair_id}{CANDIDATE_SEP}{k}"``.
 CANDIDATE_SEP = "#restart"
@@ -34,6 +34,13 @@ CANDIDATE_SEP = "#restart"
 def candidate_ids(pair_ids: Sequence[str], count: int) -> list[str]:
     """The ids of each pair's ``count`` candidates, pair by pair: ``[id, id#restart1, ...]`` (``count * B``)."""
     return [pid if k == 0 else f"{pid}{CANDIDATE_SEP}{k}" for pid in pair_ids for k in range(count)]
+
+
+def candidate_inits(cfg: RestartsConfig, default: str) -> list[str]:
+    """The mask init of each of one pair's ``cfg.count`` candidates: ``cfg.mask_inits`` cycled, or ``default``
+    (``mask.init``) for all when it is empty."""
+    inits = list(cfg.mask_inits) or [default]
+    return [inits[k % len(inits)] for k in range(cfg.count)]
 
 
 @torch.no_grad()

@@ -117,6 +117,10 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
                "cross-attention` row's start, on another random stream), keeping the one the prompt explains "
                "best as in the row above: two starts that begin apart settle on different objects more often "
                "than two from alpha 0.5. Costs 2 optimizations per pair."),
+        Method("restarts_4_mixed", "4 restarts, mixed starts, model-chosen", "peekaboo",
+               ("optimization.restarts.count=4", "optimization.restarts.mask_inits=[constant,cross_attention]"),
+               "`4 restarts` with every other candidate started from the cross-attention map (candidates 1 and "
+               "3), as in the row above. Costs 4 optimizations per pair."),
         Method("cross_attention", "cross-attention map", "cross_attention", (),
                "No optimization: the UNet's cross-attention to the prompt's content words on the VAE-encoded image "
                "noised at a few timesteps, averaged over heads, layers and timesteps, normalized to [0, 1] and "
