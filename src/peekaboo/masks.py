@@ -159,16 +159,14 @@ class RasterMask(Mask):
         return self.raster
 
     @torch.no_grad()
-    def start_from(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Replace the logits of pairs ``rows`` (``(R,)`` indices; None: all B), ``(R, 1, H, W)``, before the
+    def start_from(self, logits: torch.Tensor, rows: torch.Tensor) -> None:
+        """Replace the logits of pairs ``rows`` (``(R,)`` indices) with ``logits`` ``(R, 1, H, W)``, before the
         first step (e.g. with :func:`map_logits`)."""
-        target = self.raster if rows is None else self.raster[rows]
-        if logits.shape != target.shape:
-            raise ValueError(f"logits {tuple(logits.shape)} for a raster of {tuple(target.shape)}")
-        if rows is None:
-            self.raster.copy_(logits)
-        else:
-            self.raster[rows] = logits
+        shape = (len(rows), *self.raster.shape[1:])
+        if logits.shape != shape:
+            raise ValueError(f"logits {tuple(logits.shape)} for {len(rows)} rows of a raster of "
+                             f"{tuple(self.raster.shape)}")
+        self.raster[rows] = logits
 
 
 def map_logits(m: torch.Tensor, scale: float, threshold: float) -> torch.Tensor:

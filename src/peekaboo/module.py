@@ -153,15 +153,14 @@ class PeekabooModule(L.LightningModule):
         if rows and not bool(self.initialized):
             self.start_from_cross_attention(rows)
 
-    def start_from_cross_attention(self, rows: list[int] | None = None) -> None:
-        """Set the raster logits of pairs ``rows`` (default: all) to :func:`~peekaboo.masks.map_logits` of the
+    def start_from_cross_attention(self, rows: list[int]) -> None:
+        """Set the raster logits of pairs ``rows`` to :func:`~peekaboo.masks.map_logits` of the
         cross-attention map of their prompt over their image (``mask.init=cross_attention``), and mark the masks
         initialized.
 
         Each map's noise is seeded by (seed, pair id), so a pair starts from the same mask in any batch.
         """
         m = self.cfg.mask
-        rows = list(range(len(self.pair_ids))) if rows is None else rows
         maps = torch.stack([
             cross_attention_map(self.backbone, self.images[i], self.prompts[i],
                                 generator=torch.Generator().manual_seed(ops.pair_seed(self.cfg.seed, self.pair_ids[i])))
