@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peekaboo.bench import shapes
+from peekaboo.bench.run import BENCH_SPLITS
 
 # Relative to the repository root (the working folder), as the reports quote them.
-RESULTS = {split: Path(f"benchmarks/results/shapes_{split}.json") for split in ("eval", "tune", "robust")}
+RESULTS = {split: Path(f"benchmarks/results/shapes_{split}.json") for split in BENCH_SPLITS}
 SWEEP_OUT = Path("benchmarks/results/shapes_sweep.json")
 SWEEP_CACHE = Path("work/bench_sweep_cache.json")
 DOCS = {"eval": Path("docs/BENCHMARK.md"), "robust": Path("docs/BENCHMARK_ROBUST.md")}

@@ -417,7 +417,7 @@ def test_shapes_classic_splits_are_pinned():
 
 
 def test_shapes_splits_are_disjoint():
-    assert set(shapes.SPLITS) == {"train", "tune", "eval", "robust"}
+    assert set(shapes.SPLITS) == {"train", "tune", "eval", "robust", "tune_robust"}
     last = 10**8 - 1
     ranges = sorted((shapes.scene_seed(s, 0), shapes.scene_seed(s, last)) for s in shapes.SPLITS)
     for (_, end), (start, _) in itertools.pairwise(ranges):
@@ -523,12 +523,27 @@ def test_shapes_robust_pairs_from_the_wide_style():
     assert any(_distractor_of(p.scene) for p in pairs)
 
 
-def _distractor_of(scene: shapes.Scene) -> str | None:
+def _distractor_of(scene: shapes.Scene, split: str = "robust") -> str | None:
     """The distractor robust_pairs asked for: even scenes with 2+ objects alternate same_colour / same_shape."""
-    index = scene.seed - shapes.scene_seed("robust", 0)
+    index = scene.seed - shapes.scene_seed(split, 0)
     if index % 2 or len(scene.objects) < 2:
         return None
     return shapes.DISTRACTORS[(index // 2) % 2]
+
+
+def test_the_robust_tune_split_makes_robust_scenes_from_its_own_seeds():
+    tune, robust = shapes.eval_pairs("tune_robust", 12), shapes.eval_pairs("robust", 12)
+    assert tune[0].id == "tune_robust-00000-0"
+    # The same layout (object counts, distractors), different scenes.
+    assert [len(p.scene.objects) for p in tune] == [len(p.scene.objects) for p in robust]
+    for p in tune:
+        index = int(p.id.split("-")[1])
+        assert p.scene.seed == shapes.scene_seed("tune_robust", index)
+        expected = shapes.make_scene(p.scene.seed, n_objects=len(p.scene.objects),
+                                     distractor=_distractor_of(p.scene, "tune_robust"), style=shapes.WIDE)
+        assert np.array_equal(expected.image, p.scene.image)
+    assert not any(np.array_equal(a.scene.image, b.scene.image) for a, b in zip(tune, robust, strict=True))
+    assert shapes.split_description("tune_robust") == shapes.split_description("robust")
 
 
 def test_the_robust_split_is_a_shapes_source():
@@ -536,6 +551,7 @@ def test_the_robust_split_is_a_shapes_source():
 
     pairs = synthetic_pairs("robust", 3)
     assert [p.id.split("-")[0] for p in pairs] == ["robust"] * 3
+    assert [p.id.split("-")[0] for p in synthetic_pairs("tune_robust", 2)] == ["tune_robust"] * 2
     assert all(p.load_target().shape == p.load_image().size[::-1] for p in pairs)
 
 

@@ -95,7 +95,8 @@ def render_docs(report: dict[str, Any], sweep_report: dict[str, Any] | None = No
           else []),
         f"{report['pairs']} pairs of the `{report['split']}` split: {split_description(report['split'])}; one pair "
         "per object, prompt \"a <colour> <shape>\". Their seeds are disjoint from the bundled model's training "
-        "scenes" + (" and from the `tune` split the settings were chosen on." if report["split"] != "tune" else "."),
+        "scenes" + ("." if report["split"].startswith("tune") else
+                    " and from the `tune` and `tune_robust` splits the settings were chosen on."),
         "",
         *([headline(report), ""] if headline(report) else []),
         report["table"],

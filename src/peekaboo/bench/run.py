@@ -43,7 +43,7 @@ from peekaboo.metrics import DONE, pair_scores, summarize
 
 log = logging.getLogger("peekaboo.bench")
 
-BENCH_SPLITS = ("eval", "tune", "robust")
+BENCH_SPLITS = ("eval", "tune", "robust", "tune_robust")
 DEFAULT_PAIRS = 200
 # Pairs optimized together (one VAE and one UNet call per step); each pair still gets the mask it gets alone.
 DEFAULT_BATCH = 16

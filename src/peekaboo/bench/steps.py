@@ -30,7 +30,7 @@ from peekaboo import io
 from peekaboo.backbone import shared_backbone
 from peekaboo.bench.common import fmt, machine_info, markdown_table, write_json
 from peekaboo.bench.methods import method_config, resolve_config_dir
-from peekaboo.bench.run import DEFAULT_BATCH, load_pairs, progress_logger, run_peekaboo, summarize_method
+from peekaboo.bench.run import BENCH_SPLITS, DEFAULT_BATCH, load_pairs, progress_logger, run_peekaboo, summarize_method
 from peekaboo.data.shapes import split_description
 from peekaboo.errors import PeekabooError, exit_status
 from peekaboo.logs import setup_logging
@@ -210,7 +210,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The command line of :func:`run`."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--split", choices=("tune", "eval", "robust"), default="tune")
+    p.add_argument("--split", choices=BENCH_SPLITS, default="tune")
     p.add_argument("--pairs", type=int, default=DEFAULT_PAIRS)
     p.add_argument("--steps", type=int, nargs="+", default=list(STEP_COUNTS), help="step counts to score")
     p.add_argument("--builtins", nargs="*", choices=[s.label for s in BUILTIN], default=[s.label for s in BUILTIN],

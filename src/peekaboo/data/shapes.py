@@ -79,8 +79,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 #: Shape words, in a fixed order.
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
-#: Dataset splits; their seed ranges are disjoint (see :func:`scene_seed`).
-SPLITS: tuple[str, ...] = ("train", "tune", "eval", "robust")
+#: Dataset splits; their seed ranges are disjoint (see :func:`scene_seed`). ``tune`` and ``tune_robust`` are for
+#: choosing settings (classic and wide scenes), ``eval`` and ``robust`` for reporting them.
+SPLITS: tuple[str, ...] = ("train", "tune", "eval", "robust", "tune_robust")
 
 #: Kinds of hard distractor :func:`make_scene` can force.
 DISTRACTORS: tuple[str, ...] = ("same_colour", "same_shape")
@@ -101,6 +102,7 @@ _SPLIT_OFFSETS: dict[str, int] = {
     "tune": 2 * _SPLIT_STRIDE,
     "eval": 3 * _SPLIT_STRIDE,
     "robust": 4 * _SPLIT_STRIDE,
+    "tune_robust": 5 * _SPLIT_STRIDE,
 }
 
 # Sizes are given in pixels at this native image side and scaled for other sizes.
@@ -524,7 +526,8 @@ _ROBUST_LAYOUT = (2, 3, 4, 1)
 
 #: The scene style and object-count layout of each evaluation split.
 _SPLIT_LAYOUTS: dict[str, tuple[SceneStyle, tuple[int, ...]]] = {
-    "tune": (CLASSIC, _CLASSIC_LAYOUT), "eval": (CLASSIC, _CLASSIC_LAYOUT), "robust": (WIDE, _ROBUST_LAYOUT)}
+    "tune": (CLASSIC, _CLASSIC_LAYOUT), "eval": (CLASSIC, _CLASSIC_LAYOUT), "robust": (WIDE, _ROBUST_LAYOUT),
+    "tune_robust": (WIDE, _ROBUST_LAYOUT)}
 
 
 def split_description(split: str) -> str:
@@ -556,7 +559,8 @@ def eval_pairs(split: str, n: int, size: int = 64) -> list[ShapePair]:
     (i % 4 == 0) and ``"same_shape"`` (i % 4 == 2), so at least half the scenes have one. Each scene
     contributes one pair per object, in caption order, until ``n`` pairs are collected. Pair ids
     read ``"<split>-<scene index:05d>-<object>"``; prompts ``"a <colour> <shape>"``.
-    ``"robust"`` gives :func:`robust_pairs`.
+    ``"robust"`` gives :func:`robust_pairs`; ``"tune_robust"`` gives scenes made the same way from its own seeds
+    (for choosing settings for wide scenes without looking at ``robust``).
     """
     if split == "robust":
         return robust_pairs(n, size)

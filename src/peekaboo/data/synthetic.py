@@ -1,6 +1,7 @@
 """The synthetic-shapes source: pairs of :func:`peekaboo.data.shapes.eval_pairs`, with exact masks.
 
-The ``eval``, ``tune`` and ``robust`` splits are offered (``val`` means ``eval``): the ``train`` seeds are what
+The ``eval``, ``tune``, ``robust`` and ``tune_robust`` splits are offered (``val`` means ``eval``): the ``train``
+seeds are what
 the bundled model was trained on, so scoring on them would measure memorization.
 """
 
@@ -17,14 +18,16 @@ from peekaboo.errors import ConfigError
 
 DEFAULT_NUM_PAIRS = 200
 # data.split names accepted here -> shapes split.
-SPLIT_NAMES: dict[str, str] = {"eval": "eval", "val": "eval", "tune": "tune", "robust": "robust"}
+SPLIT_NAMES: dict[str, str] = {"eval": "eval", "val": "eval", "tune": "tune", "robust": "robust",
+                               "tune_robust": "tune_robust"}
 
 
 def synthetic_pairs(split: str = "val", num_pairs: int | None = None) -> list[Pair]:
     """The first ``num_pairs`` shapes pairs of ``split``.
 
     Args:
-        split: ``eval`` (alias ``val``), ``tune`` or ``robust`` (the widest scene style, for reporting).
+        split: ``eval`` (alias ``val``), ``tune``, ``robust`` (the widest scene style, for reporting) or
+            ``tune_robust`` (the same style from other seeds, for choosing settings).
         num_pairs: how many pairs; None = :data:`DEFAULT_NUM_PAIRS`.
 
     Returns:
@@ -35,8 +38,8 @@ def synthetic_pairs(split: str = "val", num_pairs: int | None = None) -> list[Pa
         ConfigError: another split, or ``num_pairs < 1``.
     """
     if split not in SPLIT_NAMES:
-        raise ConfigError(f"data.split={split!r} is not a shapes split; use eval (alias val), tune or robust (train "
-                          "holds the bundled model's training scenes).")
+        raise ConfigError(f"data.split={split!r} is not a shapes split; use eval (alias val), tune, robust or "
+                          "tune_robust (train holds the bundled model's training scenes).")
     n = DEFAULT_NUM_PAIRS if num_pairs is None else num_pairs
     if n < 1:
         raise ConfigError(f"data.num_pairs={n} must be >= 1 for the shapes source.")
