@@ -124,6 +124,9 @@ def test_mixed_restarts_row_starts_every_other_candidate_from_cross_attention():
     row = {m.name: m for m in methods.METHODS}["restarts_2_mixed"]
     r = methods.method_config(row.overrides, (), REPO_CONFIGS).optimization.restarts  # an OmegaConf node
     assert candidate_inits(r, "constant") == ["constant", "cross_attention"]  # candidate 0: the default's own run
+    ratio = {m.name: m for m in methods.METHODS}["restarts_4_mixed_ratio"]
+    r = methods.method_config(ratio.overrides, (), REPO_CONFIGS).optimization.restarts
+    assert r.fit == "error_ratio" and candidate_inits(r, "constant") == ["constant", "cross_attention"] * 2
 
 
 # -- the benchmark end to end -------------------------------------------------------------------------------

@@ -49,6 +49,20 @@ def test_prompt_fit_shares_draws_within_a_pair_and_tells_masks_apart(tiny_backbo
     assert torch.equal(prompt_fit(tiny_backbone, images[2:], empty, ["a red circle"], ["p"], cfg, seed=0), fit[2:])
 
 
+def test_the_error_ratio_fit_divides_by_the_empty_prompts_error_on_the_same_draw(tiny_backbone):
+    images, alphas = _images(1).expand(2, -1, -1, -1), torch.full((2, 1, MODULE_SIZE, MODULE_SIZE), 0.5)
+    alphas[1, :, : MODULE_SIZE // 2] = 1.0
+    plain, ratio = RestartsConfig(draws=1), RestartsConfig(draws=1, fit="error_ratio")
+    ids, prompt = ["p", "p"], ["a red circle"] * 2
+    with_prompt = prompt_fit(tiny_backbone, images, alphas, prompt, ids, plain, seed=0)
+    without = prompt_fit(tiny_backbone, images, alphas, ["", ""], ids, plain, seed=0)
+    fit = prompt_fit(tiny_backbone, images, alphas, prompt, ids, ratio, seed=0)
+    assert torch.allclose(fit, with_prompt / without, rtol=1e-4)
+    assert not torch.allclose(fit, with_prompt)
+    # The empty prompt explains a composite exactly as well as no prompt.
+    assert torch.allclose(prompt_fit(tiny_backbone, images, alphas, ["", ""], ids, ratio, seed=0), torch.ones(2))
+
+
 def test_restarts_keep_the_candidate_the_fit_prefers(tiny_backbone, monkeypatch):
     cfg = _cfg()
     cfg.restarts.count = 3
@@ -81,7 +95,7 @@ def test_restarts_end_to_end_with_the_real_fit(tiny_backbone):
     assert result.losses["restart/kept"] in (0.0, 1.0) and torch.isfinite(result.alpha).all()
 
 
-@pytest.mark.parametrize(("key", "value"), [("count", 0), ("draws", 0), ("t_min", 0.9)])
+@pytest.mark.parametrize(("key", "value"), [("count", 0), ("draws", 0), ("t_min", 0.9), ("fit", "loss")])
 def test_restarts_settings_out_of_range_are_refused(key, value):
     cfg = _cfg()
     setattr(cfg.restarts, key, value)

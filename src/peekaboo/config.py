@@ -61,6 +61,8 @@ DDS_REFERENCES = ("background", "image")
 NOISE_KINDS = ("random", "ddim_inversion")
 # optimization.mask.init: where the mask starts (peekaboo.module.PeekabooModule.on_fit_start).
 MASK_INITS = ("constant", "cross_attention")
+# How restarts score a candidate: the denoising error under the prompt, or that error over the error without it.
+RESTART_FITS = ("error", "error_ratio")
 # Lightning config groups that a ``group=name`` override selects from ``configs/<group>/<name>.yaml``.
 GROUPS = ("model", "data")
 # Environment variable naming a folder of presets that replaces the packaged ones.
@@ -241,6 +243,11 @@ class RestartsConfig:
     draws: int = 16  # scoring draws per candidate (one VAE encode and one UNet call of this batch)
     t_min: float = 0.2  # the scoring timesteps, t ~ U[t_min, t_max) as fractions of the training timesteps
     t_max: float = 0.8
+    # error: the mean denoising error under the prompt; error_ratio: the mean of that error over the error under
+    # the empty prompt on the same draw, i.e. how much the prompt explains beyond what any caption would. The
+    # ratio discounts how easy a composite is to denoise at all (a large plain object, a small one, an empty
+    # background), which the plain error rewards regardless of the prompt. One more UNet row per draw.
+    fit: str = "error"
     # Each candidate's mask.init, cycled (candidate k takes mask_inits[k % len]); empty: mask.init for all. A
     # mix (e.g. [constant, cross_attention]) gives candidates that start apart and so settle apart.
     mask_inits: list[str] = field(default_factory=list)
@@ -707,6 +714,7 @@ def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization."
     _check(r.draws >= 1, p + "restarts.draws", r.draws, "an integer >= 1")
     _check(0.0 <= r.t_min < r.t_max <= 1.0, p + "restarts.t_min/t_max", (r.t_min, r.t_max),
            "0 <= t_min < t_max <= 1 (fractions of the training timesteps)")
+    _check(r.fit in RESTART_FITS, p + "restarts.fit", r.fit, " | ".join(RESTART_FITS))
     for init in r.mask_inits:
         _check(init in MASK_INITS, p + "restarts.mask_inits", list(r.mask_inits), "a list of " + " | ".join(MASK_INITS))
         check_mask_init(cfg.mask, p, init, "restarts.mask_inits")

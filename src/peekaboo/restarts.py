@@ -6,9 +6,10 @@ each pair is optimized K times in the same batch, candidate ``k`` under the id :
 (candidate 0 keeps the pair's own id, so it is the single optimization's mask bit for bit), and the kept
 candidate is the one whose composite the prompt explains best: the lowest denoising error of the model
 under the prompt (:func:`prompt_fit`), over draws of background, timestep and noise that all of a pair's
-candidates share, so they are compared on the same draws. No label is used: this is the model's own
-judgement of which mask shows what the prompt names, in the spirit of diffusion classifiers (Li et al.,
-arXiv:2303.16203).
+candidates share, so they are compared on the same draws (``restarts.fit=error_ratio``: that error over the
+error under the empty prompt, so a composite that is easy to denoise anyway gains nothing). No label is used:
+this is the model's own judgement of which mask shows what the prompt names, in the spirit of diffusion
+classifiers (Li et al., arXiv:2303.16203).
 
 The choice is only as good as the candidates: runs that all start from alpha 0.5 often settle on the same
 look-alike. ``restarts.mask_inits`` gives candidates different starts (e.g. the cross-attention map for every
@@ -54,8 +55,10 @@ def prompt_fit(
     seed: int,
     background: str = "solid",
 ) -> torch.Tensor:
-    """How badly the prompt explains each masked image: the mean denoising error of the model under the
-    prompt, ``||eps_theta(z_t, t, prompt) - eps||^2``, of the composite over ``cfg.draws`` draws.
+    """How badly the prompt explains each masked image, over ``cfg.draws`` draws of the composite:
+    ``cfg.fit="error"``, the mean denoising error of the model under the prompt,
+    ``||eps_theta(z_t, t, prompt) - eps||^2``; ``"error_ratio"``, the mean of that error over the same draw's
+    error under the empty prompt.
 
     The draws (background, ``t ~ U[t_min, t_max)``, noise) come from a generator seeded by (``seed``, pair id),
     so candidates of one pair (same id) are scored on the same draws.
@@ -84,8 +87,15 @@ def prompt_fit(
         noise = torch.randn(latents.shape, generator=gen).to(latents.device)  # (D, C, h, w)
         noisy = ops.add_noise(latents, noise, backbone.alphas_cumprod.to(latents.device)[t])
         t = t.to(latents.device)
-        (eps,) = backbone.predict_eps([noisy], [t], [backbone.encode_prompt(prompt).cond])
-        errors.append((eps - noise).pow(2).mean().float().cpu())
+        emb = backbone.encode_prompt(prompt)
+        if cfg.fit == "error":
+            (eps,) = backbone.predict_eps([noisy], [t], [emb.cond])
+            errors.append((eps - noise).pow(2).mean().float().cpu())
+            continue
+        (eps_c, eps_u) = backbone.predict_eps([noisy, noisy], [t, t], [emb.cond, emb.uncond])
+        err_c = (eps_c - noise).pow(2).flatten(1).mean(1)  # (D,)
+        err_u = (eps_u - noise).pow(2).flatten(1).mean(1)  # (D,)
+        errors.append((err_c / err_u.clamp_min(torch.finfo(err_u.dtype).tiny)).mean().float().cpu())
     return torch.stack(errors)
 
 

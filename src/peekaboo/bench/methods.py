@@ -121,6 +121,13 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
                ("optimization.restarts.count=4", "optimization.restarts.mask_inits=[constant,cross_attention]"),
                "`4 restarts` with every other candidate started from the cross-attention map (candidates 1 and "
                "3), as in the row above. Costs 4 optimizations per pair."),
+        Method("restarts_4_mixed_ratio", "4 restarts, mixed starts, chosen by error ratio", "peekaboo",
+               ("optimization.restarts.count=4", "optimization.restarts.mask_inits=[constant,cross_attention]",
+                "optimization.restarts.fit=error_ratio"),
+               "The row above with the candidates scored by their denoising error under the prompt over their "
+               "error under the empty prompt on the same draw (`restarts.fit=error_ratio`): how much the prompt "
+               "explains beyond any caption, so a composite that is easy to denoise anyway (a large plain object) "
+               "gains nothing over a small one. One more UNet row per scoring draw."),
         Method("cross_attention", "cross-attention map", "cross_attention", (),
                "No optimization: the UNet's cross-attention to the prompt's content words on the VAE-encoded image "
                "noised at a few timesteps, averaged over heads, layers and timesteps, normalized to [0, 1] and "
