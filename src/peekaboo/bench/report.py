@@ -7,7 +7,7 @@ from typing import Any
 
 from peekaboo.bench.common import fmt, replace_marked
 from peekaboo.bench.common import markdown_table as _table
-from peekaboo.data.shapes import split_description
+from peekaboo.data.shapes import TUNE_SPLITS, split_description
 
 # Precision columns of the table (the paper's ablation table reports these four).
 TABLE_THRESHOLDS = (0.2, 0.4, 0.6, 0.8)
@@ -95,8 +95,8 @@ def render_docs(report: dict[str, Any], sweep_report: dict[str, Any] | None = No
           else []),
         f"{report['pairs']} pairs of the `{report['split']}` split: {split_description(report['split'])}; one pair "
         "per object, prompt \"a <colour> <shape>\". Their seeds are disjoint from the bundled model's training "
-        "scenes" + ("." if report["split"].startswith("tune") else
-                    " and from the `tune` and `tune_robust` splits the settings were chosen on."),
+        "scenes" + ("." if report["split"] in TUNE_SPLITS else
+                    f" and from the {' and '.join(f'`{s}`' for s in TUNE_SPLITS)} splits the settings were chosen on."),
         "",
         *([headline(report), ""] if headline(report) else []),
         report["table"],

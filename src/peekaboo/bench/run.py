@@ -35,7 +35,7 @@ from peekaboo.bench.methods import (
     settings_key,
 )
 from peekaboo.bench.report import markdown_table
-from peekaboo.data.shapes import eval_pairs
+from peekaboo.data.shapes import EVAL_SPLITS, eval_pairs
 from peekaboo.data.synthetic import SPLIT_NAMES, synthetic_pairs
 from peekaboo.engine import optimize_pairs
 from peekaboo.errors import NonFiniteError, PeekabooError
@@ -43,7 +43,7 @@ from peekaboo.metrics import DONE, pair_scores, summarize
 
 log = logging.getLogger("peekaboo.bench")
 
-BENCH_SPLITS = ("eval", "tune", "robust", "tune_robust")
+BENCH_SPLITS = EVAL_SPLITS
 DEFAULT_PAIRS = 200
 # Pairs optimized together (one VAE and one UNet call per step); each pair still gets the mask it gets alone.
 DEFAULT_BATCH = 16

@@ -529,6 +529,10 @@ _SPLIT_LAYOUTS: dict[str, tuple[SceneStyle, tuple[int, ...]]] = {
     "tune": (CLASSIC, _CLASSIC_LAYOUT), "eval": (CLASSIC, _CLASSIC_LAYOUT), "robust": (WIDE, _ROBUST_LAYOUT),
     "tune_robust": (WIDE, _ROBUST_LAYOUT)}
 
+#: The splits with evaluation pairs (:func:`eval_pairs`), and those of them that settings are chosen on.
+EVAL_SPLITS: tuple[str, ...] = tuple(_SPLIT_LAYOUTS)
+TUNE_SPLITS: tuple[str, ...] = ("tune", "tune_robust")
+
 
 def split_description(split: str) -> str:
     """One sentence on what the pairs of an evaluation split look like (for reports), from its style."""

@@ -1,8 +1,7 @@
 """The synthetic-shapes source: pairs of :func:`peekaboo.data.shapes.eval_pairs`, with exact masks.
 
 The ``eval``, ``tune``, ``robust`` and ``tune_robust`` splits are offered (``val`` means ``eval``): the ``train``
-seeds are what
-the bundled model was trained on, so scoring on them would measure memorization.
+seeds are what the bundled model was trained on, so scoring on them would measure memorization.
 """
 
 from __future__ import annotations
@@ -13,13 +12,12 @@ import numpy as np
 from PIL import Image
 
 from peekaboo.data.base import Pair
-from peekaboo.data.shapes import eval_pairs
+from peekaboo.data.shapes import EVAL_SPLITS, eval_pairs
 from peekaboo.errors import ConfigError
 
 DEFAULT_NUM_PAIRS = 200
 # data.split names accepted here -> shapes split.
-SPLIT_NAMES: dict[str, str] = {"eval": "eval", "val": "eval", "tune": "tune", "robust": "robust",
-                               "tune_robust": "tune_robust"}
+SPLIT_NAMES: dict[str, str] = {"val": "eval", **{split: split for split in EVAL_SPLITS}}
 
 
 def synthetic_pairs(split: str = "val", num_pairs: int | None = None) -> list[Pair]:
