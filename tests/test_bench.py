@@ -15,6 +15,7 @@ from peekaboo.bench import methods, shapes, sweep
 from peekaboo.bench import report as bench_report
 from peekaboo.bench import run as bench_run
 from peekaboo.bench.baselines import RANDOM_DISC_RADIUS, attention_mask, random_mask, whole_image
+from peekaboo.config import validate_optimization
 from peekaboo.errors import PeekabooError
 from peekaboo.restarts import candidate_inits
 
@@ -127,6 +128,16 @@ def test_mixed_restarts_row_starts_every_other_candidate_from_cross_attention():
     ratio = {m.name: m for m in methods.METHODS}["restarts_4_mixed_ratio"]
     r = methods.method_config(ratio.overrides, (), REPO_CONFIGS).optimization.restarts
     assert r.fit == "error_ratio" and candidate_inits(r, "constant") == ["constant", "cross_attention"] * 2
+
+
+def test_region_rows_start_from_image_regions():
+    rows = {m.name: m for m in methods.METHODS}
+    single = methods.method_config(rows["region_init"].overrides, (), REPO_CONFIGS).optimization
+    assert single.mask.init == "region" and single.restarts.count == 1
+    validate_optimization(single)  # the shapes preset's raster mask can start from a region
+    three = methods.method_config(rows["restarts_3_regions"].overrides, (), REPO_CONFIGS).optimization
+    # Candidate 0 is the default's own run; candidate 2 starts on the pair's best region.
+    assert candidate_inits(three.restarts, three.mask.init) == ["constant", "cross_attention", "region"]
 
 
 # -- the benchmark end to end -------------------------------------------------------------------------------

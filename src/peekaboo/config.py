@@ -60,7 +60,7 @@ DDS_REFERENCES = ("background", "image")
 # optimization.guidance.noise: where the noisy latents come from (a fresh draw, or DDIM inversion).
 NOISE_KINDS = ("random", "ddim_inversion")
 # optimization.mask.init: where the mask starts (peekaboo.module.PeekabooModule.on_fit_start).
-MASK_INITS = ("constant", "cross_attention")
+MASK_INITS = ("constant", "cross_attention", "region")
 # How restarts score a candidate: the denoising error under the prompt, or that error over the error without it.
 RESTART_FITS = ("error", "error_ratio")
 # Lightning config groups that a ``group=name`` override selects from ``configs/<group>/<name>.yaml``.
@@ -162,6 +162,23 @@ class FourierConfig:
 
 
 @dataclass
+class RegionsConfig:
+    """The image regions that ``mask.init=region`` starts from (:mod:`peekaboo.regions`): Felzenszwalb segments
+    of the image at the mask's resolution, ranked by the model's denoising error under the prompt with each
+    region as a hard mask (the restarts' ``fit=error``) over ``draws`` draws they all share."""
+
+    scale: float = 100.0  # Felzenszwalb's scale on RGB in [0, 1]: higher, fewer and larger regions
+    sigma: float = 0.5  # Gaussian smoothing (pixels) before segmenting; it evens out pixel noise
+    min_area: float = 0.002  # fraction of the image: smaller segments merge into a neighbour, then are dropped
+    max_area: float = 0.5  # fraction of the image: larger segments (backgrounds) are not proposed
+    draws: int = 16  # ranking draws per region
+    # The ranking timesteps, t ~ U[t_min, t_max) as fractions of the training timesteps: the whole range, since
+    # the noisiest draws tell an object's shape and colour apart best and the least noisy its edges.
+    t_min: float = 0.02
+    t_max: float = 0.98
+
+
+@dataclass
 class MaskConfig:
     kind: str = "fourier_bilateral"
     size: int = 256  # working resolution of the mask (square)
@@ -169,13 +186,17 @@ class MaskConfig:
     # constant: raster logits at init_logit, the Fourier MLP's random init. cross_attention (raster kinds only):
     # before the first step the raster's logits become init_scale * (m - init_threshold), m the model's cross-attention
     # map of the prompt over the image in [0, 1] (peekaboo.attention), so alpha starts above 0.5 where m is
-    # above init_threshold (before any bilateral filter); a resumed run keeps its checkpointed mask.
+    # above init_threshold (before any bilateral filter). region (raster kinds only): the logits become
+    # init_scale * (r - init_threshold), r an image region in {0, 1} the model ranks best (peekaboo.regions; the
+    # k-th region start of a pair among its restarts takes the k-th best region, and with fewer regions than
+    # region starts the extra ones keep the constant start). A resumed run keeps its checkpointed mask.
     init: str = "constant"
     # cross_attention: logits per unit of the map; 8 with init_threshold 0.5 starts alpha in 0.02 .. 0.98.
     init_scale: float = 8.0
     init_threshold: float = 0.5  # cross_attention: the map value that starts at alpha 0.5
     fourier: FourierConfig = field(default_factory=FourierConfig)
     bilateral: BilateralConfig = field(default_factory=BilateralConfig)
+    regions: RegionsConfig = field(default_factory=RegionsConfig)
 
 
 @dataclass
@@ -637,11 +658,11 @@ def check_mask_init(cfg: MaskConfig, prefix: str = "optimization.", init: str | 
     """Refuse a mask init (``init``, default ``cfg.init``, read from config key ``key``) that the mask kind cannot
     start from (raises ConfigError naming the key)."""
     init = cfg.init if init is None else init
-    if init == "cross_attention" and not cfg.kind.startswith("raster"):
-        raise ConfigError(f"Config key {prefix + key!r} = 'cross_attention' supports the raster kinds only, "
+    if init != "constant" and not cfg.kind.startswith("raster"):
+        raise ConfigError(f"Config key {prefix + key!r} = {init!r} supports the raster kinds only, "
                           f"not mask.kind={cfg.kind!r}; set {prefix}mask.kind=raster or raster_bilateral, or "
                           + (f"{prefix}mask.init=constant." if key == "mask.init" else
-                             f"leave cross_attention out of {prefix}{key}."))
+                             f"leave {init} out of {prefix}{key}."))
 
 
 def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization.") -> None:
@@ -666,6 +687,14 @@ def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization."
     _check(m.init in MASK_INITS, p + "mask.init", m.init, " | ".join(MASK_INITS))
     _check(m.init_scale > 0, p + "mask.init_scale", m.init_scale, "> 0")
     _check(0 <= m.init_threshold <= 1, p + "mask.init_threshold", m.init_threshold, "a map value in [0, 1]")
+    rg = m.regions
+    _check(rg.scale > 0, p + "mask.regions.scale", rg.scale, "> 0")
+    _check(rg.sigma >= 0, p + "mask.regions.sigma", rg.sigma, ">= 0")
+    _check(0 <= rg.min_area <= rg.max_area <= 1, p + "mask.regions.min_area/max_area", (rg.min_area, rg.max_area),
+           "fractions of the image with 0 <= min_area <= max_area <= 1")
+    _check(rg.draws >= 1, p + "mask.regions.draws", rg.draws, "an integer >= 1")
+    _check(0.0 <= rg.t_min < rg.t_max <= 1.0, p + "mask.regions.t_min/t_max", (rg.t_min, rg.t_max),
+           "0 <= t_min < t_max <= 1 (fractions of the training timesteps)")
     check_mask_init(m, p)
     g = cfg.guidance
     _check(0.0 <= g.t_min < g.t_max <= 1.0, p + "guidance.t_min/t_max", (g.t_min, g.t_max),

@@ -14,6 +14,8 @@ from peekaboo.backbone import Backbone, PromptEmbeddings, posterior_noise
 from peekaboo.config import OptimConfig, OptimizationConfig, check_mask_init
 from peekaboo.errors import NonFiniteError
 from peekaboo.masks import build_mask, map_logits
+from peekaboo.regions import ranked_regions
+from peekaboo.restarts import CANDIDATE_SEP
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +151,14 @@ class PeekabooModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.backbone.to(self.device)
         self._emb = PromptEmbeddings.stack([self.backbone.encode_prompt(p) for p in self.prompts])
+        if bool(self.initialized):
+            return
         rows = [i for i, init in enumerate(self.mask_inits) if init == "cross_attention"]
-        if rows and not bool(self.initialized):
+        if rows:
             self.start_from_cross_attention(rows)
+        rows = [i for i, init in enumerate(self.mask_inits) if init == "region"]
+        if rows:
+            self.start_from_regions(rows)
 
     def start_from_cross_attention(self, rows: list[int]) -> None:
         """Set the raster logits of pairs ``rows`` to :func:`~peekaboo.masks.map_logits` of the
@@ -168,6 +175,29 @@ class PeekabooModule(L.LightningModule):
         ])  # (R, S, S) in [0, 1], on CPU
         logits = map_logits(maps[:, None], m.init_scale, m.init_threshold).to(self.images.device)  # (R, 1, S, S)
         self.mask.start_from(logits, torch.tensor(rows, device=self.images.device))
+        self.initialized.fill_(True)
+
+    def start_from_regions(self, rows: list[int]) -> None:
+        """Set the raster logits of pairs ``rows`` to :func:`~peekaboo.masks.map_logits` of an image region
+        (``mask.init=region``): the k-th such row of a pair (its restarts share the pair's id before
+        :data:`~peekaboo.restarts.CANDIDATE_SEP`) starts on the pair's k-th best region of
+        :func:`~peekaboo.regions.ranked_regions`; a row past the last region keeps its constant start. Marks the
+        masks initialized."""
+        m = self.cfg.mask
+        ranked: dict[str, torch.Tensor] = {}  # pair id -> (M, S, S), ranked once per pair
+        starts, kept = [], []
+        for i in rows:
+            pid = self.pair_ids[i].split(CANDIDATE_SEP)[0]
+            if pid not in ranked:
+                ranked[pid] = ranked_regions(self.backbone, self.images[i], self.prompts[i], pid, m.regions,
+                                             self.cfg.seed, self.cfg.background)
+            k = sum(self.pair_ids[j].split(CANDIDATE_SEP)[0] == pid for j in rows if j < i)
+            if k < len(ranked[pid]):
+                starts.append(ranked[pid][k])
+                kept.append(i)
+        if kept:
+            logits = map_logits(torch.stack(starts)[:, None], m.init_scale, m.init_threshold)  # (R, 1, S, S)
+            self.mask.start_from(logits.to(self.images.device), torch.tensor(kept, device=self.images.device))
         self.initialized.fill_(True)
 
     def step_generators(self) -> list[torch.Generator]:

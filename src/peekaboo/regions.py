@@ -1,0 +1,80 @@
+"""Region starts: masks started on image regions the model itself ranks (``mask.init=region``).
+
+An optimization that starts from alpha 0.5 everywhere (or from the cross-attention map, which the model
+computes on its coarse latent grid) settles on the object that dominates the early gradients, and a large
+look-alike of the named object (a big red triangle for "a yellow triangle") dominates a small exact match.
+Started on the small object, the same optimization stays there, and the model explains that composite better
+than any of the look-alike masks; the search, not the model, misses it. A region start gives the search
+those places: the image is cut into regions of similar colour (Felzenszwalb and Huttenlocher's graph-based
+segmentation, :func:`skimage.segmentation.felzenszwalb`), each region is scored as a hard mask by the
+model's denoising error under the prompt (the fit that chooses among restarts, :func:`peekaboo.restarts.prompt_fit`,
+on draws all of a pair's regions share), and the k-th region start of a pair begins on its k-th best region. No
+label is used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from skimage.segmentation import felzenszwalb
+
+from peekaboo.backbone import Backbone
+from peekaboo.config import RegionsConfig, RestartsConfig
+from peekaboo.restarts import prompt_fit
+
+__all__ = ["RANKING_KEY", "ranked_regions", "region_proposals"]
+
+#: Suffix of the id whose draws rank a pair's regions: not any candidate's, so the ranking draws are not the
+#: draws that later choose among the candidates.
+RANKING_KEY = "#regions"
+
+
+def region_proposals(image: torch.Tensor, cfg: RegionsConfig) -> torch.Tensor:
+    """The regions of an image that could be an object: Felzenszwalb segments with an area in
+    ``[cfg.min_area, cfg.max_area]`` of the image.
+
+    Args:
+        image: ``(3, H, W)`` in [0, 1].
+
+    Returns:
+        ``(M, H, W)`` float32 masks in {0, 1} on CPU, in label order (M may be 0).
+    """
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image {tuple(image.shape)}: expected (3, H, W)")
+    h, w = image.shape[-2:]
+    pixels = image.detach().float().cpu().permute(1, 2, 0).numpy()  # (H, W, 3)
+    labels = felzenszwalb(pixels, scale=cfg.scale, sigma=cfg.sigma,
+                          min_size=max(1, round(cfg.min_area * h * w)))  # (H, W) int
+    masks = torch.from_numpy(labels[None] == np.arange(labels.max() + 1)[:, None, None]).float()  # (L, H, W)
+    area = masks.mean(dim=(1, 2))  # (L,)
+    return masks[(area >= cfg.min_area) & (area <= cfg.max_area)]
+
+
+@torch.no_grad()
+def ranked_regions(
+    backbone: Backbone,
+    image: torch.Tensor,
+    prompt: str,
+    pair_id: str,
+    cfg: RegionsConfig,
+    seed: int,
+    background: str = "solid",
+) -> torch.Tensor:
+    """A pair's region proposals, best first: ordered by :func:`~peekaboo.restarts.prompt_fit` (``fit=error``)
+    of each region as a hard mask over ``cfg.draws`` draws with ``t`` in [``cfg.t_min``, ``cfg.t_max``), all
+    regions on the same draws (seeded by (``seed``, ``pair_id`` + :data:`RANKING_KEY`)).
+
+    Args:
+        image: ``(3, S, S)`` in [0, 1].
+
+    Returns:
+        ``(M, S, S)`` float32 masks in {0, 1} on CPU, the best-fitting first.
+    """
+    regions = region_proposals(image, cfg)  # (M, S, S)
+    if len(regions) < 2:
+        return regions
+    m = len(regions)
+    fit_cfg = RestartsConfig(draws=cfg.draws, t_min=cfg.t_min, t_max=cfg.t_max, fit="error")
+    fit = prompt_fit(backbone, image[None].expand(m, -1, -1, -1), regions[:, None].to(image.device),
+                     [prompt] * m, [pair_id + RANKING_KEY] * m, fit_cfg, seed, background)  # (M,)
+    return regions[fit.argsort(stable=True)]
