@@ -6,10 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from tests_support import MODULE_SIZE, small_optimization_config
+from tests_support import cpu_trainer_config as _trainer
 
+from peekaboo import engine
 from peekaboo import module as module_lib
 from peekaboo import regions as regions_lib
 from peekaboo.config import OptimizationConfig, RegionsConfig, RestartsConfig, validate_optimization
+from peekaboo.engine import optimize_pair, optimize_pairs
 from peekaboo.errors import ConfigError
 from peekaboo.masks import map_logits
 from peekaboo.module import PeekabooModule
@@ -118,6 +121,17 @@ def test_a_region_start_optimizes_from_the_best_region(tiny_backbone):
     with torch.no_grad():
         alpha = module()[0, 0]  # (S, S)
     assert torch.equal(alpha > 0.5, best.bool())
+
+
+def test_restarts_with_a_region_start_keep_the_candidate_the_fit_prefers(tiny_backbone, monkeypatch):
+    image, _, _ = _scene()
+    cfg = _cfg("constant")
+    cfg.restarts.count, cfg.restarts.mask_inits = 2, ["constant", "region"]
+    alone = _cfg("region")  # candidate 1 is the region start's own optimization, under the candidate's id
+    expected = optimize_pair(image, "a red square", "p#restart1", alone, _trainer(2), tiny_backbone).alpha
+    monkeypatch.setattr(engine, "prompt_fit", lambda *args: torch.tensor([1.0, 0.0]))
+    [result] = optimize_pairs(image[None], ["a red square"], ["p"], cfg, _trainer(2), tiny_backbone)
+    assert result.losses["restart/kept"] == 1 and torch.allclose(result.alpha, expected, atol=1e-2)
 
 
 # -- config -----------------------------------------------------------------------------------------------------
