@@ -11,7 +11,7 @@ from peekaboo import engine
 from peekaboo.config import RestartsConfig, validate_optimization
 from peekaboo.engine import optimize_pair, optimize_pairs
 from peekaboo.errors import ConfigError
-from peekaboo.restarts import candidate_ids, candidate_inits, choose, prompt_fit
+from peekaboo.restarts import candidate_ids, candidate_inits, choose, pair_of, prompt_fit
 
 
 def _images(n, seed=5):
@@ -101,6 +101,12 @@ def test_restarts_settings_out_of_range_are_refused(key, value):
     setattr(cfg.restarts, key, value)
     with pytest.raises(ConfigError, match=f"optimization.restarts.{key}"):
         validate_optimization(cfg)
+
+
+def test_pair_of_undoes_candidate_ids():
+    ids = candidate_ids(["a", "b-1"], 3)
+    assert ids == ["a", "a#restart1", "a#restart2", "b-1", "b-1#restart1", "b-1#restart2"]
+    assert [pair_of(c) for c in ids] == ["a"] * 3 + ["b-1"] * 3
 
 
 def test_candidate_inits_cycle_the_list_and_default_to_the_mask_init():

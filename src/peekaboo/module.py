@@ -15,7 +15,7 @@ from peekaboo.config import OptimConfig, OptimizationConfig, check_mask_init
 from peekaboo.errors import NonFiniteError
 from peekaboo.masks import build_mask, map_logits
 from peekaboo.regions import ranked_regions
-from peekaboo.restarts import CANDIDATE_SEP
+from peekaboo.restarts import pair_of
 
 log = logging.getLogger(__name__)
 
@@ -179,19 +179,18 @@ class PeekabooModule(L.LightningModule):
 
     def start_from_regions(self, rows: list[int]) -> None:
         """Set the raster logits of pairs ``rows`` to :func:`~peekaboo.masks.map_logits` of an image region
-        (``mask.init=region``): the k-th such row of a pair (its restarts share the pair's id before
-        :data:`~peekaboo.restarts.CANDIDATE_SEP`) starts on the pair's k-th best region of
-        :func:`~peekaboo.regions.ranked_regions`; a row past the last region keeps its constant start. Marks the
-        masks initialized."""
+        (``mask.init=region``): the k-th such row of a pair (its restarts, :func:`~peekaboo.restarts.pair_of`)
+        starts on the pair's k-th best region of :func:`~peekaboo.regions.ranked_regions`; a row past the last
+        region keeps its constant start. Marks the masks initialized."""
         m = self.cfg.mask
         ranked: dict[str, torch.Tensor] = {}  # pair id -> (M, S, S), ranked once per pair
         starts, kept = [], []
         for i in rows:
-            pid = self.pair_ids[i].split(CANDIDATE_SEP)[0]
+            pid = pair_of(self.pair_ids[i])
             if pid not in ranked:
                 ranked[pid] = ranked_regions(self.backbone, self.images[i], self.prompts[i], pid, m.regions,
                                              self.cfg.seed, self.cfg.background)
-            k = sum(self.pair_ids[j].split(CANDIDATE_SEP)[0] == pid for j in rows if j < i)
+            k = sum(pair_of(self.pair_ids[j]) == pid for j in kept)  # this pair's region starts so far
             if k < len(ranked[pid]):
                 starts.append(ranked[pid][k])
                 kept.append(i)

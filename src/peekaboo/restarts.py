@@ -26,7 +26,7 @@ from peekaboo import ops
 from peekaboo.backbone import Backbone
 from peekaboo.config import RestartsConfig
 
-__all__ = ["candidate_ids", "candidate_inits", "choose", "prompt_fit"]
+__all__ = ["candidate_ids", "candidate_inits", "choose", "pair_of", "prompt_fit"]
 
 #: Suffix of candidate ``k >= 1``'s id: ``f"{pair_id}{CANDIDATE_SEP}{k}"``.
 CANDIDATE_SEP = "#restart"
@@ -35,6 +35,11 @@ CANDIDATE_SEP = "#restart"
 def candidate_ids(pair_ids: Sequence[str], count: int) -> list[str]:
     """The ids of each pair's ``count`` candidates, pair by pair: ``[id, id#restart1, ...]`` (``count * B``)."""
     return [pid if k == 0 else f"{pid}{CANDIDATE_SEP}{k}" for pid in pair_ids for k in range(count)]
+
+
+def pair_of(candidate_id: str) -> str:
+    """The pair id a candidate id of :func:`candidate_ids` belongs to (a pair id is its own candidate 0)."""
+    return candidate_id.split(CANDIDATE_SEP)[0]
 
 
 def candidate_inits(cfg: RestartsConfig, default: str) -> list[str]:
