@@ -22,6 +22,14 @@ from peekaboo.restarts import prompt_fit
 SIZE = MODULE_SIZE
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rankings():
+    """Each test ranks anew: the per-process ranking cache would hand a faked fit's order to the next test."""
+    regions_lib._ORDERS.clear()
+    yield
+    regions_lib._ORDERS.clear()
+
+
 def _scene() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A grey canvas with a red 4x4 square, a blue 6x5 rectangle and a single green pixel: (image, red, blue)."""
     image = torch.full((3, SIZE, SIZE), 0.5)
@@ -77,8 +85,33 @@ def test_ranking_follows_the_fit_best_first(tiny_backbone, monkeypatch):
         def fake(backbone, images, alphas, prompts, ids, fit_cfg, seed, background, favoured=favoured):
             return torch.tensor([0.0 if torch.equal(a[0], favoured) else 1.0 for a in alphas])
         monkeypatch.setattr(regions_lib, "prompt_fit", fake)
+        regions_lib._ORDERS.clear()  # else the first fake's order is reused: same inputs
         ranked = ranked_regions(tiny_backbone, image, "x", "p", cfg.mask.regions, 0)
         assert torch.equal(ranked[0], favoured) and len(ranked) == len(order) == 2
+
+
+def test_a_ranking_is_computed_once_per_inputs(tiny_backbone, monkeypatch):
+    image, _, _ = _scene()
+    rg = _cfg().mask.regions
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[3])  # prompts
+        return prompt_fit(*args, **kwargs)
+
+    monkeypatch.setattr(regions_lib, "prompt_fit", counting)
+    first = ranked_regions(tiny_backbone, image, "a blue square", "p", rg, 0)
+    assert torch.equal(ranked_regions(tiny_backbone, image.clone(), "a blue square", "p", rg, 0), first)
+    assert len(calls) == 1
+    # Anything the order depends on ranks again: the prompt, the pixels, the pair id, the draws, the seed.
+    other_pixels = image.clone()
+    other_pixels[:, 0, 0] = 0.0
+    ranked_regions(tiny_backbone, image, "a red square", "p", rg, 0)
+    ranked_regions(tiny_backbone, other_pixels, "a blue square", "p", rg, 0)
+    ranked_regions(tiny_backbone, image, "a blue square", "q", rg, 0)
+    ranked_regions(tiny_backbone, image, "a blue square", "p", RegionsConfig(**{**vars(rg), "draws": 4}), 0)
+    ranked_regions(tiny_backbone, image, "a blue square", "p", rg, 1)
+    assert len(calls) == 6
 
 
 # -- the start in the module ------------------------------------------------------------------------------------

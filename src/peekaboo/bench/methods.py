@@ -43,8 +43,10 @@ KIND_OPTIM: dict[str, tuple[str, ...]] = {
 }
 #: Settings of a mask kind's row that are fixed, not tuned. The Fourier MLP is 64 wide over 64 frequencies
 #: instead of the paper's 256 over 128: at 256 the MLP alone outweighs the VAE and UNet per step on a CPU,
-#: and a 64x64 mask needs far less capacity than the paper's 256x256 one.
-_SMALL_FOURIER = ("optimization.mask.fourier.hidden=64", "optimization.mask.fourier.num_features=64")
+#: and a 64x64 mask needs far less capacity than the paper's 256x256 one. It starts from its own random
+#: weights: the preset's region start sets raster logits, which an MLP does not have.
+_SMALL_FOURIER = ("optimization.mask.fourier.hidden=64", "optimization.mask.fourier.num_features=64",
+                  "optimization.mask.init=constant")
 KIND_EXTRA: dict[str, tuple[str, ...]] = {"fourier": _SMALL_FOURIER, "fourier_bilateral": _SMALL_FOURIER}
 #: The cross-attention baseline's mask is ``map > threshold`` (the map is min-max normalized per pair).
 #: Chosen on the ``tune`` split with the bundled model (the sweep's figures are in docs/BENCHMARK.md).
@@ -73,9 +75,10 @@ class Method:
 def _kind_method(kind: str, optim: Sequence[str]) -> Method:
     label = kind.replace("_", " + ")
     overrides = (f"optimization.mask.kind={kind}", *KIND_EXTRA.get(kind, ()), *optim)
+    start = " (from the MLP's random start: a region start needs raster logits)" if kind.startswith("fourier") else ""
     return Method(kind, f"mask: {label}", "peekaboo", overrides,
                   f"The default with the `{kind}` mask parameterization and the optimizer chosen for it on the "
-                  "tune split.")
+                  f"tune split{start}.")
 
 
 def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[Method, ...]:
@@ -102,34 +105,34 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
         Method("encode_32", "encode at 32 px", "peekaboo", ("optimization.guidance.encode_resolution=32",),
                "The default with the composite encoded at 32x32 instead of the model's 64x64: a cheaper VAE "
                "encoder (forward and backward) and UNet, on 8x8 latents the model was not trained at."),
+        Method("constant_init", "start from alpha 0.5", "peekaboo", ("optimization.mask.init=constant",),
+               "The default with its mask started at alpha 0.5 everywhere (the paper's start, and this preset's "
+               "until region starts) instead of on the best region, then the same optimization: what the region "
+               "start adds. One optimization per pair and no region scoring."),
         Method("cross_attention_init", "start from cross-attention", "peekaboo",
                ("optimization.mask.init=cross_attention",),
-               "The default with its mask started from the cross-attention map of the row below instead of alpha "
-               "0.5 everywhere: logits `init_scale * (map - init_threshold)`, then the same optimization."),
-        Method("region_init", "start from the best region", "peekaboo", ("optimization.mask.init=region",),
-               "The default with its mask started on the image region the prompt explains best "
-               "(`peekaboo.regions`: Felzenszwalb segments of the image, each scored as a hard mask by the "
-               "restarts' prompt fit on 16 shared draws), then the same optimization. One optimization per pair "
-               "plus 16 scoring draws per region."),
+               "The default with its mask started from the cross-attention map of the `cross-attention map` row "
+               "instead of on the best region: logits `init_scale * (map - init_threshold)`, then the same "
+               "optimization."),
         Method("restarts_4", "4 restarts, model-chosen", "peekaboo", ("optimization.restarts.count=4",),
-               "The default optimized 4 times per pair (other random streams; the first is the default's own "
-               "run), keeping the mask whose composite the prompt explains best: the lowest denoising error "
-               "under the prompt over 16 draws shared by the 4 candidates (`peekaboo.restarts`). No label is "
-               "used; it costs 4 optimizations per pair."),
+               "The default optimized 4 times per pair, candidate k started on the pair's k-th best region and on "
+               "its own random stream (the first is the default's own run), keeping the mask whose composite the "
+               "prompt explains best: the lowest denoising error under the prompt over 16 draws shared by the 4 "
+               "candidates (`peekaboo.restarts`). No label is used; it costs 4 optimizations per pair."),
         Method("restarts_2_mixed", "2 restarts, mixed starts, model-chosen", "peekaboo",
                ("optimization.restarts.count=2", "optimization.restarts.mask_inits=[constant,cross_attention]"),
-               "The default's own run plus a second one started from the cross-attention map (the `start from "
-               "cross-attention` row's start, on another random stream), keeping the one the prompt explains "
-               "best as in the row above: two starts that begin apart settle on different objects more often "
-               "than two from alpha 0.5. Costs 2 optimizations per pair."),
+               "The `start from alpha 0.5` row's run plus a second one started from the cross-attention map (the "
+               "`start from cross-attention` row's start, on another random stream), keeping the one the prompt "
+               "explains best as in the row above: two starts that begin apart settle on different objects more "
+               "often than two from alpha 0.5. Costs 2 optimizations per pair."),
         Method("restarts_4_mixed", "4 restarts, mixed starts, model-chosen", "peekaboo",
                ("optimization.restarts.count=4", "optimization.restarts.mask_inits=[constant,cross_attention]"),
-               "`4 restarts` with every other candidate started from the cross-attention map (candidates 1 and "
-               "3), as in the row above. Costs 4 optimizations per pair."),
+               "The row above with 4 candidates, alpha 0.5 and cross-attention starts alternating (candidates 1 "
+               "and 3 from the map). Costs 4 optimizations per pair."),
         Method("restarts_3_regions", "3 restarts: alpha 0.5, cross-attention and region starts", "peekaboo",
                ("optimization.restarts.count=3", "optimization.restarts.mask_inits=[constant,cross_attention,region]"),
                "`2 restarts, mixed starts` plus a third candidate started on the pair's best-ranked image region "
-               "(as in `start from the best region`), the kept one chosen as in `4 restarts`: the three starts "
+               "(the default's start), the kept one chosen as in `4 restarts`: the three starts "
                "reach the named object by three routes. Costs 3 optimizations per pair, plus the region scoring."),
         Method("restarts_4_mixed_ratio", "4 restarts, mixed starts, chosen by error ratio", "peekaboo",
                ("optimization.restarts.count=4", "optimization.restarts.mask_inits=[constant,cross_attention]",
@@ -190,8 +193,9 @@ def settings_key(cfg: Any) -> str:
 
 def canonical_key(key: str) -> str:
     """``key`` (a row key ending in a :func:`settings_key`) with the settings it lacks filled in at their schema
-    defaults: a key stored before a setting existed then equals today's key of the same run, since the run
-    used what is now that setting's default. Keys without settings come back unchanged."""
+    defaults and the ones its run does not read blanked: a key stored before a setting existed then equals
+    today's key of the same run, since the run used what is now that setting's default, and a preset change
+    of a setting the row overrides keeps the row. Keys without settings come back unchanged."""
     prefix, brace, body = key.partition("{")
     if not brace:
         return key
@@ -203,7 +207,19 @@ def canonical_key(key: str) -> str:
     for group in KEYED_GROUPS:
         if isinstance(settings.get(group), dict):
             settings[group] = _fill(defaults[group], settings[group])
+    _drop_unused(settings)
     return prefix + json.dumps(settings, sort_keys=True)
+
+
+def _drop_unused(settings: dict[str, Any]) -> None:
+    """Blank the settings a run does not read, so rows that differ only there share a key: with restarts and
+    their own ``mask_inits``, no candidate starts from ``mask.init``."""
+    opt = settings.get("optimization")
+    if not isinstance(opt, dict):
+        return
+    restarts, mask = opt.get("restarts") or {}, opt.get("mask") or {}
+    if restarts.get("count", 1) > 1 and restarts.get("mask_inits") and "init" in mask:
+        mask["init"] = None
 
 
 @functools.cache

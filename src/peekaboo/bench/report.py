@@ -109,7 +109,10 @@ def render_docs(report: dict[str, Any], sweep_report: dict[str, Any] | None = No
         "- **mIoU**: mean of the per-pair IoU. **oIoU**: summed intersections over summed unions.",
         "- **wrong obj.**: fraction of pairs whose mask covers another object of the scene more than the named "
         "one (|pred ∩ other| > |pred ∩ target|); an empty mask is never counted as wrong.",
-        "- **s/pair**: wall-clock seconds per pair on the machine above (batched pairs share the time equally).",
+        "- **s/pair**: wall-clock seconds per pair on the machine above (batched pairs share the time equally). "
+        "A process ranks a pair's image regions once (`peekaboo.regions`), so of the rows that start on a region, "
+        "the first one a run computes pays the ranking and the later ones do not: the ranking's cost is about "
+        "the difference between `Peekaboo (default)` and `start from alpha 0.5`.",
         "",
         "## Rows",
         "",
