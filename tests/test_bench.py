@@ -16,7 +16,7 @@ from peekaboo.bench import report as bench_report
 from peekaboo.bench import run as bench_run
 from peekaboo.bench.baselines import RANDOM_DISC_RADIUS, attention_mask, random_mask, whole_image
 from peekaboo.config import validate_optimization
-from peekaboo.errors import PeekabooError
+from peekaboo.errors import EXIT_INTERRUPTED, PeekabooError
 from peekaboo.restarts import candidate_inits
 
 # The bundled model's accuracy floor on the first CI_PAIRS evaluation pairs (Peekaboo default settings), set
@@ -216,6 +216,27 @@ def test_resume_keeps_unchanged_rows(tiny_model, tmp_path, monkeypatch):
     # A changed setting is recomputed.
     with pytest.raises(AssertionError, match="optimized again"):
         shapes.main([*args, "--resume", "--set", "optimization.loss.gravity=0.1"])
+
+
+@pytest.mark.slow
+def test_an_interrupted_resume_keeps_every_earlier_row(tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    args = ["--pairs", "2", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS), "--docs", str(tmp_path / "B.md"),
+            "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=1",
+            "--set", "optimization.mask.size=16", "--out", str(out)]
+    assert shapes.main([*args, "--methods", "peekaboo", "no_gravity"]) == 0
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_run, "run_peekaboo", interrupted)
+    # The whole-image row is computed and saved, then the guidance row is interrupted; the no-gravity row, kept,
+    # comes after the whole-image one in the run's order and must be in the saved file all the same.
+    status = shapes.main([*args, "--resume", "--methods", "peekaboo", "no_gravity", "guidance_7.5", "whole_image"])
+    assert status == EXIT_INTERRUPTED
+    saved = json.loads(out.read_text())
+    assert saved["partial"] is True
+    assert set(saved["methods"]) == {"peekaboo", "no_gravity", "whole_image"}
 
 
 def test_a_key_stored_before_a_setting_existed_matches_its_default():

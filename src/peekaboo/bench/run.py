@@ -314,23 +314,29 @@ def run_benchmark(
         earlier = {canonical_key(row["key"]): row for row in previous.get("methods", {}).values() if "key" in row}
     # The default and the baselines without optimization first: they are what a partial run should show.
     order = sorted(chosen, key=lambda m: 0 if m.name == "peekaboo" else 1 if m.kind != "peekaboo" else 2)
+    keys = {m.name: _row_key(m, configs[m.name], cross_attention_threshold) for m in order}
+    # Kept rows first, all of them, so the partial results saved after each computed row hold every row of the
+    # earlier run still wanted: an interrupted resume loses nothing already finished.
     for method in order:
+        kept = earlier.get(canonical_key(keys[method.name]))
+        if kept is None:
+            continue
+        rows[method.name] = {**kept, "key": keys[method.name], "label": method.label, "about": method.about,
+                             "overrides": list(method.overrides)}
+        if method.kind == "peekaboo":
+            # Rows of equal settings share one key, so which row first claims the settings is decided here
+            # again, in this run's order, not taken from whichever row the earlier run stored.
+            owner = done_by_key.setdefault(settings_key(configs[method.name]), method.name)
+            rows[method.name]["same_as"] = owner if owner != method.name else None
+        log.info("%s: kept from the earlier run (same settings)", method.label)
+    for method in order:
+        if method.name in rows:
+            continue
         cfg = configs[method.name]
+        key = keys[method.name]
         same_as = None
         t0 = time.perf_counter()
         log.info("%s", method.label)
-        key = _row_key(method, cfg, cross_attention_threshold)
-        kept = earlier.get(canonical_key(key))
-        if kept is not None:
-            rows[method.name] = {**kept, "key": key, "label": method.label, "about": method.about,
-                                 "overrides": list(method.overrides)}
-            if method.kind == "peekaboo":
-                # Rows of equal settings share one key, so which row first claims the settings is decided
-                # here again, in this run's order, not taken from whichever row the earlier run stored.
-                owner = done_by_key.setdefault(settings_key(cfg), method.name)
-                rows[method.name]["same_as"] = owner if owner != method.name else None
-            log.info("  kept from the earlier run (same settings)")
-            continue
         if method.kind == "peekaboo":
             same_as = done_by_key.get(settings_key(cfg))
             if same_as is not None:
@@ -358,7 +364,7 @@ def run_benchmark(
         _publish(result, rows, chosen)
         if on_row is not None:
             on_row(result)
-    _publish(result, rows, chosen)  # kept rows (--resume) land here too, wherever they fall in the order
+    _publish(result, rows, chosen)  # also when every row was kept
     return result
 
 
