@@ -147,9 +147,8 @@ def test_the_default_starts_from_the_best_region_and_a_row_measures_the_constant
     three = methods.method_config(rows["restarts_3_regions"].overrides, (), REPO_CONFIGS).optimization
     # Candidate 2 starts on the pair's best region, as the default does.
     assert candidate_inits(three.restarts, three.mask.init) == ["constant", "cross_attention", "region"]
-    # Plain restarts start every candidate as the default does: on the pair's k-th best region.
     four = methods.method_config(rows["restarts_4"].overrides, (), REPO_CONFIGS).optimization
-    assert candidate_inits(four.restarts, four.mask.init) == ["region"] * 4
+    assert candidate_inits(four.restarts, four.mask.init) == ["constant"] * 4
 
 
 # -- the benchmark end to end -------------------------------------------------------------------------------
@@ -252,17 +251,23 @@ def test_a_key_stored_before_a_setting_existed_matches_its_default():
     assert methods.canonical_key("random seed=0") == "random seed=0"
 
 
-def test_a_setting_the_row_does_not_read_leaves_its_key_alone():
+def _key(*overrides: str) -> str:
+    return methods.canonical_key("peekaboo " + methods.settings_key(methods.method_config(overrides, (), REPO_CONFIGS)))
+
+
+def test_rows_that_start_alike_share_a_key():
     # Restarts with their own mask_inits never read mask.init: a preset's new start keeps such rows.
     mixed = ("optimization.restarts.count=4", "optimization.restarts.mask_inits=[constant,cross_attention]")
-    keys = {methods.canonical_key("peekaboo " + methods.settings_key(methods.method_config(
-        (*mixed, f"optimization.mask.init={init}"), (), REPO_CONFIGS))) for init in ("constant", "region")}
-    assert len(keys) == 1
-    # Without mask_inits every candidate starts from mask.init, so it counts.
-    keys = {methods.canonical_key("peekaboo " + methods.settings_key(methods.method_config(
-        ("optimization.restarts.count=4", f"optimization.mask.init={init}"), (), REPO_CONFIGS)))
-        for init in ("constant", "region")}
-    assert len(keys) == 2
+    assert _key(*mixed, "optimization.mask.init=constant") == _key(*mixed, "optimization.mask.init=region")
+    # Restarts from mask.init and restarts whose mask_inits name the same start are the same run.
+    four = "optimization.restarts.count=4"
+    assert (_key(four, "optimization.mask.init=constant")
+            == _key(four, "optimization.mask.init=region", "optimization.restarts.mask_inits=[constant]"))
+    # Other starts are other runs, and one run reads mask.init, never mask_inits.
+    assert _key(four, "optimization.mask.init=constant") != _key(four, "optimization.mask.init=region")
+    assert _key("optimization.mask.init=constant") != _key("optimization.mask.init=region")
+    assert (_key("optimization.restarts.mask_inits=[constant]")
+            == _key("optimization.restarts.mask_inits=[cross_attention]"))
 
 
 def test_retrained_weights_at_the_same_path_change_the_row_key(tmp_path):

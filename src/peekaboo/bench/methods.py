@@ -114,11 +114,12 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
                "The default with its mask started from the cross-attention map of the `cross-attention map` row "
                "instead of on the best region: logits `init_scale * (map - init_threshold)`, then the same "
                "optimization."),
-        Method("restarts_4", "4 restarts, model-chosen", "peekaboo", ("optimization.restarts.count=4",),
-               "The default optimized 4 times per pair, candidate k started on the pair's k-th best region and on "
-               "its own random stream (the first is the default's own run), keeping the mask whose composite the "
-               "prompt explains best: the lowest denoising error under the prompt over 16 draws shared by the 4 "
-               "candidates (`peekaboo.restarts`). No label is used; it costs 4 optimizations per pair."),
+        Method("restarts_4", "4 restarts from alpha 0.5, model-chosen", "peekaboo",
+               ("optimization.restarts.count=4", "optimization.restarts.mask_inits=[constant]"),
+               "The `start from alpha 0.5` row optimized 4 times per pair (other random streams; the first is that "
+               "row's own run), keeping the mask whose composite the prompt explains best: the lowest denoising "
+               "error under the prompt over 16 draws shared by the 4 candidates (`peekaboo.restarts`). No label "
+               "is used; it costs 4 optimizations per pair."),
         Method("restarts_2_mixed", "2 restarts, mixed starts, model-chosen", "peekaboo",
                ("optimization.restarts.count=2", "optimization.restarts.mask_inits=[constant,cross_attention]"),
                "The `start from alpha 0.5` row's run plus a second one started from the cross-attention map (the "
@@ -212,14 +213,20 @@ def canonical_key(key: str) -> str:
 
 
 def _drop_unused(settings: dict[str, Any]) -> None:
-    """Blank the settings a run does not read, so rows that differ only there share a key: with restarts and
-    their own ``mask_inits``, no candidate starts from ``mask.init``."""
+    """Write the mask starts as what the run reads, so rows that start alike share a key: one run reads
+    ``mask.init`` only; restarts read each candidate's start (:func:`~peekaboo.restarts.candidate_inits`),
+    whether a preset's ``mask.init`` or the row's own ``mask_inits`` gave it."""
     opt = settings.get("optimization")
-    if not isinstance(opt, dict):
+    if not isinstance(opt, dict) or not isinstance(opt.get("restarts"), dict) or not isinstance(opt.get("mask"), dict):
         return
-    restarts, mask = opt.get("restarts") or {}, opt.get("mask") or {}
-    if restarts.get("count", 1) > 1 and restarts.get("mask_inits") and "init" in mask:
+    restarts, mask = opt["restarts"], opt["mask"]
+    count = restarts.get("count", 1)
+    if count > 1:
+        inits = list(restarts.get("mask_inits") or []) or [mask.get("init")]
+        restarts["mask_inits"] = [inits[k % len(inits)] for k in range(count)]
         mask["init"] = None
+    else:
+        restarts["mask_inits"] = None
 
 
 @functools.cache
