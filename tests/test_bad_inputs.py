@@ -44,9 +44,11 @@ from peekaboo.runner import output_names
 
 PREDICT_FAST = [*FAST, "tensorboard=false"]
 TRAIN_FAST = [*FAST, "run.tensorboard=false"]
-# A learning rate no float32 MLP survives: the mask's logits overflow to inf - inf = nan in one step.
+# A learning rate no float32 MLP survives: the mask's logits overflow to inf - inf = nan in one step. (A Fourier
+# mask starts from its own weights: the bundled preset's region start needs raster logits.)
 NON_FINITE = ["optimization.optim.name=sgd", "optimization.optim.lr=1e30", "optimization.mask.kind=fourier",
-              "optimization.mask.fourier.hidden=8", "optimization.mask.fourier.num_features=8"]
+              "optimization.mask.init=constant", "optimization.mask.fourier.hidden=8",
+              "optimization.mask.fourier.num_features=8"]
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
