@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from peekaboo.backbone import resolve_pretrained
 from peekaboo.config import MASK_KINDS, TrainConfig, load_config, preset_dir
 from peekaboo.errors import PeekabooError
+from peekaboo.restarts import candidate_inits
 
 # The model config group every row starts from: configs/model/<MODEL_GROUP>.yaml.
 MODEL_GROUP = "shapes"
@@ -208,11 +209,11 @@ def canonical_key(key: str) -> str:
     for group in KEYED_GROUPS:
         if isinstance(settings.get(group), dict):
             settings[group] = _fill(defaults[group], settings[group])
-    _drop_unused(settings)
+    _starts_as_read(settings)
     return prefix + json.dumps(settings, sort_keys=True)
 
 
-def _drop_unused(settings: dict[str, Any]) -> None:
+def _starts_as_read(settings: dict[str, Any]) -> None:
     """Write the mask starts as what the run reads, so rows that start alike share a key: one run reads
     ``mask.init`` only; restarts read each candidate's start (:func:`~peekaboo.restarts.candidate_inits`),
     whether a preset's ``mask.init`` or the row's own ``mask_inits`` gave it."""
@@ -220,10 +221,8 @@ def _drop_unused(settings: dict[str, Any]) -> None:
     if not isinstance(opt, dict) or not isinstance(opt.get("restarts"), dict) or not isinstance(opt.get("mask"), dict):
         return
     restarts, mask = opt["restarts"], opt["mask"]
-    count = restarts.get("count", 1)
-    if count > 1:
-        inits = list(restarts.get("mask_inits") or []) or [mask.get("init")]
-        restarts["mask_inits"] = [inits[k % len(inits)] for k in range(count)]
+    if restarts.get("count", 1) > 1:
+        restarts["mask_inits"] = candidate_inits(OmegaConf.create(restarts), mask.get("init"))
         mask["init"] = None
     else:
         restarts["mask_inits"] = None
