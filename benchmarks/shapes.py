@@ -27,11 +27,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` as :mod:`peekaboo.bench.shapes` does, default its paths to the repository's, run it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = shapes.parser(prog="python benchmarks/shapes.py").parse_args(argv)
-    if args.out is None:
+    # A run to its own --out file (a side experiment) leaves the split's report alone unless --docs names one.
+    default_out = args.out is None
+    if default_out:
         args.out = SWEEP_OUT if args.sweep else RESULTS[args.split]
     if args.sweep_cache is None:
         args.sweep_cache = SWEEP_CACHE
-    if args.docs is None and args.split in DOCS and not args.sweep:
+    if args.docs is None and default_out and args.split in DOCS and not args.sweep:
         args.docs = DOCS[args.split]
     if args.sweep_report is None and SWEEP_OUT.is_file():
         args.sweep_report = SWEEP_OUT

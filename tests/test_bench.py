@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests_support import REPO_CONFIGS
+from tests_support import REPO, REPO_CONFIGS
 
 from peekaboo.backbone import BUNDLED_PATH
 from peekaboo.bench import methods, shapes, sweep
@@ -389,3 +389,27 @@ def test_bundled_model_segments_the_evaluation_pairs(split, pairs, floor):
     assert summary["miou"] >= floor, result["table"]
     whole = result["methods"]["whole_image"]["summary"]["miou"]
     assert summary["miou"] >= whole + CI_MIN_MARGIN_OVER_WHOLE_IMAGE, result["table"]
+
+
+# -- the repository script ----------------------------------------------------------------------------------
+def _script_args(monkeypatch, argv: list[str]):
+    """The arguments ``benchmarks/shapes.py`` hands to :func:`peekaboo.bench.shapes.run` for ``argv``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_script", REPO / "benchmarks" / "shapes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = {}
+    monkeypatch.setattr(script.shapes, "run", lambda args, command: seen.setdefault("args", args) and 0)
+    script.main(argv)
+    return seen["args"]
+
+
+def test_the_script_writes_the_split_report_only_for_the_split_results(monkeypatch, tmp_path):
+    args = _script_args(monkeypatch, ["--split", "robust"])
+    assert (str(args.out), str(args.docs)) == ("benchmarks/results/shapes_robust.json", "docs/BENCHMARK_ROBUST.md")
+    # A side experiment to its own results file must not replace the split's report.
+    args = _script_args(monkeypatch, ["--split", "robust", "--out", str(tmp_path / "side.json")])
+    assert args.docs is None
+    args = _script_args(monkeypatch, ["--out", str(tmp_path / "side.json"), "--docs", str(tmp_path / "side.md")])
+    assert args.docs == tmp_path / "side.md"

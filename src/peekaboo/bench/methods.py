@@ -124,25 +124,30 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
         Method("restarts_2_mixed", "2 restarts, mixed starts, model-chosen", "peekaboo",
                ("optimization.restarts.count=2", "optimization.restarts.mask_inits=[constant,cross_attention]"),
                "The `start from alpha 0.5` row's run plus a second one started from the cross-attention map (the "
-               "`start from cross-attention` row's start, on another random stream), keeping the one the prompt "
-               "explains best as in the row above: two starts that begin apart settle on different objects more "
-               "often than two from alpha 0.5. Costs 2 optimizations per pair."),
+               "`start from cross-attention` row's start, on another random stream), keeping the one whose "
+               "composite the prompt explains best (the lowest denoising error under the prompt over draws the "
+               "two share): two starts that begin apart settle on different objects more often than two from "
+               "alpha 0.5. Costs 2 optimizations per pair."),
         Method("restarts_4_mixed", "4 restarts, mixed starts, model-chosen", "peekaboo",
                ("optimization.restarts.count=4", "optimization.restarts.mask_inits=[constant,cross_attention]"),
-               "The row above with 4 candidates, alpha 0.5 and cross-attention starts alternating (candidates 1 "
-               "and 3 from the map). Costs 4 optimizations per pair."),
+               "4 candidates per pair, alpha 0.5 and cross-attention starts alternating (candidates 1 and 3 from "
+               "the map), each on its own random stream, keeping the one whose composite the prompt explains best "
+               "(the lowest denoising error under the prompt over draws the candidates share). Costs 4 "
+               "optimizations per pair."),
         Method("restarts_3_regions", "3 restarts: alpha 0.5, cross-attention and region starts", "peekaboo",
                ("optimization.restarts.count=3", "optimization.restarts.mask_inits=[constant,cross_attention,region]"),
-               "`2 restarts, mixed starts` plus a third candidate started on the pair's best-ranked image region "
-               "(the default's start), the kept one chosen as in `4 restarts`: the three starts "
-               "reach the named object by three routes. Costs 3 optimizations per pair, plus the region scoring."),
+               "Three candidates per pair: the `start from alpha 0.5` row's run, one started from the "
+               "cross-attention map and one on the pair's best-ranked image region (the default's start), each on "
+               "its own random stream; the kept one is the one whose composite the prompt explains best (the "
+               "lowest denoising error under the prompt over draws the candidates share). The three starts reach "
+               "the named object by three routes. Costs 3 optimizations per pair, plus the region scoring."),
         Method("restarts_4_mixed_ratio", "4 restarts, mixed starts, chosen by error ratio", "peekaboo",
                ("optimization.restarts.count=4", "optimization.restarts.mask_inits=[constant,cross_attention]",
                 "optimization.restarts.fit=error_ratio"),
-               "The row above with the candidates scored by their denoising error under the prompt over their "
-               "error under the empty prompt on the same draw (`restarts.fit=error_ratio`): how much the prompt "
-               "explains beyond any caption, so a composite that is easy to denoise anyway (a large plain object) "
-               "gains nothing over a small one. One more UNet row per scoring draw."),
+               "The candidates of `4 restarts, mixed starts`, scored by their denoising error under the prompt "
+               "over their error under the empty prompt on the same draw (`restarts.fit=error_ratio`): how much "
+               "the prompt explains beyond any caption, so a composite that is easy to denoise anyway (a large "
+               "plain object) gains nothing over a small one. One more UNet row per scoring draw."),
         Method("cross_attention", "cross-attention map", "cross_attention", (),
                "No optimization: the UNet's cross-attention to the prompt's content words on the VAE-encoded image "
                "noised at a few timesteps, averaged over heads, layers and timesteps, normalized to [0, 1] and "
