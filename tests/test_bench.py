@@ -243,11 +243,13 @@ def test_a_key_stored_before_a_setting_existed_matches_its_default():
     key = "peekaboo " + methods.settings_key(cfg)
     stored = json.loads(key.removeprefix("peekaboo "))
     del stored["optimization"]["composite"], stored["optimization"]["mask"]["regions"]  # as written before both
+    del stored["precision"]
     old = "peekaboo " + json.dumps(stored, sort_keys=True)
     assert old != key and methods.canonical_key(old) == methods.canonical_key(key)
     # A run with a non-default value of the new setting is another run.
-    latent = methods.method_config(("optimization.composite=latent",), (), REPO_CONFIGS)
-    assert methods.canonical_key("peekaboo " + methods.settings_key(latent)) != methods.canonical_key(old)
+    for override in ("optimization.composite=latent", "trainer.precision=bf16-mixed"):
+        other = methods.method_config((override,), (), REPO_CONFIGS)
+        assert methods.canonical_key("peekaboo " + methods.settings_key(other)) != methods.canonical_key(old)
     assert methods.canonical_key("random seed=0") == "random seed=0"
 
 

@@ -114,6 +114,23 @@ def test_a_ranking_is_computed_once_per_inputs(tiny_backbone, monkeypatch):
     assert len(calls) == 6
 
 
+def test_the_ranking_cache_keeps_the_most_recently_used(tiny_backbone, monkeypatch):
+    image, _, _ = _scene()
+    rg = _cfg().mask.regions
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[4][0])  # pair ids
+        return prompt_fit(*args, **kwargs)
+
+    monkeypatch.setattr(regions_lib, "prompt_fit", counting)
+    monkeypatch.setattr(regions_lib, "MAX_RANKINGS", 2)
+    for pid in ("a", "b", "a", "c", "a", "b"):  # "a" stays recent; "b" is dropped when "c" comes
+        ranked_regions(tiny_backbone, image, "a blue square", pid, rg, 0)
+    assert [c.removesuffix(RANKING_KEY) for c in calls] == ["a", "b", "c", "b"]
+    assert len(regions_lib._ORDERS[tiny_backbone]) == 2
+
+
 # -- the start in the module ------------------------------------------------------------------------------------
 def test_each_region_start_takes_its_pairs_next_best_region(tiny_backbone, monkeypatch):
     image, red, blue = _scene()

@@ -95,6 +95,17 @@ def test_restarts_end_to_end_with_the_real_fit(tiny_backbone):
     assert result.losses["restart/kept"] in (0.0, 1.0) and torch.isfinite(result.alpha).all()
 
 
+@pytest.mark.parametrize("run_name", [None, "p"])
+def test_a_one_pair_restart_logs_each_candidate_and_the_means_to_runs_of_their_own(tiny_backbone, tmp_path, run_name):
+    cfg = _cfg()
+    cfg.restarts.count, cfg.restarts.draws = 2, 2
+    optimize_pairs(_images(1), ["a red circle"], ["p"], cfg, _trainer(2), tiny_backbone, tb_dir=tmp_path,
+                   run_name=run_name)
+    # One writer per run: the pair's name (candidate 0) must not also receive the candidates' means.
+    runs = {d.name: len(list(d.glob("events.out.tfevents*"))) for d in tmp_path.iterdir()}
+    assert runs == {"p": 1, "p#restart1": 1, "p+1": 1}
+
+
 @pytest.mark.parametrize(("key", "value"), [("count", 0), ("draws", 0), ("t_min", 0.9), ("fit", "loss")])
 def test_restarts_settings_out_of_range_are_refused(key, value):
     cfg = _cfg()

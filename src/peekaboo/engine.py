@@ -376,7 +376,8 @@ def optimize_pairs(
 
     With ``opt_cfg.restarts.count = K > 1``, each pair's K candidates (:mod:`peekaboo.restarts`; candidate k
     starts from ``restarts.mask_inits``' init, cycled) are optimized together as ``K * B`` pairs (their
-    TensorBoard runs are the pair's run name with ``#restart<k>`` for ``k >= 1``), and each pair's result is its
+    TensorBoard runs are the pair's run name with ``#restart<k>`` for ``k >= 1``; their means go to ``run_name``,
+    or ``<first name>+<K*B-1>`` where that is a candidate's run), and each pair's result is its
     kept candidate, with the losses ``restart/kept`` (its index) and ``restart/fit`` (its
     :func:`~peekaboo.restarts.prompt_fit`). Arguments and return as for one optimization:
 
@@ -403,9 +404,10 @@ def optimize_pairs(
     names = candidate_ids(pair_run_names or pair_ids, count)
     images_k = images.repeat_interleave(count, dim=0)  # (K*B, 3, S, S), pair by pair
     prompts_k = [p for p in prompts for _ in range(count)]
+    # The candidates' means go to a run of their own: a one-pair run's name is its candidate 0's run.
+    means_run = run_name if run_name is not None and run_name not in names else f"{names[0]}+{len(names) - 1}"
     results = _optimize(images_k, prompts_k, candidate_ids(pair_ids, count), opt_cfg, trainer_cfg, backbone, tb_dir,
-                        callbacks, ckpt_path, enable_progress_bar, devices,
-                        run_name or (names[0] if len(pair_ids) == 1 else None), names, logger_kind,
+                        callbacks, ckpt_path, enable_progress_bar, devices, means_run, names, logger_kind,
                         candidate_inits(opt_cfg.restarts, opt_cfg.mask.init) * len(pair_ids))
     alphas = torch.stack([r.alpha for r in results])[:, None]  # (K*B, 1, S, S)
     failed = torch.tensor([r.failed for r in results])

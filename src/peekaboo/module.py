@@ -98,9 +98,10 @@ class PeekabooModule(L.LightningModule):
         self.register_buffer("image_latent_std", None, persistent=False)
         inits = [torch.Generator().manual_seed(ops.pair_seed(cfg.seed, pid)) for pid in self.pair_ids]
         self.mask = build_mask(cfg.mask, self.images, inits)
-        # Whether the masks have had their start from the model (mask.init=cross_attention). Persistent there
-        # only: Lightning loads a checkpoint before on_fit_start, so a resumed run sees True and keeps its
-        # checkpointed mask; other checkpoints hold exactly what they held before.
+        # Whether the masks have had their start from the model (a mask init other than constant: the
+        # cross-attention map or a ranked region). Persistent there only: Lightning loads a checkpoint before
+        # on_fit_start, so a resumed run sees True and keeps its checkpointed mask; other checkpoints hold
+        # exactly what they held before.
         self.register_buffer("initialized", torch.tensor(False),
                              persistent=any(init != "constant" for init in self.mask_inits))
         # Pairs whose loss or mask went non-finite: they stop contributing; the others go on. Persistent, so

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import weakref
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -38,8 +39,12 @@ __all__ = ["RANKING_KEY", "ranked_regions", "region_proposals"]
 RANKING_KEY = "#regions"
 
 #: The region orders this process has ranked, per backbone (dropped with it): ranking key -> ``(M,)`` int64
-#: order. An order is a few bytes per region, so the cache stays small over a whole dataset.
-_ORDERS: weakref.WeakKeyDictionary[Backbone, dict[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
+#: order, the most recently used last.
+_ORDERS: weakref.WeakKeyDictionary[Backbone, OrderedDict[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
+#: Rankings kept per backbone. Reuse comes from runs over the same pairs (a sweep, the benchmark's rows: a few
+#: hundred pairs); a dataset run ranks each pair once and never again, so older rankings are dropped rather
+#: than kept for the whole run (about a kilobyte each).
+MAX_RANKINGS = 4096
 
 
 def region_proposals(image: torch.Tensor, cfg: RegionsConfig) -> torch.Tensor:
@@ -58,9 +63,11 @@ def region_proposals(image: torch.Tensor, cfg: RegionsConfig) -> torch.Tensor:
     pixels = image.detach().float().cpu().permute(1, 2, 0).numpy()  # (H, W, 3)
     labels = felzenszwalb(pixels, scale=cfg.scale, sigma=cfg.sigma,
                           min_size=max(1, round(cfg.min_area * h * w)))  # (H, W) int
-    masks = torch.from_numpy(labels[None] == np.arange(labels.max() + 1)[:, None, None]).float()  # (L, H, W)
-    area = masks.mean(dim=(1, 2))  # (L,)
-    return masks[(area >= cfg.min_area) & (area <= cfg.max_area)]
+    # Areas from label counts, and masks for the kept labels only: at large sizes most labels are specks, and
+    # one mask per label would take L * H * W floats.
+    area = torch.from_numpy(np.bincount(labels.ravel())).float() / (h * w)  # (L,)
+    kept = torch.nonzero((area >= cfg.min_area) & (area <= cfg.max_area)).flatten().numpy()  # (M,)
+    return torch.from_numpy(labels[None] == kept[:, None, None]).float()  # (M, H, W)
 
 
 @torch.no_grad()
@@ -87,14 +94,18 @@ def ranked_regions(
     regions = region_proposals(image, cfg)  # (M, S, S)
     if len(regions) < 2:
         return regions
-    orders = _ORDERS.setdefault(backbone, {})
+    orders = _ORDERS.setdefault(backbone, OrderedDict())
     key = _ranking_key(backbone, image, prompt, pair_id, cfg, seed, background)
-    if key not in orders:
+    if key in orders:
+        orders.move_to_end(key)
+    else:
         m = len(regions)
         fit_cfg = RestartsConfig(draws=cfg.draws, t_min=cfg.t_min, t_max=cfg.t_max, fit="error")
         fit = prompt_fit(backbone, image[None].expand(m, -1, -1, -1), regions[:, None].to(image.device),
                          [prompt] * m, [pair_id + RANKING_KEY] * m, fit_cfg, seed, background)  # (M,)
         orders[key] = fit.argsort(stable=True)
+        if len(orders) > MAX_RANKINGS:
+            orders.popitem(last=False)
     return regions[orders[key]]
 
 

@@ -194,7 +194,8 @@ def settings_key(cfg: Any) -> str:
     """What decides a Peekaboo row's masks: two rows with the same key produce the same masks. The model's
     weights count too (:func:`model_fingerprint`): retrained weights at the same path make other masks."""
     return json.dumps({k: OmegaConf.to_container(cfg[k], resolve=True) for k in KEYED_GROUPS}
-                      | {"steps": cfg.trainer.max_steps, "weights": model_fingerprint(cfg.model.pretrained)},
+                      | {"steps": cfg.trainer.max_steps, "precision": str(cfg.trainer.precision),
+                         "weights": model_fingerprint(cfg.model.pretrained)},
                       sort_keys=True)
 
 
@@ -214,6 +215,8 @@ def canonical_key(key: str) -> str:
     for group in KEYED_GROUPS:
         if isinstance(settings.get(group), dict):
             settings[group] = _fill(defaults[group], settings[group])
+    if "weights" in settings:  # a settings_key; "precision" joined it later
+        settings.setdefault("precision", str(TrainConfig().trainer.precision))
     _starts_as_read(settings)
     return prefix + json.dumps(settings, sort_keys=True)
 
