@@ -402,7 +402,12 @@ def _script_args(monkeypatch, argv: list[str]):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     seen = {}
-    monkeypatch.setattr(script.shapes, "run", lambda args, command: seen.setdefault("args", args) and 0)
+
+    def run(args, command):
+        seen["args"] = args
+        return 0
+
+    monkeypatch.setattr(script.shapes, "run", run)
     script.main(argv)
     return seen["args"]
 

@@ -404,8 +404,9 @@ def optimize_pairs(
     names = candidate_ids(pair_run_names or pair_ids, count)
     images_k = images.repeat_interleave(count, dim=0)  # (K*B, 3, S, S), pair by pair
     prompts_k = [p for p in prompts for _ in range(count)]
-    # The candidates' means go to a run of their own: a one-pair run's name is its candidate 0's run.
-    means_run = run_name if run_name is not None and run_name not in names else f"{names[0]}+{len(names) - 1}"
+    # The candidates' means go to a run of their own (None: _optimize's batch name), not to a candidate's run:
+    # a one-pair run's name is its candidate 0's.
+    means_run = None if run_name in names else run_name
     results = _optimize(images_k, prompts_k, candidate_ids(pair_ids, count), opt_cfg, trainer_cfg, backbone, tb_dir,
                         callbacks, ckpt_path, enable_progress_bar, devices, means_run, names, logger_kind,
                         candidate_inits(opt_cfg.restarts, opt_cfg.mask.init) * len(pair_ids))

@@ -302,7 +302,6 @@ def run_benchmark(
     # All configs first, so a bad override fails before hours of work.
     configs = {m.name: method_config(m.overrides, extra, cdir, base_overrides) for m in chosen}
     log.info("shapes benchmark: %d %s pairs, %d methods", len(pairs), split, len(chosen))
-    warmed = False
     done_by_key: dict[str, str] = {}
     rows: dict[str, dict] = {}
     result = {"split": split, "pairs": len(pairs), "base_overrides": list(base_overrides),
@@ -328,16 +327,15 @@ def run_benchmark(
             owner = done_by_key.setdefault(settings_key(configs[method.name]), method.name)
             rows[method.name]["same_as"] = owner if owner != method.name else None
         log.info("%s: kept from the earlier run (same settings)", method.label)
+    # Only when a row left to compute runs the model: a resume that keeps every row loads nothing.
+    if any(m.name not in rows and m.kind in ("peekaboo", "cross_attention") for m in order):
+        _warm_up(base, pairs[0], shared_backbone(base.model))
     for method in order:
         if method.name in rows:
             continue
         cfg = configs[method.name]
         key = keys[method.name]
         same_as = None
-        if method.kind in ("peekaboo", "cross_attention") and not warmed:
-            # Only before a row that runs the model: a resume that keeps every row loads nothing.
-            _warm_up(base, pairs[0], shared_backbone(base.model))
-            warmed = True
         t0 = time.perf_counter()
         log.info("%s", method.label)
         if method.kind == "peekaboo":
