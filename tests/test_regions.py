@@ -131,6 +131,26 @@ def test_the_ranking_cache_keeps_the_most_recently_used(tiny_backbone, monkeypat
     assert len(regions_lib._ORDERS[tiny_backbone]) == 2
 
 
+def test_forgotten_rankings_are_ranked_again(tiny_backbone, monkeypatch):
+    image, _, _ = _scene()
+    rg = _cfg().mask.regions
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[4][0])
+        return prompt_fit(*args, **kwargs)
+
+    monkeypatch.setattr(regions_lib, "prompt_fit", counting)
+    first = ranked_regions(tiny_backbone, image, "a blue square", "p", rg, 0)
+    ranked_regions(tiny_backbone, image, "a blue square", "p", rg, 0)
+    assert len(calls) == 1  # kept
+    regions_lib.forget_rankings(tiny_backbone)
+    again = ranked_regions(tiny_backbone, image, "a blue square", "p", rg, 0)
+    assert len(calls) == 2 and torch.equal(again, first)  # ranked anew, to the same order
+    regions_lib.forget_rankings(tiny_backbone)
+    regions_lib.forget_rankings(tiny_backbone)  # nothing kept: no error
+
+
 # -- the start in the module ------------------------------------------------------------------------------------
 def test_each_region_start_takes_its_pairs_next_best_region(tiny_backbone, monkeypatch):
     image, red, blue = _scene()

@@ -6,10 +6,13 @@ import pytest
 import torch
 from tests_support import REPO_CONFIGS
 
+from peekaboo import regions as regions_lib
 from peekaboo.bench import throughput
 from peekaboo.bench.common import update_marked
 from peekaboo.bench.steps import Setting
 from peekaboo.errors import PeekabooError
+from peekaboo.regions import RANKING_KEY
+from peekaboo.restarts import prompt_fit
 
 
 def test_early_stop_section_checks_each_pairs_stop(tiny_model):
@@ -35,8 +38,18 @@ def test_end_to_end_section_compares_whole_runs(tiny_model, monkeypatch):
     bench = throughput.Bench(str(tiny_model), torch.device("cpu"), warmup=0, steps=1, max_steps=3,
                              config_dir=REPO_CONFIGS)
     bench.base += ["optimization.mask.size=16", "data.pairs_per_step=2"]
+    ranked = []
+
+    def counting(backbone, images, masks, prompts, pair_ids, *rest):
+        ranked.extend(p.removesuffix(RANKING_KEY) for p in pair_ids[:1] if p.endswith(RANKING_KEY))
+        return prompt_fit(backbone, images, masks, prompts, pair_ids, *rest)
+
+    monkeypatch.setattr(regions_lib, "prompt_fit", counting)
     report = throughput.Report()
     throughput.section_end_to_end(bench, report, [])
+    # The preset's region start is ranked anew by each row that uses it (default, fast), as in a fresh process;
+    # the paper settings start at alpha 0.5, as the paper-style loop does.
+    assert ranked and all(ranked.count(p) == 2 for p in ranked)
     e2e = report.summary["end_to_end"]
     assert e2e["split"] == "eval" and e2e["pairs"] == 3
     assert [r["mean_steps"] for r in e2e["rows"]] == [4, 4, 3, 2]

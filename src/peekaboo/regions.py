@@ -32,7 +32,7 @@ from peekaboo.backbone import Backbone
 from peekaboo.config import RegionsConfig, RestartsConfig
 from peekaboo.restarts import prompt_fit
 
-__all__ = ["RANKING_KEY", "ranked_regions", "region_proposals"]
+__all__ = ["RANKING_KEY", "forget_rankings", "ranked_regions", "region_proposals"]
 
 #: Suffix of the id whose draws rank a pair's regions: not any candidate's, so the ranking draws are not the
 #: draws that later choose among the candidates.
@@ -107,6 +107,12 @@ def ranked_regions(
         if len(orders) > MAX_RANKINGS:
             orders.popitem(last=False)
     return regions[orders[key]]
+
+
+def forget_rankings(backbone: Backbone) -> None:
+    """Drop the rankings kept for ``backbone``, so the next run ranks its pairs again as a fresh process would
+    (a benchmark that times what a user's run costs)."""
+    _ORDERS.pop(backbone, None)
 
 
 def _ranking_key(backbone: Backbone, image: torch.Tensor, prompt: str, pair_id: str, cfg: RegionsConfig,

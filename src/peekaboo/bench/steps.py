@@ -51,10 +51,11 @@ class Setting:
 
 
 #: The paper's own numbers where they carry over to the bundled model (DESIGN.md: guidance 100, a posterior
-#: sample, 300 iterations); the mask kind, optimizer, gravity and resolution stay the preset's, since the
-#: paper's are for 256-pixel masks on Stable Diffusion.
-PAPER = Setting("paper", "the paper's guidance 100 and posterior sampling",
-                ("optimization.guidance.guidance_scale=100", "optimization.guidance.latent_mode=sample"))
+#: sample, 300 iterations) and its start, alpha 0.5 everywhere; the mask kind, optimizer, gravity and resolution
+#: stay the preset's, since the paper's are for 256-pixel masks on Stable Diffusion.
+PAPER = Setting("paper", "the paper's guidance 100, posterior sampling and alpha-0.5 start",
+                ("optimization.guidance.guidance_scale=100", "optimization.guidance.latent_mode=sample",
+                 "optimization.mask.init=constant"))
 PAPER_STEPS = 300  # the paper code's iterations
 PROJECT = Setting("project", "the shapes preset (configs/model/shapes.yaml)")
 #: Fewer steps at better than the paper's quality, chosen on the tune split: 50 steps, the first count where the

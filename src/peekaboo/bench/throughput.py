@@ -23,7 +23,9 @@ Sections (``--sections`` picks a subset):
 Timing: every measured run takes ``--warmup`` steps, then ``--steps`` timed steps; a step's time is the
 interval between consecutive ``on_train_batch_end`` calls (the same points in the bare and reference loops),
 the reported figure is their median, so a stray slow step on a shared machine does not move it. A run's
-"fixed" cost is its wall time minus its steps: Trainer and module setup, prompt encoding, teardown.
+"fixed" cost is its wall time minus its steps: Trainer and module setup, prompt encoding, the region ranking of
+a region start (``mask.init=region``; forgotten before every run, so each run pays it as a fresh process does),
+teardown.
 
 ``benchmarks/throughput.py`` runs it and writes the report to ``docs/PERFORMANCE.md``::
 
@@ -85,6 +87,7 @@ from peekaboo.errors import PeekabooError
 from peekaboo.masks import build_mask
 from peekaboo.metrics import pair_scores
 from peekaboo.module import PeekabooModule
+from peekaboo.regions import forget_rankings
 
 SD15_GROUP = "sd15"  # the preset of the GPU section (the paper's settings)
 SPLIT = "tune"  # synthetic pairs the benchmark optimizes (never the evaluation split)
@@ -249,6 +252,7 @@ class Bench:
         trainer_cfg.max_steps = warmup + steps
         clock = StepClock(self.device)
         images, prompts, ids = batch_of(items)
+        forget_rankings(backbone)
         with quiet(), PeakMemory(self.device) as mem:
             synchronize(self.device)
             start = time.perf_counter()
@@ -265,6 +269,7 @@ class Bench:
         """The same optimization as :meth:`trainer_run` as a plain PyTorch loop (fp32, no Lightning)."""
         images, prompts, ids = batch_of(items)
         ends: list[float] = []
+        forget_rankings(backbone)
         with quiet(), PeakMemory(self.device) as mem:
             synchronize(self.device)
             start = time.perf_counter()
