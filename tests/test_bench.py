@@ -151,6 +151,28 @@ def test_the_default_starts_from_the_best_region_and_a_row_measures_the_constant
     assert candidate_inits(four.restarts, four.mask.init) == ["constant"] * 4
 
 
+def test_the_best_region_row_scores_the_top_ranked_region_as_it_is(monkeypatch):
+    pairs = bench_run.load_pairs("eval", 3)
+    cfg = methods.method_config((), (), REPO_CONFIGS)  # the bundled preset: 64-pixel masks, as the scenes
+    asked = []
+
+    def ranked(backbone, canvas, prompt, pair_id, regions_cfg, seed, background):
+        asked.append((pair_id, prompt, seed))
+        pair = next(p for p in pairs if p.id == pair_id)
+        target = torch.from_numpy(pair.target).float()  # (H, W)
+        if pair_id == pairs[2].id:
+            return torch.empty(0, *target.shape)  # no region at all
+        first, second = (target, 1 - target) if pair_id == pairs[0].id else (1 - target, target)
+        return torch.stack([first, second])  # (M, H, W), best first
+
+    monkeypatch.setattr(bench_run, "ranked_regions", ranked)
+    records = bench_run.run_best_region(cfg, pairs, backbone=None)
+    assert asked == [(p.id, p.prompt, cfg.optimization.seed) for p in pairs]
+    # The top region as it is (not the second, not optimized): the target itself, its complement, nothing.
+    assert records[0]["iou"] == 1.0 and records[1]["iou"] == 0.0 and records[2]["iou"] == 0.0
+    assert records[1]["area"] > 0.5 and records[2]["area"] == 0.0
+
+
 # -- the benchmark end to end -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
@@ -158,7 +180,7 @@ def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     readme.write_text(f"intro\n{bench_report.README_START}\nold table\n{bench_report.README_END}\nrest\n")
     code = shapes.main([
         "--pairs", "3", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS),
-        "--methods", "peekaboo", "raster_bilateral", "cross_attention", "random", "whole_image",
+        "--methods", "peekaboo", "raster_bilateral", "best_region", "cross_attention", "random", "whole_image",
         "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=2",
         "--set", "trainer.accelerator=cpu", "--set", "optimization.mask.size=16",
         "--out", str(out), "--docs", str(docs), "--readme", str(readme),
@@ -166,7 +188,8 @@ def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     assert code == 0
     report = json.loads(out.read_text())
     rows = report["methods"]
-    assert list(rows) == ["peekaboo", "raster_bilateral", "cross_attention", "random", "whole_image"]
+    assert list(rows) == ["peekaboo", "raster_bilateral", "best_region", "cross_attention", "random", "whole_image"]
+    assert rows["best_region"]["key"].startswith("best_region ") and "regions" in rows["best_region"]["settings"]
     # configs/model/shapes.yaml's default is a bilateral raster mask, so that row reuses the default's masks.
     assert rows["raster_bilateral"]["same_as"] == "peekaboo"
     assert rows["peekaboo"]["settings"]["max_steps"] == 2

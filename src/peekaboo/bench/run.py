@@ -40,6 +40,7 @@ from peekaboo.data.synthetic import SPLIT_NAMES, synthetic_pairs
 from peekaboo.engine import optimize_pairs
 from peekaboo.errors import NonFiniteError, PeekabooError
 from peekaboo.metrics import DONE, pair_scores, summarize
+from peekaboo.regions import ranked_regions
 
 log = logging.getLogger("peekaboo.bench")
 
@@ -49,6 +50,8 @@ DEFAULT_PAIRS = 200
 DEFAULT_BATCH = 16
 # Untimed optimization steps before the first row (see _warm_up).
 WARM_UP_STEPS = 2
+# Row kinds that run the model (the others are trivial masks).
+MODEL_KINDS = ("peekaboo", "best_region", "cross_attention")
 
 
 # -- pairs and scores -----------------------------------------------------------------------------------------
@@ -224,6 +227,27 @@ def score_attention(maps: Sequence[tuple[torch.Tensor, float]], pairs: Sequence[
              **score(attention_mask(heat, threshold), p)} for (heat, sec), p in zip(maps, pairs, strict=True)]
 
 
+def run_best_region(cfg: Any, pairs: Sequence[BenchPair], backbone: Backbone,
+                    progress: Progress | None = None) -> list[dict]:
+    """Records of the best-region baseline: each pair's best-ranked image region, the region start of
+    ``cfg`` (:func:`peekaboo.regions.ranked_regions`), as its mask, with no optimization after it."""
+    opt = cfg.optimization
+    records = []
+    start = time.perf_counter()
+    for n, pair in enumerate(pairs, 1):
+        t0 = time.perf_counter()
+        canvas, placement = io.fit_square(pair.image, opt.mask.size, cfg.image_options.fit)  # (3, S, S)
+        ranked = ranked_regions(backbone, canvas, pair.prompt, pair.id, opt.mask.regions, opt.seed,
+                                opt.background)  # (M, S, S), best first
+        best = ranked[0] if len(ranked) else torch.zeros(canvas.shape[1:])  # no region: the empty mask
+        final = io.finalize_mask(best, placement, opt.threshold)
+        records.append({"id": pair.id, "prompt": pair.prompt, "status": DONE,
+                        "seconds": round(time.perf_counter() - t0, 4), **score(final.mask, pair)})
+        if progress is not None and (n % DEFAULT_BATCH == 0 or n == len(pairs)):
+            progress(n, len(pairs), time.perf_counter() - start)
+    return records
+
+
 def run_trivial(kind: str, pairs: Sequence[BenchPair], seed: int) -> list[dict]:
     """Records of the random-disc or whole-image baseline."""
     records = []
@@ -328,7 +352,7 @@ def run_benchmark(
             rows[method.name]["same_as"] = owner if owner != method.name else None
         log.info("%s: kept from the earlier run (same settings)", method.label)
     # Only when a row left to compute runs the model: a resume that keeps every row loads nothing.
-    if any(m.name not in rows and m.kind in ("peekaboo", "cross_attention") for m in order):
+    if any(m.name not in rows and m.kind in MODEL_KINDS for m in order):
         _warm_up(base, pairs[0], shared_backbone(base.model))
     for method in order:
         if method.name in rows:
@@ -348,6 +372,8 @@ def run_benchmark(
                 records = run_peekaboo(cfg, pairs, backbone, batch_size,
                                        progress=progress_logger(method.name))[cfg.trainer.max_steps]
                 done_by_key[settings_key(cfg)] = method.name
+        elif method.kind == "best_region":
+            records = run_best_region(cfg, pairs, shared_backbone(cfg.model), progress_logger(method.name))
         elif method.kind == "cross_attention":
             maps = attention_maps(cfg, pairs, shared_backbone(cfg.model), progress_logger(method.name))
             records = score_attention(maps, pairs, cross_attention_threshold)
@@ -356,9 +382,7 @@ def run_benchmark(
         summary = summarize_method(records)
         log.info("  mIoU %.3f, wrong object %.1f%%, %.0f s", summary["miou"] or 0.0,
                  100 * (summary["wrong_object_rate"] or 0.0), time.perf_counter() - t0)
-        settings = (OmegaConf.to_container(cfg.optimization, resolve=True) | {"max_steps": cfg.trainer.max_steps}
-                    if method.kind == "peekaboo" else
-                    {"threshold": cross_attention_threshold} if method.kind == "cross_attention" else {})
+        settings = _row_settings(method, cfg, cross_attention_threshold)
         rows[method.name] = {"label": method.label, "kind": method.kind, "overrides": list(method.overrides),
                              "about": method.about, "same_as": same_as, "settings": settings, "key": key,
                              "summary": summary, "records": records}
@@ -375,12 +399,27 @@ def _publish(result: dict[str, Any], rows: dict[str, dict], chosen: Sequence[Met
     result["table"] = markdown_table(result)
 
 
+def _row_settings(method: Method, cfg: Any, threshold: float) -> dict[str, Any]:
+    """The settings a row's masks came from, stored with the row for readers of the results JSON."""
+    if method.kind == "peekaboo":
+        return OmegaConf.to_container(cfg.optimization, resolve=True) | {"max_steps": cfg.trainer.max_steps}
+    if method.kind == "best_region":
+        opt = cfg.optimization
+        return {"regions": OmegaConf.to_container(opt.mask.regions, resolve=True), "seed": opt.seed,
+                "background": opt.background, "mask_size": opt.mask.size}
+    if method.kind == "cross_attention":
+        return {"threshold": threshold}
+    return {}
+
+
 def _row_key(method: Method, cfg: Any, threshold: float) -> str:
     """Everything a row's numbers depend on, so ``--resume`` keeps a row only when nothing changed."""
     if method.kind == "peekaboo":
         return "peekaboo " + settings_key(cfg)
     if method.kind == "cross_attention":
         return f"cross_attention {threshold} " + settings_key(cfg)
+    if method.kind == "best_region":
+        return "best_region " + settings_key(cfg)
     return f"{method.kind} seed={cfg.optimization.seed}"
 
 

@@ -1,4 +1,4 @@
-"""Quality against optimization steps: the mIoU of Peekaboo settings after 25 .. 300 steps on the shapes pairs.
+"""Quality against optimization steps: the mIoU of Peekaboo settings after 5 .. 300 steps on the shapes pairs.
 
 ``python -m peekaboo.bench.steps [--split tune] [--pairs 24] [--candidate 'label: key=value ...'] [--out JSON]
 [--docs MD] [--plot PNG]`` runs the paper's settings, the project's and any candidates, and scores each at every
@@ -37,7 +37,7 @@ from peekaboo.logs import setup_logging
 
 log = logging.getLogger("peekaboo.bench")
 
-STEP_COUNTS = (25, 50, 75, 100, 150, 200, 250, 300)
+STEP_COUNTS = (5, 10, 25, 50, 75, 100, 150, 200, 250, 300)
 DEFAULT_PAIRS = 24
 
 
