@@ -10,6 +10,7 @@ import pytest
 import torch
 from tests_support import REPO, REPO_CONFIGS
 
+from peekaboo import module as module_lib
 from peekaboo.backbone import BUNDLED_PATH
 from peekaboo.bench import methods, shapes, sweep
 from peekaboo.bench import report as bench_report
@@ -151,28 +152,26 @@ def test_the_default_starts_from_the_best_region_and_a_row_measures_the_constant
     assert candidate_inits(four.restarts, four.mask.init) == ["constant"] * 4
 
 
-def test_the_best_region_row_scores_the_top_ranked_region_as_it_is(monkeypatch):
-    pairs = bench_run.load_pairs("eval", 3)
-    cfg = methods.method_config((), (), REPO_CONFIGS)  # the bundled preset: 64-pixel masks, as the scenes
+def test_the_region_start_row_scores_each_pairs_start_before_any_step(tiny_backbone, monkeypatch):
+    pairs = bench_run.load_pairs("eval", 2)
+    cfg = methods.method_config((), (), REPO_CONFIGS)  # the bundled preset: region start, 64-pixel masks
     asked = []
 
-    def ranked(backbone, canvas, prompt, pair_id, regions_cfg, seed, background):
-        asked.append((pair_id, prompt, seed))
+    def ranked(backbone, image, prompt, pair_id, regions_cfg, seed, background):
+        asked.append((pair_id, prompt))
         pair = next(p for p in pairs if p.id == pair_id)
-        target = torch.from_numpy(pair.target).float()  # (H, W)
-        if pair_id == pairs[2].id:
-            return torch.empty(0, *target.shape)  # no region at all
+        target = torch.from_numpy(pair.target).float()  # (H, W), the scenes' size is the mask's
         first, second = (target, 1 - target) if pair_id == pairs[0].id else (1 - target, target)
         return torch.stack([first, second])  # (M, H, W), best first
 
-    monkeypatch.setattr(bench_run, "ranked_regions", ranked)
-    records = bench_run.run_best_region(cfg, pairs, backbone=None)
-    assert asked == [(p.id, p.prompt, cfg.optimization.seed) for p in pairs]
-    # The top region as it is (not the second, not optimized): the target itself, its complement, nothing.
-    assert records[0]["iou"] == 1.0 and records[1]["iou"] == 0.0 and records[2]["iou"] == 0.0
-    assert records[1]["area"] > 0.5 and records[2]["area"] == 0.0
+    monkeypatch.setattr(module_lib, "ranked_regions", ranked)
+    records = bench_run.run_start_only(cfg, pairs, tiny_backbone, batch_size=2)
+    assert asked == [(p.id, p.prompt) for p in pairs]
+    # The best region as the run starts from it: the target itself, then its complement.
+    assert records[0]["iou"] > 0.95 and records[1]["iou"] < 0.05
 
 
+# -- the benchmark end to end -------------------------------------------------------------------------------
 # -- the benchmark end to end -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
@@ -180,7 +179,7 @@ def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     readme.write_text(f"intro\n{bench_report.README_START}\nold table\n{bench_report.README_END}\nrest\n")
     code = shapes.main([
         "--pairs", "3", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS),
-        "--methods", "peekaboo", "raster_bilateral", "best_region", "cross_attention", "random", "whole_image",
+        "--methods", "peekaboo", "raster_bilateral", "region_start", "cross_attention", "random", "whole_image",
         "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=2",
         "--set", "trainer.accelerator=cpu", "--set", "optimization.mask.size=16",
         "--out", str(out), "--docs", str(docs), "--readme", str(readme),
@@ -188,8 +187,8 @@ def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     assert code == 0
     report = json.loads(out.read_text())
     rows = report["methods"]
-    assert list(rows) == ["peekaboo", "raster_bilateral", "best_region", "cross_attention", "random", "whole_image"]
-    assert rows["best_region"]["key"].startswith("best_region ") and "regions" in rows["best_region"]["settings"]
+    assert list(rows) == ["peekaboo", "raster_bilateral", "region_start", "cross_attention", "random", "whole_image"]
+    assert rows["region_start"]["key"].startswith("start_only ") and rows["region_start"]["settings"]["max_steps"] == 0
     # configs/model/shapes.yaml's default is a bilateral raster mask, so that row reuses the default's masks.
     assert rows["raster_bilateral"]["same_as"] == "peekaboo"
     assert rows["peekaboo"]["settings"]["max_steps"] == 2

@@ -61,7 +61,7 @@ class Method:
     Attributes:
         name: the ``--methods`` name.
         label: the row's label.
-        kind: ``"peekaboo"``, ``"best_region"``, ``"cross_attention"``, ``"random"`` or ``"whole_image"``.
+        kind: ``"peekaboo"``, ``"start_only"``, ``"cross_attention"``, ``"random"`` or ``"whole_image"``.
         overrides: config overrides on top of the project's config (Peekaboo rows only).
         about: what the row measures (written to docs/BENCHMARK.md).
     """
@@ -148,11 +148,11 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
                "over their error under the empty prompt on the same draw (`restarts.fit=error_ratio`): how much "
                "the prompt explains beyond any caption, so a composite that is easy to denoise anyway (a large "
                "plain object) gains nothing over a small one. One more UNet row per scoring draw."),
-        Method("best_region", "best region, no optimization", "best_region", (),
-               "No optimization: the default's start taken as the answer, the pair's image region (Felzenszwalb) "
-               "whose composite as a hard mask the prompt explains best (`peekaboo.regions`). Against the default "
-               "row it shows what the dream-loss optimization adds after a region start. Its s/pair is the "
-               "ranking's, or nearly nothing where an earlier row of the same run ranked the pairs."),
+        Method("region_start", "region start, no optimization", "start_only", (),
+               "No optimization: the default's mask as its run starts it, on the pair's best-ranked image region "
+               "(`peekaboo.regions`) seen through the bilateral filter, scored before any step. Against the "
+               "default row it shows what the dream-loss optimization adds after a region start. Its s/pair is "
+               "the ranking's, or nearly nothing where an earlier row of the same run ranked the pairs."),
         Method("cross_attention", "cross-attention map", "cross_attention", (),
                "No optimization: the UNet's cross-attention to the prompt's content words on the VAE-encoded image "
                "noised at a few timesteps, averaged over heads, layers and timesteps, normalized to [0, 1] and "

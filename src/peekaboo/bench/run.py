@@ -40,7 +40,7 @@ from peekaboo.data.synthetic import SPLIT_NAMES, synthetic_pairs
 from peekaboo.engine import optimize_pairs
 from peekaboo.errors import NonFiniteError, PeekabooError
 from peekaboo.metrics import DONE, pair_scores, summarize
-from peekaboo.regions import ranked_regions
+from peekaboo.module import PeekabooModule
 
 log = logging.getLogger("peekaboo.bench")
 
@@ -51,7 +51,7 @@ DEFAULT_BATCH = 16
 # Untimed optimization steps before the first row (see _warm_up).
 WARM_UP_STEPS = 2
 # Row kinds that run the model (the others are trivial masks).
-MODEL_KINDS = ("peekaboo", "best_region", "cross_attention")
+MODEL_KINDS = ("peekaboo", "start_only", "cross_attention")
 
 
 # -- pairs and scores -----------------------------------------------------------------------------------------
@@ -227,24 +227,29 @@ def score_attention(maps: Sequence[tuple[torch.Tensor, float]], pairs: Sequence[
              **score(attention_mask(heat, threshold), p)} for (heat, sec), p in zip(maps, pairs, strict=True)]
 
 
-def run_best_region(cfg: Any, pairs: Sequence[BenchPair], backbone: Backbone,
-                    progress: Progress | None = None) -> list[dict]:
-    """Records of the best-region baseline: each pair's best-ranked image region, the region start of
-    ``cfg`` (:func:`peekaboo.regions.ranked_regions`), as its mask, with no optimization after it."""
+def run_start_only(cfg: Any, pairs: Sequence[BenchPair], backbone: Backbone, batch_size: int = DEFAULT_BATCH,
+                   progress: Progress | None = None) -> list[dict]:
+    """Records of the no-optimization row: each pair's mask as a run of ``cfg`` starts it (``mask.init``
+    through the mask's parameterization, the bilateral filter included), scored before any step."""
     opt = cfg.optimization
     records = []
     start = time.perf_counter()
-    for n, pair in enumerate(pairs, 1):
+    for first in range(0, len(pairs), batch_size):
+        batch = pairs[first : first + batch_size]
         t0 = time.perf_counter()
-        canvas, placement = io.fit_square(pair.image, opt.mask.size, cfg.image_options.fit)  # (3, S, S)
-        ranked = ranked_regions(backbone, canvas, pair.prompt, pair.id, opt.mask.regions, opt.seed,
-                                opt.background)  # (M, S, S), best first
-        best = ranked[0] if len(ranked) else torch.zeros(canvas.shape[1:])  # no region: the empty mask
-        final = io.finalize_mask(best, placement, opt.threshold)
-        records.append({"id": pair.id, "prompt": pair.prompt, "status": DONE,
-                        "seconds": round(time.perf_counter() - t0, 4), **score(final.mask, pair)})
-        if progress is not None and (n % DEFAULT_BATCH == 0 or n == len(pairs)):
-            progress(n, len(pairs), time.perf_counter() - start)
+        fitted = [io.fit_square(p.image, opt.mask.size, cfg.image_options.fit) for p in batch]
+        module = PeekabooModule(torch.stack([f[0] for f in fitted]), [p.prompt for p in batch],
+                                [p.id for p in batch], opt, backbone)
+        with torch.no_grad():
+            module.on_fit_start()  # the starts: cross-attention maps, ranked regions
+            alphas = module.mask()[:, 0]  # (B, S, S)
+        per_pair = (time.perf_counter() - t0) / len(batch)
+        for alpha, pair, (_, placement) in zip(alphas, batch, fitted, strict=True):
+            final = io.finalize_mask(alpha, placement, opt.threshold)
+            records.append({"id": pair.id, "prompt": pair.prompt, "status": DONE, "seconds": round(per_pair, 4),
+                            **score(final.mask, pair)})
+        if progress is not None:
+            progress(first + len(batch), len(pairs), time.perf_counter() - start)
     return records
 
 
@@ -372,8 +377,9 @@ def run_benchmark(
                 records = run_peekaboo(cfg, pairs, backbone, batch_size,
                                        progress=progress_logger(method.name))[cfg.trainer.max_steps]
                 done_by_key[settings_key(cfg)] = method.name
-        elif method.kind == "best_region":
-            records = run_best_region(cfg, pairs, shared_backbone(cfg.model), progress_logger(method.name))
+        elif method.kind == "start_only":
+            records = run_start_only(cfg, pairs, shared_backbone(cfg.model), batch_size,
+                                     progress_logger(method.name))
         elif method.kind == "cross_attention":
             maps = attention_maps(cfg, pairs, shared_backbone(cfg.model), progress_logger(method.name))
             records = score_attention(maps, pairs, cross_attention_threshold)
@@ -403,10 +409,8 @@ def _row_settings(method: Method, cfg: Any, threshold: float) -> dict[str, Any]:
     """The settings a row's masks came from, stored with the row for readers of the results JSON."""
     if method.kind == "peekaboo":
         return OmegaConf.to_container(cfg.optimization, resolve=True) | {"max_steps": cfg.trainer.max_steps}
-    if method.kind == "best_region":
-        opt = cfg.optimization
-        return {"regions": OmegaConf.to_container(opt.mask.regions, resolve=True), "seed": opt.seed,
-                "background": opt.background, "mask_size": opt.mask.size}
+    if method.kind == "start_only":
+        return OmegaConf.to_container(cfg.optimization, resolve=True) | {"max_steps": 0}
     if method.kind == "cross_attention":
         return {"threshold": threshold}
     return {}
@@ -418,8 +422,8 @@ def _row_key(method: Method, cfg: Any, threshold: float) -> str:
         return "peekaboo " + settings_key(cfg)
     if method.kind == "cross_attention":
         return f"cross_attention {threshold} " + settings_key(cfg)
-    if method.kind == "best_region":
-        return "best_region " + settings_key(cfg)
+    if method.kind == "start_only":
+        return "start_only " + settings_key(cfg)
     return f"{method.kind} seed={cfg.optimization.seed}"
 
 
