@@ -9,6 +9,7 @@ from tests_support import REPO_CONFIGS
 from peekaboo import regions as regions_lib
 from peekaboo.bench import throughput
 from peekaboo.bench.common import update_marked
+from peekaboo.bench.reference_loop import REFERENCE_KINDS
 from peekaboo.bench.steps import Setting
 from peekaboo.errors import PeekabooError
 from peekaboo.regions import RANKING_KEY
@@ -112,3 +113,20 @@ def test_readme_block_copies_the_summary_into_the_marked_lines(tmp_path):
     text = readme.read_text()
     assert "old figures" not in text and block in text and text.endswith(f"{end}\n\nafter\n")
     assert not update_marked(tmp_path / "missing.md", block, throughput.README_MARKERS)
+
+
+def test_reference_section_runs_every_kind_from_the_reference_loops_start(tiny_model, monkeypatch):
+    monkeypatch.setattr(throughput, "REFERENCE_ROUNDS", 1)
+    monkeypatch.setattr(throughput, "QUALITY_PAIRS", 2)
+    bench = throughput.Bench(str(tiny_model), torch.device("cpu"), warmup=0, steps=1, max_steps=2,
+                             config_dir=REPO_CONFIGS)
+    bench.base += ["optimization.mask.size=16", "data.pairs_per_step=2"]
+    cfg = bench.config()
+    # The preset starts on regions, which a Fourier mask cannot; the reference loop starts at alpha 0.5.
+    assert cfg.optimization.mask.init == "region"
+    items = throughput.load_items(2, cfg.optimization.mask.size, cfg.image_options.fit)
+    report = throughput.Report()
+    throughput.section_reference(bench, report, items)
+    assert all(report.summary[f"speedup_{kind}"] > 0 for kind in REFERENCE_KINDS)
+    assert report.summary["quality"]["pairs"] == 2
+    assert throughput.REFERENCE_START in report.sections[-1][1]
