@@ -407,10 +407,9 @@ def _publish(result: dict[str, Any], rows: dict[str, dict], chosen: Sequence[Met
 
 def _row_settings(method: Method, cfg: Any, threshold: float) -> dict[str, Any]:
     """The settings a row's masks came from, stored with the row for readers of the results JSON."""
-    if method.kind == "peekaboo":
-        return OmegaConf.to_container(cfg.optimization, resolve=True) | {"max_steps": cfg.trainer.max_steps}
-    if method.kind == "start_only":
-        return OmegaConf.to_container(cfg.optimization, resolve=True) | {"max_steps": 0}
+    if method.kind in ("peekaboo", "start_only"):
+        steps = cfg.trainer.max_steps if method.kind == "peekaboo" else 0  # a start-only row takes no step
+        return OmegaConf.to_container(cfg.optimization, resolve=True) | {"max_steps": steps}
     if method.kind == "cross_attention":
         return {"threshold": threshold}
     return {}

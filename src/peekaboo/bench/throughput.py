@@ -242,6 +242,11 @@ class Bench:
         """The preset's :class:`TrainConfig` with ``overrides`` applied (validated as the CLI validates)."""
         return load_config(TrainConfig, [*self.base, *overrides], self.config_dir, "train")
 
+    def reference_config(self, kind: str, *overrides: str) -> Any:
+        """:meth:`config` for a run compared with the paper-style loop: mask kind ``kind``, the loop's start
+        (:data:`REFERENCE_START`), then ``overrides``."""
+        return self.config(f"optimization.mask.kind={kind}", REFERENCE_START, *overrides)
+
     def backbone(self, cfg: Any) -> Backbone:
         """A fresh backbone for ``cfg.model`` (never the process-wide cache: switches must not share one)."""
         return load_backbone(cfg.model, self.device)
@@ -446,7 +451,7 @@ def section_reference(bench: Bench, report: Report, items: Sequence[Item]) -> No
     item = items[0]
     default_b = bench.config().data.pairs_per_step
     for kind in REFERENCE_KINDS:
-        cfg = bench.config(f"optimization.mask.kind={kind}", REFERENCE_START)
+        cfg = bench.reference_config(kind)
         backbone = bench.backbone(cfg)
         steps: dict[str, list[float]] = {"b1": [], "default": [], "reference": []}
         notes = []
@@ -495,7 +500,7 @@ def section_reference(bench: Bench, report: Report, items: Sequence[Item]) -> No
 
 def quality_table(bench: Bench, report: Report, items: Sequence[Item]) -> str:
     """Item 3, quality: both loops on the first :data:`QUALITY_PAIRS` tune pairs at ``max_steps``."""
-    cfg = bench.config(f"optimization.mask.kind={QUALITY_KIND}", REFERENCE_START)
+    cfg = bench.reference_config(QUALITY_KIND)
     backbone = bench.backbone(cfg)
     chosen = items[:QUALITY_PAIRS]
     steps = cfg.trainer.max_steps
@@ -545,7 +550,7 @@ def section_fast(bench: Bench, report: Report, items: Sequence[Item]) -> None:
     """
     kind = QUALITY_KIND
     chosen = items[:QUALITY_PAIRS]
-    ref_cfg = bench.config(f"optimization.mask.kind={kind}", REFERENCE_START)
+    ref_cfg = bench.reference_config(kind)
     ref_backbone = bench.backbone(ref_cfg)
     default_b = ref_cfg.data.pairs_per_step
     variants = [*FAST_VARIANTS, (f"default, `data.pairs_per_step={default_b}` (per pair)", [])]
@@ -554,7 +559,7 @@ def section_fast(bench: Bench, report: Report, items: Sequence[Item]) -> None:
     base_s, base_miou = float("nan"), float("nan")
     for index, (name, overrides) in enumerate(variants):
         batched = index == len(variants) - 1
-        cfg = bench.config(f"optimization.mask.kind={kind}", REFERENCE_START, *overrides)
+        cfg = bench.reference_config(kind, *overrides)
         notes, steps, ref_steps = [], [], []
         step_s, reference_s, miou, compile_s = float("nan"), float("nan"), float("nan"), 0.0
         try:
