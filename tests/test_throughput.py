@@ -30,6 +30,17 @@ def test_early_stop_section_checks_each_pairs_stop(tiny_model):
     assert es["pair_stop_mean"] == 3  # stopped at min_steps, not at max_steps
     assert es["replay_matches"] is True
     assert es["max_abs_alpha_diff"] == 0.0  # a frozen pair keeps the full run's mask at its stop step
+    assert throughput.REFERENCE_START in report.sections[-1][1]  # long runs from alpha 0.5, not the preset's
+
+
+def test_runs_compared_with_the_reference_loop_take_the_alpha_half_step_count():
+    bench = throughput.Bench("bundled", torch.device("cpu"), warmup=0, steps=1, config_dir=REPO_CONFIGS)
+    cfg = bench.reference_config("fourier_bilateral", "optimization.optim.lr=0.01")
+    assert cfg.optimization.mask.init == "constant" and cfg.optimization.mask.kind == "fourier_bilateral"
+    assert cfg.trainer.max_steps == throughput.ALPHA_START_STEPS and cfg.optimization.optim.lr == 0.01
+    # A quick check's fixed step count wins, so the script's own tests stay short.
+    quick = throughput.Bench("bundled", torch.device("cpu"), warmup=0, steps=1, max_steps=2, config_dir=REPO_CONFIGS)
+    assert quick.reference_config("raster_bilateral").trainer.max_steps == 2
 
 
 def test_end_to_end_section_compares_whole_runs(tiny_model, monkeypatch):

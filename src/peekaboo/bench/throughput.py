@@ -107,6 +107,10 @@ QUALITY_PAIRS = 16  # one batch of the preset's data.pairs_per_step
 #: runs timed and scored against it start there too: same settings on both sides. A region start also works with
 #: the raster kinds only.
 REFERENCE_START = "optimization.mask.init=constant"
+#: The steps of those runs and of the early-stopping runs: the count the `tune` split chose from alpha 0.5
+#: (benchmarks/results/steps_tune_preset.json). The preset's own count is chosen after its region start, which
+#: has far less left to do; early stopping only has steps to save in long runs.
+ALPHA_START_STEPS = 100
 MASK_REPEATS = 20  # mask render + backward repetitions of the filter-only comparison
 # The project's fast paths at B=1 against the reference loop, each a set of config overrides; bf16 keeps the mask
 # float32 (`bf16-mixed` autocasts the frozen model only; its weights are loaded in bf16 as well).
@@ -231,6 +235,7 @@ class Bench:
     def __init__(self, model: str, device: torch.device, warmup: int, steps: int, preset: str = MODEL_GROUP,
                  max_steps: int | None = None, config_dir: str | os.PathLike | None = None):
         self.model, self.device, self.warmup, self.steps, self.preset = model, device, warmup, steps, preset
+        self.max_steps = max_steps
         self.config_dir = resolve_config_dir(config_dir)
         accelerator = "gpu" if device.type == "cuda" else "cpu"
         self.base = [f"model={preset}", f"model.pretrained={model}", "run.name=throughput", "data=shapes",
@@ -244,8 +249,10 @@ class Bench:
 
     def reference_config(self, kind: str, *overrides: str) -> Any:
         """:meth:`config` for a run compared with the paper-style loop: mask kind ``kind``, the loop's start
-        (:data:`REFERENCE_START`), then ``overrides``."""
-        return self.config(f"optimization.mask.kind={kind}", REFERENCE_START, *overrides)
+        (:data:`REFERENCE_START`) and :data:`ALPHA_START_STEPS` steps (unless this Bench fixes ``max_steps`` for a
+        quick check), then ``overrides``."""
+        steps = [] if self.max_steps is not None else [f"trainer.max_steps={ALPHA_START_STEPS}"]
+        return self.config(f"optimization.mask.kind={kind}", REFERENCE_START, *steps, *overrides)
 
     def backbone(self, cfg: Any) -> Backbone:
         """A fresh backbone for ``cfg.model`` (never the process-wide cache: switches must not share one)."""
@@ -745,10 +752,12 @@ def replay_stop(cfg: Any, alphas: Sequence[torch.Tensor]) -> int:
 
 
 def section_early_stop(bench: Bench, report: Report, items: Sequence[Item]) -> None:
-    """Item 6, early stopping: steps saved and IoU cost on :data:`EARLY_STOP_PAIRS` tune pairs."""
+    """Item 6, early stopping: steps saved and IoU cost on :data:`EARLY_STOP_PAIRS` tune pairs, in runs of
+    :data:`ALPHA_START_STEPS` from alpha 0.5 (:meth:`Bench.reference_config`): the preset's short run after a
+    region start leaves nothing to stop early."""
     chosen = items[:EARLY_STOP_PAIRS]
-    cfg = bench.config()
-    es_cfg = bench.config("optimization.early_stop.enabled=true")
+    cfg = bench.reference_config(QUALITY_KIND)
+    es_cfg = bench.reference_config(QUALITY_KIND, "optimization.early_stop.enabled=true")
     backbone = bench.backbone(cfg)
     max_steps = cfg.trainer.max_steps
     threshold = cfg.optimization.threshold
@@ -785,7 +794,8 @@ def section_early_stop(bench: Bench, report: Report, items: Sequence[Item]) -> N
         "miou_early_stop": float(np.mean(es_ious)), "replay_matches": replayed == pair_stops,
         "max_abs_alpha_diff": same}
     es = cfg.optimization.early_stop
-    body = (f"{n} synthetic `{SPLIT}` pairs, preset `{MODEL_GROUP}`, up to {max_steps} steps; `early_stop` "
+    body = (f"{n} synthetic `{SPLIT}` pairs, preset `{MODEL_GROUP}` from alpha 0.5 (`{REFERENCE_START}`), up to "
+            f"{max_steps} steps; `early_stop` "
             f"tolerance {es.tolerance}, patience {es.patience}, min_steps {es.min_steps}, loss_tolerance "
             f"{es.loss_tolerance}. Both rows are real runs of one batch; a stopped pair is frozen and leaves the "
             "batch's model calls. Check: replaying the project's `StableMaskStop` on each pair's recorded mask "
