@@ -3,7 +3,7 @@
 Options are ``key=value`` overrides of the typed config (``python predict.py --help`` lists them).
 """
 
-from peekaboo.cli import predict_main
+from peekaboo.app.cli import predict_main
 
 if __name__ == "__main__":
     raise SystemExit(predict_main())

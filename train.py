@@ -3,7 +3,7 @@
 Rerunning the same command resumes an interrupted run. ``python train.py --help`` lists the options.
 """
 
-from peekaboo.cli import train_main
+from peekaboo.app.cli import train_main
 
 if __name__ == "__main__":
     raise SystemExit(train_main())

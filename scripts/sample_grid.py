@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from peekaboo.backbone import BUNDLED_PATH
 from peekaboo.bench.samples import CHECK_STYLES, run_checks, sample_grid
+from peekaboo.diffusion.backbone import BUNDLED_PATH
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

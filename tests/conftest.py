@@ -29,7 +29,7 @@ def tiny_v_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tiny_model):
-    from peekaboo.backbone import load_backbone
     from peekaboo.config import ModelConfig
+    from peekaboo.diffusion.backbone import load_backbone
 
     return load_backbone(ModelConfig(pretrained=str(tiny_model)))

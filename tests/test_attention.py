@@ -1,4 +1,4 @@
-"""The cross-attention map of a prompt over an image (peekaboo.attention): token bookkeeping and map
+"""The cross-attention map of a prompt over an image (peekaboo.diffusion.attention): token bookkeeping and map
 arithmetic against hand-made inputs, the attention capture and the map on the tiny model."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peekaboo.attention import (
+from peekaboo.diffusion.attention import (
     attention_to_map,
     content_token_positions,
     cross_attention_map,

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from peekaboo import ops
-from peekaboo.backbone import load_backbone
 from peekaboo.config import GuidanceConfig, ModelConfig
+from peekaboo.diffusion.backbone import load_backbone
 from peekaboo.errors import ModelError
 
 

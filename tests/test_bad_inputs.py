@@ -34,13 +34,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tests_support import FAST, REPO, REPO_CONFIGS, write_scene
 
-from peekaboo import io
-from peekaboo.backbone import Backbone, check_model_source, load_backbone
-from peekaboo.cli import predict_main, train_main
+from peekaboo.app.cli import predict_main, train_main
 from peekaboo.config import ModelConfig, PredictConfig, TrainConfig, load_config, to_yaml
 from peekaboo.data import Pair
+from peekaboo.diffusion.backbone import Backbone, check_model_source, load_backbone
 from peekaboo.errors import ImageError, ModelError, OutputError, PeekabooError
-from peekaboo.runner import output_names
+from peekaboo.runs.runner import output_names
+from peekaboo.utils import files, images
 
 PREDICT_FAST = [*FAST, "tensorboard=false"]
 TRAIN_FAST = [*FAST, "run.tensorboard=false"]
@@ -400,7 +400,7 @@ def _variant(kind: str, path: Path) -> tuple[Path, tuple[int, int], tuple[int, i
 @pytest.mark.parametrize("kind", ["exif_rotated", "grayscale", "palette", "rgba", "sixteen_bit", "cmyk_jpeg"])
 def test_unusual_images_load_as_upright_rgb(kind, tmp_path):
     path, size, top_left = _variant(kind, tmp_path / f"{kind}.png")
-    img = io.load_image(path, flatten_background=(1.0, 1.0, 1.0))
+    img = images.load_image(path, flatten_background=(1.0, 1.0, 1.0))
     assert img.mode == "RGB" and img.size == size
     assert np.abs(np.asarray(img)[2, 2].astype(int) - top_left).max() <= 8  # JPEG may shift a few levels
 
@@ -422,12 +422,12 @@ def test_huge_image_is_reduced_for_the_canvas_and_the_mask_maps_back(tmp_path):
     img.paste((255, 255, 255), (0, 0, 3000, 2000))
     for mode in ("scale", "crop", "pad"):
         start = time.perf_counter()
-        canvas, placement = io.fit_square(img, 64, mode)
+        canvas, placement = images.fit_square(img, 64, mode)
         assert time.perf_counter() - start < 5.0, mode  # Pillow box-filters first: no 54 MP float tensor
         assert canvas.shape == (3, 64, 64)
         alpha = (canvas.mean(0) > 0.5).float()  # the square, as a mask on the canvas
         start = time.perf_counter()
-        back = io.unfit(alpha, placement)
+        back = images.unfit(alpha, placement)
         assert time.perf_counter() - start < 10.0, mode  # the (6000, 9000) result itself is 216 MB of float32
         assert back.shape == (6000, 9000)
         # The mask lands on the square in original pixels (within a canvas pixel of its edges); a centre crop
@@ -441,7 +441,7 @@ def test_bomb_is_refused_from_its_header_without_decoding(tmp_path):
     path = _bomb(tmp_path / "bomb.png", side=60_000)
     start = time.perf_counter()
     with pytest.raises(ImageError, match="claims 3,600,000,000 pixels"):
-        io.load_image(path)
+        images.load_image(path)
     assert time.perf_counter() - start < 1.0
 
 
@@ -608,16 +608,16 @@ def test_dataset_run_records_bad_images_and_keeps_every_output_inside_the_run(co
 
 @pytest.mark.parametrize("pair_id", [*NASTY_IDS, "a\x00b", "\n", "CON", "name with spaces", "名前" * 100])
 def test_safe_name_never_leaves_the_folder(pair_id, tmp_path):
-    name = io.safe_name(pair_id)
+    name = files.safe_name(pair_id)
     assert name and name not in (".", "..") and not name.startswith(("-", ".")) and name.isascii()
     assert "/" not in name and "\\" not in name and "\x00" not in name and len(name) <= 89
     assert (tmp_path / name).resolve().parent == tmp_path.resolve()
-    assert io.safe_name(pair_id) == name  # stable: resumed runs find their files
+    assert files.safe_name(pair_id) == name  # stable: resumed runs find their files
 
 
 def test_distinct_ids_get_distinct_names_or_a_clear_error():
     ids = [*NASTY_IDS, "a-b", "a b", "a/b/", "a//b", "a\\b", "x" * 301]
-    assert len({io.safe_name(i) for i in ids}) == len(ids)
+    assert len({files.safe_name(i) for i in ids}) == len(ids)
     # Spaces become "_" without a digest (readable prompt folders), so "a b" and "a_b" share a name: a
     # dataset run refuses such ids up front instead of letting one pair overwrite the other.
     pairs = [Pair(id=i, prompt="p", load_image=Image.new, load_target=lambda: None) for i in ("a b", "a_b")]
@@ -653,7 +653,7 @@ def test_train_rerun_that_is_refused_or_fails_keeps_the_run_record(corpus, tmp_p
     def disk_full(*args, **kwargs):
         raise OutputError("Could not write a checkpoint: No space left on device; free disk space.")
 
-    monkeypatch.setattr("peekaboo.runner.run_worker", disk_full)  # a rerun (other logging) that then fails
+    monkeypatch.setattr("peekaboo.runs.runner.run_worker", disk_full)  # a rerun (other logging) that then fails
     assert train_main([*argv, "run.checkpoint_every_n_steps=7"], REPO_CONFIGS) == 2
     _error_line(capsys.readouterr().err)
     assert _snapshot(runs / "keep") == before
@@ -829,7 +829,7 @@ def test_write_errors_name_the_file_and_the_fix(error, text, tmp_path, monkeypat
     monkeypatch.setattr(Image.Image, "save", fail)
     target = tmp_path / "out" / "mask.png"
     with pytest.raises(OutputError) as info:
-        io.save_png(Image.new("L", (4, 4)), target)
+        files.save_png(Image.new("L", (4, 4)), target)
     assert str(info.value).startswith(f"Could not write {target}: ") and text in str(info.value)
     assert list((tmp_path / "out").iterdir()) == []  # the temporary file is gone too
 
@@ -848,7 +848,7 @@ def test_unwritable_output_folder_is_refused_at_start_up(corpus, tmp_path, monke
 @pytest.mark.parametrize("failure", ["short write", "error mid-write"])
 def test_append_line_never_leaves_a_partial_line(failure, tmp_path, monkeypatch):
     path = tmp_path / "results.jsonl"
-    io.append_line(json.dumps({"id": "first"}), path)
+    files.append_line(json.dumps({"id": "first"}), path)
     real_write = os.write
 
     def broken(fd, data):
@@ -859,6 +859,6 @@ def test_append_line_never_leaves_a_partial_line(failure, tmp_path, monkeypatch)
 
     with monkeypatch.context() as m, pytest.raises(OutputError, match=r"results\.jsonl"):
         m.setattr(os, "write", broken)
-        io.append_line(json.dumps({"id": "second", "text": "x" * 100}), path)
-    io.append_line(json.dumps({"id": "third"}), path)
+        files.append_line(json.dumps({"id": "second", "text": "x" * 100}), path)
+    files.append_line(json.dumps({"id": "third"}), path)
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["first", "third"]

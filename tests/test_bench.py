@@ -10,15 +10,15 @@ import pytest
 import torch
 from tests_support import REPO, REPO_CONFIGS
 
-from peekaboo import module as module_lib
-from peekaboo.backbone import BUNDLED_PATH
 from peekaboo.bench import methods, shapes, sweep
 from peekaboo.bench import report as bench_report
 from peekaboo.bench import run as bench_run
 from peekaboo.bench.baselines import RANDOM_DISC_RADIUS, attention_mask, random_mask, whole_image
 from peekaboo.config import validate_optimization
+from peekaboo.diffusion.backbone import BUNDLED_PATH
 from peekaboo.errors import EXIT_INTERRUPTED, PeekabooError
-from peekaboo.restarts import candidate_inits
+from peekaboo.optim import module as module_lib
+from peekaboo.optim.restarts import candidate_inits
 
 # The bundled model's accuracy floor on the first CI_PAIRS evaluation pairs (Peekaboo default settings), set
 # below the figure of benchmarks/results/shapes_eval.json for the same pairs by a margin of most of one pair.

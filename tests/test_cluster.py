@@ -19,11 +19,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from tests_support import FAST
 
-from peekaboo import engine, runner
-from peekaboo.cli import train_main
+from peekaboo.app.cli import train_main
 from peekaboo.config import TrainerConfig
 from peekaboo.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
-from peekaboo.loggers import make_logger
+from peekaboo.optim import engine
+from peekaboo.optim.loggers import make_logger
+from peekaboo.runs import runner
 
 STEPS = 6
 PAIRS = 6
@@ -114,7 +115,7 @@ def test_sigterm_between_pairs_exits_143_with_nothing_to_save_and_resumes(tiny_m
 @pytest.mark.slow
 def test_ctrl_c_during_a_fit_exits_130_and_keeps_finished_pairs(tiny_model, reference, tmp_path, monkeypatch,
                                                                 capsys):
-    from peekaboo.module import PeekabooModule
+    from peekaboo.optim.module import PeekabooModule
 
     original = PeekabooModule.training_step
     calls = {"n": 0}
@@ -248,7 +249,7 @@ def test_a_checkpoint_callback_of_any_class_name_enables_checkpointing(tiny_back
 @pytest.mark.slow
 def test_a_log_gets_one_job_wide_progress_line_not_bars(tiny_model, tmp_path, caplog, capsys):
     args = [*_args(tiny_model, tmp_path, "p", pairs=3), "run.progress_every_s=0", "trainer.enable_progress_bar=true"]
-    with caplog.at_level("INFO", logger="peekaboo.runner"):
+    with caplog.at_level("INFO", logger="peekaboo.runs.runner"):
         assert train_main(args) == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
@@ -270,7 +271,7 @@ def test_progress_line_counts_every_workers_pairs_and_estimates(tmp_path):
 @pytest.mark.slow
 def test_a_batch_out_of_accelerator_memory_is_halved_with_the_same_masks(tiny_model, reference, tmp_path,
                                                                           monkeypatch, caplog):
-    from peekaboo.backbone import Backbone
+    from peekaboo.diffusion.backbone import Backbone
 
     original = Backbone.predict_eps  # every UNet call of the dream loss
 

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from tests_support import FAST, REPO, REPO_CONFIGS
 
-from peekaboo import edit
-from peekaboo.cli import predict_main
+from peekaboo.app import edit
+from peekaboo.app.cli import predict_main
 from peekaboo.config import EditConfig, ModelConfig, SamplingConfig
 
 PREDICT_FAST = [*FAST, "trainer.max_steps=3", "tensorboard=false", "sampling.steps=4"]
@@ -22,7 +22,7 @@ BUNDLED_INDEX = REPO / "src" / "peekaboo" / "assets" / "shapes-ldm" / "model_ind
 
 
 def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Reference dilation by a Euclidean disc, written independently of ``peekaboo.edit`` (numpy shifts)."""
+    """Reference dilation by a Euclidean disc, written independently of ``peekaboo.app.edit`` (numpy shifts)."""
     h, w = mask.shape
     padded = np.pad(mask, radius)
     out = np.zeros_like(mask)
@@ -82,7 +82,7 @@ def test_a_nine_channel_inpainting_unet_is_conditioned_on_the_mask(tiny_backbone
     """A dedicated inpainting UNet (latents + mask + masked-image latents in) takes the pipeline's other path."""
     from diffusers import UNet2DConditionModel
 
-    from peekaboo.backbone import Backbone
+    from peekaboo.diffusion.backbone import Backbone
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config({**tiny_backbone.unet.config, "in_channels": edit.INPAINT_CHANNELS})
@@ -171,13 +171,13 @@ def _recolour(pair) -> str:
 
 def _segment(images: list[Image.Image], prompts: list[str], ids: list[str], cfg, backbone) -> list[np.ndarray]:
     """Binary masks ``(H, W)`` bool of a batch of pairs, computed as ``predict`` computes ``mask.png``."""
-    from peekaboo import io
-    from peekaboo.engine import optimize_pairs
+    from peekaboo.optim.engine import optimize_pairs
+    from peekaboo.utils import images
 
-    fitted = [io.fit_square(img, cfg.optimization.mask.size, cfg.image_options.fit) for img in images]
+    fitted = [images.fit_square(img, cfg.optimization.mask.size, cfg.image_options.fit) for img in images]
     results = optimize_pairs(torch.stack([f[0] for f in fitted]), prompts, ids, cfg.optimization, cfg.trainer,
                              backbone, enable_progress_bar=False)
-    return [io.finalize_mask(r.alpha, f[1], cfg.optimization.threshold).mask
+    return [images.finalize_mask(r.alpha, f[1], cfg.optimization.threshold).mask
             for r, f in zip(results, fitted, strict=True)]
 
 
@@ -186,10 +186,10 @@ def _segment(images: list[Image.Image], prompts: list[str], ids: list[str], cfg,
                     reason=f"the bundled shapes model is not built yet ({BUNDLED_INDEX} is absent); "
                            "scripts/train_bundled_model.py builds it")
 def test_bundled_edit_puts_the_new_object_where_the_old_one_was():
-    from peekaboo.backbone import shared_backbone
     from peekaboo.config import PredictConfig, load_config
     from peekaboo.data.shapes import eval_pairs
-    from peekaboo.metrics import pair_scores
+    from peekaboo.diffusion.backbone import shared_backbone
+    from peekaboo.runs.metrics import pair_scores
 
     cfg = load_config(PredictConfig, ["image=scene.png", "prompt=unused", *BUNDLED_SETTINGS], REPO_CONFIGS,
                       "predict")

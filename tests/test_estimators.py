@@ -10,8 +10,8 @@ from tests_support import small_optimization_config as _cfg
 
 from peekaboo import ops
 from peekaboo.config import GuidanceConfig, OptimizationConfig, PredictConfig, load_config, validate_optimization
-from peekaboo.engine import optimize_pair, optimize_pairs
 from peekaboo.errors import ConfigError
+from peekaboo.optim.engine import optimize_pair, optimize_pairs
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 # Each switch (guidance key -> value) and the UNet rows per draw of the dream loss's own call.

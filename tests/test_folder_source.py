@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from tests_support import REPO_CONFIGS
 
-from peekaboo.cli import train_main
+from peekaboo.app.cli import train_main
 from peekaboo.config import DataConfig, TrainConfig, load_config
 from peekaboo.data import build_source
 from peekaboo.data.folder import folder_pairs

@@ -10,14 +10,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tests_support import MODULE_SIZE, small_optimization_config
 from tests_support import cpu_trainer_config as _trainer
 
-from peekaboo import module as module_lib
 from peekaboo import ops
-from peekaboo.attention import cross_attention_map
 from peekaboo.config import OptimizationConfig, validate_optimization
-from peekaboo.engine import optimize_pair
+from peekaboo.diffusion.attention import cross_attention_map
 from peekaboo.errors import ConfigError
-from peekaboo.masks import map_logits
-from peekaboo.module import PeekabooModule
+from peekaboo.optim import module as module_lib
+from peekaboo.optim.engine import optimize_pair
+from peekaboo.optim.masks import map_logits
+from peekaboo.optim.module import PeekabooModule
 
 SIZE = MODULE_SIZE
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]

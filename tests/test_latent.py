@@ -10,11 +10,11 @@ from tests_support import cpu_trainer_config as _trainer
 from tests_support import small_optimization_config as _cfg
 
 from peekaboo import ops
-from peekaboo.backbone import latent_blend_error
 from peekaboo.config import OptimizationConfig, validate_optimization
-from peekaboo.engine import optimize_pair, optimize_pairs
+from peekaboo.diffusion.backbone import latent_blend_error
 from peekaboo.errors import ConfigError
-from peekaboo.module import PeekabooModule
+from peekaboo.optim.engine import optimize_pair, optimize_pairs
+from peekaboo.optim.module import PeekabooModule
 
 SIZE = MODULE_SIZE
 PROMPTS = ["a red circle", "a blue square"]

@@ -9,7 +9,7 @@ import sys
 import pytest
 from tests_support import REPO_CONFIGS
 
-from peekaboo.cli import train_main
+from peekaboo.app.cli import train_main
 from peekaboo.config import TrainConfig, load_config, logger_kind
 from peekaboo.errors import ConfigError
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from peekaboo.config import MASK_KINDS, MaskConfig
-from peekaboo.masks import apply_bilateral, bilateral_operator, bilateral_weights, build_mask
+from peekaboo.optim.masks import apply_bilateral, bilateral_operator, bilateral_weights, build_mask
 
 SIZE = 16
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from peekaboo.metrics import PRECISION_THRESHOLDS, pair_scores, summarize
+from peekaboo.runs.metrics import PRECISION_THRESHOLDS, pair_scores, summarize
 
 IGN = 255
 

@@ -9,8 +9,8 @@ from tests_support import cpu_trainer_config as _trainer
 from tests_support import small_optimization_config as _cfg
 
 from peekaboo.config import TrainerConfig
-from peekaboo.engine import optimize_pair, optimize_pairs
-from peekaboo.module import PeekabooModule
+from peekaboo.optim.engine import optimize_pair, optimize_pairs
+from peekaboo.optim.module import PeekabooModule
 
 SIZE = MODULE_SIZE
 
@@ -54,7 +54,7 @@ def test_checkpoint_is_small_has_no_backbone_and_restores_mask(tiny_backbone, tm
 def test_fourier_mlp_has_no_bias_before_batchnorm():
     from torch import nn
 
-    from peekaboo.masks import build_mask
+    from peekaboo.optim.masks import build_mask
 
     mask = build_mask(_cfg("fourier").mask, torch.rand(2, 3, SIZE, SIZE), [torch.Generator() for _ in range(2)])
     layers = list(mask.mlp)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from peekaboo import io
+from peekaboo.utils import files, images, overlays
 
 
 def _red_square_scene() -> tuple[Image.Image, np.ndarray]:
@@ -21,11 +21,11 @@ def _red_square_scene() -> tuple[Image.Image, np.ndarray]:
 
 def test_finalize_maps_back_quantizes_then_thresholds():
     img = Image.new("RGB", (8, 4))
-    _, placement = io.fit_square(img, 8, "pad")  # a 8x4 image padded to 8x8: rows 2..5 are the image
+    _, placement = images.fit_square(img, 8, "pad")  # a 8x4 image padded to 8x8: rows 2..5 are the image
     alpha = torch.zeros(8, 8)
     alpha[2:6, :4] = 0.502  # 128.01 -> 128 after quantization: just above 0.5 as saved
     alpha[2:6, 4:] = 0.498  # 126.99 -> 127: just below
-    final = io.finalize_mask(alpha, placement, threshold=0.5)
+    final = images.finalize_mask(alpha, placement, threshold=0.5)
     assert final.alpha_u8.shape == final.mask.shape == (4, 8)
     assert (final.alpha_u8[:, :4] == 128).all() and (final.alpha_u8[:, 4:] == 127).all()
     assert final.mask[:, :4].all() and not final.mask[:, 4:].any()
@@ -35,21 +35,21 @@ def test_finalize_maps_back_quantizes_then_thresholds():
 
 def test_written_files_read_back_as_the_final_mask(tmp_path):
     img, mask = _red_square_scene()
-    final = io.FinalMask(alpha_u8=(mask * 200).astype(np.uint8), mask=mask)
-    paths = io.write_pair_files(img, final, {k: tmp_path / f"{k}.png" for k in io.PAIR_FILES})
-    assert set(paths) == set(io.PAIR_FILES)
-    assert np.array_equal(io.read_mask(paths["mask"]), mask)
+    final = images.FinalMask(alpha_u8=(mask * 200).astype(np.uint8), mask=mask)
+    paths = files.write_pair_files(img, final, {k: tmp_path / f"{k}.png" for k in files.PAIR_FILES})
+    assert set(paths) == set(files.PAIR_FILES)
+    assert np.array_equal(images.read_mask(paths["mask"]), mask)
     assert np.array_equal(np.asarray(Image.open(paths["alpha"])), final.alpha_u8)
     assert np.array_equal(np.asarray(Image.open(paths["cutout"]))[..., 3], final.alpha_u8)
     with pytest.raises(ValueError, match="unknown pair file kinds"):
-        io.write_pair_files(img, final, {"heatmap": tmp_path / "h.png"})
+        files.write_pair_files(img, final, {"heatmap": tmp_path / "h.png"})
 
 
 def test_read_mask_of_a_broken_file_is_one_clear_error(tmp_path):
     bad = tmp_path / "mask.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(io.ImageError, match=r"Saved mask .*mask\.png cannot be read"):
-        io.read_mask(bad)
+    with pytest.raises(images.ImageError, match=r"Saved mask .*mask\.png cannot be read"):
+        images.read_mask(bad)
 
 
 @pytest.mark.parametrize("colour", [(220, 30, 30), (30, 160, 50), (30, 70, 220), (240, 210, 30), (255, 0, 255)])
@@ -58,8 +58,8 @@ def test_overlay_shows_the_mask_whatever_the_object_colour(colour):
     arr[10:30, 15:35] = colour
     mask = np.zeros((40, 50), bool)
     mask[10:30, 15:35] = True
-    out = np.asarray(io.overlay(Image.fromarray(arr), mask)).astype(int)
-    edge = io.mask_outline(mask)
+    out = np.asarray(overlays.overlay(Image.fromarray(arr), mask)).astype(int)
+    edge = overlays.mask_outline(mask)
     inner = mask & ~edge
     assert (out[inner] == colour).all()  # the object itself is untouched
     # The outline stands out from the object it surrounds: far from its colour in RGB.
@@ -74,5 +74,5 @@ def test_overlay_shows_the_mask_whatever_the_object_colour(colour):
 
 def test_overlay_of_an_empty_mask_only_dims():
     img, _ = _red_square_scene()
-    out = np.asarray(io.overlay(img, np.zeros((40, 50), bool)))
+    out = np.asarray(overlays.overlay(img, np.zeros((40, 50), bool)))
     assert out.shape == (40, 50, 3) and out.mean() < np.asarray(img).mean()

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from tests_support import FAST, REPO, write_scene
 
-from peekaboo import io
-from peekaboo.cli import predict_main
+from peekaboo.app.cli import predict_main
+from peekaboo.utils import images
 
 PREDICT_FAST = [*FAST, "trainer.max_steps=3", "tensorboard=false"]
 
@@ -49,9 +49,9 @@ def test_predict_writes_every_output_at_original_size(tiny_model, image_path, tm
 @pytest.mark.parametrize("fit", ["scale", "crop", "pad"])
 def test_fit_modes_map_back_onto_original_pixels(fit):
     img = Image.fromarray(np.zeros((30, 50, 3), np.uint8))
-    canvas, placement = io.fit_square(img, 16, fit)
+    canvas, placement = images.fit_square(img, 16, fit)
     assert canvas.shape == (3, 16, 16)
-    back = io.unfit(torch.ones(16, 16), placement)
+    back = images.unfit(torch.ones(16, 16), placement)
     assert back.shape == (30, 50)
     seen = torch.ones(30, 50)
     if fit == "crop":  # only the centred 30x30 square was seen; the mask is 0 elsewhere
@@ -61,10 +61,10 @@ def test_fit_modes_map_back_onto_original_pixels(fit):
 
 def test_pad_maps_a_canvas_square_exactly():
     img = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
-    _, placement = io.fit_square(img, 40, "pad")  # 1 canvas pixel = 1 image pixel; 10 rows of padding
+    _, placement = images.fit_square(img, 40, "pad")  # 1 canvas pixel = 1 image pixel; 10 rows of padding
     alpha = torch.zeros(40, 40)
     alpha[10:20, 5:15] = 1.0
-    back = io.unfit(alpha, placement)
+    back = images.unfit(alpha, placement)
     expected = torch.zeros(20, 40)
     expected[0:10, 5:15] = 1.0
     assert torch.equal(back, expected)

@@ -1,6 +1,6 @@
 """Property tests: untrusted bytes and arbitrary command lines give a result or one user error, never a crash.
 
-- Any bytes in an image file: :func:`peekaboo.io.load_image` returns upright 8-bit RGB or raises
+- Any bytes in an image file: :func:`peekaboo.utils.images.load_image` returns upright 8-bit RGB or raises
   :class:`~peekaboo.errors.ImageError`. Besides raw random bytes, the bytes are mostly *mutated real images*
   (flipped bytes, cut short) of every common format, so the decoders get past the magic number.
 - Any ``key=value`` list: :func:`peekaboo.config.load_config` returns a config or raises
@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tests_support import REPO_CONFIGS
 
-from peekaboo import io
 from peekaboo.config import PredictConfig, TrainConfig, load_config
 from peekaboo.errors import ConfigError, ImageError
+from peekaboo.utils import images
 
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "ICO", "PPM", "TGA", "PCX")
 # Pillow's decoders warn about the corrupt metadata these examples are made of; that is the point.
@@ -69,11 +69,11 @@ def test_any_bytes_load_as_rgb_or_raise_image_error(data, tmp_path_factory):
     path = Path(tmp_path_factory.getbasetemp()) / "fuzz.img"
     path.write_bytes(data)
     try:
-        img = io.load_image(path, max_pixels=1_000_000)
+        img = images.load_image(path, max_pixels=1_000_000)
     except ImageError as err:
         assert str(path) in str(err)  # every message names the file
         return
-    assert img.mode == "RGB" and min(img.size) >= io.MIN_SIDE
+    assert img.mode == "RGB" and min(img.size) >= images.MIN_SIDE
 
 
 def _leaf_keys(node: DictConfig, prefix: str = "") -> list[str]:

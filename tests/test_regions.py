@@ -8,16 +8,16 @@ import torch
 from tests_support import MODULE_SIZE, small_optimization_config
 from tests_support import cpu_trainer_config as _trainer
 
-from peekaboo import engine
-from peekaboo import module as module_lib
-from peekaboo import regions as regions_lib
 from peekaboo.config import OptimizationConfig, RegionsConfig, RestartsConfig, validate_optimization
-from peekaboo.engine import optimize_pair, optimize_pairs
 from peekaboo.errors import ConfigError
-from peekaboo.masks import map_logits
-from peekaboo.module import PeekabooModule
-from peekaboo.regions import RANKING_KEY, ranked_regions, region_proposals
-from peekaboo.restarts import prompt_fit
+from peekaboo.optim import engine
+from peekaboo.optim import module as module_lib
+from peekaboo.optim import regions as regions_lib
+from peekaboo.optim.engine import optimize_pair, optimize_pairs
+from peekaboo.optim.masks import map_logits
+from peekaboo.optim.module import PeekabooModule
+from peekaboo.optim.regions import RANKING_KEY, ranked_regions, region_proposals
+from peekaboo.optim.restarts import prompt_fit
 
 SIZE = MODULE_SIZE
 

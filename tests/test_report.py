@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 from tests_support import REPO_CONFIGS
 
-from peekaboo import report, runner
-from peekaboo.cli import train_main
+from peekaboo.app.cli import train_main
 from peekaboo.config import TrainConfig, load_config
 from peekaboo.data import build_source
-from peekaboo.engine import CURVE_KEYS
-from peekaboo.evaluate import evaluate
+from peekaboo.optim.engine import CURVE_KEYS
+from peekaboo.runs import report, runner
+from peekaboo.runs.evaluate import evaluate
 
 FAST = ["trainer.max_steps=4", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
         "optimization.mask.size=16", "run.logger=none", "data.pairs_per_step=2"]

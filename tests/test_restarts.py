@@ -7,11 +7,11 @@ from tests_support import MODULE_SIZE
 from tests_support import cpu_trainer_config as _trainer
 from tests_support import small_optimization_config as _cfg
 
-from peekaboo import engine
 from peekaboo.config import RestartsConfig, validate_optimization
-from peekaboo.engine import optimize_pair, optimize_pairs
 from peekaboo.errors import ConfigError
-from peekaboo.restarts import candidate_ids, candidate_inits, choose, pair_of, prompt_fit
+from peekaboo.optim import engine
+from peekaboo.optim.engine import optimize_pair, optimize_pairs
+from peekaboo.optim.restarts import candidate_ids, candidate_inits, choose, pair_of, prompt_fit
 
 
 def _images(n, seed=5):

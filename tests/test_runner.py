@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 from tests_support import REPO
 
-from peekaboo import evaluate
-from peekaboo.cli import train_main
+from peekaboo.app.cli import train_main
+from peekaboo.runs import evaluate
 
 PAIRS = 4
 

@@ -11,8 +11,8 @@ from PIL import Image
 from tests_support import REPO
 
 from peekaboo import Segmentation, Segmenter
-from peekaboo.backbone import Backbone
-from peekaboo.cli import predict_main
+from peekaboo.app.cli import predict_main
+from peekaboo.diffusion.backbone import Backbone
 from peekaboo.errors import ConfigError, ImageError, PeekabooError
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]

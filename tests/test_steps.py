@@ -13,8 +13,8 @@ from tests_support import small_optimization_config as _cfg
 
 from peekaboo import ops
 from peekaboo.config import EarlyStopConfig, GuidanceConfig, OptimConfig
-from peekaboo.engine import StableMaskStop, loss_plateau_update, optimize_pair, optimize_pairs
-from peekaboo.module import PeekabooModule, lr_factor
+from peekaboo.optim.engine import StableMaskStop, loss_plateau_update, optimize_pair, optimize_pairs
+from peekaboo.optim.module import PeekabooModule, lr_factor
 
 SIZE = MODULE_SIZE
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
@@ -311,7 +311,7 @@ def test_a_run_folder_from_before_the_new_keys_still_resumes(tmp_path):
 
     from peekaboo.config import TrainConfig, to_yaml
     from peekaboo.errors import ConfigError
-    from peekaboo.runner import _check_same_run
+    from peekaboo.runs.runner import _check_same_run
 
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"data": {"source": "shapes"}, "run": {"name": "x"}})
     saved = OmegaConf.to_container(cfg)

@@ -6,14 +6,14 @@ import pytest
 import torch
 from tests_support import REPO_CONFIGS
 
-from peekaboo import regions as regions_lib
 from peekaboo.bench import throughput
 from peekaboo.bench.common import update_marked
 from peekaboo.bench.reference_loop import REFERENCE_KINDS
 from peekaboo.bench.steps import Setting
 from peekaboo.errors import PeekabooError
-from peekaboo.regions import RANKING_KEY
-from peekaboo.restarts import prompt_fit
+from peekaboo.optim import regions as regions_lib
+from peekaboo.optim.regions import RANKING_KEY
+from peekaboo.optim.restarts import prompt_fit
 
 
 def test_early_stop_section_checks_each_pairs_stop(tiny_model):

@@ -1,18 +1,17 @@
 """Peekaboo: zero-shot text-prompted segmentation with a frozen text-to-image diffusion model.
 
-``from peekaboo import Segmenter`` is the Python API (:mod:`peekaboo.segmenter`). The package is laid out in
-layers whose imports only point down (``lint-imports`` checks it): bench -> app (cli; predict, runner,
-evaluate, segmenter, edit, logs) -> core (the rest):
+``from peekaboo import Segmenter`` is the Python API (:mod:`peekaboo.app.segmenter`). Subpackages by role, each
+importing only the ones listed below it (``lint-imports`` checks it):
 
-- :mod:`peekaboo.config`   typed configs, YAML groups and ``key=value`` overrides
-- :mod:`peekaboo.backbone` the frozen diffusion model: loading, prompt/image encoding, dream-loss gradient
-- :mod:`peekaboo.masks`    mask parameterizations (raster, fourier, bilateral variants)
-- :mod:`peekaboo.ops`      pure tensor math: compositing, backgrounds, SDS gradient
-- :mod:`peekaboo.module`   the LightningModule that optimizes one (image, prompt) pair
-- :mod:`peekaboo.io`       image loading, fitting to the working square and back, atomic writes
-- :mod:`peekaboo.data`     pair sources (manifest, synthetic shapes, VOC, RefCOCO)
-- :mod:`peekaboo.runner`   dataset runs: sharding over workers, resume, outputs
-- :mod:`peekaboo.metrics`  IoU and the paper's precision-at-threshold metrics
+- :mod:`peekaboo.bench`     benchmark machinery behind ``benchmarks/*.py``
+- :mod:`peekaboo.app`       what users call: command lines, ``predict``, the :class:`Segmenter` API, edits
+- :mod:`peekaboo.runs`      dataset runs over workers, resume, outputs, evaluation, metrics, the run report
+- :mod:`peekaboo.optim`     one pair's mask optimization: masks, the LightningModule, starts, the engine
+- :mod:`peekaboo.data`      pair sources (manifest, folder, VOC, RefCOCO, the synthetic scenes)
+- :mod:`peekaboo.diffusion` the frozen diffusion model: loading, encoding, UNet calls, guidance estimators
+- :mod:`peekaboo.config`    typed configs, YAML presets and ``key=value`` overrides
+- :mod:`peekaboo.utils`     images in and masks out, atomic files, overlays, devices, console logging
+- :mod:`peekaboo.ops`       pure tensor math of the method (compositing, backgrounds, score-distillation terms)
 """
 
 from typing import Any
@@ -22,9 +21,9 @@ __all__ = ["Segmentation", "Segmenter"]
 
 
 def __getattr__(name: str) -> Any:
-    # The API loads torch, Lightning and diffusers: only when it is asked for, so `import peekaboo.io` stays light.
+    # The API loads torch, Lightning and diffusers: only when it is asked for, so `import peekaboo.utils` stays light.
     if name in __all__:
-        from peekaboo import segmenter
+        from peekaboo.app import segmenter
 
         return getattr(segmenter, name)
     raise AttributeError(f"module 'peekaboo' has no attribute {name!r}")

@@ -4,7 +4,7 @@
   a method that ignores the prompt and segments nothing away.
 - :func:`random_mask`: a disc of a typical object size at a random position: the chance level of a method
   that knows how big objects are but not where the named one is.
-- :func:`attention_mask`: the cross-attention map of :func:`peekaboo.attention.cross_attention_map` (where
+- :func:`attention_mask`: the cross-attention map of :func:`peekaboo.diffusion.attention.cross_attention_map` (where
   the UNet's cross-attention layers look at the prompt's content words when they denoise the image, the
   signal "attention-map" zero-shot segmenters threshold), thresholded. It needs no optimization at all, so it
   is the natural "what does the model already know" baseline for Peekaboo.
@@ -53,7 +53,8 @@ def attention_mask(heat: torch.Tensor, threshold: float) -> np.ndarray:
     """The cross-attention baseline's mask: ``heat > threshold``.
 
     Args:
-        heat: ``(H, W)`` a :func:`peekaboo.attention.cross_attention_map`, min-max normalized to [0, 1] per pair.
+        heat: ``(H, W)`` a :func:`peekaboo.diffusion.attention.cross_attention_map`, min-max normalized to [0, 1]
+            per pair.
         threshold: chosen on the tune split (``peekaboo.bench.methods.CROSS_ATTENTION_THRESHOLD``).
 
     Returns:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from peekaboo import io
+from peekaboo.utils import files
 
 log = logging.getLogger("peekaboo.bench")
 
@@ -99,14 +99,14 @@ def update_marked(path: Path, block: str, markers: tuple[str, str]) -> bool:
     if new is None:
         log.warning("%s lacks the markers %s ... %s; the block is not put there.", path, *markers)
         return False
-    io.write_text(new, path)
+    files.write_text(new, path)
     return True
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
     """Write ``data`` to ``path`` as indented JSON (the caller chose the path), creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    io.write_text(json.dumps(data, indent=1, default=str), path)
+    files.write_text(json.dumps(data, indent=1, default=str), path)
 
 
 def ms(seconds: float) -> str:

@@ -18,10 +18,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from peekaboo.backbone import resolve_pretrained
 from peekaboo.config import MASK_KINDS, TrainConfig, load_config, preset_dir
+from peekaboo.diffusion.backbone import resolve_pretrained
 from peekaboo.errors import PeekabooError
-from peekaboo.restarts import candidate_inits
+from peekaboo.optim.restarts import candidate_inits
 
 # The model config group every row starts from: configs/model/<MODEL_GROUP>.yaml.
 MODEL_GROUP = "shapes"
@@ -119,7 +119,7 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
                ("optimization.restarts.count=4", "optimization.restarts.mask_inits=[constant]"),
                "The `start from alpha 0.5` row optimized 4 times per pair (other random streams; the first is that "
                "row's own run), keeping the mask whose composite the prompt explains best: the lowest denoising "
-               "error under the prompt over 16 draws shared by the 4 candidates (`peekaboo.restarts`). No label "
+               "error under the prompt over 16 draws shared by the 4 candidates (`peekaboo.optim.restarts`). No label "
                "is used; it costs 4 optimizations per pair."),
         Method("restarts_2_mixed", "2 restarts, mixed starts, model-chosen", "peekaboo",
                ("optimization.restarts.count=2", "optimization.restarts.mask_inits=[constant,cross_attention]"),
@@ -150,7 +150,7 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
                "plain object) gains nothing over a small one. One more UNet row per scoring draw."),
         Method("region_start", "region start, no optimization", "start_only", (),
                "No optimization: the default's mask as its run starts it, on the pair's best-ranked image region "
-               "(`peekaboo.regions`) seen through the bilateral filter, scored before any step. Against the "
+               "(`peekaboo.optim.regions`) seen through the bilateral filter, scored before any step. Against the "
                "default row it shows what the dream-loss optimization adds after a region start. Its s/pair is "
                "the ranking's, or nearly nothing where an earlier row of the same run ranked the pairs."),
         Method("cross_attention", "cross-attention map", "cross_attention", (),
@@ -228,7 +228,7 @@ def canonical_key(key: str) -> str:
 
 def _starts_as_read(settings: dict[str, Any]) -> None:
     """Write the mask starts as what the run reads, so rows that start alike share a key: one run reads
-    ``mask.init`` only; restarts read each candidate's start (:func:`~peekaboo.restarts.candidate_inits`),
+    ``mask.init`` only; restarts read each candidate's start (:func:`~peekaboo.optim.restarts.candidate_inits`),
     whether a preset's ``mask.init`` or the row's own ``mask_inits`` gave it."""
     opt = settings.get("optimization")
     if not isinstance(opt, dict) or not isinstance(opt.get("restarts"), dict) or not isinstance(opt.get("mask"), dict):

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peekaboo.backbone import Backbone
 from peekaboo.config import BilateralConfig, FourierConfig, OptimizationConfig
-from peekaboo.module import build_optimizer
+from peekaboo.diffusion.backbone import Backbone
+from peekaboo.optim.module import build_optimizer
 
 # The paper's code supports these two parameterizations here; the benchmark compares them (and raster
 # without the filter would measure nothing the filter changes).

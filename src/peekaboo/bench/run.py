@@ -20,9 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
-from peekaboo import io, ops
-from peekaboo.attention import cross_attention_map
-from peekaboo.backbone import Backbone, shared_backbone
+from peekaboo import ops
 from peekaboo.bench.baselines import attention_mask, random_mask, whole_image
 from peekaboo.bench.methods import (
     CROSS_ATTENTION_THRESHOLD,
@@ -37,10 +35,13 @@ from peekaboo.bench.methods import (
 from peekaboo.bench.report import markdown_table
 from peekaboo.data.shapes import EVAL_SPLITS, eval_pairs
 from peekaboo.data.synthetic import SPLIT_NAMES, synthetic_pairs
-from peekaboo.engine import optimize_pairs
+from peekaboo.diffusion.attention import cross_attention_map
+from peekaboo.diffusion.backbone import Backbone, shared_backbone
 from peekaboo.errors import NonFiniteError, PeekabooError
-from peekaboo.metrics import DONE, pair_scores, summarize
-from peekaboo.module import PeekabooModule
+from peekaboo.optim.engine import optimize_pairs
+from peekaboo.optim.module import PeekabooModule
+from peekaboo.runs.metrics import DONE, pair_scores, summarize
+from peekaboo.utils import images
 
 log = logging.getLogger("peekaboo.bench")
 
@@ -116,7 +117,7 @@ def score(pred: np.ndarray, pair: BenchPair) -> dict[str, Any]:
 
 
 def summarize_method(records: Sequence[dict]) -> dict[str, Any]:
-    """:func:`peekaboo.metrics.summarize` plus the wrong-object rate and the mean seconds per pair."""
+    """:func:`peekaboo.runs.metrics.summarize` plus the wrong-object rate and the mean seconds per pair."""
     summary = summarize(records)
     scored = [r for r in records if r.get("status") == DONE]
     summary["wrong_object_rate"] = (sum(bool(r["wrong_object"]) for r in scored) / len(scored)) if scored else None
@@ -171,7 +172,7 @@ def run_peekaboo(
     start = time.perf_counter()
     for first in range(0, len(pairs), batch_size):
         batch = pairs[first : first + batch_size]
-        fitted = [io.fit_square(p.image, opt.mask.size, cfg.image_options.fit) for p in batch]
+        fitted = [images.fit_square(p.image, opt.mask.size, cfg.image_options.fit) for p in batch]
         snaps = AlphaSnapshots(steps_scored)
         t0 = time.perf_counter()
         try:
@@ -195,7 +196,7 @@ def run_peekaboo(
                 if failed[i] or alphas is None:
                     record["status"] = "failed: non-finite"
                 else:
-                    final = io.finalize_mask(alphas[i], placement, opt.threshold)
+                    final = images.finalize_mask(alphas[i], placement, opt.threshold)
                     record.update(status=DONE, **score(final.mask, pair))
                 out[steps].append(record)
         if progress is not None:
@@ -211,10 +212,10 @@ def attention_maps(cfg: Any, pairs: Sequence[BenchPair], backbone: Backbone,
     start = time.perf_counter()
     for n, pair in enumerate(pairs, 1):
         t0 = time.perf_counter()
-        canvas, placement = io.fit_square(pair.image, cfg.optimization.mask.size, cfg.image_options.fit)
+        canvas, placement = images.fit_square(pair.image, cfg.optimization.mask.size, cfg.image_options.fit)
         gen = torch.Generator().manual_seed(ops.pair_seed(cfg.optimization.seed, pair.id))
         heat = cross_attention_map(backbone, canvas, pair.prompt, generator=gen)
-        out.append((io.unfit(heat, placement), time.perf_counter() - t0))
+        out.append((images.unfit(heat, placement), time.perf_counter() - t0))
         if progress is not None and (n % DEFAULT_BATCH == 0 or n == len(pairs)):
             progress(n, len(pairs), time.perf_counter() - start)
     return out
@@ -237,7 +238,7 @@ def run_start_only(cfg: Any, pairs: Sequence[BenchPair], backbone: Backbone, bat
     for first in range(0, len(pairs), batch_size):
         batch = pairs[first : first + batch_size]
         t0 = time.perf_counter()
-        fitted = [io.fit_square(p.image, opt.mask.size, cfg.image_options.fit) for p in batch]
+        fitted = [images.fit_square(p.image, opt.mask.size, cfg.image_options.fit) for p in batch]
         module = PeekabooModule(torch.stack([f[0] for f in fitted]), [p.prompt for p in batch],
                                 [p.id for p in batch], opt, backbone)
         with torch.no_grad():
@@ -245,7 +246,7 @@ def run_start_only(cfg: Any, pairs: Sequence[BenchPair], backbone: Backbone, bat
             alphas = module.mask()[:, 0]  # (B, S, S)
         per_pair = (time.perf_counter() - t0) / len(batch)
         for alpha, pair, (_, placement) in zip(alphas, batch, fitted, strict=True):
-            final = io.finalize_mask(alpha, placement, opt.threshold)
+            final = images.finalize_mask(alpha, placement, opt.threshold)
             records.append({"id": pair.id, "prompt": pair.prompt, "status": DONE, "seconds": round(per_pair, 4),
                             **score(final.mask, pair)})
         if progress is not None:
@@ -281,7 +282,7 @@ def progress_logger(label: str) -> Progress:
 def _warm_up(cfg: Any, pair: BenchPair, backbone: Backbone) -> None:
     """One short optimization, untimed, so the first row's seconds per pair leave out one-time costs (lazy
     initialization of kernels and of Lightning)."""
-    canvas, _ = io.fit_square(pair.image, cfg.optimization.mask.size, cfg.image_options.fit)
+    canvas, _ = images.fit_square(pair.image, cfg.optimization.mask.size, cfg.image_options.fit)
     trainer = OmegaConf.merge(cfg.trainer, {"max_steps": WARM_UP_STEPS})
     optimize_pairs(canvas[None], [pair.prompt], [pair.id], cfg.optimization, trainer, backbone,
                    enable_progress_bar=False)

@@ -24,14 +24,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peekaboo import io
 from peekaboo.bench.common import machine_info, update_marked, write_json
 from peekaboo.bench.methods import CROSS_ATTENTION_THRESHOLD, METHOD_NAMES
 from peekaboo.bench.report import readme_block, readme_markers, render_docs
 from peekaboo.bench.run import BENCH_SPLITS, DEFAULT_BATCH, DEFAULT_PAIRS, run_benchmark
 from peekaboo.bench.sweep import SWEEP_STAGES, TUNE_PAIRS, sweep
 from peekaboo.errors import PeekabooError, exit_status
-from peekaboo.logs import setup_logging
+from peekaboo.utils import files
+from peekaboo.utils.console import setup_logging
 
 log = logging.getLogger("peekaboo.bench")
 
@@ -148,7 +148,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
             write_json(report, out)
         if docs is not None:
             docs.parent.mkdir(parents=True, exist_ok=True)
-            io.write_text(render_docs(report, sweep_report), docs)
+            files.write_text(render_docs(report, sweep_report), docs)
         return report
 
     tuned = read_sweep(args.tuned) if args.tuned is not None else {}

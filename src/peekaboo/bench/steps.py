@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from peekaboo import io
-from peekaboo.backbone import shared_backbone
 from peekaboo.bench.common import fmt, machine_info, markdown_table, write_json
 from peekaboo.bench.methods import method_config, resolve_config_dir
 from peekaboo.bench.run import BENCH_SPLITS, DEFAULT_BATCH, load_pairs, progress_logger, run_peekaboo, summarize_method
 from peekaboo.data.shapes import split_description
+from peekaboo.diffusion.backbone import shared_backbone
 from peekaboo.errors import PeekabooError, exit_status
-from peekaboo.logs import setup_logging
+from peekaboo.utils import files
+from peekaboo.utils.console import setup_logging
 
 log = logging.getLogger("peekaboo.bench")
 
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     if args.plot is not None:
         plot(result, args.plot)
     if args.docs is not None:
-        io.write_text(render(result, args.plot), args.docs)
+        files.write_text(render(result, args.plot), args.docs)
     return result
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from peekaboo.backbone import shared_backbone
 from peekaboo.bench.common import write_json
 from peekaboo.bench.methods import KIND_EXTRA, method_config, resolve_config_dir, settings_key
 from peekaboo.bench.report import sweep_markdown
@@ -28,6 +27,7 @@ from peekaboo.bench.run import (
     summarize_method,
 )
 from peekaboo.config import MASK_KINDS
+from peekaboo.diffusion.backbone import shared_backbone
 
 log = logging.getLogger("peekaboo.bench")
 

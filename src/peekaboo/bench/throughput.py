@@ -3,7 +3,7 @@ buys, measured side by side in one run and written to ``docs/PERFORMANCE.md``.
 
 Sections (``--sections`` picks a subset):
 
-- ``batch``: B = 1, 4, 16 pairs per step through the Lightning Trainer (``peekaboo.engine.optimize_pairs``);
+- ``batch``: B = 1, 4, 16 pairs per step through the Lightning Trainer (``peekaboo.optim.engine.optimize_pairs``);
   median seconds per step, fixed cost per run, pairs per hour at the preset's ``max_steps``, peak memory.
 - ``overhead``: the same step as a bare PyTorch loop (no Lightning) vs through the Trainer, at B = 1.
 - ``reference``: a loop in the style of the paper's code (:mod:`peekaboo.bench.reference_loop`) vs the project's
@@ -62,8 +62,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-from peekaboo import io, ops
-from peekaboo.backbone import BUNDLED_PATH, Backbone, latent_blend_error, load_backbone
+from peekaboo import ops
 from peekaboo.bench.common import (
     PeakMemory,
     StepClock,
@@ -81,13 +80,15 @@ from peekaboo.bench.reference_loop import REFERENCE_KINDS, ReferenceLoop
 from peekaboo.bench.steps import FAST, PAPER, PAPER_STEPS
 from peekaboo.config import TrainConfig, load_config
 from peekaboo.data.synthetic import synthetic_pairs
-from peekaboo.devices import trainer_devices
-from peekaboo.engine import StableMaskStop, optimize_pairs
+from peekaboo.diffusion.backbone import BUNDLED_PATH, Backbone, latent_blend_error, load_backbone
 from peekaboo.errors import PeekabooError
-from peekaboo.masks import build_mask
-from peekaboo.metrics import pair_scores
-from peekaboo.module import PeekabooModule
-from peekaboo.regions import forget_rankings
+from peekaboo.optim.engine import StableMaskStop, optimize_pairs
+from peekaboo.optim.masks import build_mask
+from peekaboo.optim.module import PeekabooModule
+from peekaboo.optim.regions import forget_rankings
+from peekaboo.runs.metrics import pair_scores
+from peekaboo.utils import images
+from peekaboo.utils.devices import trainer_devices
 
 SD15_GROUP = "sd15"  # the preset of the GPU section (the paper's settings)
 SPLIT = "tune"  # synthetic pairs the benchmark optimizes (never the evaluation split)
@@ -197,7 +198,7 @@ class Item:
     id: str
     prompt: str
     canvas: torch.Tensor  # (3, S, S) working image in [0, 1]
-    placement: io.Placement
+    placement: images.Placement
     target: np.ndarray  # (H, W) uint8 ground truth
 
 
@@ -205,7 +206,7 @@ def load_items(n: int, size: int, fit: str, split: str = SPLIT) -> list[Item]:
     """The first ``n`` synthetic pairs of ``split``, fitted to ``size x size`` canvases."""
     items = []
     for pair in synthetic_pairs(split, n):
-        canvas, placement = io.fit_square(pair.load_image(), size, fit)
+        canvas, placement = images.fit_square(pair.load_image(), size, fit)
         target = pair.load_target()
         assert target is not None, "synthetic pairs always have ground truth"
         items.append(Item(pair.id, pair.prompt, canvas, placement, target))
@@ -219,7 +220,7 @@ def batch_of(items: Sequence[Item]) -> tuple[torch.Tensor, list[str], list[str]]
 
 def binary_mask(alpha: torch.Tensor, item: Item, threshold: float) -> np.ndarray:
     """The binary mask at the original image's size, made exactly as a dataset run makes it."""
-    return io.finalize_mask(alpha, item.placement, threshold).mask
+    return images.finalize_mask(alpha, item.placement, threshold).mask
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -680,12 +681,12 @@ def section_switches(bench: Bench, report: Report, items: Sequence[Item]) -> Non
 
 @torch.no_grad()
 def mean_blend_error(backbone: Backbone, items: Sequence[Item], fit: str) -> float:
-    """The mean over ``items`` of :func:`peekaboo.backbone.latent_blend_error` with each pair's ground-truth
+    """The mean over ``items`` of :func:`peekaboo.diffusion.backbone.latent_blend_error` with each pair's ground-truth
     mask as alpha (the binary mask a converged run approaches) over a solid background seeded by its id."""
     images, _, ids = batch_of(items)  # (B, 3, S, S)
     size = images.shape[-1]
     targets = [Image.fromarray((item.target == 1).astype(np.uint8) * 255).convert("RGB") for item in items]
-    alpha = torch.stack([io.fit_square(t, size, fit)[0][:1].gt(0.5).float() for t in targets])  # (B, 1, S, S)
+    alpha = torch.stack([images.fit_square(t, size, fit)[0][:1].gt(0.5).float() for t in targets])  # (B, 1, S, S)
     gens = [torch.Generator().manual_seed(ops.pair_seed(0, i)) for i in ids]
     background = torch.cat([ops.sample_background("solid", img[None], g)
                             for img, g in zip(images, gens, strict=True)])  # (B, 3, S, S)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from peekaboo.data.base import Pair
 from peekaboo.errors import ConfigError, PeekabooError
-from peekaboo.io import load_image
+from peekaboo.utils.images import load_image
 
 SIDECAR_SUFFIX = ".txt"
 # Between an image's relative path and a prompt in a pair id.

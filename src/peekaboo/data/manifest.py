@@ -39,7 +39,7 @@ from PIL import Image, UnidentifiedImageError
 
 from peekaboo.data.base import IGNORE, Pair
 from peekaboo.errors import ImageError, PeekabooError
-from peekaboo.io import load_image
+from peekaboo.utils.images import load_image
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 CSV_SUFFIXES = (".csv",)

@@ -28,7 +28,7 @@ from pycocotools import mask as mask_utils
 
 from peekaboo.data.base import Pair
 from peekaboo.errors import PeekabooError
-from peekaboo.io import load_image
+from peekaboo.utils.images import load_image
 
 INSTANCES_FILE = "instances.json"
 DEFAULT_IMAGES_DIR = "images"

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from peekaboo.data.base import IGNORE, Pair
 from peekaboo.errors import ImageError, PeekabooError
-from peekaboo.io import load_image
+from peekaboo.utils.images import load_image
 
 #: The 21 VOC class names, indexed by the values of the segmentation PNGs (0 is background).
 VOC_CLASSES: tuple[str, ...] = (

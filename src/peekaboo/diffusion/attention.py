@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from peekaboo import ops
-from peekaboo.backbone import Backbone
+from peekaboo.diffusion.backbone import Backbone
 from peekaboo.errors import PeekabooError
 
 #: Words that carry no content: their tokens are left out of the attention map (the articles of the prompts).

@@ -1,21 +1,14 @@
-"""Image I/O: loading any image as upright RGB, fitting it to the square working canvas and mapping masks
-back to the original pixels, and atomic writes (a kill or a full disk never leaves a half-written file).
+"""Images in and masks out: loading any image as upright RGB, fitting it to the square working canvas, and mapping
+masks back to the original pixels (:class:`FinalMask`).
 
-Every failure a user can cause surfaces as one :class:`~peekaboo.errors.PeekabooError` naming the file:
-:class:`~peekaboo.errors.ImageError` for an image that cannot be used, :class:`~peekaboo.errors.OutputError`
-for an output that cannot be written.
+An image a user cannot use surfaces as one :class:`~peekaboo.errors.ImageError` naming the file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
 import os
 import re
-import tempfile
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from peekaboo.errors import ImageError, OutputError
-
-try:  # POSIX only; without it concurrent appends still land whole, only the rollback of a failed one is unsafe
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from peekaboo.errors import ImageError
 
 MIN_SIDE = 2  # a 1x1 image has no content to segment
 # Pixels an image may claim before it is refused from its header (image_options.max_pixels): Pillow's own
@@ -39,8 +27,6 @@ DEFAULT_MAX_PIXELS = 178_956_970
 # so a 100-megapixel photo never becomes a float tensor; the final antialiased resize still averages several
 # source pixels per canvas pixel.
 PREREDUCE_FACTOR = 4
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def load_image(path: str | os.PathLike, flatten_background: tuple[float, float, float] = (0.5, 0.5, 0.5),
@@ -237,28 +223,6 @@ def finalize_mask(alpha: torch.Tensor, placement: Placement, threshold: float) -
     return FinalMask(alpha_u8=alpha_u8, mask=binarize(alpha_u8, threshold))
 
 
-#: The files :func:`write_pair_files` can write for a pair.
-PAIR_FILES = ("mask", "alpha", "overlay", "cutout")
-
-
-def write_pair_files(img: Image.Image, final: FinalMask, paths: dict[str, Path]) -> dict[str, Path]:
-    """Write a pair's PNGs (each atomically) at the paths given per kind of :data:`PAIR_FILES`.
-
-    ``mask`` is 0/255, ``alpha`` the soft alpha 0..255, ``overlay`` the mask shown over the image
-    (:func:`overlay`) and ``cutout`` the RGBA image with the soft alpha as its alpha channel.
-    """
-    render = {
-        "mask": lambda: Image.fromarray(final.mask.astype(np.uint8) * 255, "L"),
-        "alpha": lambda: Image.fromarray(final.alpha_u8, "L"),
-        "overlay": lambda: overlay(img, final.mask),
-        "cutout": lambda: cutout(img, final.alpha_u8),
-    }
-    unknown = set(paths) - set(render)
-    if unknown:
-        raise ValueError(f"unknown pair file kinds {sorted(unknown)}; expected some of {PAIR_FILES}")
-    return {kind: save_png(render[kind](), path) for kind, path in paths.items()}
-
-
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     """A binary mask written by :func:`write_pair_files` as ``(H, W)`` bool (its pixels are 0 or 255).
 
@@ -281,157 +245,3 @@ def quantize(alpha: torch.Tensor) -> np.ndarray:
 def binarize(alpha_u8: np.ndarray, threshold: float) -> np.ndarray:
     """Binary mask from the SAVED (8-bit) alpha, so ``mask.png == alpha.png / 255 > threshold`` exactly."""
     return alpha_u8.astype(np.float64) / 255.0 > threshold
-
-
-def output_error(path: str | os.PathLike, err: OSError) -> OutputError:
-    """The user-facing error for an output file that could not be written, with the fix for its cause."""
-    code = err.errno if err.errno is not None else next((a for a in err.args if isinstance(a, int)), None)
-    reason = err.strerror or (os.strerror(code) if code is not None else str(err) or type(err).__name__)
-    if code in _NO_SPACE:
-        fix = "free disk space or choose an output folder on another disk, then run again"
-    elif code in _NOT_WRITABLE:
-        fix = "make that folder writable or choose another output folder"
-    else:
-        fix = "check that the output folder exists, is writable and has free space"
-    return OutputError(f"Could not write {path}: {reason}; {fix} (files written before are intact).")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed over ``path`` (atomic on POSIX).
-
-    On any failure the temporary file is removed and ``path`` keeps its previous content (or stays absent).
-
-    Raises:
-        OutputError: the folder cannot be created or written (full disk, read-only, permissions).
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as err:
-        raise output_error(path, err) from err
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise output_error(path, err) from err
-        raise
-
-
-def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
-    """Write ``img`` as PNG atomically (raises OutputError)."""
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-    return Path(path)
-
-
-def write_text(text: str, path: str | os.PathLike) -> Path:
-    """Write ``text`` atomically (raises OutputError)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
-
-
-def append_line(line: str, path: str | os.PathLike) -> None:
-    """Append one line so that the file never holds a partial line.
-
-    The line goes out in one ``O_APPEND`` write (each write lands whole at the end, also with several worker
-    processes appending), then fsync. A failed or short write (full disk) is rolled back by truncating to the
-    size before it, under an exclusive lock so no other writer's line lands in between.
-
-    Raises:
-        OutputError: the file cannot be opened or the line cannot be written.
-    """
-    data = (line.rstrip("\n") + "\n").encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise output_error(path, err) from err
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # released by close
-        size = os.fstat(fd).st_size
-        try:
-            written = os.write(fd, data)
-            if written != len(data):
-                raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
-            os.fsync(fd)
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, size)
-            raise output_error(path, err) from err
-    finally:
-        os.close(fd)
-
-
-# Overlay: how much of its brightness and colour the image keeps outside the mask (dimmed and desaturated, so
-# the mask reads at a glance whatever the object's colour), and the outline colours it picks from.
-OVERLAY_OUTSIDE_BRIGHTNESS = 0.45
-OVERLAY_OUTSIDE_SATURATION = 0.25
-OUTLINE_COLOURS: tuple[tuple[int, int, int], ...] = ((255, 0, 255), (0, 255, 255), (255, 255, 0), (0, 255, 0),
-                                                     (255, 255, 255), (0, 0, 0))
-# Outline width in pixels per this many pixels of the image's shorter side (at least 1 pixel).
-OUTLINE_PER_SIDE = 256
-
-
-def overlay(img: Image.Image, mask: np.ndarray) -> Image.Image:
-    """The image with ``mask`` ``(H, W)`` bool shown: pixels inside unchanged, pixels outside dimmed and
-    desaturated, and the mask's outline drawn in the palette colour farthest from the pixels it runs over (a
-    red object gets no red outline). Drawn with torchvision's ``draw_segmentation_masks``."""
-    from torchvision.utils import draw_segmentation_masks
-
-    rgb = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W) uint8
-    inside = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))  # (H, W)
-    x = rgb.float()
-    grey = x.mean(0, keepdim=True)  # (1, H, W)
-    faded = OVERLAY_OUTSIDE_BRIGHTNESS * (grey + OVERLAY_OUTSIDE_SATURATION * (x - grey))
-    out = torch.where(inside, x, faded).round().clamp(0, 255).to(torch.uint8)  # (3, H, W)
-    width = max(1, min(mask.shape) // OUTLINE_PER_SIDE)
-    edge = mask_outline(mask, width)
-    if edge.any():
-        under = rgb[:, torch.from_numpy(edge)].float().mean(1)  # (3,) mean colour the outline covers
-        palette = torch.tensor(OUTLINE_COLOURS, dtype=torch.float32)  # (K, 3)
-        colour = OUTLINE_COLOURS[int((palette - under).norm(dim=1).argmax())]
-        out = draw_segmentation_masks(out, torch.from_numpy(edge)[None], alpha=1.0, colors=[colour])
-    return Image.fromarray(out.permute(1, 2, 0).numpy())
-
-
-def mask_outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
-    """The ``(H, W)`` bool band of ``mask`` within ``width`` pixels of its border (4-neighbour erosion)."""
-    core = mask.astype(bool)
-    for _ in range(width):
-        core = _erode(core)
-    return mask.astype(bool) & ~core
-
-
-def _erode(mask: np.ndarray) -> np.ndarray:
-    m = np.pad(mask, 1, mode="edge")
-    return m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
-
-
-def cutout(img: Image.Image, alpha_u8: np.ndarray) -> Image.Image:
-    """RGBA image whose alpha channel is the soft mask."""
-    rgba = np.dstack([np.asarray(img, dtype=np.uint8), alpha_u8])
-    return Image.fromarray(rgba, "RGBA")
-
-
-def safe_name(name: str, max_len: int = 80) -> str:
-    """A file-system-safe, collision-resistant name for ``name`` (a pair id or prompt).
-
-    Spaces become ``_``; keeps ``[A-Za-z0-9._-]`` and replaces everything else (``/``, ``\\``, control and
-    non-ASCII characters) with ``-``; strips leading and trailing ``-``/``.`` (no hidden files, no ``..``);
-    when that (or shortening to ``max_len``) changed the name beyond its spaces, a short digest of the original
-    is appended so distinct ids do not share an output file. The result is never empty, ``.`` or ``..``, has
-    no path separator and is at most ``max_len + 9`` characters, so ``folder / safe_name(x)`` stays in
-    ``folder`` for any ``x``.
-    """
-    spaced = name.strip().replace(" ", "_")
-    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", spaced).strip("-.")[:max_len] or "pair"
-    if clean != spaced:
-        clean = f"{clean}-{hashlib.sha1(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
-    return clean

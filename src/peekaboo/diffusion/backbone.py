@@ -21,14 +21,14 @@ import torch.nn.functional as F
 
 from peekaboo import ops
 from peekaboo.config import BUNDLED_MODEL, GuidanceConfig, ModelConfig
-from peekaboo.devices import check_dtype
 from peekaboo.errors import ConfigError, ModelError
+from peekaboo.utils.devices import check_dtype
 
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-BUNDLED_PATH = Path(__file__).parent / "assets" / "shapes-ldm"
+BUNDLED_PATH = Path(__file__).parents[1] / "assets" / "shapes-ldm"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

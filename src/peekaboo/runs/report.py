@@ -8,7 +8,7 @@ without ground truth highest final dream loss), and the failed pairs with their 
 
 Every image is referenced by a path relative to the run folder, so the folder can be copied or archived and
 opened from disk: nothing is fetched from a server. Written at the end of every run and by
-``python -m peekaboo.evaluate runs/<name>``.
+``python -m peekaboo.runs.evaluate runs/<name>``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from peekaboo import io
-from peekaboo.engine import CURVE_KEYS
-from peekaboo.metrics import DONE, FAILED_PREFIX
+from peekaboo.utils import images, files, overlays
+from peekaboo.optim.engine import CURVE_KEYS
+from peekaboo.runs.metrics import DONE, FAILED_PREFIX
 
 REPORT_FILE = "report.html"
 FIGURES_DIR = "report"
@@ -68,7 +68,7 @@ def write_report(run_dir: str | Path, gallery_size: int = GALLERY_SIZE) -> Path:
     ]
     page = _PAGE.format(title=_e(f"peekaboo run {root.name}"), style=_STYLE, body="\n".join(b for b in body if b))
     path = root / REPORT_FILE
-    io.write_text(page, path)
+    files.write_text(page, path)
     return path
 
 
@@ -178,7 +178,7 @@ def _figure(figsize: tuple[float, float], ncols: int = 1):
 
 
 def _save(fig, path: Path) -> Path:
-    with io.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
 

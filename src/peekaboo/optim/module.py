@@ -9,13 +9,13 @@ import lightning as L
 import torch
 
 from peekaboo import ops
-from peekaboo.attention import cross_attention_map
-from peekaboo.backbone import Backbone, PromptEmbeddings, posterior_noise
 from peekaboo.config import OptimConfig, OptimizationConfig, check_mask_init
+from peekaboo.diffusion.attention import cross_attention_map
+from peekaboo.diffusion.backbone import Backbone, PromptEmbeddings, posterior_noise
 from peekaboo.errors import NonFiniteError
-from peekaboo.masks import build_mask, map_logits
-from peekaboo.regions import ranked_regions
-from peekaboo.restarts import pair_of
+from peekaboo.optim.masks import build_mask, map_logits
+from peekaboo.optim.regions import ranked_regions
+from peekaboo.optim.restarts import pair_of
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class PeekabooModule(L.LightningModule):
             self.start_from_regions(rows)
 
     def start_from_cross_attention(self, rows: list[int]) -> None:
-        """Set the raster logits of pairs ``rows`` to :func:`~peekaboo.masks.map_logits` of the
+        """Set the raster logits of pairs ``rows`` to :func:`~peekaboo.optim.masks.map_logits` of the
         cross-attention map of their prompt over their image (``mask.init=cross_attention``), and mark the masks
         initialized.
 
@@ -179,9 +179,9 @@ class PeekabooModule(L.LightningModule):
         self.initialized.fill_(True)
 
     def start_from_regions(self, rows: list[int]) -> None:
-        """Set the raster logits of pairs ``rows`` to :func:`~peekaboo.masks.map_logits` of an image region
-        (``mask.init=region``): the k-th such row of a pair (its restarts, :func:`~peekaboo.restarts.pair_of`)
-        starts on the pair's k-th best region of :func:`~peekaboo.regions.ranked_regions`; a row past the last
+        """Set the raster logits of pairs ``rows`` to :func:`~peekaboo.optim.masks.map_logits` of an image region
+        (``mask.init=region``): the k-th such row of a pair (its restarts, :func:`~peekaboo.optim.restarts.pair_of`)
+        starts on the pair's k-th best region of :func:`~peekaboo.optim.regions.ranked_regions`; a row past the last
         region keeps its constant start. Marks the masks initialized."""
         m = self.cfg.mask
         ranked: dict[str, torch.Tensor] = {}  # pair id -> (M, S, S), ranked once per pair

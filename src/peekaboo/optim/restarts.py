@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import torch
 
 from peekaboo import ops
-from peekaboo.backbone import Backbone
 from peekaboo.config import RestartsConfig
+from peekaboo.diffusion.backbone import Backbone
 
 __all__ = ["candidate_ids", "candidate_inits", "choose", "pair_of", "prompt_fit"]
 

@@ -1,4 +1,4 @@
-"""Re-score a finished (or partial) run from its saved masks: ``python -m peekaboo.evaluate runs/NAME``.
+"""Re-score a finished (or partial) run from its saved masks: ``python -m peekaboo.runs.evaluate runs/NAME``.
 
 Nothing is re-optimized: each done pair's ``masks/<id>.png`` is compared with the source's ground truth and
 ``summary.json`` (and the scores in ``results.jsonl``) are rewritten, and the run report ``report.html``.
@@ -13,13 +13,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from peekaboo import io
+from peekaboo.utils import images, files, overlays
 from peekaboo.config import TrainConfig
 from peekaboo.data import build_source
 from peekaboo.errors import PeekabooError, exit_status
-from peekaboo.metrics import pair_scores
-from peekaboo.report import write_report
-from peekaboo.runner import RunDir, output_names, write_results
+from peekaboo.runs.metrics import pair_scores
+from peekaboo.runs.report import write_report
+from peekaboo.runs.runner import RunDir, output_names, write_results
 
 
 def evaluate(run_dir: str | Path) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def evaluate(run_dir: str | Path) -> dict[str, Any]:
         if record.get("status") == "done":
             target = pair.load_target()
             if target is not None:
-                record.update(pair_scores(io.read_mask(rd.root / record["outputs"]["mask"]), target))
+                record.update(pair_scores(images.read_mask(rd.root / record["outputs"]["mask"]), target))
         records.append(record)
     summary = write_results(rd, records, len(pairs))
     write_report(rd.root)
@@ -47,7 +47,7 @@ def evaluate(run_dir: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peekaboo.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m peekaboo.runs.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run folder, e.g. runs/NAME")
     args = parser.parse_args(argv)
     return exit_status(lambda: print(json.dumps(evaluate(args.run_dir), indent=2)))

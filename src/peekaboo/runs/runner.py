@@ -11,7 +11,7 @@ Layout of ``<run.root>/<run.name>/``::
     batches/<...>/ckpt/last.ckpt  the same for a batch of pairs (data.pairs_per_step > 1)
     results.jsonl                 one line per finished pair
     summary.json                  pairs done / failed, mIoU, overall IoU, precision at IoU thresholds
-    report.html  report/*.png     the run report (peekaboo.report): summary, figures, gallery, failures
+    report.html  report/*.png     the run report (peekaboo.runs.report): summary, figures, gallery, failures
     tb/<id>/                      TensorBoard: one run per pair; tb/worker<rank>/ job-level curves
                                   (csv/, wandb/, mlruns/ instead with run.logger=csv | wandb | mlflow)
 
@@ -43,12 +43,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
-from peekaboo import io, report
-from peekaboo.backbone import check_model_source, shared_backbone
+from peekaboo.utils import images, files, overlays
+from peekaboo.runs import report
+from peekaboo.diffusion.backbone import check_model_source, shared_backbone
 from peekaboo.config import TrainConfig, logger_kind, to_yaml
 from peekaboo.data import Pair, build_source
-from peekaboo.devices import resolve_device, trainer_devices
-from peekaboo.engine import (
+from peekaboo.utils.devices import resolve_device, trainer_devices
+from peekaboo.optim.engine import (
     PREEMPTION,
     PairResult,
     Preempted,
@@ -58,10 +59,10 @@ from peekaboo.engine import (
     split_on_oom,
 )
 from peekaboo.errors import EXIT_PREEMPTED, ConfigError, NonFiniteError, OutputError, PeekabooError, exit_status
-from peekaboo.loggers import log_root, make_logger
-from peekaboo.logs import setup_logging
-from peekaboo.metrics import pair_scores, summarize
-from peekaboo.module import non_finite_hint
+from peekaboo.optim.loggers import log_root, make_logger
+from peekaboo.utils.console import setup_logging
+from peekaboo.runs.metrics import pair_scores, summarize
+from peekaboo.optim.module import non_finite_hint
 
 log = logging.getLogger(__name__)
 # The files a dataset run writes per pair, each under ``<kind>s/<name>.png`` (the overlay only with
@@ -136,7 +137,7 @@ class RunDir:
 
 def output_names(pairs: list[Pair]) -> list[str]:
     """File-system-safe output names, one per pair; two ids that map to one name are an error."""
-    names = [io.safe_name(p.id) for p in pairs]
+    names = [files.safe_name(p.id) for p in pairs]
     seen: dict[str, str] = {}
     for pair, name in zip(pairs, names, strict=True):
         if name in seen:
@@ -196,8 +197,8 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> RunOutcome:
     # Written once, when the run starts: a rerun resumes under the same settings (_check_same_run compared
     # them above), and one that is refused or fails must leave the record of the run's start as it was.
     if (env_world is None or env_world.rank == 0) and not (run_dir / "config.yaml").is_file():
-        io.write_text(" ".join(argv if argv is not None else sys.argv) + "\n", run_dir / "cmd.txt")
-        io.write_text(to_yaml(cfg), run_dir / "config.yaml")  # last: its presence marks a started run
+        files.write_text(" ".join(argv if argv is not None else sys.argv) + "\n", run_dir / "cmd.txt")
+        files.write_text(to_yaml(cfg), run_dir / "config.yaml")  # last: its presence marks a started run
     if env_world is not None:
         code = run_worker(cfg, env_world)
     elif cfg.trainer.devices > 1:
@@ -492,8 +493,8 @@ def _batch_dir(run_dir: RunDir, names: list[str]) -> Path:
 
 def _finish(run_dir: RunDir, name: str, record: dict) -> dict:
     """Persist a finished pair: its done record first (the truth on rerun), then its results line."""
-    io.write_text(json.dumps(record), run_dir.done_path(name))
-    io.append_line(json.dumps(record), run_dir.results)
+    files.write_text(json.dumps(record), run_dir.done_path(name))
+    files.append_line(json.dumps(record), run_dir.results)
     return record
 
 
@@ -509,9 +510,9 @@ def optimize_batch(cfg: TrainConfig, batch: list[tuple[Pair, str]], run_dir: Run
         record: dict[str, Any] = {"id": pair.id, "prompt": pair.prompt, "name": name, **({"meta": pair.meta}
                                                                                        if pair.meta else {})}
         try:
-            img = (io.load_image(pair.path, tuple(opts.flatten_background), opts.max_pixels)
+            img = (images.load_image(pair.path, tuple(opts.flatten_background), opts.max_pixels)
                    if pair.path is not None else pair.load_image())
-            canvas, placement = io.fit_square(img, cfg.optimization.mask.size, opts.fit)
+            canvas, placement = images.fit_square(img, cfg.optimization.mask.size, opts.fit)
         except PeekabooError as err:
             log.warning("pair %s failed: %s", pair.id, err)
             records.append(_finish(run_dir, name, {**record, "status": "failed: input", "error": str(err)}))
@@ -530,7 +531,7 @@ def _fit_and_write(cfg: TrainConfig, ready: list[tuple], run_dir: RunDir, backbo
     names = [r[1] for r in ready]
     ckpt_dir = _batch_dir(run_dir, names)
     if len(names) > 1:
-        io.write_text(json.dumps(names), ckpt_dir.parent / BATCH_MEMBERS)
+        files.write_text(json.dumps(names), ckpt_dir.parent / BATCH_MEMBERS)
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.run.checkpoint_every_n_steps,
                         save_top_k=0, save_last=True, save_on_train_epoch_end=False),
@@ -554,7 +555,7 @@ def _fit_and_write(cfg: TrainConfig, ready: list[tuple], run_dir: RunDir, backbo
             shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
         raise
     except OSError as err:  # a checkpoint or TensorBoard write inside the fit (full disk, unwritable folder)
-        raise io.output_error(err.filename or run_dir.root, err) from None
+        raise files.output_error(err.filename or run_dir.root, err) from None
     for (pair, name, img, _, placement, record), result in zip(ready, results, strict=True):
         if result is None or result.failed:
             error = failure if result is None else (f"non-finite loss or mask in pair {pair.id}; "
@@ -568,12 +569,12 @@ def _fit_and_write(cfg: TrainConfig, ready: list[tuple], run_dir: RunDir, backbo
     return records
 
 
-def _write_pair(cfg: TrainConfig, run_dir: RunDir, name: str, img: Image.Image, placement: io.Placement,
+def _write_pair(cfg: TrainConfig, run_dir: RunDir, name: str, img: Image.Image, placement: images.Placement,
                 result: PairResult, pair: Pair) -> dict[str, Any]:
     """Write one pair's mask, alpha (and overlay) at the original size; returns its record fields."""
-    final = io.finalize_mask(result.alpha, placement, cfg.optimization.threshold)
+    final = images.finalize_mask(result.alpha, placement, cfg.optimization.threshold)
     kinds = RUN_FILES if cfg.run.save_overlays else tuple(k for k in RUN_FILES if k != "overlay")
-    paths = io.write_pair_files(img, final, {kind: run_dir.root / f"{kind}s" / f"{name}.png" for kind in kinds})
+    paths = files.write_pair_files(img, final, {kind: run_dir.root / f"{kind}s" / f"{name}.png" for kind in kinds})
     fields: dict[str, Any] = {
         "status": "done", "outputs": {k: str(v.relative_to(run_dir.root)) for k, v in paths.items()},
         "steps": result.steps, "seconds": round(result.seconds, 3), "losses": result.losses, "curve": result.curve,
@@ -597,7 +598,7 @@ def finalize(run_dir: Path, pairs: list[Pair], names: list[str]) -> dict[str, An
     try:
         report.write_report(run_dir)
     except Exception as err:  # the report is a view of the results: it must never cost the run them
-        log.warning("could not write %s (%s: %s); the results are intact, and python -m peekaboo.evaluate %s "
+        log.warning("could not write %s (%s: %s); the results are intact, and python -m peekaboo.runs.evaluate %s "
                     "writes it again.", run_dir / report.REPORT_FILE, type(err).__name__, err, run_dir)
     log.info("%s: %d/%d pairs finished, mIoU %s", run_dir, len(records), len(pairs), miou_text(summary))
     return summary
@@ -611,10 +612,10 @@ def miou_text(summary: dict[str, Any]) -> str:
 
 def write_results(rd: RunDir, records: list[dict], n_pairs: int) -> dict[str, Any]:
     """Atomically write ``results.jsonl`` (one line per record) and ``summary.json``; returns the summary."""
-    with io.atomic_path(rd.results) as tmp:
+    with files.atomic_path(rd.results) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = summarize(records)
     summary["pairs"] = n_pairs
     summary["remaining"] = n_pairs - len(records)
-    io.write_text(json.dumps(summary, indent=2) + "\n", rd.summary)
+    files.write_text(json.dumps(summary, indent=2) + "\n", rd.summary)
     return summary

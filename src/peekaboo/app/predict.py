@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from peekaboo import edit, io
-from peekaboo.backbone import Backbone, shared_backbone
+from peekaboo.app import edit
+from peekaboo.app.segmenter import segment_image
 from peekaboo.config import PredictConfig, to_yaml
-from peekaboo.devices import resolve_device
-from peekaboo.segmenter import segment_image
+from peekaboo.diffusion.backbone import Backbone, shared_backbone
+from peekaboo.utils import files, images, overlays
+from peekaboo.utils.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ def edit_result(cfg: PredictConfig, backbone: Backbone, img: Image.Image, mask: 
 def write_edit(img: Image.Image, result: edit.EditResult, folder: Path) -> dict[str, Path]:
     """Write an edit's ``edited.png`` and ``edit_compare.png`` into ``folder``."""
     return {
-        "edited": io.save_png(result.image, folder / "edited.png"),
-        "edit_compare": io.save_png(edit.compare_strip(img, result.weight, result.image),
+        "edited": files.save_png(result.image, folder / "edited.png"),
+        "edit_compare": files.save_png(edit.compare_strip(img, result.weight, result.image),
                                     folder / "edit_compare.png"),
     }
 
@@ -60,7 +61,7 @@ def predict(cfg: PredictConfig, argv: list[str] | None = None) -> list[PredictOu
     prompts default to ``[TEXT]`` and each prompt's folder also gets ``rgba.png``. With ``edit.prompt=TEXT``
     each prompt's folder also gets ``edited.png`` and ``edit_compare.png``.
 
-    The prompts are optimized together as one batch (:func:`peekaboo.segmenter.segment_image`), each with its
+    The prompts are optimized together as one batch (:func:`peekaboo.app.segmenter.segment_image`), each with its
     own random stream, so each gets the mask it gets alone. Every prompt is optimized (and edited) before any
     file is written, and ``config.yaml`` / ``cmd.txt`` are
     written last: a rerun into a folder holding an earlier result that fails (bad model, non-finite loss)
@@ -72,10 +73,10 @@ def predict(cfg: PredictConfig, argv: list[str] | None = None) -> list[PredictOu
     """
     img: Image.Image | None = None
     if cfg.generate is None:
-        img = io.load_image(cfg.image, tuple(cfg.image_options.flatten_background), cfg.image_options.max_pixels)
-        root = Path(cfg.output_dir) / io.safe_name(Path(cfg.image).stem)
+        img = images.load_image(cfg.image, tuple(cfg.image_options.flatten_background), cfg.image_options.max_pixels)
+        root = Path(cfg.output_dir) / files.safe_name(Path(cfg.image).stem)
     else:
-        root = Path(cfg.output_dir) / io.safe_name(cfg.generate)
+        root = Path(cfg.output_dir) / files.safe_name(cfg.generate)
     device = resolve_device(cfg.trainer.accelerator)
     backbone = shared_backbone(cfg.model, device)
     if cfg.generate is not None and cfg.sampling.size is not None:
@@ -89,19 +90,19 @@ def predict(cfg: PredictConfig, argv: list[str] | None = None) -> list[PredictOu
                for seg, result in segment_image(img, prompts, cfg, backbone, root / "tb" if cfg.tensorboard else None)]
     if sample is not None:
         log.info("sampled %r (seed %d) -> %s", cfg.generate, cfg.sampling.seed,
-                 io.save_png(sample, root / "sample.png"))
+                 files.save_png(sample, root / "sample.png"))
     outputs = []
     for seg, result, edited in results:
-        folder = root / io.safe_name(seg.prompt)
+        folder = root / files.safe_name(seg.prompt)
         paths = seg.save(folder)
         if cfg.generate is not None:
-            paths["rgba"] = io.save_png(io.cutout(img, seg.final.alpha_u8), folder / "rgba.png")
+            paths["rgba"] = files.save_png(overlays.cutout(img, seg.final.alpha_u8), folder / "rgba.png")
         if edited is not None:
             paths.update(write_edit(img, edited, folder))
         extra = " ".join(p.name for k, p in paths.items() if k in ("rgba", "edited", "edit_compare"))
         outputs.append(PredictOutput(prompt=seg.prompt, folder=folder, area=seg.area, **paths))
         log.info("%r: %d steps in %.1fs, mask covers %.1f%% -> %s%s", seg.prompt, result.steps, result.seconds,
                  100 * seg.area, folder, f" (also {extra})" if extra else "")
-    io.write_text(to_yaml(cfg), root / "config.yaml")
-    io.write_text(" ".join(argv if argv is not None else sys.argv) + "\n", root / "cmd.txt")
+    files.write_text(to_yaml(cfg), root / "config.yaml")
+    files.write_text(" ".join(argv if argv is not None else sys.argv) + "\n", root / "cmd.txt")
     return outputs

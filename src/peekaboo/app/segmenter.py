@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from peekaboo import io
-from peekaboo.backbone import Backbone, shared_backbone
 from peekaboo.config import PredictConfig, apply_overrides, load_config, preset_dir
-from peekaboo.devices import resolve_device
-from peekaboo.engine import PairResult, optimize_pairs, split_on_oom
+from peekaboo.diffusion.backbone import Backbone, shared_backbone
 from peekaboo.errors import ConfigError, ImageError, NonFiniteError, PeekabooError
-from peekaboo.module import non_finite_hint
+from peekaboo.optim.engine import PairResult, optimize_pairs, split_on_oom
+from peekaboo.optim.module import non_finite_hint
+from peekaboo.utils import files, images
+from peekaboo.utils.devices import resolve_device
 
 #: What :meth:`Segmenter.__call__` accepts as an image.
 ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
@@ -52,7 +52,7 @@ class Segmentation:
 
     prompt: str
     image: Image.Image
-    final: io.FinalMask
+    final: images.FinalMask
     steps: int
     losses: dict[str, float] = field(default_factory=dict)
 
@@ -75,21 +75,22 @@ class Segmentation:
         """Write ``mask.png``, ``alpha.png``, ``overlay.png`` and ``cutout.png`` into ``folder`` (as
         ``predict.py`` does for one prompt); returns the paths by kind."""
         folder = Path(folder)
-        return io.write_pair_files(self.image, self.final, {kind: folder / f"{kind}.png" for kind in io.PAIR_FILES})
+        paths = {kind: folder / f"{kind}.png" for kind in files.PAIR_FILES}
+        return files.write_pair_files(self.image, self.final, paths)
 
 
 def segment_image(img: Image.Image, prompts: Sequence[str], cfg: PredictConfig, backbone: Backbone,
                   tb_dir: str | os.PathLike | None = None) -> list[tuple[Segmentation, PairResult]]:
     """Optimize one mask per prompt for ``img``, all prompts in one batch (halved on out-of-memory).
 
-    Each prompt's pair id is its safe name (:func:`peekaboo.io.safe_name`), which seeds its random stream.
+    Each prompt's pair id is its safe name (:func:`peekaboo.utils.images.safe_name`), which seeds its random stream.
 
     Raises:
         NonFiniteError: a prompt's loss or mask went non-finite.
     """
     opt = cfg.optimization
-    canvas, placement = io.fit_square(img, opt.mask.size, cfg.image_options.fit)  # (3, S, S)
-    names = [io.safe_name(p) for p in prompts]
+    canvas, placement = images.fit_square(img, opt.mask.size, cfg.image_options.fit)  # (3, S, S)
+    names = [files.safe_name(p) for p in prompts]
 
     def fit(indices: list[int]) -> list[PairResult]:
         return optimize_pairs(canvas.expand(len(indices), -1, -1, -1).contiguous(), [prompts[i] for i in indices],
@@ -102,7 +103,7 @@ def segment_image(img: Image.Image, prompts: Sequence[str], cfg: PredictConfig, 
         if result.failed:
             raise NonFiniteError(f"The optimization of {prompt!r} produced a non-finite loss or mask; "
                                  f"{non_finite_hint(opt)}")
-        final = io.finalize_mask(result.alpha, placement, opt.threshold)
+        final = images.finalize_mask(result.alpha, placement, opt.threshold)
         out.append((Segmentation(prompt, img, final, result.steps, dict(result.losses)), result))
     return out
 
@@ -118,9 +119,9 @@ def to_image(image: ImageLike, cfg: PredictConfig) -> Image.Image:
     """
     opts = cfg.image_options
     if isinstance(image, (str, os.PathLike)):
-        return io.load_image(image, tuple(opts.flatten_background), opts.max_pixels)
+        return images.load_image(image, tuple(opts.flatten_background), opts.max_pixels)
     if isinstance(image, Image.Image):
-        return io.to_rgb(image, tuple(opts.flatten_background))
+        return images.to_rgb(image, tuple(opts.flatten_background))
     if isinstance(image, torch.Tensor):
         t = image.detach().cpu()
         if t.ndim == 4 and t.shape[0] == 1:
@@ -140,10 +141,10 @@ def to_image(image: ImageLike, cfg: PredictConfig) -> Image.Image:
                 raise ImageError("Image array of floats must hold values in [0, 1]; divide 8-bit values by "
                                  "255 or pass a uint8 array.")
             arr = np.rint(arr * 255).astype(np.uint8)
-        if min(arr.shape[:2]) < io.MIN_SIDE:
+        if min(arr.shape[:2]) < images.MIN_SIDE:
             raise ImageError(f"Image array of shape {image.shape} is too small; each side needs "
-                             f"{io.MIN_SIDE}+ pixels.")
-        return io.to_rgb(Image.fromarray(arr), tuple(opts.flatten_background))
+                             f"{images.MIN_SIDE}+ pixels.")
+        return images.to_rgb(Image.fromarray(arr), tuple(opts.flatten_background))
     raise ImageError(f"Cannot segment a {type(image).__name__}; pass a path, a PIL image, a numpy array or a "
                      "tensor.")
 

@@ -7,9 +7,9 @@ Started on the small object, the same optimization stays there, and the model ex
 than any of the look-alike masks; the search, not the model, misses it. A region start gives the search
 those places: the image is cut into regions of similar colour (Felzenszwalb and Huttenlocher's graph-based
 segmentation, :func:`skimage.segmentation.felzenszwalb`), each region is scored as a hard mask by the
-model's denoising error under the prompt (the fit that chooses among restarts, :func:`peekaboo.restarts.prompt_fit`,
-on draws all of a pair's regions share), and the k-th region start of a pair begins on its k-th best region. No
-label is used.
+model's denoising error under the prompt (the fit that chooses among restarts,
+:func:`peekaboo.optim.restarts.prompt_fit`, on draws all of a pair's regions share), and the k-th region start
+of a pair begins on its k-th best region. No label is used.
 
 A ranking depends only on the image, the prompt, the pair id, the region and draw settings and the model, not
 on the optimization that follows, so it is computed once per process: runs that differ in anything else (a
@@ -28,9 +28,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from skimage.segmentation import felzenszwalb
 
-from peekaboo.backbone import Backbone
 from peekaboo.config import RegionsConfig, RestartsConfig
-from peekaboo.restarts import prompt_fit
+from peekaboo.diffusion.backbone import Backbone
+from peekaboo.optim.restarts import prompt_fit
 
 __all__ = ["RANKING_KEY", "forget_rankings", "ranked_regions", "region_proposals"]
 
@@ -80,7 +80,7 @@ def ranked_regions(
     seed: int,
     background: str = "solid",
 ) -> torch.Tensor:
-    """A pair's region proposals, best first: ordered by :func:`~peekaboo.restarts.prompt_fit` (``fit=error``)
+    """A pair's region proposals, best first: ordered by :func:`~peekaboo.optim.restarts.prompt_fit` (``fit=error``)
     of each region as a hard mask over ``cfg.draws`` draws with ``t`` in [``cfg.t_min``, ``cfg.t_max``), all
     regions on the same draws (seeded by (``seed``, ``pair_id`` + :data:`RANKING_KEY`)).
 

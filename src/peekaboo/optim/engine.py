@@ -21,12 +21,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
-from peekaboo.backbone import Backbone
 from peekaboo.config import EarlyStopConfig, OptimizationConfig, TrainerConfig
+from peekaboo.diffusion.backbone import Backbone
 from peekaboo.errors import PeekabooError
-from peekaboo.loggers import make_logger
-from peekaboo.module import PeekabooModule
-from peekaboo.restarts import candidate_ids, candidate_inits, choose, prompt_fit
+from peekaboo.optim.loggers import make_logger
+from peekaboo.optim.module import PeekabooModule
+from peekaboo.optim.restarts import candidate_ids, candidate_inits, choose, prompt_fit
 
 log = logging.getLogger(__name__)
 
@@ -374,12 +374,12 @@ def optimize_pairs(
 ) -> list[PairResult]:
     """Optimize the masks of B independent pairs together with one Lightning Trainer.
 
-    With ``opt_cfg.restarts.count = K > 1``, each pair's K candidates (:mod:`peekaboo.restarts`; candidate k
+    With ``opt_cfg.restarts.count = K > 1``, each pair's K candidates (:mod:`peekaboo.optim.restarts`; candidate k
     starts from ``restarts.mask_inits``' init, cycled) are optimized together as ``K * B`` pairs (their
     TensorBoard runs are the pair's run name with ``#restart<k>`` for ``k >= 1``; their means go to ``run_name``,
     or ``<first name>+<K*B-1>`` where that is a candidate's run), and each pair's result is its
     kept candidate, with the losses ``restart/kept`` (its index) and ``restart/fit`` (its
-    :func:`~peekaboo.restarts.prompt_fit`). Arguments and return as for one optimization:
+    :func:`~peekaboo.optim.restarts.prompt_fit`). Arguments and return as for one optimization:
 
     Args:
         images: ``(B, 3, S, S)`` working images in [0, 1].
@@ -391,7 +391,7 @@ def optimize_pairs(
         devices: which device of the accelerator this process uses (e.g. ``[local_rank]``).
         run_name: the TensorBoard run of the whole batch (for B = 1, the pair's run).
         pair_run_names: each pair's TensorBoard run name (default: its id).
-        logger_kind: which Lightning logger writes the runs (:func:`peekaboo.loggers.make_logger`).
+        logger_kind: which Lightning logger writes the runs (:func:`peekaboo.optim.loggers.make_logger`).
 
     Returns:
         One result per pair, in order.

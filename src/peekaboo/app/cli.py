@@ -13,7 +13,7 @@ from typing import Any
 
 from peekaboo.config import help_text, load_config, preset_dir
 from peekaboo.errors import exit_status
-from peekaboo.logs import setup_logging
+from peekaboo.utils.console import setup_logging
 
 USAGE = {
     "predict": "python predict.py image=PATH prompt=\"a red circle\" [prompt=...] [model=sd15] [key=value ...]",
@@ -38,8 +38,8 @@ def run_cli(task: str, schema: type, body: Callable[[Any, list[str]], int | None
 
 def predict_main(argv: Sequence[str] | None = None, config_dir: Path | None = None) -> int:
     """``predict.py``: segment one image."""
+    from peekaboo.app.predict import predict
     from peekaboo.config import PredictConfig
-    from peekaboo.predict import predict
 
     def body(cfg, cmd) -> None:
         for out in predict(cfg, cmd):
@@ -53,7 +53,7 @@ def predict_main(argv: Sequence[str] | None = None, config_dir: Path | None = No
 def train_main(argv: Sequence[str] | None = None, config_dir: Path | None = None) -> int:
     """``train.py``: optimize every pair of a dataset (resumes when rerun)."""
     from peekaboo.config import TrainConfig
-    from peekaboo.runner import miou_text, run
+    from peekaboo.runs.runner import miou_text, run
 
     def body(cfg, cmd) -> int:
         outcome = run(cfg, cmd)

@@ -1,11 +1,11 @@
 """Use a mask: regenerate the segmented region from a new prompt, and sample images to segment (text to RGBA).
 
 Both run diffusers' own pipelines (``StableDiffusionInpaintPipeline``, ``StableDiffusionPipeline``) assembled
-around the components a :class:`~peekaboo.backbone.Backbone` already holds, so the weights are loaded once
+around the components a :class:`~peekaboo.diffusion.backbone.Backbone` already holds, so the weights are loaded once
 per process and shared with the segmentation. Only the scheduler is new: a ``DDIMScheduler`` built from the
 model folder's scheduler config (a small JSON file, not weights).
 
-Editing works on the same square canvas as the segmentation (:func:`peekaboo.io.fit_square`, at the
+Editing works on the same square canvas as the segmentation (:func:`peekaboo.utils.images.fit_square`, at the
 model's native resolution) and maps the result back to the original image. A UNet with 9 input channels (a
 dedicated inpainting checkpoint) is conditioned on the mask by the pipeline; a plain 4-channel text-to-image
 UNet is handled by the same pipeline with masked latent blending (after every denoising step the latents
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from peekaboo import io
-from peekaboo.backbone import Backbone, check_model_source, offline
 from peekaboo.config import EditConfig, ModelConfig, SamplingConfig
+from peekaboo.diffusion.backbone import Backbone, check_model_source, offline
 from peekaboo.errors import ConfigError, ModelError
+from peekaboo.utils import images
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def blend_weights(mask: torch.Tensor, dilation: int, feather: float) -> tuple[to
     return region, torch.where(region, weight, torch.zeros_like(weight))
 
 
-def canvas_region(region: torch.Tensor, placement: io.Placement, size: int, cell: int) -> torch.Tensor:
+def canvas_region(region: torch.Tensor, placement: images.Placement, size: int, cell: int) -> torch.Tensor:
     """The square-canvas pixels to regenerate: any canvas pixel that shows part of ``region``, grown to whole
     latent cells.
 
@@ -245,7 +245,7 @@ def canvas_region(region: torch.Tensor, placement: io.Placement, size: int, cell
 
     Args:
         region: ``(H, W)`` bool on the original image.
-        placement: how the canvas sits on the original image (:func:`peekaboo.io.fit_square`).
+        placement: how the canvas sits on the original image (:func:`peekaboo.utils.images.fit_square`).
         size: canvas side ``S`` (a multiple of ``cell``).
         cell: pixels per latent cell (the VAE's downsampling factor).
 
@@ -264,8 +264,8 @@ def canvas_region(region: torch.Tensor, placement: io.Placement, size: int, cell
     return F.interpolate(cells, scale_factor=cell, mode="nearest")[0, 0] > 0.5
 
 
-def unfit_image(canvas: torch.Tensor, placement: io.Placement) -> torch.Tensor:
-    """Map a canvas image back onto the original frame (the image counterpart of :func:`peekaboo.io.unfit`).
+def unfit_image(canvas: torch.Tensor, placement: images.Placement) -> torch.Tensor:
+    """Map a canvas image back onto the original frame (the image counterpart of :func:`peekaboo.utils.images.unfit`).
 
     Args:
         canvas: ``(3, S, S)`` in [0, 1].
@@ -273,7 +273,7 @@ def unfit_image(canvas: torch.Tensor, placement: io.Placement) -> torch.Tensor:
     Returns:
         ``(3, H, W)`` in [0, 1]; 0 where the canvas did not show the image (outside a centre crop).
     """
-    return torch.stack([io.unfit(channel, placement) for channel in canvas])
+    return torch.stack([images.unfit(channel, placement) for channel in canvas])
 
 
 # -- editing --------------------------------------------------------------------------------------------------
@@ -304,9 +304,9 @@ def edit_region(
     """
     original = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
     size = backbone.native_resolution
-    canvas, placement = io.fit_square(img, size, fit)  # (3, S, S)
+    canvas, placement = images.fit_square(img, size, fit)  # (3, S, S)
     # Pixels the canvas does not show (outside a centre crop) cannot be regenerated: keep them.
-    visible = io.unfit(torch.ones(size, size), placement) > 0.5
+    visible = images.unfit(torch.ones(size, size), placement) > 0.5
     region, weight = blend_weights(torch.from_numpy(mask).bool() & visible, edit_cfg.dilation, edit_cfg.feather)
     if not bool(region.any()):
         log.warning("The mask for the edit %r is empty, so the image is left unchanged.", prompt)
@@ -316,7 +316,7 @@ def edit_region(
     with _autocast(backbone.device, precision):
         out = pipe(
             prompt=prompt,
-            image=Image.fromarray(io.quantize(canvas.permute(1, 2, 0))),
+            image=Image.fromarray(images.quantize(canvas.permute(1, 2, 0))),
             mask_image=Image.fromarray((target.numpy() * 255).astype(np.uint8), "L"),
             height=size, width=size, strength=edit_cfg.strength, num_inference_steps=sampling.steps,
             guidance_scale=sampling.guidance_scale, generator=torch.Generator().manual_seed(sampling.seed),
@@ -337,7 +337,7 @@ def compare_strip(img: Image.Image, weight: np.ndarray, edited: Image.Image) -> 
     Args:
         weight: ``(H, W)`` in [0, 1].
     """
-    mask_rgb = Image.fromarray(io.quantize(torch.from_numpy(weight)), "L").convert("RGB")
+    mask_rgb = Image.fromarray(images.quantize(torch.from_numpy(weight)), "L").convert("RGB")
     panels = [img.convert("RGB"), mask_rgb, edited.convert("RGB")]
     strip = Image.new("RGB", (sum(p.width for p in panels), img.height))
     x = 0

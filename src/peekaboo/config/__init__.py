@@ -33,9 +33,9 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode, ValueNode
 
-from peekaboo.devices import ACCELERATORS, check_dtype
 from peekaboo.errors import ConfigError
-from peekaboo.io import DEFAULT_MAX_PIXELS
+from peekaboo.utils.devices import ACCELERATORS, check_dtype
+from peekaboo.utils.images import DEFAULT_MAX_PIXELS
 
 MASK_KINDS = ("raster", "fourier", "raster_bilateral", "fourier_bilateral")
 BACKGROUNDS = ("solid", "noise", "blur")
@@ -49,7 +49,7 @@ PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed")
 GRAVITY_REDUCTIONS = ("sum", "mean")
 LATENT_MODES = ("mean", "sample")
 COMPOSITES = ("pixel", "latent")
-# optimization.optim.schedule: the learning rate over a pair's steps (peekaboo.module.lr_factor).
+# optimization.optim.schedule: the learning rate over a pair's steps (peekaboo.optim.module.lr_factor).
 LR_SCHEDULES = ("constant", "cosine", "step")
 # optimization.guidance.t_schedule: where each step's dream-loss timestep comes from (peekaboo.ops.timestep_range).
 T_SCHEDULES = ("uniform", "annealed", "stratified")
@@ -59,7 +59,7 @@ ESTIMATORS = ("sds", "nfsd", "dds")
 DDS_REFERENCES = ("background", "image")
 # optimization.guidance.noise: where the noisy latents come from (a fresh draw, or DDIM inversion).
 NOISE_KINDS = ("random", "ddim_inversion")
-# optimization.mask.init: where the mask starts (peekaboo.module.PeekabooModule.on_fit_start).
+# optimization.mask.init: where the mask starts (peekaboo.optim.module.PeekabooModule.on_fit_start).
 MASK_INITS = ("constant", "cross_attention", "region")
 # How restarts score a candidate: the denoising error under the prompt, or that error over the error without it.
 RESTART_FITS = ("error", "error_ratio")
@@ -68,7 +68,7 @@ GROUPS = ("model", "data")
 # Environment variable naming a folder of presets that replaces the packaged ones.
 CONFIG_DIR_ENV = "PEEKABOO_CONFIG_DIR"
 MAX_MASK_SIZE = 4096
-# run.logger values: Lightning's loggers (peekaboo.loggers builds them), or none.
+# run.logger values: Lightning's loggers (peekaboo.optim.loggers builds them), or none.
 LOGGERS = ("tensorboard", "csv", "wandb", "mlflow", "none")
 # Loggers whose package is an optional extra of this project: logger -> (module, pip extra).
 OPTIONAL_LOGGERS = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
@@ -163,7 +163,7 @@ class FourierConfig:
 
 @dataclass
 class RegionsConfig:
-    """The image regions that ``mask.init=region`` starts from (:mod:`peekaboo.regions`): Felzenszwalb segments
+    """The image regions that ``mask.init=region`` starts from (:mod:`peekaboo.optim.regions`): Felzenszwalb segments
     of the image at the mask's resolution, ranked by the model's denoising error under the prompt with each
     region as a hard mask (the restarts' ``fit=error``) over ``draws`` draws they all share."""
 
@@ -185,9 +185,9 @@ class MaskConfig:
     init_logit: float = 0.0  # raster, init=constant: initial logit of every pixel (0 = alpha 0.5)
     # constant: raster logits at init_logit, the Fourier MLP's random init. cross_attention (raster kinds only):
     # before the first step the raster's logits become init_scale * (m - init_threshold), m the model's cross-attention
-    # map of the prompt over the image in [0, 1] (peekaboo.attention), so alpha starts above 0.5 where m is
+    # map of the prompt over the image in [0, 1] (peekaboo.diffusion.attention), so alpha starts above 0.5 where m is
     # above init_threshold (before any bilateral filter). region (raster kinds only): the logits become
-    # init_scale * (r - init_threshold), r an image region in {0, 1} the model ranks best (peekaboo.regions; the
+    # init_scale * (r - init_threshold), r an image region in {0, 1} the model ranks best (peekaboo.optim.regions; the
     # k-th region start of a pair among its restarts takes the k-th best region, and with fewer regions than
     # region starts the extra ones keep the constant start). A resumed run keeps its checkpointed mask.
     init: str = "constant"
@@ -258,7 +258,7 @@ class RestartsConfig:
     """Several independent optimizations of each pair, one kept, chosen by the model itself (no labels): the
     candidate whose composite the prompt explains best, i.e. with the lowest denoising error under the prompt
     over ``draws`` (background, timestep, noise) draws that all of a pair's candidates share
-    (:mod:`peekaboo.restarts`). Candidate 0 is the single optimization's mask, bit for bit."""
+    (:mod:`peekaboo.optim.restarts`). Candidate 0 is the single optimization's mask, bit for bit."""
 
     count: int = 1  # optimizations per pair; 1: one (the paper), no scoring
     draws: int = 16  # scoring draws per candidate (one VAE encode and one UNet call of this batch)
