@@ -1,6 +1,6 @@
 """Sample a labelled grid from the bundled shapes model and run its sanity checks.
 
-Computation is :mod:`peekaboo.bench.samples`; this script loads the pipeline with
+Computation is :mod:`model_training.samples`; this script loads the pipeline with
 ``StableDiffusionPipeline.from_pretrained`` (as users will), owns where the grid goes (``docs/samples.png``)
 and prints the checks' report (``--checks``, on scenes of the ``eval`` split, or ``--check-split robust``).
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
+from model_training.samples import CHECK_STYLES, run_checks, sample_grid
 
-from peekaboo.bench.samples import CHECK_STYLES, run_checks, sample_grid
-from peekaboo.diffusion.backbone import BUNDLED_PATH
+from peekaboo.diffusion.loading import BUNDLED_PATH
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

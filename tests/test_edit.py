@@ -172,12 +172,12 @@ def _recolour(pair) -> str:
 def _segment(images: list[Image.Image], prompts: list[str], ids: list[str], cfg, backbone) -> list[np.ndarray]:
     """Binary masks ``(H, W)`` bool of a batch of pairs, computed as ``predict`` computes ``mask.png``."""
     from peekaboo.optim.engine import optimize_pairs
-    from peekaboo.utils import images
+    from peekaboo.utils.images import finalize_mask, fit_square
 
-    fitted = [images.fit_square(img, cfg.optimization.mask.size, cfg.image_options.fit) for img in images]
+    fitted = [fit_square(img, cfg.optimization.mask.size, cfg.image_options.fit) for img in images]
     results = optimize_pairs(torch.stack([f[0] for f in fitted]), prompts, ids, cfg.optimization, cfg.trainer,
                              backbone, enable_progress_bar=False)
-    return [images.finalize_mask(r.alpha, f[1], cfg.optimization.threshold).mask
+    return [finalize_mask(r.alpha, f[1], cfg.optimization.threshold).mask
             for r, f in zip(results, fitted, strict=True)]
 
 
@@ -188,7 +188,7 @@ def _segment(images: list[Image.Image], prompts: list[str], ids: list[str], cfg,
 def test_bundled_edit_puts_the_new_object_where_the_old_one_was():
     from peekaboo.config import PredictConfig, load_config
     from peekaboo.data.shapes import eval_pairs
-    from peekaboo.diffusion.backbone import shared_backbone
+    from peekaboo.diffusion.loading import shared_backbone
     from peekaboo.runs.metrics import pair_scores
 
     cfg = load_config(PredictConfig, ["image=scene.png", "prompt=unused", *BUNDLED_SETTINGS], REPO_CONFIGS,

@@ -4,7 +4,7 @@ another scene."""
 import numpy as np
 import pytest
 
-from peekaboo.bench.samples import WORD_KINDS, swap_word, wrong_caption
+from model_training.samples import WORD_KINDS, swap_word, wrong_caption
 from peekaboo.data.shapes import WIDE, caption_for, make_scene, scene_seed
 
 

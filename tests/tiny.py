@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
-import torch
+from peekaboo.diffusion.components import Architecture, build_components, save_pipeline
 
 WORDS = ["a", "an", "and", "the", "red", "green", "blue", "circle", "square", "triangle", "cat", "dog", "hat"]
 
@@ -37,36 +38,27 @@ def write_clip_tokenizer(folder: Path, words: list[str] = WORDS, max_length: int
     tok.save_pretrained(folder)
 
 
+#: The tiny model's components: 32x32 images, 8x8x4 latents.
+TINY = Architecture(
+    unet={"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+          "block_out_channels": (16, 32), "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+          "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "cross_attention_dim": 32,
+          "attention_head_dim": 4, "norm_num_groups": 8},
+    vae={"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (8, 16, 16),
+         "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
+         "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 32},
+    text_encoder={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "max_position_embeddings": 16},
+)
+
+
 def build_tiny_pipeline(path: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """Save a randomly initialised tiny SD pipeline (32x32 images, 8x8x4 latents) to ``path``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer(Path(tmp))
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1, norm_num_groups=8, sample_size=32,
-    )
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              prediction_type=prediction_type, clip_sample=False,
-                              steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
+    arch = replace(TINY, text_encoder={**TINY.text_encoder, "vocab_size": len(tokenizer)},
+                   scheduler={**TINY.scheduler, "prediction_type": prediction_type})
+    return save_pipeline(path, build_components(arch, tokenizer, seed=seed))

@@ -3,6 +3,8 @@
 Sources (``data.source``):
 
 - ``manifest`` (:mod:`~peekaboo.data.manifest`): a JSONL or CSV file of image, prompt, optional mask and id.
+- ``objects`` (:mod:`~peekaboo.data.synthetic`): everyday objects (emoji) over photographs, with exact masks of
+  their visible pixels.
 - ``shapes`` (:mod:`~peekaboo.data.synthetic`): synthetic coloured-shapes scenes with exact masks.
 - ``voc`` (:mod:`~peekaboo.data.voc`): Pascal VOC 2012 segmentation, one pair per class in each image.
 - ``refcoco`` (:mod:`~peekaboo.data.refcoco`): RefCOCO / RefCOCO+ / RefCOCOg, one pair per sentence.
@@ -24,7 +26,7 @@ from peekaboo.data.base import IGNORE, Pair
 from peekaboo.data.folder import folder_pairs
 from peekaboo.data.manifest import manifest_pairs
 from peekaboo.data.refcoco import refcoco_pairs
-from peekaboo.data.synthetic import synthetic_pairs
+from peekaboo.data.synthetic import SCENE_SETS, synthetic_pairs
 from peekaboo.data.voc import voc_pairs
 from peekaboo.errors import ConfigError, PeekabooError
 
@@ -33,7 +35,7 @@ __all__ = ["IGNORE", "Pair", "build_source"]
 # What an unset (``???``) config value reads as on a plain DataConfig dataclass.
 _MISSING = "???"
 # The sources whose pairs depend on data.split.
-_SPLIT_SOURCES = ("shapes", "voc", "refcoco")
+_SPLIT_SOURCES = ("objects", "shapes", "voc", "refcoco")
 
 
 def build_source(cfg: Any) -> list[Pair]:
@@ -43,8 +45,8 @@ def build_source(cfg: Any) -> list[Pair]:
         cfg: a :class:`~peekaboo.config.DataConfig` (dataclass or OmegaConf node).
 
     Returns:
-        The pairs; for sources other than ``shapes``, only the first ``cfg.num_pairs`` when that is set
-        (``shapes`` generates exactly ``num_pairs``, default 200).
+        The pairs; for sources other than the synthetic ``objects`` and ``shapes``, only the first
+        ``cfg.num_pairs`` when that is set (the synthetic sources generate exactly ``num_pairs``, default 200).
 
     Raises:
         ConfigError: ``data.source`` unset or unknown, or a key the source needs is missing.
@@ -54,8 +56,8 @@ def build_source(cfg: Any) -> list[Pair]:
     if source == "manifest":
         pairs = manifest_pairs(_required(cfg, "manifest", "the .jsonl or .csv manifest file"),
                                allow_outside_root=bool(cfg.allow_outside_root))
-    elif source == "shapes":
-        pairs = synthetic_pairs(cfg.split, cfg.num_pairs)
+    elif source in SCENE_SETS:
+        pairs = synthetic_pairs(cfg.split, cfg.num_pairs, scenes=source)
     elif source == "voc":
         pairs = voc_pairs(_required(cfg, "root", "the VOC2012 folder"), cfg.split)
     elif source == "refcoco":
@@ -67,7 +69,7 @@ def build_source(cfg: Any) -> list[Pair]:
         raise ConfigError(f"data.source is not set; choose one of {' | '.join(DATA_SOURCES)}, e.g. data=voc.")
     else:
         raise ConfigError(f"data.source={source!r} is unknown; choose one of {' | '.join(DATA_SOURCES)}.")
-    if source != "shapes" and cfg.num_pairs is not None:
+    if source not in SCENE_SETS and cfg.num_pairs is not None:
         pairs = pairs[: cfg.num_pairs]
     if not pairs:
         # Only the sources that read data.split name it: a manifest lists its pairs itself.

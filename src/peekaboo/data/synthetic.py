@@ -1,7 +1,8 @@
-"""The synthetic-shapes source: pairs of :func:`peekaboo.data.shapes.eval_pairs`, with exact masks.
+"""The synthetic sources: ``shapes`` (:func:`peekaboo.data.shapes.eval_pairs`, flat-coloured shapes) and
+``objects`` (:func:`peekaboo.data.objects.eval_pairs`, emoji objects over photographs), with exact masks.
 
 The ``eval``, ``tune``, ``robust`` and ``tune_robust`` splits are offered (``val`` means ``eval``): the ``train``
-seeds are what the bundled model was trained on, so scoring on them would measure memorization.
+seeds are what the bundled models were trained on, so scoring on them would measure memorization.
 """
 
 from __future__ import annotations
@@ -11,48 +12,56 @@ import functools
 import numpy as np
 from PIL import Image
 
+from peekaboo.data import objects, shapes
 from peekaboo.data.base import Pair
-from peekaboo.data.shapes import EVAL_SPLITS, eval_pairs
 from peekaboo.errors import ConfigError
 
+__all__ = ["DEFAULT_NUM_PAIRS", "SCENE_SETS", "SPLIT_NAMES", "synthetic_pairs"]
+
 DEFAULT_NUM_PAIRS = 200
-# data.split names accepted here -> shapes split.
-SPLIT_NAMES: dict[str, str] = {"val": "eval", **{split: split for split in EVAL_SPLITS}}
+#: The synthetic scene sets, each a ``data.source``.
+SCENE_SETS = ("shapes", "objects")
+# data.split names accepted here -> the generators' split (both generators offer the same evaluation splits).
+SPLIT_NAMES: dict[str, str] = {"val": "eval", **{split: split for split in shapes.EVAL_SPLITS}}
 
 
-def synthetic_pairs(split: str = "val", num_pairs: int | None = None) -> list[Pair]:
-    """The first ``num_pairs`` shapes pairs of ``split``.
+def synthetic_pairs(split: str = "val", num_pairs: int | None = None, scenes: str = "shapes") -> list[Pair]:
+    """The first ``num_pairs`` pairs of ``split`` of a synthetic scene set.
 
     Args:
-        split: ``eval`` (alias ``val``), ``tune``, ``robust`` (the widest scene style, for reporting) or
+        split: ``eval`` (alias ``val``), ``tune``, ``robust`` (the hardest style, for reporting) or
             ``tune_robust`` (the same style from other seeds, for choosing settings).
         num_pairs: how many pairs; None = :data:`DEFAULT_NUM_PAIRS`.
+        scenes: ``shapes`` or ``objects`` (:data:`SCENE_SETS`).
 
     Returns:
-        Pairs with ids like ``eval-00003-1``, images ``(H, W, 3)`` uint8 scenes, targets ``(H, W)`` uint8 0/1,
-        and ``meta = {"seed", "object", "shape", "colour"}``.
+        Pairs with ids like ``eval-00003-1`` (scene index, object index), images ``(H, W, 3)`` uint8 scenes,
+        targets ``(H, W)`` uint8 0/1 (the named object's visible pixels) and ``meta``: ``{"seed", "object",
+        "shape", "colour"}`` for shapes, ``{"seed", "object", "kind", "occluded", "background"}`` for objects.
 
     Raises:
         ConfigError: another split, or ``num_pairs < 1``.
     """
+    if scenes not in SCENE_SETS:
+        raise ValueError(f"scenes={scenes!r}: expected one of {SCENE_SETS}")
     if split not in SPLIT_NAMES:
-        raise ConfigError(f"data.split={split!r} is not a shapes split; use eval (alias val), tune, robust or "
+        raise ConfigError(f"data.split={split!r} is not a {scenes} split; use eval (alias val), tune, robust or "
                           "tune_robust (train holds the bundled model's training scenes).")
     n = DEFAULT_NUM_PAIRS if num_pairs is None else num_pairs
     if n < 1:
-        raise ConfigError(f"data.num_pairs={n} must be >= 1 for the shapes source.")
-    pairs = []
-    for shape_pair in eval_pairs(SPLIT_NAMES[split], n):
-        obj = shape_pair.scene.objects[shape_pair.target]
-        pairs.append(Pair(
-            id=shape_pair.id,
-            prompt=shape_pair.prompt,
-            load_image=functools.partial(_image, shape_pair.scene.image),
-            load_target=functools.partial(_target, shape_pair.mask),
-            meta={"seed": shape_pair.scene.seed, "object": shape_pair.target, "shape": obj.shape,
-                  "colour": obj.colour},
-        ))
-    return pairs
+        raise ConfigError(f"data.num_pairs={n} must be >= 1 for the {scenes} source.")
+    generated = (shapes if scenes == "shapes" else objects).eval_pairs(SPLIT_NAMES[split], n)
+    return [Pair(id=pair.id, prompt=pair.prompt, load_image=functools.partial(_image, pair.scene.image),
+                 load_target=functools.partial(_target, pair.mask), meta=_meta(pair, scenes))
+            for pair in generated]
+
+
+def _meta(pair, scenes: str) -> dict:
+    obj = pair.scene.objects[pair.target]
+    if scenes == "shapes":
+        return {"seed": pair.scene.seed, "object": pair.target, "shape": obj.shape, "colour": obj.colour}
+    return {"seed": pair.scene.seed, "object": pair.target, "kind": obj.kind, "occluded": obj.occluded,
+            "background": pair.scene.background}
 
 
 def _image(pixels: np.ndarray) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Smoke test of the bundled model's training code (peekaboo.bench.train_model) at tiny sizes on CPU."""
+"""Smoke tests of the bundled models' training tooling (scripts/model_training) at tiny sizes on CPU."""
 
 from __future__ import annotations
 
@@ -11,22 +11,19 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from peekaboo.bench.train_model import (
-    Config,
-    build_tokenizer,
-    config_with,
-    contrast_hinge,
-    load_scenes,
-    swap_one_word,
-    tokenize,
-    train,
-    word_kinds,
-)
+from model_training.config import Config, config_with
+from model_training.pipeline import train
+from model_training.scenes import load_scenes, object_negative
+from model_training.tokenizer import build_tokenizer, tokenize
+from model_training.unet_stage import contrast_hinge, swap_one_word, word_kinds
+from peekaboo.data import objects
+from peekaboo.data.atlas import load_atlas
 from peekaboo.data.shapes import COLOURS, SHAPES, parse_caption
 
 # Seconds on CPU: 32x32 scenes (8x8 latents), a handful of them, narrow networks, one thread per step.
 TINY = Config(
     threads=2,
+    scenes="shapes",
     image_size=32,
     n_scenes=6,
     vae_channels=(8, 8, 8),
@@ -185,3 +182,36 @@ def test_swap_one_word_follows_the_kind_weights_on_average(tmp_path):
     # the new word is one of the kind's others, uniformly: each of the 4 other colours of "red"/"blue" appears
     assert set(tokenizer.convert_ids_to_tokens(new[torch.isin(new, colours)].tolist())) == {
         f"{c}</w>" for c in COLOURS}
+
+
+def test_objects_model_trains_resumes_and_exports_every_object_word(tmp_path):
+    cfg = replace(TINY, scenes="objects", vae_channels=(8, 8), n_scenes=6)
+    out = tmp_path / "objects-ldm"
+    train(cfg, tmp_path / "work", out, vae_steps=2, unet_steps=2)
+    train(cfg, tmp_path / "work", out, vae_steps=2, unet_steps=3)  # resumes: one more UNet step
+    assert _unet_log(out)["steps"] == 3
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    for name in load_atlas().names:  # every word of every object name is one token
+        for word in name.split():
+            assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert unet.config.sample_size == 16  # 32 px scenes, two VAE blocks: latents at half the side
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_object_negative_names_a_kind_the_scene_does_not_hold(share):
+    atlas = load_atlas()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        caption = objects.training_scene(i, 32).caption
+        names = objects.parse_caption(caption)
+        wrong = object_negative(caption, rng, share)
+        wrong_names = objects.parse_caption(wrong)  # still a caption of the vocabulary, articles fixed
+        assert len(wrong_names) == len(names)
+        changed = [(a, b) for a, b in zip(names, wrong_names, strict=True) if a != b]
+        assert len(changed) == 1 and changed[0][1] not in names
+        if share == 1.0 and any(n not in names for n in atlas.by_name[changed[0][0]].lookalikes):
+            assert changed[0][1] in atlas.by_name[changed[0][0]].lookalikes
+        for article_word, name in zip(wrong.split(), wrong.split()[1:], strict=False):
+            if article_word in ("a", "an") and name in {n.split()[0] for n in atlas.names}:
+                assert article_word == ("an" if name[0] in "aeiou" else "a")
