@@ -3,7 +3,9 @@
 Runs :mod:`peekaboo.bench.shapes` (same options) from the repository root, filling in where its output goes
 when the command does not say: the results JSON under ``benchmarks/results/``, docs/BENCHMARK.md for the eval
 split (with the sweep's trials, once the sweep has run), docs/BENCHMARK_ROBUST.md for the robust split, and the
-sweep's cache of finished trials.
+sweep's cache of finished trials. The README's one generated block, the eval table, changes only with
+``--readme README.md``. A run to its own ``--out`` file (a side experiment) writes its own output only: no
+report in docs/ unless ``--docs`` names one, and never the README.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peekaboo.bench import shapes
-from peekaboo.bench.run import BENCH_SPLITS
+from peekaboo.bench.scoring import BENCH_SPLITS
 
 # Relative to the repository root (the working folder), as the reports quote them.
 RESULTS = {split: Path(f"benchmarks/results/shapes_{split}.json") for split in BENCH_SPLITS}
@@ -29,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = shapes.parser(prog="python benchmarks/shapes.py").parse_args(argv)
     # A run to its own --out file (a side experiment) leaves the split's report alone unless --docs names one.
     default_out = args.out is None
+    if not default_out and args.readme is not None:
+        shapes.parser(prog="python benchmarks/shapes.py").error(
+            "--readme: a run to its own --out file leaves the README alone; drop --out to refresh the table.")
     if default_out:
         args.out = SWEEP_OUT if args.sweep else RESULTS[args.split]
     if args.sweep_cache is None:

@@ -2,7 +2,9 @@
 
 Runs :mod:`peekaboo.bench.steps` (same options) from the repository root, filling in where its output goes when
 the command does not say: the results JSON under ``benchmarks/results/``, and on the eval and robust splits the
-report docs/STEPS.md (docs/STEPS_ROBUST.md) with its plot docs/steps.png (docs/steps_robust.png).
+report docs/STEPS.md (docs/STEPS_ROBUST.md) with its plot docs/steps.png (docs/steps_robust.png). Only a run of
+every built-in setting at the default step counts, with nothing added, writes that report: a run to its own
+``--out`` file, or of some settings, writes only what it names.
 """
 
 from __future__ import annotations
@@ -24,9 +26,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = steps.parser(PROG).parse_args(argv)
     extra = []
-    if args.out is None:
+    default_out = args.out is None
+    if default_out:
         extra += ["--out", RESULTS.format(split=args.split)]
-    if args.split in DOCS and args.docs is None and args.plot is None:
+    # Only the report's own run (every built-in setting at the default step counts, nothing added) writes the
+    # split's report; a run to its own --out file, or of some settings, writes only what it names.
+    whole = (set(args.builtins) == {s.label for s in steps.BUILTIN} and not args.candidate and not args.set
+             and sorted(args.steps) == sorted(steps.STEP_COUNTS))
+    if default_out and whole and args.split in DOCS and args.docs is None and args.plot is None:
         docs, plot = DOCS[args.split]
         extra += ["--docs", str(docs), "--plot", str(plot)]
     return steps.main([*argv, *extra], PROG)

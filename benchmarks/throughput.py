@@ -1,63 +1,71 @@
 """Throughput of Peekaboo's optimization, written to ``docs/PERFORMANCE.md``: ``python benchmarks/throughput.py``.
 
 Runs :mod:`peekaboo.bench.throughput` (same options; ``--help`` lists the sections) with the repository's
-configs, and owns where its report goes: ``--out`` (default docs/PERFORMANCE.md, ``-`` to print only);
-``--update`` refreshes only the ``--sections`` measured in an existing report; the report's Summary is copied
-between the performance markers of ``--readme`` (default README.md; ``-`` for none).
+configs, and owns where its report goes. Only a run of every section (and no ``--max-steps``) writes the
+repository's report, docs/PERFORMANCE.md, and it writes nothing else: not the README, no other file in docs/.
+Any other run writes its own output only: ``--out FILE`` (outside docs/), or, by default, nothing (the report is
+printed as it runs). A path it may not write is refused before anything is measured.
 
 Example::
 
-    nice -n 10 python benchmarks/throughput.py --model bundled --steps 30 --out docs/PERFORMANCE.md
+    nice -n 10 python benchmarks/throughput.py --model bundled --steps 30
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
-import os
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from peekaboo.bench import throughput
-from peekaboo.bench.common import update_marked
-from peekaboo.errors import PeekabooError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "docs" / "PERFORMANCE.md"
-DEFAULT_README = REPO_ROOT / "README.md"
+DOCS = REPO_ROOT / "docs"
+README = REPO_ROOT / "README.md"
+DEFAULT_OUT = DOCS / "PERFORMANCE.md"
+PRINT = "-"
 
 log = logging.getLogger("throughput")
 
 
+def destination(args: argparse.Namespace, p: argparse.ArgumentParser) -> Path | None:
+    """Where the report of ``args`` goes (None: printed only); a path it may not write is a usage error."""
+    whole = throughput.chosen_sections(args, p) == list(throughput.SECTIONS) and args.max_steps is None
+    if args.out is None:
+        return DEFAULT_OUT if whole else None
+    if str(args.out) == PRINT:
+        return None
+    out = args.out.resolve()
+    if out == DEFAULT_OUT.resolve() and whole:
+        return out
+    if out == README.resolve() or out.is_relative_to(DOCS.resolve()):
+        what = "every section without --max-steps" if out == DEFAULT_OUT.resolve() else "no run"
+        p.error(f"--out {args.out}: {what} may write there; pass --out FILE outside docs/ (or - to print only).")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Measure, then write the report to ``--out`` (or print it)."""
+    """Measure, then write the report where :func:`destination` says (or only print it)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     p = throughput.parser(prog="python benchmarks/throughput.py")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report to write ('-' = print only)")
-    p.add_argument("--update", action="store_true",
-                   help="merge the sections measured into the existing --out (the others, and their figures, stay)")
-    p.add_argument("--readme", type=Path, default=DEFAULT_README,
-                   help="copy the report's Summary between this file's performance markers ('-' = none)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="markdown report to write (default: docs/PERFORMANCE.md for a run of every "
+                        "section, else none; '-' = print only)")
     args = p.parse_args(argv)
     if args.config_dir is None:
         args.config_dir = REPO_ROOT / "configs"
+    out = destination(args, p)
     text = throughput.measure(args, shlex.join(["python", "benchmarks/throughput.py", *argv]))
-    if str(args.out) == "-":  # the sections were printed as they finished
+    if out is None:  # the sections were printed as they finished
+        if args.out is None:
+            log.info("report printed only: a run of some sections, or with --max-steps, writes only to --out FILE")
         return 0
-    if args.update and args.out.is_file():
-        try:
-            text = throughput.update_report(args.out.read_text(), text)
-        except PeekabooError as err:  # the measured report is not lost: it was printed as it ran
-            log.error("%s: %s", args.out, err)
-            return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    log.info("wrote %s", args.out)
-    if str(args.readme) != "-":
-        source = Path(os.path.relpath(args.out.resolve(), args.readme.resolve().parent)).as_posix()
-        if update_marked(args.readme, throughput.readme_block(text, source), throughput.README_MARKERS):
-            log.info("updated %s", args.readme)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    log.info("wrote %s", out)
     return 0
 
 

@@ -8,7 +8,7 @@ import torch
 
 from peekaboo import ops
 from peekaboo.config import GuidanceConfig, ModelConfig
-from peekaboo.diffusion.backbone import load_backbone
+from peekaboo.diffusion.loading import load_backbone
 from peekaboo.errors import ModelError
 
 

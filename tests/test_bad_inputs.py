@@ -37,13 +37,14 @@ from tests_support import FAST, REPO, REPO_CONFIGS, write_scene
 from peekaboo.app.cli import predict_main, train_main
 from peekaboo.config import ModelConfig, PredictConfig, TrainConfig, load_config, to_yaml
 from peekaboo.data import Pair
-from peekaboo.diffusion.backbone import Backbone, check_model_source, load_backbone
+from peekaboo.diffusion.backbone import Backbone
+from peekaboo.diffusion.loading import check_model_source, load_backbone
 from peekaboo.errors import ImageError, ModelError, OutputError, PeekabooError
-from peekaboo.runs.runner import output_names
+from peekaboo.runs.outputs import output_names
 from peekaboo.utils import files, images
 
 PREDICT_FAST = [*FAST, "tensorboard=false"]
-TRAIN_FAST = [*FAST, "run.tensorboard=false"]
+TRAIN_FAST = [*FAST, "run.logger=none"]
 # A learning rate no float32 MLP survives: the mask's logits overflow to inf - inf = nan in one step. (A Fourier
 # mask starts from its own weights: the bundled preset's region start needs raster logits.)
 NON_FINITE = ["optimization.optim.name=sgd", "optimization.optim.lr=1e30", "optimization.mask.kind=fourier",

@@ -3,10 +3,11 @@ syntax, and a tiny end-to-end run whose snapshot scores equal separate shorter r
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
-from tests_support import REPO_CONFIGS
+from tests_support import REPO, REPO_CONFIGS
 
 from peekaboo.bench import steps
 from peekaboo.bench.methods import method_config
@@ -72,3 +73,24 @@ def test_steps_user_errors(capsys):
     assert "at least 1" in capsys.readouterr().err
     assert steps.main(["--builtins", "--config-dir", str(REPO_CONFIGS)]) == 2
     assert "nothing to run" in capsys.readouterr().err
+
+
+def _script_argv(monkeypatch, argv: list[str]) -> list[str]:
+    """The arguments ``benchmarks/steps.py`` hands to :func:`peekaboo.bench.steps.main` for ``argv``."""
+    spec = importlib.util.spec_from_file_location("steps_script", REPO / "benchmarks" / "steps.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = []
+    monkeypatch.setattr(script.steps, "main", lambda args, prog: seen.append(args) or 0)
+    assert script.main(argv) == 0
+    return seen[0]
+
+
+def test_the_script_writes_the_split_report_only_for_the_reports_own_run(monkeypatch, tmp_path):
+    full = _script_argv(monkeypatch, ["--split", "eval", "--pairs", "32"])
+    assert full[-6:] == ["--out", "benchmarks/results/steps_eval.json", "--docs", "docs/STEPS.md",
+                         "--plot", "docs/steps.png"]
+    side = str(tmp_path / "side.json")
+    for argv in (["--split", "eval", "--out", side], ["--split", "robust", "--builtins", "fast"],
+                 ["--split", "eval", "--steps", "25", "50"], ["--split", "eval", "--candidate", "c: x=1"]):
+        assert "--docs" not in _script_argv(monkeypatch, argv) and "--plot" not in _script_argv(monkeypatch, argv)

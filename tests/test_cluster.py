@@ -22,9 +22,9 @@ from tests_support import FAST
 from peekaboo.app.cli import train_main
 from peekaboo.config import TrainerConfig
 from peekaboo.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
-from peekaboo.optim import engine
+from peekaboo.optim import callbacks, engine
 from peekaboo.optim.loggers import make_logger
-from peekaboo.runs import runner
+from peekaboo.runs import outputs, planning, workers
 
 STEPS = 6
 PAIRS = 6
@@ -76,9 +76,9 @@ def test_sigterm_anywhere_in_the_last_step_saves_exits_143_and_resumes(tiny_mode
     # end the whole process with status 0 and nothing saved.
     if where == "checkpoint save":
         _signal_at_last_step(monkeypatch, ModelCheckpoint, "_save_checkpoint")
-        extra = [f"run.checkpoint_every_n_steps={STEPS}", "run.tensorboard=false"]
+        extra = [f"run.checkpoint_every_n_steps={STEPS}", "run.logger=none"]
     else:
-        _signal_at_last_step(monkeypatch, engine.MaskImages, "on_train_batch_end")
+        _signal_at_last_step(monkeypatch, callbacks.MaskImages, "on_train_batch_end")
         extra = []
     args = [*_args(tiny_model, tmp_path, "t"), *extra]
     assert train_main(args) == EXIT_PREEMPTED
@@ -94,14 +94,14 @@ def test_sigterm_anywhere_in_the_last_step_saves_exits_143_and_resumes(tiny_mode
 @pytest.mark.slow
 def test_sigterm_between_pairs_exits_143_with_nothing_to_save_and_resumes(tiny_model, reference, tmp_path,
                                                                           monkeypatch):
-    original = runner.optimize_batch
+    original = workers.optimize_batch
 
     def then_signal(*args, **kwargs):  # the signal lands after the first pair's record, before the next fit
         records = original(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
         return records
 
-    monkeypatch.setattr(runner, "optimize_batch", then_signal)
+    monkeypatch.setattr(workers, "optimize_batch", then_signal)
     args = _args(tiny_model, tmp_path, "b")
     assert train_main(args) == EXIT_PREEMPTED
     run = tmp_path / "b"
@@ -155,14 +155,14 @@ def test_srun_ntasks_without_ntasks_per_node_builds_trainers(monkeypatch):
 def test_only_one_preempted_worker_requeues_the_job(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setenv("SLURM_JOB_ID", "77")
-    monkeypatch.setattr(runner.shutil, "which", lambda name: "/usr/bin/scontrol")
-    monkeypatch.setattr(runner.subprocess, "run", lambda cmd, check: calls.append(cmd))
-    rd = runner.RunDir(tmp_path)
+    monkeypatch.setattr(workers.shutil, "which", lambda name: "/usr/bin/scontrol")
+    monkeypatch.setattr(workers.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    rd = outputs.RunDir(tmp_path)
     for _ in range(3):  # three workers of one job, all preempted
-        runner._requeue_once(rd)
+        workers.requeue_once(rd)
     assert calls == [["scontrol", "requeue", "77"]]
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeued job, preempted again, requeues again
-    runner._requeue_once(rd)
+    workers.requeue_once(rd)
     assert len(calls) == 2
 
 
@@ -197,19 +197,19 @@ def test_resume_accepts_speed_only_changes_and_rebalances(tiny_model, reference,
 def test_plan_keeps_an_interrupted_batch_whole(tmp_path):
     from peekaboo.data import Pair
 
-    rd = runner.RunDir(tmp_path)
+    rd = outputs.RunDir(tmp_path)
     pairs = [(Pair(f"p{i}", "a red circle", load_image=None, load_target=lambda: None), f"p{i}") for i in range(5)]
     batch = tmp_path / "batches" / "p1+1-abc"
     (batch / "ckpt").mkdir(parents=True)
     (batch / "ckpt" / "last.ckpt").write_bytes(b"x")
-    (batch / runner.BATCH_MEMBERS).write_text(json.dumps(["p1", "p3"]))
-    units = runner.plan_units(pairs, rd, pairs_per_step=4)
+    (batch / planning.BATCH_MEMBERS).write_text(json.dumps(["p1", "p3"]))
+    units = planning.plan_units(pairs, rd, pairs_per_step=4)
     assert [[n for _, n in u] for u in units] == [["p0", "p2", "p4"], ["p1", "p3"]]
 
 
 def test_worker_threads_follow_cpu_affinity(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5, 7}, raising=False)
-    assert runner.usable_cpus() == 3
+    assert workers.usable_cpus() == 3
 
 
 def test_resumed_tensorboard_run_has_no_duplicate_steps(tmp_path):
@@ -249,7 +249,7 @@ def test_a_checkpoint_callback_of_any_class_name_enables_checkpointing(tiny_back
 @pytest.mark.slow
 def test_a_log_gets_one_job_wide_progress_line_not_bars(tiny_model, tmp_path, caplog, capsys):
     args = [*_args(tiny_model, tmp_path, "p", pairs=3), "run.progress_every_s=0", "trainer.enable_progress_bar=true"]
-    with caplog.at_level("INFO", logger="peekaboo.runs.runner"):
+    with caplog.at_level("INFO", logger="peekaboo.runs.workers"):
         assert train_main(args) == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
@@ -258,9 +258,9 @@ def test_a_log_gets_one_job_wide_progress_line_not_bars(tiny_model, tmp_path, ca
 
 
 def test_progress_line_counts_every_workers_pairs_and_estimates(tmp_path):
-    rd = runner.RunDir(tmp_path)
+    rd = outputs.RunDir(tmp_path)
     names = [f"p{i}" for i in range(4)]
-    progress = runner.JobProgress(rd, names, every_s=0)
+    progress = workers.JobProgress(rd, names, every_s=0)
     for name in names[:2]:  # finished by other workers since this one started
         rd.done_path(name).parent.mkdir(parents=True)
         rd.done_path(name).write_text("{}")

@@ -139,3 +139,34 @@ def test_step_switches_are_set_from_the_command_line():
                                       "optimization.early_stop.loss_tolerance=0.01"])
     assert cfg.optimization.optim.schedule == "cosine" and cfg.optimization.guidance.t_schedule == "annealed"
     assert cfg.optimization.guidance.samples_per_step == 4 and cfg.optimization.early_stop.loss_tolerance == 0.01
+
+
+def test_a_retired_key_names_its_replacement_wherever_it_is_set(tmp_path):
+    from peekaboo.config import TrainConfig, apply_overrides, drop_retired_keys
+
+    retired = r"^Config key 'run\.tensorboard' was retired; use run\.logger=none"
+    run = ["run.name=x"]
+    with pytest.raises(ConfigError, match=retired):
+        load_config(TrainConfig, [*run, "run.tensorboard=[unparsable"], REPO_CONFIGS, "train")
+    with pytest.raises(ConfigError, match=retired):
+        apply_overrides(load_config(TrainConfig, run, REPO_CONFIGS, "train"), {"run": {"tensorboard": False}})
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "old.yaml").write_text("run:\n  tensorboard: false\n")
+    with pytest.raises(ConfigError, match=retired):
+        load_config(TrainConfig, [*run, "model=old"], tmp_path, "train")
+    # predict.py never had a run section: there it is an unknown key like any other.
+    with pytest.raises(ConfigError, match="Unknown config key 'run'"):
+        load_config(PredictConfig, [*BASE, "run.tensorboard=false"], REPO_CONFIGS, "predict")
+    # A run folder's config.yaml saved before the key was retired reads back into today's schema.
+    saved = OmegaConf.create({"run": {"name": "x", "logger": "csv", "tensorboard": True}})
+    back = OmegaConf.merge(OmegaConf.structured(TrainConfig), drop_retired_keys(saved))
+    assert back.run.logger == "csv" and "tensorboard" not in back.run
+
+
+def test_the_package_reexports_its_public_names():
+    import peekaboo.config as config
+
+    assert len(config.__all__) == len(set(config.__all__))
+    assert all(hasattr(config, name) for name in config.__all__)
+    assert not [name for name in vars(config) if not name.startswith("_") and name not in config.__all__
+                and name not in ("schema", "overrides", "validation")]

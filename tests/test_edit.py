@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests_support import FAST, REPO, REPO_CONFIGS
+from tests_support import FAST, REPO_CONFIGS
 
 from peekaboo.app import edit
 from peekaboo.app.cli import predict_main
 from peekaboo.config import EditConfig, ModelConfig, SamplingConfig
 
 PREDICT_FAST = [*FAST, "trainer.max_steps=3", "tensorboard=false", "sampling.steps=4"]
-BUNDLED_INDEX = REPO / "src" / "peekaboo" / "assets" / "shapes-ldm" / "model_index.json"
 
 
 def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -182,9 +181,6 @@ def _segment(images: list[Image.Image], prompts: list[str], ids: list[str], cfg,
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not BUNDLED_INDEX.is_file(),
-                    reason=f"the bundled shapes model is not built yet ({BUNDLED_INDEX} is absent); "
-                           "scripts/train_bundled_model.py builds it")
 def test_bundled_edit_puts_the_new_object_where_the_old_one_was():
     from peekaboo.config import PredictConfig, load_config
     from peekaboo.data.shapes import eval_pairs

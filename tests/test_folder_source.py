@@ -17,7 +17,7 @@ from peekaboo.data.folder import folder_pairs
 from peekaboo.errors import ConfigError, PeekabooError
 
 FAST = ["trainer.max_steps=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-        "optimization.mask.size=16", "run.tensorboard=false", "data.pairs_per_step=1"]
+        "optimization.mask.size=16", "run.logger=none", "data.pairs_per_step=1"]
 
 
 def _image(path: Path, size: tuple[int, int] = (24, 20)) -> Path:

@@ -47,12 +47,20 @@ def test_missing_optional_package_is_one_line_naming_the_extra(monkeypatch, tmp_
     assert not (tmp_path / "w").exists()  # refused before any work
 
 
-def test_logger_choice_and_the_tensorboard_switch():
+def test_run_logger_is_the_one_logging_switch():
     assert logger_kind(_cfg().run) == "tensorboard"
     assert logger_kind(_cfg("run.logger=csv").run) == "csv"
-    assert logger_kind(_cfg("run.tensorboard=false").run) is None
     assert logger_kind(_cfg("run.logger=none").run) is None
-    with pytest.raises(ConfigError, match=r"run\.tensorboard=false turns logging off but run\.logger=csv"):
-        _cfg("run.tensorboard=false", "run.logger=csv")
     with pytest.raises(ConfigError, match=r"'run\.logger' = 'neptune' is out of range"):
         _cfg("run.logger=neptune")
+
+
+@pytest.mark.parametrize("value", ["false", "true"])
+def test_the_retired_tensorboard_switch_names_its_replacement(value, tmp_path, capsys):
+    retired = r"Config key 'run\.tensorboard' was retired; use run\.logger=none .*\(or run\.logger=tensorboard\)"
+    with pytest.raises(ConfigError, match=retired):
+        _cfg(f"run.tensorboard={value}")
+    assert train_main([f"run.root={tmp_path}", "run.name=t", f"run.tensorboard={value}"], REPO_CONFIGS) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: Config key 'run.tensorboard' was retired") and "\n" not in err
+    assert not (tmp_path / "t").exists()  # refused before any work

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
-
 from model_training.config import Config, config_with
 from model_training.pipeline import train
 from model_training.scenes import load_scenes, object_negative
 from model_training.tokenizer import build_tokenizer, tokenize
 from model_training.unet_stage import contrast_hinge, swap_one_word, word_kinds
+from transformers import CLIPTextModel, CLIPTokenizer
+
 from peekaboo.data import objects
 from peekaboo.data.atlas import load_atlas
 from peekaboo.data.shapes import COLOURS, SHAPES, parse_caption

@@ -30,6 +30,8 @@ def test_predict_writes_every_output_at_original_size(tiny_model, image_path, tm
     proc = _run(f"image={image_path}", "prompt=a red circle", "prompt=a blue square",
                 f"model.pretrained={tiny_model}", f"output_dir={out}", *PREDICT_FAST)
     assert proc.returncode == 0, proc.stderr
+    for chatter in ("GPU available", "TPU available", "Tip:", "accelerate"):  # Lightning's banners, loading advice
+        assert chatter not in proc.stdout + proc.stderr
     root = out / "wide_photo"
     assert (root / "config.yaml").is_file() and "a blue square" in (root / "config.yaml").read_text()
     assert "predict.py" in (root / "cmd.txt").read_text()

@@ -15,8 +15,8 @@ from tests_support import REPO_CONFIGS
 from peekaboo.app.cli import train_main
 from peekaboo.config import TrainConfig, load_config
 from peekaboo.data import build_source
-from peekaboo.optim.engine import CURVE_KEYS
-from peekaboo.runs import report, runner
+from peekaboo.optim.callbacks import CURVE_KEYS
+from peekaboo.runs import outputs, report
 from peekaboo.runs.evaluate import evaluate
 
 FAST = ["trainer.max_steps=4", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
@@ -128,7 +128,7 @@ def test_a_failing_report_never_loses_the_results(shapes_run, tmp_path, monkeypa
 
     monkeypatch.setattr(report, "write_report", broken)
     with caplog.at_level(logging.WARNING):
-        summary = runner.finalize(run, pairs, runner.output_names(pairs))
+        summary = outputs.finalize(run, pairs, outputs.output_names(pairs))
     assert summary["done"] == 4 and json.loads((run / "summary.json").read_text())["done"] == 4
     assert "no plotting today" in caplog.text and not (run / "report.html").exists()
 

@@ -3,8 +3,8 @@ another scene."""
 
 import numpy as np
 import pytest
-
 from model_training.samples import WORD_KINDS, swap_word, wrong_caption
+
 from peekaboo.data.shapes import WIDE, caption_for, make_scene, scene_seed
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -96,6 +100,65 @@ def test_out_of_memory_halves_the_batch_with_the_same_masks(seg, scene_image, mo
     monkeypatch.setattr(Backbone, "predict_eps", no_gpu)
     with pytest.raises(PeekabooError, match="alone does not fit in accelerator memory"):
         seg(scene_image, PROMPTS[0])
+
+
+@pytest.fixture
+def script_logging():
+    """Logging as a plain script has it: ``import lightning`` gives Lightning's loggers an INFO handler on stderr
+    when the root logger has none (under pytest it has pytest's, which would swallow what a user sees)."""
+    lightning_log = logging.getLogger("lightning.pytorch")
+    handler = logging.StreamHandler(sys.stderr)  # the capture's stderr: capfd sees what it writes
+    propagate, level = lightning_log.propagate, lightning_log.level
+    lightning_log.addHandler(handler)
+    lightning_log.propagate = False
+    lightning_log.setLevel(logging.INFO)
+    yield
+    lightning_log.removeHandler(handler)
+    lightning_log.propagate, lightning_log.level = propagate, level
+
+
+def test_a_call_prints_nothing_and_a_progress_bar_only_when_asked(tiny_model, scene_image, script_logging, capfd):
+    capfd.readouterr()
+    # No trainer.enable_progress_bar here: a segmenter is quiet by default.
+    seg = Segmenter.from_pretrained(str(tiny_model), trainer={"max_steps": STEPS, "accelerator": "cpu"},
+                                    **{"optimization.mask.size": 16})
+    results = seg(scene_image, PROMPTS[:2])
+    assert [r.steps for r in results] == [STEPS, STEPS]
+    assert capfd.readouterr() == ("", "")  # no Lightning banners ("GPU available: ..."), tips or bars
+    seg(scene_image, PROMPTS[0], progress=True)
+    out, err = capfd.readouterr()
+    assert f"{STEPS}/{STEPS}" in out + err  # the bar, when asked: the capture sees what the fit writes
+
+
+def test_warnings_inside_a_call_go_to_logging(seg, scene_image, monkeypatch, capfd, caplog):
+    from peekaboo.optim.module import PeekabooModule
+
+    original = PeekabooModule.on_fit_start
+
+    def warn_then_start(self):
+        warnings.warn("a warning raised inside the fit", UserWarning, stacklevel=1)
+        return original(self)
+
+    monkeypatch.setattr(PeekabooModule, "on_fit_start", warn_then_start)
+    capfd.readouterr()
+    with caplog.at_level("WARNING", logger="peekaboo"):
+        seg(scene_image, PROMPTS[0])
+    assert capfd.readouterr() == ("", "")
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("peekaboo.optim.engine", "UserWarning: a warning raised inside the fit")]
+
+
+@pytest.mark.slow
+def test_a_fresh_python_prints_nothing_from_loading_to_masks(tiny_model, scene_image, capfd):
+    # A new interpreter: the libraries' own handlers and first-use warnings (weight loading, Lightning's import),
+    # none of them configured by a test run before. It writes to this process's stdout and stderr.
+    code = (f"from peekaboo import Segmenter\n"
+            f"seg = Segmenter.from_pretrained({str(tiny_model)!r}, trainer={{'max_steps': 2, 'accelerator': 'cpu'}},"
+            f" **{{'optimization.mask.size': 16}})\n"
+            f"assert seg({str(scene_image)!r}, 'a red circle')[0].steps == 2\n")
+    capfd.readouterr()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert capfd.readouterr() == ("", "")
 
 
 def test_save_writes_what_predict_writes(seg, tiny_model, scene_image, tmp_path):

@@ -13,7 +13,8 @@ from tests_support import small_optimization_config as _cfg
 
 from peekaboo import ops
 from peekaboo.config import EarlyStopConfig, GuidanceConfig, OptimConfig
-from peekaboo.optim.engine import StableMaskStop, loss_plateau_update, optimize_pair, optimize_pairs
+from peekaboo.optim.callbacks import StableMaskStop, loss_plateau_update
+from peekaboo.optim.engine import optimize_pair, optimize_pairs
 from peekaboo.optim.module import PeekabooModule, lr_factor
 
 SIZE = MODULE_SIZE
@@ -311,14 +312,14 @@ def test_a_run_folder_from_before_the_new_keys_still_resumes(tmp_path):
 
     from peekaboo.config import TrainConfig, to_yaml
     from peekaboo.errors import ConfigError
-    from peekaboo.runs.runner import _check_same_run
+    from peekaboo.runs.planning import check_same_run
 
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"data": {"source": "shapes"}, "run": {"name": "x"}})
     saved = OmegaConf.to_container(cfg)
     for section, key in (("optim", "schedule"), ("guidance", "samples_per_step"), ("early_stop", "loss_tolerance")):
         del saved["optimization"][section][key]  # what a folder started before these keys holds
     (tmp_path / "config.yaml").write_text(to_yaml(OmegaConf.create(saved)))
-    _check_same_run(tmp_path, cfg)  # the defaults are what that run did: the same run
+    check_same_run(tmp_path, cfg)  # the defaults are what that run did: the same run
     cfg.optimization.guidance.samples_per_step = 2
     with pytest.raises(ConfigError, match="different optimization settings"):
-        _check_same_run(tmp_path, cfg)
+        check_same_run(tmp_path, cfg)

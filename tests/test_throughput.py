@@ -1,55 +1,47 @@
-"""The throughput benchmark: its sections on the tiny model, and refreshing some sections of a report."""
+"""The throughput benchmark: its sections on the tiny model, its report, and where ``benchmarks/throughput.py``
+may write it."""
 
-import json
+import importlib.util
+from dataclasses import replace
 
 import pytest
 import torch
-from tests_support import REPO_CONFIGS
+from tests_support import REPO, REPO_CONFIGS
+from tiny import TINY
 
 from peekaboo.bench import throughput
-from peekaboo.bench.common import update_marked
 from peekaboo.bench.reference_loop import REFERENCE_KINDS
 from peekaboo.bench.steps import Setting
-from peekaboo.errors import PeekabooError
+from peekaboo.bench.throughput import cpu, gpu
+from peekaboo.bench.throughput.harness import ALPHA_START_STEPS, REFERENCE_START, Bench, Report, load_items
+from peekaboo.bench.throughput.report import render, summary_lines
 from peekaboo.optim import regions as regions_lib
 from peekaboo.optim.regions import RANKING_KEY
 from peekaboo.optim.restarts import prompt_fit
 
 
-def test_early_stop_section_checks_each_pairs_stop(tiny_model):
-    bench = throughput.Bench(str(tiny_model), torch.device("cpu"), warmup=0, steps=1, max_steps=6,
-                             config_dir=REPO_CONFIGS)
-    # Every step counts as settled, so each pair stops as soon as min_steps is reached.
-    bench.base += ["optimization.mask.size=16", "optimization.early_stop.tolerance=1.0",
-                   "optimization.early_stop.patience=1", "optimization.early_stop.min_steps=3"]
-    cfg = bench.config()
-    items = throughput.load_items(4, cfg.optimization.mask.size, cfg.image_options.fit)
-    report = throughput.Report()
-    throughput.section_early_stop(bench, report, items)
-    es = report.summary["early_stop"]
-    assert es["pair_stop_mean"] == 3  # stopped at min_steps, not at max_steps
-    assert es["replay_matches"] is True
-    assert es["max_abs_alpha_diff"] == 0.0  # a frozen pair keeps the full run's mask at its stop step
-    assert throughput.REFERENCE_START in report.sections[-1][1]  # long runs from alpha 0.5, not the preset's
+def _small_bench(tiny_model, max_steps: int) -> Bench:
+    bench = Bench(str(tiny_model), torch.device("cpu"), warmup=0, steps=1, max_steps=max_steps,
+                  config_dir=REPO_CONFIGS)
+    bench.base += ["optimization.mask.size=16", "data.pairs_per_step=2"]
+    return bench
 
 
 def test_runs_compared_with_the_reference_loop_take_the_alpha_half_step_count():
-    bench = throughput.Bench("bundled", torch.device("cpu"), warmup=0, steps=1, config_dir=REPO_CONFIGS)
+    bench = Bench("bundled", torch.device("cpu"), warmup=0, steps=1, config_dir=REPO_CONFIGS)
     cfg = bench.reference_config("fourier_bilateral", "optimization.optim.lr=0.01")
     assert cfg.optimization.mask.init == "constant" and cfg.optimization.mask.kind == "fourier_bilateral"
-    assert cfg.trainer.max_steps == throughput.ALPHA_START_STEPS and cfg.optimization.optim.lr == 0.01
+    assert cfg.trainer.max_steps == ALPHA_START_STEPS and cfg.optimization.optim.lr == 0.01
     # A quick check's fixed step count wins, so the script's own tests stay short.
-    quick = throughput.Bench("bundled", torch.device("cpu"), warmup=0, steps=1, max_steps=2, config_dir=REPO_CONFIGS)
+    quick = Bench("bundled", torch.device("cpu"), warmup=0, steps=1, max_steps=2, config_dir=REPO_CONFIGS)
     assert quick.reference_config("raster_bilateral").trainer.max_steps == 2
 
 
 def test_end_to_end_section_compares_whole_runs(tiny_model, monkeypatch):
-    monkeypatch.setattr(throughput, "END_TO_END_PAIRS", 3)
-    monkeypatch.setattr(throughput, "PAPER_STEPS", 4)
-    monkeypatch.setattr(throughput, "FAST", Setting("fast", "short", ("trainer.max_steps=2",)))
-    bench = throughput.Bench(str(tiny_model), torch.device("cpu"), warmup=0, steps=1, max_steps=3,
-                             config_dir=REPO_CONFIGS)
-    bench.base += ["optimization.mask.size=16", "data.pairs_per_step=2"]
+    monkeypatch.setattr(cpu, "END_TO_END_PAIRS", 3)
+    monkeypatch.setattr(cpu, "PAPER_STEPS", 4)
+    monkeypatch.setattr(cpu, "FAST", Setting("fast", "short", ("trainer.max_steps=2",)))
+    bench = _small_bench(tiny_model, max_steps=3)
     ranked = []
 
     def counting(backbone, images, masks, prompts, pair_ids, *rest):
@@ -57,8 +49,8 @@ def test_end_to_end_section_compares_whole_runs(tiny_model, monkeypatch):
         return prompt_fit(backbone, images, masks, prompts, pair_ids, *rest)
 
     monkeypatch.setattr(regions_lib, "prompt_fit", counting)
-    report = throughput.Report()
-    throughput.section_end_to_end(bench, report, [])
+    report = Report()
+    cpu.section_end_to_end(bench, report, [])
     # The preset's region start is ranked anew by each row that uses it (default, fast), as in a fresh process;
     # the paper settings start at alpha 0.5, as the paper-style loop does.
     assert ranked and all(ranked.count(p) == 2 for p in ranked)
@@ -68,76 +60,129 @@ def test_end_to_end_section_compares_whole_runs(tiny_model, monkeypatch):
     assert all(0.0 <= r["miou"] <= 1.0 and r["pairs_per_hour"] > 0 for r in e2e["rows"])
     body = report.sections[-1][1]
     assert body.count("\n| ") == 1 + 4 and "| project fast |" in body
-    (line_fast,) = [ln for ln in throughput.summary_lines(report.summary) if "project fast vs" in ln]
+    (line_fast,) = [ln for ln in summary_lines(report.summary) if "project fast vs" in ln]
     ratio = e2e["rows"][3]["pairs_per_hour"] / e2e["rows"][0]["pairs_per_hour"]
     assert f"{ratio:.1f}x the pairs per hour" in line_fast
 
 
-def _report(sections: dict[str, str], summary: dict, date: str, machine: str = "CPU A, 2 cores") -> str:
-    report = throughput.Report(sections=list(sections.items()), summary=summary)
-    lines = ["# Performance", "", f"- Date: {date}", f"- Command: `run {date}`", f"- Machine: {machine}; GPU: none",
-             "", "note", ""]
-    lines += [f"## {throughput.SUMMARY_TITLE}", "", "stale", ""]
-    for title, body in report.sections:
-        lines += [f"## {title}", "", body, ""]
-    lines += [f"## {throughput.RAW_TITLE}", "", "```json", json.dumps(summary), "```", ""]
-    return "\n".join(lines)
-
-
-def test_update_report_replaces_only_the_sections_measured():
-    early = {"pair_stop_mean": 40, "miou_full": 0.6, "miou_early_stop": 0.59}
-    old = _report({"Batch": "old batch", "Early stopping": "old stop"},
-                  {"trainer_overhead_pct": 1.0, "trainer_tensorboard_overhead_pct": 2.0, "early_stop": early}, "day 1")
-    new = _report({"Early stopping": "new stop", "End to end": "new e2e"},
-                  {"early_stop": early | {"pair_stop_mean": 30}}, "day 2")
-    merged = throughput.update_report(old, new)
-    titles = [ln.removeprefix("## ") for ln in merged.splitlines() if ln.startswith("## ")]
-    assert titles == ["Summary", "Batch", "Early stopping", "End to end", "Raw figures"]
-    assert "old batch" in merged and "new stop" in merged and "old stop" not in merged and "stale" not in merged
-    assert "- Refreshed day 2: Early stopping, End to end, by `run day 2`" in merged
-    _, _, raw = throughput.split_report(merged)
-    assert raw["trainer_overhead_pct"] == 1.0 and raw["early_stop"]["pair_stop_mean"] == 30
-    assert "at 30 steps on average" in merged  # the Summary is derived from the merged figures
-    with pytest.raises(PeekabooError, match="Raw figures"):
-        throughput.update_report("# Performance\n\n## Batch\n\nbody\n", new)
-
-    # Measured again elsewhere: the note names the other CPU, and the day-2 note (whose sections are all
-    # superseded) goes, while a note with a section not measured again would stay.
-    again = _report({"Early stopping": "3rd stop", "End to end": "3rd e2e"}, {}, "day 3", machine="CPU B, 2 cores")
-    merged3 = throughput.update_report(merged, again)
-    assert "- Refreshed day 3: Early stopping, End to end, by `run day 3` on CPU B, 2 cores" in merged3
-    assert "Refreshed day 2" not in merged3 and "- Machine: CPU A, 2 cores; GPU: none" in merged3
-    partial = throughput.update_report(merged, _report({"End to end": "e2e 4"}, {}, "day 4"))
-    assert "Refreshed day 2" in partial and "Refreshed day 4: End to end, by `run day 4`" in partial
-
-
-def test_readme_block_copies_the_summary_into_the_marked_lines(tmp_path):
-    summary = {"trainer_overhead_pct": 1.0, "trainer_tensorboard_overhead_pct": 2.0}
-    report = _report({"Batch": "b"}, summary, "day 1")
-    block = throughput.readme_block(report, "docs/PERFORMANCE.md")
-    assert block.splitlines()[0] == throughput.summary_lines(summary)[0]
-    assert "[docs/PERFORMANCE.md](docs/PERFORMANCE.md) (machine: CPU A, 2 cores; GPU: none)" in block
-    readme = tmp_path / "README.md"
-    start, end = throughput.README_MARKERS
-    readme.write_text(f"# R\n\n{start}\nold figures\n{end}\n\nafter\n")
-    assert update_marked(readme, block, throughput.README_MARKERS)
-    text = readme.read_text()
-    assert "old figures" not in text and block in text and text.endswith(f"{end}\n\nafter\n")
-    assert not update_marked(tmp_path / "missing.md", block, throughput.README_MARKERS)
-
-
 def test_reference_section_runs_every_kind_from_the_reference_loops_start(tiny_model, monkeypatch):
-    monkeypatch.setattr(throughput, "REFERENCE_ROUNDS", 1)
-    monkeypatch.setattr(throughput, "QUALITY_PAIRS", 2)
-    bench = throughput.Bench(str(tiny_model), torch.device("cpu"), warmup=0, steps=1, max_steps=2,
-                             config_dir=REPO_CONFIGS)
-    bench.base += ["optimization.mask.size=16", "data.pairs_per_step=2"]
+    monkeypatch.setattr(cpu, "REFERENCE_ROUNDS", 1)
+    monkeypatch.setattr(cpu, "QUALITY_PAIRS", 2)
+    bench = _small_bench(tiny_model, max_steps=2)
     cfg = bench.config()
     # The preset starts on regions, which a Fourier mask cannot; the reference loop starts at alpha 0.5.
     assert cfg.optimization.mask.init == "region"
-    items = throughput.load_items(2, cfg.optimization.mask.size, cfg.image_options.fit)
-    report = throughput.Report()
-    throughput.section_reference(bench, report, items)
+    items = load_items(2, cfg.optimization.mask.size, cfg.image_options.fit)
+    report = Report()
+    cpu.section_reference(bench, report, items)
     assert all(report.summary[f"speedup_{kind}"] > 0 for kind in REFERENCE_KINDS)
     assert report.summary["quality"]["pairs"] == 2
-    assert throughput.REFERENCE_START in report.sections[-1][1]
+    assert REFERENCE_START in report.sections[-1][1]
+
+
+@pytest.mark.slow
+def test_batch_and_overhead_sections_feed_the_summary(tiny_model, monkeypatch):
+    monkeypatch.setattr(cpu, "BATCH_SIZES", (1, 2))
+    monkeypatch.setattr(cpu, "OVERHEAD_ROUNDS", 1)
+    bench = _small_bench(tiny_model, max_steps=2)
+    cfg = bench.config()
+    items = load_items(2, cfg.optimization.mask.size, cfg.image_options.fit)
+    report = Report()
+    cpu.section_batch(bench, report, items)
+    cpu.section_overhead(bench, report, items)
+    assert report.summary["batch_2"]["pairs_per_hour"] > 0
+    text = render(report, ["- Machine: CPU A, 2 cores"], "note")
+    titles = [ln.removeprefix("## ") for ln in text.splitlines() if ln.startswith("## ")]
+    assert titles == ["Summary", "Pairs per step (B) through the Trainer", "Trainer overhead vs a bare PyTorch loop"]
+    assert "- Trainer overhead over a bare PyTorch loop at B=1: " in text and "- Machine: CPU A, 2 cores" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there to measure")
+def test_gpu_section_without_a_gpu_says_so():
+    report = Report()
+    gpu.section_gpu(report)
+    assert report.summary["gpu"] == gpu.NO_GPU and summary_lines(report.summary) == [f"- GPU: {gpu.NO_GPU}."]
+
+
+@pytest.mark.slow
+def test_gpu_section_runs_on_a_small_model(monkeypatch):
+    # The section's code on the CPU, with a small model in SD-1.5's vocabulary and a cheap switch.
+    monkeypatch.setattr(gpu, "MASK_SIZE", 32)
+    monkeypatch.setattr(gpu, "BATCH_SIZES", (1, 2))
+    monkeypatch.setattr(gpu, "SWITCH_BATCH", 1)
+    monkeypatch.setattr(gpu, "SWITCHES", (("`attention=classic`", "model.attention=classic"),))
+    small = replace(TINY, text_encoder={**TINY.text_encoder, "vocab_size": 49408})
+    report = Report()
+    gpu.section_gpu(report, warmup=0, steps=1, max_steps=1, arch=small, device=torch.device("cpu"),
+                    config_dir=REPO_CONFIGS)
+    body = report.sections[-1][1]
+    assert body.count("\n| ") == 1 + 2 * 2 + 1 + 1  # header, fp32 and bf16 at B=1, 2, the switch, the reference
+    assert "failed" not in body and "out of memory" not in body
+
+
+# -- where benchmarks/throughput.py writes ------------------------------------------------------------------
+def _script(monkeypatch):
+    """``benchmarks/throughput.py`` as a module whose measurement is stubbed (returns a fixed report at once)."""
+    spec = importlib.util.spec_from_file_location("throughput_script", REPO / "benchmarks" / "throughput.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    calls = []
+
+    def measure(args, command):
+        calls.append(throughput.chosen_sections(args))
+        return "# Performance\n\nstub report\n"
+
+    monkeypatch.setattr(script.throughput, "measure", measure)
+    return script, calls
+
+
+def _repository_docs() -> dict:
+    """The bytes of the README and of every file under docs/."""
+    return {p: p.read_bytes() for p in [REPO / "README.md", *sorted((REPO / "docs").rglob("*"))] if p.is_file()}
+
+
+@pytest.mark.parametrize("argv", [
+    ["--sections", "end_to_end", "--out", "{tmp}/perf.md"],  # a new user's first try
+    ["--out", "{tmp}/perf.md"],  # every section, to a side file
+])
+def test_a_run_to_a_side_file_writes_only_that_file(monkeypatch, tmp_path, argv):
+    script, calls = _script(monkeypatch)
+    before = _repository_docs()
+    assert script.main([a.format(tmp=tmp_path) for a in argv]) == 0
+    assert calls and (tmp_path / "perf.md").read_text() == "# Performance\n\nstub report\n"
+    assert _repository_docs() == before
+
+
+@pytest.mark.parametrize("argv", [["--sections", "end_to_end"], ["--sections", "batch,gpu"], ["--max-steps", "2"],
+                                  ["--out", "-"]])
+def test_a_run_of_some_sections_or_a_quick_check_only_prints(monkeypatch, argv):
+    script, calls = _script(monkeypatch)
+    before = _repository_docs()
+    assert script.main(argv) == 0
+    assert calls and _repository_docs() == before
+
+
+@pytest.mark.parametrize("argv", [
+    ["--sections", "end_to_end", "--out", "docs/PERFORMANCE.md"],
+    ["--max-steps", "2", "--out", "docs/PERFORMANCE.md"],
+    ["--out", "docs/OTHER.md"],
+    ["--out", "README.md"],
+])
+def test_the_repository_documents_are_refused_before_measuring(monkeypatch, argv):
+    monkeypatch.chdir(REPO)
+    script, calls = _script(monkeypatch)
+    before = _repository_docs()
+    with pytest.raises(SystemExit) as exc:
+        script.main(argv)
+    assert exc.value.code == 2 and not calls and _repository_docs() == before
+
+
+def test_only_a_run_of_every_section_writes_the_report(monkeypatch, tmp_path):
+    script, calls = _script(monkeypatch)
+    docs = tmp_path / "docs"
+    monkeypatch.setattr(script, "DOCS", docs)
+    monkeypatch.setattr(script, "DEFAULT_OUT", docs / "PERFORMANCE.md")
+    monkeypatch.setattr(script, "README", tmp_path / "README.md")
+    assert script.main([]) == 0
+    assert calls == [list(throughput.SECTIONS)]
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["PERFORMANCE.md"]

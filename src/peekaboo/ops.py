@@ -62,10 +62,18 @@ def guided_score(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scal
     return eps_uncond.float() + guidance_scale * (eps_cond.float() - eps_uncond.float())
 
 
-def _weighted(direction: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
-    """``w(t) * direction`` with ``w = 1 - abar_t`` (``(B,)``), non-finite entries zeroed: ``(B, C, h, w)``."""
+def _weighted(direction: torch.Tensor, alphas_cumprod_t: torch.Tensor, zero: bool = True) -> torch.Tensor:
+    """``w(t) * direction`` with ``w = 1 - abar_t`` (``(B,)``), non-finite entries zeroed unless ``zero`` is
+    False: ``(B, C, h, w)``."""
     w = (1.0 - alphas_cumprod_t.float()).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    return torch.nan_to_num(w * direction, nan=0.0, posinf=0.0, neginf=0.0)
+    return drop_nonfinite(w * direction)[0] if zero else w * direction
+
+
+def drop_nonfinite(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grad`` ``(N, ...)`` with its non-finite entries (nan, inf) set to 0, and how many there were in each
+    row: ``(N,)`` int64."""
+    bad = ~torch.isfinite(grad)
+    return grad.masked_fill(bad, 0.0), bad.flatten(1).sum(1)
 
 
 def sds_gradient(
@@ -74,6 +82,7 @@ def sds_gradient(
     noise: torch.Tensor,
     alphas_cumprod_t: torch.Tensor,
     guidance_scale: float,
+    zero_nonfinite: bool = True,
 ) -> torch.Tensor:
     """The dream-loss gradient on the latents: ``w(t) * (eps_u + s (eps_c - eps_u) - eps)``, ``w = 1 - abar_t``.
 
@@ -82,11 +91,13 @@ def sds_gradient(
         noise: ``(B, C, h, w)`` the noise that was added.
         alphas_cumprod_t: ``(B,)`` ``abar_t`` of each sample's timestep.
         guidance_scale: classifier-free guidance scale ``s``.
+        zero_nonfinite: zero the non-finite entries (False: keep them, for a caller that counts them first).
 
     Returns:
-        ``(B, C, h, w)`` float32 gradient, non-finite entries zeroed.
+        ``(B, C, h, w)`` float32 gradient, non-finite entries zeroed (with ``zero_nonfinite``).
     """
-    return _weighted(guided_score(eps_uncond, eps_cond, guidance_scale) - noise.float(), alphas_cumprod_t)
+    return _weighted(guided_score(eps_uncond, eps_cond, guidance_scale) - noise.float(), alphas_cumprod_t,
+                     zero_nonfinite)
 
 
 def nfsd_gradient(
@@ -96,6 +107,7 @@ def nfsd_gradient(
     small_t: torch.Tensor,
     alphas_cumprod_t: torch.Tensor,
     guidance_scale: float,
+    zero_nonfinite: bool = True,
 ) -> torch.Tensor:
     """Noise-Free Score Distillation's gradient: ``w(t) (delta_D + s delta_C)`` with ``delta_C = eps_c - eps_u``
     and ``delta_D = eps_u`` where ``small_t``, else ``eps_u - eps_neg`` (Katzir et al., 2023, "Noise-Free Score
@@ -108,67 +120,15 @@ def nfsd_gradient(
             large t).
         small_t: ``(B,)`` bool, whether each sample's timestep is below the threshold.
         alphas_cumprod_t: ``(B,)``.
+        zero_nonfinite: as in :func:`sds_gradient`.
 
     Returns:
-        ``(B, C, h, w)`` float32 gradient, non-finite entries zeroed.
+        ``(B, C, h, w)`` float32 gradient, non-finite entries zeroed (with ``zero_nonfinite``).
     """
     eps_u = eps_uncond.float()
     delta_c = eps_cond.float() - eps_u
     delta_d = torch.where(small_t.view(-1, 1, 1, 1), eps_u, eps_u - eps_negative.float())
-    return _weighted(delta_d + guidance_scale * delta_c, alphas_cumprod_t)
-
-
-def dds_gradient(
-    eps_hat: torch.Tensor, eps_hat_reference: torch.Tensor, alphas_cumprod_t: torch.Tensor
-) -> torch.Tensor:
-    """Delta Denoising Score's gradient: ``w(t) (eps_hat - eps_hat_ref)``, the reference branch's prediction
-    (same t, same noise, a reference latent that matches its own text) subtracted, so the noisy bias both
-    share cancels (Hertz et al., 2023, "Delta Denoising Score", arXiv:2304.07090).
-
-    Args:
-        eps_hat: ``(B, C, h, w)`` the guided prediction on the noised latents.
-        eps_hat_reference: ``(B, C, h, w)`` the reference's prediction on its noised latents.
-        alphas_cumprod_t: ``(B,)``.
-
-    Returns:
-        ``(B, C, h, w)`` float32 gradient, non-finite entries zeroed.
-    """
-    return _weighted(eps_hat.float() - eps_hat_reference.float(), alphas_cumprod_t)
-
-
-def ddim_inversion_step(
-    noisy: torch.Tensor, eps_hat: torch.Tensor, alphas_cumprod_t: torch.Tensor, alphas_cumprod_next: torch.Tensor
-) -> torch.Tensor:
-    """One deterministic DDIM step up the noise schedule, from ``t`` to a later ``t_next``:
-    ``z_next = sqrt(abar_next) x0_hat + sqrt(1 - abar_next) eps_hat``, ``x0_hat = (z - sqrt(1 - abar) eps_hat)
-    / sqrt(abar)``.
-
-    Args:
-        noisy: ``(B, C, h, w)`` latents ``z`` at ``t`` (the clean latents at ``abar = 1``).
-        eps_hat: ``(B, C, h, w)`` the noise prediction at ``(z, t)``.
-        alphas_cumprod_t, alphas_cumprod_next: ``(B,)`` ``abar`` at ``t`` and at ``t_next``.
-
-    Returns:
-        ``(B, C, h, w)`` float32 latents at ``t_next``.
-    """
-    abar = alphas_cumprod_t.float().view(-1, 1, 1, 1)
-    abar_next = alphas_cumprod_next.float().view(-1, 1, 1, 1)
-    eps = eps_hat.float()
-    x0_hat = (noisy.float() - (1.0 - abar).sqrt() * eps) / abar.sqrt()
-    return abar_next.sqrt() * x0_hat + (1.0 - abar_next).sqrt() * eps
-
-
-def implied_noise(noisy: torch.Tensor, latents: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
-    """The noise that takes ``latents`` to ``noisy`` in one forward step (:func:`add_noise` solved for eps):
-    ``eps = (z_t - sqrt(abar_t) z_0) / sqrt(1 - abar_t)``; ``(B, C, h, w)`` float32, ``alphas_cumprod_t`` ``(B,)``."""
-    abar = alphas_cumprod_t.float().view(-1, 1, 1, 1)
-    return (noisy.float() - abar.sqrt() * latents.float()) / (1.0 - abar).sqrt()
-
-
-def inversion_timesteps(t: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """The timesteps a DDIM inversion from 0 up to ``t`` (``(B,)`` int) visits in ``steps`` even steps:
-    ``[t * i // steps for i in 1..steps]``, each ``(B,)``; the last is ``t`` itself."""
-    return [t * i // steps for i in range(1, steps + 1)]
+    return _weighted(delta_d + guidance_scale * delta_c, alphas_cumprod_t, zero_nonfinite)
 
 
 def timestep_range(
@@ -277,7 +237,42 @@ def downsample_alpha(alpha: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
         raise ValueError(f"downsample_alpha: alpha must be (B, 1, H, W), got {tuple(alpha.shape)}")
     if tuple(alpha.shape[-2:]) == tuple(size):
         return alpha
-    return F.adaptive_avg_pool2d(alpha, tuple(size))
+    return resample(alpha, size, "area")
+
+
+def resample(x: torch.Tensor, size: tuple[int, int], mode: str, matrices: bool | None = None) -> torch.Tensor:
+    """``x`` ``(B, C, H, W)`` resized to ``size`` ``(h, w)``: ``bilinear`` (``F.interpolate``, ``align_corners=False``,
+    no antialiasing) or ``area`` (``F.adaptive_avg_pool2d``).
+
+    With ``matrices``, the same resize as two matrix products ``R_h x R_w^T`` (both resizes are separable; each
+    ``R`` is the 1-D resize applied to an identity), whose backward is two matrix products again: deterministic
+    on CUDA, where the backward of PyTorch's own kernels adds with atomics in no fixed order. None (the default):
+    exactly when ``x`` is on CUDA and PyTorch's deterministic algorithms are on (``trainer.deterministic``).
+
+    Returns:
+        ``(B, C, h, w)``.
+    """
+    if mode not in ("bilinear", "area"):
+        raise ValueError(f"unknown resampling mode {mode!r}")
+    if matrices is None:
+        matrices = x.is_cuda and torch.are_deterministic_algorithms_enabled()
+    if not matrices:
+        if mode == "area":
+            return F.adaptive_avg_pool2d(x, tuple(size))
+        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    rows, cols = (_resize_matrix(n, m, mode, x) for n, m in zip(x.shape[-2:], size, strict=True))
+    return rows @ x @ cols.T
+
+
+def _resize_matrix(n: int, m: int, mode: str, like: torch.Tensor) -> torch.Tensor:
+    """The 1-D resize from ``n`` to ``m`` samples as an ``(m, n)`` matrix, in ``like``'s device and dtype."""
+    eye = torch.eye(n, device=like.device, dtype=like.dtype)[:, None, :]  # (n, 1, n): one impulse per row
+    with torch.no_grad():
+        if mode == "area":
+            out = F.adaptive_avg_pool1d(eye, m)
+        else:
+            out = F.interpolate(eye, size=m, mode="linear", align_corners=False)
+    return out[:, 0, :].T  # (m, n)
 
 
 def blend_latents(z_image: torch.Tensor, z_background: torch.Tensor, alpha_latent: torch.Tensor) -> torch.Tensor:

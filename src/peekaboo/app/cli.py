@@ -53,7 +53,8 @@ def predict_main(argv: Sequence[str] | None = None, config_dir: Path | None = No
 def train_main(argv: Sequence[str] | None = None, config_dir: Path | None = None) -> int:
     """``train.py``: optimize every pair of a dataset (resumes when rerun)."""
     from peekaboo.config import TrainConfig
-    from peekaboo.runs.runner import miou_text, run
+    from peekaboo.runs.outputs import miou_text
+    from peekaboo.runs.runner import run
 
     def body(cfg, cmd) -> int:
         outcome = run(cfg, cmd)

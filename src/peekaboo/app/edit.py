@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from peekaboo.config import EditConfig, ModelConfig, SamplingConfig
-from peekaboo.diffusion.backbone import Backbone, check_model_source, offline
+from peekaboo.diffusion.backbone import Backbone
+from peekaboo.diffusion.loading import check_model_source, offline
 from peekaboo.errors import ConfigError, ModelError
 from peekaboo.utils import images
 

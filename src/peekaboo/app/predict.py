@@ -14,8 +14,10 @@ from PIL import Image
 from peekaboo.app import edit
 from peekaboo.app.segmenter import segment_image
 from peekaboo.config import PredictConfig, to_yaml
-from peekaboo.diffusion.backbone import Backbone, shared_backbone
+from peekaboo.diffusion.backbone import Backbone
+from peekaboo.diffusion.loading import shared_backbone
 from peekaboo.utils import files, images, overlays
+from peekaboo.utils.console import quiet_loading
 from peekaboo.utils.devices import resolve_device
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,8 @@ def predict(cfg: PredictConfig, argv: list[str] | None = None) -> list[PredictOu
     else:
         root = Path(cfg.output_dir) / files.safe_name(cfg.generate)
     device = resolve_device(cfg.trainer.accelerator)
-    backbone = shared_backbone(cfg.model, device)
+    with quiet_loading():
+        backbone = shared_backbone(cfg.model, device)
     if cfg.generate is not None and cfg.sampling.size is not None:
         edit.check_sample_size(cfg.sampling.size, backbone)  # before any file is written
     sample = None

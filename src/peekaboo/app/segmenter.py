@@ -6,7 +6,9 @@
 >>> red.mask.shape, red.alpha.dtype, red.steps                                 # doctest: +SKIP
 ((64, 64), dtype('float32'), 50)
 
-Nothing is written unless asked (:meth:`Segmentation.save` writes what ``predict.py`` writes for a prompt).
+Nothing is written unless asked (:meth:`Segmentation.save` writes what ``predict.py`` writes for a prompt), and
+nothing is printed: no progress bar unless asked (``seg(image, prompts, progress=True)``), no banners of the
+libraries underneath; warnings go to the ``peekaboo`` loggers (Python ``logging``).
 The prompts of one image are optimized together as one batch, each with its own random stream, so every mask
 is the one that prompt gets alone; ``predict.py`` goes through the same :func:`segment_image`.
 """
@@ -24,11 +26,13 @@ import torch
 from PIL import Image
 
 from peekaboo.config import PredictConfig, apply_overrides, load_config, preset_dir
-from peekaboo.diffusion.backbone import Backbone, shared_backbone
+from peekaboo.diffusion.backbone import Backbone
+from peekaboo.diffusion.loading import shared_backbone
 from peekaboo.errors import ConfigError, ImageError, NonFiniteError, PeekabooError
-from peekaboo.optim.engine import PairResult, optimize_pairs, split_on_oom
+from peekaboo.optim.engine import FitOptions, PairResult, optimize_pairs, split_on_oom
 from peekaboo.optim.module import non_finite_hint
 from peekaboo.utils import files, images
+from peekaboo.utils.console import quiet_loading
 from peekaboo.utils.devices import resolve_device
 
 #: What :meth:`Segmenter.__call__` accepts as an image.
@@ -80,10 +84,13 @@ class Segmentation:
 
 
 def segment_image(img: Image.Image, prompts: Sequence[str], cfg: PredictConfig, backbone: Backbone,
-                  tb_dir: str | os.PathLike | None = None) -> list[tuple[Segmentation, PairResult]]:
+                  tb_dir: str | os.PathLike | None = None,
+                  progress: bool | None = None) -> list[tuple[Segmentation, PairResult]]:
     """Optimize one mask per prompt for ``img``, all prompts in one batch (halved on out-of-memory).
 
-    Each prompt's pair id is its safe name (:func:`peekaboo.utils.images.safe_name`), which seeds its random stream.
+    Each prompt's pair id is its safe name (:func:`peekaboo.utils.files.safe_name`), which seeds its random stream.
+    ``tb_dir``: the prompts' TensorBoard runs (None: no logging); ``progress``: Lightning's progress bar (None:
+    ``cfg.trainer.enable_progress_bar``).
 
     Raises:
         NonFiniteError: a prompt's loss or mask went non-finite.
@@ -93,9 +100,10 @@ def segment_image(img: Image.Image, prompts: Sequence[str], cfg: PredictConfig, 
     names = [files.safe_name(p) for p in prompts]
 
     def fit(indices: list[int]) -> list[PairResult]:
+        ids = [names[i] for i in indices]
         return optimize_pairs(canvas.expand(len(indices), -1, -1, -1).contiguous(), [prompts[i] for i in indices],
-                              [names[i] for i in indices], opt, cfg.trainer, backbone, tb_dir=tb_dir,
-                              pair_run_names=[names[i] for i in indices])
+                              ids, opt, cfg.trainer, backbone,
+                              FitOptions(tb_dir=tb_dir, pair_run_names=ids, enable_progress_bar=progress))
 
     results = split_on_oom(list(range(len(prompts))), fit, "prompts")
     out = []
@@ -170,7 +178,9 @@ class Segmenter:
             preset: the model preset (``configs/model/<preset>.yaml``) to start from; default: ``shapes`` for
                 the bundled model, ``sd15`` (the paper's settings) for any other checkpoint.
             **overrides: config keys, nested (``trainer={"max_steps": 50}``) or dotted
-                (``**{"optimization.loss.gravity": 0.02}``).
+                (``**{"optimization.loss.gravity": 0.02}``). A segmenter logs no TensorBoard runs
+                (``tensorboard=False``) and shows no progress bar (``trainer.enable_progress_bar=False``) unless
+                these say otherwise.
 
         Raises:
             ConfigError: an unknown key or a bad value; ModelError: a model that cannot be loaded.
@@ -178,13 +188,19 @@ class Segmenter:
         if config is None:
             preset = preset or (BUNDLED_PRESET if pretrained == "bundled" else CHECKPOINT_PRESET)
             config = load_config(PredictConfig, [f"model={preset}"], preset_dir(), "predict", inputs=False)
-        cfg = apply_overrides(config, {"model": {"pretrained": pretrained}, "tensorboard": False, **overrides},
-                              inputs=False)
-        backbone = shared_backbone(cfg.model, resolve_device(cfg.trainer.accelerator))
+        quiet = {"tensorboard": False, "trainer.enable_progress_bar": False}  # a library call prints nothing
+        cfg = apply_overrides(config, {"model": {"pretrained": pretrained}, **quiet, **overrides}, inputs=False)
+        with quiet_loading():
+            backbone = shared_backbone(cfg.model, resolve_device(cfg.trainer.accelerator))
         return cls(cfg, backbone)
 
-    def __call__(self, image: ImageLike, prompts: str | Sequence[str]) -> list[Segmentation]:
-        """Segment ``image`` for each prompt (one result per prompt, in order); writes nothing.
+    def __call__(self, image: ImageLike, prompts: str | Sequence[str],
+                 progress: bool | None = None) -> list[Segmentation]:
+        """Segment ``image`` for each prompt (one result per prompt, in order); writes and prints nothing.
+
+        Args:
+            progress: show Lightning's progress bar while the masks are optimized; None: the
+                config's ``trainer.enable_progress_bar`` (off unless :meth:`from_pretrained` was told otherwise).
 
         Raises:
             ImageError: an image that cannot be used; ConfigError: no prompt; NonFiniteError: a non-finite loss.
@@ -193,7 +209,8 @@ class Segmenter:
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ConfigError("Segmenter needs one or more non-empty prompts, e.g. seg(image, 'a red circle').")
         img = to_image(image, self.cfg)
-        return [segmentation for segmentation, _ in segment_image(img, prompts, self.cfg, self.backbone)]
+        return [segmentation for segmentation, _ in segment_image(img, prompts, self.cfg, self.backbone,
+                                                                   progress=progress)]
 
     def with_overrides(self, **overrides: Any) -> Segmenter:
         """A segmenter with changed settings sharing this one's model (model keys cannot change here)."""

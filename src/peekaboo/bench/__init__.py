@@ -3,16 +3,16 @@
 - :mod:`~peekaboo.bench.common`: timing, machine info and markdown tables every benchmark shares;
 - :mod:`~peekaboo.bench.baselines`: the training-free baselines (whole image, random disc, cross-attention);
 - :mod:`~peekaboo.bench.methods`: the rows the shapes benchmark compares and the config of each;
-- :mod:`~peekaboo.bench.run`: scoring a row over the synthetic shapes pairs;
+- :mod:`~peekaboo.bench.scoring`: the synthetic shapes pairs and the per-pair scores of a mask;
+- :mod:`~peekaboo.bench.run`: scoring a row over those pairs;
 - :mod:`~peekaboo.bench.sweep`: choosing the settings on the ``tune`` split;
 - :mod:`~peekaboo.bench.report`: the markdown of docs/BENCHMARK.md and of the README's table, as strings;
 - :mod:`~peekaboo.bench.shapes`: the shapes benchmark's command line (``benchmarks/shapes.py`` wraps it);
+- :mod:`~peekaboo.bench.steps`: quality against optimization steps (``benchmarks/steps.py`` wraps it);
 - :mod:`~peekaboo.bench.reference_loop`: the paper-style loop the throughput benchmark compares against;
-- :mod:`~peekaboo.bench.throughput`: seconds per step, pairs per hour and the fast paths
-  (``benchmarks/throughput.py`` wraps it);
-- :mod:`~peekaboo.bench.samples`: the bundled model's sample grid and sanity checks
-  (``scripts/sample_grid.py`` wraps it).
+- :mod:`~peekaboo.bench.throughput`: seconds per step, pairs per hour and peak memory
+  (``benchmarks/throughput.py`` wraps it).
 
-The package computes and returns text; the scripts under ``benchmarks/`` and ``scripts/`` own the repository's
-paths (results, docs, README) and write them.
+The package computes and returns text; the scripts under ``benchmarks/`` own the repository's paths (results,
+docs) and write them. The README's one generated block is the shapes benchmark's eval table.
 """

@@ -44,13 +44,6 @@ def cpu_name() -> str:
     return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
-def cpu_has_bf16_units() -> bool:
-    """Whether the CPU has bf16 matrix instructions (AMX or AVX-512 BF16); without them bf16 runs emulated and
-    is several times slower than float32."""
-    flags = set((_cpuinfo("flags") or "").split())
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
-
-
 def machine_info() -> dict[str, Any]:
     """Where the figures were measured (times depend on it): platform, CPU, cores, torch threads, versions, GPU."""
     return {"platform": platform.platform(), "processor": cpu_name(),

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from peekaboo.config import MASK_KINDS, TrainConfig, load_config, preset_dir
-from peekaboo.diffusion.backbone import resolve_pretrained
+from peekaboo.diffusion.loading import resolve_pretrained
 from peekaboo.errors import PeekabooError
 from peekaboo.optim.restarts import candidate_inits
 
@@ -252,8 +252,9 @@ def _fill(defaults: Any, stored: Any) -> Any:
     """``stored`` with the keys of ``defaults`` it lacks added, recursively (stored values win)."""
     if not (isinstance(defaults, dict) and isinstance(stored, dict)):
         return stored
-    return {k: _fill(defaults.get(k), v) for k, v in stored.items()} | {k: v for k, v in defaults.items()
-                                                                         if k not in stored}
+    # Keys of retired settings (guidance.dds_reference, inversion_steps, ...) are dropped: runs never read them.
+    return {k: _fill(defaults.get(k), v) for k, v in stored.items() if k in defaults} | {
+        k: v for k, v in defaults.items() if k not in stored}
 
 
 #: Files up to this size are hashed by content; larger ones (a full-size checkpoint's weights) by size and

@@ -5,22 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from peekaboo.bench.common import fmt, replace_marked
+from peekaboo.bench.common import fmt
 from peekaboo.bench.common import markdown_table as _table
 from peekaboo.data.shapes import TUNE_SPLITS, split_description
 
 # Precision columns of the table (the paper's ablation table reports these four).
 TABLE_THRESHOLDS = (0.2, 0.4, 0.6, 0.8)
+#: The README's one generated block: the ``eval`` split's table goes between these lines (every other report of
+#: the benchmarks goes to docs/ only).
 README_START = "<!-- bench:shapes:start -->"
 README_END = "<!-- bench:shapes:end -->"
-
-
-def readme_markers(split: str = "eval") -> tuple[str, str]:
-    """The README markers a split's table goes between: :data:`README_START` / :data:`README_END` for
-    ``eval``, ``<!-- bench:shapes-<split>:start -->`` / ``...:end -->`` for the others."""
-    if split == "eval":
-        return README_START, README_END
-    return f"<!-- bench:shapes-{split}:start -->", f"<!-- bench:shapes-{split}:end -->"
+README_SPLIT = "eval"
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -40,12 +35,6 @@ def markdown_table(result: dict[str, Any]) -> str:
                      _fmt(s["overall_iou"]), "-" if wrong is None else f"{100 * wrong:.1f}%",
                      _fmt(s["seconds_per_pair"], 2)])
     return _table(head, rows, right_from=1)
-
-
-def with_marked_block(text: str, block: str, split: str = "eval") -> str | None:
-    """``text`` with what lies between the split's :func:`readme_markers` replaced by ``block``; None when a
-    marker is missing (:func:`peekaboo.bench.common.replace_marked`)."""
-    return replace_marked(text, block, readme_markers(split))
 
 
 def readme_block(report: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
-"""Running the shapes benchmark's rows over the synthetic pairs and scoring them.
+"""Running the shapes benchmark's rows over the synthetic pairs.
 
 :func:`run_benchmark` scores every chosen row of :mod:`peekaboo.bench.methods` on the first pairs of a split of
 :func:`peekaboo.data.synthetic.synthetic_pairs` (scenes whose seeds are disjoint from the bundled model's
-training scenes): IoU terms, whether the mask took another object of the scene, and seconds per pair.
+training scenes) with :mod:`peekaboo.bench.scoring`: IoU terms, whether the mask took another object of the
+scene, and seconds per pair.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
@@ -33,19 +32,18 @@ from peekaboo.bench.methods import (
     settings_key,
 )
 from peekaboo.bench.report import markdown_table
-from peekaboo.data.shapes import EVAL_SPLITS, eval_pairs
-from peekaboo.data.synthetic import SPLIT_NAMES, synthetic_pairs
+from peekaboo.bench.scoring import BenchPair, load_pairs, score, summarize_method
 from peekaboo.diffusion.attention import cross_attention_map
-from peekaboo.diffusion.backbone import Backbone, shared_backbone
+from peekaboo.diffusion.backbone import Backbone
+from peekaboo.diffusion.loading import shared_backbone
 from peekaboo.errors import NonFiniteError, PeekabooError
 from peekaboo.optim.engine import optimize_pairs
 from peekaboo.optim.module import PeekabooModule
-from peekaboo.runs.metrics import DONE, pair_scores, summarize
+from peekaboo.runs.metrics import DONE
 from peekaboo.utils import images
 
 log = logging.getLogger("peekaboo.bench")
 
-BENCH_SPLITS = EVAL_SPLITS
 DEFAULT_PAIRS = 200
 # Pairs optimized together (one VAE and one UNet call per step); each pair still gets the mask it gets alone.
 DEFAULT_BATCH = 16
@@ -53,76 +51,6 @@ DEFAULT_BATCH = 16
 WARM_UP_STEPS = 2
 # Row kinds that run the model (the others are trivial masks).
 MODEL_KINDS = ("peekaboo", "start_only", "cross_attention")
-
-
-# -- pairs and scores -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BenchPair:
-    """One evaluation pair with everything scoring needs.
-
-    Attributes:
-        image: the scene, ``(H, W, 3)`` uint8 RGB as a PIL image.
-        target: ``(H, W)`` uint8 0/1 mask of the named object.
-        others: ``(H, W)`` bool masks of the scene's other objects.
-    """
-
-    id: str
-    prompt: str
-    image: Any
-    target: np.ndarray
-    others: tuple[np.ndarray, ...]
-    meta: dict = field(default_factory=dict)
-
-
-def load_pairs(split: str, n: int) -> list[BenchPair]:
-    """The first ``n`` pairs of ``split`` from :func:`synthetic_pairs`, with the other objects' masks.
-
-    Raises:
-        PeekabooError: an unknown split or ``n < 1``.
-    """
-    if split not in BENCH_SPLITS:
-        raise PeekabooError(f"--split {split}: use one of {', '.join(BENCH_SPLITS)}.")
-    pairs = synthetic_pairs(split, n)
-    # synthetic_pairs lists eval_pairs in order; the scenes give the masks of the objects not named.
-    scenes = eval_pairs(SPLIT_NAMES[split], n)
-    out = []
-    for pair, sp in zip(pairs, scenes, strict=True):
-        if pair.id != sp.id:
-            raise AssertionError(f"pair order differs: {pair.id} vs {sp.id}")
-        others = tuple(o.mask for k, o in enumerate(sp.scene.objects) if k != sp.target)
-        out.append(BenchPair(pair.id, pair.prompt, pair.load_image(), pair.load_target(), others, pair.meta or {}))
-    return out
-
-
-def wrong_object(pred: np.ndarray, target: np.ndarray, others: Sequence[np.ndarray]) -> bool:
-    """Whether the prediction covers some other object more than the named one.
-
-    Args:
-        pred: ``(H, W)`` bool predicted mask.
-        target: ``(H, W)`` the named object (nonzero = object; 255, ignored, counts as not object).
-        others: ``(H, W)`` bool masks of the scene's other objects.
-
-    Returns:
-        True when ``|pred & other_k| > |pred & target|`` for some ``k``. An empty prediction is never wrong
-        (it chose nothing; its IoU of 0 already counts against it).
-    """
-    on_target = int(np.count_nonzero(pred & (target == 1)))
-    return any(int(np.count_nonzero(pred & other)) > on_target for other in others)
-
-
-def score(pred: np.ndarray, pair: BenchPair) -> dict[str, Any]:
-    """The per-pair record fields of a predicted ``(H, W)`` bool mask: IoU terms, wrong object, area."""
-    return {**pair_scores(pred, pair.target), "wrong_object": wrong_object(pred, pair.target, pair.others),
-            "area": float(pred.mean())}
-
-
-def summarize_method(records: Sequence[dict]) -> dict[str, Any]:
-    """:func:`peekaboo.runs.metrics.summarize` plus the wrong-object rate and the mean seconds per pair."""
-    summary = summarize(records)
-    scored = [r for r in records if r.get("status") == DONE]
-    summary["wrong_object_rate"] = (sum(bool(r["wrong_object"]) for r in scored) / len(scored)) if scored else None
-    summary["seconds_per_pair"] = (sum(float(r["seconds"]) for r in records) / len(records)) if records else None
-    return summary
 
 
 # -- running methods ------------------------------------------------------------------------------------------

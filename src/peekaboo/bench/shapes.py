@@ -5,7 +5,8 @@ held-out scenes.
 [--docs FILE] [--readme FILE] [--set key=value ...]`` scores every method on the first ``--pairs`` pairs of
 the split (:func:`peekaboo.bench.run.run_benchmark`) and prints a markdown table shaped like the paper's
 ablation table; it writes the per-pair results, the table, the command and the machine to ``--out`` (JSON),
-the report to ``--docs`` and the table between the markers of ``--readme``, each only when given.
+the report to ``--docs`` and, for the eval split only, the table between the markers of ``--readme``, each
+only when given.
 
 ``--split tune --sweep`` is the tuning sweep that chose the settings (:func:`peekaboo.bench.sweep.sweep`).
 
@@ -26,8 +27,9 @@ from typing import Any
 
 from peekaboo.bench.common import machine_info, update_marked, write_json
 from peekaboo.bench.methods import CROSS_ATTENTION_THRESHOLD, METHOD_NAMES
-from peekaboo.bench.report import readme_block, readme_markers, render_docs
-from peekaboo.bench.run import BENCH_SPLITS, DEFAULT_BATCH, DEFAULT_PAIRS, run_benchmark
+from peekaboo.bench.report import README_END, README_SPLIT, README_START, readme_block, render_docs
+from peekaboo.bench.run import DEFAULT_BATCH, DEFAULT_PAIRS, run_benchmark
+from peekaboo.bench.scoring import BENCH_SPLITS
 from peekaboo.bench.sweep import SWEEP_STAGES, TUNE_PAIRS, sweep
 from peekaboo.errors import PeekabooError, exit_status
 from peekaboo.utils import files
@@ -45,7 +47,8 @@ def parser(prog: str = "python -m peekaboo.bench.shapes") -> argparse.ArgumentPa
     p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), metavar="NAME",
                    help=f"rows to run, from: {' '.join(METHOD_NAMES)}")
     p.add_argument("--out", type=Path, default=None, help="results JSON (the sweep's report with --sweep)")
-    p.add_argument("--readme", type=Path, default=None, help="also put the table between the bench markers here")
+    p.add_argument("--readme", type=Path, default=None,
+                   help="also put the table between the bench markers here (eval split only)")
     p.add_argument("--docs", type=Path, default=None, help="markdown report")
     p.add_argument("--sweep-report", type=Path, default=None, metavar="SWEEP_JSON",
                    help="a sweep's report whose trials --docs shows under \"How the settings were chosen\"")
@@ -86,14 +89,14 @@ def read_sweep(path: Path, flag: str = "--tuned") -> dict[str, Any]:
     return report
 
 
-def update_readme(path: Path, block: str, split: str = "eval") -> bool:
-    """Replace the text between the split's markers (:func:`~peekaboo.bench.report.readme_markers`) in ``path``
-    with ``block``.
+def update_readme(path: Path, block: str) -> bool:
+    """Replace the text between the README's markers (:data:`~peekaboo.bench.report.README_START` ...) in
+    ``path`` with ``block``.
 
     Returns:
         False (with a warning, and nothing written) when the file or a marker is missing.
     """
-    return update_marked(path, block, readme_markers(split))
+    return update_marked(path, block, (README_START, README_END))
 
 
 def run(args: argparse.Namespace, command: str) -> int:
@@ -118,6 +121,9 @@ def _run(args: argparse.Namespace, command: str) -> int:
                 "seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1)}
 
     out, docs = args.out, args.docs
+    if args.readme is not None and (args.sweep or args.split != README_SPLIT):
+        raise PeekabooError(f"--readme: the README carries the {README_SPLIT} table only; write the "
+                            f"{'sweep' if args.sweep else args.split + ' table'} to --out / --docs.")
     if args.sweep:
         if args.split != "tune":
             raise PeekabooError("--sweep tunes on the tune split only; pass --split tune.")
@@ -164,7 +170,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         print(f"\nwrote {out}")
     if docs is not None:
         print(f"wrote {docs}")
-    if args.readme is not None and update_readme(args.readme, readme_block(report), args.split):
+    if args.readme is not None and update_readme(args.readme, readme_block(report)):
         print(f"updated {args.readme}")
     return 0
 

@@ -28,9 +28,10 @@ from omegaconf import OmegaConf
 
 from peekaboo.bench.common import fmt, machine_info, markdown_table, write_json
 from peekaboo.bench.methods import method_config, resolve_config_dir
-from peekaboo.bench.run import BENCH_SPLITS, DEFAULT_BATCH, load_pairs, progress_logger, run_peekaboo, summarize_method
+from peekaboo.bench.run import DEFAULT_BATCH, progress_logger, run_peekaboo
+from peekaboo.bench.scoring import BENCH_SPLITS, load_pairs, summarize_method
 from peekaboo.data.shapes import split_description
-from peekaboo.diffusion.backbone import shared_backbone
+from peekaboo.diffusion.loading import shared_backbone
 from peekaboo.errors import PeekabooError, exit_status
 from peekaboo.utils import files
 from peekaboo.utils.console import setup_logging

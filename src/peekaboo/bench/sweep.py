@@ -17,17 +17,10 @@ from omegaconf import OmegaConf
 from peekaboo.bench.common import write_json
 from peekaboo.bench.methods import KIND_EXTRA, method_config, resolve_config_dir, settings_key
 from peekaboo.bench.report import sweep_markdown
-from peekaboo.bench.run import (
-    DEFAULT_BATCH,
-    attention_maps,
-    load_pairs,
-    progress_logger,
-    run_peekaboo,
-    score_attention,
-    summarize_method,
-)
+from peekaboo.bench.run import DEFAULT_BATCH, attention_maps, progress_logger, run_peekaboo, score_attention
+from peekaboo.bench.scoring import load_pairs, summarize_method
 from peekaboo.config import MASK_KINDS
-from peekaboo.diffusion.backbone import shared_backbone
+from peekaboo.diffusion.loading import shared_backbone
 
 log = logging.getLogger("peekaboo.bench")
 

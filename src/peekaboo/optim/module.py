@@ -92,8 +92,7 @@ class PeekabooModule(L.LightningModule):
         self.cfg, self.backbone = cfg, backbone
         self.register_buffer("images", images.float(), persistent=False)  # (B, 3, S, S)
         backbone.check_encode_resolution(cfg.guidance.encode_resolution)
-        # composite=latent and the dds image reference: the images' VAE posterior (mean, std), each (B, C, h, w),
-        # encoded on first use.
+        # composite=latent: the images' VAE posterior (mean, std), each (B, C, h, w), encoded on first use.
         self.register_buffer("image_latent_mean", None, persistent=False)
         self.register_buffer("image_latent_std", None, persistent=False)
         inits = [torch.Generator().manual_seed(ops.pair_seed(cfg.seed, pid)) for pid in self.pair_ids]
@@ -223,9 +222,7 @@ class PeekabooModule(L.LightningModule):
         background = torch.cat([ops.sample_background(cfg.background, img[None], g)
                                 for img, g in zip(images, gens_r, strict=True)])  # (R, 3, S, S)
         comp, latents = self.composite_latents(images, alpha_r, background, gens_r, rows)  # (R, 3, S, S), (R, C, h, w)
-        reference = self.reference_latents(background, rows) if cfg.guidance.estimator == "dds" else None
-        terms = self.backbone.dream_loss(latents, emb, cfg.guidance, gens_r, self.global_step, self.total_steps,
-                                         reference)
+        terms = self.backbone.dream_loss(latents, emb, cfg.guidance, gens_r, self.global_step, self.total_steps)
         dream = cfg.loss.lambda_dream * terms["loss"]  # (R,)
         gravity = ops.gravity_loss(alpha_r.float(), cfg.loss.gravity, cfg.loss.gravity_reduction)  # (R,)
         total = dream + gravity  # (R,)
@@ -253,18 +250,6 @@ class PeekabooModule(L.LightningModule):
         if self.writes_logs_this_step():
             self.log_step_metrics()
         return objective
-
-    @torch.no_grad()
-    def reference_latents(self, background: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """The ``dds`` reference latents ``(R, C, h, w)`` of the running rows ``rows`` (None: all B), without
-        gradient and with the VAE's posterior mean (no draw from the pairs' generators): this step's
-        ``background`` ``(R, 3, S, S)`` (``guidance.dds_reference = "background"``), or the unmasked images
-        (``"image"``, :meth:`image_posterior`'s cached mean)."""
-        side = self.cfg.guidance.encode_resolution
-        if self.cfg.guidance.dds_reference == "background":
-            return self.backbone.encode_images(background, "mean", None, side)
-        mean, _ = self.image_posterior()  # (B, C, h, w), the cache the latent composite also reads
-        return mean if rows is None else mean[rows]
 
     def composite_latents(
         self, images: torch.Tensor, alpha: torch.Tensor, background: torch.Tensor,

@@ -13,13 +13,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from peekaboo.utils import images, files, overlays
-from peekaboo.config import TrainConfig
+from peekaboo.config import TrainConfig, drop_retired_keys
 from peekaboo.data import build_source
 from peekaboo.errors import PeekabooError, exit_status
 from peekaboo.runs.metrics import pair_scores
+from peekaboo.runs.outputs import RunDir, output_names, write_results
 from peekaboo.runs.report import write_report
-from peekaboo.runs.runner import RunDir, output_names, write_results
+from peekaboo.utils import images
 
 
 def evaluate(run_dir: str | Path) -> dict[str, Any]:
@@ -29,7 +29,7 @@ def evaluate(run_dir: str | Path) -> dict[str, Any]:
     config = rd.root / "config.yaml"
     if not config.is_file():
         raise PeekabooError(f"{rd.root} has no config.yaml, so it is not a peekaboo run folder; pass runs/<name>.")
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(config))
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), drop_retired_keys(OmegaConf.load(config)))
     pairs = build_source(cfg.data)
     records = []
     for pair, name in zip(pairs, output_names(pairs), strict=True):

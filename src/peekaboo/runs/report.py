@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from peekaboo.utils import images, files, overlays
-from peekaboo.optim.engine import CURVE_KEYS
+from peekaboo.optim.callbacks import CURVE_KEYS
 from peekaboo.runs.metrics import DONE, FAILED_PREFIX
+from peekaboo.utils import files
 
 REPORT_FILE = "report.html"
 FIGURES_DIR = "report"

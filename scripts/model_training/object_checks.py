@@ -1,0 +1,133 @@
+"""The objects model's sample grid (every object word) and its per-word conditioning check.
+
+The check asks, for each object kind, whether the model reads its word: on scenes of that one object over a plain
+colour (what Peekaboo's composites look like) and over a photograph, the UNet's denoising error under "a <kind>"
+must be lower than under "a <partner>" for each of its look-alike partners, on identical noise and timesteps. A
+kind whose word loses to a partner's is a word Peekaboo cannot ground: it would settle on either object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from PIL import Image, ImageDraw
+
+from peekaboo.data import objects
+from peekaboo.data.atlas import article, load_atlas
+
+__all__ = ["ObjectChecks", "conditioning_by_kind", "object_sample_grid"]
+
+
+@dataclass(frozen=True)
+class ObjectChecks:
+    """Sampling and check settings."""
+
+    samples_per_kind: int = 2
+    steps: int = 40
+    guidance: float = 5.0
+    seed: int = 0
+    size: int = 64
+    cell: int = 96  # pixels per sample in the saved grid (nearest-neighbour upscaled)
+    columns: int = 8  # samples per grid row
+    label_height: int = 16
+    # check: scenes per kind and background, timesteps and noise draws per scene
+    scenes_per_background: int = 4
+    backgrounds: tuple[str, ...] = ("plain", "photo")
+    timesteps: tuple[int, ...] = (300, 500, 700)
+    noise_draws: int = 2
+
+
+CHECKS = ObjectChecks()
+# Scene seeds of the check: the eval split's seed block, far past the indices eval_pairs uses.
+_CHECK_OFFSET = 50_000
+
+
+def object_sample_grid(pipe: StableDiffusionPipeline, checks: ObjectChecks = CHECKS) -> Image.Image:
+    """``samples_per_kind`` samples of ``"a <kind>"`` for every kind of the atlas, labelled, ``columns`` a row."""
+    names = load_atlas().names
+    cells: list[tuple[str, Image.Image]] = []
+    for i, name in enumerate(names):
+        generator = torch.Generator().manual_seed(checks.seed + i)
+        prompt = f"{article(name)} {name}"
+        images = pipe([prompt] * checks.samples_per_kind, height=checks.size, width=checks.size,
+                      num_inference_steps=checks.steps, guidance_scale=checks.guidance, generator=generator).images
+        cells += [(name, image) for image in images]
+    rows = -(-len(cells) // checks.columns)
+    height = checks.cell + checks.label_height
+    grid = Image.new("RGB", (checks.columns * checks.cell, rows * height), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (name, image) in enumerate(cells):
+        x, y = (k % checks.columns) * checks.cell, (k // checks.columns) * height
+        grid.paste(image.resize((checks.cell, checks.cell), Image.NEAREST), (x, y))
+        draw.text((x + 4, y + checks.cell + 2), name, fill="black")
+    return grid
+
+
+def _check_scenes(name: str, checks: ObjectChecks) -> list[np.ndarray]:
+    """``(H, W, 3)`` uint8 scenes holding one ``name`` object, for each background of the check."""
+    out = []
+    kind_index = load_atlas().names.index(name)
+    for b, background in enumerate(checks.backgrounds):
+        for j in range(checks.scenes_per_background):
+            # Scenes of one object are drawn until one holds this kind (the kind is the seed's own draw).
+            for attempt in range(1000):
+                seed = objects.scene_seed("eval", _CHECK_OFFSET + ((kind_index * 7 + b) * 97 + j) * 1000 + attempt)
+                scene = objects.make_scene(seed, checks.size, n_objects=1, background=background)
+                if scene.objects[0].kind == name:
+                    out.append(scene.image)
+                    break
+            else:
+                raise RuntimeError(f"no single-{name} scene in 1000 seeds")
+    return out
+
+
+@torch.no_grad()
+def conditioning_by_kind(pipe: StableDiffusionPipeline,
+                         checks: ObjectChecks = CHECKS) -> tuple[list[str], dict[str, float]]:
+    """Per kind, how often the right word's denoising error is below each look-alike partner's.
+
+    Returns:
+        Markdown lines (one table row per kind: the right caption's error, the worst partner's relative cost, and
+        the share of (scene, partner, timestep, draw) checks the right word wins) and ``{kind: win share}``.
+    """
+    atlas = load_atlas()
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return pipe.text_encoder(ids)[0]  # (N, L, D)
+
+    abar = pipe.scheduler.alphas_cumprod
+    gen = torch.Generator().manual_seed(checks.seed)
+    rows = ["| object | look-alike partners | error, right word | closest partner's extra error | right word wins |",
+            "|---|---|---|---|---|"]
+    shares: dict[str, float] = {}
+    for kind in atlas.kinds:
+        scenes = _check_scenes(kind.name, checks)
+        x = torch.from_numpy(np.stack(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W)
+        z0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor  # (N, 4, h, w)
+        n = len(z0)
+        texts = [f"{article(kind.name)} {kind.name}", *(f"{article(p)} {p}" for p in kind.lookalikes)]
+        emb = [embed([text] * n) for text in texts]
+        errors = torch.zeros(len(texts), n)  # mean over timesteps and draws
+        wins = total = 0
+        for t_val in checks.timesteps:
+            for _ in range(checks.noise_draws):
+                noise = torch.randn(z0.shape, generator=gen)
+                t = torch.full((n,), t_val)
+                zt = abar[t_val].sqrt() * z0 + (1 - abar[t_val]).sqrt() * noise
+                per = torch.stack([F.mse_loss(pipe.unet(zt, t, encoder_hidden_states=e).sample, noise,
+                                              reduction="none").mean(dim=(1, 2, 3)) for e in emb])  # (T, N)
+                errors += per / (len(checks.timesteps) * checks.noise_draws)
+                wins += int((per[0] < per[1:]).sum())
+                total += per[1:].numel()
+        shares[kind.name] = wins / total
+        mean = errors.mean(1)
+        worst = (mean[1:] / mean[0] - 1).min().item()
+        rows.append(f"| {kind.name} | {', '.join(kind.lookalikes)} | {mean[0]:.4f} | {worst:+.1%} | "
+                    f"{wins}/{total} ({shares[kind.name]:.0%}) |")
+    return rows, shares

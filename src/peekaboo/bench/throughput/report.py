@@ -1,0 +1,115 @@
+"""The throughput report's markdown: the header (the one machine every section ran on), the Summary derived from
+the sections' figures, then the sections."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+from collections.abc import Sequence
+from importlib import metadata
+from typing import Any
+
+from peekaboo.bench.common import machine_info, ms
+from peekaboo.bench.methods import MODEL_GROUP
+from peekaboo.bench.reference_loop import REFERENCE_KINDS
+from peekaboo.bench.throughput.cpu import BATCH_GOAL, BATCH_SIZES, OVERHEAD_GOAL_PCT, SPEEDUP_GOAL
+from peekaboo.bench.throughput.harness import Report
+
+LOADED = tuple[float, float, float]
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def header_lines(args: argparse.Namespace, load_before: LOADED, command: str) -> list[str]:
+    """Where and how the figures were taken: this process's machine, which every section of the report ran on."""
+    m = machine_info()
+    versions = ", ".join(f"{name} {_version(name)}" for name in ("lightning", "diffusers", "transformers"))
+    load_after = os.getloadavg()
+    return [
+        f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Command: `{command}`",
+        f"- Machine: {m['processor']}, {m['cpu_count']} cores; GPU: {m['cuda'] or 'none'}; Python {m['python']}; "
+        f"torch {m['torch']}, {versions}",
+        f"- CPU threads used by torch: {m['torch_threads']} (`--threads`)",
+        f"- Model: `{args.model}` (preset `{MODEL_GROUP}`), {args.warmup} warm-up + {args.steps} timed steps per run",
+        f"- Load average (1/5/15 min) before: {'/'.join(f'{x:.1f}' for x in load_before)}, after: "
+        f"{'/'.join(f'{x:.1f}' for x in load_after)}",
+    ]
+
+
+def load_note(before: LOADED, after: LOADED) -> str:
+    """How far to trust the absolute times: whether other jobs shared the cores while the benchmark ran."""
+    # The benchmark itself keeps about one core busy; a 1-minute load above that means other work ran too.
+    if max(before[0], after[0]) <= 1.5 and (os.cpu_count() or 1) >= 2:
+        return ("Nothing else ran on the machine (1-minute load average at most 1.5, the benchmark's own): "
+                "absolute times are representative of this CPU.")
+    return ("**Other jobs shared the CPU while the benchmark ran** (see the load averages above): absolute times "
+            "are pessimistic and noisy; the medians and the side-by-side ratios (measured minutes apart, "
+            "alternating where it matters) are the figures to read.")
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The headline figures of whichever sections ran."""
+    lines = []
+    for suffix in ("", *sorted({k[k.index("_threads_"):] for k in summary if "_threads_" in k})):
+        batches = [b for b in BATCH_SIZES if f"batch_{b}{suffix}" in summary]
+        if not batches:
+            continue
+        figures = [summary[f"batch_{b}{suffix}"] for b in batches]
+        ratio = figures[-1]["pairs_per_hour"] / figures[0]["pairs_per_hour"]
+        threads = figures[0].get("threads")
+        # The goal is about the CPU: judged with every core working, as torch uses them by default.
+        verdict = (f"goal >= {BATCH_GOAL:.0f}x on all cores: {'met' if ratio >= BATCH_GOAL else 'NOT met'}"
+                   if threads == os.cpu_count() else "the goal is judged on all cores")
+        lines.append(f"- Through the Trainer, {threads or '?'} thread(s): " + "; ".join(
+            f"B={b}: {ms(f['step_s'])} ms/step, {f['pairs_per_hour']:,.0f} pairs/hour"
+            for b, f in zip(batches, figures, strict=True))
+            + f"; B={batches[-1]} gives {ratio:.2f}x the pairs/hour of B={batches[0]} ({verdict}).")
+    if "trainer_overhead_pct" in summary:
+        pct = summary["trainer_overhead_pct"]
+        lines.append(f"- Trainer overhead over a bare PyTorch loop at B=1: {pct:+.1f}% of the step time "
+                     f"(goal <= {OVERHEAD_GOAL_PCT:.0f}%: {'met' if pct <= OVERHEAD_GOAL_PCT else 'NOT met'}); "
+                     f"{summary['trainer_tensorboard_overhead_pct']:+.1f}% with TensorBoard logging on.")
+    speedups = {k: summary[f"speedup_{k}"] for k in REFERENCE_KINDS if f"speedup_{k}" in summary}
+    if speedups:
+        met = all(v >= SPEEDUP_GOAL for v in speedups.values())
+        b = summary.get("default_pairs_per_step", "?")
+        lines.append(f"- Project default path (B={b} pairs per module) vs the paper-style loop, per pair-step: "
+                     + ", ".join(f"`{k}` {v:.2f}x" for k, v in speedups.items())
+                     + f" (goal >= {SPEEDUP_GOAL:.0f}x: {'met' if met else 'NOT met'}); one pair per module (B=1): "
+                     + ", ".join(f"`{k}` {summary[f'speedup_b1_{k}']:.2f}x (at most "
+                                 f"{summary[f'speedup_bound_{k}']:.2f}x with a free mask)" for k in speedups) + ".")
+    if "quality" in summary:
+        q = summary["quality"]
+        lines.append(f"- Same masks? `{q['kind']}` on {q['pairs']} pairs: mIoU {q['reference_miou']:.3f} (reference) "
+                     f"vs {q['project_miou']:.3f} (project); end to end {q['end_to_end_speedup']:.1f}x faster "
+                     "(the project batches the pairs).")
+    if "end_to_end" in summary:
+        e = summary["end_to_end"]
+        paper = e["rows"][0]
+        for row in e["rows"][1:]:
+            lines.append(f"- End to end on {e['pairs']} `{e['split']}` pairs, {row['label']} vs {paper['label']}: "
+                         f"{row['pairs_per_hour'] / paper['pairs_per_hour']:.1f}x the pairs per hour "
+                         f"({row['pairs_per_hour']:,.0f} vs {paper['pairs_per_hour']:,.0f}), mean "
+                         f"{row['mean_steps']:.0f} steps per pair, mIoU {row['miou']:.3f} vs {paper['miou']:.3f}.")
+    if "gpu" in summary:
+        lines.append(f"- GPU: {summary['gpu']}.")
+    return lines
+
+
+def render(report: Report, header: Sequence[str], note: str) -> str:
+    """The whole report: title, ``header`` lines (:func:`header_lines`), ``note`` (:func:`load_note`), the
+    Summary and the sections."""
+    lines = ["# Performance", "", "Generated by `benchmarks/throughput.py`; rerun it to refresh every figure below.",
+             "", *header, "", note, ""]
+    if headline := summary_lines(report.summary):
+        lines += ["## Summary", "", *headline, ""]
+    for title, body in report.sections:
+        lines += [f"## {title}", "", body, ""]
+    return "\n".join(lines)

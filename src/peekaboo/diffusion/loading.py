@@ -1,0 +1,420 @@
+"""Loading the frozen diffusion model: ``model.pretrained`` resolved (the bundled model, a local folder or a hub
+id), a local folder checked from its small JSON files before any weights are read, the components loaded frozen
+into a :class:`~peekaboo.diffusion.backbone.Backbone`, and the process-wide cache that hands every pair the same one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peekaboo.config import BUNDLED_MODEL, ModelConfig
+from peekaboo.diffusion.backbone import PREDICTION_TYPES, Backbone, channels_message, native_resolution
+from peekaboo.errors import ModelError
+from peekaboo.utils.devices import check_dtype
+
+COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+BUNDLED_PATH = Path(__file__).parents[1] / "assets" / "shapes-ldm"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Sanity bounds on a local folder's component configs, read before any module is built: a config with absurd
+# sizes would otherwise end in an allocator error or a size overflow (possibly after outputs were started).
+# Each bound is far above any real text-to-image model (SD 1.5's UNet has 0.86 B parameters, SDXL's 2.6 B).
+MAX_COMPONENT_PARAMETERS = 50_000_000_000
+# Any single width, length or count in a component config (channels, hidden size, vocabulary, layers).
+MAX_CONFIG_DIMENSION = 1_048_576
+# Any count of layers or heads (CLIP: 12..32 layers; a UNet: 1..3 layers per block): deep tiny stacks would pass
+# the parameter bound yet take hours to build.
+MAX_CONFIG_COUNT = 1024
+_COUNT_SUFFIXES = ("_layers", "_per_block", "_heads")
+# UNet latent side (SD 1.x: 64, SDXL: 128) and VAE image side (SD 1.x: 512, SDXL: 1024).
+MAX_LATENT_SAMPLE_SIZE = 1024
+MAX_IMAGE_SAMPLE_SIZE = 8192
+# A 3x3 ResNet block holds two 3x3 convolutions: 2 * 9 * c^2 weights, a lower bound of what a block costs.
+_RESNET_WEIGHTS_PER_CHANNEL_SQUARED = 18
+# A transformer layer holds at least the four h x h attention projections (plus its MLP, counted apart).
+_ATTENTION_WEIGHTS_PER_HIDDEN_SQUARED = 4
+# Weight files: safetensors hold only tensors; the others are pickles, read with weights_only=True.
+SAFE_WEIGHT_SUFFIX = ".safetensors"
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+WEIGHTED_COMPONENTS = ("vae", "unet", "text_encoder")
+# Pipeline classes (model_index.json's _class_name prefixes) whose UNet needs added conditioning (SDXL's pooled text
+# embeddings and size/crop ids), refused before their UNet config is even read.
+UNSUPPORTED_PIPELINES = ("StableDiffusionXL",)
+_SUPPORTED = "Peekaboo supports Stable Diffusion 1.x/2.x-style pipelines."
+
+
+def resolve_pretrained(name: str) -> str:
+    """Map ``"bundled"`` to the shipped model folder; leave hub ids and other paths as they are."""
+    return str(BUNDLED_PATH) if name == BUNDLED_MODEL else name
+
+
+def offline(cfg: ModelConfig) -> bool:
+    """Load from local files only when asked to, or when ``HF_HUB_OFFLINE`` is set."""
+    return cfg.local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are exactly "owner/name"; anything else (or anything that exists on disk) is a folder.
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).expanduser().exists()
+
+
+def check_model_source(cfg: ModelConfig, device: torch.device | str | None = None, segmentation: bool = False) -> str:
+    """Validate ``cfg`` (and its dtype on ``device``) before any weights are read; returns the resolved name.
+
+    A local folder is checked from its small JSON files only: the components Peekaboo loads exist, the UNet
+    takes plain text conditioning (not SDXL's extra conditioning), the scheduler predicts epsilon or v, and,
+    with ``segmentation``, the UNet takes the VAE's latents alone (an inpainting UNet's extra channels can
+    edit but not segment). A hub id is checked the same way from its ``model_index.json`` and
+    ``unet/config.json`` alone (:func:`_check_hub_model`), so an SDXL-class checkpoint is refused before
+    gigabytes of weights download.
+
+    Raises:
+        ModelError: float16 on CPU, a missing folder, a folder without a Stable-Diffusion layout, a missing
+            component, a pipeline Peekaboo cannot drive, or a hub id whose small files cannot be had.
+    """
+    if device is not None:
+        check_dtype(cfg.dtype, torch.device(device).type, ModelError)
+    name = resolve_pretrained(cfg.pretrained)
+    if not _looks_like_path(name):
+        _check_hub_model(cfg, name, segmentation)
+        return name  # diffusers downloads (or reads from its cache) the rest
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise ModelError(f"model.pretrained={cfg.pretrained} is a file, not a folder; pass the diffusers pipeline "
+                         f"folder that holds model_index.json (e.g. {path.parent}).")
+    if not path.is_dir():
+        if cfg.pretrained == BUNDLED_MODEL:
+            raise ModelError(f"The bundled model is missing from the package ({path}); reinstall peekaboo.")
+        raise ModelError(f"model.pretrained={cfg.pretrained}: no such folder; pass a diffusers model folder or hub id.")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelError(
+            f"model.pretrained={cfg.pretrained} has no model_index.json, so it is not a diffusers pipeline folder; "
+            "save one with pipeline.save_pretrained(...)."
+        )
+    components = _read_json(index)
+    _check_components(cfg.pretrained, components)
+    absent = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if absent:
+        raise ModelError(
+            f"model.pretrained={cfg.pretrained} lacks the component folder(s) {', '.join(absent)}/; "
+            "copy the complete pipeline folder."
+        )
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    _check_pipeline_kind(cfg.pretrained, _class_name(components), _optional_json(path / "unet" / "config.json"),
+                         _optional_json(path / "vae" / "config.json"),
+                         _read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon",
+                         segmentation)
+    for component in WEIGHTED_COMPONENTS:
+        _check_component_sizes(path, component)
+        _check_safe_weights(path, component)
+    return str(path)
+
+
+def _component_error(path: Path, component: str, what: str) -> ModelError:
+    return ModelError(f"Model folder {path}, component {component}/: {what}")
+
+
+def _check_component_sizes(path: Path, component: str) -> None:
+    """Refuse a component config whose sizes no real model has, before a module is built from it.
+
+    Raises:
+        ModelError: naming the folder, the component and the offending key.
+    """
+    config_file = path / component / "config.json"
+    if not config_file.is_file():
+        return  # diffusers / transformers report a missing config themselves
+    config = _read_json(config_file)
+    for key, value in config.items():
+        numbers = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v) for v in numbers):
+            raise _component_error(path, component, f"{key}={value} in config.json is not a finite number; "
+                                                    "re-save the pipeline.")
+        ints = [v for v in numbers if isinstance(v, int) and not isinstance(v, bool)]
+        if key.startswith("_") or not ints:
+            continue
+        if any(v > MAX_CONFIG_COUNT for v in ints) and key.endswith(_COUNT_SUFFIXES):
+            raise _component_error(path, component, f"{key}={value} in config.json is beyond any real model "
+                                                    f"(at most {MAX_CONFIG_COUNT:,}); the file is damaged "
+                                                    "or not this model's; re-save the pipeline.")
+        if any(v > MAX_CONFIG_DIMENSION for v in ints) and _is_size_key(key):
+            raise _component_error(path, component, f"{key}={value} in config.json is beyond any real model "
+                                                    f"(at most {MAX_CONFIG_DIMENSION:,}); the file is damaged "
+                                                    "or not this model's; re-save the pipeline.")
+    limit = MAX_LATENT_SAMPLE_SIZE if component == "unet" else MAX_IMAGE_SAMPLE_SIZE
+    sample = config.get("sample_size")
+    sides = [v for v in (sample if isinstance(sample, list) else [sample]) if isinstance(v, int)]
+    if any(v > limit or v < 1 for v in sides):
+        raise _component_error(path, component, f"sample_size={sample} in config.json is outside 1..{limit:,}; "
+                                                "the file is damaged or not this model's; re-save the pipeline.")
+    estimate = _parameter_estimate(config)
+    if estimate > MAX_COMPONENT_PARAMETERS:
+        raise _component_error(path, component, f"its config.json describes at least {estimate:,.0f} parameters, "
+                                                f"beyond any real model (at most {MAX_COMPONENT_PARAMETERS:,}); "
+                                                "re-save the pipeline.")
+
+
+def _is_size_key(key: str) -> bool:
+    """Whether a config key names a width, length or count (not an id or a seed)."""
+    return key.endswith(("_channels", "_size", "_dim", "_layers", "_heads", "_embeddings", "_per_block",
+                         "_groups", "_length"))
+
+
+def _parameter_estimate(config: dict[str, Any]) -> float:
+    """A lower bound of a UNet's, VAE's or CLIP text encoder's parameter count from its config (float: the
+    product of absurd sizes must not overflow anything)."""
+    total = 0.0
+    channels = config.get("block_out_channels")
+    if isinstance(channels, list):
+        layers = config.get("layers_per_block", 1)
+        layers = max(layers) if isinstance(layers, list) else layers
+        per_block = max(int(layers) if isinstance(layers, int) else 1, 1)
+        total += sum(_RESNET_WEIGHTS_PER_CHANNEL_SQUARED * per_block * float(c) ** 2
+                     for c in channels if isinstance(c, (int, float)))
+    hidden, depth = config.get("hidden_size"), config.get("num_hidden_layers")
+    if isinstance(hidden, int) and isinstance(depth, int):
+        ff = config.get("intermediate_size", 0)
+        ff = ff if isinstance(ff, int) else 0
+        vocab = config.get("vocab_size", 0)
+        vocab = vocab if isinstance(vocab, int) else 0
+        total += depth * (_ATTENTION_WEIGHTS_PER_HIDDEN_SQUARED * float(hidden) ** 2 + 2.0 * hidden * ff)
+        total += float(vocab) * hidden
+    return total
+
+
+def _check_safe_weights(path: Path, component: str) -> None:
+    """Refuse a local component whose weights exist only as pickles (``*.bin``) that hold objects or code.
+
+    diffusers and transformers read such files with ``weights_only=True`` too, but only mid-load and with a
+    pages-long refusal; this trial load runs first, memory-mapped (no tensor data is read), and runs nothing
+    from the file either. A file in torch's legacy format, which cannot be mapped, is left to the loader.
+    """
+    folder = path / component
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    if any(p.name.endswith(SAFE_WEIGHT_SUFFIX) for p in files):
+        return  # the loaders prefer safetensors and never open the pickles
+    for weights in (p for p in files if p.suffix in PICKLE_WEIGHT_SUFFIXES):
+        try:
+            torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            raise _component_error(path, component, f"{weights.name} is a pickle that a safe load refuses (it "
+                                                    "holds objects or code, which never ran); convert the "
+                                                    "weights to safetensors.") from None
+        except (OSError, RuntimeError, ValueError, EOFError):
+            continue  # legacy or damaged: the loader's own message names it
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{path} is not valid JSON ({err}); re-save the pipeline.") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} holds a JSON {type(data).__name__}, not an object; re-save the pipeline.")
+    return data
+
+
+def _optional_json(path: Path) -> dict[str, Any]:
+    return _read_json(path) if path.is_file() else {}
+
+
+def _class_name(components: dict[str, Any]) -> str:
+    return str(components.get("_class_name", "diffusers"))
+
+
+def _check_components(pretrained: str, components: dict[str, Any]) -> None:
+    """Refuse a ``model_index.json`` without the components Peekaboo loads, or of a pipeline class it cannot
+    drive (SDXL's, whatever its UNet config says)."""
+    missing = [c for c in COMPONENTS if c not in components]
+    if missing:
+        raise ModelError(
+            f"model.pretrained={pretrained} is a {_class_name(components)} pipeline without {', '.join(missing)}; "
+            f"Peekaboo needs a Stable-Diffusion-style text-to-image pipeline ({', '.join(COMPONENTS)})."
+        )
+    if _class_name(components).startswith(UNSUPPORTED_PIPELINES):
+        raise ModelError(f"model.pretrained={pretrained} is a {_class_name(components)} (SDXL-class: its UNet needs "
+                         f"extra conditioning); {_SUPPORTED}")
+
+
+def _check_pipeline_kind(pretrained: str, class_name: str, unet: dict[str, Any], vae: dict[str, Any],
+                         prediction: str, segmentation: bool) -> None:
+    """Refuse pipelines with the SD layout that Peekaboo still cannot drive, from their component configs
+    (``{}`` for a config not at hand: its defaults)."""
+    if unet.get("addition_embed_type") is not None:
+        raise ModelError(
+            f"model.pretrained={pretrained} is a {class_name} whose UNet needs extra conditioning "
+            f"(addition_embed_type={unet['addition_embed_type']!r}, as in SDXL); {_SUPPORTED}"
+        )
+    unet_channels, latent_channels = unet.get("in_channels", 4), vae.get("latent_channels", 4)
+    if segmentation and unet_channels != latent_channels:
+        raise ModelError(channels_message(f"model.pretrained={pretrained} ({class_name})", unet_channels,
+                                           latent_channels))
+    if prediction not in PREDICTION_TYPES:
+        raise ModelError(
+            f"model.pretrained={pretrained}: the scheduler predicts {prediction!r}; Peekaboo supports "
+            f"{' or '.join(PREDICTION_TYPES)} models."
+        )
+
+
+def _check_hub_model(cfg: ModelConfig, repo_id: str, segmentation: bool) -> None:
+    """Check a hub id as a local folder is checked, from its ``model_index.json`` and ``unet/config.json`` alone:
+    two small files fetched (or read from the local cache) with the config's revision, offline when
+    ``model.local_files_only`` or ``HF_HUB_OFFLINE`` says so; no weights are fetched."""
+    components = _read_json(_hub_file(cfg, repo_id, "model_index.json"))
+    _check_components(cfg.pretrained, components)
+    unet = _read_json(_hub_file(cfg, repo_id, "config.json", "unet"))
+    _check_pipeline_kind(cfg.pretrained, _class_name(components), unet, {}, "epsilon", segmentation)
+
+
+def _hub_file(cfg: ModelConfig, repo_id: str, filename: str, subfolder: str | None = None) -> Path:
+    """One small file of a hub repository, from the Hugging Face cache or downloaded into it.
+
+    Raises:
+        ModelError: one line saying why the file cannot be had (no such repository, revision or file, a gated
+            repository, offline and not cached, the hub unreachable).
+    """
+    import huggingface_hub
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    what = f"model.pretrained={cfg.pretrained}: {subfolder + '/' if subfolder else ''}{filename}"
+    try:
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, subfolder=subfolder, revision=cfg.revision,
+                                                    local_files_only=offline(cfg)))
+    except LocalEntryNotFoundError:  # offline (or the hub unreachable), and not in the cache
+        raise ModelError(f"{what} could not be fetched and is not in the local Hugging Face cache (HF_HUB_OFFLINE "
+                         "or model.local_files_only, or no network); download the model once with network access, "
+                         "or pass a local folder.") from None
+    except EntryNotFoundError:
+        raise ModelError(f"{what} does not exist on the hub, so it is not a diffusers Stable-Diffusion pipeline; "
+                         "pass a diffusers pipeline's hub id or folder.") from None
+    except GatedRepoError:
+        raise ModelError(f"{what}: the repository is gated; accept its licence on the hub and log in "
+                         "(hf auth login, or set HF_TOKEN).") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"model.pretrained={cfg.pretrained} is no hub repository (or a private one: log in); "
+                         "check the hub id, or pass a local folder.") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"model.pretrained={cfg.pretrained} has no revision {cfg.revision!r}; check "
+                         "model.revision.") from None
+    except (OSError, ValueError) as err:  # the network, a malformed id
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{what} could not be fetched: {first} (check the hub id, and set HF_HUB_OFFLINE=1 to use "
+                         "only the local cache).") from None
+
+
+def _safetensors(name: str, component: str) -> bool | None:
+    """``use_safetensors`` for one component: True for a local folder that has safetensors weights (so a
+    pickle beside them is never read), else None: the libraries then take safetensors where a hub repository
+    has them and fall back to the (safely loaded) pickle only where it has none."""
+    folder = Path(name) / component
+    return True if folder.is_dir() and any(folder.glob("*.safetensors")) else None
+
+
+def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
+    """Load a Stable-Diffusion-style pipeline's components, frozen, from a hub id or local folder.
+
+    Raises:
+        ModelError: the source is not a usable SD-style pipeline, or the dtype does not suit the device.
+    """
+    device = torch.device(device)
+    name = check_model_source(cfg, device)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    dtype = _DTYPES[cfg.dtype]
+    common: dict[str, Any] = {"revision": cfg.revision, "local_files_only": offline(cfg)}
+    weights = {**common, "variant": cfg.variant}
+    component = "vae"
+    try:
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype,
+                                            use_safetensors=_safetensors(name, "vae"), **weights)
+        component = "unet"
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=dtype,
+                                                    use_safetensors=_safetensors(name, "unet"), **weights)
+        component = "text_encoder"
+        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dtype,
+                                                     use_safetensors=_safetensors(name, "text_encoder"), **weights)
+        component = "tokenizer"
+        tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
+        component = "scheduler"
+        scheduler_config = _load_scheduler_config(name, common)
+    except ModelError:
+        raise
+    except pickle.UnpicklingError:
+        # The safe loader refused a pickle (it may hold code); nothing of it ran. Its message is pages long.
+        raise ModelError(f"Model folder {name}, component {component}/: its weights are a pickle that a safe load "
+                         "refuses (it holds objects or code); convert them to safetensors.") from None
+    except (MemoryError, OverflowError, torch.OutOfMemoryError) as err:
+        raise ModelError(f"Model folder {name}, component {component}/: building it failed "
+                         f"({type(err).__name__}); its config describes a model too large for this machine.") from None
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"Could not load model.pretrained={cfg.pretrained}: {first} "
+            "(check the hub id or folder, and set HF_HUB_OFFLINE=1 to use only the local cache)."
+        ) from None
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    set_attention(cfg.attention, unet, vae)
+    resolution = cfg.resolution or native_resolution(unet, vae)
+    backbone = Backbone(vae, unet, text_encoder, tokenizer, scheduler_config, resolution).to(device)
+    if cfg.compile:
+        # The two calls of every step; the text encoder runs once per prompt and is not worth compiling.
+        backbone.unet.forward = torch.compile(backbone.unet.forward)
+        backbone.vae.encoder.forward = torch.compile(backbone.vae.encoder.forward)
+    return backbone
+
+
+def set_attention(kind: str, *models) -> None:
+    """Give every attention layer of ``models`` the ``kind`` processor: ``"sdpa"`` (torch's fused
+    ``scaled_dot_product_attention``) or ``"classic"`` (explicit ``baddbmm`` + softmax)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    processor = {"sdpa": AttnProcessor2_0, "classic": AttnProcessor}[kind]
+    for model in models:
+        model.set_attn_processor(processor())
+
+
+def _load_scheduler_config(name: str, common: dict[str, Any]) -> dict[str, Any]:
+    from diffusers import DDPMScheduler
+
+    config = DDPMScheduler.load_config(name, subfolder="scheduler", **common)
+    return dict(config)
+
+
+_SHARED: dict[str, Backbone] = {}
+
+
+def cache_key(cfg: ModelConfig) -> str:
+    """The key of ``cfg``'s shared backbone: every field of the model config (with the bundled model's name
+    resolved to its folder), so a config that differs in any field, including one added later, loads its own."""
+    from omegaconf import OmegaConf
+
+    fields = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(fields, dict)
+    fields["pretrained"] = resolve_pretrained(cfg.pretrained)
+    return json.dumps(fields, sort_keys=True)
+
+
+def shared_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
+    """The process-wide backbone for ``cfg``: loaded on first use, then reused by every pair."""
+    key = cache_key(cfg)
+    if key not in _SHARED:
+        _SHARED[key] = load_backbone(cfg, device)
+    return _SHARED[key].to(device)
+
