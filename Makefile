@@ -24,7 +24,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) benchmarks/shapes.py
+	$(PY) benchmarks/ablation.py
 
 clean:
 	rm -rf outputs runs .pytest_cache

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tests_support import REPO, REPO_CONFIGS
 
-from peekaboo.bench import methods, scoring, shapes, sweep
+from peekaboo.bench import ablation, methods, scoring, sweep
 from peekaboo.bench import report as bench_report
 from peekaboo.bench import run as bench_run
 from peekaboo.bench.baselines import RANDOM_DISC_RADIUS, attention_mask, random_mask, whole_image
@@ -183,7 +183,7 @@ def test_the_region_start_row_scores_each_pairs_start_before_any_step(tiny_backb
 def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     out, docs, readme = tmp_path / "r.json", tmp_path / "B.md", tmp_path / "README.md"
     readme.write_text(f"intro\n{bench_report.README_START}\nold table\n{bench_report.README_END}\nrest\n")
-    code = shapes.main([
+    code = ablation.main([
         "--pairs", "3", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS),
         "--methods", "peekaboo", "raster_bilateral", "region_start", "cross_attention", "random", "whole_image",
         "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=2",
@@ -219,7 +219,7 @@ def test_only_the_eval_table_goes_to_the_readme(tmp_path):
     readme.write_text(f"{bench_report.README_START}\neval\n{bench_report.README_END}\n")
     before = readme.read_bytes()
     for split_args in (["--split", "robust"], ["--split", "tune", "--sweep"]):
-        assert shapes.main([*split_args, "--readme", str(readme), "--config-dir", str(REPO_CONFIGS)]) == 2
+        assert ablation.main([*split_args, "--readme", str(readme), "--config-dir", str(REPO_CONFIGS)]) == 2
     assert readme.read_bytes() == before
 
 
@@ -229,7 +229,7 @@ def test_resume_keeps_unchanged_rows(tiny_model, tmp_path, monkeypatch):
     args = ["--pairs", "2", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS), "--docs", str(tmp_path / "B.md"),
             "--methods", "peekaboo", "random", "--set", f"model.pretrained={tiny_model}",
             "--set", "trainer.max_steps=1", "--set", "optimization.mask.size=16", "--out", str(out)]
-    assert shapes.main(args) == 0
+    assert ablation.main(args) == 0
     first = json.loads(out.read_text())
     assert first["partial"] is False
 
@@ -237,12 +237,12 @@ def test_resume_keeps_unchanged_rows(tiny_model, tmp_path, monkeypatch):
         raise AssertionError("a kept row was optimized again")
 
     monkeypatch.setattr(bench_run, "run_peekaboo", no_optimization)
-    assert shapes.main([*args, "--resume"]) == 0
+    assert ablation.main([*args, "--resume"]) == 0
     again = json.loads(out.read_text())
     assert again["methods"]["peekaboo"]["records"] == first["methods"]["peekaboo"]["records"]
     # A changed setting is recomputed.
     with pytest.raises(AssertionError, match="optimized again"):
-        shapes.main([*args, "--resume", "--set", "optimization.loss.gravity=0.1"])
+        ablation.main([*args, "--resume", "--set", "optimization.loss.gravity=0.1"])
 
 
 @pytest.mark.slow
@@ -251,7 +251,7 @@ def test_an_interrupted_resume_keeps_every_earlier_row(tiny_model, tmp_path, mon
     args = ["--pairs", "2", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS), "--docs", str(tmp_path / "B.md"),
             "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=1",
             "--set", "optimization.mask.size=16", "--out", str(out)]
-    assert shapes.main([*args, "--methods", "peekaboo", "no_gravity"]) == 0
+    assert ablation.main([*args, "--methods", "peekaboo", "no_gravity"]) == 0
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -259,7 +259,7 @@ def test_an_interrupted_resume_keeps_every_earlier_row(tiny_model, tmp_path, mon
     monkeypatch.setattr(bench_run, "run_peekaboo", interrupted)
     # The whole-image row is computed and saved, then the guidance row is interrupted; the no-gravity row, kept,
     # comes after the whole-image one in the run's order and must be in the saved file all the same.
-    status = shapes.main([*args, "--resume", "--methods", "peekaboo", "no_gravity", "guidance_7.5", "whole_image"])
+    status = ablation.main([*args, "--resume", "--methods", "peekaboo", "no_gravity", "guidance_7.5", "whole_image"])
     assert status == EXIT_INTERRUPTED
     saved = json.loads(out.read_text())
     assert saved["partial"] is True
@@ -320,15 +320,15 @@ def test_resumed_table_lists_kept_rows_after_computed_ones(tiny_model, tmp_path)
     args = ["--pairs", "2", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS), "--docs", str(docs),
             "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=1",
             "--set", "optimization.mask.size=16", "--out", str(out), "--readme", str(readme)]
-    assert shapes.main([*args, "--methods", "random"]) == 0
-    assert shapes.main([*args, "--methods", "peekaboo", "raster_bilateral", "random", "--resume"]) == 0
+    assert ablation.main([*args, "--methods", "random"]) == 0
+    assert ablation.main([*args, "--methods", "peekaboo", "raster_bilateral", "random", "--resume"]) == 0
     result = json.loads(out.read_text())
     assert list(result["methods"]) == ["peekaboo", "raster_bilateral", "random"]
     for text in (result["table"], docs.read_text(), readme.read_text()):
         assert "| Peekaboo (default) |" in text and "| random disc |" in text
     assert "- Command: `" in readme.read_text() and "- Machine: " in readme.read_text()
     # The default's mask is raster_bilateral: that row reuses the default's masks, on every rerun too.
-    assert shapes.main([*args, "--methods", "peekaboo", "raster_bilateral", "random", "--resume"]) == 0
+    assert ablation.main([*args, "--methods", "peekaboo", "raster_bilateral", "random", "--resume"]) == 0
     methods = json.loads(out.read_text())["methods"]
     assert methods["peekaboo"]["same_as"] is None and methods["raster_bilateral"]["same_as"] == "peekaboo"
     assert methods["raster_bilateral"]["records"] == methods["peekaboo"]["records"]
@@ -363,7 +363,7 @@ def test_tuned_settings_come_before_each_rows_own(tiny_model, tmp_path):
         "kind_optim": {"fourier": ["optimization.optim.name=adam", "optimization.optim.lr=0.004"]},
         "cross_attention_threshold": 0.3}))
     out = tmp_path / "r.json"
-    assert shapes.main(["--pairs", "1", "--config-dir", str(REPO_CONFIGS), "--docs", str(tmp_path / "B.md"),
+    assert ablation.main(["--pairs", "1", "--config-dir", str(REPO_CONFIGS), "--docs", str(tmp_path / "B.md"),
                        "--methods", "peekaboo", "no_gravity", "fourier", "cross_attention", "--tuned", str(sweep_json),
                        "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=1",
                        "--set", "optimization.mask.size=16", "--out", str(out)]) == 0
@@ -375,7 +375,7 @@ def test_tuned_settings_come_before_each_rows_own(tiny_model, tmp_path):
     assert rows["fourier"]["settings"]["mask"]["fourier"]["hidden"] == 64  # KIND_EXTRA
     assert rows["cross_attention"]["settings"] == {"threshold": 0.3}
     assert "optimization.loss.gravity=0.02" in (tmp_path / "B.md").read_text()
-    assert shapes.main(["--tuned", str(tmp_path / "r.json"), "--config-dir", str(REPO_CONFIGS)]) == 2
+    assert ablation.main(["--tuned", str(tmp_path / "r.json"), "--config-dir", str(REPO_CONFIGS)]) == 2
 
 
 def test_sweep_knobs_restrict_the_search(monkeypatch):
@@ -385,9 +385,9 @@ def test_sweep_knobs_restrict_the_search(monkeypatch):
         seen.update(kwargs)
         return {"markdown": "table"}
 
-    monkeypatch.setattr(shapes, "sweep", fake_sweep)
+    monkeypatch.setattr(ablation, "sweep", fake_sweep)
     knob = "optimization.guidance.guidance_scale"
-    assert shapes.main(["--split", "tune", "--sweep", "--sweep-knobs", knob]) == 0
+    assert ablation.main(["--split", "tune", "--sweep", "--sweep-knobs", knob]) == 0
     assert seen["stages"] == [(knob, dict(sweep.SWEEP_STAGES)[knob])] and seen["kind_lrs"] == {}
 
 
@@ -396,11 +396,11 @@ def test_benchmark_user_errors(tmp_path):
         bench_run.run_benchmark("eval", 2, ["peekaboo", "nonsense"], config_dir=REPO_CONFIGS)
     with pytest.raises(PeekabooError, match="configs"):
         methods.resolve_config_dir(tmp_path)
-    assert shapes.main(["--split", "eval", "--sweep", "--config-dir", str(REPO_CONFIGS)]) == 2
-    assert shapes.main(["--split", "tune", "--sweep", "--sweep-knobs", "optimization.nonsense"]) == 2
-    assert not shapes.update_readme(tmp_path / "missing.md", "table")
+    assert ablation.main(["--split", "eval", "--sweep", "--config-dir", str(REPO_CONFIGS)]) == 2
+    assert ablation.main(["--split", "tune", "--sweep", "--sweep-knobs", "optimization.nonsense"]) == 2
+    assert not ablation.update_readme(tmp_path / "missing.md", "table")
     (tmp_path / "R.md").write_text("no markers")
-    assert not shapes.update_readme(tmp_path / "R.md", "table")
+    assert not ablation.update_readme(tmp_path / "R.md", "table")
     assert (tmp_path / "R.md").read_text() == "no markers"
 
 
@@ -429,10 +429,10 @@ def test_bundled_model_segments_the_evaluation_pairs_from_alpha_half():
 
 # -- the repository script ----------------------------------------------------------------------------------
 def _script_args(monkeypatch, argv: list[str]):
-    """The arguments ``benchmarks/shapes.py`` hands to :func:`peekaboo.bench.shapes.run` for ``argv``."""
+    """The arguments ``benchmarks/ablation.py`` hands to :func:`peekaboo.bench.ablation.run` for ``argv``."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_script", REPO / "benchmarks" / "shapes.py")
+    spec = importlib.util.spec_from_file_location("bench_script", REPO / "benchmarks" / "ablation.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     seen = {}
@@ -441,7 +441,7 @@ def _script_args(monkeypatch, argv: list[str]):
         seen["args"] = args
         return 0
 
-    monkeypatch.setattr(script.shapes, "run", run)
+    monkeypatch.setattr(script.ablation, "run", run)
     script.main(argv)
     return seen["args"]
 

@@ -7,7 +7,7 @@
 - :mod:`~peekaboo.bench.run`: scoring a row over those pairs;
 - :mod:`~peekaboo.bench.sweep`: choosing the settings on the ``tune`` split;
 - :mod:`~peekaboo.bench.report`: the markdown of docs/BENCHMARK.md and of the README's table, as strings;
-- :mod:`~peekaboo.bench.shapes`: the shapes benchmark's command line (``benchmarks/shapes.py`` wraps it);
+- :mod:`~peekaboo.bench.ablation`: the shapes benchmark's command line (``benchmarks/ablation.py`` wraps it);
 - :mod:`~peekaboo.bench.steps`: quality against optimization steps (``benchmarks/steps.py`` wraps it);
 - :mod:`~peekaboo.bench.reference_loop`: the paper-style loop the throughput benchmark compares against;
 - :mod:`~peekaboo.bench.throughput`: seconds per step, pairs per hour and peak memory

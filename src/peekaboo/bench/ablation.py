@@ -1,7 +1,7 @@
 """The synthetic-shapes benchmark's command line: Peekaboo, its ablations and training-free baselines on
 held-out scenes.
 
-``python -m peekaboo.bench.shapes [--split eval|tune] [--pairs 200] [--methods ...] [--out FILE]
+``python -m peekaboo.bench.ablation [--split eval|tune] [--pairs 200] [--methods ...] [--out FILE]
 [--docs FILE] [--readme FILE] [--set key=value ...]`` scores every method on the first ``--pairs`` pairs of
 the split (:func:`peekaboo.bench.run.run_benchmark`) and prints a markdown table shaped like the paper's
 ablation table; it writes the per-pair results, the table, the command and the machine to ``--out`` (JSON),
@@ -10,7 +10,7 @@ only when given.
 
 ``--split tune --sweep`` is the tuning sweep that chose the settings (:func:`peekaboo.bench.sweep.sweep`).
 
-``benchmarks/shapes.py`` runs this with the repository's paths (results, docs/BENCHMARK.md) as defaults.
+``benchmarks/ablation.py`` runs this with the repository's paths (results, docs/BENCHMARK.md) as defaults.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from peekaboo.utils.console import setup_logging
 log = logging.getLogger("peekaboo.bench")
 
 
-def parser(prog: str = "python -m peekaboo.bench.shapes") -> argparse.ArgumentParser:
+def parser(prog: str = "python -m peekaboo.bench.ablation") -> argparse.ArgumentParser:
     """The command line's options; every output path defaults to none (nothing written)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--split", choices=BENCH_SPLITS, default="eval")
@@ -176,9 +176,9 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m peekaboo.bench.shapes``: parse ``argv`` (default ``sys.argv[1:]``) and :func:`run` it."""
+    """``python -m peekaboo.bench.ablation``: parse ``argv`` (default ``sys.argv[1:]``) and :func:`run` it."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    return run(parser().parse_args(argv), shlex.join(["python", "-m", "peekaboo.bench.shapes", *argv]))
+    return run(parser().parse_args(argv), shlex.join(["python", "-m", "peekaboo.bench.ablation", *argv]))
 
 
 if __name__ == "__main__":

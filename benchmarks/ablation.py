@@ -1,6 +1,7 @@
-"""The shapes benchmark with the repository's paths: ``python benchmarks/shapes.py [options]`` (``make bench``).
+"""The ablation benchmark (on the shapes scenes) with the repository's paths: ``python benchmarks/ablation.py
+[options]`` (``make bench``).
 
-Runs :mod:`peekaboo.bench.shapes` (same options) from the repository root, filling in where its output goes
+Runs :mod:`peekaboo.bench.ablation` (same options) from the repository root, filling in where its output goes
 when the command does not say: the results JSON under ``benchmarks/results/``, docs/BENCHMARK.md for the eval
 split (with the sweep's trials, once the sweep has run), docs/BENCHMARK_ROBUST.md for the robust split, and the
 sweep's cache of finished trials. The README's one generated block, the eval table, changes only with
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from peekaboo.bench import shapes
+from peekaboo.bench import ablation
 from peekaboo.bench.scoring import BENCH_SPLITS
 
 # Relative to the repository root (the working folder), as the reports quote them.
@@ -26,13 +27,13 @@ DOCS = {"eval": Path("docs/BENCHMARK.md"), "robust": Path("docs/BENCHMARK_ROBUST
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` as :mod:`peekaboo.bench.shapes` does, default its paths to the repository's, run it."""
+    """Parse ``argv`` as :mod:`peekaboo.bench.ablation` does, default its paths to the repository's, run it."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = shapes.parser(prog="python benchmarks/shapes.py").parse_args(argv)
+    args = ablation.parser(prog="python benchmarks/ablation.py").parse_args(argv)
     # A run to its own --out file (a side experiment) leaves the split's report alone unless --docs names one.
     default_out = args.out is None
     if not default_out and args.readme is not None:
-        shapes.parser(prog="python benchmarks/shapes.py").error(
+        ablation.parser(prog="python benchmarks/ablation.py").error(
             "--readme: a run to its own --out file leaves the README alone; drop --out to refresh the table.")
     if default_out:
         args.out = SWEEP_OUT if args.sweep else RESULTS[args.split]
@@ -42,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.docs = DOCS[args.split]
     if args.sweep_report is None and SWEEP_OUT.is_file():
         args.sweep_report = SWEEP_OUT
-    return shapes.run(args, shlex.join(["python", "benchmarks/shapes.py", *argv]))
+    return ablation.run(args, shlex.join(["python", "benchmarks/ablation.py", *argv]))
 
 
 if __name__ == "__main__":
