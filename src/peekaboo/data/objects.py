@@ -31,6 +31,7 @@ from PIL import Image
 
 from peekaboo.data.atlas import article, load_atlas
 from peekaboo.data.backgrounds import HELD_OUT_PHOTOS, TRAINING_PHOTOS, draw_background
+from peekaboo.data.captions import CAPTION_FORMS, list_caption
 from peekaboo.data.object_layout import OCCLUDED_MIN, LayoutParams, composite, hidden_fractions, place_objects
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
 
 #: Caption forms (as in :mod:`peekaboo.data.shapes`), shown for two objects: ``"and"``: "a dog and an apple";
 #: ``"the"``: "the dog and the apple"; ``"comma"``: "dog, apple"; ``"list"``: "a dog, an apple and a car".
-CAPTION_FORMS: tuple[str, ...] = ("and", "the", "comma", "list")
 SPLITS: tuple[str, ...] = ("train", "tune", "eval", "robust", "tune_robust")
 EVAL_SPLITS: tuple[str, ...] = ("tune", "eval", "robust", "tune_robust")
 TUNE_SPLITS: tuple[str, ...] = ("tune", "tune_robust")
@@ -182,29 +182,12 @@ class ObjectPair:
         return self.scene.objects[self.target].occluded
 
 
-def _words(caption: str) -> int:
-    return len(caption.replace(",", " ,").split())
-
-
 def caption_for(names: list[str] | tuple[str, ...], form: str = "and", max_words: int | None = None) -> str:
     """The caption listing the kinds ``names`` in order, in one of :data:`CAPTION_FORMS`.
 
     When ``max_words`` is given and the caption is longer (commas count as words), the ``"comma"`` form is used.
     """
-    if form == "and":
-        caption = " and ".join(f"{article(n)} {n}" for n in names)
-    elif form == "the":
-        caption = " and ".join(f"the {n}" for n in names)
-    elif form == "comma":
-        caption = ", ".join(names)
-    elif form == "list":
-        listed = [f"{article(n)} {n}" for n in names]
-        caption = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " and " + listed[-1]
-    else:
-        raise ValueError(f"unknown caption form {form!r}; expected one of {CAPTION_FORMS}")
-    if max_words is not None and form != "comma" and _words(caption) > max_words:
-        return caption_for(names, "comma")
-    return caption
+    return list_caption(names, form, max_words, article)
 
 
 def parse_caption(caption: str) -> list[str]:

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from peekaboo.data.captions import CAPTION_FORMS, list_caption
+
 __all__ = [
     "CAPTION_FORMS",
     "CLASSIC",
@@ -90,7 +92,6 @@ DISTRACTORS: tuple[str, ...] = ("same_colour", "same_shape")
 #: ``"and"``: "a red circle and a blue square"; ``"the"``: "the red circle and the blue square";
 #: ``"comma"``: "red circle, blue square"; ``"list"``: "a red circle, a blue square and ..." (commas,
 #: then "and" before the last object; the same as ``"and"`` for two objects).
-CAPTION_FORMS: tuple[str, ...] = ("and", "the", "comma", "list")
 
 # Caption words that name no object (parse_caption skips them).
 _FILLER_WORDS = frozenset({"a", "the", "and"})
@@ -238,11 +239,6 @@ class ShapePair:
         return self.scene.objects[self.target].mask
 
 
-def _caption_words(caption: str) -> int:
-    """Words of a caption, commas counted as words (each is one token of the bundled tokenizer)."""
-    return len(caption.replace(",", " ,").split())
-
-
 def caption_for(
     objects: tuple[ShapeObject, ...] | list[ShapeObject], form: str = "and", max_words: int | None = None
 ) -> str:
@@ -254,21 +250,7 @@ def caption_for(
         max_words: when the caption would be longer (commas count as words), the compact ``"comma"``
             form is used instead; None = no limit.
     """
-    names = [obj.name for obj in objects]
-    if form == "and":
-        caption = " and ".join(f"a {n}" for n in names)
-    elif form == "the":
-        caption = " and ".join(f"the {n}" for n in names)
-    elif form == "comma":
-        caption = ", ".join(names)
-    elif form == "list":
-        listed = [f"a {n}" for n in names]
-        caption = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " and " + listed[-1]
-    else:
-        raise ValueError(f"unknown caption form {form!r}; expected one of {CAPTION_FORMS}")
-    if max_words is not None and _caption_words(caption) > max_words and form != "comma":
-        return caption_for(objects, "comma")
-    return caption
+    return list_caption([obj.name for obj in objects], form, max_words)
 
 
 def parse_caption(caption: str) -> list[tuple[str, str]]:
