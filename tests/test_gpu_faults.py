@@ -125,7 +125,7 @@ def test_early_stop_state_loaded_on_the_cpu_follows_the_module_device(tiny_backb
 # -- 6. 16-mixed -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("precision", ["16-mixed", "16"])
 def test_16_mixed_is_refused_with_what_to_use_instead(precision):
-    with pytest.raises(ConfigError, match="trainer.precision") as info:
+    with pytest.raises(ConfigError, match=r"trainer\.precision") as info:
         load_config(TrainConfig, ["run.name=x", f"trainer.precision={precision}"], REPO_CONFIGS, "train")
     message = str(info.value)
     assert "bf16-mixed" in message and "32-true" in message and "GradScaler" in message
@@ -171,7 +171,7 @@ def test_non_finite_model_outputs_are_counted_logged_and_fail_their_pair(tiny_ba
     acc.Reload()
     assert [e.value for e in acc.Scalars("guidance/nonfinite")][:3] == [latent] * 3
     # A one-pair fit whose every step is non-finite fails, with the hint, even when shorter than NONFINITE_STEPS.
-    with pytest.raises(NonFiniteError, match="non-finite .*model output.*lower optimization.optim.lr"):
+    with pytest.raises(NonFiniteError, match=r"non-finite loss or mask .*model output.*lower optimization\.optim\.lr"):
         optimize_pair(_images(1)[0], "a red circle", "a", _cfg(), _trainer(3), tiny_backbone)
 
 
@@ -194,7 +194,8 @@ def test_a_pair_with_a_few_non_finite_steps_goes_on(tiny_backbone, monkeypatch):
 
 
 # -- 9. the final mask and the workers' threads ------------------------------------------------------------------
-def test_the_final_mask_is_rendered_before_lightning_moves_the_module_to_the_cpu(tiny_backbone, monkeypatch):
+def test_the_final_mask_is_rendered_before_lightning_moves_the_module_to_the_cpu(tiny_backbone, tmp_path,
+                                                                                  monkeypatch):
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
     torn_down, renders = [False], []
@@ -217,6 +218,12 @@ def test_the_final_mask_is_rendered_before_lightning_moves_the_module_to_the_cpu
     assert torn_down[0] and renders
     assert not any(renders), "the mask was rendered after Lightning's teardown"
     assert result.alpha.device.type == "cpu" and result.alpha.shape == (SIZE, SIZE)
+    # A checkpoint with no step left: no loop runs, and the module goes back to the fit's device to render.
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{step}", save_top_k=-1, every_n_train_steps=2)
+    whole = optimize_pair(_images(1)[0], "a red circle", "a", cfg, _trainer(2), tiny_backbone, callbacks=[ckpt])
+    again = optimize_pair(_images(1)[0], "a red circle", "a", cfg, _trainer(2), tiny_backbone,
+                          ckpt_path=tmp_path / "step=2.ckpt")
+    assert torch.equal(whole.alpha, again.alpha) and again.steps == 2
 
 
 def test_a_gpu_worker_caps_its_cpu_threads_as_a_cpu_worker_does(monkeypatch):
@@ -259,11 +266,12 @@ def test_trainer_deterministic_reaches_the_fit_and_a_resume_gives_the_same_mask(
     # PyTorch's deterministic kernels where they exist; an operation without one warns (in the log) instead of
     # stopping the run.
     assert flags.flags == [(True, True)] * 4
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back after the fit
     resumed = optimize_pair(image, "a red circle", "a", cfg, det, tiny_backbone, ckpt_path=tmp_path / "step=2.ckpt")
     assert torch.equal(whole.alpha, resumed.alpha)
     off = _Flags()
     free = optimize_pair(image, "a red circle", "a", cfg, _trainer(4), tiny_backbone, callbacks=[off])
-    assert off.flags == [(False, False)] * 4  # the next fit without it turns them off again
+    assert off.flags == [(False, False)] * 4
     assert torch.equal(whole.alpha, free.alpha)  # on the CPU the kernels were deterministic already
 
 

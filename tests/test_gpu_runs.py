@@ -30,9 +30,9 @@ SLURM_KEYS = ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_ID", 
 
 
 def _train_cfg(model, root, *args: str) -> TrainConfig:
-    return load_config(TrainConfig, [f"model.pretrained={model}", f"run.root={root}", "run.name=g", *FAST,
-                                     "data=shapes", "data.num_pairs=3", "data.pairs_per_step=1", "run.logger=none", *args],
-                       REPO_CONFIGS, "train")
+    args = (f"model.pretrained={model}", f"run.root={root}", "run.name=g", *FAST, "data=shapes", "data.num_pairs=3",
+            "data.pairs_per_step=1", "run.logger=none", *args)
+    return load_config(TrainConfig, list(args), REPO_CONFIGS, "train")
 
 
 # -- SDXL-class checkpoints: refused from their configs, before any weights ------------------------------------
@@ -102,7 +102,7 @@ def test_an_sdxl_pipeline_class_on_the_hub_is_refused_from_model_index_alone(tin
                                                                              no_weights):
     hub = FakeHub(_pipeline_copy(tiny_model, tmp_path, class_name="StableDiffusionXLPipeline"))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
-    with pytest.raises(ModelError, match="StableDiffusionXLPipeline.*SDXL"):
+    with pytest.raises(ModelError, match=r"StableDiffusionXLPipeline.*SDXL"):
         check_model_source(ModelConfig(pretrained=SDXL_ID), segmentation=True)
     assert [c["file"] for c in hub.calls] == ["model_index.json"]
 
@@ -292,3 +292,41 @@ def test_without_accelerate_the_low_memory_warning_would_show(tiny_model, monkey
     monkeypatch.setattr(modeling_utils, "is_accelerate_available", lambda: False)
     assert any("low cpu memory usage because `accelerate` was not found" in m
                for m in _loading_messages(tiny_model))
+
+
+# -- the same on a real GPU (skipped without CUDA) -------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("tf32", [True, False])
+def test_gpu_tf32_switch_and_a_fit_under_it(tiny_model, restore_precision, tf32):
+    from tests_support import cpu_trainer_config, small_optimization_config
+
+    from peekaboo.optim.engine import optimize_pair
+
+    backbone = shared_backbone(ModelConfig(pretrained=str(tiny_model), tf32=tf32), "cuda")
+    assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
+    assert torch.backends.cudnn.allow_tf32 is tf32
+    # Lightning reads the matmul precision when a Trainer starts on a GPU: the switch must leave it readable.
+    trainer = cpu_trainer_config(steps=2)
+    trainer.accelerator = "gpu"
+    result = optimize_pair(torch.rand(3, 16, 16), "a red circle", "p", small_optimization_config(), trainer, backbone)
+    assert result.steps == 2 and torch.isfinite(result.alpha).all()
+
+
+@pytest.mark.gpu
+def test_gpu_more_workers_than_gpus_is_refused(tiny_model, tmp_path, monkeypatch):
+    for key in SLURM_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    n = torch.cuda.device_count()
+    with pytest.raises(ConfigError, match=rf"trainer\.devices={n + 1} .*trainer\.devices={n}"):
+        runner.run(_train_cfg(tiny_model, tmp_path, "trainer.accelerator=gpu", f"trainer.devices={n + 1}"))
+
+
+@pytest.mark.gpu
+def test_gpu_prompt_cache_lives_on_the_device_and_stays_bounded(tiny_model, monkeypatch):
+    monkeypatch.setattr(backbone_module, "PROMPT_CACHE_SIZE", 3)
+    backbone = load_backbone(ModelConfig(pretrained=str(tiny_model)), "cuda")
+    first = {w: backbone.encode_prompt(f"a {w}").cond for w in ("red", "green", "blue", "cat", "dog")}
+    assert len(backbone._prompt_cache) <= 3
+    assert all(v.device.type == "cuda" for v in backbone._prompt_cache.values())
+    for w, cond in first.items():
+        assert torch.allclose(backbone.encode_prompt(f"a {w}").cond, cond)

@@ -8,8 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from model_training.config import Config, config_with
+from model_training.object_checks import ObjectChecks, conditioning_by_kind, object_sample_grid
 from model_training.pipeline import train
 from model_training.scenes import load_scenes, object_negative
 from model_training.tokenizer import build_tokenizer, tokenize
@@ -196,6 +197,18 @@ def test_objects_model_trains_resumes_and_exports_every_object_word(tmp_path):
             assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     assert unet.config.sample_size == 16  # 32 px scenes, two VAE blocks: latents at half the side
+
+    # The sample grid and the per-word check run on it (figures meaningless at this size).
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    checks = ObjectChecks(size=32, steps=2, samples_per_kind=1, cell=32, scenes_per_background=1, timesteps=(500,),
+                          noise_draws=1)
+    grid = object_sample_grid(pipe, checks)
+    names = load_atlas().names
+    assert grid.size == (checks.columns * 32, -(-len(names) // checks.columns) * (32 + checks.label_height))
+    rows, shares = conditioning_by_kind(pipe, checks)
+    assert list(shares) == list(names) and all(0 <= s <= 1 for s in shares.values())
+    assert len(rows) == 2 + len(names)
 
 
 @pytest.mark.parametrize("share", [0.0, 1.0])

@@ -67,6 +67,11 @@ class ModelConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the UNet and the VAE encoder (pays off on GPUs for long runs)
     attention: str = "sdpa"  # the UNet's and VAE's attention kernels: sdpa | classic
+    # On a GPU with TF32 tensor cores (Ampere and later), let float32 matmuls and convolutions use them: several
+    # times the float32 throughput, at TF32's 10-bit mantissa (float16 and bfloat16 weights are unaffected). It
+    # is torch's process-wide switch, set where the model is set up on the GPU (predict, the Segmenter, each
+    # worker of a dataset run); false keeps full float32. No effect on CPU.
+    tf32: bool = True
     # Side length the composite is resized to before VAE encoding; None = the model's native
     # resolution (unet.sample_size * VAE downsampling factor: 512 for SD 1.x).
     resolution: int | None = None
@@ -201,7 +206,7 @@ class TrainerConfig:
     devices: int = 1  # dataset runs: worker processes, one device each
     precision: str = "32-true"
     # PyTorch's deterministic kernels where they exist (an operation without one warns, in the log); Lightning's
-    # `deterministic="warn"`. For reproducible masks on a GPU (README, "Use a real checkpoint on GPUs").
+    # `deterministic="warn"`. For reproducible masks on a GPU (README, "Real checkpoints on GPUs").
     deterministic: bool = False
     max_steps: int = 300
     log_every_n_steps: int = 10
@@ -349,7 +354,11 @@ class RunConfig:
     checkpoint_every_n_steps: int = 50  # per-pair ModelCheckpoint; a resumed pair continues from the last one
     keep_checkpoints: bool = False  # delete a pair's checkpoints once it is done
     save_overlays: bool = True
-    logger: str = "tensorboard"  # one run per pair: tensorboard | csv | wandb | mlflow | none (no logger at all)
+    logger: str = "tensorboard"  # tensorboard | csv | wandb | mlflow | none (no logger at all)
+    # How many pairs get a logger run of their own (curves, and with TensorBoard mask images): the pairs whose
+    # output name hashes lowest, the same ones whatever the batching or the number of workers; null: every pair.
+    # Every worker's run (worker<rank>, worker<rank>-losses) holds job-level aggregates of all its pairs.
+    log_pairs: int | None = 64
     # Seconds between the job-wide progress lines (pairs finished of all, ETA) in a log that is not a terminal.
     progress_every_s: float = 30.0
 

@@ -233,6 +233,8 @@ def validate(cfg: Any, inputs: bool = True) -> None:
         validate_logger(cfg.run)
         _check(cfg.run.checkpoint_every_n_steps >= 1, "run.checkpoint_every_n_steps",
                cfg.run.checkpoint_every_n_steps, "an integer >= 1")
+        _check(cfg.run.log_pairs is None or cfg.run.log_pairs >= 0, "run.log_pairs", cfg.run.log_pairs,
+               "null (every pair) or an integer >= 0")
     if "model" in cfg:
         _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, " | ".join(DTYPES))
         _check(cfg.model.attention in ATTENTIONS, "model.attention", cfg.model.attention, " | ".join(ATTENTIONS))

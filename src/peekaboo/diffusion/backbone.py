@@ -10,6 +10,7 @@ latents comes from :mod:`peekaboo.diffusion.estimators`.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,10 @@ from peekaboo.errors import ConfigError, ModelError
 log = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# The most prompt embeddings a backbone keeps on its device, the least recently used dropped first: a dataset run
+# meets most of its prompts for one pair only (RefCOCO val: ~10.8k sentences), so an unbounded cache grows by one
+# (1, L, D) tensor per pair. Far more than one batch's prompts, and a category dataset's whole vocabulary.
+PROMPT_CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class Backbone:
         self.resolution = resolution
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @property
     def device(self) -> torch.device:
@@ -98,7 +103,7 @@ class Backbone:
         if self.device != device:
             for model in (self.vae, self.unet, self.text_encoder):
                 model.to(device)
-            self._prompt_cache = {k: v.to(device) for k, v in self._prompt_cache.items()}
+            self._prompt_cache = OrderedDict((k, v.to(device)) for k, v in self._prompt_cache.items())
         return self
 
     # -- text -----------------------------------------------------------------------------------------------
@@ -117,13 +122,18 @@ class Backbone:
 
     @torch.no_grad()
     def _embed(self, prompt: str) -> torch.Tensor:
-        if prompt not in self._prompt_cache:
-            ids = self.tokenize(prompt).to(self.device)
-            self._prompt_cache[prompt] = self.text_encoder(ids)[0]  # (1, L, D)
-        return self._prompt_cache[prompt]
+        if prompt in self._prompt_cache:
+            self._prompt_cache.move_to_end(prompt)
+            return self._prompt_cache[prompt]
+        ids = self.tokenize(prompt).to(self.device)
+        self._prompt_cache[prompt] = embedding = self.text_encoder(ids)[0]  # (1, L, D)
+        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+        return embedding
 
     def encode_prompt(self, prompt: str) -> PromptEmbeddings:
-        """Embeddings ``[uncond, cond]`` of ``prompt``, each ``(1, L, D)``; cached per prompt."""
+        """Embeddings ``[uncond, cond]`` of ``prompt``, each ``(1, L, D)``; cached per prompt (the last
+        :data:`PROMPT_CACHE_SIZE` prompts used)."""
         return PromptEmbeddings(uncond=self._embed(""), cond=self._embed(prompt))
 
     # -- images ---------------------------------------------------------------------------------------------

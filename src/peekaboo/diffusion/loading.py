@@ -17,7 +17,7 @@ import torch
 from peekaboo.config import BUNDLED_MODEL, ModelConfig
 from peekaboo.diffusion.backbone import PREDICTION_TYPES, Backbone, channels_message, native_resolution
 from peekaboo.errors import ModelError
-from peekaboo.utils.devices import check_dtype
+from peekaboo.utils.devices import check_dtype, set_tf32
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 BUNDLED_PATH = Path(__file__).parents[1] / "assets" / "shapes-ldm"
@@ -373,6 +373,7 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
     set_attention(cfg.attention, unet, vae)
     resolution = cfg.resolution or native_resolution(unet, vae)
     backbone = Backbone(vae, unet, text_encoder, tokenizer, scheduler_config, resolution).to(device)
+    set_tf32(cfg.tf32, device)
     if cfg.compile:
         # The two calls of every step; the text encoder runs once per prompt and is not worth compiling.
         backbone.unet.forward = torch.compile(backbone.unet.forward)
@@ -402,19 +403,23 @@ _SHARED: dict[str, Backbone] = {}
 
 def cache_key(cfg: ModelConfig) -> str:
     """The key of ``cfg``'s shared backbone: every field of the model config (with the bundled model's name
-    resolved to its folder), so a config that differs in any field, including one added later, loads its own."""
+    resolved to its folder), so a config that differs in any field, including one added later, loads its own;
+    all but ``tf32``, a process-wide switch that :func:`shared_backbone` sets on every call."""
     from omegaconf import OmegaConf
 
     fields = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     assert isinstance(fields, dict)
     fields["pretrained"] = resolve_pretrained(cfg.pretrained)
+    fields.pop("tf32", None)
     return json.dumps(fields, sort_keys=True)
 
 
 def shared_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
-    """The process-wide backbone for ``cfg``: loaded on first use, then reused by every pair."""
+    """The process-wide backbone for ``cfg``: loaded on first use, then reused by every pair; on a GPU, float32
+    math follows ``cfg.tf32`` from here on (:func:`~peekaboo.utils.devices.set_tf32`)."""
     key = cache_key(cfg)
     if key not in _SHARED:
         _SHARED[key] = load_backbone(cfg, device)
+    set_tf32(cfg.tf32, device)
     return _SHARED[key].to(device)
 

@@ -8,13 +8,14 @@ handling in :mod:`peekaboo.optim.preemption`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -264,7 +265,7 @@ def _fit(
     has_ckpt = any(isinstance(cb, Checkpoint) for cb in cbs)
     module = PeekabooModule(images, prompts, pair_ids, opt_cfg, backbone, trainer_cfg.max_steps, mask_inits)
     loader = DataLoader(_Steps(trainer_cfg.max_steps), batch_size=None, shuffle=False, num_workers=0)
-    with quiet_lightning(), warnings_to_log(log, ignore=_EXPECTED_WARNINGS):
+    with quiet_lightning(), warnings_to_log(log, ignore=_EXPECTED_WARNINGS), _deterministic_flags_kept():
         trainer = build_trainer(trainer_cfg, logger, cbs, fit.enable_progress_bar, has_ckpt, fit.devices)
         start = time.perf_counter()
         try:
@@ -283,8 +284,11 @@ def _fit(
                 if run is not logger:
                     run.finalize("success")
     seconds = (time.perf_counter() - start) / len(pair_ids)
-    with torch.no_grad():
-        alphas = module().detach().float().cpu()[:, 0]  # (B, S, S)
+    alphas = module.final_alpha  # rendered on the fit's device, before Lightning moved the module to the CPU
+    if alphas is None:  # no step left to take (a checkpoint of a finished fit): render it on that device too
+        with torch.no_grad():
+            alphas = module.to(trainer.strategy.root_device)().detach().float().cpu()
+    alphas = alphas[:, 0]  # (B, S, S)
     if logger:
         logger.finalize("success")
     steps = module.steps_used(trainer.global_step)
@@ -297,6 +301,18 @@ def _fit(
         results.append(PairResult(alpha=alphas[i], steps=steps[i], seconds=seconds, failed=bool(module.failed[i]),
                                   losses=losses, curve=curves.curve(i, steps[i] if stopped[i] else None)))
     return results
+
+
+@contextlib.contextmanager
+def _deterministic_flags_kept() -> Iterator[None]:
+    """The Trainer sets PyTorch's process-wide deterministic-algorithms flag (``trainer.deterministic``); give the
+    caller's setting back after the fit."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def split_on_oom(items: list[T], run: Callable[[list[T]], list[Any]], what: str = "pairs") -> list[Any]:

@@ -1,9 +1,10 @@
 """Experiment loggers of dataset runs: Lightning's own TensorBoard, CSV, Weights & Biases and MLflow loggers.
 
-``run.logger`` picks one; every pair gets its own run of it (``<run folder>/<LOG_DIRS[kind]>/<pair name>``),
-a batch of pairs one more for its means, and each worker one for its job curves. The wandb and mlflow
-packages are optional extras, imported only when their logger is built (``peekaboo.config`` checks at start-up
-that they are installed).
+``run.logger`` picks one; in a dataset run each pair of a sample (``run.log_pairs``) gets its own run of it
+(``<run folder>/<LOG_DIRS[kind]>/<pair name>``), a batch of those pairs one more for its means, and each worker
+two for the job-level aggregates of all its pairs (``worker<rank>``, ``worker<rank>-losses``); ``predict`` logs
+every prompt. The wandb and mlflow packages are optional extras, imported only when their logger is built
+(``peekaboo.config`` checks at start-up that they are installed).
 """
 
 from __future__ import annotations

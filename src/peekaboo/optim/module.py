@@ -30,6 +30,11 @@ SUSPECT_SETTINGS = {
 }
 
 
+# A pair whose dream-loss gradient has non-finite entries (the model's outputs overflowed) this many steps in a
+# row, or at every step of a shorter run, has failed: the zeroed gradient leaves gravity alone to move its mask.
+NONFINITE_STEPS = 10
+
+
 def non_finite_hint(cfg: OptimizationConfig, prefix: str = "optimization.") -> str:
     """What to change after a non-finite loss or mask: the setting of ``cfg`` furthest above its usual range
     (``SUSPECT_SETTINGS``), or the learning rate and the image when every setting is in range."""
@@ -110,13 +115,17 @@ class PeekabooModule(L.LightningModule):
         # stopping can stop a pair, so other checkpoints hold exactly what they held before.
         self.register_buffer("stopped_at", torch.full((len(self.pair_ids),), -1, dtype=torch.long),
                              persistent=cfg.early_stop.enabled)
+        # Consecutive steps each pair's gradient had non-finite entries (NONFINITE_STEPS). Kept in checkpoints
+        # beside the state dict (on_save_checkpoint), so the state dict holds the masks' keys only.
+        self.register_buffer("nonfinite_steps", torch.zeros(len(self.pair_ids), dtype=torch.long), persistent=False)
         self.took_step = torch.ones(len(self.pair_ids), dtype=torch.bool)  # (B,): the pairs the last step moved
         self.max_steps = max_steps
         self._emb: PromptEmbeddings | None = None
         self.last_composite: torch.Tensor | None = None  # (B, 3, S, S), for image logging
         self.last_alpha: torch.Tensor | None = None  # (B, 1, S, S) of the last step
         self.last_losses: dict[str, torch.Tensor] = {}  # per pair, (B,)
-        self.last_guidance: dict[str, torch.Tensor] = {}  # per pair, (B,): timestep and gradient norm
+        self.last_guidance: dict[str, torch.Tensor] = {}  # per pair, (B,): timestep, gradient norm, non-finite
+        self.final_alpha: torch.Tensor | None = None  # (B, 1, S, S) float32 on CPU: the mask the fit ended with
         self.logged_this_step = False  # whether the last step's curves went to the Trainer's logger
 
     @property
@@ -226,13 +235,18 @@ class PeekabooModule(L.LightningModule):
         dream = cfg.loss.lambda_dream * terms["loss"]  # (R,)
         gravity = ops.gravity_loss(alpha_r.float(), cfg.loss.gravity, cfg.loss.gravity_reduction)  # (R,)
         total = dream + gravity  # (R,)
-        finite = torch.isfinite(total) & torch.isfinite(alpha_r.flatten(1)).all(dim=1)
+        nonfinite = terms.get("nonfinite", torch.zeros_like(total, dtype=torch.long))  # (R,) (a stand-in may not count)
+        streak = self.nonfinite_steps if rows is None else self.nonfinite_steps[rows]
+        streak = torch.where(nonfinite > 0, streak + 1, torch.zeros_like(streak))  # (R,)
+        self.nonfinite_steps = _rows_to_pairs(streak, rows, self.nonfinite_steps, self.batch_size)
+        finite = (torch.isfinite(total) & torch.isfinite(alpha_r.flatten(1)).all(dim=1)
+                  & (streak < min(NONFINITE_STEPS, self.total_steps or NONFINITE_STEPS)))
         self.failed |= _rows_to_pairs(~finite, rows, torch.zeros_like(self.failed), self.batch_size)
         failed_r = self.failed if rows is None else self.failed[rows]
         if self.failed.all():
             raise NonFiniteError(
-                f"pair(s) {', '.join(self.pair_ids)}: non-finite loss or mask at step {self.global_step}; "
-                f"{non_finite_hint(cfg)}"
+                f"pair(s) {', '.join(self.pair_ids)}: non-finite loss or mask (or model output: guidance/nonfinite) "
+                f"at step {self.global_step}; {non_finite_hint(cfg)}"
             )
         # torch.where, not a product: 0 * nan is nan, and a failed pair must not stop the others.
         objective = torch.where(failed_r, torch.zeros_like(total), total).sum()
@@ -244,7 +258,8 @@ class PeekabooModule(L.LightningModule):
             "loss/dream": dream.detach(), "loss/alpha": gravity.detach(), "loss/total": total.detach(),
             "mask/area": alpha_r.detach().flatten(1).mean(1)}.items()}
         self.last_guidance = {k: _rows_to_pairs(v, rows, self.last_guidance.get(k), self.batch_size) for k, v in {
-            "guidance/t": terms["t"].float(), "guidance/grad_norm": terms["grad_norm"]}.items()}
+            "guidance/t": terms["t"].float(), "guidance/grad_norm": terms["grad_norm"],
+            "guidance/nonfinite": nonfinite.float()}.items()}
         self.took_step = running
         self.logged_this_step = False
         if self.writes_logs_this_step():
@@ -308,7 +323,8 @@ class PeekabooModule(L.LightningModule):
         return None
 
     def step_metrics(self) -> dict[str, torch.Tensor]:
-        """The last step's curves, per pair: ``{name: (B,)}`` (losses, mask area, timestep, gradient norm)."""
+        """The last step's curves, per pair: ``{name: (B,)}`` (losses, mask area, timestep, gradient norm, and
+        ``guidance/nonfinite``: the gradient's entries that were not finite, zeroed before they were applied)."""
         return {**self.last_losses, **self.last_guidance}
 
     def writes_logs_this_step(self) -> bool:
@@ -328,7 +344,19 @@ class PeekabooModule(L.LightningModule):
         self.log_dict({k: v[ok].mean() for k, v in self.step_metrics().items()},
                       on_step=True, on_epoch=False, batch_size=self.batch_size)
 
+    def on_train_end(self) -> None:
+        # The final mask, rendered on the device the fit ran on (a Fourier MLP, a bilateral filter's passes):
+        # Lightning's teardown moves the module to the CPU next.
+        with torch.no_grad():
+            self.final_alpha = self().detach().float().cpu()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps.detach().cpu()
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        streak = checkpoint.get("nonfinite_steps")  # absent from checkpoints written before it was counted
+        if streak is not None and streak.shape == self.nonfinite_steps.shape:
+            self.nonfinite_steps.copy_(streak)
         # Checkpoints written before the Fourier MLP dropped its pre-BatchNorm biases still hold them; they
         # never changed the mask (BatchNorm subtracts them), so a resumed run drops them instead of failing.
         own = self.state_dict()

@@ -19,7 +19,7 @@ from peekaboo.runs.outputs import finalize, output_names
 from peekaboo.runs.planning import check_same_run
 from peekaboo.runs.workers import World, run_worker, spawn_workers
 from peekaboo.utils import files
-from peekaboo.utils.devices import resolve_device
+from peekaboo.utils.devices import check_worker_devices, resolve_device
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,10 @@ class RunOutcome:
 def run(cfg: TrainConfig, argv: list[str] | None = None) -> RunOutcome:
     """Optimize every pair of ``cfg.data`` (resuming a previous run of the same name).
 
-    With ``trainer.devices=N > 1`` this process starts N workers; under torchrun or SLURM this process is
-    one worker of the job. Raises :class:`PeekabooError` for bad input found before any work starts; a
-    preempted worker is not an error but a status (:data:`~peekaboo.errors.EXIT_PREEMPTED`).
+    With ``trainer.devices=N > 1`` this process starts N workers (one per GPU: more than the visible GPUs is
+    refused); under torchrun or srun this process is one worker of the job. Raises :class:`PeekabooError` for
+    bad input found before any work starts; a preempted worker is not an error but a status
+    (:data:`~peekaboo.errors.EXIT_PREEMPTED`).
     """
     run_dir = Path(cfg.run.root) / cfg.run.name
     pairs = build_source(cfg.data)
@@ -45,9 +46,11 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> RunOutcome:
     # Every model problem we can see without loading weights (also float16 on CPU) fails here, before the run
     # folder records these settings: a corrected rerun must not be refused as "different settings".
     check_model_source(cfg.model, resolve_device(cfg.trainer.accelerator), segmentation=True)
+    env_world = World.from_env()
+    if env_world is None:  # this process starts the workers: never more than one per GPU
+        check_worker_devices(cfg.trainer.accelerator, cfg.trainer.devices)
     check_same_run(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    env_world = World.from_env()
     # Written once, when the run starts: a rerun resumes under the same settings (check_same_run compared
     # them above), and one that is refused or fails must leave the record of the run's start as it was.
     if (env_world is None or env_world.rank == 0) and not (run_dir / "config.yaml").is_file():
