@@ -15,6 +15,7 @@ from peekaboo.bench import report as bench_report
 from peekaboo.bench import run as bench_run
 from peekaboo.bench.baselines import RANDOM_DISC_RADIUS, attention_mask, random_mask, whole_image
 from peekaboo.config import validate_optimization
+from peekaboo.diffusion.identity import model_fingerprint
 from peekaboo.errors import EXIT_INTERRUPTED, PeekabooError
 from peekaboo.optim import module as module_lib
 from peekaboo.optim.restarts import candidate_inits
@@ -305,11 +306,11 @@ def test_retrained_weights_at_the_same_path_change_the_row_key(tmp_path):
     (model / "unet").mkdir(parents=True)
     weights = model / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(b"first round")
-    before = methods.model_fingerprint(str(model))
+    before = model_fingerprint(str(model))
     weights.write_bytes(b"second round")
-    methods.model_fingerprint.cache_clear()
-    assert methods.model_fingerprint(str(model)) != before
-    assert methods.model_fingerprint("org/some-hub-model") == "org/some-hub-model"
+    model_fingerprint.cache_clear()
+    assert model_fingerprint(str(model)) != before
+    assert model_fingerprint("org/some-hub-model") == "org/some-hub-model"
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ read with :func:`peekaboo.config.load_config`); a row only lists what it changes
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from peekaboo.config import MASK_KINDS, TrainConfig, load_config, preset_dir
-from peekaboo.diffusion.loading import resolve_pretrained
+from peekaboo.diffusion.identity import model_fingerprint
 from peekaboo.errors import PeekabooError
 from peekaboo.optim.restarts import candidate_inits
 
@@ -257,21 +256,3 @@ def _fill(defaults: Any, stored: Any) -> Any:
         k: v for k, v in defaults.items() if k not in stored}
 
 
-#: Files up to this size are hashed by content; larger ones (a full-size checkpoint's weights) by size and
-#: modification time, so a key costs well under a second even for Stable Diffusion folders.
-FINGERPRINT_CONTENT_BYTES = 64 * 2**20
-
-
-@functools.cache
-def model_fingerprint(pretrained: str) -> str:
-    """A short digest of a local model folder's files (names, sizes, contents); a hub id is its own key."""
-    folder = Path(resolve_pretrained(pretrained))
-    if not folder.is_dir():
-        return pretrained
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(folder).as_posix()}:{stat.st_size}".encode())
-        small = stat.st_size <= FINGERPRINT_CONTENT_BYTES
-        digest.update(path.read_bytes() if small else str(stat.st_mtime_ns).encode())
-    return digest.hexdigest()[:16]

@@ -14,9 +14,10 @@ from typing import Any
 
 from peekaboo.config import TrainConfig, to_yaml
 from peekaboo.data import build_source
+from peekaboo.diffusion.identity import model_fingerprint
 from peekaboo.diffusion.loading import check_model_source
 from peekaboo.runs.outputs import finalize, output_names
-from peekaboo.runs.planning import check_same_run
+from peekaboo.runs.planning import WEIGHTS_FILE, check_same_run, check_same_weights
 from peekaboo.runs.workers import World, run_worker, spawn_workers
 from peekaboo.utils import files
 from peekaboo.utils.devices import check_worker_devices, resolve_device
@@ -50,11 +51,14 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> RunOutcome:
     if env_world is None:  # this process starts the workers: never more than one per GPU
         check_worker_devices(cfg.trainer.accelerator, cfg.trainer.devices)
     check_same_run(run_dir, cfg)
+    weights = model_fingerprint(cfg.model.pretrained, cfg.model.revision)
+    check_same_weights(run_dir, weights)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Written once, when the run starts: a rerun resumes under the same settings (check_same_run compared
     # them above), and one that is refused or fails must leave the record of the run's start as it was.
     if (env_world is None or env_world.rank == 0) and not (run_dir / "config.yaml").is_file():
         files.write_text(" ".join(argv if argv is not None else sys.argv) + "\n", run_dir / "cmd.txt")
+        files.write_text(weights + "\n", run_dir / WEIGHTS_FILE)
         files.write_text(to_yaml(cfg), run_dir / "config.yaml")  # last: its presence marks a started run
     if env_world is not None:
         code = run_worker(cfg, env_world)
