@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from tests_support import write_scene
-from tiny import build_tiny_pipeline  # tests/ is on pytest's pythonpath (pyproject.toml)
+from tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline  # tests/ is on pytest's pythonpath (pyproject.toml)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -38,6 +38,12 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_v_model(tmp_path_factory) -> Path:
     """The same architecture with a v-prediction scheduler."""
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-v") / "model", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory) -> Path:
+    """A random tiny SDXL-format pipeline folder (two text encoders, ``text_time`` UNet conditioning)."""
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "model")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """What a GPU user hits with real checkpoints at dataset scale, simulated on the CPU (CUDA, SLURM and the hub are
-monkeypatched): SDXL-class checkpoints refused from their configs, more workers than GPUs, the prompt-embedding
-cache, the TF32 switch, ``sbatch --ntasks`` without ``srun``, logger runs for a sample of pairs, and loading
-with accelerate."""
+monkeypatched): the SDXL-class checkpoints Peekaboo still cannot drive refused from their configs, more workers
+than GPUs, the prompt-embedding cache, the TF32 switch, ``sbatch --ntasks`` without ``srun``, logger runs for a
+sample of pairs, and loading with accelerate."""
 
 from __future__ import annotations
 
@@ -35,12 +35,13 @@ def _train_cfg(model, root, *args: str) -> TrainConfig:
     return load_config(TrainConfig, list(args), REPO_CONFIGS, "train")
 
 
-# -- SDXL-class checkpoints: refused from their configs, before any weights ------------------------------------
-def _pipeline_copy(tiny_model, tmp_path, unet: dict | None = None, class_name: str | None = None):
+# -- SDXL-class checkpoints: what is still refused, from the configs, before any weights ------------------------
+def _pipeline_copy(model, tmp_path, unet: dict | None = None, class_name: str | None = None,
+                   index: dict | None = None):
     folder = tmp_path / "model"
-    shutil.copytree(tiny_model, folder)
-    for file, edits in ((folder / "unet" / "config.json", unet), (folder / "model_index.json",
-                                                                   class_name and {"_class_name": class_name})):
+    shutil.copytree(model, folder)
+    index = {**(index or {}), **({"_class_name": class_name} if class_name else {})}
+    for file, edits in ((folder / "unet" / "config.json", unet), (folder / "model_index.json", index)):
         if edits:
             file.write_text(json.dumps({**json.loads(file.read_text()), **edits}))
     return folder
@@ -68,43 +69,81 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights requested")
 
-    for cls in (diffusers.AutoencoderKL, diffusers.UNet2DConditionModel, transformers.CLIPTextModel):
+    for cls in (diffusers.AutoencoderKL, diffusers.UNet2DConditionModel, transformers.CLIPTextModel,
+                transformers.CLIPTextModelWithProjection):
         monkeypatch.setattr(cls, "from_pretrained", refuse)
 
 
-@pytest.mark.parametrize("edit", [{"unet": {"addition_embed_type": "text_time"}},
-                                  {"class_name": "StableDiffusionXLPipeline"}])
-def test_a_local_sdxl_pipeline_is_refused_from_its_configs(tiny_model, tmp_path, no_weights, edit):
-    folder = _pipeline_copy(tiny_model, tmp_path, **edit)
-    with pytest.raises(ModelError, match="SDXL") as err:
+#: SDXL's refiner as its model_index.json lists it: no first text encoder, time ids with an aesthetic score.
+REFINER_INDEX = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None],
+                 "tokenizer": [None, None], "requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False}
+#: A refiner-style UNet: five time ids (an aesthetic score in place of the target size) of width 8, pooled 24.
+REFINER_UNET = {"projection_class_embeddings_input_dim": 5 * 8 + 24}
+
+STILL_REFUSED = {  # name -> (base model, edits, what the one-line refusal says)
+    "refiner-only": ("sdxl", {"index": REFINER_INDEX}, r"without text_encoder, tokenizer \(an SDXL refiner-only"),
+    "aesthetic score": ("sdxl", {"index": {"requires_aesthetics_score": True}},
+                        r"conditioned on an aesthetic score \(requires_aesthetics_score"),
+    "refiner time ids": ("sdxl", {"unet": REFINER_UNET},
+                         r"added embedding takes 64 values, not 6 time ids x addition_time_embed_dim 8 \+ "
+                         r"text_encoder_2's projection_dim 24"),
+    "text_time without text_encoder_2": ("sd", {"unet": {"addition_embed_type": "text_time"}},
+                                         r"addition_embed_type='text_time'\), but it has no text_encoder_2, "
+                                         r"tokenizer_2"),
+    "other added conditioning": ("sd", {"unet": {"addition_embed_type": "text_image"}},
+                                 r"addition_embed_type='text_image'; it gives none, as SD 1.x/2.x, or 'text_time'"),
+}
+
+
+@pytest.mark.parametrize("case", list(STILL_REFUSED))
+def test_what_sdxl_support_does_not_cover_is_refused_from_local_configs(tiny_model, tiny_sdxl_model, tmp_path,
+                                                                       no_weights, case):
+    base, edits, message = STILL_REFUSED[case]
+    folder = _pipeline_copy(tiny_sdxl_model if base == "sdxl" else tiny_model, tmp_path, **edits)
+    with pytest.raises(ModelError, match=message) as err:
         load_backbone(ModelConfig(pretrained=str(folder)))
     assert "\n" not in str(err.value)
 
 
+def test_an_sdxl_pipeline_class_is_no_longer_refused_by_name(tiny_model, tmp_path, no_weights):
+    folder = _pipeline_copy(tiny_model, tmp_path, class_name="StableDiffusionXLPipeline")  # an SD layout underneath
+    assert check_model_source(ModelConfig(pretrained=str(folder)), segmentation=True) == str(folder)
+
+
 @pytest.mark.parametrize("offline", ["env", "config", "online"])
-def test_an_sdxl_hub_id_is_refused_from_its_unet_config_before_any_weights(tiny_model, tmp_path, monkeypatch,
-                                                                            no_weights, offline):
-    hub = FakeHub(_pipeline_copy(tiny_model, tmp_path, unet={"addition_embed_type": "text_time"}))
+def test_an_sdxl_hub_id_passes_the_check_from_its_three_small_files(tiny_sdxl_model, monkeypatch, no_weights,
+                                                                     offline):
+    hub = FakeHub(tiny_sdxl_model)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     if offline == "env":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = ModelConfig(pretrained=SDXL_ID, revision="v1", local_files_only=offline == "config")
-    with pytest.raises(ModelError, match=r"addition_embed_type='text_time'.*SDXL") as err:
-        load_backbone(cfg)
-    assert "\n" not in str(err.value)
-    assert [c["file"] for c in hub.calls] == ["model_index.json", "unet/config.json"]
+    assert check_model_source(cfg, "cpu", segmentation=True) == SDXL_ID
+    assert [c["file"] for c in hub.calls] == ["model_index.json", "unet/config.json", "text_encoder_2/config.json"]
     assert all(c["repo"] == SDXL_ID and c["revision"] == "v1" and c["offline"] == (offline != "online")
                for c in hub.calls)
 
 
-def test_an_sdxl_pipeline_class_on_the_hub_is_refused_from_model_index_alone(tiny_model, tmp_path, monkeypatch,
-                                                                             no_weights):
-    hub = FakeHub(_pipeline_copy(tiny_model, tmp_path, class_name="StableDiffusionXLPipeline"))
+def test_an_sdxl_refiner_on_the_hub_is_refused_from_model_index_alone(tiny_sdxl_model, tmp_path, monkeypatch,
+                                                                      no_weights):
+    hub = FakeHub(_pipeline_copy(tiny_sdxl_model, tmp_path, index=REFINER_INDEX))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
-    with pytest.raises(ModelError, match=r"StableDiffusionXLPipeline.*SDXL"):
-        check_model_source(ModelConfig(pretrained=SDXL_ID), segmentation=True)
+    with pytest.raises(ModelError, match=r"StableDiffusionXLImg2ImgPipeline without text_encoder.*refiner-only"):
+        load_backbone(ModelConfig(pretrained="stabilityai/stable-diffusion-xl-refiner-1.0"))
     assert [c["file"] for c in hub.calls] == ["model_index.json"]
+
+
+@pytest.mark.parametrize("unet,message", [(REFINER_UNET, "added embedding takes 64 values"),
+                                          ({"addition_embed_type": "image"}, "addition_embed_type='image'")])
+def test_an_sdxl_hub_id_whose_unet_cannot_be_conditioned_is_refused_before_any_weights(
+        tiny_sdxl_model, tmp_path, monkeypatch, no_weights, unet, message):
+    hub = FakeHub(_pipeline_copy(tiny_sdxl_model, tmp_path, unet=unet))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    with pytest.raises(ModelError, match=message) as err:
+        load_backbone(ModelConfig(pretrained=SDXL_ID))
+    assert "\n" not in str(err.value)
+    assert all(c["file"].endswith(".json") for c in hub.calls)
 
 
 def test_an_sd_hub_id_passes_the_check_from_its_two_small_files(tiny_model, monkeypatch, no_weights):
@@ -155,16 +194,23 @@ def test_cpu_workers_are_not_limited_by_gpus(tiny_model, tmp_path, two_gpus):
 
 
 # -- the prompt-embedding cache ------------------------------------------------------------------------------------
-def test_the_prompt_cache_stays_bounded_and_returns_the_same_embeddings(tiny_model, monkeypatch):
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_the_prompt_cache_stays_bounded_and_returns_the_same_embeddings(tiny_model, tiny_sdxl_model, monkeypatch,
+                                                                         kind):
     monkeypatch.setattr(backbone_module, "PROMPT_CACHE_SIZE", 4, raising=False)
-    backbone = load_backbone(ModelConfig(pretrained=str(tiny_model)))
+    backbone = load_backbone(ModelConfig(pretrained=str(tiny_sdxl_model if kind == "sdxl" else tiny_model)))
     words = ["red", "green", "blue", "cat", "dog", "hat", "circle", "square"]
     first = {w: backbone.encode_prompt(f"a {w}") for w in words}
     assert len(backbone._prompt_cache) <= 4
     assert "" in backbone._prompt_cache  # the empty prompt is used with every prompt: it is never the oldest
-    for w in words:  # evicted or not, a prompt gets the same embeddings
+    for w in words:  # evicted or not, a prompt gets the same embeddings (SDXL: the pooled ones too)
         again = backbone.encode_prompt(f"a {w}")
         assert torch.equal(again.cond, first[w].cond) and torch.equal(again.uncond, first[w].uncond)
+        if kind == "sdxl":
+            assert torch.equal(again.pooled_cond, first[w].pooled_cond)
+            assert torch.equal(again.pooled_uncond, first[w].pooled_uncond)
+        else:
+            assert again.pooled_cond is None and again.pooled_uncond is None
     assert len(backbone._prompt_cache) <= 4
 
 
@@ -322,11 +368,14 @@ def test_gpu_more_workers_than_gpus_is_refused(tiny_model, tmp_path, monkeypatch
 
 
 @pytest.mark.gpu
-def test_gpu_prompt_cache_lives_on_the_device_and_stays_bounded(tiny_model, monkeypatch):
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_gpu_prompt_cache_lives_on_the_device_and_stays_bounded(tiny_model, tiny_sdxl_model, monkeypatch, kind):
     monkeypatch.setattr(backbone_module, "PROMPT_CACHE_SIZE", 3)
-    backbone = load_backbone(ModelConfig(pretrained=str(tiny_model)), "cuda")
+    backbone = load_backbone(ModelConfig(pretrained=str(tiny_sdxl_model if kind == "sdxl" else tiny_model)), "cuda")
     first = {w: backbone.encode_prompt(f"a {w}").cond for w in ("red", "green", "blue", "cat", "dog")}
     assert len(backbone._prompt_cache) <= 3
-    assert all(v.device.type == "cuda" for v in backbone._prompt_cache.values())
+    cached = [t for hidden, pooled in backbone._prompt_cache.values() for t in (hidden, pooled) if t is not None]
+    assert len(cached) == len(backbone._prompt_cache) * (2 if kind == "sdxl" else 1)
+    assert all(t.device.type == "cuda" for t in cached)
     for w, cond in first.items():
         assert torch.allclose(backbone.encode_prompt(f"a {w}").cond, cond)

@@ -1,9 +1,10 @@
 """Use a mask: regenerate the segmented region from a new prompt, and sample images to segment (text to RGBA).
 
-Both run diffusers' own pipelines (``StableDiffusionInpaintPipeline``, ``StableDiffusionPipeline``) assembled
-around the components a :class:`~peekaboo.diffusion.backbone.Backbone` already holds, so the weights are loaded once
-per process and shared with the segmentation. Only the scheduler is new: a ``DDIMScheduler`` built from the
-model folder's scheduler config (a small JSON file, not weights).
+Both run diffusers' own pipelines (``StableDiffusionInpaintPipeline``, ``StableDiffusionPipeline``, or their SDXL
+counterparts for an SDXL-format model) assembled around the components a
+:class:`~peekaboo.diffusion.backbone.Backbone` already holds, so the weights are loaded once per process and shared
+with the segmentation. Only the scheduler is new: a ``DDIMScheduler`` built from the model folder's scheduler
+config (a small JSON file, not weights).
 
 Editing works on the same square canvas as the segmentation (:func:`peekaboo.utils.images.fit_square`, at the
 model's native resolution) and maps the result back to the original image. A UNet with 9 input channels (a
@@ -17,7 +18,9 @@ round trip alters every pixel a little, so the untouched original pixels are com
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +46,10 @@ INPAINT_CHANNELS = 9
 _PIPELINE_MULTIPLE = 8
 
 _SCHEDULER_CONFIGS: dict[tuple, dict[str, Any]] = {}
+# What diffusers' SDXL pipelines say each time they upcast their float16 VAE themselves: a notice on every cast of
+# the VAE and a deprecation of the method they call. Expected here (their VAE is a float16 copy), not actionable.
+_UPCAST_NOTICE = "should be kept in float32"
+_UPCAST_DEPRECATION = r"`upcast_vae` is deprecated"
 
 
 @dataclass(frozen=True)
@@ -89,30 +96,42 @@ def load_scheduler(model_cfg: ModelConfig) -> Any:
 
 
 def _components(backbone: Backbone, model_cfg: ModelConfig) -> dict[str, Any]:
-    """The pipeline constructor arguments: the backbone's frozen modules, a fresh scheduler, no safety checker."""
-    return {
-        "vae": backbone.vae, "unet": backbone.unet, "text_encoder": backbone.text_encoder,
-        "tokenizer": backbone.tokenizer, "scheduler": load_scheduler(model_cfg),
-        "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False,
-    }
+    """The pipeline constructor arguments: the backbone's frozen modules, a fresh scheduler, no safety checker
+    (SDXL format: both text encoders, no watermarker)."""
+    common = {"vae": backbone.vae, "unet": backbone.unet, "text_encoder": backbone.text_encoder,
+              "tokenizer": backbone.tokenizer, "scheduler": load_scheduler(model_cfg)}
+    if not backbone.sdxl:
+        return {**common, "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    vae = backbone.vae
+    if vae.dtype != backbone.dtype:
+        # A float32 VAE beside a float16 UNet (an upcast SDXL VAE): diffusers' SDXL pipelines expect a float16 VAE
+        # and upcast it themselves (casting it back afterwards), so they get a float16 copy and the backbone's own
+        # VAE is never cast.
+        with _quiet_vae_upcast():
+            vae = copy.deepcopy(vae).to(backbone.dtype)
+    return {**common, "vae": vae, "text_encoder_2": backbone.text_encoder_2, "tokenizer_2": backbone.tokenizer_2,
+            "force_zeros_for_empty_prompt": backbone.zero_empty_prompt, "add_watermarker": False}
 
 
 def text_to_image_pipeline(backbone: Backbone, model_cfg: ModelConfig) -> Any:
-    """A ``StableDiffusionPipeline`` sharing the backbone's weights (nothing is loaded or copied)."""
-    from diffusers import StableDiffusionPipeline
+    """A ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for an SDXL-format model) sharing the
+    backbone's weights (nothing is loaded; only an upcast SDXL VAE is copied, :func:`_components`)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(**_components(backbone, model_cfg))
+    pipeline = StableDiffusionXLPipeline if backbone.sdxl else StableDiffusionPipeline
+    pipe = pipeline(**_components(backbone, model_cfg))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def inpaint_pipeline(backbone: Backbone, model_cfg: ModelConfig) -> Any:
-    """A ``StableDiffusionInpaintPipeline`` sharing the backbone's weights.
+    """A ``StableDiffusionInpaintPipeline`` (``StableDiffusionXLInpaintPipeline`` for an SDXL-format model) sharing
+    the backbone's weights.
 
     Raises:
         ModelError: the UNet has neither 4 (text-to-image) nor 9 (inpainting) input channels.
     """
-    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
     channels = backbone.unet.config.in_channels
     if channels not in (TEXT_TO_IMAGE_CHANNELS, INPAINT_CHANNELS):
@@ -120,7 +139,10 @@ def inpaint_pipeline(backbone: Backbone, model_cfg: ModelConfig) -> Any:
             f"model.pretrained={model_cfg.pretrained} has a UNet with {channels} input channels; editing needs a "
             f"text-to-image ({TEXT_TO_IMAGE_CHANNELS}) or inpainting ({INPAINT_CHANNELS}) Stable Diffusion UNet."
         )
-    pipe = StableDiffusionInpaintPipeline(**_components(backbone, model_cfg))
+    if backbone.sdxl:  # SDXL base's time ids: the target size, no aesthetic score (the refiner's)
+        pipe = StableDiffusionXLInpaintPipeline(**_components(backbone, model_cfg), requires_aesthetics_score=False)
+    else:
+        pipe = StableDiffusionInpaintPipeline(**_components(backbone, model_cfg))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -133,6 +155,23 @@ def _autocast(device: torch.device, precision: str) -> Iterator[None]:
             yield
     else:
         yield
+
+
+@contextlib.contextmanager
+def _quiet_vae_upcast() -> Iterator[None]:
+    """Leave out the notices of diffusers' own VAE upcast inside the block; every other warning still shows."""
+    cast_log = logging.getLogger("diffusers.models.modeling_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return _UPCAST_NOTICE not in record.getMessage()
+
+    cast_log.addFilter(keep)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_UPCAST_DEPRECATION, category=FutureWarning)
+            yield
+    finally:
+        cast_log.removeFilter(keep)
 
 
 def check_sample_size(size: int, backbone: Backbone) -> None:
@@ -165,7 +204,7 @@ def generate(
     size = sampling.size or backbone.native_resolution
     check_sample_size(size, backbone)
     pipe = text_to_image_pipeline(backbone, model_cfg)
-    with _autocast(backbone.device, precision):
+    with _autocast(backbone.device, precision), _quiet_vae_upcast():
         out = pipe(
             prompt, height=size, width=size, num_inference_steps=sampling.steps,
             guidance_scale=sampling.guidance_scale, generator=torch.Generator().manual_seed(sampling.seed),
@@ -314,7 +353,7 @@ def edit_region(
         return EditResult(img.copy(), region.numpy(), weight.numpy())
     pipe = inpaint_pipeline(backbone, model_cfg)
     target = canvas_region(region, placement, size, backbone.vae_scale_factor)  # (S, S)
-    with _autocast(backbone.device, precision):
+    with _autocast(backbone.device, precision), _quiet_vae_upcast():
         out = pipe(
             prompt=prompt,
             image=Image.fromarray(images.quantize(canvas.permute(1, 2, 0))),

@@ -1,8 +1,9 @@
 """The configuration's schema: typed dataclasses holding every key and its default, and the allowed values.
 
 A default lives here and nowhere else. The defaults are the paper's settings for Stable Diffusion 1.x
-(docs/DESIGN.md); the YAML presets only override them (:mod:`peekaboo.config.overrides`), and
-:mod:`peekaboo.config.validation` range-checks the result against the tuples of allowed values below.
+(docs/DESIGN.md, which lists where they depart from the official code); the YAML presets only override them
+(:mod:`peekaboo.config.overrides`), and :mod:`peekaboo.config.validation` range-checks the result against the
+tuples of allowed values below.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class ModelConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the UNet and the VAE encoder (pays off on GPUs for long runs)
     attention: str = "sdpa"  # the UNet's and VAE's attention kernels: sdpa | classic
+    # Recompute the VAE encoder's activations in the backward pass instead of keeping them: less memory per pair
+    # (more pairs per step on a GPU) for one more encoder forward per step; docs/PERFORMANCE.md has both.
+    vae_gradient_checkpointing: bool = False
     # On a GPU with TF32 tensor cores (Ampere and later), let float32 matmuls and convolutions use them: several
     # times the float32 throughput, at TF32's 10-bit mantissa (float16 and bfloat16 weights are unaffected). It
     # is torch's process-wide switch, set where the model is set up on the GPU (predict, the Segmenter, each
@@ -273,7 +277,10 @@ class OptimizationConfig:
 class ImageConfig:
     """How an image becomes the square working canvas, and how the mask maps back."""
 
-    fit: str = "scale"  # scale (stretch), crop (centre crop; outside the crop alpha is 0), or pad
+    # scale (stretch), crop (centre crop; outside the crop alpha is 0), or pad. The official code crops; scale keeps
+    # every pixel of the image in the mask, which evaluation needs (docs/DESIGN.md, "Departures from the official
+    # code").
+    fit: str = "scale"
     # RGBA images are flattened over this colour (RGB in [0, 1]) before use.
     flatten_background: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     # Refuse images with more pixels than this (decompression bombs).

@@ -227,9 +227,9 @@ def cross_attention_map(
     t = torch.as_tensor([int(x) for x in timesteps], dtype=torch.long)
     noise = torch.randn((n, *latents.shape[1:]), generator=gen).to(device)
     noisy = ops.add_noise(latents.expand(n, -1, -1, -1), noise, backbone.alphas_cumprod[t].to(device))
-    cond = backbone.encode_prompt(prompt).cond.expand(n, -1, -1).to(backbone.dtype)
+    emb = backbone.encode_prompt(prompt)
     with record_cross_attention(backbone.unet) as recorder:
-        backbone.unet(noisy.to(backbone.dtype), t.to(device), encoder_hidden_states=cond)
+        backbone.run_unet(noisy, t.to(device), emb.cond, emb.pooled_cond)
     common = max(math.isqrt(p.shape[2]) for p in recorder.maps)
     heat = attention_to_map(recorder.maps, positions, common)
     heat = F.interpolate(heat[None, None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0]

@@ -1,6 +1,11 @@
 """The frozen text-to-image diffusion model as one object: prompt embeddings, VAE encoding, UNet calls and the
 noise draws of the dream loss.
 
+Two formats: Stable Diffusion 1.x/2.x (one text encoder; the UNet takes its last hidden states) and SDXL (two
+text encoders; the UNet takes both encoders' penultimate hidden states, concatenated, and, through its
+``text_time`` added conditioning, the second encoder's pooled embedding and the image's size ids). Every UNet call
+goes through :meth:`Backbone.run_unet`, which adds SDXL's conditioning.
+
 A :class:`Backbone` is a plain object (not an ``nn.Module``), so a LightningModule holding it never puts its
 weights into ``state_dict`` or a checkpoint. :func:`peekaboo.diffusion.loading.shared_backbone` loads one per
 process and model config and hands the same object to every pair; the gradient the dream loss pushes into the
@@ -24,6 +29,10 @@ from peekaboo.errors import ConfigError, ModelError
 log = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# The UNet's addition_embed_type of the SDXL format: the pooled text embedding plus the size ids (time ids).
+TEXT_TIME = "text_time"
+# SDXL base's time ids: original size (h, w), crop top-left (y, x), target size (h, w).
+TIME_IDS = 6
 # The most prompt embeddings a backbone keeps on its device, the least recently used dropped first: a dataset run
 # meets most of its prompts for one pair only (RefCOCO val: ~10.8k sentences), so an unbounded cache grows by one
 # (1, L, D) tensor per pair. Far more than one batch's prompts, and a category dataset's whole vocabulary.
@@ -32,15 +41,32 @@ PROMPT_CACHE_SIZE = 1024
 
 @dataclass(frozen=True)
 class PromptEmbeddings:
-    """Text embeddings in diffusers' order ``[uncond, cond]``: each ``(B, L, D)`` (or ``(1, L, D)``, shared)."""
+    """Text embeddings in diffusers' order ``[uncond, cond]``: each ``(B, L, D)`` (or ``(1, L, D)``, shared); for
+    the SDXL format also the second text encoder's pooled embeddings ``pooled_uncond``, ``pooled_cond``, each
+    ``(B, P)`` (or ``(1, P)``), which :meth:`Backbone.run_unet` needs there (None for SD 1.x/2.x)."""
 
     uncond: torch.Tensor
     cond: torch.Tensor
+    pooled_uncond: torch.Tensor | None = None
+    pooled_cond: torch.Tensor | None = None
+
+    def _fields(self) -> tuple[torch.Tensor | None, ...]:
+        return self.uncond, self.cond, self.pooled_uncond, self.pooled_cond
 
     @staticmethod
     def stack(items: list[PromptEmbeddings]) -> PromptEmbeddings:
         """One batch from per-prompt embeddings."""
-        return PromptEmbeddings(torch.cat([e.uncond for e in items]), torch.cat([e.cond for e in items]))
+        columns = zip(*(e._fields() for e in items), strict=True)
+        return PromptEmbeddings(*(None if c[0] is None else torch.cat(c) for c in columns))
+
+    def select(self, rows: torch.Tensor) -> PromptEmbeddings:
+        """The embeddings of the batch rows ``rows`` ``(R,)``."""
+        return PromptEmbeddings(*(None if e is None else e[rows] for e in self._fields()))
+
+    def repeat_interleave(self, k: int) -> PromptEmbeddings:
+        """Each row ``k`` times in a row, ``(B*K, ...)``; a shared ``(1, ...)`` embedding stays shared."""
+        return PromptEmbeddings(*(e.repeat_interleave(k, 0) if e is not None and e.shape[0] > 1 else e
+                                  for e in self._fields()))
 
 
 def channels_message(model: str, unet_channels: int, latent_channels: int) -> str:
@@ -50,19 +76,38 @@ def channels_message(model: str, unet_channels: int, latent_channels: int) -> st
 
 
 class Backbone:
-    """A frozen Stable-Diffusion-style model (vae, unet, text_encoder, tokenizer, scheduler config).
+    """A frozen Stable-Diffusion-style model (vae, unet, text_encoder, tokenizer, scheduler config; SDXL format:
+    text_encoder_2 and tokenizer_2 too).
 
     Args:
         vae, unet, text_encoder, tokenizer: diffusers / transformers components, already frozen.
         scheduler_config: the scheduler's config dict (betas, number of timesteps, prediction type).
         resolution: side length the composite is resized to before encoding.
+        text_encoder_2, tokenizer_2: SDXL format (a UNet with ``addition_embed_type="text_time"``): the second
+            text encoder (a ``CLIPTextModelWithProjection``) and its tokenizer.
+        zero_empty_prompt: SDXL format: the unconditional embeddings are zeros, not the empty prompt's encoding
+            (``force_zeros_for_empty_prompt`` of SDXL base's ``model_index.json``).
+
+    Raises:
+        ModelError: an SDXL-format UNet without a second text encoder, or tokenizers of different lengths.
     """
 
-    def __init__(self, vae, unet, text_encoder, tokenizer, scheduler_config: dict[str, Any], resolution: int):
+    def __init__(self, vae, unet, text_encoder, tokenizer, scheduler_config: dict[str, Any], resolution: int,
+                 text_encoder_2=None, tokenizer_2=None, zero_empty_prompt: bool = False):
         from diffusers import DDPMScheduler
 
         self.vae, self.unet, self.text_encoder, self.tokenizer = vae, unet, text_encoder, tokenizer
-        for model in (vae, unet, text_encoder):
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        #: SDXL format: the UNet takes the pooled embedding and the size ids (``added_cond_kwargs``).
+        self.sdxl = unet.config.get("addition_embed_type") == TEXT_TIME
+        if self.sdxl and (text_encoder_2 is None or tokenizer_2 is None):
+            raise ModelError("The model's UNet takes SDXL's text_time conditioning, but no text_encoder_2 and "
+                             "tokenizer_2 were given.")
+        if self.sdxl and tokenizer_2.model_max_length != tokenizer.model_max_length:
+            raise ModelError(f"The model's tokenizers make {tokenizer.model_max_length} and "
+                             f"{tokenizer_2.model_max_length} tokens; SDXL's two embeddings need the same length.")
+        self.zero_empty_prompt = self.sdxl and zero_empty_prompt
+        for model in self.models:
             model.eval().requires_grad_(False)
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
         if self.prediction_type not in PREDICTION_TYPES:
@@ -77,7 +122,13 @@ class Backbone:
         self.resolution = resolution
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # prompt -> (hidden (1, L, D), pooled (1, P) or None), the least recently used first.
+        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+
+    @property
+    def models(self) -> tuple[Any, ...]:
+        """The frozen modules: vae, unet, text_encoder (and text_encoder_2)."""
+        return tuple(m for m in (self.vae, self.unet, self.text_encoder, self.text_encoder_2) if m is not None)
 
     @property
     def device(self) -> torch.device:
@@ -101,10 +152,19 @@ class Backbone:
         """Move the weights (and cached embeddings) to ``device``; a no-op when already there."""
         device = torch.device(device)
         if self.device != device:
-            for model in (self.vae, self.unet, self.text_encoder):
+            for model in self.models:
                 model.to(device)
-            self._prompt_cache = OrderedDict((k, v.to(device)) for k, v in self._prompt_cache.items())
+            self._prompt_cache = OrderedDict((k, (h.to(device), None if p is None else p.to(device)))
+                                             for k, (h, p) in self._prompt_cache.items())
         return self
+
+    def set_vae_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute the VAE encoder's activations block by block in the backward pass instead of keeping them
+        (``model.vae_gradient_checkpointing``): less memory per pair for one more encoder forward per step."""
+        if enabled:
+            self.vae.enable_gradient_checkpointing()
+        else:
+            self.vae.disable_gradient_checkpointing()
 
     # -- text -----------------------------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> torch.Tensor:
@@ -121,20 +181,37 @@ class Backbone:
         return ids.input_ids
 
     @torch.no_grad()
-    def _embed(self, prompt: str) -> torch.Tensor:
+    def _embed(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if prompt in self._prompt_cache:
             self._prompt_cache.move_to_end(prompt)
             return self._prompt_cache[prompt]
         ids = self.tokenize(prompt).to(self.device)
-        self._prompt_cache[prompt] = embedding = self.text_encoder(ids)[0]  # (1, L, D)
+        # SD 1.x/2.x: the last hidden states (1, L, D), no pooled embedding.
+        embedding = self._embed_sdxl(prompt, ids) if self.sdxl else (self.text_encoder(ids)[0], None)
+        self._prompt_cache[prompt] = embedding
         while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
             self._prompt_cache.popitem(last=False)
         return embedding
 
+    def _embed_sdxl(self, prompt: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's embeddings of ``prompt`` (token ids ``ids`` of the first tokenizer): both encoders' penultimate
+        hidden states concatenated, ``(1, L, D1 + D2)``, and the second encoder's pooled (projected) embedding
+        ``(1, P)``; zeros for the empty prompt where ``zero_empty_prompt`` says so."""
+        ids_2 = self.tokenizer_2(prompt, padding="max_length", max_length=self.tokenizer_2.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
+        first = self.text_encoder(ids, output_hidden_states=True)
+        second = self.text_encoder_2(ids_2, output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)  # (1, L, D1 + D2)
+        pooled = second.text_embeds  # (1, P)
+        if prompt == "" and self.zero_empty_prompt:
+            return torch.zeros_like(hidden), torch.zeros_like(pooled)
+        return hidden, pooled
+
     def encode_prompt(self, prompt: str) -> PromptEmbeddings:
-        """Embeddings ``[uncond, cond]`` of ``prompt``, each ``(1, L, D)``; cached per prompt (the last
-        :data:`PROMPT_CACHE_SIZE` prompts used)."""
-        return PromptEmbeddings(uncond=self._embed(""), cond=self._embed(prompt))
+        """Embeddings ``[uncond, cond]`` of ``prompt``, each ``(1, L, D)`` (SDXL format: with the pooled ones,
+        each ``(1, P)``); cached per prompt (the last :data:`PROMPT_CACHE_SIZE` prompts used)."""
+        (uncond, pooled_uncond), (cond, pooled_cond) = self._embed(""), self._embed(prompt)
+        return PromptEmbeddings(uncond, cond, pooled_uncond, pooled_cond)
 
     # -- images ---------------------------------------------------------------------------------------------
     def encode_images(
@@ -198,10 +275,46 @@ class Backbone:
                               f"of {multiple} (VAE factor {self.vae_scale_factor} times the UNet's downsampling "
                               f"{unet_factor}), e.g. {nearest}.")
 
+    # -- UNet calls -----------------------------------------------------------------------------------------
+    def time_ids(self, latent_size: tuple[int, int], rows: int) -> torch.Tensor:
+        """SDXL's size conditioning for latents of ``latent_size`` ``(h, w)``: original size, crop top-left and
+        target size, ``(H, W, 0, 0, H, W)`` with ``H = h * vae_scale_factor``: the composite is a whole, uncropped
+        image at the side encoded. ``(rows, 6)`` in the UNet's dtype, on its device."""
+        height, width = (side * self.vae_scale_factor for side in latent_size)
+        ids = torch.tensor([height, width, 0, 0, height, width], dtype=self.unet.dtype, device=self.device)
+        return ids.expand(rows, TIME_IDS)
+
+    def run_unet(self, noisy: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor,
+                 pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """One UNet call, in the UNet's dtype, with SDXL's added conditioning where the UNet takes it.
+
+        Args:
+            noisy: ``(N, C, h, w)`` noisy latents.
+            t: ``(N,)`` integer timesteps.
+            hidden: ``(N, L, D)`` text embeddings, or a shared ``(1, L, D)``.
+            pooled: SDXL format: ``(N, P)`` pooled text embeddings, or a shared ``(1, P)``; ignored otherwise.
+
+        Returns:
+            the UNet's output ``(N, C, h, w)`` (epsilon or v, as the model predicts), in the UNet's dtype.
+
+        Raises:
+            ValueError: an SDXL-format UNet called without ``pooled``.
+        """
+        rows, dtype = noisy.shape[0], self.unet.dtype
+        added = {}
+        if self.sdxl:
+            if pooled is None:
+                raise ValueError("an SDXL-format UNet needs the pooled text embeddings (PromptEmbeddings.pooled_*)")
+            added = {"added_cond_kwargs": {"text_embeds": pooled.expand(rows, -1).to(dtype),
+                                           "time_ids": self.time_ids(noisy.shape[-2:], rows)}}
+        return self.unet(noisy.to(dtype), t, encoder_hidden_states=hidden.expand(rows, -1, -1).to(dtype),
+                         **added).sample
+
     # -- dream loss -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict_eps(
-        self, noisy: list[torch.Tensor], t: list[torch.Tensor], hidden: list[torch.Tensor], batch: bool = True
+        self, noisy: list[torch.Tensor], t: list[torch.Tensor], hidden: list[torch.Tensor], batch: bool = True,
+        pooled: list[torch.Tensor | None] | None = None,
     ) -> list[torch.Tensor]:
         """UNet epsilon predictions for groups of rows (v-predictions are converted to epsilon).
 
@@ -210,6 +323,8 @@ class Backbone:
             t: per group ``(N_i,)`` integer timesteps.
             hidden: per group text embeddings ``(N_i, L, D)``, or a shared ``(1, L, D)``.
             batch: one UNet call over all groups' rows instead of one call per group.
+            pooled: per group the SDXL format's pooled text embeddings ``(N_i, P)``, or a shared ``(1, P)``
+                (the ``pooled_*`` of :class:`PromptEmbeddings`, None for SD 1.x/2.x).
 
         Returns:
             per group ``(N_i, C, h, w)`` float32.
@@ -217,16 +332,17 @@ class Backbone:
         channels = self.unet.config.in_channels
         if noisy[0].shape[1] != channels:  # e.g. an inpainting UNet loaded for editing
             raise ModelError(channels_message("The loaded model", channels, noisy[0].shape[1]))
-        dtype = self.unet.dtype
-        hidden = [e.expand(z.shape[0], -1, -1).to(dtype) for z, e in zip(noisy, hidden, strict=True)]
-        zs = [z.to(dtype) for z in noisy]
+        sizes = [z.shape[0] for z in noisy]
+        hidden = [e.expand(n, -1, -1) for n, e in zip(sizes, hidden, strict=True)]
+        groups = None if pooled is None or any(p is None for p in pooled) else [
+            p.expand(n, -1) for n, p in zip(sizes, pooled, strict=True)]
         if batch:
-            sizes = [z.shape[0] for z in zs]
-            out = self.unet(torch.cat(zs), torch.cat(t), encoder_hidden_states=torch.cat(hidden)).sample
+            out = self.run_unet(torch.cat(noisy), torch.cat(t), torch.cat(hidden),
+                                None if groups is None else torch.cat(groups))
             outs = list(out.float().split(sizes))
         else:
-            outs = [self.unet(z, tt, encoder_hidden_states=e).sample.float() for z, tt, e in zip(zs, t, hidden,
-                                                                                                  strict=True)]
+            outs = [self.run_unet(z, tt, e, None if groups is None else groups[i]).float()
+                    for i, (z, tt, e) in enumerate(zip(noisy, t, hidden, strict=True))]
         if self.prediction_type == "v_prediction":
             abar = self.alphas_cumprod.to(noisy[0].device)
             outs = [ops.v_to_epsilon(o, z, abar[tt]) for o, z, tt in zip(outs, noisy, t, strict=True)]
@@ -241,13 +357,14 @@ class Backbone:
         Args:
             noisy: ``(B, C, h, w)`` noisy latents ``z_t``.
             t: ``(B,)`` integer timesteps.
-            emb: prompt embeddings, each ``(B, L, D)`` or a shared ``(1, L, D)``.
+            emb: prompt embeddings, each ``(B, L, D)`` or a shared ``(1, L, D)`` (SDXL: with the pooled ones).
             batch_cfg: one UNet call of batch ``2B`` instead of two calls of ``B``.
 
         Returns:
             ``(eps_uncond, eps_cond)``, each ``(B, C, h, w)`` float32.
         """
-        eps_u, eps_c = self.predict_eps([noisy, noisy], [t, t], [emb.uncond, emb.cond], batch_cfg)
+        eps_u, eps_c = self.predict_eps([noisy, noisy], [t, t], [emb.uncond, emb.cond], batch_cfg,
+                                        [emb.pooled_uncond, emb.pooled_cond])
         return eps_u, eps_c
 
     def sample_timestep(
@@ -296,8 +413,7 @@ class Backbone:
         clean = latents.detach()
         if k_draws > 1:  # K = 1 keeps exactly the tensors (and results) of a single draw
             clean = clean.repeat_interleave(k_draws, 0)  # (B*K, C, h, w)
-            emb = PromptEmbeddings(*(e.repeat_interleave(k_draws, 0) if e.shape[0] > 1 else e
-                                     for e in (emb.uncond, emb.cond)))  # (B*K, L, D), or a shared (1, L, D)
+            emb = emb.repeat_interleave(k_draws)  # (B*K, L, D), or a shared (1, L, D)
         noisy = ops.add_noise(clean, noise, abar)  # (B*K, C, h, w)
         grad = estimators.gradient(self, noisy, noise, t, abar, emb, cfg)  # (B*K, C, h, w)
         # Counted before they are zeroed: a model whose outputs overflow (e.g. float16) otherwise looks like one

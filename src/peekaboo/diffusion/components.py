@@ -1,10 +1,12 @@
 """Stable-Diffusion-format pipelines built from component configs: one builder for every model the project makes.
 
-The tests' tiny model, the bundled models' training (``scripts/train_bundled_model.py``) and the throughput
+The tests' tiny models, the bundled models' training (``scripts/train_bundled_model.py``) and the throughput
 benchmark's Stable-Diffusion-1.5-size model are all a VAE, a CLIP text encoder with its tokenizer, a conditional
 UNet and a DDPM scheduler, saved with ``save_pretrained`` so that they load through the same ``from_pretrained``
-path a user's checkpoint takes. :data:`SD15` holds Stable Diffusion 1.5's published component configs (random
-weights cost the same compute as real ones).
+path a user's checkpoint takes. An SDXL-format pipeline adds a second text encoder with a projection
+(``text_encoder_2``, whose pooled embedding the UNet's ``text_time`` conditioning takes) and its tokenizer.
+:data:`SD15` holds Stable Diffusion 1.5's published component configs (random weights cost the same compute as
+real ones).
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ class Architecture:
     """The configs of a pipeline's components, as their diffusers / transformers constructors take them.
 
     ``text_encoder`` is a ``CLIPTextConfig``'s keyword arguments less the token ids, which come from the
-    tokenizer; ``scheduler`` a ``DDPMScheduler``'s.
+    tokenizer; ``scheduler`` a ``DDPMScheduler``'s. ``text_encoder_2`` (SDXL format: a
+    ``CLIPTextModelWithProjection``'s ``CLIPTextConfig``, with its ``projection_dim``) makes the pipeline an
+    SDXL one; None, a Stable Diffusion 1.x/2.x one.
     """
 
     unet: dict[str, Any]
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(_SD_SCHEDULER))
+    text_encoder_2: dict[str, Any] | None = None
 
 
 _SD_SCHEDULER: dict[str, Any] = {
@@ -60,7 +65,7 @@ SD15 = Architecture(
 
 
 def build_components(arch: Architecture, tokenizer: Any, seed: int = 0,
-                     device: torch.device | str = "cpu") -> dict[str, Any]:
+                     device: torch.device | str = "cpu", tokenizer_2: Any = None) -> dict[str, Any]:
     """Randomly initialised components of ``arch``, on the CPU, ready for :func:`save_pipeline` or training.
 
     Args:
@@ -69,23 +74,36 @@ def build_components(arch: Architecture, tokenizer: Any, seed: int = 0,
         seed: seeds the initial weights (the same seed gives the same weights).
         device: where the weights are initialised (a GPU initialises a billion weights much faster); the
             components are returned on the CPU.
+        tokenizer_2: SDXL format only: the second text encoder's tokenizer (None: ``tokenizer``).
 
     Returns:
-        ``{"vae", "text_encoder", "tokenizer", "unet", "scheduler"}``.
+        ``{"vae", "text_encoder", "tokenizer", "unet", "scheduler"}``, plus ``"text_encoder_2"`` and
+        ``"tokenizer_2"`` when ``arch.text_encoder_2`` is set.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel(**arch.unet)
         vae = AutoencoderKL(**arch.vae)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            **arch.text_encoder, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ))
-    return {"vae": vae.cpu(), "text_encoder": text_encoder.cpu(), "tokenizer": tokenizer, "unet": unet.cpu(),
-            "scheduler": DDPMScheduler(**arch.scheduler)}
+        text_encoder = CLIPTextModel(_clip_config(arch.text_encoder, tokenizer))
+        if arch.text_encoder_2 is not None:
+            tokenizer_2 = tokenizer_2 if tokenizer_2 is not None else tokenizer
+            text_encoder_2 = CLIPTextModelWithProjection(_clip_config(arch.text_encoder_2, tokenizer_2))
+    components = {"vae": vae.cpu(), "text_encoder": text_encoder.cpu(), "tokenizer": tokenizer, "unet": unet.cpu(),
+                  "scheduler": DDPMScheduler(**arch.scheduler)}
+    if arch.text_encoder_2 is not None:
+        components |= {"text_encoder_2": text_encoder_2.cpu(), "tokenizer_2": tokenizer_2}
+    return components
+
+
+def _clip_config(config: dict[str, Any], tokenizer: Any) -> Any:
+    """A ``CLIPTextConfig`` of ``config`` with ``tokenizer``'s special-token ids."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**config, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
 
 
 def save_pipeline(folder: str | Path, components: dict[str, Any], dtype: torch.dtype | None = None) -> Path:
@@ -93,16 +111,21 @@ def save_pipeline(folder: str | Path, components: dict[str, Any], dtype: torch.d
 
     Args:
         folder: replaced if it exists.
-        components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler`` (any diffusers scheduler).
+        components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler`` (any diffusers scheduler);
+            with ``text_encoder_2`` and ``tokenizer_2`` too, an SDXL pipeline (``StableDiffusionXLPipeline``, its
+            empty prompt embedded as zeros, as SDXL base's is).
         dtype: cast the weights before saving (e.g. float16 to halve a shipped model's size); None keeps them.
 
     Returns:
         ``folder`` as a Path.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    if "text_encoder_2" in components:
+        pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     if dtype is not None:
         pipe = pipe.to(dtype=dtype)
     folder = Path(folder)

@@ -40,7 +40,8 @@ def gradient(
         noisy: ``(N, C, h, w)`` noisy latents ``z_t``.
         noise: ``(N, C, h, w)`` the noise that made them.
         t: ``(N,)`` integer timesteps; ``abar`` ``(N,)`` their ``alphas_cumprod``.
-        emb: ``[uncond, cond]`` embeddings, each ``(N, L, D)`` or a shared ``(1, L, D)``.
+        emb: ``[uncond, cond]`` embeddings, each ``(N, L, D)`` or a shared ``(1, L, D)`` (SDXL: with the pooled
+            ones, which every UNet call takes).
 
     Returns:
         ``(N, C, h, w)`` float32, non-finite entries as the model's outputs made them:
@@ -72,10 +73,12 @@ def _nfsd(
     """Noise-Free Score Distillation: rows ``[uncond, cond]`` on ``noisy``, and the negative prompt's when
     ``cfg.nfsd_negative_prompt`` is not empty (an empty one makes ``eps_neg = eps_u``); the domain term is
     ``eps_u`` below ``cfg.nfsd_t_threshold`` of the training timesteps, ``eps_u - eps_neg`` above it."""
-    hidden = [emb.uncond, emb.cond]
+    hidden, pooled = [emb.uncond, emb.cond], [emb.pooled_uncond, emb.pooled_cond]
     if cfg.nfsd_negative_prompt:
-        hidden.append(backbone.encode_prompt(cfg.nfsd_negative_prompt).cond)  # cached: encoded once
-    eps = backbone.predict_eps([noisy] * len(hidden), [t] * len(hidden), hidden, cfg.batch_cfg)
+        negative = backbone.encode_prompt(cfg.nfsd_negative_prompt)  # cached: encoded once
+        hidden.append(negative.cond)
+        pooled.append(negative.pooled_cond)
+    eps = backbone.predict_eps([noisy] * len(hidden), [t] * len(hidden), hidden, cfg.batch_cfg, pooled)
     small_t = t < cfg.nfsd_t_threshold * backbone.num_train_timesteps  # (N,)
     return ops.nfsd_gradient(eps[0], eps[1], eps[-1] if len(eps) == 3 else eps[0], small_t, abar,
                              cfg.guidance_scale, zero_nonfinite=False)

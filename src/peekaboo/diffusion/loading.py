@@ -1,6 +1,10 @@
 """Loading the frozen diffusion model: ``model.pretrained`` resolved (the bundled model, a local folder or a hub
 id), a local folder checked from its small JSON files before any weights are read, the components loaded frozen
 into a :class:`~peekaboo.diffusion.backbone.Backbone`, and the process-wide cache that hands every pair the same one.
+
+Two pipeline formats load: Stable Diffusion 1.x/2.x (one CLIP text encoder) and SDXL base (two text encoders, and
+a UNet with ``addition_embed_type="text_time"`` that also takes the second encoder's pooled embedding and the
+image's size ids). What neither covers (an SDXL refiner, other added conditioning) is refused from the configs.
 """
 
 from __future__ import annotations
@@ -15,11 +19,21 @@ from typing import Any
 import torch
 
 from peekaboo.config import BUNDLED_MODEL, ModelConfig
-from peekaboo.diffusion.backbone import PREDICTION_TYPES, Backbone, channels_message, native_resolution
+from peekaboo.diffusion.backbone import (
+    PREDICTION_TYPES,
+    TEXT_TIME,
+    TIME_IDS,
+    Backbone,
+    channels_message,
+    native_resolution,
+)
 from peekaboo.errors import ModelError
 from peekaboo.utils.devices import check_dtype, set_tf32
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+# What an SDXL-format pipeline adds: the second text encoder (with a projection: its pooled embedding conditions the
+# UNet) and its tokenizer.
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
 BUNDLED_PATH = Path(__file__).parents[1] / "assets" / "shapes-ldm"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -44,11 +58,10 @@ _ATTENTION_WEIGHTS_PER_HIDDEN_SQUARED = 4
 # Weight files: safetensors hold only tensors; the others are pickles, read with weights_only=True.
 SAFE_WEIGHT_SUFFIX = ".safetensors"
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-WEIGHTED_COMPONENTS = ("vae", "unet", "text_encoder")
-# Pipeline classes (model_index.json's _class_name prefixes) whose UNet needs added conditioning (SDXL's pooled text
-# embeddings and size/crop ids), refused before their UNet config is even read.
-UNSUPPORTED_PIPELINES = ("StableDiffusionXL",)
-_SUPPORTED = "Peekaboo supports Stable Diffusion 1.x/2.x-style pipelines."
+WEIGHTED_COMPONENTS = ("vae", "unet", "text_encoder", "text_encoder_2")
+# model_index.json's _class_name prefix of SDXL's pipelines (base, img2img, inpainting, refiner).
+SDXL_PIPELINES = "StableDiffusionXL"
+_SUPPORTED = "Peekaboo supports Stable Diffusion 1.x/2.x-style pipelines and SDXL base-style ones."
 
 
 def resolve_pretrained(name: str) -> str:
@@ -70,15 +83,17 @@ def check_model_source(cfg: ModelConfig, device: torch.device | str | None = Non
     """Validate ``cfg`` (and its dtype on ``device``) before any weights are read; returns the resolved name.
 
     A local folder is checked from its small JSON files only: the components Peekaboo loads exist, the UNet
-    takes plain text conditioning (not SDXL's extra conditioning), the scheduler predicts epsilon or v, and,
-    with ``segmentation``, the UNet takes the VAE's latents alone (an inpainting UNet's extra channels can
-    edit but not segment). A hub id is checked the same way from its ``model_index.json`` and
-    ``unet/config.json`` alone (:func:`_check_hub_model`), so an SDXL-class checkpoint is refused before
-    gigabytes of weights download.
+    takes plain text conditioning or SDXL's ``text_time`` conditioning (then with a second text encoder whose
+    projection fits the UNet's added embedding), the scheduler predicts epsilon or v, and, with
+    ``segmentation``, the UNet takes the VAE's latents alone (an inpainting UNet's extra channels can edit but
+    not segment). A hub id is checked the same way from its ``model_index.json``, ``unet/config.json`` (and,
+    SDXL-style, ``text_encoder_2/config.json``) alone (:func:`_check_hub_model`), so a checkpoint Peekaboo
+    cannot drive is refused before gigabytes of weights download.
 
     Raises:
         ModelError: float16 on CPU, a missing folder, a folder without a Stable-Diffusion layout, a missing
-            component, a pipeline Peekaboo cannot drive, or a hub id whose small files cannot be had.
+            component, a pipeline Peekaboo cannot drive (an SDXL refiner, added conditioning other than SDXL's),
+            or a hub id whose small files cannot be had.
     """
     if device is not None:
         check_dtype(cfg.dtype, torch.device(device).type, ModelError)
@@ -102,17 +117,18 @@ def check_model_source(cfg: ModelConfig, device: torch.device | str | None = Non
         )
     components = _read_json(index)
     _check_components(cfg.pretrained, components)
-    absent = [c for c in COMPONENTS if not (path / c).is_dir()]
+    listed = COMPONENTS + tuple(c for c in SDXL_COMPONENTS if _listed(components, c))
+    absent = [c for c in listed if not (path / c).is_dir()]
     if absent:
         raise ModelError(
             f"model.pretrained={cfg.pretrained} lacks the component folder(s) {', '.join(absent)}/; "
             "copy the complete pipeline folder."
         )
     scheduler = path / "scheduler" / "scheduler_config.json"
-    _check_pipeline_kind(cfg.pretrained, _class_name(components), _optional_json(path / "unet" / "config.json"),
+    _check_pipeline_kind(cfg.pretrained, components, _optional_json(path / "unet" / "config.json"),
                          _optional_json(path / "vae" / "config.json"),
                          _read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon",
-                         segmentation)
+                         segmentation, _optional_json(path / "text_encoder_2" / "config.json"))
     for component in WEIGHTED_COMPONENTS:
         _check_component_sizes(path, component)
         _check_safe_weights(path, component)
@@ -230,29 +246,48 @@ def _class_name(components: dict[str, Any]) -> str:
     return str(components.get("_class_name", "diffusers"))
 
 
+def _listed(components: dict[str, Any], component: str) -> bool:
+    """Whether ``model_index.json`` names a class for ``component`` (an SDXL refiner lists ``text_encoder`` as
+    ``[null, null]``: absent)."""
+    entry = components.get(component)
+    return entry is not None and not (isinstance(entry, list) and all(e is None for e in entry))
+
+
 def _check_components(pretrained: str, components: dict[str, Any]) -> None:
-    """Refuse a ``model_index.json`` without the components Peekaboo loads, or of a pipeline class it cannot
-    drive (SDXL's, whatever its UNet config says)."""
-    missing = [c for c in COMPONENTS if c not in components]
+    """Refuse a ``model_index.json`` without the components Peekaboo loads, or of an SDXL refiner (no first text
+    encoder, time ids with an aesthetic score)."""
+    class_name = _class_name(components)
+    missing = [c for c in COMPONENTS if not _listed(components, c)]
+    if missing and class_name.startswith(SDXL_PIPELINES) and _listed(components, "text_encoder_2"):
+        raise ModelError(
+            f"model.pretrained={pretrained} is a {class_name} without {', '.join(missing)} (an SDXL refiner-only "
+            "checkpoint?); Peekaboo needs both text encoders of an SDXL base-style pipeline, e.g. "
+            "stabilityai/stable-diffusion-xl-base-1.0."
+        )
     if missing:
         raise ModelError(
-            f"model.pretrained={pretrained} is a {_class_name(components)} pipeline without {', '.join(missing)}; "
+            f"model.pretrained={pretrained} is a {class_name} pipeline without {', '.join(missing)}; "
             f"Peekaboo needs a Stable-Diffusion-style text-to-image pipeline ({', '.join(COMPONENTS)})."
         )
-    if _class_name(components).startswith(UNSUPPORTED_PIPELINES):
-        raise ModelError(f"model.pretrained={pretrained} is a {_class_name(components)} (SDXL-class: its UNet needs "
-                         f"extra conditioning); {_SUPPORTED}")
+    if components.get("requires_aesthetics_score"):
+        raise ModelError(f"model.pretrained={pretrained} is a {class_name} whose UNet is conditioned on an aesthetic "
+                         f"score (requires_aesthetics_score, as SDXL's refiner); {_SUPPORTED}")
 
 
-def _check_pipeline_kind(pretrained: str, class_name: str, unet: dict[str, Any], vae: dict[str, Any],
-                         prediction: str, segmentation: bool) -> None:
+def _check_pipeline_kind(pretrained: str, components: dict[str, Any], unet: dict[str, Any], vae: dict[str, Any],
+                         prediction: str, segmentation: bool, text_encoder_2: dict[str, Any] | None = None) -> None:
     """Refuse pipelines with the SD layout that Peekaboo still cannot drive, from their component configs
-    (``{}`` for a config not at hand: its defaults)."""
-    if unet.get("addition_embed_type") is not None:
+    (``{}`` for a config not at hand: its defaults; ``text_encoder_2`` None: not read)."""
+    class_name = _class_name(components)
+    kind = unet.get("addition_embed_type")
+    if kind not in (None, TEXT_TIME):
         raise ModelError(
-            f"model.pretrained={pretrained} is a {class_name} whose UNet needs extra conditioning "
-            f"(addition_embed_type={unet['addition_embed_type']!r}, as in SDXL); {_SUPPORTED}"
+            f"model.pretrained={pretrained} is a {class_name} whose UNet needs added conditioning Peekaboo cannot "
+            f"give (addition_embed_type={kind!r}; it gives none, as SD 1.x/2.x, or {TEXT_TIME!r}, as SDXL); "
+            f"{_SUPPORTED}"
         )
+    if kind == TEXT_TIME:
+        _check_text_time(pretrained, components, unet, text_encoder_2)
     unet_channels, latent_channels = unet.get("in_channels", 4), vae.get("latent_channels", 4)
     if segmentation and unet_channels != latent_channels:
         raise ModelError(channels_message(f"model.pretrained={pretrained} ({class_name})", unet_channels,
@@ -264,14 +299,48 @@ def _check_pipeline_kind(pretrained: str, class_name: str, unet: dict[str, Any],
         )
 
 
+def _check_text_time(pretrained: str, components: dict[str, Any], unet: dict[str, Any],
+                     text_encoder_2: dict[str, Any] | None) -> None:
+    """Refuse an SDXL-style UNet (``addition_embed_type="text_time"``) that Peekaboo cannot condition: one without
+    the second text encoder, or whose added embedding does not take SDXL base's six time ids plus the second
+    encoder's pooled embedding (SDXL's refiner takes five time ids: an aesthetic score in place of the target
+    size). ``text_encoder_2`` is that encoder's config (None, or ``{}``: not at hand, its width unchecked)."""
+    class_name = _class_name(components)
+    missing = [c for c in SDXL_COMPONENTS if not _listed(components, c)]
+    if missing:
+        raise ModelError(
+            f"model.pretrained={pretrained} is a {class_name} whose UNet takes SDXL's added conditioning "
+            f"(addition_embed_type={TEXT_TIME!r}), but it has no {', '.join(missing)} (that conditioning's pooled "
+            f"text embedding comes from text_encoder_2); {_SUPPORTED}"
+        )
+    added, per_id = unet.get("projection_class_embeddings_input_dim"), unet.get("addition_time_embed_dim")
+    if not (isinstance(added, int) and isinstance(per_id, int)):
+        return  # diffusers refuses such a UNet config itself
+    pooled = (text_encoder_2 or {}).get("projection_dim")
+    if isinstance(pooled, int):
+        fits, what = added == TIME_IDS * per_id + pooled, f"text_encoder_2's projection_dim {pooled}"
+    else:  # the second encoder's width unknown: at least room for a pooled embedding
+        fits, what = added > TIME_IDS * per_id, "a pooled text embedding"
+    if not fits:
+        raise ModelError(
+            f"model.pretrained={pretrained} is a {class_name} whose UNet's added embedding takes {added} values, "
+            f"not {TIME_IDS} time ids x addition_time_embed_dim {per_id} + {what} (an SDXL refiner, or a "
+            f"damaged config); {_SUPPORTED}"
+        )
+
+
 def _check_hub_model(cfg: ModelConfig, repo_id: str, segmentation: bool) -> None:
-    """Check a hub id as a local folder is checked, from its ``model_index.json`` and ``unet/config.json`` alone:
-    two small files fetched (or read from the local cache) with the config's revision, offline when
-    ``model.local_files_only`` or ``HF_HUB_OFFLINE`` says so; no weights are fetched."""
+    """Check a hub id as a local folder is checked, from its ``model_index.json`` and ``unet/config.json`` alone
+    (and ``text_encoder_2/config.json`` for an SDXL-style UNet): small files fetched (or read from the local
+    cache) with the config's revision, offline when ``model.local_files_only`` or ``HF_HUB_OFFLINE`` says so; no
+    weights are fetched."""
     components = _read_json(_hub_file(cfg, repo_id, "model_index.json"))
     _check_components(cfg.pretrained, components)
     unet = _read_json(_hub_file(cfg, repo_id, "config.json", "unet"))
-    _check_pipeline_kind(cfg.pretrained, _class_name(components), unet, {}, "epsilon", segmentation)
+    text_encoder_2 = None
+    if unet.get("addition_embed_type") == TEXT_TIME and all(_listed(components, c) for c in SDXL_COMPONENTS):
+        text_encoder_2 = _read_json(_hub_file(cfg, repo_id, "config.json", "text_encoder_2"))
+    _check_pipeline_kind(cfg.pretrained, components, unet, {}, "epsilon", segmentation, text_encoder_2)
 
 
 def _hub_file(cfg: ModelConfig, repo_id: str, filename: str, subfolder: str | None = None) -> Path:
@@ -325,7 +394,8 @@ def _safetensors(name: str, component: str) -> bool | None:
 
 
 def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
-    """Load a Stable-Diffusion-style pipeline's components, frozen, from a hub id or local folder.
+    """Load a Stable-Diffusion-style (SD 1.x/2.x or SDXL base) pipeline's components, frozen, from a hub id or
+    local folder.
 
     Raises:
         ModelError: the source is not a usable SD-style pipeline, or the dtype does not suit the device.
@@ -333,23 +403,39 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
     device = torch.device(device)
     name = check_model_source(cfg, device)
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     dtype = _DTYPES[cfg.dtype]
     common: dict[str, Any] = {"revision": cfg.revision, "local_files_only": offline(cfg)}
     weights = {**common, "variant": cfg.variant}
-    component = "vae"
+    sdxl: dict[str, Any] = {}  # SDXL format: text_encoder_2, tokenizer_2 and how the empty prompt embeds
+    component = "unet"
     try:
-        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype,
-                                            use_safetensors=_safetensors(name, "vae"), **weights)
-        component = "unet"
         unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=dtype,
                                                     use_safetensors=_safetensors(name, "unet"), **weights)
+        sdxl_format = unet.config.get("addition_embed_type") == TEXT_TIME
+        component = "vae"
+        # SDXL's VAE overflows in float16: an SDXL-format model keeps it in float32 where its config says
+        # force_upcast (as diffusers' SDXL pipelines do; a VAE fixed for float16 says false). bfloat16 has float32's
+        # range. SD 1.x/2.x VAEs run in float16 as diffusers' own pipelines run them.
+        upcast = sdxl_format and dtype == torch.float16 and bool(
+            AutoencoderKL.load_config(name, subfolder="vae", **common).get("force_upcast", True))
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=torch.float32 if upcast else dtype,
+                                            use_safetensors=_safetensors(name, "vae"), **weights)
         component = "text_encoder"
         text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dtype,
                                                      use_safetensors=_safetensors(name, "text_encoder"), **weights)
         component = "tokenizer"
         tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
+        if sdxl_format:
+            component = "text_encoder_2"
+            sdxl["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                name, subfolder="text_encoder_2", dtype=dtype, use_safetensors=_safetensors(name, "text_encoder_2"),
+                **weights)
+            component = "tokenizer_2"
+            sdxl["tokenizer_2"] = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **common)
+            component = "model_index.json"
+            sdxl["zero_empty_prompt"] = zero_empty_prompt(_model_index(cfg, name))
         component = "scheduler"
         scheduler_config = _load_scheduler_config(name, common)
     except ModelError:
@@ -372,13 +458,26 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
         vae.to(memory_format=torch.channels_last)
     set_attention(cfg.attention, unet, vae)
     resolution = cfg.resolution or native_resolution(unet, vae)
-    backbone = Backbone(vae, unet, text_encoder, tokenizer, scheduler_config, resolution).to(device)
+    backbone = Backbone(vae, unet, text_encoder, tokenizer, scheduler_config, resolution, **sdxl).to(device)
     set_tf32(cfg.tf32, device)
     if cfg.compile:
         # The two calls of every step; the text encoder runs once per prompt and is not worth compiling.
         backbone.unet.forward = torch.compile(backbone.unet.forward)
         backbone.vae.encoder.forward = torch.compile(backbone.vae.encoder.forward)
     return backbone
+
+
+def zero_empty_prompt(components: dict[str, Any]) -> bool:
+    """Whether an SDXL-format pipeline's unconditional embedding is zeros rather than the empty prompt's encoding:
+    ``model_index.json``'s ``force_zeros_for_empty_prompt`` (SDXL base: true), diffusers' default (true) when it is
+    not there."""
+    return bool(components.get("force_zeros_for_empty_prompt", True))
+
+
+def _model_index(cfg: ModelConfig, name: str) -> dict[str, Any]:
+    """A checked source's ``model_index.json`` (a hub id's is in the local cache since the check)."""
+    path = Path(name) / "model_index.json"
+    return _read_json(path if path.is_file() else _hub_file(cfg, name, "model_index.json"))
 
 
 def set_attention(kind: str, *models) -> None:

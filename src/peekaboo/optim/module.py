@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import lightning as L
@@ -13,11 +12,9 @@ from peekaboo.config import OptimConfig, OptimizationConfig, check_mask_init
 from peekaboo.diffusion.attention import cross_attention_map
 from peekaboo.diffusion.backbone import Backbone, PromptEmbeddings, posterior_noise
 from peekaboo.errors import NonFiniteError
-from peekaboo.optim.masks import build_mask, map_logits
+from peekaboo.optim.masks import MASK_REVISIONS, REVISION_KEY, build_mask, check_checkpoint_revision, map_logits
 from peekaboo.optim.regions import ranked_regions
 from peekaboo.optim.restarts import pair_of
-
-log = logging.getLogger(__name__)
 
 # Settings that overflow float32 when far too large, with a generous "usual" upper bound for each (SD 1.x runs
 # use lr 1e-5 .. 0.05, gravity 0.0125 .. 0.05, guidance 15 .. 100, lambda_dream 1): a non-finite loss names the
@@ -227,7 +224,7 @@ class PeekabooModule(L.LightningModule):
         if rows is not None:
             images, alpha_r = images[rows], alpha[rows]  # (R, 3, S, S), (R, 1, S, S)
             gens_r = [gens[i] for i in rows.tolist()]
-            emb = PromptEmbeddings(emb.uncond[rows], emb.cond[rows])
+            emb = emb.select(rows)
         background = torch.cat([ops.sample_background(cfg.background, img[None], g)
                                 for img, g in zip(images, gens_r, strict=True)])  # (R, 3, S, S)
         comp, latents = self.composite_latents(images, alpha_r, background, gens_r, rows)  # (R, 3, S, S), (R, C, h, w)
@@ -352,13 +349,16 @@ class PeekabooModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nonfinite_steps"] = self.nonfinite_steps.detach().cpu()
+        checkpoint[REVISION_KEY] = MASK_REVISIONS[self.cfg.mask.kind]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning calls this before it loads the state dict: a mask of another revision (other parameter keys,
+        # or another mask from the same ones) is refused here with one line, not a missing-keys traceback.
+        check_checkpoint_revision(self.cfg.mask.kind, checkpoint.get(REVISION_KEY),
+                                  f"The checkpoint of pair(s) {', '.join(self.pair_ids)}")
         streak = checkpoint.get("nonfinite_steps")  # absent from checkpoints written before it was counted
         if streak is not None and streak.shape == self.nonfinite_steps.shape:
             self.nonfinite_steps.copy_(streak)
-        # Checkpoints written before the Fourier MLP dropped its pre-BatchNorm biases still hold them; they
-        # never changed the mask (BatchNorm subtracts them), so a resumed run drops them instead of failing.
         own = self.state_dict()
         saved = checkpoint["state_dict"]
         # Which pairs had stopped exists only where early stopping is on: an older or other checkpoint is
@@ -373,15 +373,6 @@ class PeekabooModule(L.LightningModule):
             saved["initialized"] = torch.tensor(True)
         if "initialized" not in own:
             saved.pop("initialized", None)
-        stale = [k for k in checkpoint["state_dict"] if k not in own and k.startswith("mask.mlp.")
-                 and k.endswith(".bias")]
-        for key in stale:
-            del checkpoint["state_dict"][key]
-        # Their Adam moments go too: the optimizer state must match the parameters it is loaded into.
-        if stale and checkpoint.get("optimizer_states"):
-            log.warning("pair(s) %s: checkpoint from an older Fourier mask; its optimizer state is reset.",
-                        ", ".join(self.pair_ids))
-            checkpoint["optimizer_states"] = []
 
     def configure_optimizers(self):
         """The optimizer, and with a schedule (``optim.schedule``, ``optim.warmup_steps``) a per-step

@@ -94,10 +94,11 @@ def prompt_fit(
         t = t.to(latents.device)
         emb = backbone.encode_prompt(prompt)
         if cfg.fit == "error":
-            (eps,) = backbone.predict_eps([noisy], [t], [emb.cond])
+            (eps,) = backbone.predict_eps([noisy], [t], [emb.cond], pooled=[emb.pooled_cond])
             errors.append((eps - noise).pow(2).mean().float().cpu())
             continue
-        (eps_c, eps_u) = backbone.predict_eps([noisy, noisy], [t, t], [emb.cond, emb.uncond])
+        (eps_c, eps_u) = backbone.predict_eps([noisy, noisy], [t, t], [emb.cond, emb.uncond],
+                                              pooled=[emb.pooled_cond, emb.pooled_uncond])
         err_c = (eps_c - noise).pow(2).flatten(1).mean(1)  # (D,)
         err_u = (eps_u - noise).pow(2).flatten(1).mean(1)  # (D,)
         errors.append((err_c / err_u.clamp_min(torch.finfo(err_u.dtype).tiny)).mean().float().cpu())
