@@ -1,11 +1,15 @@
-"""Mask parameterizations: shapes, ranges, gradients, and the bilateral filter's edge-following."""
+"""Mask parameterizations: shapes, ranges, gradients, the bilateral filter's edge-following, and both masks against
+the official code's."""
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from peekaboo.config import MASK_KINDS, MaskConfig
-from peekaboo.optim.masks import apply_bilateral, bilateral_operator, bilateral_weights, build_mask
+from peekaboo.optim.masks import apply_bilateral, bilateral_operator, bilateral_weights, build_mask, uv_grid
 
 SIZE = 16
 
@@ -62,12 +66,12 @@ def test_bilateral_filter_keeps_edges_that_follow_the_image():
 
 
 def _filter_by_hand(logits, weights, iterations):
-    """The filter written out: replicate-pad, gather every pixel's K*K window, weighted sum."""
+    """The filter written out: pad (out-of-image neighbours weigh 0), gather every pixel's K*K window, weighted sum."""
     b, kk, h, w = weights.shape
     k = int(kk**0.5)
     x = logits
     for _ in range(iterations):
-        windows = F.unfold(F.pad(x, (k // 2,) * 4, mode="replicate"), k).view(b, kk, h, w)
+        windows = F.unfold(F.pad(x, (k // 2,) * 4), k).view(b, kk, h, w)
         x = (windows * weights).sum(1, keepdim=True)
     return x
 
@@ -94,3 +98,83 @@ def test_bilateral_filter_gradient_is_the_transposed_filter():
     (grad,) = torch.autograd.grad((apply_bilateral(logits, bilateral_operator(weights), 7) * seed).sum(), logits)
     (expected,) = torch.autograd.grad((_filter_by_hand(logits, weights, 7) * seed).sum(), logits)
     assert grad.abs().max() > 0 and torch.allclose(grad, expected, atol=1e-6)
+
+
+# -- the official code's masks (github.com/RyannDaGreat/Peekaboo, source/bilateral_blur.py, learnable_textures.py) --
+
+
+def _official_filter(image, logits, kernel, sigma, tolerance, iterations):
+    """The official bilateral blur, written from its description: each of the K*K neighbours of a pixel found by
+    shifting (out-of-image ones NaN), weights = spatial Gaussian x colour Gaussian with the NaN ones zeroed and the
+    rest normalized, then ``iterations`` weighted sums with out-of-image values read as 0.
+
+    ``image`` ``(3, H, W)``, ``logits`` ``(1, H, W)``."""
+    r = kernel // 2
+
+    def shifted(x, dy, dx):  # out[y, x] = x[y - dy, x - dx], NaN where that is outside
+        out = torch.full_like(x, float("nan"))
+        h, w = x.shape[-2:]
+        out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = x[:, max(-dy, 0):h - max(dy, 0),
+                                                                        max(-dx, 0):w - max(dx, 0)]
+        return out
+
+    offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+    weights = []
+    for dy, dx in offsets:
+        colour = torch.exp(-0.5 * ((shifted(image, dy, dx) - image) ** 2).sum(0) / tolerance**2)
+        weights.append((math.exp(-(dy * dy + dx * dx) / (2 * sigma**2)) * colour).nan_to_num())
+    weights = torch.stack(weights)
+    weights = weights / weights.sum(0, keepdim=True)
+    for _ in range(iterations):
+        logits = sum(w * shifted(logits, dy, dx).nan_to_num() for w, (dy, dx) in zip(weights, offsets, strict=True))
+    return logits
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_bilateral_filter_is_the_official_one_borders_included(kernel):
+    gen = torch.Generator().manual_seed(2)
+    images = torch.rand(2, 3, 9, 7, generator=gen)
+    logits = torch.randn(2, 1, 9, 7, generator=gen)
+    ours = apply_bilateral(logits, bilateral_operator(bilateral_weights(images, kernel, 5.0, 0.3)), 6)
+    for i in range(2):
+        assert torch.allclose(ours[i], _official_filter(images[i], logits[i], kernel, 5.0, 0.3, 6), atol=1e-5)
+    # A corner pixel averages its in-image neighbours only: the others weigh nothing, the rest sum to 1.
+    w = bilateral_weights(torch.zeros(3, 4, 4), 3, 5.0, 0.08)  # (9, 4, 4), unfold's row-major window order
+    assert torch.equal(w[[0, 1, 2, 3, 6], 0, 0], torch.zeros(5))
+    assert w[[4, 5, 7, 8], 0, 0].sum().item() == pytest.approx(1.0)
+
+
+def test_fourier_mlp_is_the_official_conv_relu_batchnorm():
+    cfg = MaskConfig(kind="fourier", size=SIZE)
+    cfg.fourier.hidden, cfg.fourier.num_features = 16, 8
+    mask = build_mask(cfg, torch.rand(2, 3, SIZE, SIZE), [torch.Generator().manual_seed(i) for i in (0, 1)])
+    with torch.no_grad():  # move the BatchNorms' affine parameters off their (1, 0) start
+        for norm in (m for m in mask.mlp if isinstance(m, nn.BatchNorm2d)):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    logits = mask.logits()
+    features = mask.features.view(2, -1, SIZE, SIZE)
+    for i in range(2):
+        # Pair i's MLP as the official LearnableImageFourier builds it: Conv(+bias) -> ReLU -> BatchNorm per hidden
+        # layer (a fresh BatchNorm2d in training mode: batch statistics over the pixels), a Conv(+bias) out.
+        layers, width = [], 2 * cfg.fourier.num_features
+        for _ in range(cfg.fourier.layers):
+            layers += [nn.Conv2d(width, cfg.fourier.hidden, 1), nn.ReLU(), nn.BatchNorm2d(cfg.fourier.hidden)]
+            width = cfg.fourier.hidden
+        official = nn.Sequential(*layers, nn.Conv2d(width, 1, 1))
+        for ours, theirs in zip(mask.mlp, official, strict=True):
+            for name, param in theirs.named_parameters():
+                rows = getattr(ours, name).shape[0] // 2
+                with torch.no_grad():
+                    param.copy_(getattr(ours, name)[i * rows:(i + 1) * rows])
+        assert torch.allclose(logits[i], official(features[i][None])[0], atol=1e-5)
+    assert torch.equal(mask(), torch.sigmoid(logits))
+    # Every convolution has its bias: the hidden ones come before the ReLU, where BatchNorm does not remove them.
+    assert all(m.bias is not None for m in mask.mlp if isinstance(m, nn.Conv2d))
+
+
+def test_fourier_coordinates_are_the_official_half_open_grid():
+    uv = uv_grid(4)
+    assert uv.shape == (2, 4, 4)
+    assert torch.equal(uv[0, :, 0], torch.tensor([0.0, 0.25, 0.5, 0.75]))  # rows, [0, 1): the edge is not 1
+    assert torch.equal(uv[1, 0], torch.tensor([0.0, 0.25, 0.5, 0.75]))  # columns

@@ -1,8 +1,6 @@
 """PeekabooModule: only the mask trains, checkpoints hold no backbone, seeds reproduce, and the dream loss moves a
 mask toward the object its prompt names (the bundled shapes model)."""
 
-import itertools
-
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -50,35 +48,6 @@ def test_checkpoint_is_small_has_no_backbone_and_restores_mask(tiny_backbone, tm
     with torch.no_grad():
         assert torch.equal(module()[0, 0], result.alpha)
     assert result.steps == 4
-
-
-def test_fourier_mlp_has_no_bias_before_batchnorm():
-    from torch import nn
-
-    from peekaboo.optim.masks import build_mask
-
-    mask = build_mask(_cfg("fourier").mask, torch.rand(2, 3, SIZE, SIZE), [torch.Generator() for _ in range(2)])
-    layers = list(mask.mlp)
-    normed = [conv for conv, nxt in itertools.pairwise(layers) if isinstance(nxt, nn.BatchNorm2d)]
-    assert normed and all(conv.bias is None for conv in normed)
-    assert layers[-1].bias is not None  # the output layer keeps its bias: nothing normalizes it away
-
-
-def test_resume_from_a_checkpoint_with_the_old_pre_norm_biases(tiny_backbone, tmp_path):
-    image = torch.rand(3, SIZE, SIZE)
-    cfg = _cfg("fourier")
-    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{step}", save_top_k=-1, every_n_train_steps=2)
-    optimize_pair(image, "a red circle", "p", cfg, _trainer(4), tiny_backbone, callbacks=[ckpt])
-    state = torch.load(tmp_path / "step=2.ckpt", map_location="cpu", weights_only=True)  # mid-run
-    # What an older version wrote: a bias for every conv before a BatchNorm, with its own Adam slot.
-    group = state["optimizer_states"][0]["param_groups"][0]
-    for index in (0, 3, 6):
-        state["state_dict"][f"mask.mlp.{index}.bias"] = torch.zeros(cfg.mask.fourier.hidden)
-        group["params"].append(len(group["params"]))
-    old = tmp_path / "old.ckpt"
-    torch.save(state, old)
-    result = optimize_pair(image, "a red circle", "p", cfg, _trainer(4), tiny_backbone, ckpt_path=old)
-    assert result.steps == 4 and torch.isfinite(result.alpha).all()
 
 
 def test_same_seed_same_mask_different_seed_different_mask(tiny_backbone):

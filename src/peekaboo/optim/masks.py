@@ -6,6 +6,9 @@ B pairs together gives each the mask it would get alone.
 - ``fourier``: a per-pixel MLP (1x1 convolutions) over fixed random Gaussian Fourier features of (u, v).
 - ``*_bilateral``: the same logits filtered by an image-guided bilateral filter before the sigmoid, so the
   mask's edges follow the image's. The filter depends only on the image: built once, as a sparse matrix.
+
+Both follow the official code (github.com/RyannDaGreat/Peekaboo, ``source/learnable_textures.py`` and
+``source/bilateral_blur.py``); docs/DESIGN.md lists where the project departs from it and why.
 """
 
 from __future__ import annotations
@@ -18,6 +21,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from peekaboo.config import BilateralConfig, FourierConfig, MaskConfig
+from peekaboo.errors import ConfigError
+
+#: What a checkpoint of each mask kind holds and renders: a checkpoint records its kind's revision
+#: (:meth:`PeekabooModule.on_save_checkpoint <peekaboo.optim.module.PeekabooModule.on_save_checkpoint>`) and one
+#: of another revision is not resumed (:func:`check_checkpoint_revision`). Checkpoints written before revisions
+#: were recorded are revision 1. Revision 2 follows the official code: the Fourier MLP is
+#: ``Conv(+bias) -> ReLU -> BatchNorm`` over coordinates in [0, 1) (other parameter keys), and the bilateral
+#: filter leaves out-of-image neighbours out (other masks near the border); the plain raster did not change.
+MASK_REVISIONS = {"raster": 1, "raster_bilateral": 2, "fourier": 2, "fourier_bilateral": 2}
+#: Checkpoints without a recorded revision.
+LEGACY_REVISION = 1
+#: The checkpoint entry that records it.
+REVISION_KEY = "mask_revision"
 
 
 def bilateral_weights(image: torch.Tensor, kernel: int, sigma: float, colour_tolerance: float) -> torch.Tensor:
@@ -30,21 +46,22 @@ def bilateral_weights(image: torch.Tensor, kernel: int, sigma: float, colour_tol
         colour_tolerance: colour Gaussian standard deviation (RGB distance, [0, 1] scale).
 
     Returns:
-        ``(K*K, H, W)`` (or ``(B, K*K, H, W)``) weights summing to 1 over the neighbourhood axis, in
-        ``F.unfold``'s order of the window. Neighbours beyond the border replicate the edge pixel, as
-        :func:`bilateral_operator` does for the logits.
+        ``(K*K, H, W)`` (or ``(B, K*K, H, W)``) weights in ``F.unfold``'s order of the window, summing to 1 over
+        the neighbours inside the image; a neighbour beyond the border has weight 0, as in the official code
+        (``bilateral_blur.py``, ``get_weight_matrix``), so a border pixel averages fewer neighbours.
     """
     if image.dim() == 3:
         return bilateral_weights(image[None], kernel, sigma, colour_tolerance)[0]
     r = kernel // 2
     b, c, h, w = image.shape
-    padded = F.pad(image.float(), (r, r, r, r), mode="replicate")
-    patches = F.unfold(padded, kernel).view(b, c, kernel * kernel, h, w)  # (B, 3, K*K, H, W)
+    image = image.float()
+    patches = F.unfold(F.pad(image, (r, r, r, r)), kernel).view(b, c, kernel * kernel, h, w)  # (B, 3, K*K, H, W)
+    inside = F.unfold(F.pad(torch.ones_like(image[:1, :1]), (r, r, r, r)), kernel).view(1, -1, h, w)  # (1, K*K, H, W)
     offsets = torch.arange(-r, r + 1, dtype=torch.float32, device=image.device)
     dist2 = (offsets[:, None] ** 2 + offsets[None, :] ** 2).flatten()  # (K*K,)
     spatial = torch.exp(-dist2 / (2 * sigma**2)).view(1, -1, 1, 1)
-    colour = torch.exp(-((patches - image[:, :, None].float()) ** 2).sum(1) / (2 * colour_tolerance**2))
-    weights = spatial * colour  # (B, K*K, H, W)
+    colour = torch.exp(-((patches - image[:, :, None]) ** 2).sum(1) / (2 * colour_tolerance**2))
+    weights = spatial * colour * inside  # (B, K*K, H, W); the centre is always inside, so no sum is zero
     return weights / weights.sum(1, keepdim=True)
 
 
@@ -56,8 +73,7 @@ def bilateral_operator(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
     Returns:
         ``(A, A^T)``, each ``(B*H*W, B*H*W)`` sparse CSR: ``(A x)[b*H*W + p]`` is the weighted mean of pixel
-        ``p``'s neighbourhood in pair ``b``'s logits, a neighbour beyond the border counting as the edge pixel
-        it replicates. ``A`` is block-diagonal, so pairs never mix.
+        ``p``'s neighbours inside the image in pair ``b``'s logits. ``A`` is block-diagonal, so pairs never mix.
     """
     if weights.dim() == 3:
         weights = weights[None]
@@ -68,14 +84,13 @@ def bilateral_operator(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     offsets = torch.arange(-r, r + 1, device=device)
     dy, dx = (o.reshape(kk, 1, 1) for o in torch.meshgrid(offsets, offsets, indexing="ij"))  # unfold's order
-    source = (ys + dy).clamp(0, h - 1) * w + (xs + dx).clamp(0, w - 1)  # (K*K, H, W) flat neighbour index
+    ny, nx = ys + dy, xs + dx  # (K*K, H, W) each pixel's neighbours
+    inside = ((ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)).expand(b, kk, h, w)  # the others have weight 0
     start = (torch.arange(b, device=device) * h * w).view(b, 1, 1, 1)  # each pair's block
-    rows = (start + ys * w + xs).expand(b, kk, h, w)
-    cols = start + source
+    rows = (start + ys * w + xs).expand(b, kk, h, w)[inside]
+    cols = (start + ny * w + nx)[inside]
     n = b * h * w
-    # coalesce() sums the entries that replicated borders map onto the same edge pixel.
-    op = torch.sparse_coo_tensor(torch.stack([rows.flatten(), cols.flatten()]), weights.flatten(), (n, n),
-                                 check_invariants=True).coalesce()
+    op = torch.sparse_coo_tensor(torch.stack([rows, cols]), weights[inside], (n, n), check_invariants=True).coalesce()
     with warnings.catch_warnings():
         # Torch's once-per-process beta notice on the first CSR tensor: nothing a user can act on (the filter
         # only multiplies the matrix with a vector).
@@ -175,9 +190,20 @@ def map_logits(m: torch.Tensor, scale: float, threshold: float) -> torch.Tensor:
     return scale * (m - threshold)
 
 
+def uv_grid(size: int) -> torch.Tensor:
+    """Pixel coordinates ``(2, S, S)``: (row, column) from 0 to ``(S - 1) / S``, as the official ``get_uv_grid``
+    spaces them (``[0, 1)``: the left edge at 0, the right edge one pixel short of 1)."""
+    axis = torch.arange(size, dtype=torch.float32) / size
+    return torch.stack(torch.meshgrid(axis, axis, indexing="ij"), 0)
+
+
 class FourierMask(Mask):
     """A per-pixel MLP over fixed random Fourier features of the pixel coordinate (the paper's "neural
     neural texture"): smoother masks than a raster.
+
+    Each hidden layer is ``Conv 1x1 (+bias) -> ReLU -> BatchNorm`` and the output a ``Conv 1x1 (+bias)``, the
+    official ``LearnableImageFourier``'s order; the BatchNorm normalizes over the mask's pixels (no running
+    statistics: the official code never leaves training mode, so its running statistics are never read).
 
     B pairs are B separate MLPs. Their parameters are stored as grouped 1x1 convolutions (``groups=B``, one
     tensor per layer, pair ``i`` owning rows ``i*C:(i+1)*C``) and BatchNorms over ``B*C`` channels; each pair's
@@ -188,8 +214,7 @@ class FourierMask(Mask):
     def __init__(self, size: int, cfg: FourierConfig, generators: list[torch.Generator], **kwargs):
         super().__init__(size, **kwargs)
         b = self.batch
-        axis = torch.linspace(0.0, 1.0, size)
-        uv = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), 0)  # (2, H, W)
+        uv = uv_grid(size)  # (2, H, W)
         # Fixed features, drawn from each pair's generator so the same seed gives the same mask.
         feats = []
         for gen in generators:
@@ -200,13 +225,8 @@ class FourierMask(Mask):
         layers: list[nn.Module] = []
         width = 2 * cfg.num_features
         for _ in range(cfg.layers):
-            # BatchNorm over the pixels of each mask; no running statistics, so the rendered mask is the same
-            # in train and eval mode.
-            norm = nn.BatchNorm2d(b * cfg.hidden, track_running_stats=False)
-            # No bias: BatchNorm subtracts it again, so its true gradient is zero and Adam would turn the
-            # rounding noise of that zero into lr-sized steps, making masks depend on the CPU and the batch.
-            conv = nn.Conv2d(b * width, b * cfg.hidden, 1, groups=b, bias=False)
-            layers += [conv, norm, nn.ReLU()]
+            conv = nn.Conv2d(b * width, b * cfg.hidden, 1, groups=b)
+            layers += [conv, nn.ReLU(), nn.BatchNorm2d(b * cfg.hidden, track_running_stats=False)]
             width = cfg.hidden
         layers.append(nn.Conv2d(b * width, b, 1, groups=b))
         self.mlp = nn.Sequential(*layers)
@@ -214,7 +234,8 @@ class FourierMask(Mask):
 
     def _init(self, generators: list[torch.Generator]) -> None:
         # nn.Conv2d's own init draws from the global RNG; each pair's slice is re-drawn from its generator
-        # (PyTorch's default uniform bound 1/sqrt(fan_in)), so a pair's init does not depend on its batch.
+        # (PyTorch's default uniform bound 1/sqrt(fan_in), weights and biases, as the official MLP starts), so a
+        # pair's init does not depend on its batch.
         for gen_index, gen in enumerate(generators):
             for m in self.mlp.modules():
                 if isinstance(m, nn.Conv2d):
@@ -223,8 +244,7 @@ class FourierMask(Mask):
                     bound = 1.0 / math.sqrt(m.in_channels // self.batch)
                     with torch.no_grad():
                         m.weight[rows].uniform_(-bound, bound, generator=gen)
-                        if m.bias is not None:
-                            m.bias[rows].uniform_(-bound, bound, generator=gen)
+                        m.bias[rows].uniform_(-bound, bound, generator=gen)
 
     def logits(self) -> torch.Tensor:
         # Pair by pair rather than one grouped convolution: at B=16 a grouped convolution's activations outgrow
@@ -232,13 +252,15 @@ class FourierMask(Mask):
         b, hw = self.batch, self.size * self.size
         h = list(self.features.view(b, -1, hw).unbind(0))  # B x (2F, HW)
         *hidden, last = list(self.mlp)
-        for conv, norm, _relu in zip(hidden[0::3], hidden[1::3], hidden[2::3], strict=True):
+        for conv, _relu, norm in zip(hidden[0::3], hidden[1::3], hidden[2::3], strict=True):
             weights = conv.weight.view(b, conv.out_channels // b, -1).unbind(0)  # B x (C_out, C_in)
+            biases = conv.bias.view(b, -1).unbind(0)  # B x (C_out,)
             gammas, betas = norm.weight.view(b, -1).unbind(0), norm.bias.view(b, -1).unbind(0)  # B x (C_out,)
-            h = [F.relu(F.batch_norm(torch.mm(w, x)[None], None, None, g, be, True, 0.0, norm.eps)[0])
-                 for w, x, g, be in zip(weights, h, gammas, betas, strict=True)]  # B x (C_out, HW)
+            h = [F.batch_norm(F.relu(torch.addmm(bias[:, None], w, x))[None], None, None, g, be, True, 0.0,
+                              norm.eps)[0]
+                 for w, x, bias, g, be in zip(weights, h, biases, gammas, betas, strict=True)]  # B x (C_out, HW)
         weights, biases = last.weight.view(b, 1, -1).unbind(0), last.bias.view(b, 1).unbind(0)
-        out = torch.stack([torch.mm(w, x) + bias[:, None] for w, x, bias in zip(weights, h, biases, strict=True)])
+        out = torch.stack([torch.addmm(bias[:, None], w, x) for w, x, bias in zip(weights, h, biases, strict=True)])
         return out.view(b, 1, self.size, self.size)  # (B, 1, 1, HW) -> (B, 1, S, S)
 
 
@@ -261,3 +283,26 @@ def build_mask(cfg: MaskConfig, images: torch.Tensor, generators: list[torch.Gen
     if cfg.kind.startswith("fourier"):
         return FourierMask(cfg.size, cfg.fourier, generators, **kwargs)
     raise ValueError(f"unknown mask kind {cfg.kind!r}")
+
+
+def check_checkpoint_revision(kind: str, saved: int | None, where: str) -> None:
+    """Refuse to resume a checkpoint whose mask of kind ``kind`` has another revision than this version's
+    (:data:`MASK_REVISIONS`): its parameters would load under other keys, or render another mask.
+
+    Args:
+        kind: the mask kind being resumed (``optimization.mask.kind``).
+        saved: the revision the checkpoint records; None for one written before revisions were recorded.
+        where: what holds the checkpoint, the message's subject (e.g. ``"Checkpoint runs/x/pairs/p/ckpt/last.ckpt"``).
+
+    Raises:
+        ConfigError: one line naming ``where``, both revisions and the fix.
+    """
+    saved = LEGACY_REVISION if saved is None else int(saved)
+    now = MASK_REVISIONS[kind]
+    if saved != now:
+        raise ConfigError(
+            f"{where} holds a {kind} mask of mask revision {saved}, written by another version of Peekaboo (this "
+            f"one's is {now}: the Fourier MLP and the bilateral filter's borders follow the official code), so it "
+            "cannot be resumed; rerun with a new run.name, or delete the run's checkpoints (its pairs/*/ckpt/ and "
+            "batches/ folders) to restart its unfinished pairs."
+        )

@@ -1,0 +1,100 @@
+"""One batch of a dataset run: load its pairs' images, fit their masks together (resuming the batch's checkpoint)
+and write each pair's outputs and done record. A pair whose input is unusable is recorded as failed; the others
+go on."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from peekaboo.config import TrainConfig, logger_kind
+from peekaboo.data import Pair
+from peekaboo.errors import NonFiniteError, PeekabooError
+from peekaboo.optim.engine import FitOptions, optimize_pairs, split_on_oom
+from peekaboo.optim.loggers import log_root
+from peekaboo.optim.module import non_finite_hint
+from peekaboo.optim.preemption import SaveOnPreemption
+from peekaboo.runs.outputs import RunDir, write_pair, write_record
+from peekaboo.runs.planning import BATCH_MEMBERS, batch_ckpt_dir, valid_checkpoint
+from peekaboo.utils import files, images
+from peekaboo.utils.devices import trainer_devices
+
+log = logging.getLogger(__name__)
+
+
+def optimize_batch(cfg: TrainConfig, batch: list[tuple[Pair, str]], run_dir: RunDir, backbone, device) -> list[dict]:
+    """Optimize a batch of pairs (resuming its checkpoint), write outputs and done records; returns records.
+
+    A pair whose image or target cannot be used is recorded as failed and the others go on.
+    """
+    opts = cfg.image_options
+    records: list[dict] = []
+    ready = []  # (pair, name, image, canvas, placement, base record)
+    for pair, name in batch:
+        record: dict[str, Any] = {"id": pair.id, "prompt": pair.prompt, "name": name, **({"meta": pair.meta}
+                                                                                       if pair.meta else {})}
+        try:
+            img = (images.load_image(pair.path, tuple(opts.flatten_background), opts.max_pixels)
+                   if pair.path is not None else pair.load_image())
+            canvas, placement = images.fit_square(img, cfg.optimization.mask.size, opts.fit)
+        except PeekabooError as err:
+            log.warning("pair %s failed: %s", pair.id, err)
+            records.append(write_record(run_dir, name, {**record, "status": "failed: input", "error": str(err)}))
+            continue
+        ready.append((pair, name, img, canvas, placement, record))
+    if not ready:
+        return records
+    # Out of accelerator memory: the batch is split in halves and retried (the masks are the same).
+    return records + split_on_oom(ready, lambda part: _fit_and_write(cfg, part, run_dir, backbone, device))
+
+
+def _fit_and_write(cfg: TrainConfig, ready: list[tuple], run_dir: RunDir, backbone, device) -> list[dict]:
+    """Optimize the loaded pairs ``ready`` as one batch (resuming its checkpoint) and write their outputs and
+    done records; returns the records."""
+    records: list[dict] = []
+    names = [r[1] for r in ready]
+    ckpt_dir = batch_ckpt_dir(run_dir, names)
+    if len(names) > 1:
+        files.write_text(json.dumps(names), ckpt_dir.parent / BATCH_MEMBERS)
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.run.checkpoint_every_n_steps,
+                        save_top_k=0, save_last=True, save_on_train_epoch_end=False),
+        SaveOnPreemption(ckpt_dir / "last.ckpt"),
+    ]
+    failure = ""
+    kind = logger_kind(cfg.run)
+    try:
+        results = optimize_pairs(
+            torch.stack([r[3] for r in ready]), [r[0].prompt for r in ready], [r[0].id for r in ready],
+            cfg.optimization, cfg.trainer, backbone,
+            FitOptions(tb_dir=log_root(run_dir.root, kind), logger_kind=kind or "tensorboard",
+                       run_name=names[0] if len(names) == 1 else ckpt_dir.parent.name, pair_run_names=names,
+                       callbacks=callbacks, ckpt_path=valid_checkpoint(ckpt_dir / "last.ckpt"),
+                       enable_progress_bar=False, devices=trainer_devices(device)),
+        )
+    except NonFiniteError as err:
+        results = [None] * len(ready)
+        failure = str(err)
+    except torch.cuda.OutOfMemoryError:
+        if len(names) > 1 and not (ckpt_dir / "last.ckpt").is_file():  # nothing to resume: the halves start anew
+            shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
+        raise
+    except OSError as err:  # a checkpoint or TensorBoard write inside the fit (full disk, unwritable folder)
+        raise files.output_error(err.filename or run_dir.root, err) from None
+    for (pair, name, img, _, placement, record), result in zip(ready, results, strict=True):
+        if result is None or result.failed:
+            error = failure if result is None else (
+                f"non-finite loss or mask (or model output: guidance/nonfinite) in pair {pair.id}; "
+                f"{non_finite_hint(cfg.optimization)}")
+            records.append(write_record(run_dir, name, {**record, "status": "failed: non-finite", "error": error}))
+            continue
+        fields = write_pair(cfg, run_dir, name, img, placement, result, pair)
+        records.append(write_record(run_dir, name, {**record, **fields}))
+    if not cfg.run.keep_checkpoints:
+        shutil.rmtree(ckpt_dir.parent if len(names) > 1 else ckpt_dir, ignore_errors=True)
+    return records
