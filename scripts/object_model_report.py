@@ -23,7 +23,7 @@ from diffusers import StableDiffusionPipeline
 from model_training.object_checks import CHECKS, conditioning_by_kind, object_sample_grid
 
 from peekaboo.data import objects
-from peekaboo.diffusion.loading import BUNDLED_PATH
+from peekaboo.diffusion.checks import BUNDLED_PATH
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The share of checks the right word must win for each kind (issue: "every object word is read").

@@ -19,7 +19,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from model_training.samples import CHECK_STYLES, run_checks, sample_grid
 
-from peekaboo.diffusion.loading import BUNDLED_PATH
+from peekaboo.diffusion.checks import BUNDLED_PATH
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

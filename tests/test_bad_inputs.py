@@ -38,7 +38,8 @@ from peekaboo.app.cli import predict_main, train_main
 from peekaboo.config import ModelConfig, PredictConfig, TrainConfig, load_config, to_yaml
 from peekaboo.data import Pair
 from peekaboo.diffusion.backbone import Backbone
-from peekaboo.diffusion.loading import check_model_source, load_backbone
+from peekaboo.diffusion.checks import check_model_source
+from peekaboo.diffusion.loading import load_backbone
 from peekaboo.errors import ImageError, ModelError, OutputError, PeekabooError
 from peekaboo.runs.outputs import output_names
 from peekaboo.utils import files, images

@@ -17,9 +17,10 @@ import torch
 from tests_support import FAST, REPO_CONFIGS
 
 from peekaboo.config import ModelConfig, TrainConfig, load_config
-from peekaboo.diffusion import backbone as backbone_module
+from peekaboo.diffusion import prompts as prompts_module
 from peekaboo.diffusion.backbone import Backbone
-from peekaboo.diffusion.loading import check_model_source, load_backbone, shared_backbone
+from peekaboo.diffusion.checks import check_model_source
+from peekaboo.diffusion.loading import load_backbone, shared_backbone
 from peekaboo.errors import ConfigError, ModelError
 from peekaboo.runs import runner
 from peekaboo.runs.workers import World
@@ -197,12 +198,12 @@ def test_cpu_workers_are_not_limited_by_gpus(tiny_model, tmp_path, two_gpus):
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_the_prompt_cache_stays_bounded_and_returns_the_same_embeddings(tiny_model, tiny_sdxl_model, monkeypatch,
                                                                          kind):
-    monkeypatch.setattr(backbone_module, "PROMPT_CACHE_SIZE", 4, raising=False)
+    monkeypatch.setattr(prompts_module, "PROMPT_CACHE_SIZE", 4)
     backbone = load_backbone(ModelConfig(pretrained=str(tiny_sdxl_model if kind == "sdxl" else tiny_model)))
     words = ["red", "green", "blue", "cat", "dog", "hat", "circle", "square"]
     first = {w: backbone.encode_prompt(f"a {w}") for w in words}
-    assert len(backbone._prompt_cache) <= 4
-    assert "" in backbone._prompt_cache  # the empty prompt is used with every prompt: it is never the oldest
+    assert len(backbone.prompt_encoder.cache) <= 4
+    assert "" in backbone.prompt_encoder.cache  # the empty prompt is used with every prompt: it is never the oldest
     for w in words:  # evicted or not, a prompt gets the same embeddings (SDXL: the pooled ones too)
         again = backbone.encode_prompt(f"a {w}")
         assert torch.equal(again.cond, first[w].cond) and torch.equal(again.uncond, first[w].uncond)
@@ -211,7 +212,7 @@ def test_the_prompt_cache_stays_bounded_and_returns_the_same_embeddings(tiny_mod
             assert torch.equal(again.pooled_uncond, first[w].pooled_uncond)
         else:
             assert again.pooled_cond is None and again.pooled_uncond is None
-    assert len(backbone._prompt_cache) <= 4
+    assert len(backbone.prompt_encoder.cache) <= 4
 
 
 # -- TF32 ------------------------------------------------------------------------------------------------------------
@@ -370,12 +371,12 @@ def test_gpu_more_workers_than_gpus_is_refused(tiny_model, tmp_path, monkeypatch
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_gpu_prompt_cache_lives_on_the_device_and_stays_bounded(tiny_model, tiny_sdxl_model, monkeypatch, kind):
-    monkeypatch.setattr(backbone_module, "PROMPT_CACHE_SIZE", 3)
+    monkeypatch.setattr(prompts_module, "PROMPT_CACHE_SIZE", 3)
     backbone = load_backbone(ModelConfig(pretrained=str(tiny_sdxl_model if kind == "sdxl" else tiny_model)), "cuda")
     first = {w: backbone.encode_prompt(f"a {w}").cond for w in ("red", "green", "blue", "cat", "dog")}
-    assert len(backbone._prompt_cache) <= 3
-    cached = [t for hidden, pooled in backbone._prompt_cache.values() for t in (hidden, pooled) if t is not None]
-    assert len(cached) == len(backbone._prompt_cache) * (2 if kind == "sdxl" else 1)
+    assert len(backbone.prompt_encoder.cache) <= 3
+    cached = [t for hidden, pooled in backbone.prompt_encoder.cache.values() for t in (hidden, pooled) if t is not None]
+    assert len(cached) == len(backbone.prompt_encoder.cache) * (2 if kind == "sdxl" else 1)
     assert all(t.device.type == "cuda" for t in cached)
     for w, cond in first.items():
         assert torch.allclose(backbone.encode_prompt(f"a {w}").cond, cond)

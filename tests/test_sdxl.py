@@ -22,10 +22,10 @@ from tests_support import FAST, REPO, REPO_CONFIGS, write_scene
 
 from peekaboo.app.cli import predict_main, train_main
 from peekaboo.config import GuidanceConfig, ModelConfig, PredictConfig, RegionsConfig, RestartsConfig, load_config
-from peekaboo.diffusion import loading
+from peekaboo.diffusion import checks
 from peekaboo.diffusion.attention import cross_attention_map
-from peekaboo.diffusion.backbone import PromptEmbeddings
 from peekaboo.diffusion.loading import load_backbone
+from peekaboo.diffusion.prompts import PromptEmbeddings
 from peekaboo.errors import EXIT_PREEMPTED
 from peekaboo.optim.regions import ranked_regions
 from peekaboo.optim.restarts import prompt_fit
@@ -185,7 +185,7 @@ def test_the_time_ids_follow_the_encoded_side(sdxl, unet_calls):
 ])
 def test_the_vae_dtype_follows_force_upcast_for_sdxl_in_float16(tiny_model, tiny_sdxl_model, tmp_path, monkeypatch,
                                                                 model, dtype, vae_upcast, expected):
-    monkeypatch.setattr(loading, "check_dtype", lambda *args: None)  # float16 is refused on CPU: loading only here
+    monkeypatch.setattr(checks, "check_dtype", lambda *args: None)  # float16 is refused on CPU: loading only here
     folder = tiny_sdxl_model if model == "sdxl" else tiny_model
     if vae_upcast is not None:
         folder = _copy_with(folder, tmp_path, "vae", "config.json", force_upcast=vae_upcast)
@@ -200,7 +200,7 @@ def test_float16_sampling_never_casts_the_backbones_float32_vae(tiny_sdxl_model,
     from peekaboo.app import edit
     from peekaboo.config import EditConfig, SamplingConfig
 
-    monkeypatch.setattr(loading, "check_dtype", lambda *args: None)
+    monkeypatch.setattr(checks, "check_dtype", lambda *args: None)
     cfg = ModelConfig(pretrained=str(tiny_sdxl_model), dtype="float16")
     backbone = load_backbone(cfg)
     before = {k: v.clone() for k, v in backbone.vae.state_dict().items()}

@@ -15,7 +15,8 @@ from peekaboo import ops
 from peekaboo.config import EarlyStopConfig, GuidanceConfig, OptimConfig
 from peekaboo.optim.callbacks import StableMaskStop, loss_plateau_update
 from peekaboo.optim.engine import optimize_pair, optimize_pairs
-from peekaboo.optim.module import PeekabooModule, lr_factor
+from peekaboo.optim.module import PeekabooModule
+from peekaboo.optim.optimizer import lr_factor
 
 SIZE = MODULE_SIZE
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]

@@ -32,7 +32,7 @@ from PIL import Image
 
 from peekaboo.config import EditConfig, ModelConfig, SamplingConfig
 from peekaboo.diffusion.backbone import Backbone
-from peekaboo.diffusion.loading import check_model_source, offline
+from peekaboo.diffusion.checks import check_model_source, offline
 from peekaboo.errors import ConfigError, ModelError
 from peekaboo.utils import images
 

@@ -28,7 +28,7 @@ PRECISIONS = ("32-true", "32", "bf16-mixed")
 GRAVITY_REDUCTIONS = ("sum", "mean")
 LATENT_MODES = ("mean", "sample")
 COMPOSITES = ("pixel", "latent")
-# optimization.optim.schedule: the learning rate over a pair's steps (peekaboo.optim.module.lr_factor).
+# optimization.optim.schedule: the learning rate over a pair's steps (peekaboo.optim.optimizer.lr_factor).
 LR_SCHEDULES = ("constant", "cosine", "step")
 # optimization.guidance.t_schedule: where each step's dream-loss timestep comes from (peekaboo.ops.timestep_range).
 T_SCHEDULES = ("uniform", "annealed", "stratified")

@@ -1,5 +1,5 @@
-"""The frozen text-to-image diffusion model as one object: prompt embeddings, VAE encoding, UNet calls and the
-noise draws of the dream loss.
+"""The frozen text-to-image diffusion model as one object: VAE encoding, UNet calls and the noise draws of the
+dream loss; its prompt embeddings come from :mod:`peekaboo.diffusion.prompts`.
 
 Two formats: Stable Diffusion 1.x/2.x (one text encoder; the UNet takes its last hidden states) and SDXL (two
 text encoders; the UNet takes both encoders' penultimate hidden states, concatenated, and, through its
@@ -14,9 +14,6 @@ latents comes from :mod:`peekaboo.diffusion.estimators`.
 
 from __future__ import annotations
 
-import logging
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,49 +21,14 @@ import torch
 from peekaboo import ops
 from peekaboo.config import GuidanceConfig
 from peekaboo.diffusion import estimators
+from peekaboo.diffusion.prompts import PromptEmbeddings, PromptEncoder
 from peekaboo.errors import ConfigError, ModelError
-
-log = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # The UNet's addition_embed_type of the SDXL format: the pooled text embedding plus the size ids (time ids).
 TEXT_TIME = "text_time"
 # SDXL base's time ids: original size (h, w), crop top-left (y, x), target size (h, w).
 TIME_IDS = 6
-# The most prompt embeddings a backbone keeps on its device, the least recently used dropped first: a dataset run
-# meets most of its prompts for one pair only (RefCOCO val: ~10.8k sentences), so an unbounded cache grows by one
-# (1, L, D) tensor per pair. Far more than one batch's prompts, and a category dataset's whole vocabulary.
-PROMPT_CACHE_SIZE = 1024
-
-
-@dataclass(frozen=True)
-class PromptEmbeddings:
-    """Text embeddings in diffusers' order ``[uncond, cond]``: each ``(B, L, D)`` (or ``(1, L, D)``, shared); for
-    the SDXL format also the second text encoder's pooled embeddings ``pooled_uncond``, ``pooled_cond``, each
-    ``(B, P)`` (or ``(1, P)``), which :meth:`Backbone.run_unet` needs there (None for SD 1.x/2.x)."""
-
-    uncond: torch.Tensor
-    cond: torch.Tensor
-    pooled_uncond: torch.Tensor | None = None
-    pooled_cond: torch.Tensor | None = None
-
-    def _fields(self) -> tuple[torch.Tensor | None, ...]:
-        return self.uncond, self.cond, self.pooled_uncond, self.pooled_cond
-
-    @staticmethod
-    def stack(items: list[PromptEmbeddings]) -> PromptEmbeddings:
-        """One batch from per-prompt embeddings."""
-        columns = zip(*(e._fields() for e in items), strict=True)
-        return PromptEmbeddings(*(None if c[0] is None else torch.cat(c) for c in columns))
-
-    def select(self, rows: torch.Tensor) -> PromptEmbeddings:
-        """The embeddings of the batch rows ``rows`` ``(R,)``."""
-        return PromptEmbeddings(*(None if e is None else e[rows] for e in self._fields()))
-
-    def repeat_interleave(self, k: int) -> PromptEmbeddings:
-        """Each row ``k`` times in a row, ``(B*K, ...)``; a shared ``(1, ...)`` embedding stays shared."""
-        return PromptEmbeddings(*(e.repeat_interleave(k, 0) if e is not None and e.shape[0] > 1 else e
-                                  for e in self._fields()))
 
 
 def channels_message(model: str, unet_channels: int, latent_channels: int) -> str:
@@ -107,6 +69,9 @@ class Backbone:
             raise ModelError(f"The model's tokenizers make {tokenizer.model_max_length} and "
                              f"{tokenizer_2.model_max_length} tokens; SDXL's two embeddings need the same length.")
         self.zero_empty_prompt = self.sdxl and zero_empty_prompt
+        #: The text side: prompt embeddings from the text encoder(s) above, and the cache of them.
+        self.prompt_encoder = PromptEncoder(text_encoder, tokenizer, self.sdxl, text_encoder_2, tokenizer_2,
+                                            self.zero_empty_prompt)
         for model in self.models:
             model.eval().requires_grad_(False)
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
@@ -122,8 +87,6 @@ class Backbone:
         self.resolution = resolution
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        # prompt -> (hidden (1, L, D), pooled (1, P) or None), the least recently used first.
-        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
 
     @property
     def models(self) -> tuple[Any, ...]:
@@ -154,8 +117,7 @@ class Backbone:
         if self.device != device:
             for model in self.models:
                 model.to(device)
-            self._prompt_cache = OrderedDict((k, (h.to(device), None if p is None else p.to(device)))
-                                             for k, (h, p) in self._prompt_cache.items())
+            self.prompt_encoder.move_cache(device)
         return self
 
     def set_vae_gradient_checkpointing(self, enabled: bool) -> None:
@@ -168,50 +130,14 @@ class Backbone:
 
     # -- text -----------------------------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> torch.Tensor:
-        """Token ids ``(1, L)``, padded to the tokenizer's length; longer prompts are truncated with a warning."""
-        limit = self.tokenizer.model_max_length
-        full = self.tokenizer(prompt, truncation=False).input_ids
-        if len(full) > limit:
-            # Both counts without the start and end tokens the tokenizer adds: what the user wrote.
-            log.warning(
-                "Prompt %r is %d tokens long but the model reads %d, so it was truncated to its first %d tokens.",
-                prompt, len(full) - 2, limit - 2, limit - 2,
-            )
-        ids = self.tokenizer(prompt, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
-        return ids.input_ids
-
-    @torch.no_grad()
-    def _embed(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if prompt in self._prompt_cache:
-            self._prompt_cache.move_to_end(prompt)
-            return self._prompt_cache[prompt]
-        ids = self.tokenize(prompt).to(self.device)
-        # SD 1.x/2.x: the last hidden states (1, L, D), no pooled embedding.
-        embedding = self._embed_sdxl(prompt, ids) if self.sdxl else (self.text_encoder(ids)[0], None)
-        self._prompt_cache[prompt] = embedding
-        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
-            self._prompt_cache.popitem(last=False)
-        return embedding
-
-    def _embed_sdxl(self, prompt: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """SDXL's embeddings of ``prompt`` (token ids ``ids`` of the first tokenizer): both encoders' penultimate
-        hidden states concatenated, ``(1, L, D1 + D2)``, and the second encoder's pooled (projected) embedding
-        ``(1, P)``; zeros for the empty prompt where ``zero_empty_prompt`` says so."""
-        ids_2 = self.tokenizer_2(prompt, padding="max_length", max_length=self.tokenizer_2.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
-        first = self.text_encoder(ids, output_hidden_states=True)
-        second = self.text_encoder_2(ids_2, output_hidden_states=True)
-        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)  # (1, L, D1 + D2)
-        pooled = second.text_embeds  # (1, P)
-        if prompt == "" and self.zero_empty_prompt:
-            return torch.zeros_like(hidden), torch.zeros_like(pooled)
-        return hidden, pooled
+        """Token ids ``(1, L)`` of ``prompt``, truncated with a warning where longer than the model reads
+        (:meth:`PromptEncoder.tokenize <peekaboo.diffusion.prompts.PromptEncoder.tokenize>`)."""
+        return self.prompt_encoder.tokenize(prompt)
 
     def encode_prompt(self, prompt: str) -> PromptEmbeddings:
-        """Embeddings ``[uncond, cond]`` of ``prompt``, each ``(1, L, D)`` (SDXL format: with the pooled ones,
-        each ``(1, P)``); cached per prompt (the last :data:`PROMPT_CACHE_SIZE` prompts used)."""
-        (uncond, pooled_uncond), (cond, pooled_cond) = self._embed(""), self._embed(prompt)
-        return PromptEmbeddings(uncond, cond, pooled_uncond, pooled_cond)
+        """Embeddings ``[uncond, cond]`` of ``prompt``, cached
+        (:meth:`PromptEncoder.encode_prompt <peekaboo.diffusion.prompts.PromptEncoder.encode_prompt>`)."""
+        return self.prompt_encoder.encode_prompt(prompt)
 
     # -- images ---------------------------------------------------------------------------------------------
     def encode_images(

@@ -22,7 +22,8 @@ from peekaboo import ops
 from peekaboo.config import GuidanceConfig
 
 if TYPE_CHECKING:
-    from peekaboo.diffusion.backbone import Backbone, PromptEmbeddings
+    from peekaboo.diffusion.backbone import Backbone
+    from peekaboo.diffusion.prompts import PromptEmbeddings
 
 
 def gradient(

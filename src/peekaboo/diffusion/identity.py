@@ -7,7 +7,7 @@ import functools
 import hashlib
 from pathlib import Path
 
-from peekaboo.diffusion.loading import resolve_pretrained
+from peekaboo.diffusion.checks import resolve_pretrained
 
 __all__ = ["FINGERPRINT_CONTENT_BYTES", "model_fingerprint"]
 

@@ -8,11 +8,13 @@ import lightning as L
 import torch
 
 from peekaboo import ops
-from peekaboo.config import OptimConfig, OptimizationConfig, check_mask_init
+from peekaboo.config import OptimizationConfig, check_mask_init
 from peekaboo.diffusion.attention import cross_attention_map
-from peekaboo.diffusion.backbone import Backbone, PromptEmbeddings, posterior_noise
+from peekaboo.diffusion.backbone import Backbone, posterior_noise
+from peekaboo.diffusion.prompts import PromptEmbeddings
 from peekaboo.errors import NonFiniteError
 from peekaboo.optim.masks import MASK_REVISIONS, REVISION_KEY, build_mask, check_checkpoint_revision, map_logits
+from peekaboo.optim.optimizer import build_optimizer, is_scheduled, lr_factor
 from peekaboo.optim.regions import ranked_regions
 from peekaboo.optim.restarts import pair_of
 
@@ -401,46 +403,3 @@ def _rows_to_pairs(values: torch.Tensor, rows: torch.Tensor | None, fill: torch.
     else:
         base = fill.to(values.device, values.dtype).clone()
     return base.index_copy(0, rows, values)
-
-
-def is_scheduled(cfg: OptimConfig) -> bool:
-    """Whether ``cfg`` changes the learning rate over the run (else the optimizer runs alone, as always)."""
-    return cfg.schedule != "constant" or cfg.warmup_steps > 0
-
-
-def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """The learning rate of step ``step`` (0-based) of ``total_steps``, as a multiple of ``cfg.lr``.
-
-    Linear warm-up over the first ``cfg.warmup_steps`` steps (``(step + 1) / warmup_steps``, so no step has a
-    zero rate), then over the remaining steps:
-
-    - ``constant``: 1.
-    - ``cosine``: from 1 down to ``final_lr_fraction`` at the last step, ``f + (1 - f) (1 + cos(pi p)) / 2``
-      with ``p`` going linearly from 0 (first step after the warm-up) to 1 (step ``total_steps - 1``)
-      (Loshchilov & Hutter, 2017, "SGDR: Stochastic Gradient Descent with Warm Restarts", arXiv:1608.03983,
-      without restarts).
-    - ``step``: ``step_gamma ** (k // step_every)``, ``k`` the steps since the warm-up.
-    """
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    since = step - cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    if cfg.schedule == "step":
-        return cfg.step_gamma ** (since // cfg.step_every)
-    if cfg.schedule == "cosine":
-        progress = min(1.0, since / max(1, total_steps - cfg.warmup_steps - 1))
-        f = cfg.final_lr_fraction
-        return f + (1.0 - f) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown learning-rate schedule {cfg.schedule!r}")
-
-
-def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
-    """SGD, Adam or AdamW with the settings of ``cfg`` (all act element-wise: pairs stay independent)."""
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.name!r}")

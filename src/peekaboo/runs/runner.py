@@ -14,8 +14,8 @@ from typing import Any
 
 from peekaboo.config import TrainConfig, to_yaml
 from peekaboo.data import build_source
+from peekaboo.diffusion.checks import check_model_source
 from peekaboo.diffusion.identity import model_fingerprint
-from peekaboo.diffusion.loading import check_model_source
 from peekaboo.runs.outputs import finalize, output_names
 from peekaboo.runs.planning import WEIGHTS_FILE, check_same_run, check_same_weights
 from peekaboo.runs.workers import World, run_worker, spawn_workers
