@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from peekaboo.config import MASK_KINDS, TrainConfig, load_config, preset_dir
 from peekaboo.diffusion.identity import model_fingerprint
 from peekaboo.errors import PeekabooError
+from peekaboo.optim.masks import LEGACY_REVISION, MASK_REVISIONS
 from peekaboo.optim.restarts import candidate_inits
 
 # The model config group every row starts from: configs/model/<MODEL_GROUP>.yaml.
@@ -196,10 +197,13 @@ KEYED_GROUPS = ("model", "image_options", "optimization")
 
 def settings_key(cfg: Any) -> str:
     """What decides a Peekaboo row's masks: two rows with the same key produce the same masks. The model's
-    weights count too (:func:`model_fingerprint`): retrained weights at the same path make other masks."""
+    weights count too (:func:`model_fingerprint`): retrained weights at the same path make other masks; and so
+    does the mask code's revision (:data:`~peekaboo.optim.masks.MASK_REVISIONS`): a row computed before the
+    official Fourier MLP and bilateral borders is recomputed."""
     return json.dumps({k: OmegaConf.to_container(cfg[k], resolve=True) for k in KEYED_GROUPS}
                       | {"steps": cfg.trainer.max_steps, "precision": str(cfg.trainer.precision),
-                         "weights": model_fingerprint(cfg.model.pretrained)},
+                         "weights": model_fingerprint(cfg.model.pretrained),
+                         "mask_revision": MASK_REVISIONS[cfg.optimization.mask.kind]},
                       sort_keys=True)
 
 
@@ -219,8 +223,9 @@ def canonical_key(key: str) -> str:
     for group in KEYED_GROUPS:
         if isinstance(settings.get(group), dict):
             settings[group] = _fill(defaults[group], settings[group])
-    if "weights" in settings:  # a settings_key; "precision" joined it later
+    if "weights" in settings:  # a settings_key; "precision" and "mask_revision" joined it later
         settings.setdefault("precision", str(TrainConfig().trainer.precision))
+        settings.setdefault("mask_revision", LEGACY_REVISION)  # keys stored before revisions were recorded
     _starts_as_read(settings)
     return prefix + json.dumps(settings, sort_keys=True)
 
