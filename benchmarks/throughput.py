@@ -2,7 +2,8 @@
 
 Runs :mod:`peekaboo.bench.throughput` (same options; ``--help`` lists the sections) with the repository's
 configs, and owns where its report goes. Only a run of every section (and no ``--max-steps``) writes the
-repository's report, docs/PERFORMANCE.md, and it writes nothing else: not the README, no other file in docs/.
+repository's report, docs/PERFORMANCE.md, and it writes nothing else: not the README, no other file in docs/. It
+keeps the sections that ``benchmarks/sd15_size.py`` and ``benchmarks/gpu.py`` wrote there.
 Any other run writes its own output only: ``--out FILE`` (outside docs/), or, by default, nothing (the report is
 printed as it runs). A path it may not write is refused before anything is measured.
 
@@ -20,13 +21,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from peekaboo.bench import throughput
+from peekaboo.bench import common, throughput
+from peekaboo.bench.throughput.report import keep_blocks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = REPO_ROOT / "docs"
 README = REPO_ROOT / "README.md"
 DEFAULT_OUT = DOCS / "PERFORMANCE.md"
-PRINT = "-"
 
 log = logging.getLogger("throughput")
 
@@ -34,17 +35,8 @@ log = logging.getLogger("throughput")
 def destination(args: argparse.Namespace, p: argparse.ArgumentParser) -> Path | None:
     """Where the report of ``args`` goes (None: printed only); a path it may not write is a usage error."""
     whole = throughput.chosen_sections(args, p) == list(throughput.SECTIONS) and args.max_steps is None
-    if args.out is None:
-        return DEFAULT_OUT if whole else None
-    if str(args.out) == PRINT:
-        return None
-    out = args.out.resolve()
-    if out == DEFAULT_OUT.resolve() and whole:
-        return out
-    if out == README.resolve() or out.is_relative_to(DOCS.resolve()):
-        what = "every section without --max-steps" if out == DEFAULT_OUT.resolve() else "no run"
-        p.error(f"--out {args.out}: {what} may write there; pass --out FILE outside docs/ (or - to print only).")
-    return out
+    return common.destination(args.out, whole, DEFAULT_OUT, (README, DOCS), "every section without --max-steps",
+                              p.error)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("report printed only: a run of some sections, or with --max-steps, writes only to --out FILE")
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.resolve() == DEFAULT_OUT.resolve():
+        text = keep_blocks(text, out.read_text() if out.is_file() else None)
     out.write_text(text)
     log.info("wrote %s", out)
     return 0

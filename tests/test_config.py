@@ -29,7 +29,7 @@ def test_a_model_preset_carries_settings_for_dataset_runs_only(tmp_path):
 
     run = ["run.name=x"]
     assert load_config(TrainConfig, run, REPO_CONFIGS, "train").data.pairs_per_step == 16  # the bundled model's
-    assert load_config(TrainConfig, [*run, "model=sd15"], REPO_CONFIGS, "train").data.pairs_per_step == 1
+    assert load_config(TrainConfig, [*run, "model=sd15"], REPO_CONFIGS, "train").data.pairs_per_step == 3
     assert load_config(TrainConfig, [*run, "data=voc", "data.root=v"], REPO_CONFIGS, "train").data.pairs_per_step == 16
     # predict.py has no data section: it reads the same preset without it, but is not lenient on the command
     # line, and a typo in a preset still fails.

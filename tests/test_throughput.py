@@ -14,7 +14,7 @@ from peekaboo.bench.reference_loop import REFERENCE_KINDS
 from peekaboo.bench.steps import Setting
 from peekaboo.bench.throughput import cpu, gpu
 from peekaboo.bench.throughput.harness import ALPHA_START_STEPS, REFERENCE_START, Bench, Report, load_items
-from peekaboo.bench.throughput.report import render, summary_lines
+from peekaboo.bench.throughput.report import BLOCKS, GPU_BLOCK, SD15_CPU_BLOCK, keep_blocks, render, summary_lines
 from peekaboo.optim import regions as regions_lib
 from peekaboo.optim.regions import RANKING_KEY
 from peekaboo.optim.restarts import prompt_fit
@@ -101,7 +101,7 @@ def test_batch_and_overhead_sections_feed_the_summary(tiny_model, monkeypatch):
 def test_gpu_section_without_a_gpu_says_so():
     report = Report()
     gpu.section_gpu(report)
-    assert report.summary["gpu"] == gpu.NO_GPU and summary_lines(report.summary) == [f"- GPU: {gpu.NO_GPU}."]
+    assert report.summary["gpu"] == gpu.NO_GPU and report.sections == [(gpu.TITLE, gpu.NO_GPU + ".")]
 
 
 @pytest.mark.slow
@@ -118,6 +118,7 @@ def test_gpu_section_runs_on_a_small_model(monkeypatch):
     body = report.sections[-1][1]
     assert body.count("\n| ") == 1 + 2 * 2 + 1 + 1  # header, fp32 and bf16 at B=1, 2, the switch, the reference
     assert "failed" not in body and "out of memory" not in body
+    assert set(report.summary["gpu_rows"]) >= {"fp32, B=2", "bf16, B=2", "bf16, B=1, `attention=classic`"}
 
 
 # -- where benchmarks/throughput.py writes ------------------------------------------------------------------
@@ -153,8 +154,8 @@ def test_a_run_to_a_side_file_writes_only_that_file(monkeypatch, tmp_path, argv)
     assert _repository_docs() == before
 
 
-@pytest.mark.parametrize("argv", [["--sections", "end_to_end"], ["--sections", "batch,gpu"], ["--max-steps", "2"],
-                                  ["--out", "-"]])
+@pytest.mark.parametrize("argv", [["--sections", "end_to_end"], ["--sections", "batch,overhead"],
+                                  ["--max-steps", "2"], ["--out", "-"]])
 def test_a_run_of_some_sections_or_a_quick_check_only_prints(monkeypatch, argv):
     script, calls = _script(monkeypatch)
     before = _repository_docs()
@@ -186,3 +187,26 @@ def test_only_a_run_of_every_section_writes_the_report(monkeypatch, tmp_path):
     assert script.main([]) == 0
     assert calls == [list(throughput.SECTIONS)]
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["PERFORMANCE.md"]
+    # The sections other scripts write stand at the end, as placeholders until they have run.
+    assert (docs / "PERFORMANCE.md").read_text() == keep_blocks("# Performance\n\nstub report\n", None)
+
+
+def test_a_run_of_every_section_keeps_the_sections_other_scripts_wrote(monkeypatch, tmp_path):
+    script, _ = _script(monkeypatch)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    report = docs / "PERFORMANCE.md"
+    start, end = SD15_CPU_BLOCK
+    report.write_text(f"# Performance\n\nold report\n\n{start}\n## SD\n\nmeasured\n{end}\n")  # no GPU block yet
+    monkeypatch.setattr(script, "DOCS", docs)
+    monkeypatch.setattr(script, "DEFAULT_OUT", report)
+    monkeypatch.setattr(script, "README", tmp_path / "README.md")
+    assert script.main([]) == 0
+    text = report.read_text()
+    assert text.startswith("# Performance\n\nstub report\n") and "old report" not in text
+    assert f"{start}\n## SD\n\nmeasured\n{end}" in text and BLOCKS[GPU_BLOCK] in text
+    assert text.index(start) < text.index(GPU_BLOCK[0])
+
+
+def test_there_is_no_gpu_section_to_ask_for_any_more():
+    assert "gpu" not in throughput.SECTIONS  # benchmarks/gpu.py owns the GPU section

@@ -11,7 +11,11 @@
 - :mod:`~peekaboo.bench.steps`: quality against optimization steps (``benchmarks/steps.py`` wraps it);
 - :mod:`~peekaboo.bench.reference_loop`: the paper-style loop the throughput benchmark compares against;
 - :mod:`~peekaboo.bench.throughput`: seconds per step, pairs per hour and peak memory
-  (``benchmarks/throughput.py`` wraps it).
+  (``benchmarks/throughput.py`` wraps it);
+- :mod:`~peekaboo.bench.sd15_size`: Stable Diffusion 1.5's size on the CPU, measured, and the pairs per step GPUs
+  hold, derived (``benchmarks/sd15_size.py``);
+- :mod:`~peekaboo.bench.gpu_check`: the GPU check in one command: the ``gpu`` tests, SD-1.5 size on the GPU, bf16
+  against fp32 masks (``benchmarks/gpu.py``).
 
 The package computes and returns text; the scripts under ``benchmarks/`` own the repository's paths (results,
 docs) and write them. The README's one generated block is the shapes benchmark's eval table.

@@ -11,7 +11,7 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,39 @@ def update_marked(path: Path, block: str, markers: tuple[str, str]) -> bool:
         return False
     files.write_text(new, path)
     return True
+
+
+#: ``--out -``: print the report only.
+PRINT = "-"
+
+
+def destination(out: Path | None, whole: bool, default: Path, protected: Sequence[Path], whole_means: str,
+                error: Callable[[str], Any]) -> Path | None:
+    """Where a benchmark script's report goes; the rule every script under ``benchmarks/`` follows.
+
+    Only the report's own run (``whole``) writes the repository's file ``default``; any other run writes its
+    ``--out`` file, or nothing (printed only). A repository document is refused before anything is measured.
+
+    Args:
+        out: the ``--out`` option (None: not given; :data:`PRINT`: print only).
+        protected: files and folders no side run may write (docs/, the README).
+        whole_means: what ``whole`` asks of a run, for the refusal ("every section without --max-steps").
+        error: reports a usage error and exits (``ArgumentParser.error``).
+
+    Returns:
+        The file to write, or None to print only.
+    """
+    if out is None:
+        return default if whole else None
+    if str(out) == PRINT:
+        return None
+    resolved = out.resolve()
+    if resolved == default.resolve() and whole:
+        return resolved
+    if any(resolved == q.resolve() or resolved.is_relative_to(q.resolve()) for q in protected):
+        what = whole_means if resolved == default.resolve() else "no run"
+        error(f"--out {out}: {what} may write there; pass --out FILE outside docs/ (or - to print only).")
+    return resolved
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:

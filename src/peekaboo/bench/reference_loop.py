@@ -36,7 +36,7 @@ from torch import nn
 
 from peekaboo.config import BilateralConfig, FourierConfig, OptimizationConfig
 from peekaboo.diffusion.backbone import Backbone
-from peekaboo.optim.module import build_optimizer
+from peekaboo.optim.optimizer import build_optimizer
 
 # The paper's code supports these two parameterizations here; the benchmark compares them (and raster
 # without the filter would measure nothing the filter changes).

@@ -99,6 +99,7 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
     set_attention(cfg.attention, unet, vae)
     resolution = cfg.resolution or native_resolution(unet, vae)
     backbone = Backbone(vae, unet, text_encoder, tokenizer, scheduler_config, resolution, **sdxl).to(device)
+    backbone.set_vae_gradient_checkpointing(cfg.vae_gradient_checkpointing)
     set_tf32(cfg.tf32, device)
     if cfg.compile:
         # The two calls of every step; the text encoder runs once per prompt and is not worth compiling.

@@ -33,7 +33,8 @@ RESULT_KEYS = ("data", "model", "image_options", "optimization", "trainer.max_st
 # Keys inside RESULT_KEYS that change only how fast pairs run, never their masks (per-pair seeds make batching
 # invisible; compiled, channels-last, either attention kernel and TF32 matmuls compute the same model, to rounding):
 # a resume may change them.
-SPEED_KEYS = ("data.pairs_per_step", "model.compile", "model.attention", "model.channels_last", "model.tf32")
+SPEED_KEYS = ("data.pairs_per_step", "model.compile", "model.attention", "model.channels_last", "model.tf32",
+              "model.vae_gradient_checkpointing")
 # The file in a batch's folder that lists its members, so a rerun can rebuild the batch around its checkpoint.
 BATCH_MEMBERS = "members.json"
 

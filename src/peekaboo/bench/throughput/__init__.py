@@ -11,8 +11,11 @@ Sections (``--sections`` picks a subset):
   bilateral mask kind; and the masks both make on synthetic ``tune`` pairs (mIoU).
 - ``end_to_end``: pairs per hour and mIoU on held-out pairs, the paper-style loop with the paper's settings vs
   the project's default and fast settings (:data:`peekaboo.bench.steps.FAST`).
-- ``gpu``: Stable-Diffusion-1.5-sized random-weight model at 512x512, fp32 vs bf16, B = 1, 4, 8 and the
-  fast-path switches; only where CUDA is available ("not measured: no GPU" elsewhere).
+
+Two sections of docs/PERFORMANCE.md come from other scripts, which write them between markers that a run of this
+benchmark keeps (:func:`peekaboo.bench.throughput.report.keep_blocks`): Stable Diffusion 1.5's size on the CPU
+(:mod:`peekaboo.bench.sd15_size`, ``benchmarks/sd15_size.py``) and on a GPU (:mod:`.gpu`, run by
+:mod:`peekaboo.bench.gpu_check`, ``benchmarks/gpu.py``).
 
 Timing: every measured run takes ``--warmup`` steps, then ``--steps`` timed steps; a step's time is the
 interval between consecutive ``on_train_batch_end`` calls (the same points in the bare and reference loops),
@@ -21,8 +24,8 @@ the reported figure is their median, so a stray slow step on a shared machine do
 a region start (``mask.init=region``; forgotten before every run, so each run pays it as a fresh process does),
 teardown.
 
-Modules: :mod:`.harness` (inputs and the three timed loops), :mod:`.cpu` and :mod:`.gpu` (the sections),
-:mod:`.report` (the markdown).
+Modules: :mod:`.harness` (inputs and the three timed loops), :mod:`.cpu` (the sections), :mod:`.gpu` (the GPU
+section, which ``benchmarks/gpu.py`` runs), :mod:`.report` (the markdown).
 """
 
 from __future__ import annotations
@@ -40,11 +43,11 @@ from pathlib import Path
 import torch
 
 from peekaboo.bench.common import cpu_seconds
-from peekaboo.bench.throughput import cpu, gpu
+from peekaboo.bench.throughput import cpu
 from peekaboo.bench.throughput.harness import TIMED_STEPS, WARMUP_STEPS, Bench, Report, load_items
 from peekaboo.bench.throughput.report import header_lines, load_note, render
 
-SECTIONS = (*cpu.SECTIONS, "gpu")
+SECTIONS = tuple(cpu.SECTIONS)
 # One intra-op thread: on a niced process sharing 2 cores with other jobs, two OpenMP threads spend most of a
 # step waiting for each other at barriers (the batch section measures every core beside it).
 CPU_THREADS = 1
@@ -102,9 +105,6 @@ def measure(args: argparse.Namespace, command: str) -> str:
         items = []
         for name in sections:
             log.info("section %s", name)
-            if name == "gpu":
-                gpu.section_gpu(report, max_steps=args.max_steps, config_dir=args.config_dir)
-                continue
             if not items:
                 cfg = bench.config()
                 n = max(max(cpu.BATCH_SIZES), cpu.QUALITY_PAIRS)

@@ -1,5 +1,6 @@
 """The throughput benchmark's GPU section: a Stable-Diffusion-1.5-sized model with random weights at 512x512,
-fp32 vs bf16, B = 1, 4, 8, the fast-path switches and the paper-style loop; only where CUDA is available."""
+fp32 vs bf16, B = 1, 4, 8, the fast-path switches (VAE gradient checkpointing among them) and the paper-style loop;
+only where CUDA is available. ``benchmarks/gpu.py`` (:mod:`peekaboo.bench.gpu_check`) runs it."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import torch
 from peekaboo.bench.common import Timing, fmt, ms
 from peekaboo.bench.common import markdown_table as table
 from peekaboo.bench.throughput.harness import Bench, Report, load_items
+from peekaboo.diffusion.checks import BUNDLED_PATH
 from peekaboo.diffusion.components import SD15, Architecture, build_components, save_pipeline
-from peekaboo.diffusion.loading import BUNDLED_PATH
 
 log = logging.getLogger("throughput")
 
@@ -40,6 +41,7 @@ SWITCHES: tuple[tuple[str, str], ...] = (
     ("`channels_last=true`", "model.channels_last=true"),
     ("`compile=true`", "model.compile=true"),
     ("`attention=classic`", "model.attention=classic"),
+    ("`vae_gradient_checkpointing=true`", "model.vae_gradient_checkpointing=true"),
 )
 NO_GPU = "not measured: no GPU"
 TITLE = "Stable Diffusion 1.5 size on a GPU"
@@ -80,11 +82,16 @@ def guarded(run: Callable[[], tuple[Timing, Any]]) -> tuple[Timing | None, str]:
     return timing, note
 
 
-def row(label: str, run: Callable[[], tuple[Timing, Any]], compiled: bool = False) -> list[str]:
-    """One measurement as a table row, extrapolated to :data:`EXTRAPOLATE_STEPS` steps per batch."""
+def row(label: str, run: Callable[[], tuple[Timing, Any]], compiled: bool = False,
+        figures: dict[str, dict[str, float]] | None = None) -> list[str]:
+    """One measurement as a table row, extrapolated to :data:`EXTRAPOLATE_STEPS` steps per batch; its figures go
+    to ``figures[label]`` (``step_s``, ``pairs_per_hour``, ``peak_mb``) when it ran."""
     timing, note = guarded(run)
     if timing is None:
         return [label, "-", "", "", "", note]
+    if figures is not None:
+        figures[label] = {"step_s": timing.step_s, "pairs_per_hour": timing.pairs_per_hour(EXTRAPOLATE_STEPS),
+                          "peak_mb": timing.peak_mb}
     if compiled:
         note = f"first step {timing.first_step_s:.1f} s (compilation)"
     batch_s = EXTRAPOLATE_STEPS * timing.step_s + timing.fixed_s
@@ -94,51 +101,59 @@ def row(label: str, run: Callable[[], tuple[Timing, Any]], compiled: bool = Fals
 
 def section_gpu(report: Report, warmup: int = WARMUP_STEPS, steps: int = TIMED_STEPS, max_steps: int | None = None,
                 arch: Architecture = SD15, device: torch.device | None = None,
-                config_dir: str | os.PathLike | None = None) -> None:
-    """SD-1.5-sized model, fp32 vs bf16, B = 1, 4, 8, the switches and the reference loop; CUDA only.
+                config_dir: str | os.PathLike | None = None, batch_sizes: Sequence[int] | None = None,
+                switches: Sequence[tuple[str, str]] | None = None, mask_size: int | None = None) -> None:
+    """SD-1.5-sized model, fp32 vs bf16, B = 1, 4, 8, the switches and the reference loop; CUDA only. Each run's
+    figures go to ``report.summary["gpu_rows"]`` by label.
 
-    ``arch``, ``device`` and ``max_steps`` exist to check this code on a small model without a GPU;
-    ``config_dir`` is the project's configs/ folder (:func:`peekaboo.bench.methods.resolve_config_dir`).
+    ``arch``, ``device``, ``max_steps`` and the smaller ``batch_sizes``, ``switches`` and ``mask_size`` (None:
+    :data:`BATCH_SIZES`, :data:`SWITCHES`, :data:`MASK_SIZE`) exist to check this code on a small model without
+    a GPU; ``config_dir`` is the project's configs/ folder (:func:`peekaboo.bench.methods.resolve_config_dir`).
     """
+    batch_sizes = tuple(BATCH_SIZES if batch_sizes is None else batch_sizes)
+    switches = tuple(SWITCHES if switches is None else switches)
+    mask_size = MASK_SIZE if mask_size is None else mask_size
     if device is None and not torch.cuda.is_available():
         report.summary["gpu"] = NO_GPU
         report.add(TITLE, NO_GPU + ".")
         return
     device = device or torch.device("cuda", 0)
-    rows = []
+    rows: list[list[str]] = []
+    figures: dict[str, dict[str, float]] = report.summary.setdefault("gpu_rows", {})
     with tempfile.TemporaryDirectory(prefix="sd15-random-") as tmp:
         start = time.perf_counter()
         folder = build_sd15_folder(Path(tmp) / "sd15", device, arch)
         build_s = time.perf_counter() - start
         bench = Bench(str(folder), device, warmup, steps, preset=SD15_GROUP, max_steps=max_steps,
                       config_dir=config_dir)
-        size = f"optimization.mask.size={MASK_SIZE}"
-        items = load_items(max(BATCH_SIZES), MASK_SIZE, "scale")
+        size = f"optimization.mask.size={mask_size}"
+        items = load_items(max(batch_sizes), mask_size, "scale")
+        switch_batch = min(SWITCH_BATCH, max(batch_sizes))
         variants: list[tuple[str, list[str], Sequence[int]]] = [
-            (f"{name}, B={{b}}", overrides, BATCH_SIZES) for name, overrides in PRECISIONS.items()]
-        variants += [(f"bf16, B={{b}}, {name}", [*PRECISIONS["bf16"], override], (SWITCH_BATCH,))
-                     for name, override in SWITCHES]
+            (f"{name}, B={{b}}", overrides, batch_sizes) for name, overrides in PRECISIONS.items()]
+        variants += [(f"bf16, B={{b}}, {name}", [*PRECISIONS["bf16"], override], (switch_batch,))
+                     for name, override in switches]
         for label, overrides, batches in variants:
             cfg = bench.config(size, *overrides)
             backbone = bench.backbone(cfg)
             resolution = backbone.resolution
             for b in batches:
                 run = partial(bench.trainer_run, label.format(b=b), cfg, items[:b], backbone)
-                rows.append(row(label.format(b=b), run, cfg.model.compile))
+                rows.append(row(label.format(b=b), run, cfg.model.compile, figures))
             del backbone
             release()
         cfg = bench.config(size, *PRECISIONS["fp32"])
         backbone = bench.backbone(cfg)
         rows.append(row("reference loop (paper style), fp32, B=1",
-                        partial(bench.reference_run, "reference", cfg, items[0], backbone)))
+                        partial(bench.reference_run, "reference", cfg, items[0], backbone), figures=figures))
         del backbone
         release()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     body = (f"{name}. UNet, VAE and text encoder built from the SD-1.5 configs with random weights (built and "
             f"saved in {build_s:.0f} s), loaded through `load_backbone`; preset `{SD15_GROUP}` "
-            f"(`{cfg.optimization.mask.kind}`) with a {MASK_SIZE}x{MASK_SIZE} mask and composite (the VAE "
+            f"(`{cfg.optimization.mask.kind}`) with a {mask_size}x{mask_size} mask and composite (the VAE "
             f"encodes at {resolution}x{resolution}); {warmup}+{steps} steps per row, extrapolated to "
-            f"{EXTRAPOLATE_STEPS} steps per pair batch. Switch rows compare with \"bf16, B={SWITCH_BATCH}\". "
+            f"{EXTRAPOLATE_STEPS} steps per pair batch. Switch rows compare with \"bf16, B={switch_batch}\". "
             "Peak memory is `torch.cuda.max_memory_allocated` (weights included).\n\n")
     report.add(TITLE, body + table(
         ["run", "ms/step", f"s per batch @{EXTRAPOLATE_STEPS}", "pairs/hour", "peak GPU MB", "note"], rows))

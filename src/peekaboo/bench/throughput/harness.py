@@ -126,8 +126,11 @@ class Bench:
         return self.config(f"optimization.mask.kind={kind}", REFERENCE_START, *steps, *overrides)
 
     def backbone(self, cfg: Any) -> Backbone:
-        """A fresh backbone for ``cfg.model`` (never the process-wide cache: variants must not share one)."""
-        return load_backbone(cfg.model, self.device)
+        """A fresh backbone for ``cfg.model`` (never the process-wide cache: variants must not share one), with
+        ``model.vae_gradient_checkpointing`` applied."""
+        backbone = load_backbone(cfg.model, self.device)
+        backbone.set_vae_gradient_checkpointing(cfg.model.vae_gradient_checkpointing)
+        return backbone
 
     def timed_steps(self, warmup: int | None, steps: int | None) -> tuple[int, int]:
         return (self.warmup if warmup is None else warmup), (self.steps if steps is None else steps)
