@@ -8,7 +8,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from peekaboo.diffusion.components import Architecture, build_components, save_pipeline
+from peekaboo.diffusion.components import TINY, Architecture, build_components, save_pipeline
 
 WORDS = ["a", "an", "and", "the", "red", "green", "blue", "circle", "square", "triangle", "cat", "dog", "hat"]
 
@@ -39,18 +39,6 @@ def write_clip_tokenizer(folder: Path, words: list[str] = WORDS, max_length: int
     tok.save_pretrained(folder)
 
 
-#: The tiny model's components: 32x32 images, 8x8x4 latents.
-TINY = Architecture(
-    unet={"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-          "block_out_channels": (16, 32), "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-          "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "cross_attention_dim": 32,
-          "attention_head_dim": 4, "norm_num_groups": 8},
-    vae={"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (8, 16, 16),
-         "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
-         "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 32},
-    text_encoder={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
-                  "max_position_embeddings": 16},
-)
 
 
 def build_tiny_pipeline(path: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:

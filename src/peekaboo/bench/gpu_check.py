@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from peekaboo.bench.methods import MODEL_GROUP
 from peekaboo.bench.throughput import gpu
 from peekaboo.bench.throughput.cpu import iou
 from peekaboo.bench.throughput.harness import Bench, Report, binary_mask, ious, load_items
-from peekaboo.diffusion.components import Architecture
+from peekaboo.diffusion.components import TINY
 
 log = logging.getLogger("gpu_check")
 
@@ -65,17 +65,7 @@ DRY_MASK_PAIRS = 2
 DRY_MASK_SETTINGS = ("alpha-0.5",)  # the preset's region ranking alone takes a minute on a CPU
 DRY_MASK_SIZE = 32
 #: The dry mode's model: SD's layout at a tiny size, in the bundled tokenizer's vocabulary.
-DRY_ARCH = Architecture(
-    unet={"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-          "block_out_channels": (16, 32), "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-          "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "cross_attention_dim": 32,
-          "attention_head_dim": 4, "norm_num_groups": 8},
-    vae={"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (8, 16, 16),
-         "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
-         "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 32},
-    text_encoder={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "max_position_embeddings": 16},
-)
+DRY_ARCH = replace(TINY, text_encoder={**TINY.text_encoder, "vocab_size": 49408})
 DRY_SWITCHES = (("`vae_gradient_checkpointing=true`", "model.vae_gradient_checkpointing=true"),)
 
 

@@ -33,6 +33,7 @@ from peekaboo.data.atlas import article, load_atlas
 from peekaboo.data.backgrounds import HELD_OUT_PHOTOS, TRAINING_PHOTOS, draw_background
 from peekaboo.data.captions import CAPTION_FORMS, list_caption
 from peekaboo.data.object_layout import OCCLUDED_MIN, LayoutParams, composite, hidden_fractions, place_objects
+from peekaboo.data.seeds import SPLITS, scene_seed
 
 __all__ = [
     "CAPTION_FORMS",
@@ -57,15 +58,10 @@ __all__ = [
 
 #: Caption forms (as in :mod:`peekaboo.data.shapes`), shown for two objects: ``"and"``: "a dog and an apple";
 #: ``"the"``: "the dog and the apple"; ``"comma"``: "dog, apple"; ``"list"``: "a dog, an apple and a car".
-SPLITS: tuple[str, ...] = ("train", "tune", "eval", "robust", "tune_robust")
 EVAL_SPLITS: tuple[str, ...] = ("tune", "eval", "robust", "tune_robust")
 TUNE_SPLITS: tuple[str, ...] = ("tune", "tune_robust")
 
 _FILLER_WORDS = frozenset({"a", "an", "the", "and"})
-# Seed blocks of the splits (the same layout as the shapes scenes; the generators differ, so nothing is shared).
-_SPLIT_STRIDE = 10**8
-_SPLIT_OFFSETS = {"train": 0, "tune": 2 * _SPLIT_STRIDE, "eval": 3 * _SPLIT_STRIDE, "robust": 4 * _SPLIT_STRIDE,
-                  "tune_robust": 5 * _SPLIT_STRIDE}
 # Fresh layouts tried before giving up on a scene (never reached in practice: objects shrink when crowded).
 _LAYOUT_TRIES = 30
 
@@ -210,15 +206,6 @@ def parse_caption(caption: str) -> list[str]:
         else:
             raise ValueError(f"caption {caption!r}: {words[i]!r} is not part of an object name")
     return found
-
-
-def scene_seed(split: str, index: int) -> int:
-    """The seed of scene ``index`` of ``split`` (the splits' seed blocks are disjoint)."""
-    if split not in _SPLIT_OFFSETS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    if not 0 <= index < _SPLIT_STRIDE:
-        raise ValueError(f"scene index {index} outside [0, {_SPLIT_STRIDE})")
-    return _SPLIT_OFFSETS[split] + index
 
 
 def _pick_kinds(rng: np.random.Generator, n: int, lookalike: bool) -> list[str]:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from peekaboo.data.captions import CAPTION_FORMS, list_caption
+from peekaboo.data.seeds import SPLITS, scene_seed
 from peekaboo.data.shape_layout import COLOURS, SHAPES, SceneStyle, ShapeObject, draw_background, place_objects
 
 __all__ = [
@@ -71,7 +72,6 @@ __all__ = [
 
 #: Dataset splits; their seed ranges are disjoint (see :func:`scene_seed`). ``tune`` and ``tune_robust`` are for
 #: choosing settings (classic and wide scenes), ``eval`` and ``robust`` for reporting them.
-SPLITS: tuple[str, ...] = ("train", "tune", "eval", "robust", "tune_robust")
 
 #: Kinds of hard distractor :func:`make_scene` can force.
 DISTRACTORS: tuple[str, ...] = ("same_colour", "same_shape")
@@ -84,15 +84,6 @@ DISTRACTORS: tuple[str, ...] = ("same_colour", "same_shape")
 # Caption words that name no object (parse_caption skips them).
 _FILLER_WORDS = frozenset({"a", "the", "and"})
 
-# Seed layout: each split owns a block of _SPLIT_STRIDE seeds starting at its offset.
-_SPLIT_STRIDE = 10**8
-_SPLIT_OFFSETS: dict[str, int] = {
-    "train": 0,
-    "tune": 2 * _SPLIT_STRIDE,
-    "eval": 3 * _SPLIT_STRIDE,
-    "robust": 4 * _SPLIT_STRIDE,
-    "tune_robust": 5 * _SPLIT_STRIDE,
-}
 
 # Fresh layouts (new sizes and places) tried when a scene gets too crowded to place every object.
 _LAYOUT_TRIES = 20
@@ -170,15 +161,6 @@ def parse_caption(caption: str) -> list[tuple[str, str]]:
     if len(words) % 2 or any(c not in COLOURS or s not in SHAPES for c, s in pairs):
         raise ValueError(f"caption {caption!r} is not a list of '<colour> <shape>' names")
     return pairs
-
-
-def scene_seed(split: str, index: int) -> int:
-    """The seed of scene number ``index`` of ``split`` (seed ranges of the splits are disjoint)."""
-    if split not in _SPLIT_OFFSETS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    if not 0 <= index < _SPLIT_STRIDE:
-        raise ValueError(f"scene index {index} outside [0, {_SPLIT_STRIDE})")
-    return _SPLIT_OFFSETS[split] + index
 
 
 def _pick_kinds(rng: np.random.Generator, n_objects: int, distractor: str | None) -> list[tuple[str, str]]:

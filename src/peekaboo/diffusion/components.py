@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SD15", "Architecture", "build_components", "save_pipeline"]
+__all__ = ["SD15", "TINY", "Architecture", "build_components", "save_pipeline"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,20 @@ SD15 = Architecture(
     },
 )
 
+
+#: Stable Diffusion's layout at a tiny size (32x32 images, 8x8x4 latents): the tests' model and the GPU script's dry
+#: run. Its text encoder's ``vocab_size`` comes from the tokenizer it is built with.
+TINY = Architecture(
+    unet={"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+          "block_out_channels": (16, 32), "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+          "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "cross_attention_dim": 32,
+          "attention_head_dim": 4, "norm_num_groups": 8},
+    vae={"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (8, 16, 16),
+         "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
+         "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 32},
+    text_encoder={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "max_position_embeddings": 16},
+)
 
 def build_components(arch: Architecture, tokenizer: Any, seed: int = 0,
                      device: torch.device | str = "cpu", tokenizer_2: Any = None) -> dict[str, Any]:
