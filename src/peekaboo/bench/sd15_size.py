@@ -128,13 +128,15 @@ def measure_setting(folder: str, setting: Setting, warmup: int, steps: int, pair
         read_every_weight(models)
     load_s = time.perf_counter() - start
     loaded_mb = _rss_mb()
+    # The sampler may miss the last few pages the load touched: the peak is at least where the load ended.
+    load_peak_mb = max(load_mem.peak_mb, loaded_mb)
     weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
     cpu_clock = CpuClock()
     timing, _ = bench.trainer_run(setting.label, cfg, items, backbone, callbacks=[cpu_clock])
     maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
     cpu_step_s = statistics.median(cpu_clock.durations()[timing.warmup:])
     return Measurement(setting, pairs, timing.step_s, cpu_step_s, timing.steps, timing.warmup, timing.fixed_s, load_s,
-                       weights / MB, libraries_mb, load_mem.peak_mb, loaded_mb, timing.peak_mb, maxrss_mb, threads)
+                       weights / MB, libraries_mb, load_peak_mb, loaded_mb, timing.peak_mb, maxrss_mb, threads)
 
 
 class CpuClock(Callback):
