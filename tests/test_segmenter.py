@@ -41,6 +41,14 @@ def test_from_pretrained_takes_the_cli_keys_and_validation(seg, tiny_model):
     assert seg.with_overrides(**{"optimization.loss.gravity": 0.2}).backbone is seg.backbone
 
 
+def test_each_model_starts_from_its_own_preset(tiny_model, tiny_sdxl_model):
+    from peekaboo.app.segmenter import default_preset
+
+    assert default_preset("bundled") == "shapes"
+    assert default_preset(str(tiny_model)) == "sd15"  # the paper's settings
+    assert default_preset(str(tiny_sdxl_model)) == "sdxl"  # read from its model_index.json, no weights loaded
+
+
 def test_results_at_the_original_size_for_every_image_kind(seg, scene_image):
     img = Image.open(scene_image).convert("RGB")
     arr = np.asarray(img)

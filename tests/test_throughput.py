@@ -210,3 +210,28 @@ def test_a_run_of_every_section_keeps_the_sections_other_scripts_wrote(monkeypat
 
 def test_there_is_no_gpu_section_to_ask_for_any_more():
     assert "gpu" not in throughput.SECTIONS  # benchmarks/gpu.py owns the GPU section
+
+
+def test_the_reference_loop_refuses_models_the_papers_code_cannot_drive(tiny_sdxl_model, tiny_v_model):
+    from peekaboo.bench.reference_loop import ReferenceLoop
+    from peekaboo.config import ModelConfig, OptimizationConfig
+    from peekaboo.diffusion.loading import load_backbone
+
+    cfg = OptimizationConfig()
+    with pytest.raises(ValueError, match="not SDXL"):
+        ReferenceLoop(load_backbone(ModelConfig(pretrained=str(tiny_sdxl_model))), cfg)
+    with pytest.raises(ValueError, match="epsilon-prediction"):
+        ReferenceLoop(load_backbone(ModelConfig(pretrained=str(tiny_v_model))), cfg)
+
+
+def test_the_reference_fourier_mask_reads_the_official_uv_grid():
+    from peekaboo.bench.reference_loop import FourierBilateral
+    from peekaboo.config import FourierConfig
+
+    size, cfg = 4, FourierConfig(num_features=2)
+    mask = FourierBilateral(size, torch.zeros(3, 3, size, size), 0, cfg, torch.Generator().manual_seed(0))
+    freqs = torch.randn(2, 2, generator=torch.Generator().manual_seed(0)) * cfg.scale  # the loop's first draw
+    # get_uv_grid: 0, 1/S, ..., (S - 1)/S on each axis, never 1: the last pixel sits at (3/4, 3/4).
+    last = 2 * torch.pi * torch.tensor([0.75, 0.75]) @ freqs
+    assert mask.features.shape == (1, 4, size, size)
+    assert torch.allclose(mask.features[0, :, -1, -1], torch.cat([last.sin(), last.cos()]), atol=1e-4)

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from peekaboo.config import PredictConfig, apply_overrides, load_config, preset_dir
+from peekaboo.config import BUNDLED_MODEL, ModelConfig, PredictConfig, apply_overrides, load_config, preset_dir
 from peekaboo.diffusion.backbone import Backbone
+from peekaboo.diffusion.checks import is_sdxl_pipeline
 from peekaboo.diffusion.loading import shared_backbone
 from peekaboo.errors import ConfigError, ImageError, NonFiniteError, PeekabooError
 from peekaboo.optim.engine import FitOptions, PairResult, optimize_pairs, split_on_oom
@@ -38,9 +39,23 @@ from peekaboo.utils.devices import resolve_device
 #: What :meth:`Segmenter.__call__` accepts as an image.
 ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
-# The preset a model starts from: the bundled model's tuned settings, or the paper's for any other checkpoint.
+# The preset a model starts from: the bundled model's tuned settings, or the paper's settings for any other
+# checkpoint (their SDXL counterpart for an SDXL pipeline).
 BUNDLED_PRESET = "shapes"
 CHECKPOINT_PRESET = "sd15"
+SDXL_PRESET = "sdxl"
+
+
+def default_preset(pretrained: str) -> str:
+    """The model preset (``configs/model/<preset>.yaml``) a model starts from: the bundled model's tuned preset,
+    ``sdxl`` for an SDXL-format pipeline, ``sd15`` (the paper's settings) for any other checkpoint.
+
+    Raises:
+        ModelError: a folder or hub id that is no usable pipeline (:func:`check_model_source`).
+    """
+    if pretrained == BUNDLED_MODEL:
+        return BUNDLED_PRESET
+    return SDXL_PRESET if is_sdxl_pipeline(ModelConfig(pretrained=pretrained)) else CHECKPOINT_PRESET
 
 @dataclass(frozen=True)
 class Segmentation:
@@ -175,8 +190,8 @@ class Segmenter:
             pretrained: ``"bundled"``, a hub id or a local diffusers folder (``model.pretrained``).
             config: a full config to start from instead of a preset (e.g. one loaded from a run's
                 ``config.yaml``); its ``model.pretrained`` is replaced by ``pretrained``.
-            preset: the model preset (``configs/model/<preset>.yaml``) to start from; default: ``shapes`` for
-                the bundled model, ``sd15`` (the paper's settings) for any other checkpoint.
+            preset: the model preset (``configs/model/<preset>.yaml``) to start from; default:
+                :func:`default_preset` (the bundled model's own, ``sdxl`` for an SDXL pipeline, else ``sd15``).
             **overrides: config keys, nested (``trainer={"max_steps": 50}``) or dotted
                 (``**{"optimization.loss.gravity": 0.02}``). A segmenter logs no TensorBoard runs
                 (``tensorboard=False``) and shows no progress bar (``trainer.enable_progress_bar=False``) unless
@@ -186,7 +201,7 @@ class Segmenter:
             ConfigError: an unknown key or a bad value; ModelError: a model that cannot be loaded.
         """
         if config is None:
-            preset = preset or (BUNDLED_PRESET if pretrained == "bundled" else CHECKPOINT_PRESET)
+            preset = preset or default_preset(pretrained)
             config = load_config(PredictConfig, [f"model={preset}"], preset_dir(), "predict", inputs=False)
         quiet = {"tensorboard": False, "trainer.enable_progress_bar": False}  # a library call prints nothing
         cfg = apply_overrides(config, {"model": {"pretrained": pretrained}, **quiet, **overrides}, inputs=False)

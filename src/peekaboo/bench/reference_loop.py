@@ -36,6 +36,7 @@ from torch import nn
 
 from peekaboo.config import BilateralConfig, FourierConfig, OptimizationConfig
 from peekaboo.diffusion.backbone import Backbone
+from peekaboo.optim.masks import uv_grid
 from peekaboo.optim.optimizer import build_optimizer
 
 # The paper's code supports these two parameterizations here; the benchmark compares them (and raster
@@ -126,8 +127,7 @@ class FourierBilateral(nn.Module):
     def __init__(self, size: int, weights: torch.Tensor, iterations: int, cfg: FourierConfig,
                  generator: torch.Generator):
         super().__init__()
-        axis = torch.linspace(0.0, 1.0, size)
-        uv = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1)  # (S, S, 2)
+        uv = uv_grid(size).permute(1, 2, 0)  # (S, S, 2): the official get_uv_grid's 0 .. (S - 1) / S
         freqs = torch.randn(2, cfg.num_features, generator=generator) * cfg.scale
         proj = 2 * math.pi * uv @ freqs  # (S, S, F)
         self.register_buffer("features", torch.cat([proj.sin(), proj.cos()], -1).permute(2, 0, 1)[None])
@@ -166,6 +166,11 @@ class ReferenceLoop:
             raise ValueError(f"the reference loop implements {REFERENCE_KINDS}, not {cfg.mask.kind!r}")
         if backbone.prediction_type != EPSILON:
             raise ValueError("the reference loop, like the paper's code, drives epsilon-prediction models only")
+        if backbone.sdxl:
+            # The paper's code predates SDXL (two text encoders, pooled embeddings and time ids as added
+            # conditioning); a reference written for it would be this project's guess, not the paper's loop.
+            raise ValueError("the reference loop, like the paper's code, drives Stable Diffusion 1.x/2.x models only, "
+                             "not SDXL")
         self.bb, self.cfg = backbone, cfg
         t_count = backbone.num_train_timesteps
         self.min_step, self.max_step = int(t_count * cfg.guidance.t_min), int(t_count * cfg.guidance.t_max)

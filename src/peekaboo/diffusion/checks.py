@@ -382,3 +382,13 @@ def model_index(cfg: ModelConfig, name: str) -> dict[str, Any]:
     """A checked source's ``model_index.json`` (a hub id's is in the local cache since the check)."""
     path = Path(name) / "model_index.json"
     return _read_json(path if path.is_file() else _hub_file(cfg, name, "model_index.json"))
+
+
+def is_sdxl_pipeline(cfg: ModelConfig) -> bool:
+    """Whether ``cfg``'s model is an SDXL-format pipeline, from its (checked) ``model_index.json`` alone.
+
+    Raises:
+        ModelError: as :func:`check_model_source`.
+    """
+    name = check_model_source(cfg)
+    return str(model_index(cfg, name).get("_class_name", "")).startswith(SDXL_PIPELINES)
