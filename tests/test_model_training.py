@@ -146,6 +146,27 @@ def test_new_text_encoder_and_unet_on_a_kept_vae(tmp_path):
               unet_steps=1, vae_from=first)
 
 
+def test_unet_stage_runs_its_forward_passes_under_bf16_autocast_when_asked(tmp_path, monkeypatch):
+    from model_training import unet_stage
+
+    seen: list[bool] = []
+    make_unet = unet_stage.make_unet
+
+    def recording(cfg, tokenizer):
+        unet = make_unet(cfg, tokenizer)
+        unet.register_forward_pre_hook(lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
+        return unet
+
+    monkeypatch.setattr(unet_stage, "make_unet", recording)
+    out = tmp_path / "model"
+    log = train(replace(TINY, unet_bf16_autocast=True), tmp_path / "work", out, "all", vae_steps=2, unet_steps=2,
+                command="bf16")
+    assert log["unet"]["steps"] == 2 and seen[:2] == [True, True]
+    # Only the forward passes: the weights, and what ships, stay float32.
+    for p in UNet2DConditionModel.from_pretrained(out, subfolder="unet").parameters():
+        assert p.dtype == torch.float32 and torch.isfinite(p).all()
+
+
 def test_scenes_stage_renders_the_same_scenes_with_several_workers(tmp_path):
     cfg = replace(TINY, n_scenes=5)
     assert train(cfg, tmp_path / "one", tmp_path / "unused", "scenes") == {}

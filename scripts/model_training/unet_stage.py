@@ -202,9 +202,11 @@ def train_unet(
             neg = neg[:0]
         ids_neg = negatives(ids[neg], idx[neg], gen)  # [N, L]
         neg = neg.to(device)
-        hidden = text_encoder(torch.cat([ids, ids_neg]).to(device)).last_hidden_state
-        pred = unet(torch.cat([zt, zt[neg]]), torch.cat([t, t[neg]]), encoder_hidden_states=hidden).sample
-        sq_err = ((pred - torch.cat([noise, noise[neg]])) ** 2).mean(dim=(1, 2, 3))  # [B + N]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.unet_bf16_autocast):
+            hidden = text_encoder(torch.cat([ids, ids_neg]).to(device)).last_hidden_state
+            pred = unet(torch.cat([zt, zt[neg]]), torch.cat([t, t[neg]]), encoder_hidden_states=hidden).sample
+        # The errors in float32: the contrast hinge compares two of them that differ by a few percent.
+        sq_err = ((pred.float() - torch.cat([noise, noise[neg]])) ** 2).mean(dim=(1, 2, 3))  # [B + N]
         loss = denoise = sq_err[: len(idx)].mean()
         if len(neg):
             hinge = contrast_hinge(sq_err[neg], sq_err[len(idx):], cfg.contrast_margin)  # [N]
