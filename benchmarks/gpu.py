@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peekaboo.bench import common, gpu_check
-from peekaboo.bench.throughput.report import GPU_BLOCK, put_block
+from peekaboo.bench.throughput.report import GPU_BLOCK, write_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = REPO_ROOT / "docs"
@@ -48,12 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = common.destination(args.out, whole, DEFAULT_OUT, (README, DOCS), "a run of every part on a GPU", p.error)
     text, ok = gpu_check.run(args, shlex.join(["python", "benchmarks/gpu.py", *argv]), REPO_ROOT)
     print(f"\n{text}\n", flush=True)
-    if out is not None and out.resolve() == DEFAULT_OUT.resolve():
-        out.write_text(put_block(out.read_text() if out.is_file() else "", GPU_BLOCK, text))
-        log.info("wrote the GPU section of %s", out)
-    elif out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    if out is not None:
+        write_section(out, DEFAULT_OUT, GPU_BLOCK, text)
         log.info("wrote %s", out)
     elif args.out is None:
         log.info("section printed only: a dry run, or of some parts, writes only to --out FILE")

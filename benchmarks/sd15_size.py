@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peekaboo.bench import common, sd15_size
-from peekaboo.bench.throughput.report import SD15_CPU_BLOCK, put_block
+from peekaboo.bench.throughput.report import SD15_CPU_BLOCK, write_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = REPO_ROOT / "docs"
@@ -46,12 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "a run of every setting at the default steps", p.error)
     body = sd15_size.measure(args, shlex.join(["python", "benchmarks/sd15_size.py", *argv]))
     text = f"## {sd15_size.TITLE}\n\n{body}"
-    if out is not None and out.resolve() == DEFAULT_OUT.resolve():
-        out.write_text(put_block(out.read_text() if out.is_file() else "", SD15_CPU_BLOCK, text))
-        log.info("wrote the SD-1.5 size section of %s", out)
-    elif out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    if out is not None:
+        write_section(out, DEFAULT_OUT, SD15_CPU_BLOCK, text)
         log.info("wrote %s", out)
     elif args.out is None:
         log.info("section printed only: a run of some settings, or other steps, writes only to --out FILE")

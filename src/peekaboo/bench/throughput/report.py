@@ -8,6 +8,7 @@ import datetime as dt
 import os
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from peekaboo.bench.common import machine_info, ms, replace_marked
@@ -15,6 +16,7 @@ from peekaboo.bench.methods import MODEL_GROUP
 from peekaboo.bench.reference_loop import REFERENCE_KINDS
 from peekaboo.bench.throughput.cpu import BATCH_GOAL, BATCH_SIZES, OVERHEAD_GOAL_PCT, SPEEDUP_GOAL
 from peekaboo.bench.throughput.harness import Report
+from peekaboo.utils import files
 
 LOADED = tuple[float, float, float]
 
@@ -132,6 +134,17 @@ def put_block(text: str, markers: tuple[str, str], block: str) -> str:
     if replaced is not None:
         return replaced
     return f"{text.rstrip()}\n\n{markers[0]}\n{block}\n{markers[1]}\n"
+
+
+def write_section(out: Path, report: Path, markers: tuple[str, str], text: str) -> None:
+    """Write one section where :func:`peekaboo.bench.common.destination` chose: into ``report`` (the repository's
+    docs/PERFORMANCE.md) between ``markers``, every other section kept, or, for any other ``out``, as that file's
+    whole text."""
+    if out.resolve() == report.resolve():
+        files.write_text(put_block(out.read_text() if out.is_file() else "", markers, text), out)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        files.write_text(text + "\n", out)
 
 
 def keep_blocks(new: str, old: str | None) -> str:
