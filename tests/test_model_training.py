@@ -116,6 +116,23 @@ def test_swap_one_word_rejects_weights_that_do_not_fit_the_kinds(tmp_path):
         swap_one_word(ids, word_kinds(tokenizer), torch.Generator(), (0.0, 0.0))
 
 
+def test_negative_rows_are_a_fixed_count_of_distinct_captioned_rows():
+    from model_training.unet_stage import contrast_rows, negative_rows
+
+    gen = torch.Generator().manual_seed(0)
+    drop = torch.tensor([False, True, False, False, True, False, False, False])
+    seen = set()
+    for _ in range(50):
+        rows = negative_rows(drop, 3, gen)
+        assert len(rows) == 3 and len(set(rows.tolist())) == 3 and not drop[rows].any()
+        seen |= set(rows.tolist())
+    assert seen == {0, 2, 3, 5, 6, 7}  # every captioned row gets its turn
+    assert sorted(negative_rows(drop, 10, gen).tolist()) == [0, 2, 3, 5, 6, 7]  # fewer captioned rows: all of them
+    # The count keeps contrast_fraction of the captioned scenes on average; none with the contrast off.
+    assert contrast_rows(replace(TINY, unet_batch=32, contrast_fraction=0.5, uncond_prob=0.12)) == 14
+    assert contrast_rows(replace(TINY, contrast_weight=0.0)) == 0
+
+
 def test_contrast_hinge_is_zero_past_the_margin_and_pushes_both_errors_equally():
     mse_true = torch.tensor([0.02, 0.02, 0.02], requires_grad=True)
     mse_wrong = torch.tensor([0.021, 0.0251, 0.03], requires_grad=True)
