@@ -249,6 +249,23 @@ def test_objects_model_trains_resumes_and_exports_every_object_word(tmp_path):
     assert len(rows) == 2 + len(names)
 
 
+def test_object_negative_omission_leaves_out_one_object_of_a_multi_object_caption():
+    rng = np.random.default_rng(0)
+    multi = 0
+    for i in range(60):
+        caption = objects.training_scene(i, 32).caption
+        names = objects.parse_caption(caption)
+        wrong = objects.parse_caption(object_negative(caption, rng, 0.5, omission_share=1.0))
+        if len(names) == 1:  # nothing to leave out: a swap instead
+            assert len(wrong) == 1 and wrong != names
+            continue
+        multi += 1
+        # one object left out, the others named in their order, nothing new named
+        assert len(wrong) == len(names) - 1
+        assert any(names[:k] + names[k + 1:] == wrong for k in range(len(names)))
+    assert multi >= 20
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_object_negative_names_a_kind_the_scene_does_not_hold(share):
     atlas = load_atlas()

@@ -91,6 +91,10 @@ class Config:
     # swaps that name a look-alike partner (apple -> tomato) rather than any other kind.
     contrast_shape_share: float = 0.7
     contrast_lookalike_share: float = 0.5
+    # Objects: share of the negatives of multi-object captions that leave one object out ("a cat" for a cat and a
+    # light bulb). Swaps teach which word names which object; omissions teach that an object the caption does not
+    # name should not be there, the evidence Peekaboo's dream loss needs to remove the objects a prompt leaves out.
+    contrast_omission_share: float = 0.0
     contrast_margin: float = 0.25
     contrast_weight: float = 1.0
     # Run the text encoder's and UNet's forward passes under bfloat16 autocast (weights, optimizer and EMA stay

@@ -21,6 +21,7 @@ import torch
 from model_training.config import SCENE_SETS, Config
 from peekaboo.data import objects, shapes
 from peekaboo.data.atlas import article, load_atlas
+from peekaboo.data.captions import CAPTION_FORMS
 
 __all__ = ["digest", "load_scenes", "log", "object_negative", "scene_words", "scenes_key", "to_tensor",
            "training_scene"]
@@ -139,10 +140,15 @@ def scene_words(cfg: Config) -> list[str]:
     return list(dict.fromkeys([*cfg.extra_words, *shapes.COLOURS, *shapes.SHAPES, *cfg.added_words]))
 
 
-def object_negative(caption: str, rng: np.random.Generator, lookalike_share: float) -> str:
-    """``caption`` with one object's name replaced by a kind the scene does not hold: one of its look-alike
-    partners with probability ``lookalike_share`` (when one is free), else any other kind. The article before the
-    name follows the new name ("a tomato" -> "an apple").
+def object_negative(caption: str, rng: np.random.Generator, lookalike_share: float,
+                    omission_share: float = 0.0) -> str:
+    """A wrong caption for the scene ``caption`` describes.
+
+    With probability ``omission_share``, when the caption names two or more objects, one of them is left out (the
+    rest listed in a caption form drawn uniformly, so the form says nothing): a caption that does not name everything
+    the scene holds. Otherwise one object's name is replaced by a kind the scene does not hold: one of its look-alike
+    partners with probability ``lookalike_share`` (when one is free), else any other kind, the article before the
+    name following the new name ("a tomato" -> "an apple").
 
     Raises:
         ValueError: the caption names no object (empty captions get no negative).
@@ -151,6 +157,11 @@ def object_negative(caption: str, rng: np.random.Generator, lookalike_share: flo
     names = objects.parse_caption(caption)
     if not names:
         raise ValueError(f"caption {caption!r} names no object")
+    if omission_share > 0 and len(names) >= 2 and rng.random() < omission_share:
+        left_out = int(rng.integers(len(names)))
+        kept = names[:left_out] + names[left_out + 1:]
+        form = CAPTION_FORMS[int(rng.integers(len(CAPTION_FORMS)))]
+        return objects.caption_for(kept, form, objects.STANDARD.max_caption_words)
     old = names[int(rng.integers(len(names)))]
     partners = [n for n in atlas.by_name[old].lookalikes if n not in names]
     others = [n for n in atlas.names if n not in names]

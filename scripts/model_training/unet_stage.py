@@ -2,7 +2,7 @@
 
 The loss is Stable Diffusion's epsilon-prediction denoising loss, captions dropped some of the time for
 classifier-free guidance, plus a caption contrast hinge (:func:`contrast_hinge`): a caption that names an object
-the scene does not hold must denoise worse than the true one.
+the scene does not hold (or, for objects, leaves one out) must denoise worse than the true one.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def _negatives(cfg: Config, tokenizer: CLIPTokenizer, captions: list[str]):
     """The step's wrong captions: ``negatives(ids (N, L), scene indices (N,), generator) -> ids (N, L)``.
 
     Shapes swap one colour or shape token (:func:`swap_one_word`); objects name a kind the scene does not hold,
-    often a look-alike partner (:func:`model_training.scenes.object_negative`), re-tokenized.
+    often a look-alike partner, or leave one of its objects out (:func:`model_training.scenes.object_negative`),
+    re-tokenized.
     """
     if cfg.scenes == "shapes":
         kinds = word_kinds(tokenizer)  # (colours, shapes)
@@ -117,7 +118,8 @@ def _negatives(cfg: Config, tokenizer: CLIPTokenizer, captions: list[str]):
         if len(scenes) == 0:
             return ids
         rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
-        wrong = [object_negative(captions[i], rng, cfg.contrast_lookalike_share) for i in scenes.tolist()]
+        wrong = [object_negative(captions[i], rng, cfg.contrast_lookalike_share, cfg.contrast_omission_share)
+                 for i in scenes.tolist()]
         return tokenize(cfg, tokenizer, wrong)
     return objects
 
