@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from model_training.config import Config, config_with
-from model_training.object_checks import ObjectChecks, conditioning_by_kind, object_sample_grid
+from model_training.object_checks import ObjectChecks, conditioning_by_kind, object_sample_grid, omission_check
 from model_training.pipeline import train
 from model_training.scenes import load_scenes, object_negative
 from model_training.tokenizer import build_tokenizer, tokenize
@@ -247,6 +247,38 @@ def test_objects_model_trains_resumes_and_exports_every_object_word(tmp_path):
     rows, shares = conditioning_by_kind(pipe, checks)
     assert list(shares) == list(names) and all(0 <= s <= 1 for s in shares.values())
     assert len(rows) == 2 + len(names)
+    share, _ = omission_check(pipe, replace(checks, omission_scenes=1))
+    assert 0 <= share <= 1
+
+
+@pytest.mark.parametrize("longer_is_better", [True, False])
+def test_omission_check_scores_the_caption_naming_both_objects_against_each_single_one(longer_is_better):
+    """A stand-in pipeline whose latents are zero, so the noise is z_t / sqrt(1 - abar_t): its UNet predicts that
+    exactly, scaled by a factor set by the caption's length (its non-padding tokens)."""
+    from types import SimpleNamespace
+
+    abar = torch.linspace(0.99, 0.01, 1000)
+
+    def tokenizer(texts, **_):
+        ids = torch.zeros(len(texts), 16, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids[i, : len(text.split())] = 1
+        return SimpleNamespace(input_ids=ids)
+
+    tokenizer.model_max_length = 16
+
+    def unet(zt, t, encoder_hidden_states):
+        words = encoder_hidden_states.sum(dim=(1, 2)).view(-1, 1, 1, 1)  # (N, 1, 1, 1)
+        scale = 1 - 0.5 / words if longer_is_better else 1 - words / 20
+        return SimpleNamespace(sample=scale * zt / (1 - abar[t]).sqrt().view(-1, 1, 1, 1))
+
+    pipe = SimpleNamespace(
+        tokenizer=tokenizer, text_encoder=lambda ids: (ids[..., None].float(),), unet=unet,
+        scheduler=SimpleNamespace(alphas_cumprod=abar),
+        vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0), encode=lambda x: SimpleNamespace(
+            latent_dist=SimpleNamespace(mean=torch.zeros(len(x), 4, 8, 8)))))
+    share, cost = omission_check(pipe, ObjectChecks(size=32, omission_scenes=2, timesteps=(500,), noise_draws=1))
+    assert (share, cost > 0) == ((1.0, True) if longer_is_better else (0.0, False))
 
 
 def test_object_negative_omission_leaves_out_one_object_of_a_multi_object_caption():

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from peekaboo.data import objects
 from peekaboo.data.atlas import article, load_atlas
 
-__all__ = ["ObjectChecks", "conditioning_by_kind", "object_sample_grid"]
+__all__ = ["ObjectChecks", "conditioning_by_kind", "object_sample_grid", "omission_check"]
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,38 @@ class ObjectChecks:
     backgrounds: tuple[str, ...] = ("plain", "photo")
     timesteps: tuple[int, ...] = (300, 500, 700)
     noise_draws: int = 2
+    omission_scenes: int = 16  # two-object scenes per background of the omission check
 
 
 CHECKS = ObjectChecks()
-# Scene seeds of the check: the eval split's seed block, far past the indices eval_pairs uses.
+# Scene seeds of the checks: the eval split's seed block, far past the indices eval_pairs uses.
 _CHECK_OFFSET = 50_000
+_OMISSION_OFFSET = 90_000
+
+
+def _embed(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
+    """The text encoder's hidden states ``(N, L, D)`` of ``texts``."""
+    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids)[0]
+
+
+def _latents(pipe: StableDiffusionPipeline, scenes: list[np.ndarray]) -> torch.Tensor:
+    """Scaled posterior-mean latents ``(N, C, h, w)`` of ``(H, W, 3)`` uint8 scenes."""
+    x = torch.from_numpy(np.stack(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W)
+    return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
+def _errors(pipe: StableDiffusionPipeline, z0: torch.Tensor, embs: list[torch.Tensor], t_val: int,
+            gen: torch.Generator) -> torch.Tensor:
+    """Denoising errors ``(T, N)`` of latents ``z0`` ``(N, C, h, w)`` at timestep ``t_val`` under each of the ``T``
+    embeddings ``(N, L, D)``, on one noise draw shared by all of them."""
+    abar = pipe.scheduler.alphas_cumprod
+    noise = torch.randn(z0.shape, generator=gen)
+    t = torch.full((len(z0),), t_val)
+    zt = abar[t_val].sqrt() * z0 + (1 - abar[t_val]).sqrt() * noise
+    return torch.stack([F.mse_loss(pipe.unet(zt, t, encoder_hidden_states=e).sample, noise,
+                                   reduction="none").mean(dim=(1, 2, 3)) for e in embs])
 
 
 def object_sample_grid(pipe: StableDiffusionPipeline, checks: ObjectChecks = CHECKS) -> Image.Image:
@@ -95,33 +122,20 @@ def conditioning_by_kind(pipe: StableDiffusionPipeline,
         the share of (scene, partner, timestep, draw) checks the right word wins) and ``{kind: win share}``.
     """
     atlas = load_atlas()
-
-    def embed(texts: list[str]) -> torch.Tensor:
-        ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return pipe.text_encoder(ids)[0]  # (N, L, D)
-
-    abar = pipe.scheduler.alphas_cumprod
     gen = torch.Generator().manual_seed(checks.seed)
     rows = ["| object | look-alike partners | error, right word | closest partner's extra error | right word wins |",
             "|---|---|---|---|---|"]
     shares: dict[str, float] = {}
     for kind in atlas.kinds:
-        scenes = _check_scenes(kind.name, checks)
-        x = torch.from_numpy(np.stack(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W)
-        z0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor  # (N, 4, h, w)
+        z0 = _latents(pipe, _check_scenes(kind.name, checks))  # (N, 4, h, w)
         n = len(z0)
         texts = [f"{article(kind.name)} {kind.name}", *(f"{article(p)} {p}" for p in kind.lookalikes)]
-        emb = [embed([text] * n) for text in texts]
+        emb = [_embed(pipe, [text] * n) for text in texts]
         errors = torch.zeros(len(texts), n)  # mean over timesteps and draws
         wins = total = 0
         for t_val in checks.timesteps:
             for _ in range(checks.noise_draws):
-                noise = torch.randn(z0.shape, generator=gen)
-                t = torch.full((n,), t_val)
-                zt = abar[t_val].sqrt() * z0 + (1 - abar[t_val]).sqrt() * noise
-                per = torch.stack([F.mse_loss(pipe.unet(zt, t, encoder_hidden_states=e).sample, noise,
-                                              reduction="none").mean(dim=(1, 2, 3)) for e in emb])  # (T, N)
+                per = _errors(pipe, z0, emb, t_val, gen)  # (T, N)
                 errors += per / (len(checks.timesteps) * checks.noise_draws)
                 wins += int((per[0] < per[1:]).sum())
                 total += per[1:].numel()
@@ -131,3 +145,39 @@ def conditioning_by_kind(pipe: StableDiffusionPipeline,
         rows.append(f"| {kind.name} | {', '.join(kind.lookalikes)} | {mean[0]:.4f} | {worst:+.1%} | "
                     f"{wins}/{total} ({shares[kind.name]:.0%}) |")
     return rows, shares
+
+
+@torch.no_grad()
+def omission_check(pipe: StableDiffusionPipeline, checks: ObjectChecks = CHECKS) -> tuple[float, float]:
+    """How often a two-object scene denoises better under the caption naming both objects than under a caption
+    naming one of them, on identical noise and timesteps.
+
+    A model that wins these has learnt that an object the caption leaves out should not be there: the evidence
+    the dream loss needs to take such an object out of the mask. The scenes hold two different kinds, over each of
+    the check's backgrounds.
+
+    Returns:
+        The share of (scene, left-out object, timestep, draw) checks the full caption wins, and the one-object
+        captions' mean error relative to the full caption's, minus one.
+    """
+    gen = torch.Generator().manual_seed(checks.seed)
+    scenes, full, single = [], [], []
+    for b, background in enumerate(checks.backgrounds):
+        for j in range(checks.omission_scenes):
+            scene = objects.make_scene(objects.scene_seed("eval", _OMISSION_OFFSET + b * 1000 + j), checks.size,
+                                       n_objects=2, background=background)
+            names = [o.kind for o in scene.objects]
+            scenes.append(scene.image)
+            full.append(objects.caption_for(names))
+            single.append([f"{article(n)} {n}" for n in names])
+    z0 = _latents(pipe, scenes)
+    emb = [_embed(pipe, full), _embed(pipe, [s[0] for s in single]), _embed(pipe, [s[1] for s in single])]
+    wins = total = 0
+    errors = torch.zeros(3)
+    for t_val in checks.timesteps:
+        for _ in range(checks.noise_draws):
+            per = _errors(pipe, z0, emb, t_val, gen)  # (3, N)
+            wins += int((per[0] < per[1:]).sum())
+            total += per[1:].numel()
+            errors += per.mean(1)
+    return wins / total, float((errors[1:].mean() / errors[0]) - 1)
