@@ -10,7 +10,13 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from model_training.config import Config, config_with
-from model_training.object_checks import ObjectChecks, conditioning_by_kind, object_sample_grid, omission_check
+from model_training.object_checks import (
+    ObjectChecks,
+    conditioning_by_kind,
+    object_sample_grid,
+    omission_check,
+    ranking_check,
+)
 from model_training.pipeline import train
 from model_training.scenes import load_scenes, object_negative
 from model_training.tokenizer import build_tokenizer, tokenize
@@ -249,6 +255,7 @@ def test_objects_model_trains_resumes_and_exports_every_object_word(tmp_path):
     assert len(rows) == 2 + len(names)
     share, _ = omission_check(pipe, replace(checks, omission_scenes=1))
     assert 0 <= share <= 1
+    assert 0 <= ranking_check(pipe, replace(checks, ranking_scenes=2, ranking_backgrounds=1)) <= 1
 
 
 @pytest.mark.parametrize("longer_is_better", [True, False])
