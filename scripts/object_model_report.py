@@ -27,6 +27,7 @@ from model_training.object_checks import (
     omission_check,
     ranking_check,
 )
+from model_training.scenes import to_tensor
 
 from peekaboo.data import objects
 from peekaboo.diffusion.checks import BUNDLED_PATH
@@ -40,7 +41,7 @@ GOAL = 0.8
 def vae_psnr(pipe: StableDiffusionPipeline, n: int = 64) -> float:
     """Mean posterior-mean round-trip PSNR (dB) on the first ``n`` eval scenes."""
     scenes = [objects.make_scene(objects.scene_seed("eval", i), CHECKS.size).image for i in range(n)]
-    x = torch.from_numpy(np.stack(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = to_tensor(np.stack(scenes))
     recon = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     mse = ((recon - x) / 2).pow(2).mean(dim=(1, 2, 3))
     return float((10 * torch.log10(1 / mse)).mean())
@@ -75,12 +76,12 @@ def main() -> None:
         "(identical noise for every caption).", "",
         *rows, "",
         f"The right word wins in at least {GOAL:.0%} of its checks for {read} of {len(shares)} object kinds.", "",
-        "Omissions: on two-object scenes ({n} over each of {bgs} backgrounds, the same timesteps and draws), the "
-        "caption naming both objects against each caption naming one of them. The full caption denoises better in "
-        f"{omission_wins:.0%} of the checks, and a one-object caption's error is {omission_cost:+.1%} on average. A "
-        "model that wins these has learnt that an object the caption leaves out should not be there, which is what "
-        "lets the dream loss take the objects a prompt does not name out of the mask.".format(
-            n=CHECKS.omission_scenes, bgs=" and ".join(CHECKS.backgrounds)), "",
+        f"Omissions: on two-object scenes ({CHECKS.omission_scenes} over each of {' and '.join(CHECKS.backgrounds)} "
+        "backgrounds, the same timesteps and draws), the caption naming both objects against each caption naming one "
+        f"of them. The full caption denoises better in {omission_wins:.0%} of the checks, and a one-object caption's "
+        f"error is {omission_cost:+.1%} on average. A model that wins these has learnt that an object the caption "
+        "leaves out should not be there, which is what lets the dream loss take the objects a prompt does not name "
+        "out of the mask.", "",
         f"Ranking: on {CHECKS.ranking_scenes} scenes of 2 to 3 objects over photographs, each object's true cut-out "
         f"over {CHECKS.ranking_backgrounds} random plain colours, scored under a prompt naming one object by the "
         f"guided dream objective (guidance {CHECKS.ranking_guidance:g}): the named object's cut-out scores best in "

@@ -9,5 +9,7 @@
 - :mod:`model_training.vae_stage`  stage 1 (VAE) and the cached latents
 - :mod:`model_training.unet_stage` stage 2 (text encoder + UNet, caption contrast)
 - :mod:`model_training.pipeline`   both stages end to end and the export
-- :mod:`model_training.samples`    the sample grid and the conditioning checks
+- :mod:`model_training.samples`    the shapes model's sample grid and conditioning checks
+- :mod:`model_training.object_checks` the objects model's sample grid and checks
+- :mod:`model_training.denoising`  a pipeline's denoising errors under captions, which both checks compare
 """

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
+from model_training.denoising import denoising_errors, embed, encode
 from peekaboo.data import objects
 from peekaboo.data.atlas import article, load_atlas
 
@@ -50,31 +50,6 @@ CHECKS = ObjectChecks()
 _CHECK_OFFSET = 50_000
 _OMISSION_OFFSET = 90_000
 _RANKING_OFFSET = 95_000
-
-
-def _embed(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
-    """The text encoder's hidden states ``(N, L, D)`` of ``texts``."""
-    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids)[0]
-
-
-def _latents(pipe: StableDiffusionPipeline, scenes: list[np.ndarray]) -> torch.Tensor:
-    """Scaled posterior-mean latents ``(N, C, h, w)`` of ``(H, W, 3)`` uint8 scenes."""
-    x = torch.from_numpy(np.stack(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W)
-    return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
-
-
-def _errors(pipe: StableDiffusionPipeline, z0: torch.Tensor, embs: list[torch.Tensor], t_val: int,
-            gen: torch.Generator) -> torch.Tensor:
-    """Denoising errors ``(T, N)`` of latents ``z0`` ``(N, C, h, w)`` at timestep ``t_val`` under each of the ``T``
-    embeddings ``(N, L, D)``, on one noise draw shared by all of them."""
-    abar = pipe.scheduler.alphas_cumprod
-    noise = torch.randn(z0.shape, generator=gen)
-    t = torch.full((len(z0),), t_val)
-    zt = abar[t_val].sqrt() * z0 + (1 - abar[t_val]).sqrt() * noise
-    return torch.stack([F.mse_loss(pipe.unet(zt, t, encoder_hidden_states=e).sample, noise,
-                                   reduction="none").mean(dim=(1, 2, 3)) for e in embs])
 
 
 def object_sample_grid(pipe: StableDiffusionPipeline, checks: ObjectChecks = CHECKS) -> Image.Image:
@@ -131,15 +106,15 @@ def conditioning_by_kind(pipe: StableDiffusionPipeline,
             "|---|---|---|---|---|"]
     shares: dict[str, float] = {}
     for kind in atlas.kinds:
-        z0 = _latents(pipe, _check_scenes(kind.name, checks))  # (N, 4, h, w)
+        z0 = encode(pipe, np.stack(_check_scenes(kind.name, checks)))  # (N, 4, h, w)
         n = len(z0)
         texts = [f"{article(kind.name)} {kind.name}", *(f"{article(p)} {p}" for p in kind.lookalikes)]
-        emb = [_embed(pipe, [text] * n) for text in texts]
+        emb = [embed(pipe, [text] * n) for text in texts]
         errors = torch.zeros(len(texts), n)  # mean over timesteps and draws
         wins = total = 0
         for t_val in checks.timesteps:
             for _ in range(checks.noise_draws):
-                per = _errors(pipe, z0, emb, t_val, gen)  # (T, N)
+                per = denoising_errors(pipe, z0, emb, t_val, gen)  # (T, N)
                 errors += per / (len(checks.timesteps) * checks.noise_draws)
                 wins += int((per[0] < per[1:]).sum())
                 total += per[1:].numel()
@@ -174,13 +149,13 @@ def omission_check(pipe: StableDiffusionPipeline, checks: ObjectChecks = CHECKS)
             scenes.append(scene.image)
             full.append(objects.caption_for(names))
             single.append([f"{article(n)} {n}" for n in names])
-    z0 = _latents(pipe, scenes)
-    emb = [_embed(pipe, full), _embed(pipe, [s[0] for s in single]), _embed(pipe, [s[1] for s in single])]
+    z0 = encode(pipe, np.stack(scenes))
+    emb = [embed(pipe, full), embed(pipe, [s[0] for s in single]), embed(pipe, [s[1] for s in single])]
     wins = total = 0
     errors = torch.zeros(3)
     for t_val in checks.timesteps:
         for _ in range(checks.noise_draws):
-            per = _errors(pipe, z0, emb, t_val, gen)  # (3, N)
+            per = denoising_errors(pipe, z0, emb, t_val, gen)  # (3, N)
             wins += int((per[0] < per[1:]).sum())
             total += per[1:].numel()
             errors += per.mean(1)
@@ -210,14 +185,14 @@ def ranking_check(pipe: StableDiffusionPipeline, checks: ObjectChecks = CHECKS) 
         masks = np.stack([o.mask for o in scene.objects])[:, :, :, None]  # (M, H, W, 1) bool
         colours = torch.randint(0, 256, (k, 1, 1, 1, 3), generator=gen).numpy().astype(np.uint8)  # (K, 1, 1, 1, 3)
         cutouts = np.where(masks, scene.image, colours).reshape(-1, *scene.image.shape)  # (K * M, H, W, 3)
-        z0 = _latents(pipe, list(cutouts))
-        uncond = _embed(pipe, [""] * len(z0))
+        z0 = encode(pipe, cutouts)
+        uncond = embed(pipe, [""] * len(z0))
         for index, named in enumerate(scene.objects):
-            cond = _embed(pipe, [f"{article(named.kind)} {named.kind}"] * len(z0))
+            cond = embed(pipe, [f"{article(named.kind)} {named.kind}"] * len(z0))
             score = torch.zeros(len(z0))
             for t_val in checks.timesteps:
                 for _ in range(checks.noise_draws):
-                    err_c, err_u = _errors(pipe, z0, [cond, uncond], t_val, gen)  # (K * M,) each, colour-major
+                    err_c, err_u = denoising_errors(pipe, z0, [cond, uncond], t_val, gen)  # (K * M,) each, colour-major
                     score += s * err_c - (s - 1) * err_u
             per_object = score.view(k, len(masks)).mean(0)  # (M,)
             wins += int(per_object.argmin() == index)

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
+from model_training.denoising import denoising_errors, embed
+from model_training.scenes import to_tensor
 from peekaboo.data.shapes import COLOURS, SHAPES, STYLES, ShapeObject, caption_for, make_scene, scene_seed
 
 
@@ -118,7 +119,7 @@ def run_checks(pipe: StableDiffusionPipeline, split: str = "eval") -> list[str]:
     """The VAE round-trip numbers and the per-word-kind conditioning table, as lines of a report (markdown)."""
     style = STYLES[CHECK_STYLES[split]]
     scenes = [make_scene(scene_seed(split, i), style=style) for i in range(GRID.n_check_scenes)]
-    x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = to_tensor(np.stack([s.image for s in scenes]))
     posterior = pipe.vae.encode(x).latent_dist
     recon = pipe.vae.decode(posterior.mean).sample.clamp(-1, 1)
     mse = ((recon - x) / 2).pow(2).mean(dim=(1, 2, 3))
@@ -150,13 +151,7 @@ def conditioning_table(pipe: StableDiffusionPipeline, z0: torch.Tensor, captions
     of each wrong word kind and how often the true caption wins against it. ``z0``: [N,4,h,w] scaled latents;
     ``captions``: ``"true"``, one list per :data:`WORD_KINDS` entry and ``"empty"``, N captions each."""
 
-    def embed(texts: list[str]) -> torch.Tensor:
-        ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return pipe.text_encoder(ids)[0]  # [N,L,D]
-
-    emb = {name: embed(texts) for name, texts in captions.items()}
-    abar = pipe.scheduler.alphas_cumprod
+    emb = {name: embed(pipe, texts) for name, texts in captions.items()}
     gen = torch.Generator().manual_seed(GRID.seed)
     n = z0.shape[0]
     kinds = " | ".join(f"wrong {k}" for k in WORD_KINDS)
@@ -168,11 +163,7 @@ def conditioning_table(pipe: StableDiffusionPipeline, z0: torch.Tensor, captions
         loss = {name: torch.zeros(n) for name in emb}  # per scene, mean over draws
         wins = dict.fromkeys(WORD_KINDS, 0)
         for _ in range(GRID.noise_draws):
-            noise = torch.randn(z0.shape, generator=gen)
-            t = torch.full((n,), t_val)
-            zt = abar[t_val].sqrt() * z0 + (1 - abar[t_val]).sqrt() * noise
-            per = {name: F.mse_loss(pipe.unet(zt, t, encoder_hidden_states=e).sample, noise,
-                                    reduction="none").mean(dim=(1, 2, 3)) for name, e in emb.items()}
+            per = dict(zip(emb, denoising_errors(pipe, z0, list(emb.values()), t_val, gen), strict=True))
             for name in emb:
                 loss[name] += per[name] / GRID.noise_draws
             for kind in WORD_KINDS:
