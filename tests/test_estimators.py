@@ -1,5 +1,5 @@
-"""The dream-loss estimators (guidance.estimator: sds, nfsd; peekaboo.diffusion.estimators): hand-computed values for
-the pure math, the tiny model for the wiring, and the retired switches' refusal."""
+"""The dream-loss estimators (guidance.estimator: sds, nfsd, full; peekaboo.diffusion.estimators): hand-computed
+values for the pure math, the tiny model for the wiring, and the retired switches' refusal."""
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 SWITCHES = {
     "nfsd": ({"estimator": "nfsd"}, 2),
     "nfsd_negative": ({"estimator": "nfsd", "nfsd_negative_prompt": "a dog"}, 3),
+    "full": ({"estimator": "full"}, 2),
 }
 
 
@@ -45,6 +46,35 @@ def test_nfsd_gradient_hand_values():
     assert grad.tolist() == pytest.approx([0.25 * 2.1, 0.25 * 2.0])
 
 
+def test_guided_denoising_objective_hand_values():
+    # w = 0.25; s (eps_c - eps)^2 = 10 * 0.04 = 0.4; (s - 1) (eps_u - eps)^2 = 9 * 0.16 = 1.44; two elements
+    objective = ops.guided_denoising_objective(torch.full((1, 2, 1, 1), 0.1), torch.full((1, 2, 1, 1), 0.3),
+                                               torch.full((1, 2, 1, 1), 0.5), torch.tensor([0.75]), 10.0)
+    assert objective.tolist() == pytest.approx([0.5 * 0.25 * (0.4 - 1.44) * 2])
+
+
+class _IdentityJacobian:
+    """A stand-in backbone whose predictions are ``z_t`` plus a constant per prompt: its Jacobian is the identity,
+    where score distillation's approximation is exact."""
+
+    def predict_eps(self, noisy, t, hidden, batch=True, pooled=None, grad=False):
+        assert grad  # the full estimator must ask for the graph
+        return [noisy[0] + 0.1, noisy[1] - 0.2]
+
+
+def test_full_gradient_is_sds_where_the_unets_jacobian_is_the_identity():
+    noisy, noise = _latents(seed=2), _latents(seed=3)
+    abar = torch.tensor([0.3, 0.8])
+    grad = estimators.gradient(_IdentityJacobian(), noisy, noise, torch.tensor([700, 200]), abar, _Emb(),
+                               _guidance(estimator="full"))
+    sds = ops.sds_gradient(noisy + 0.1, noisy - 0.2, noise, abar, 7.5)
+    assert torch.allclose(grad, abar.sqrt().view(-1, 1, 1, 1) * sds, atol=1e-5)  # dz_t / dz = sqrt(abar)
+
+
+class _Emb:
+    uncond = cond = pooled_uncond = pooled_cond = None
+
+
 # -- config -----------------------------------------------------------------------------------------------------
 def test_defaults_are_the_papers_sds():
     g = GuidanceConfig()
@@ -60,7 +90,7 @@ def test_bad_values_name_the_key(key, value):
         validate_optimization(cfg)
 
 
-@pytest.mark.parametrize(("override", "allowed"), [("estimator=dds", "allowed: sds | nfsd"),
+@pytest.mark.parametrize(("override", "allowed"), [("estimator=dds", "allowed: sds | nfsd | full"),
                                                    ("noise=ddim_inversion", "allowed: random")])
 def test_retired_switches_are_refused_with_the_allowed_values(override, allowed):
     with pytest.raises(ConfigError, match=allowed):
@@ -139,6 +169,28 @@ def test_nfsd_gradient_is_the_hand_formula_on_the_backbones_predictions(tiny_bac
     assert torch.allclose(grad, expected, atol=1e-5)
 
 
+def test_full_gradient_is_the_objectives_derivative_through_the_unet(tiny_backbone):
+    """A finite difference of the guided denoising objective along a random direction matches the estimator's
+    gradient; score distillation's, which drops the UNet's Jacobian, does not."""
+    clean, t = _latents(n=1), torch.tensor([500])
+    abar = tiny_backbone.alphas_cumprod[t]
+    noise = _latents(n=1, seed=3)
+    emb = tiny_backbone.encode_prompt("a red circle")
+    direction = _latents(n=1, seed=4)
+
+    def objective(z):
+        eps_u, eps_c = tiny_backbone.predict_noise(ops.add_noise(z, noise, abar), t, emb)
+        return ops.guided_denoising_objective(eps_u, eps_c, noise, abar, 7.5).double()
+
+    h = 1e-2
+    slope = ((objective(clean + h * direction) - objective(clean - h * direction)) / (2 * h)).item()
+    noisy = ops.add_noise(clean, noise, abar)
+    full = estimators.gradient(tiny_backbone, noisy, noise, t, abar, emb, _guidance(estimator="full"))
+    sds = estimators.gradient(tiny_backbone, noisy, noise, t, abar, emb, _guidance())
+    assert (full * direction).sum().item() == pytest.approx(slope, rel=0.02)
+    assert (abar.sqrt() * sds * direction).sum().item() != pytest.approx(slope, rel=0.2)
+
+
 def test_an_unknown_estimator_is_refused(tiny_backbone):
     """Validation refuses it first; the dispatch does not fall back to sds when handed one anyway."""
     latents, t = _latents(), torch.tensor([100, 700])
@@ -166,6 +218,14 @@ def test_nfsd_runs_end_to_end_and_keeps_pairs_independent(tiny_backbone):
     alone = optimize_pair(_images(2)[1], PROMPTS[1], "b", cfg, _trainer(2), tiny_backbone)
     assert batched[1].steps == 2 and torch.isfinite(batched[1].alpha).all()
     assert torch.allclose(batched[1].alpha, alone.alpha, atol=1e-2)  # float noise of a batch only
+
+
+def test_full_runs_end_to_end_with_a_frozen_model(tiny_backbone):
+    before = [p.clone() for p in tiny_backbone.unet.parameters()]
+    result = optimize_pair(_images(1)[0], PROMPTS[0], "a", _switched("full"), _trainer(2), tiny_backbone)
+    assert result.steps == 2 and torch.isfinite(result.alpha).all()
+    after = list(tiny_backbone.unet.parameters())
+    assert all(p.grad is None and torch.equal(p, b) for p, b in zip(after, before, strict=True))
 
 
 class _StopPair(Callback):

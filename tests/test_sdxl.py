@@ -138,7 +138,8 @@ def unet_calls(sdxl):
     calls.handle.remove()
 
 
-@pytest.mark.parametrize("estimator,batch_cfg,draws", [("sds", True, 1), ("sds", False, 2), ("nfsd", True, 1)])
+@pytest.mark.parametrize("estimator,batch_cfg,draws", [("sds", True, 1), ("sds", False, 2), ("nfsd", True, 1),
+                                                        ("full", True, 1)])
 def test_every_dream_loss_unet_call_takes_the_added_conditioning(sdxl, unet_calls, estimator, batch_cfg, draws):
     cfg = GuidanceConfig(estimator=estimator, batch_cfg=batch_cfg, samples_per_step=draws,
                          nfsd_negative_prompt="a dog", guidance_scale=7.5)

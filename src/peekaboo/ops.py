@@ -100,6 +100,34 @@ def sds_gradient(
                      zero_nonfinite)
 
 
+def guided_denoising_objective(
+    eps_uncond: torch.Tensor,
+    eps_cond: torch.Tensor,
+    noise: torch.Tensor,
+    alphas_cumprod_t: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """The objective score distillation descends: ``w(t) / 2 * sum(s (eps_c - eps)^2 - (s - 1) (eps_u - eps)^2)``
+    per sample, ``w = 1 - abar_t``.
+
+    Its gradient w.r.t. the noisy latents with the UNet's Jacobian taken as the identity is exactly
+    :func:`sds_gradient`'s ``w (eps_u + s (eps_c - eps_u) - eps)``; the ``full`` estimator differentiates it through
+    the UNet instead.
+
+    Args:
+        eps_uncond, eps_cond: ``(B, C, h, w)`` noise predictions for the empty and the real prompt.
+        noise: ``(B, C, h, w)`` the noise that was added.
+        alphas_cumprod_t: ``(B,)``.
+        guidance_scale: ``s``.
+
+    Returns:
+        ``(B,)`` float32.
+    """
+    eps = noise.float()
+    squared = guidance_scale * (eps_cond.float() - eps) ** 2 - (guidance_scale - 1) * (eps_uncond.float() - eps) ** 2
+    return 0.5 * _weighted(squared, alphas_cumprod_t, zero=False).flatten(1).sum(dim=1)
+
+
 def nfsd_gradient(
     eps_uncond: torch.Tensor,
     eps_cond: torch.Tensor,

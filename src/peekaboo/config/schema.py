@@ -34,7 +34,7 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 T_SCHEDULES = ("uniform", "annealed", "stratified")
 # optimization.guidance.estimator: how the UNet's predictions make the dream-loss gradient
 # (peekaboo.diffusion.estimators). dds was retired: it lost to sds in every measurement.
-ESTIMATORS = ("sds", "nfsd")
+ESTIMATORS = ("sds", "nfsd", "full")
 # optimization.guidance.noise: where the noisy latents come from, a fresh draw. ddim_inversion was retired: it
 # lost to random noise in every measurement.
 NOISE_KINDS = ("random",)
@@ -103,7 +103,8 @@ class GuidanceConfig:
     samples_per_step: int = 1
     # The gradient from the predictions (UNet rows per draw: 2 with batch_cfg). sds: w (eps_hat - eps), the
     # paper's; nfsd: Noise-Free Score Distillation (arXiv:2310.17590), w (delta_D + s delta_C), no noise term
-    # (meant for ordinary guidance scales such as 7.5).
+    # (meant for ordinary guidance scales such as 7.5); full: the gradient of the objective sds approximates,
+    # through the UNet (its Jacobian, which sds drops), at the cost of a backward pass through the UNet.
     estimator: str = "sds"
     # nfsd: delta_D is eps_u below this fraction of the training timesteps, eps_u - eps_neg above it.
     nfsd_t_threshold: float = 0.2

@@ -237,10 +237,9 @@ class Backbone:
                          **added).sample
 
     # -- dream loss -----------------------------------------------------------------------------------------
-    @torch.no_grad()
     def predict_eps(
         self, noisy: list[torch.Tensor], t: list[torch.Tensor], hidden: list[torch.Tensor], batch: bool = True,
-        pooled: list[torch.Tensor | None] | None = None,
+        pooled: list[torch.Tensor | None] | None = None, grad: bool = False,
     ) -> list[torch.Tensor]:
         """UNet epsilon predictions for groups of rows (v-predictions are converted to epsilon).
 
@@ -251,10 +250,20 @@ class Backbone:
             batch: one UNet call over all groups' rows instead of one call per group.
             pooled: per group the SDXL format's pooled text embeddings ``(N_i, P)``, or a shared ``(1, P)``
                 (the ``pooled_*`` of :class:`PromptEmbeddings`, None for SD 1.x/2.x).
+            grad: keep the autograd graph from ``noisy`` to the predictions (the ``full`` estimator
+                differentiates through the UNet); by default the call records nothing.
 
         Returns:
             per group ``(N_i, C, h, w)`` float32.
         """
+        with torch.set_grad_enabled(grad):
+            return self._predict_eps(noisy, t, hidden, batch, pooled)
+
+    def _predict_eps(
+        self, noisy: list[torch.Tensor], t: list[torch.Tensor], hidden: list[torch.Tensor], batch: bool,
+        pooled: list[torch.Tensor | None] | None,
+    ) -> list[torch.Tensor]:
+        """:meth:`predict_eps` in the caller's autograd mode."""
         channels = self.unet.config.in_channels
         if noisy[0].shape[1] != channels:  # e.g. an inpainting UNet loaded for editing
             raise ModelError(channels_message("The loaded model", channels, noisy[0].shape[1]))
