@@ -9,7 +9,7 @@
   no noise term; rows ``[uncond, cond]``, plus one for a non-empty ``guidance.nfsd_negative_prompt``.
 - ``full``: the gradient of the objective ``sds`` approximates (``ops.guided_denoising_objective``), through the
   UNet: score distillation drops the UNet's Jacobian, this keeps it, at the cost of a backward pass through the
-  UNet (about three times a step's UNet time, and its activations in memory); rows ``[uncond, cond]``.
+  UNet and of its activations in memory; rows ``[uncond, cond]``.
 
 The math of each gradient is in :mod:`peekaboo.ops` (``sds_gradient``, ``nfsd_gradient``,
 ``guided_denoising_objective``); this module chooses the UNet rows it needs and runs them in one call.
