@@ -57,9 +57,9 @@ class _IdentityJacobian:
     """A stand-in backbone whose predictions are ``z_t`` plus a constant per prompt: its Jacobian is the identity,
     where score distillation's approximation is exact."""
 
-    def predict_eps(self, noisy, t, hidden, batch=True, pooled=None, grad=False):
+    def predict_noise(self, noisy, t, emb, batch_cfg=True, grad=False):
         assert grad  # the full estimator must ask for the graph
-        return [noisy[0] + 0.1, noisy[1] - 0.2]
+        return noisy + 0.1, noisy - 0.2
 
 
 def test_full_gradient_is_sds_where_the_unets_jacobian_is_the_identity():

@@ -257,35 +257,27 @@ class Backbone:
             per group ``(N_i, C, h, w)`` float32.
         """
         with torch.set_grad_enabled(grad):
-            return self._predict_eps(noisy, t, hidden, batch, pooled)
+            channels = self.unet.config.in_channels
+            if noisy[0].shape[1] != channels:  # e.g. an inpainting UNet loaded for editing
+                raise ModelError(channels_message("The loaded model", channels, noisy[0].shape[1]))
+            sizes = [z.shape[0] for z in noisy]
+            hidden = [e.expand(n, -1, -1) for n, e in zip(sizes, hidden, strict=True)]
+            groups = None if pooled is None or any(p is None for p in pooled) else [
+                p.expand(n, -1) for n, p in zip(sizes, pooled, strict=True)]
+            if batch:
+                out = self.run_unet(torch.cat(noisy), torch.cat(t), torch.cat(hidden),
+                                    None if groups is None else torch.cat(groups))
+                outs = list(out.float().split(sizes))
+            else:
+                outs = [self.run_unet(z, tt, e, None if groups is None else groups[i]).float()
+                        for i, (z, tt, e) in enumerate(zip(noisy, t, hidden, strict=True))]
+            if self.prediction_type == "v_prediction":
+                abar = self.alphas_cumprod.to(noisy[0].device)
+                outs = [ops.v_to_epsilon(o, z, abar[tt]) for o, z, tt in zip(outs, noisy, t, strict=True)]
+            return outs
 
-    def _predict_eps(
-        self, noisy: list[torch.Tensor], t: list[torch.Tensor], hidden: list[torch.Tensor], batch: bool,
-        pooled: list[torch.Tensor | None] | None,
-    ) -> list[torch.Tensor]:
-        """:meth:`predict_eps` in the caller's autograd mode."""
-        channels = self.unet.config.in_channels
-        if noisy[0].shape[1] != channels:  # e.g. an inpainting UNet loaded for editing
-            raise ModelError(channels_message("The loaded model", channels, noisy[0].shape[1]))
-        sizes = [z.shape[0] for z in noisy]
-        hidden = [e.expand(n, -1, -1) for n, e in zip(sizes, hidden, strict=True)]
-        groups = None if pooled is None or any(p is None for p in pooled) else [
-            p.expand(n, -1) for n, p in zip(sizes, pooled, strict=True)]
-        if batch:
-            out = self.run_unet(torch.cat(noisy), torch.cat(t), torch.cat(hidden),
-                                None if groups is None else torch.cat(groups))
-            outs = list(out.float().split(sizes))
-        else:
-            outs = [self.run_unet(z, tt, e, None if groups is None else groups[i]).float()
-                    for i, (z, tt, e) in enumerate(zip(noisy, t, hidden, strict=True))]
-        if self.prediction_type == "v_prediction":
-            abar = self.alphas_cumprod.to(noisy[0].device)
-            outs = [ops.v_to_epsilon(o, z, abar[tt]) for o, z, tt in zip(outs, noisy, t, strict=True)]
-        return outs
-
-    @torch.no_grad()
     def predict_noise(
-        self, noisy: torch.Tensor, t: torch.Tensor, emb: PromptEmbeddings, batch_cfg: bool = True
+        self, noisy: torch.Tensor, t: torch.Tensor, emb: PromptEmbeddings, batch_cfg: bool = True, grad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """UNet epsilon predictions for ``[uncond, cond]`` (v-predictions are converted to epsilon).
 
@@ -294,12 +286,13 @@ class Backbone:
             t: ``(B,)`` integer timesteps.
             emb: prompt embeddings, each ``(B, L, D)`` or a shared ``(1, L, D)`` (SDXL: with the pooled ones).
             batch_cfg: one UNet call of batch ``2B`` instead of two calls of ``B``.
+            grad: keep the autograd graph (:meth:`predict_eps`).
 
         Returns:
             ``(eps_uncond, eps_cond)``, each ``(B, C, h, w)`` float32.
         """
         eps_u, eps_c = self.predict_eps([noisy, noisy], [t, t], [emb.uncond, emb.cond], batch_cfg,
-                                        [emb.pooled_uncond, emb.pooled_cond])
+                                        [emb.pooled_uncond, emb.pooled_cond], grad)
         return eps_u, eps_c
 
     def sample_timestep(

@@ -99,8 +99,7 @@ def _full(
     (``z_t = sqrt(abar_t) z + ...``)."""
     with torch.enable_grad():
         z_t = noisy.detach().requires_grad_(True)
-        eps_u, eps_c = backbone.predict_eps([z_t, z_t], [t, t], [emb.uncond, emb.cond], cfg.batch_cfg,
-                                            [emb.pooled_uncond, emb.pooled_cond], grad=True)
+        eps_u, eps_c = backbone.predict_noise(z_t, t, emb, cfg.batch_cfg, grad=True)
         objective = ops.guided_denoising_objective(eps_u, eps_c, noise, abar, cfg.guidance_scale)  # (N,)
         (grad,) = torch.autograd.grad(objective.sum(), z_t)  # rows are independent: the sum's gradient is each row's
     return grad.float() * abar.float().sqrt().view(-1, 1, 1, 1)
