@@ -21,12 +21,21 @@ def _measurement(setting=sd15_size.SETTINGS[0], weights_mb=4000.0, activations_m
 
 
 def test_one_setting_is_measured_in_a_fresh_process(tiny_model):
-    setting = Setting("bf16", True)
+    setting = Setting("bf16", True, "full")  # every switch away from the default at once
     m = sd15_size.in_fresh_process(sd15_size.measure_setting, str(tiny_model), setting, 0, 1, 1, 1,
                                    str(REPO_CONFIGS))
     assert m.setting == setting and len(m.steps) == 1 and m.step_s > 0 and m.cpu_step_s > 0
     assert 0 < m.weights_mb < m.loaded_mb <= m.load_peak_mb and m.libraries_mb < m.loaded_mb
     assert m.step_peak_mb > 0 and m.maxrss_mb >= max(m.load_peak_mb, m.step_peak_mb) - 1
+
+
+def test_settings_are_named_on_the_command_line_and_become_overrides():
+    args = sd15_size.parser("x").parse_args(["--settings", "bf16+ckpt, fp32+full"])
+    assert sd15_size.chosen_settings(args) == [Setting("bf16", True), Setting("fp32", False, "full")]
+    assert "optimization.guidance.estimator=full" in Setting("fp32", False, "full").overrides()
+    assert "optimization.guidance.estimator=sds" in Setting("fp32", False).overrides()
+    assert Setting("bf16", False, "full").label == "bf16, VAE checkpointing off, estimator full"
+    assert len({s.name for s in sd15_size.SETTINGS}) == len(sd15_size.SETTINGS)
 
 
 def test_the_pairs_that_fit_take_the_weights_once_and_the_activations_per_pair():

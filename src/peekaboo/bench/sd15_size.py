@@ -5,10 +5,11 @@ markdown into docs/PERFORMANCE.md).
 The model is SD-1.5's published component configs with random weights (:data:`peekaboo.diffusion.components.SD15`,
 built and saved once, then loaded through ``load_backbone`` as a user's checkpoint is): random weights cost the same
 compute and memory as real ones. Each setting (float32 or bfloat16 weights, the VAE encoder with or without
-gradient checkpointing) runs in a fresh process, so its memory figures are its own: the resident set (RSS) before
-loading (the libraries), its high-water mark while loading (``accelerate`` reads the weights straight into place)
-and after, and its high-water mark over the steps. A step is the preset ``sd15``'s (the paper's settings) through
-the Trainer, 1 warm-up and 2 timed steps by default: a step takes tens of seconds on a CPU.
+gradient checkpointing, the dream loss's ``sds`` or ``full`` estimator) runs in a fresh process, so its memory
+figures are its own: the resident set (RSS) before loading (the libraries), its high-water mark while loading
+(``accelerate`` reads the weights straight into place) and after, and its high-water mark over the steps. A step
+is the preset ``sd15``'s (the paper's settings) through the Trainer, 1 warm-up and 2 timed steps by default: a step
+takes tens of seconds on a CPU.
 
 Derived, not measured: a pair's activations (the step's peak less the resident weights) scale with the pairs per
 step, the weights do not, so a GPU of ``G`` GB holds ``floor((usable(G) - weights) / activations per pair)`` pairs,
@@ -57,20 +58,31 @@ GB = 1e9  # cards are sold in decimal gigabytes
 
 @dataclass(frozen=True)
 class Setting:
-    """One measured configuration: the weights' precision and whether the VAE encoder checkpoints."""
+    """One measured configuration: the weights' precision, whether the VAE encoder checkpoints, and the dream
+    loss's gradient estimator (``full`` adds a backward pass through the UNet, and its activations)."""
 
     precision: str  # a key of PRECISIONS: fp32 | bf16
     checkpointing: bool
+    estimator: str = "sds"
 
     @property
     def label(self) -> str:
-        return f"{self.precision}, VAE checkpointing {'on' if self.checkpointing else 'off'}"
+        label = f"{self.precision}, VAE checkpointing {'on' if self.checkpointing else 'off'}"
+        return label if self.estimator == "sds" else f"{label}, estimator {self.estimator}"
+
+    @property
+    def name(self) -> str:
+        """The setting's name on the command line (``--settings``): ``bf16+ckpt``, ``fp32+full``."""
+        return self.precision + ("+ckpt" if self.checkpointing else "") + (
+            "" if self.estimator == "sds" else f"+{self.estimator}")
 
     def overrides(self) -> list[str]:
-        return [*PRECISIONS[self.precision], f"model.vae_gradient_checkpointing={str(self.checkpointing).lower()}"]
+        return [*PRECISIONS[self.precision], f"model.vae_gradient_checkpointing={str(self.checkpointing).lower()}",
+                f"optimization.guidance.estimator={self.estimator}"]
 
 
-SETTINGS = tuple(Setting(p, c) for p in PRECISIONS for c in (False, True))
+SETTINGS = (*(Setting(p, c) for p in PRECISIONS for c in (False, True)),
+            *(Setting(p, False, "full") for p in PRECISIONS))
 
 
 @dataclass
@@ -207,7 +219,8 @@ def section(measurements: Sequence[Measurement], command: str, load: tuple[tuple
         f"- Machine: {info['processor']}, {info['cpu_count']} cores, {m0.threads} torch thread(s); torch "
         f"{info['torch']}; load average (1/5/15 min) before {before}, after {after}; {wall_s / 60:.1f} min wall",
         f"- Model: SD-1.5's component configs with random weights (`peekaboo.diffusion.components.SD15`), saved "
-        f"and loaded through `load_backbone`; preset `{SD15_GROUP}` (the paper's settings), {m0.pairs} pair(s) per "
+        f"and loaded through `load_backbone`; preset `{SD15_GROUP}` (the paper's settings; its estimator `sds` "
+        f"unless a row says otherwise), {m0.pairs} pair(s) per "
         f"step, {m0.warmup} warm-up + {len(m0.steps) - m0.warmup} timed steps through the Trainer; each setting "
         "in a fresh process",
         "",
@@ -260,9 +273,8 @@ def parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="untimed steps before them")
     p.add_argument("--pairs", type=int, default=PAIRS, help="pairs per step")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
-    p.add_argument("--settings", default=",".join(s.precision + ("+ckpt" if s.checkpointing else "")
-                                                     for s in SETTINGS),
-                   help="comma-separated subset of fp32, fp32+ckpt, bf16, bf16+ckpt")
+    p.add_argument("--settings", default=",".join(s.name for s in SETTINGS),
+                   help=f"comma-separated subset of {', '.join(s.name for s in SETTINGS)}")
     p.add_argument("--model-dir", type=Path, default=None,
                    help="where the random-weight SD-1.5 model is kept (built there if absent; default: a "
                         "temporary folder, built anew)")
@@ -273,7 +285,7 @@ def parser(prog: str) -> argparse.ArgumentParser:
 def chosen_settings(args: argparse.Namespace, p: argparse.ArgumentParser | None = None) -> list[Setting]:
     """The settings ``args.settings`` names, in :data:`SETTINGS`' order (an unknown one is a usage error)."""
     names = {s.strip() for s in args.settings.split(",") if s.strip()}
-    known = {s.precision + ("+ckpt" if s.checkpointing else ""): s for s in SETTINGS}
+    known = {s.name: s for s in SETTINGS}
     if unknown := sorted(names - set(known)):
         (p or parser()).error(f"unknown setting(s) {unknown}; choose from {', '.join(known)}")
     return [s for name, s in known.items() if name in names]
