@@ -11,8 +11,8 @@ part           what it runs                                                     
 ``throughput`` :func:`peekaboo.bench.throughput.gpu.section_gpu`: SD-1.5's configs with random weights  5 min
                built on the GPU and saved (~0.5 min), fp32 and bf16 at 1, 4 and 8 pairs per step, the
                switches at bf16 and 4 pairs (``compile=true`` compiles for ~1.5 min of it; VAE
-               gradient checkpointing), the paper-style loop; 2 warm-up + 5 timed steps each, every
-               variant loaded afresh (~10 s each)
+               gradient checkpointing; ``estimator=full``), the paper-style loop; 2 warm-up + 5 timed
+               steps each, every variant loaded afresh (~10 s each)
 ``masks``      :func:`precision_masks`: the bundled model on :data:`MASK_PAIRS` synthetic pairs,       1 min
                float32 and bfloat16, at the preset and from alpha 0.5 over 100 steps
 (slack)        imports, Trainer setup, writing                                                         2 min

@@ -42,6 +42,8 @@ SWITCHES: tuple[tuple[str, str], ...] = (
     ("`compile=true`", "model.compile=true"),
     ("`attention=classic`", "model.attention=classic"),
     ("`vae_gradient_checkpointing=true`", "model.vae_gradient_checkpointing=true"),
+    # Not a fast path: what the UNet's backward pass costs on a GPU (docs/PERFORMANCE.md measures it on the CPU).
+    ("`estimator=full`", "optimization.guidance.estimator=full"),
 )
 NO_GPU = "not measured: no GPU"
 TITLE = "Stable Diffusion 1.5 size on a GPU"
