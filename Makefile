@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(PY) predict.py image=src/peekaboo/assets/examples/scene.png \
-		prompt="a red circle" prompt="a blue square" output_dir=outputs/demo
+	$(PY) predict.py image=src/peekaboo/assets/examples/objects.png \
+		prompt="a car" prompt="a light bulb" output_dir=outputs/demo
 
 test: install
 	$(PY) -m ruff check src tests scripts benchmarks predict.py train.py

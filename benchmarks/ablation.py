@@ -1,10 +1,11 @@
-"""The ablation benchmark (on the shapes scenes) with the repository's paths: ``python benchmarks/ablation.py
+"""The ablation benchmark with the repository's paths: ``python benchmarks/ablation.py [--scenes shapes|objects]
 [options]`` (``make bench``).
 
 Runs :mod:`peekaboo.bench.ablation` (same options) from the repository root, filling in where its output goes
-when the command does not say: the results JSON under ``benchmarks/results/``, docs/BENCHMARK.md for the eval
-split (with the sweep's trials, once the sweep has run), docs/BENCHMARK_ROBUST.md for the robust split, and the
-sweep's cache of finished trials. The README's one generated block, the eval table, changes only with
+when the command does not say: the results JSON under ``benchmarks/results/`` (``<scenes>_<split>.json``), the
+scene set's report for the eval split (docs/BENCHMARK.md for shapes, docs/BENCHMARK_OBJECTS.md for objects; with
+the sweep's trials, once the sweep has run) and for the robust split (``..._ROBUST.md``), and the sweep's cache of
+finished trials. The README's one generated block, the eval table, changes only with
 ``--readme README.md``. A run to its own ``--out`` file (a side experiment) writes its own output only: no
 report in docs/ unless ``--docs`` names one, and never the README.
 """
@@ -17,13 +18,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peekaboo.bench import ablation
+from peekaboo.bench.methods import SCENE_PRESETS
 from peekaboo.bench.scoring import BENCH_SPLITS
 
-# Relative to the repository root (the working folder), as the reports quote them.
-RESULTS = {split: Path(f"benchmarks/results/shapes_{split}.json") for split in BENCH_SPLITS}
-SWEEP_OUT = Path("benchmarks/results/shapes_sweep.json")
-SWEEP_CACHE = Path("work/bench_sweep_cache.json")
-DOCS = {"eval": Path("docs/BENCHMARK.md"), "robust": Path("docs/BENCHMARK_ROBUST.md")}
+# Relative to the repository root (the working folder), as the reports quote them; by scene set, then split.
+RESULTS = {scenes: {split: Path(f"benchmarks/results/{scenes}_{split}.json") for split in BENCH_SPLITS}
+           for scenes in SCENE_PRESETS}
+SWEEP_OUT = {scenes: Path(f"benchmarks/results/{scenes}_sweep.json") for scenes in SCENE_PRESETS}
+# The shapes cache keeps its first name, so its finished trials stay found.
+SWEEP_CACHE = {"shapes": Path("work/bench_sweep_cache.json"), "objects": Path("work/bench_sweep_cache_objects.json")}
+DOCS = {"shapes": {"eval": Path("docs/BENCHMARK.md"), "robust": Path("docs/BENCHMARK_ROBUST.md")},
+        "objects": {"eval": Path("docs/BENCHMARK_OBJECTS.md"), "robust": Path("docs/BENCHMARK_OBJECTS_ROBUST.md")}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,13 +41,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ablation.parser(prog="python benchmarks/ablation.py").error(
             "--readme: a run to its own --out file leaves the README alone; drop --out to refresh the table.")
     if default_out:
-        args.out = SWEEP_OUT if args.sweep else RESULTS[args.split]
+        args.out = SWEEP_OUT[args.scenes] if args.sweep else RESULTS[args.scenes][args.split]
     if args.sweep_cache is None:
-        args.sweep_cache = SWEEP_CACHE
-    if args.docs is None and default_out and args.split in DOCS and not args.sweep:
-        args.docs = DOCS[args.split]
-    if args.sweep_report is None and SWEEP_OUT.is_file():
-        args.sweep_report = SWEEP_OUT
+        args.sweep_cache = SWEEP_CACHE[args.scenes]
+    docs = DOCS[args.scenes]
+    if args.docs is None and default_out and args.split in docs and not args.sweep:
+        args.docs = docs[args.split]
+    if args.sweep_report is None and SWEEP_OUT[args.scenes].is_file():
+        args.sweep_report = SWEEP_OUT[args.scenes]
     return ablation.run(args, shlex.join(["python", "benchmarks/ablation.py", *argv]))
 
 

@@ -1,7 +1,8 @@
 """Quality against steps with the repository's paths: ``python benchmarks/steps.py [options]``.
 
 Runs :mod:`peekaboo.bench.steps` (same options) from the repository root, filling in where its output goes when
-the command does not say: the results JSON under ``benchmarks/results/``, and on the eval and robust splits the
+the command does not say: the results JSON under ``benchmarks/results/`` (``steps_<split>.json`` on the shapes
+scenes, ``steps_objects_<split>.json`` on the objects scenes), and on the shapes eval and robust splits the
 report docs/STEPS.md (docs/STEPS_ROBUST.md) with its plot docs/steps.png (docs/steps_robust.png). Only a run of
 every built-in setting at the default step counts, with nothing added, writes that report: a run to its own
 ``--out`` file, or of some settings, writes only what it names.
@@ -15,9 +16,11 @@ from pathlib import Path
 
 from peekaboo.bench import steps
 
-RESULTS = "benchmarks/results/steps_{split}.json"
-DOCS = {"eval": (Path("docs/STEPS.md"), Path("docs/steps.png")),
-        "robust": (Path("docs/STEPS_ROBUST.md"), Path("docs/steps_robust.png"))}
+RESULTS = {"shapes": "benchmarks/results/steps_{split}.json",
+           "objects": "benchmarks/results/steps_objects_{split}.json"}
+DOCS = {"shapes": {"eval": (Path("docs/STEPS.md"), Path("docs/steps.png")),
+                   "robust": (Path("docs/STEPS_ROBUST.md"), Path("docs/steps_robust.png"))},
+        "objects": {}}
 PROG = "python benchmarks/steps.py"
 
 
@@ -28,13 +31,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = []
     default_out = args.out is None
     if default_out:
-        extra += ["--out", RESULTS.format(split=args.split)]
+        extra += ["--out", RESULTS[args.scenes].format(split=args.split)]
     # Only the report's own run (every built-in setting at the default step counts, nothing added) writes the
     # split's report; a run to its own --out file, or of some settings, writes only what it names.
     whole = (set(args.builtins) == {s.label for s in steps.BUILTIN} and not args.candidate and not args.set
              and sorted(args.steps) == sorted(steps.STEP_COUNTS))
-    if default_out and whole and args.split in DOCS and args.docs is None and args.plot is None:
-        docs, plot = DOCS[args.split]
+    docs_of = DOCS[args.scenes]
+    if default_out and whole and args.split in docs_of and args.docs is None and args.plot is None:
+        docs, plot = docs_of[args.split]
         extra += ["--docs", str(docs), "--plot", str(plot)]
     return steps.main([*argv, *extra], PROG)
 

@@ -30,7 +30,7 @@ from model_training.object_checks import (
 from model_training.scenes import to_tensor
 
 from peekaboo.data import objects
-from peekaboo.diffusion.checks import BUNDLED_PATH
+from peekaboo.diffusion.checks import BUNDLED_PATHS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The share of checks the right word must win for each kind (issue: "every object word is read").
@@ -50,7 +50,7 @@ def vae_psnr(pipe: StableDiffusionPipeline, n: int = 64) -> float:
 def main() -> None:
     """Parse the command line, write the grid and the report."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=BUNDLED_PATH.parent / "objects-ldm")
+    parser.add_argument("--model", type=Path, default=BUNDLED_PATHS["bundled"])
     parser.add_argument("--out-dir", type=Path, default=None, help="instead of docs/ (grid and report)")
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -19,7 +19,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from model_training.samples import CHECK_STYLES, run_checks, sample_grid
 
-from peekaboo.diffusion.checks import BUNDLED_PATH
+from peekaboo.diffusion.checks import BUNDLED_PATHS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     """Parse the command line, save the grid, print the checks."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=BUNDLED_PATH)
+    parser.add_argument("--model", type=Path, default=BUNDLED_PATHS["bundled-shapes"])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "samples.png")
     parser.add_argument("--checks", action="store_true", help="also run the VAE and conditioning checks")
     parser.add_argument("--check-split", choices=sorted(CHECK_STYLES), default="eval",

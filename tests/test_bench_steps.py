@@ -57,6 +57,10 @@ def test_steps_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     for s in result["settings"].values():
         assert [p["steps"] for p in s["points"]] == [1, 3]
         assert all(p["scored"] == 2 for p in s["points"])
+        for p in s["points"]:  # the per-pair figures are the ones the summary averages
+            assert len(p["per_pair"]) == 2 and len({r["id"] for r in p["per_pair"]}) == 2
+            assert abs(sum(r["iou"] for r in p["per_pair"]) / 2 - p["miou"]) < 1e-9
+            assert sum(r["wrong_object"] for r in p["per_pair"]) / 2 == p["wrong_object_rate"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = docs.read_text()
     assert "| project |" in text and "Fewest steps at the paper's quality" in text and "s.png" in text

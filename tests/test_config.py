@@ -16,8 +16,10 @@ BASE = ["image=x.png", "prompt=a red circle"]
 
 def test_defaults_come_from_the_dataclasses_and_the_model_group():
     cfg = load_config(PredictConfig, BASE, REPO_CONFIGS, "predict")
-    assert cfg.model.pretrained == "bundled"  # configs/model/shapes.yaml via predict.yaml's defaults
-    assert cfg.optimization.mask.kind == "raster_bilateral"
+    assert cfg.model.pretrained == "bundled"  # configs/model/objects.yaml via predict.yaml's defaults
+    assert cfg.optimization.mask.kind == "raster_bilateral" and cfg.optimization.mask.init == "constant"
+    shapes = load_config(PredictConfig, [*BASE, "model=shapes"], REPO_CONFIGS, "predict")
+    assert shapes.model.pretrained == "bundled-shapes" and shapes.optimization.mask.init == "region"
     assert cfg.optimization.guidance.t_min == 0.02  # dataclass default, not repeated in YAML
     paper = load_config(PredictConfig, [*BASE, "model=sd15"], REPO_CONFIGS, "predict")
     assert paper.optimization.mask.kind == "fourier_bilateral" and paper.optimization.mask.size == 256

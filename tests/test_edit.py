@@ -154,9 +154,9 @@ BUNDLED_SCENES = (0, 6)
 # raster_bilateral (the preset's mask today) segments this model far better than a plain raster; for the edit,
 # starting from the noised input (strength 0.7) with stronger guidance makes the model draw the new colour
 # inside the region (from pure noise, strength 1, it mostly paints background there).
-BUNDLED_SETTINGS = ["optimization.mask.kind=raster_bilateral", "edit.strength=0.7", "sampling.guidance_scale=15",
-                    "sampling.steps=25", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-                    "tensorboard=false"]
+BUNDLED_SETTINGS = ["model=shapes", "optimization.mask.kind=raster_bilateral", "edit.strength=0.7",
+                    "sampling.guidance_scale=15", "sampling.steps=25", "trainer.accelerator=cpu",
+                    "trainer.enable_progress_bar=false", "tensorboard=false"]
 
 
 def _recolour(pair) -> str:

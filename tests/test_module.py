@@ -188,7 +188,7 @@ TOWARD_MARGIN = 0.05
 
 @pytest.fixture(scope="module")
 def shapes_backbone():
-    return shared_backbone(ModelConfig(pretrained="bundled"))
+    return shared_backbone(ModelConfig(pretrained="bundled-shapes"))
 
 
 def _toward_settings() -> OptimizationConfig:

@@ -232,3 +232,15 @@ def test_object_source_pairs():
     assert pairs[0].meta["kind"] in pairs[0].prompt
     with pytest.raises(ConfigError):
         synthetic_pairs("train", 5, scenes="objects")
+
+
+def test_the_shipped_example_scene_is_the_library_example():
+    from PIL import Image
+
+    from peekaboo.data.example import example_scene
+
+    shipped = np.asarray(Image.open(ATLAS_DIR.parent / "examples" / "objects.png").convert("RGB"))
+    scene = example_scene()
+    assert np.array_equal(shipped, scene.image)  # so its ground truth (scripts/demo_figure.py) is the generator's
+    assert [o.prompt for o in scene.objects] == ["a light bulb", "a car"]  # the demo's prompts (Makefile, README)
+    assert all(not o.occluded and o.visible_fraction == 1.0 for o in scene.objects)

@@ -44,7 +44,7 @@ def test_from_pretrained_takes_the_cli_keys_and_validation(seg, tiny_model):
 def test_each_model_starts_from_its_own_preset(tiny_model, tiny_sdxl_model):
     from peekaboo.app.segmenter import default_preset
 
-    assert default_preset("bundled") == "shapes"
+    assert default_preset("bundled") == "objects" and default_preset("bundled-shapes") == "shapes"
     assert default_preset(str(tiny_model)) == "sd15"  # the paper's settings
     assert default_preset(str(tiny_sdxl_model)) == "sdxl"  # read from its model_index.json, no weights loaded
 
@@ -201,5 +201,5 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     results = namespace["results"]
-    assert [r.prompt for r in results] == ["a red circle", "a blue square"]
-    assert (tmp_path / "masks" / "a_red_circle" / "mask.png").is_file()
+    assert [r.prompt for r in results] == ["a car", "a light bulb"]
+    assert (tmp_path / "masks" / "a_car" / "mask.png").is_file()

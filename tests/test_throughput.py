@@ -28,12 +28,12 @@ def _small_bench(tiny_model, max_steps: int) -> Bench:
 
 
 def test_runs_compared_with_the_reference_loop_take_the_alpha_half_step_count():
-    bench = Bench("bundled", torch.device("cpu"), warmup=0, steps=1, config_dir=REPO_CONFIGS)
+    bench = Bench(None, torch.device("cpu"), warmup=0, steps=1, config_dir=REPO_CONFIGS)
     cfg = bench.reference_config("fourier_bilateral", "optimization.optim.lr=0.01")
     assert cfg.optimization.mask.init == "constant" and cfg.optimization.mask.kind == "fourier_bilateral"
     assert cfg.trainer.max_steps == ALPHA_START_STEPS and cfg.optimization.optim.lr == 0.01
     # A quick check's fixed step count wins, so the script's own tests stay short.
-    quick = Bench("bundled", torch.device("cpu"), warmup=0, steps=1, max_steps=2, config_dir=REPO_CONFIGS)
+    quick = Bench(None, torch.device("cpu"), warmup=0, steps=1, max_steps=2, config_dir=REPO_CONFIGS)
     assert quick.reference_config("raster_bilateral").trainer.max_steps == 2
 
 

@@ -2,9 +2,9 @@
 
 >>> from peekaboo import Segmenter
 >>> seg = Segmenter.from_pretrained("bundled", trainer={"max_steps": 50})      # doctest: +SKIP
->>> [red, blue] = seg("scene.png", ["a red circle", "a blue square"])          # doctest: +SKIP
->>> red.mask.shape, red.alpha.dtype, red.steps                                 # doctest: +SKIP
-((64, 64), dtype('float32'), 50)
+>>> [car, bulb] = seg("objects.png", ["a car", "a light bulb"])                # doctest: +SKIP
+>>> car.mask.shape, car.alpha.dtype, car.steps                                 # doctest: +SKIP
+((256, 256), dtype('float32'), 50)
 
 Nothing is written unless asked (:meth:`Segmentation.save` writes what ``predict.py`` writes for a prompt), and
 nothing is printed: no progress bar unless asked (``seg(image, prompts, progress=True)``), no banners of the
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from peekaboo.config import BUNDLED_MODEL, ModelConfig, PredictConfig, apply_overrides, load_config, preset_dir
+from peekaboo.config import BUNDLED_MODELS, ModelConfig, PredictConfig, apply_overrides, load_config, preset_dir
 from peekaboo.diffusion.backbone import Backbone
 from peekaboo.diffusion.checks import is_sdxl_pipeline
 from peekaboo.diffusion.loading import shared_backbone
@@ -39,22 +39,21 @@ from peekaboo.utils.devices import resolve_device
 #: What :meth:`Segmenter.__call__` accepts as an image.
 ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
-# The preset a model starts from: the bundled model's tuned settings, or the paper's settings for any other
-# checkpoint (their SDXL counterpart for an SDXL pipeline).
-BUNDLED_PRESET = "shapes"
+# The presets of checkpoints other than the bundled models (which name their own in BUNDLED_MODELS): the paper's
+# settings for Stable Diffusion 1.x/2.x, and their SDXL counterpart.
 CHECKPOINT_PRESET = "sd15"
 SDXL_PRESET = "sdxl"
 
 
 def default_preset(pretrained: str) -> str:
-    """The model preset (``configs/model/<preset>.yaml``) a model starts from: the bundled model's tuned preset,
-    ``sdxl`` for an SDXL-format pipeline, ``sd15`` (the paper's settings) for any other checkpoint.
+    """The model preset (``configs/model/<preset>.yaml``) a model starts from: a bundled model's own tuned
+    preset, ``sdxl`` for an SDXL-format pipeline, ``sd15`` (the paper's settings) for any other checkpoint.
 
     Raises:
         ModelError: a folder or hub id that is no usable pipeline (:func:`check_model_source`).
     """
-    if pretrained == BUNDLED_MODEL:
-        return BUNDLED_PRESET
+    if pretrained in BUNDLED_MODELS:
+        return BUNDLED_MODELS[pretrained][1]
     return SDXL_PRESET if is_sdxl_pipeline(ModelConfig(pretrained=pretrained)) else CHECKPOINT_PRESET
 
 @dataclass(frozen=True)
@@ -187,7 +186,8 @@ class Segmenter:
         """Load the model once, frozen, with the command line's config keys and validation.
 
         Args:
-            pretrained: ``"bundled"``, a hub id or a local diffusers folder (``model.pretrained``).
+            pretrained: ``"bundled"`` (or ``"bundled-shapes"``), a hub id or a local diffusers folder
+                (``model.pretrained``).
             config: a full config to start from instead of a preset (e.g. one loaded from a run's
                 ``config.yaml``); its ``model.pretrained`` is replaced by ``pretrained``.
             preset: the model preset (``configs/model/<preset>.yaml``) to start from; default:

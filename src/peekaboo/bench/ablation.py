@@ -1,9 +1,9 @@
-"""The synthetic-shapes benchmark's command line: Peekaboo, its ablations and training-free baselines on
-held-out scenes.
+"""The ablation benchmark's command line: Peekaboo, its ablations and training-free baselines on held-out
+synthetic scenes (``--scenes shapes`` or ``objects``, each with its bundled model and preset).
 
-``python -m peekaboo.bench.ablation [--split eval|tune] [--pairs 200] [--methods ...] [--out FILE]
-[--docs FILE] [--readme FILE] [--set key=value ...]`` scores every method on the first ``--pairs`` pairs of
-the split (:func:`peekaboo.bench.run.run_benchmark`) and prints a markdown table shaped like the paper's
+``python -m peekaboo.bench.ablation [--scenes shapes|objects] [--split eval|tune] [--pairs 200] [--methods ...]
+[--out FILE] [--docs FILE] [--readme FILE] [--set key=value ...]`` scores every method on the first ``--pairs``
+pairs of the split (:func:`peekaboo.bench.run.run_benchmark`) and prints a markdown table shaped like the paper's
 ablation table; it writes the per-pair results, the table, the command and the machine to ``--out`` (JSON),
 the report to ``--docs`` and, for the eval split only, the table between the markers of ``--readme``, each
 only when given.
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from peekaboo.bench.common import machine_info, update_marked, write_json
-from peekaboo.bench.methods import CROSS_ATTENTION_THRESHOLD, METHOD_NAMES
+from peekaboo.bench.methods import CROSS_ATTENTION_THRESHOLD, METHOD_NAMES, SCENE_PRESETS
 from peekaboo.bench.report import README_END, README_SPLIT, README_START, readme_block, render_docs
 from peekaboo.bench.run import DEFAULT_BATCH, DEFAULT_PAIRS, run_benchmark
 from peekaboo.bench.scoring import BENCH_SPLITS
@@ -37,10 +37,15 @@ from peekaboo.utils.console import setup_logging
 
 log = logging.getLogger("peekaboo.bench")
 
+# The README's one results table (between its bench markers) is this scene set's.
+README_SCENES = "shapes"
+
 
 def parser(prog: str = "python -m peekaboo.bench.ablation") -> argparse.ArgumentParser:
     """The command line's options; every output path defaults to none (nothing written)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p.add_argument("--scenes", choices=tuple(SCENE_PRESETS), default="shapes",
+                   help="the synthetic scene set (each runs with its bundled model's preset)")
     p.add_argument("--split", choices=BENCH_SPLITS, default="eval")
     p.add_argument("--pairs", type=int, default=None,
                    help=f"how many pairs (default {DEFAULT_PAIRS}; {TUNE_PAIRS} with --sweep)")
@@ -121,8 +126,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
                 "seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1)}
 
     out, docs = args.out, args.docs
-    if args.readme is not None and (args.sweep or args.split != README_SPLIT):
-        raise PeekabooError(f"--readme: the README carries the {README_SPLIT} table only; write the "
+    if args.readme is not None and (args.sweep or args.split != README_SPLIT or args.scenes != README_SCENES):
+        raise PeekabooError(f"--readme: the README carries the {README_SCENES} {README_SPLIT} table only; write the "
                             f"{'sweep' if args.sweep else args.split + ' table'} to --out / --docs.")
     if args.sweep:
         if args.split != "tune":
@@ -135,7 +140,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
                 raise PeekabooError(f"--sweep-knobs: unknown knob {unknown[0]!r}; choose from {' '.join(known)}.")
             knobs = {"stages": [(k, v) for k, v in SWEEP_STAGES if k in args.sweep_knobs], "kind_lrs": {}}
         report = sweep(args.pairs or TUNE_PAIRS, args.batch_size, args.overrides, args.config_dir,
-                       cache_path=args.sweep_cache, **knobs) | stamp()
+                       cache_path=args.sweep_cache, scenes=args.scenes, **knobs) | stamp()
         if out is not None:
             write_json(report, out)
         print(report["markdown"])
@@ -148,7 +153,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
     sweep_report = read_sweep(args.sweep_report, "--sweep-report") if args.sweep_report is not None else None
 
     def save(result: dict[str, Any], partial: bool = True) -> dict[str, Any]:
-        report = {"benchmark": "shapes", **stamp(), "out": None if out is None else str(out), "partial": partial,
+        report = {"benchmark": args.scenes, **stamp(), "out": None if out is None else str(out), "partial": partial,
                   **result}
         if out is not None:
             write_json(report, out)
@@ -163,7 +168,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         threshold = tuned.get("cross_attention_threshold", CROSS_ATTENTION_THRESHOLD)
     result = run_benchmark(args.split, args.pairs or DEFAULT_PAIRS, args.methods, args.overrides,
                            args.batch_size, args.config_dir, threshold, previous, save,
-                           tuned.get("default_overrides", ()), tuned.get("kind_optim"))
+                           tuned.get("default_overrides", ()), tuned.get("kind_optim"), args.scenes)
     report = save(result, partial=False)
     print(result["table"])
     if out is not None:

@@ -133,7 +133,7 @@ def throughput(device: torch.device, config_dir: str | Path | None, dry: bool) -
 
 # -- bf16 vs fp32 masks ---------------------------------------------------------------------------------------
 def precision_masks(device: torch.device, config_dir: str | Path | None, pairs: int = MASK_PAIRS,
-                    max_steps: int | None = None, model: str = "bundled",
+                    max_steps: int | None = None, model: str | None = None,
                     settings: Sequence[str] = MASK_SETTINGS) -> Part:
     """The same pairs optimized with float32 and with bfloat16 weights (``bf16-mixed``), from the same seeds:
     IoU of the two binary masks of each pair, and each precision's mIoU against the ground truth.

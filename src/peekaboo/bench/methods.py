@@ -1,8 +1,9 @@
-"""The rows of the shapes benchmark: Peekaboo, its ablations and the training-free baselines, and the project
-config each Peekaboo row runs with.
+"""The rows of the benchmarks: Peekaboo, its ablations and the training-free baselines, and the project config
+each Peekaboo row runs with.
 
-Every Peekaboo row starts from the project's config (``configs/train.yaml`` + ``configs/model/shapes.yaml``,
-read with :func:`peekaboo.config.load_config`); a row only lists what it changes.
+Every Peekaboo row starts from the project's config (``configs/train.yaml`` + the scene set's model preset,
+``configs/model/shapes.yaml`` or ``objects.yaml``, read with :func:`peekaboo.config.load_config`); a row only
+lists what it changes.
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from peekaboo.config import MASK_KINDS, TrainConfig, load_config, preset_dir
+from peekaboo.config import BUNDLED_MODELS, MASK_KINDS, TrainConfig, load_config, preset_dir
 from peekaboo.diffusion.identity import model_fingerprint
 from peekaboo.errors import PeekabooError
 from peekaboo.optim.masks import LEGACY_REVISION, MASK_REVISIONS
 from peekaboo.optim.restarts import candidate_inits
 
-# The model config group every row starts from: configs/model/<MODEL_GROUP>.yaml.
-MODEL_GROUP = "shapes"
+#: The synthetic scene sets a benchmark runs on, each with the model preset its rows start from
+#: (configs/model/<preset>.yaml: the bundled model trained on those scenes and the settings tuned for it).
+SCENE_PRESETS: dict[str, str] = {"shapes": "shapes", "objects": "objects"}
+# The model config group of the shapes benchmark and the throughput benchmark: configs/model/<MODEL_GROUP>.yaml.
+MODEL_GROUP = SCENE_PRESETS["shapes"]
 # The dataset-run task: configs/train.yaml, whose validation needs no image (a predict config would).
 CONFIG_TASK = "train"
 # The bench writes no run folder, but a dataset-run config requires a run name.
-_RUN_NAME = "run.name=shapes-bench"
+_RUN_NAME = "run.name=bench"
 
 # -- settings chosen by the sweep on the tune split (see docs/BENCHMARK.md, "How the settings were chosen") --
 #: Optimizer of each mask kind in the mask-kind rows: a learning rate suits one parameterization only (a
@@ -174,20 +178,28 @@ def resolve_config_dir(config_dir: str | os.PathLike | None) -> Path:
     packaged presets, or ``$PEEKABOO_CONFIG_DIR``).
 
     Raises:
-        PeekabooError: the folder has no model/shapes.yaml: the benchmark's defaults must come from a preset.
+        PeekabooError: the folder lacks a scene set's model preset: the benchmark's defaults must come from one.
     """
     folder = Path(config_dir) if config_dir is not None else preset_dir()  # an explicit folder: no fallback
-    if not (folder / "model" / f"{MODEL_GROUP}.yaml").is_file():
-        raise PeekabooError(f"{folder} has no model/{MODEL_GROUP}.yaml; pass --config-dir pointing at a folder "
+    missing = [p for p in SCENE_PRESETS.values() if not (folder / "model" / f"{p}.yaml").is_file()]
+    if missing:
+        raise PeekabooError(f"{folder} has no model/{missing[0]}.yaml; pass --config-dir pointing at a folder "
                             "of presets like the project's configs/.")
     return folder
 
 
-def method_config(overrides: Sequence[str], extra: Sequence[str], config_dir: Path, base: Sequence[str] = ()) -> Any:
-    """The project's dataset-run config (``configs/train.yaml``) with ``model=shapes``, then ``base`` (tuned
-    defaults every row starts from), then a row's ``overrides``, then ``extra`` (the command's ``--set``):
-    later ones win."""
-    argv = [f"model={MODEL_GROUP}", "data=shapes", _RUN_NAME, *base, *overrides, *extra]
+def method_config(overrides: Sequence[str], extra: Sequence[str], config_dir: Path, base: Sequence[str] = (),
+                  scenes: str = "shapes") -> Any:
+    """The project's dataset-run config (``configs/train.yaml``) with the scene set's model preset
+    (:data:`SCENE_PRESETS`) and data group, then ``base`` (tuned defaults every row starts from), then a row's
+    ``overrides``, then ``extra`` (the command's ``--set``): later ones win.
+
+    Raises:
+        PeekabooError: an unknown scene set (a ConfigError for bad overrides).
+    """
+    if scenes not in SCENE_PRESETS:
+        raise PeekabooError(f"--scenes {scenes}: use one of {', '.join(SCENE_PRESETS)}.")
+    argv = [f"model={SCENE_PRESETS[scenes]}", f"data={scenes}", _RUN_NAME, *base, *overrides, *extra]
     return load_config(TrainConfig, argv, config_dir, CONFIG_TASK)
 
 
@@ -226,6 +238,11 @@ def canonical_key(key: str) -> str:
     if "weights" in settings:  # a settings_key; "precision" and "mask_revision" joined it later
         settings.setdefault("precision", str(TrainConfig().trainer.precision))
         settings.setdefault("mask_revision", LEGACY_REVISION)  # keys stored before revisions were recorded
+        model = settings.get("model")
+        if isinstance(model, dict) and model.get("pretrained") in BUNDLED_MODELS:
+            # A bundled model is known by its weights' digest, not its name: the shapes model's rows stored as
+            # "bundled" (its name before the objects model took it) are the rows of "bundled-shapes".
+            model["pretrained"] = None
     _starts_as_read(settings)
     return prefix + json.dumps(settings, sort_keys=True)
 

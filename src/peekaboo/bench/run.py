@@ -228,8 +228,10 @@ def run_benchmark(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     base_overrides: Sequence[str] = (),
     kind_optim: dict[str, Sequence[str]] | None = None,
+    scenes: str = "shapes",
 ) -> dict[str, Any]:
-    """Score ``methods`` on the first ``num_pairs`` pairs of ``split``.
+    """Score ``methods`` on the first ``num_pairs`` pairs of ``split`` of the ``scenes`` set, each Peekaboo row
+    starting from that set's model preset (:data:`~peekaboo.bench.methods.SCENE_PRESETS`).
 
     Args:
         methods: names from :data:`METHOD_NAMES`, in table order.
@@ -254,18 +256,20 @@ def run_benchmark(
     if batch_size < 1:
         raise PeekabooError(f"--batch-size {batch_size} must be >= 1.")
     cdir = resolve_config_dir(config_dir)
-    pairs = load_pairs(split, num_pairs)
-    base = method_config((), extra, cdir, base_overrides)
+    pairs = load_pairs(split, num_pairs, scenes)
+    base = method_config((), extra, cdir, base_overrides, scenes)
     chosen = [m for m in build_methods(kind_optim) if m.name in methods]
     # All configs first, so a bad override fails before hours of work.
-    configs = {m.name: method_config(m.overrides, extra, cdir, base_overrides) for m in chosen}
-    log.info("shapes benchmark: %d %s pairs, %d methods", len(pairs), split, len(chosen))
+    configs = {m.name: method_config(m.overrides, extra, cdir, base_overrides, scenes) for m in chosen}
+    log.info("%s benchmark: %d %s pairs, %d methods", scenes, len(pairs), split, len(chosen))
     done_by_key: dict[str, str] = {}
     rows: dict[str, dict] = {}
-    result = {"split": split, "pairs": len(pairs), "base_overrides": list(base_overrides),
+    result = {"scenes": scenes, "split": split, "pairs": len(pairs), "base_overrides": list(base_overrides),
               "extra_overrides": list(extra), "model": base.model.pretrained, "methods": rows}
     earlier = {}
-    if previous is not None and previous.get("split") == split and previous.get("pairs") == len(pairs):
+    # Results stored before the objects scenes existed are the shapes benchmark's.
+    same_pairs = (previous or {}).get("scenes", "shapes") == scenes
+    if same_pairs and previous.get("split") == split and previous.get("pairs") == len(pairs):
         # Canonical keys, so a row stored before a setting was added still counts as the same settings.
         earlier = {canonical_key(row["key"]): row for row in previous.get("methods", {}).values() if "key" in row}
     # The default and the baselines without optimization first: they are what a partial run should show.

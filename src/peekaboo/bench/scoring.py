@@ -1,5 +1,5 @@
-"""The shapes benchmark's pairs and their scores: the synthetic pairs with every object's mask, and the per-pair
-record of a predicted mask (IoU terms, whether it took another object of the scene, its area)."""
+"""The benchmarks' pairs and their scores: the synthetic pairs (shapes or objects) with every object's mask, and
+the per-pair record of a predicted mask (IoU terms, whether it took another object of the scene, its area)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from peekaboo.data.shapes import EVAL_SPLITS, eval_pairs
-from peekaboo.data.synthetic import SPLIT_NAMES, synthetic_pairs
+from peekaboo.data import objects, shapes
+from peekaboo.data.shapes import EVAL_SPLITS
+from peekaboo.data.synthetic import SCENE_SETS, SPLIT_NAMES, synthetic_pairs
 from peekaboo.errors import PeekabooError
 from peekaboo.runs.metrics import DONE, pair_scores, summarize
 
@@ -35,19 +36,22 @@ class BenchPair:
     meta: dict = field(default_factory=dict)
 
 
-def load_pairs(split: str, n: int) -> list[BenchPair]:
-    """The first ``n`` pairs of ``split`` from :func:`synthetic_pairs`, with the other objects' masks.
+def load_pairs(split: str, n: int, scenes: str = "shapes") -> list[BenchPair]:
+    """The first ``n`` pairs of ``split`` of a synthetic scene set (:func:`synthetic_pairs`), with the other
+    objects' masks.
 
     Raises:
-        PeekabooError: an unknown split or ``n < 1``.
+        PeekabooError: an unknown split or scene set, or ``n < 1``.
     """
     if split not in BENCH_SPLITS:
         raise PeekabooError(f"--split {split}: use one of {', '.join(BENCH_SPLITS)}.")
-    pairs = synthetic_pairs(split, n)
+    if scenes not in SCENE_SETS:
+        raise PeekabooError(f"--scenes {scenes}: use one of {', '.join(SCENE_SETS)}.")
+    pairs = synthetic_pairs(split, n, scenes)
     # synthetic_pairs lists eval_pairs in order; the scenes give the masks of the objects not named.
-    scenes = eval_pairs(SPLIT_NAMES[split], n)
+    generated = (shapes if scenes == "shapes" else objects).eval_pairs(SPLIT_NAMES[split], n)
     out = []
-    for pair, sp in zip(pairs, scenes, strict=True):
+    for pair, sp in zip(pairs, generated, strict=True):
         if pair.id != sp.id:
             raise AssertionError(f"pair order differs: {pair.id} vs {sp.id}")
         others = tuple(o.mask for k, o in enumerate(sp.scene.objects) if k != sp.target)

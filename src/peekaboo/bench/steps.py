@@ -1,8 +1,9 @@
-"""Quality against optimization steps: the mIoU of Peekaboo settings after 5 .. 300 steps on the shapes pairs.
+"""Quality against optimization steps: the mIoU of Peekaboo settings after 5 .. 300 steps on the synthetic pairs.
 
-``python -m peekaboo.bench.steps [--split tune] [--pairs 24] [--candidate 'label: key=value ...'] [--out JSON]
-[--docs MD] [--plot PNG]`` runs the paper's settings, the project's and any candidates, and scores each at every
-step count of ``--steps``: one mIoU-vs-steps curve per setting (a table, and a PNG with matplotlib).
+``python -m peekaboo.bench.steps [--scenes shapes|objects] [--split tune] [--pairs 24]
+[--candidate 'label: key=value ...'] [--out JSON] [--docs MD] [--plot PNG]`` runs the paper's settings, the
+project's and any candidates, and scores each at every step count of ``--steps``: one mIoU-vs-steps curve per
+setting (a table, and a PNG with matplotlib).
 
 A setting whose run does not depend on its length (:func:`horizon_free`) runs once, for the largest step count,
 and is scored on snapshots of that run; a setting with a learning-rate schedule over the run, an annealed
@@ -27,10 +28,10 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from peekaboo.bench.common import fmt, machine_info, markdown_table, write_json
-from peekaboo.bench.methods import method_config, resolve_config_dir
+from peekaboo.bench.methods import SCENE_PRESETS, method_config, resolve_config_dir
 from peekaboo.bench.run import DEFAULT_BATCH, progress_logger, run_peekaboo
 from peekaboo.bench.scoring import BENCH_SPLITS, load_pairs, summarize_method
-from peekaboo.data.shapes import split_description
+from peekaboo.data import objects, shapes
 from peekaboo.diffusion.loading import shared_backbone
 from peekaboo.errors import PeekabooError, exit_status
 from peekaboo.utils import files
@@ -44,7 +45,7 @@ DEFAULT_PAIRS = 24
 
 @dataclass(frozen=True)
 class Setting:
-    """One curve: a label, what it is, and its overrides of the project's shapes config."""
+    """One curve: a label, what it is, and its overrides of the scene set's model preset."""
 
     label: str
     about: str
@@ -58,7 +59,7 @@ PAPER = Setting("paper", "the paper's guidance 100, posterior sampling and alpha
                 ("optimization.guidance.guidance_scale=100", "optimization.guidance.latent_mode=sample",
                  "optimization.mask.init=constant"))
 PAPER_STEPS = 300  # the paper code's iterations
-PROJECT = Setting("project", "the shapes preset (configs/model/shapes.yaml)")
+PROJECT = Setting("project", "the scene set's model preset (configs/model/shapes.yaml or objects.yaml)")
 #: Fewer steps at better than the paper's quality, chosen on the tune split: 50 steps, the first count where the
 #: curves there flatten, at the best rate and timestep schedule tried (benchmarks/results/steps_tune*.json hold
 #: the tune curves of the rates, schedules, mask starts and estimators); docs/STEPS.md, docs/STEPS_ROBUST.md and
@@ -94,10 +95,11 @@ def horizon_free(cfg: Any) -> bool:
 
 
 def curve(setting: Setting, pairs: Sequence[Any], steps: Sequence[int], extra: Sequence[str], config_dir: Path,
-          batch_size: int) -> list[dict[str, Any]]:
+          batch_size: int, scenes: str = "shapes") -> list[dict[str, Any]]:
     """The setting's points: for each step count, the summary of its pairs (mIoU, wrong-object rate, ...),
-    the mean steps the pairs took and the wall seconds per pair of reaching that step count."""
-    cfg = method_config(setting.overrides, extra, config_dir)
+    the mean steps the pairs took, the wall seconds per pair of reaching that step count, and each pair's IoU
+    and wrong-object flag (``per_pair``, in pair order), so that a result can be broken down afterwards."""
+    cfg = method_config(setting.overrides, extra, config_dir, scenes=scenes)
     backbone = shared_backbone(cfg.model, "cpu")
     runs: dict[int, list[dict]] = {}
     if horizon_free(cfg):
@@ -114,7 +116,9 @@ def curve(setting: Setting, pairs: Sequence[Any], steps: Sequence[int], extra: S
         records = runs[n]
         summary = summarize_method(records)
         used = [r["steps_used"] for r in records]
-        points.append({"steps": n, "mean_steps": float(np.mean(used)), **summary})
+        per_pair = [{"id": r["id"], "iou": r.get("iou"), "wrong_object": bool(r.get("wrong_object"))}
+                    for r in records]
+        points.append({"steps": n, "mean_steps": float(np.mean(used)), **summary, "per_pair": per_pair})
     return points
 
 
@@ -127,16 +131,16 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     if not settings:
         raise PeekabooError("an empty --builtins and no --candidate: there is nothing to run; name a setting.")
     config_dir = resolve_config_dir(args.config_dir)
-    pairs = load_pairs(args.split, args.pairs)
+    pairs = load_pairs(args.split, args.pairs, args.scenes)
     start = time.perf_counter()
-    result: dict[str, Any] = {"split": args.split, "pairs": len(pairs), "steps": steps, "command": command,
-                              "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(),
-                              "settings": {}}
+    result: dict[str, Any] = {"scenes": args.scenes, "split": args.split, "pairs": len(pairs), "steps": steps,
+                              "command": command, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                              "machine": machine_info(), "settings": {}}
     for setting in settings:
         log.info("%s: %s", setting.label, setting.about)
         result["settings"][setting.label] = {"about": setting.about, "overrides": list(setting.overrides),
                                             "points": curve(setting, pairs, steps, args.set, config_dir,
-                                                            args.batch_size)}
+                                                            args.batch_size, args.scenes)}
         if args.out is not None:  # after every setting, so an interrupted run keeps the finished curves
             write_json(result, args.out)
     result["wall_s"] = time.perf_counter() - start
@@ -161,6 +165,8 @@ def render(result: dict[str, Any], plot_path: Path | None) -> str:
     """The markdown report: one row per setting and step count, and the fewest steps at the paper's quality."""
     settings = result["settings"]
     steps = result["steps"]
+    scenes = result.get("scenes", "shapes")  # results stored before the objects scenes are on the shapes
+    split_description = (shapes if scenes == "shapes" else objects).split_description
     header = ["setting", *(str(s) for s in steps)]
     rows = [[label, *(fmt(p["miou"]) for p in s["points"])] for label, s in settings.items()]
     wrong = [[label, *(f"{p['wrong_object_rate']:.0%}" if p["wrong_object_rate"] is not None else "n/a"
@@ -168,7 +174,7 @@ def render(result: dict[str, Any], plot_path: Path | None) -> str:
     lines = [
         "# Quality against optimization steps", "",
         "Generated by `python benchmarks/steps.py` (do not edit by hand; rerun it).", "",
-        f"{result['pairs']} pairs of the `{result['split']}` split: {split_description(result['split'])}. "
+        f"{result['pairs']} pairs of the `{result['split']}` {scenes} split: {split_description(result['split'])}. "
         f"Command: `{result['command']}`; {result['date']}; {result['machine']['processor']}; "
         f"{result.get('wall_s', 0) / 60:.0f} min.", "",
     ]
@@ -202,7 +208,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.plot(xs, [p["miou"] for p in s["points"]], marker="o", label=label)
     ax.set_xlabel("optimization steps per pair (mean)")
     ax.set_ylabel("mIoU")
-    ax.set_title(f"{result['pairs']} {result['split']} pairs, bundled shapes model")
+    scenes = result.get("scenes", "shapes")
+    ax.set_title(f"{result['pairs']} {result['split']} pairs, bundled {scenes} model")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -212,6 +219,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The command line of :func:`run`."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--scenes", choices=tuple(SCENE_PRESETS), default="shapes",
+                   help="the synthetic scene set (each runs with its bundled model's preset)")
     p.add_argument("--split", choices=BENCH_SPLITS, default="tune")
     p.add_argument("--pairs", type=int, default=DEFAULT_PAIRS)
     p.add_argument("--steps", type=int, nargs="+", default=list(STEP_COUNTS), help="step counts to score")

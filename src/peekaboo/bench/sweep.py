@@ -63,8 +63,9 @@ def sweep(
     thresholds: Sequence[float] = SWEEP_THRESHOLDS,
     cache_path: Path | None = None,
     partner: dict[str, str] | None = None,
+    scenes: str = "shapes",
 ) -> dict[str, Any]:
-    """Choose the settings on the ``tune`` split (never ``eval``) by a coordinate search.
+    """Choose the settings on the ``tune`` split (never ``eval``) of the ``scenes`` set by a coordinate search.
 
     1. The default's knobs (:data:`SWEEP_STAGES`), one at a time in order, each value tried on top of the best
        so far (ties: lower wrong-object rate, then the current value). Every trial also scores its masks after
@@ -84,8 +85,8 @@ def sweep(
     kind_lrs = SWEEP_KIND_LRS if kind_lrs is None else kind_lrs
     partner = SWEEP_KIND_PARTNER if partner is None else partner
     cdir = resolve_config_dir(config_dir)
-    pairs = load_pairs("tune", num_pairs)
-    base = method_config((), extra, cdir)
+    pairs = load_pairs("tune", num_pairs, scenes)
+    base = method_config((), extra, cdir, scenes=scenes)
     backbone = shared_backbone(base.model)
     cache: dict[str, dict[str, dict]] = {}
     if cache_path is not None and cache_path.is_file():
@@ -94,7 +95,7 @@ def sweep(
     trials: list[dict[str, Any]] = []
 
     def config(overrides: dict[str, str]) -> Any:
-        return method_config([f"{k}={v}" for k, v in overrides.items()], extra, cdir)
+        return method_config([f"{k}={v}" for k, v in overrides.items()], extra, cdir, scenes=scenes)
 
     def evaluate(stage: str, overrides: dict[str, str], value: str) -> dict[int, dict]:
         """Summaries by step count of one setting (snapshots at ``steps`` up to its max_steps); ``value`` is
@@ -190,7 +191,7 @@ def sweep(
                    "by_steps": {0: ca[t]}} for t in thresholds)
 
     report = {
-        "split": "tune", "pairs": len(pairs), "extra_overrides": list(extra),
+        "scenes": scenes, "split": "tune", "pairs": len(pairs), "extra_overrides": list(extra),
         "default_overrides": [f"{k}={v}" for k, v in chosen.items()],
         "default_miou": default_summary["miou"], "default_wrong_object_rate": default_summary["wrong_object_rate"],
         "kind_optim": kind_optim, "kind_miou": kind_scores,

@@ -50,15 +50,20 @@ LOGGERS = ("tensorboard", "csv", "wandb", "mlflow", "none")
 OPTIONAL_LOGGERS = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
 # data.source values (peekaboo.data builds each).
 DATA_SOURCES = ("manifest", "objects", "shapes", "voc", "refcoco", "folder")
-# model.pretrained: the small shapes model shipped inside the package.
+# model.pretrained names of the small models shipped inside the package, each with its folder under
+# peekaboo/assets/ and the model preset (configs/model/<preset>.yaml) tuned for it. "bundled" is the everyday-objects
+# model (the default everywhere); "bundled-shapes" the flat-coloured shapes model the fastest tests use.
 BUNDLED_MODEL = "bundled"
+BUNDLED_SHAPES_MODEL = "bundled-shapes"
+BUNDLED_MODELS: dict[str, tuple[str, str]] = {BUNDLED_MODEL: ("objects-ldm", "objects"),
+                                              BUNDLED_SHAPES_MODEL: ("shapes-ldm", "shapes")}
 
 
 @dataclass
 class ModelConfig:
     """The frozen text-to-image diffusion model (diffusers Stable-Diffusion layout)."""
 
-    # "bundled" (the small shapes model shipped in the package), a hub id, or a local folder.
+    # "bundled" (the everyday-objects model shipped in the package), "bundled-shapes", a hub id, or a local folder.
     pretrained: str = BUNDLED_MODEL
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" to load a checkpoint's half-precision weight files

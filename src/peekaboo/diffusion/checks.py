@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from peekaboo.config import BUNDLED_MODEL, ModelConfig
+from peekaboo.config import BUNDLED_MODELS, ModelConfig
 from peekaboo.diffusion.backbone import PREDICTION_TYPES, TEXT_TIME, TIME_IDS, channels_message
 from peekaboo.errors import ModelError
 from peekaboo.utils.devices import check_dtype
@@ -29,7 +29,9 @@ COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 # What an SDXL-format pipeline adds: the second text encoder (with a projection: its pooled embedding conditions the
 # UNet) and its tokenizer.
 SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
-BUNDLED_PATH = Path(__file__).parents[1] / "assets" / "shapes-ldm"
+ASSETS = Path(__file__).parents[1] / "assets"
+#: The shipped models' folders, by their ``model.pretrained`` name.
+BUNDLED_PATHS: dict[str, Path] = {name: ASSETS / folder for name, (folder, _) in BUNDLED_MODELS.items()}
 
 # Sanity bounds on a local folder's component configs, read before any module is built: a config with absurd
 # sizes would otherwise end in an allocator error or a size overflow (possibly after outputs were started).
@@ -58,8 +60,9 @@ _SUPPORTED = "Peekaboo supports Stable Diffusion 1.x/2.x-style pipelines and SDX
 
 
 def resolve_pretrained(name: str) -> str:
-    """Map ``"bundled"`` to the shipped model folder; leave hub ids and other paths as they are."""
-    return str(BUNDLED_PATH) if name == BUNDLED_MODEL else name
+    """Map a bundled model's name (``"bundled"``, ``"bundled-shapes"``) to its shipped folder; leave hub ids and
+    other paths as they are."""
+    return str(BUNDLED_PATHS[name]) if name in BUNDLED_PATHS else name
 
 
 def offline(cfg: ModelConfig) -> bool:
@@ -99,8 +102,9 @@ def check_model_source(cfg: ModelConfig, device: torch.device | str | None = Non
         raise ModelError(f"model.pretrained={cfg.pretrained} is a file, not a folder; pass the diffusers pipeline "
                          f"folder that holds model_index.json (e.g. {path.parent}).")
     if not path.is_dir():
-        if cfg.pretrained == BUNDLED_MODEL:
-            raise ModelError(f"The bundled model is missing from the package ({path}); reinstall peekaboo.")
+        if cfg.pretrained in BUNDLED_PATHS:
+            raise ModelError(f"The bundled model {cfg.pretrained} is missing from the package ({path}); "
+                             "reinstall peekaboo.")
         raise ModelError(f"model.pretrained={cfg.pretrained}: no such folder; pass a diffusers model folder or hub id.")
     index = path / "model_index.json"
     if not index.is_file():

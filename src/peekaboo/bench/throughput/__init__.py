@@ -58,7 +58,8 @@ log = logging.getLogger("throughput")
 def parser(prog: str = "python -m peekaboo.bench.throughput") -> argparse.ArgumentParser:
     """The benchmark's options (where the report goes is the caller's: see ``benchmarks/throughput.py``)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bundled", help="model.pretrained: 'bundled', a diffusers folder or hub id")
+    p.add_argument("--model", default=None,
+                   help="model.pretrained: a diffusers folder or hub id (default: the preset's own model)")
     p.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="untimed steps before them")
     p.add_argument("--threads", type=int, default=CPU_THREADS, help="torch intra-op threads on CPU")

@@ -20,7 +20,7 @@ import torch
 from peekaboo.bench.common import Timing, fmt, ms
 from peekaboo.bench.common import markdown_table as table
 from peekaboo.bench.throughput.harness import Bench, Report, load_items
-from peekaboo.diffusion.checks import BUNDLED_PATH
+from peekaboo.diffusion.checks import BUNDLED_PATHS
 from peekaboo.diffusion.components import SD15, Architecture, build_components, save_pipeline
 
 log = logging.getLogger("throughput")
@@ -58,7 +58,7 @@ def build_sd15_folder(folder: Path, device: torch.device, arch: Architecture = S
     from transformers import CLIPTokenizer
 
     length = arch.text_encoder["max_position_embeddings"]
-    tokenizer = CLIPTokenizer.from_pretrained(BUNDLED_PATH / "tokenizer", model_max_length=length)
+    tokenizer = CLIPTokenizer.from_pretrained(BUNDLED_PATHS["bundled-shapes"] / "tokenizer", model_max_length=length)
     return save_pipeline(folder, build_components(arch, tokenizer, device=device))
 
 

@@ -103,13 +103,15 @@ class BareModule(PeekabooModule):
 class Bench:
     """Builds configs from the preset plus overrides, loads backbones, and times the three loops."""
 
-    def __init__(self, model: str, device: torch.device, warmup: int, steps: int, preset: str = MODEL_GROUP,
+    def __init__(self, model: str | None, device: torch.device, warmup: int, steps: int, preset: str = MODEL_GROUP,
                  max_steps: int | None = None, config_dir: str | os.PathLike | None = None):
         self.model, self.device, self.warmup, self.steps, self.preset = model, device, warmup, steps, preset
         self.max_steps = max_steps
         self.config_dir = resolve_config_dir(config_dir)
         accelerator = "gpu" if device.type == "cuda" else "cpu"
-        self.base = [f"model={preset}", f"model.pretrained={model}", "run.name=throughput", "data=shapes",
+        # model None: the preset's own model (model=shapes: the bundled shapes model).
+        pretrained = [] if model is None else [f"model.pretrained={model}"]
+        self.base = [f"model={preset}", *pretrained, "run.name=throughput", "data=shapes",
                      f"trainer.accelerator={accelerator}", "trainer.enable_progress_bar=false"]
         if max_steps is not None:  # quick checks only: pairs/hour and quality then use this step count
             self.base.append(f"trainer.max_steps={max_steps}")

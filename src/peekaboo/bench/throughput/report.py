@@ -50,7 +50,8 @@ def header_lines(args: argparse.Namespace, load_before: LOADED, command: str) ->
         f"- Machine: {m['processor']}, {m['cpu_count']} cores; GPU: {m['cuda'] or 'none'}; Python {m['python']}; "
         f"torch {m['torch']}, {versions}",
         f"- CPU threads used by torch: {m['torch_threads']} (`--threads`)",
-        f"- Model: `{args.model}` (preset `{MODEL_GROUP}`), {args.warmup} warm-up + {args.steps} timed steps per run",
+        f"- Model: {f'`{args.model}`' if args.model else 'the preset' + chr(39) + 's own'} (preset `{MODEL_GROUP}`), "
+        f"{args.warmup} warm-up + {args.steps} timed steps per run",
         f"- Load average (1/5/15 min) before: {'/'.join(f'{x:.1f}' for x in load_before)}, after: "
         f"{'/'.join(f'{x:.1f}' for x in load_after)}",
     ]
