@@ -268,7 +268,7 @@ def run_benchmark(
               "extra_overrides": list(extra), "model": base.model.pretrained, "methods": rows}
     earlier = {}
     # Results stored before the objects scenes existed are the shapes benchmark's.
-    same_pairs = (previous or {}).get("scenes", "shapes") == scenes
+    same_pairs = previous is not None and previous.get("scenes", "shapes") == scenes
     if same_pairs and previous.get("split") == split and previous.get("pairs") == len(pairs):
         # Canonical keys, so a row stored before a setting was added still counts as the same settings.
         earlier = {canonical_key(row["key"]): row for row in previous.get("methods", {}).values() if "key" in row}
