@@ -9,9 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from peekaboo.data import objects, shapes
 from peekaboo.data.shapes import EVAL_SPLITS
-from peekaboo.data.synthetic import SCENE_SETS, SPLIT_NAMES, synthetic_pairs
+from peekaboo.data.synthetic import GENERATORS, SCENE_SETS, SPLIT_NAMES, synthetic_pairs
 from peekaboo.errors import PeekabooError
 from peekaboo.runs.metrics import DONE, pair_scores, summarize
 
@@ -49,7 +48,7 @@ def load_pairs(split: str, n: int, scenes: str = "shapes") -> list[BenchPair]:
         raise PeekabooError(f"--scenes {scenes}: use one of {', '.join(SCENE_SETS)}.")
     pairs = synthetic_pairs(split, n, scenes)
     # synthetic_pairs lists eval_pairs in order; the scenes give the masks of the objects not named.
-    generated = (shapes if scenes == "shapes" else objects).eval_pairs(SPLIT_NAMES[split], n)
+    generated = GENERATORS[scenes].eval_pairs(SPLIT_NAMES[split], n)
     out = []
     for pair, sp in zip(pairs, generated, strict=True):
         if pair.id != sp.id:

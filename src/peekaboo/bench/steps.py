@@ -31,7 +31,7 @@ from peekaboo.bench.common import fmt, machine_info, markdown_table, write_json
 from peekaboo.bench.methods import SCENE_PRESETS, method_config, resolve_config_dir
 from peekaboo.bench.run import DEFAULT_BATCH, progress_logger, run_peekaboo
 from peekaboo.bench.scoring import BENCH_SPLITS, load_pairs, summarize_method
-from peekaboo.data import objects, shapes
+from peekaboo.data.synthetic import GENERATORS
 from peekaboo.diffusion.loading import shared_backbone
 from peekaboo.errors import PeekabooError, exit_status
 from peekaboo.utils import files
@@ -166,7 +166,7 @@ def render(result: dict[str, Any], plot_path: Path | None) -> str:
     settings = result["settings"]
     steps = result["steps"]
     scenes = result.get("scenes", "shapes")  # results stored before the objects scenes are on the shapes
-    split_description = (shapes if scenes == "shapes" else objects).split_description
+    split_description = GENERATORS[scenes].split_description
     header = ["setting", *(str(s) for s in steps)]
     rows = [[label, *(fmt(p["miou"]) for p in s["points"])] for label, s in settings.items()]
     wrong = [[label, *(f"{p['wrong_object_rate']:.0%}" if p["wrong_object_rate"] is not None else "n/a"

@@ -16,11 +16,13 @@ from peekaboo.data import objects, shapes
 from peekaboo.data.base import Pair
 from peekaboo.errors import ConfigError
 
-__all__ = ["DEFAULT_NUM_PAIRS", "SCENE_SETS", "SPLIT_NAMES", "synthetic_pairs"]
+__all__ = ["DEFAULT_NUM_PAIRS", "GENERATORS", "SCENE_SETS", "SPLIT_NAMES", "synthetic_pairs"]
 
 DEFAULT_NUM_PAIRS = 200
-#: The synthetic scene sets, each a ``data.source``.
-SCENE_SETS = ("shapes", "objects")
+#: The synthetic scene sets, each a ``data.source``, and the generator module of each (``eval_pairs``,
+#: ``split_description``).
+GENERATORS = {"shapes": shapes, "objects": objects}
+SCENE_SETS = tuple(GENERATORS)
 # data.split names accepted here -> the generators' split (both generators offer the same evaluation splits).
 SPLIT_NAMES: dict[str, str] = {"val": "eval", **{split: split for split in shapes.EVAL_SPLITS}}
 
@@ -50,7 +52,7 @@ def synthetic_pairs(split: str = "val", num_pairs: int | None = None, scenes: st
     n = DEFAULT_NUM_PAIRS if num_pairs is None else num_pairs
     if n < 1:
         raise ConfigError(f"data.num_pairs={n} must be >= 1 for the {scenes} source.")
-    generated = (shapes if scenes == "shapes" else objects).eval_pairs(SPLIT_NAMES[split], n)
+    generated = GENERATORS[scenes].eval_pairs(SPLIT_NAMES[split], n)
     return [Pair(id=pair.id, prompt=pair.prompt, load_image=functools.partial(_image, pair.scene.image),
                  load_target=functools.partial(_target, pair.mask), meta=_meta(pair, scenes))
             for pair in generated]
