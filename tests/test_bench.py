@@ -15,6 +15,7 @@ from peekaboo.bench import report as bench_report
 from peekaboo.bench import run as bench_run
 from peekaboo.bench.baselines import RANDOM_DISC_RADIUS, attention_mask, random_mask, whole_image
 from peekaboo.config import validate_optimization
+from peekaboo.data.synthetic import synthetic_pairs
 from peekaboo.diffusion.identity import model_fingerprint
 from peekaboo.errors import EXIT_INTERRUPTED, PeekabooError
 from peekaboo.optim import module as module_lib
@@ -96,6 +97,11 @@ def test_load_pairs_of_the_objects_scenes_give_the_other_objects_visible_pixels(
     for p in pairs:
         # Visible pixels never overlap, even where one object hides another.
         assert all(not (o & (p.target == 1)).any() for o in p.others)
+    # The benchmarks score the very pairs a `data.source=objects` run optimizes.
+    for p, q in zip(pairs, synthetic_pairs("tune", 6, "objects"), strict=True):
+        assert (p.id, p.prompt, p.meta) == (q.id, q.prompt, q.meta)
+        assert np.array_equal(np.asarray(p.image), np.asarray(q.load_image()))
+        assert np.array_equal(p.target, q.load_target())
     with pytest.raises(PeekabooError, match="--scenes"):
         scoring.load_pairs("tune", 2, "colour blobs")
 
@@ -382,6 +388,14 @@ def test_sweep_on_the_tiny_model(tiny_model, tmp_path):
     assert report["cross_attention_threshold"] in (0.3, 0.5)
     assert all(set(t["by_steps"]) == {1, 2} for t in report["trials"] if t["max_steps"] == 2)
     assert "mIoU@1" in report["markdown"]
+    # Each other kind and start gets its own step count, from snapshots of a run to the largest step count.
+    counts = report["step_counts"]
+    assert set(counts) == {"default", "kind:raster", "kind:fourier", "kind:fourier_bilateral", "start:constant",
+                           "start:cross_attention"}  # the shapes preset starts on a region: the default's count
+    assert all(n in (1, 2) for n in counts.values())
+    assert counts["kind:fourier_bilateral"] == counts["kind:fourier"]  # the partner's, as its rate
+    assert all(t["max_steps"] == 2 for t in report["trials"] if t["stage"] in ("fourier lr", "start steps"))
+    assert "Step counts" in report["markdown"]
     # Rerun from the cache: the same report without optimizing.
     assert sweep.sweep(**kwargs)["default_overrides"] == report["default_overrides"]
 
@@ -390,14 +404,15 @@ def test_sweep_on_the_tiny_model(tiny_model, tmp_path):
 def test_tuned_settings_come_before_each_rows_own(tiny_model, tmp_path):
     sweep_json = tmp_path / "sweep.json"
     sweep_json.write_text(json.dumps({
-        "split": "tune", "default_overrides": ["optimization.loss.gravity=0.02", "optimization.optim.lr=0.07"],
+        "split": "tune", "default_overrides": ["optimization.loss.gravity=0.02", "optimization.optim.lr=0.07",
+                                               "trainer.max_steps=1"],
         "kind_optim": {"fourier": ["optimization.optim.name=adam", "optimization.optim.lr=0.004"]},
-        "cross_attention_threshold": 0.3}))
+        "step_counts": {"default": 1, "kind:fourier": 2}, "cross_attention_threshold": 0.3}))
     out = tmp_path / "r.json"
     assert ablation.main(["--pairs", "1", "--config-dir", str(REPO_CONFIGS), "--docs", str(tmp_path / "B.md"),
                        "--methods", "peekaboo", "no_gravity", "fourier", "cross_attention", "--tuned", str(sweep_json),
-                       "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=1",
-                       "--set", "optimization.mask.size=16", "--out", str(out)]) == 0
+                       "--set", f"model.pretrained={tiny_model}", "--set", "optimization.mask.size=16",
+                       "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["methods"]
     assert rows["peekaboo"]["settings"]["loss"]["gravity"] == 0.02
     assert rows["no_gravity"]["settings"]["loss"]["gravity"] == 0  # the row's own override wins
@@ -405,8 +420,27 @@ def test_tuned_settings_come_before_each_rows_own(tiny_model, tmp_path):
     assert rows["fourier"]["settings"]["optim"]["lr"] == 0.004
     assert rows["fourier"]["settings"]["mask"]["fourier"]["hidden"] == 64  # KIND_EXTRA
     assert rows["cross_attention"]["settings"] == {"threshold": 0.3}
+    # Each row at its kind's step count from the sweep (a command's --set trainer.max_steps would win over it).
+    assert rows["fourier"]["settings"]["max_steps"] == 2 and rows["peekaboo"]["settings"]["max_steps"] == 1
     assert "optimization.loss.gravity=0.02" in (tmp_path / "B.md").read_text()
     assert ablation.main(["--tuned", str(tmp_path / "r.json"), "--config-dir", str(REPO_CONFIGS)]) == 2
+
+
+def test_each_row_runs_at_the_step_count_of_its_kind_else_its_starts():
+    rows = {m.name: m for m in methods.METHODS}
+    default = methods.method_config((), (), REPO_CONFIGS)  # shapes: raster_bilateral from a region
+
+    def steps(name: str, counts: dict[str, int]) -> int | None:
+        return methods.row_max_steps(methods.method_config(rows[name].overrides, (), REPO_CONFIGS), default, counts)
+
+    counts = {"default": 10, "kind:fourier": 150, "start:constant": 100, "start:cross_attention": 50}
+    assert steps("peekaboo", counts) == 10 and steps("guidance_7.5", counts) == 10
+    assert steps("fourier", counts) == 150  # the kind's count, whatever its start
+    assert steps("raster", counts) is None  # no count chosen for it: the row keeps its config's
+    assert steps("constant_init", counts) == 100 and steps("cross_attention_init", counts) == 50
+    assert steps("restarts_2_mixed", counts) == 100  # the largest of its candidates' starts
+    assert steps("restarts_3_regions", counts) == 100  # its region candidate takes the default's 10
+    assert steps("peekaboo", {}) is None
 
 
 def test_sweep_knobs_restrict_the_search(monkeypatch):

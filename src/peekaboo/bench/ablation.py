@@ -168,7 +168,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
         threshold = tuned.get("cross_attention_threshold", CROSS_ATTENTION_THRESHOLD)
     result = run_benchmark(args.split, args.pairs or DEFAULT_PAIRS, args.methods, args.overrides,
                            args.batch_size, args.config_dir, threshold, previous, save,
-                           tuned.get("default_overrides", ()), tuned.get("kind_optim"), args.scenes)
+                           tuned.get("default_overrides", ()), tuned.get("kind_optim"), args.scenes,
+                           tuned.get("step_counts"))
     report = save(result, partial=False)
     print(result["table"])
     if out is not None:

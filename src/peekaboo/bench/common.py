@@ -9,7 +9,9 @@ import logging
 import os
 import platform
 import resource
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +21,9 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from peekaboo.errors import exit_status
 from peekaboo.utils import files
+from peekaboo.utils.console import setup_logging
 
 log = logging.getLogger("peekaboo.bench")
 
@@ -239,3 +243,15 @@ def _status_kb(key: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+# -- command lines --------------------------------------------------------------------------------------------
+def run_cli(make_parser: Callable[[str], Any], body: Callable[[Any, str], int], argv: Sequence[str] | None,
+            prog: str) -> int:
+    """A benchmark's ``main``: parse ``argv`` (default ``sys.argv[1:]``) with ``make_parser(prog)``, then
+    ``body(args, command)`` (``command``: the command line, for the report); a user error ends in one sentence and
+    exit status 2."""
+    setup_logging()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = make_parser(prog).parse_args(argv)
+    return exit_status(lambda: body(args, shlex.join([*shlex.split(prog), *argv])))

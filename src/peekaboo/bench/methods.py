@@ -53,6 +53,12 @@ KIND_OPTIM: dict[str, tuple[str, ...]] = {
 _SMALL_FOURIER = ("optimization.mask.fourier.hidden=64", "optimization.mask.fourier.num_features=64",
                   "optimization.mask.init=constant")
 KIND_EXTRA: dict[str, tuple[str, ...]] = {"fourier": _SMALL_FOURIER, "fourier_bilateral": _SMALL_FOURIER}
+#: The paper's own numbers where they carry over to a bundled model (DESIGN.md: guidance 100, a posterior sample,
+#: 300 iterations) and its start, alpha 0.5 everywhere; the mask kind, optimizer, gravity and resolution stay the
+#: preset's, since the paper's are for 256-pixel masks on Stable Diffusion.
+PAPER_OVERRIDES = ("optimization.guidance.guidance_scale=100", "optimization.guidance.latent_mode=sample",
+                   "optimization.mask.init=constant")
+PAPER_STEPS = 300  # the paper code's iterations
 #: The cross-attention baseline's mask is ``map > threshold`` (the map is min-max normalized per pair).
 #: Chosen on the ``tune`` split with the bundled model (the sweep's figures are in docs/BENCHMARK.md).
 CROSS_ATTENTION_THRESHOLD = 0.7
@@ -80,7 +86,8 @@ class Method:
 def _kind_method(kind: str, optim: Sequence[str]) -> Method:
     label = kind.replace("_", " + ")
     overrides = (f"optimization.mask.kind={kind}", *KIND_EXTRA.get(kind, ()), *optim)
-    start = " (from the MLP's random start: a region start needs raster logits)" if kind.startswith("fourier") else ""
+    start = (" (from the MLP's random start: the region and cross-attention starts set raster logits, which an MLP "
+             "does not have)" if kind.startswith("fourier") else "")
     return Method(kind, f"mask: {label}", "peekaboo", overrides,
                   f"The default with the `{kind}` mask parameterization and the optimizer chosen for it on the "
                   f"tune split{start}.")
@@ -91,7 +98,8 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
     kind_optim = {**KIND_OPTIM, **(kind_optim or {})}
     return (
         Method("peekaboo", "Peekaboo (default)", "peekaboo", (),
-               "Peekaboo with the settings of `configs/model/shapes.yaml` (plus any `--set` of the command)."),
+               "Peekaboo with the scene set's preset (`configs/model/shapes.yaml` or `objects.yaml`, plus any `--set` "
+               "of the command)."),
         Method("no_gravity", "no gravity", "peekaboo", ("optimization.loss.gravity=0",),
                "The default without the alpha regularizer: nothing pulls the mask towards empty, so keeping the "
                "whole image is as good an answer as keeping the object."),
@@ -99,10 +107,13 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
         Method("guidance_7.5", "guidance 7.5", "peekaboo", ("optimization.guidance.guidance_scale=7.5",),
                "The default with the guidance scale of ordinary sampling."),
         Method("guidance_30", "guidance 30", "peekaboo", ("optimization.guidance.guidance_scale=30",),
-               "The default with the guidance scale chosen on the tune split for the first-round bundled model "
-               "(the shipped model's tune split chose 15)."),
+               "The default with guidance scale 30."),
         Method("guidance_100", "guidance 100", "peekaboo", ("optimization.guidance.guidance_scale=100",),
                "The default with the paper's guidance scale for Stable Diffusion."),
+        Method("paper", "the paper's settings", "peekaboo", (*PAPER_OVERRIDES, f"trainer.max_steps={PAPER_STEPS}"),
+               f"The paper's guidance 100, posterior latent sampling, alpha-0.5 start and {PAPER_STEPS} steps (its "
+               "own count, not one chosen on tune); the mask kind, optimizer and gravity stay the preset's, since the "
+               "paper's are for 256-pixel masks on Stable Diffusion (`python predict.py model=sd14` runs those)."),
         Method("latent_composite", "latent composite", "peekaboo", ("optimization.composite=latent",),
                "The default compositing in latent space: alpha, area-averaged to the latent grid, blends the "
                "image's latents (encoded once) with the background's (encoded without gradient), so a step pays "
@@ -111,14 +122,18 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
                "The default with the composite encoded at 32x32 instead of the model's 64x64: a cheaper VAE "
                "encoder (forward and backward) and UNet, on 8x8 latents the model was not trained at."),
         Method("constant_init", "start from alpha 0.5", "peekaboo", ("optimization.mask.init=constant",),
-               "The default with its mask started at alpha 0.5 everywhere (the paper's start, and this preset's "
-               "until region starts) instead of on the best region, then the same optimization: what the region "
-               "start adds. One optimization per pair and no region scoring."),
+               "The default with its mask started at alpha 0.5 everywhere (the paper's start), then the same "
+               "optimization: the method with no head start, so against the default it shows what the preset's start "
+               "adds. Where the preset starts at alpha 0.5 itself (objects), it is the default row."),
         Method("cross_attention_init", "start from cross-attention", "peekaboo",
                ("optimization.mask.init=cross_attention",),
                "The default with its mask started from the cross-attention map of the `cross-attention map` row "
-               "instead of on the best region: logits `init_scale * (map - init_threshold)`, then the same "
+               "instead of the preset's start: logits `init_scale * (map - init_threshold)`, then the same "
                "optimization."),
+        Method("region_init", "start from the best region", "peekaboo", ("optimization.mask.init=region",),
+               "The default with its mask started on the pair's best-ranked image region (`peekaboo.optim.regions`: "
+               "Felzenszwalb segments ranked by the model's denoising error under the prompt), then the same "
+               "optimization. Where the preset starts there itself (shapes), it is the default row."),
         Method("restarts_4", "4 restarts from alpha 0.5, model-chosen", "peekaboo",
                ("optimization.restarts.count=4", "optimization.restarts.mask_inits=[constant]"),
                "The `start from alpha 0.5` row optimized 4 times per pair (other random streams; the first is that "
@@ -141,8 +156,8 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
         Method("restarts_3_regions", "3 restarts: alpha 0.5, cross-attention and region starts", "peekaboo",
                ("optimization.restarts.count=3", "optimization.restarts.mask_inits=[constant,cross_attention,region]"),
                "Three candidates per pair: the `start from alpha 0.5` row's run, one started from the "
-               "cross-attention map and one on the pair's best-ranked image region (the default's start), each on "
-               "its own random stream; the kept one is the one whose composite the prompt explains best (the "
+               "cross-attention map and one on the pair's best-ranked image region (the shapes preset's start), "
+               "each on its own random stream; the kept one is the one whose composite the prompt explains best (the "
                "lowest denoising error under the prompt over draws the candidates share). The three starts reach "
                "the named object by three routes. Costs 3 optimizations per pair, plus the region scoring."),
         Method("restarts_4_mixed_ratio", "4 restarts, mixed starts, chosen by error ratio", "peekaboo",
@@ -152,11 +167,14 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
                "over their error under the empty prompt on the same draw (`restarts.fit=error_ratio`): how much "
                "the prompt explains beyond any caption, so a composite that is easy to denoise anyway (a large "
                "plain object) gains nothing over a small one. One more UNet row per scoring draw."),
-        Method("region_start", "region start, no optimization", "start_only", (),
-               "No optimization: the default's mask as its run starts it, on the pair's best-ranked image region "
-               "(`peekaboo.optim.regions`) seen through the bilateral filter, scored before any step. Against the "
-               "default row it shows what the dream-loss optimization adds after a region start. Its s/pair is "
-               "the ranking's, or nearly nothing where an earlier row of the same run ranked the pairs."),
+        Method("default_start", "the default's start, no optimization", "start_only", (),
+               "No optimization: the default's mask as its run starts it (the preset's `mask.init` seen through the "
+               "mask's parameterization and filter), scored before any step. Against the default row it shows what "
+               "the dream-loss optimization adds; a start at alpha 0.5 is an empty mask at threshold 0.5."),
+        Method("region_start", "region start, no optimization", "start_only", ("optimization.mask.init=region",),
+               "No optimization: the mask on the pair's best-ranked image region (`peekaboo.optim.regions`) seen "
+               "through the mask's filter, scored before any step: how far the image's regions alone go. Its s/pair "
+               "is the ranking's, or nearly nothing where an earlier row of the same run ranked the pairs."),
         Method("cross_attention", "cross-attention map", "cross_attention", (),
                "No optimization: the UNet's cross-attention to the prompt's content words on the VAE-encoded image "
                "noised at a few timesteps, averaged over heads, layers and timesteps, normalized to [0, 1] and "
@@ -204,6 +222,24 @@ def method_config(overrides: Sequence[str], extra: Sequence[str], config_dir: Pa
 
 
 #: The config groups whose every setting can change a Peekaboo row's masks.
+def row_max_steps(cfg: Any, default: Any, step_counts: dict[str, int]) -> int | None:
+    """The step count a Peekaboo row of config ``cfg`` runs at, from a tune sweep's ``step_counts``
+    (:func:`peekaboo.bench.sweep.sweep`): its mask kind's where it differs from the default's kind, else the
+    largest of its starts' (a restart row has one start per candidate; the default's start takes the default's
+    count). None where the sweep chose none for it: the row keeps its config's count.
+
+    Args:
+        cfg: the row's resolved config; ``default``: the default row's.
+    """
+    opt, base = cfg.optimization, default.optimization
+    if opt.mask.kind != base.mask.kind:
+        return step_counts.get(f"kind:{opt.mask.kind}")
+    inits = list(opt.restarts.mask_inits) if opt.restarts.count > 1 and opt.restarts.mask_inits else [opt.mask.init]
+    counts = [step_counts.get("default") if init == base.mask.init else step_counts.get(f"start:{init}")
+              for init in inits]
+    return None if None in counts or not counts else max(counts)
+
+
 KEYED_GROUPS = ("model", "image_options", "optimization")
 
 

@@ -27,13 +27,15 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The results as a markdown table, one row per method."""
-    head = ["Method", *(f"P@{t}" for t in TABLE_THRESHOLDS), "mIoU", "oIoU", "wrong obj.", "s/pair"]
+    head = ["Method", "steps", *(f"P@{t}" for t in TABLE_THRESHOLDS), "mIoU", "oIoU", "wrong obj.", "s/pair"]
     rows = []
     for row in result["methods"].values():
         s = row["summary"]
         prec = s.get("precision") or {}
         wrong = s.get("wrong_object_rate")
-        rows.append([row["label"], *(_fmt(prec.get(f"P@{t}"), 2) for t in TABLE_THRESHOLDS), _fmt(s["miou"]),
+        steps = (row.get("settings") or {}).get("max_steps")  # 0 for a start scored alone; none for a baseline
+        rows.append([row["label"], "-" if steps is None else steps,
+                     *(_fmt(prec.get(f"P@{t}"), 2) for t in TABLE_THRESHOLDS), _fmt(s["miou"]),
                      _fmt(s["overall_iou"]), "-" if wrong is None else f"{100 * wrong:.1f}%",
                      _fmt(s["seconds_per_pair"], 2)])
     return _table(head, rows, right_from=1)
@@ -100,6 +102,7 @@ def render_docs(report: dict[str, Any], sweep_report: dict[str, Any] | None = No
         "",
         "## Columns",
         "",
+        "- **steps**: the row's optimization steps per pair (0: its start scored alone).",
         "- **P@t**: fraction of pairs whose IoU with the ground truth is at least t (the paper's precision).",
         "- **mIoU**: mean of the per-pair IoU. **oIoU**: summed intersections over summed unions.",
         "- **wrong obj.**: fraction of pairs whose mask covers another object of the scene more than the named "
@@ -143,7 +146,8 @@ def sweep_markdown(report: dict[str, Any], steps_tolerance: float) -> str:
         "each knob of the default in turn, on top of the "
         "best so far, every trial scored at its own best step count (the fewest steps within "
         f"{steps_tolerance} mIoU of its best snapshot; snapshots of the same run); then each other mask kind's "
-        "Adam learning rate; then the cross-attention threshold. Chosen by mIoU (ties: lower wrong-object rate). "
+        "Adam learning rate and step count; then each other start's step count; then the cross-attention "
+        "threshold. Chosen by mIoU (ties: lower wrong-object rate). "
         "With this many pairs, mIoU differences below about 0.05 are within noise.",
         "",
     ]
@@ -167,6 +171,11 @@ def sweep_markdown(report: dict[str, Any], steps_tolerance: float) -> str:
         f"- Cross-attention threshold: {report['cross_attention_threshold']} "
         f"(tune mIoU {_fmt(report['cross_attention_miou'])}).",
     ]
+    counts = report.get("step_counts") or {}
+    if counts:
+        # Sweeps made before per-row step counts ran every row at the default's count.
+        lines.append("- Step counts (each benchmark row runs at the count of its mask kind, else of its start): "
+                     + ", ".join(f"{name.replace(':', ' ')} {n}" for name, n in counts.items()) + ".")
     return "\n".join(lines)
 
 

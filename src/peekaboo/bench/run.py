@@ -29,6 +29,7 @@ from peekaboo.bench.methods import (
     canonical_key,
     method_config,
     resolve_config_dir,
+    row_max_steps,
     settings_key,
 )
 from peekaboo.bench.report import markdown_table
@@ -229,6 +230,7 @@ def run_benchmark(
     base_overrides: Sequence[str] = (),
     kind_optim: dict[str, Sequence[str]] | None = None,
     scenes: str = "shapes",
+    step_counts: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Score ``methods`` on the first ``num_pairs`` pairs of ``split`` of the ``scenes`` set, each Peekaboo row
     starting from that set's model preset (:data:`~peekaboo.bench.methods.SCENE_PRESETS`).
@@ -242,6 +244,8 @@ def run_benchmark(
         base_overrides: settings every row starts from, before its own overrides (``--tuned``: the sweep's
             choice for the default).
         kind_optim: the optimizer of each mask kind's row, instead of :data:`KIND_OPTIM`.
+        step_counts: a tune sweep's step counts by mask kind and start: each Peekaboo row runs at the count of
+            its kind and start (:func:`~peekaboo.bench.methods.row_max_steps`) instead of its config's.
 
     Returns:
         ``{"split", "pairs", "methods": {name: {"label", "kind", "overrides", "about", "same_as",
@@ -261,6 +265,14 @@ def run_benchmark(
     chosen = [m for m in build_methods(kind_optim) if m.name in methods]
     # All configs first, so a bad override fails before hours of work.
     configs = {m.name: method_config(m.overrides, extra, cdir, base_overrides, scenes) for m in chosen}
+    if step_counts:
+        for m in chosen:
+            # A row that fixes its own count (the paper's settings) keeps it.
+            own = any(o.startswith("trainer.max_steps=") for o in m.overrides)
+            n = row_max_steps(configs[m.name], base, step_counts) if m.kind == "peekaboo" and not own else None
+            if n is not None and n != configs[m.name].trainer.max_steps:
+                configs[m.name] = method_config((*m.overrides, f"trainer.max_steps={n}"), extra, cdir,
+                                                base_overrides, scenes)
     log.info("%s benchmark: %d %s pairs, %d methods", scenes, len(pairs), split, len(chosen))
     done_by_key: dict[str, str] = {}
     rows: dict[str, dict] = {}

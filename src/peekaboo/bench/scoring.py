@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from peekaboo.data.shapes import EVAL_SPLITS
-from peekaboo.data.synthetic import GENERATORS, SCENE_SETS, SPLIT_NAMES, synthetic_pairs
+from peekaboo.data.synthetic import GENERATORS, SCENE_SETS, SPLIT_NAMES, as_pair
 from peekaboo.errors import PeekabooError
 from peekaboo.runs.metrics import DONE, pair_scores, summarize
 
@@ -36,8 +36,8 @@ class BenchPair:
 
 
 def load_pairs(split: str, n: int, scenes: str = "shapes") -> list[BenchPair]:
-    """The first ``n`` pairs of ``split`` of a synthetic scene set (:func:`synthetic_pairs`), with the other
-    objects' masks.
+    """The first ``n`` pairs of ``split`` of a synthetic scene set (those of
+    :func:`peekaboo.data.synthetic.synthetic_pairs`), with the other objects' masks; each scene is rendered once.
 
     Raises:
         PeekabooError: an unknown split or scene set, or ``n < 1``.
@@ -46,14 +46,10 @@ def load_pairs(split: str, n: int, scenes: str = "shapes") -> list[BenchPair]:
         raise PeekabooError(f"--split {split}: use one of {', '.join(BENCH_SPLITS)}.")
     if scenes not in SCENE_SETS:
         raise PeekabooError(f"--scenes {scenes}: use one of {', '.join(SCENE_SETS)}.")
-    pairs = synthetic_pairs(split, n, scenes)
-    # synthetic_pairs lists eval_pairs in order; the scenes give the masks of the objects not named.
-    generated = GENERATORS[scenes].eval_pairs(SPLIT_NAMES[split], n)
     out = []
-    for pair, sp in zip(pairs, generated, strict=True):
-        if pair.id != sp.id:
-            raise AssertionError(f"pair order differs: {pair.id} vs {sp.id}")
-        others = tuple(o.mask for k, o in enumerate(sp.scene.objects) if k != sp.target)
+    for generated in GENERATORS[scenes].eval_pairs(SPLIT_NAMES[split], n):
+        pair = as_pair(generated, scenes)
+        others = tuple(o.mask for k, o in enumerate(generated.scene.objects) if k != generated.target)
         out.append(BenchPair(pair.id, pair.prompt, pair.load_image(), pair.load_target(), others, pair.meta or {}))
     return out
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,15 +26,14 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from peekaboo.bench.common import fmt, machine_info, markdown_table, write_json
-from peekaboo.bench.methods import SCENE_PRESETS, method_config, resolve_config_dir
+from peekaboo.bench.common import fmt, machine_info, markdown_table, run_cli, write_json
+from peekaboo.bench.methods import PAPER_OVERRIDES, SCENE_PRESETS, method_config, resolve_config_dir
 from peekaboo.bench.run import DEFAULT_BATCH, progress_logger, run_peekaboo
 from peekaboo.bench.scoring import BENCH_SPLITS, load_pairs, summarize_method
 from peekaboo.data.synthetic import GENERATORS
 from peekaboo.diffusion.loading import shared_backbone
-from peekaboo.errors import PeekabooError, exit_status
+from peekaboo.errors import PeekabooError
 from peekaboo.utils import files
-from peekaboo.utils.console import setup_logging
 
 log = logging.getLogger("peekaboo.bench")
 
@@ -52,13 +50,8 @@ class Setting:
     overrides: tuple[str, ...] = ()
 
 
-#: The paper's own numbers where they carry over to the bundled model (DESIGN.md: guidance 100, a posterior
-#: sample, 300 iterations) and its start, alpha 0.5 everywhere; the mask kind, optimizer, gravity and resolution
-#: stay the preset's, since the paper's are for 256-pixel masks on Stable Diffusion.
-PAPER = Setting("paper", "the paper's guidance 100, posterior sampling and alpha-0.5 start",
-                ("optimization.guidance.guidance_scale=100", "optimization.guidance.latent_mode=sample",
-                 "optimization.mask.init=constant"))
-PAPER_STEPS = 300  # the paper code's iterations
+#: The paper's settings where they carry over to a bundled model (:data:`~peekaboo.bench.methods.PAPER_OVERRIDES`).
+PAPER = Setting("paper", "the paper's guidance 100, posterior sampling and alpha-0.5 start", PAPER_OVERRIDES)
 PROJECT = Setting("project", "the scene set's model preset (configs/model/shapes.yaml or objects.yaml)")
 #: Fewer steps at better than the paper's quality, chosen on the tune split: 50 steps, the first count where the
 #: curves there flatten, at the best rate and timestep schedule tried (benchmarks/results/steps_tune*.json hold
@@ -241,15 +234,11 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, prog: str = "python -m peekaboo.bench.steps") -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run, print the report; a user error ends in one sentence and
     exit status 2."""
-    setup_logging()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser(prog).parse_args(argv)
 
-    def body() -> int:
-        result = run(args, shlex.join([*shlex.split(prog), *argv]))
-        print(render(result, args.plot))
+    def body(args: argparse.Namespace, command: str) -> int:
+        print(render(run(args, command), args.plot))
         return 0
-    return exit_status(body)
+    return run_cli(parser, body, argv, prog)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ SWEEP_KIND_LRS: dict[str, tuple[str, ...]] = {"fourier": ("0.003", "0.01")}
 SWEEP_KIND_PARTNER: dict[str, str] = {"raster": "raster_bilateral", "raster_bilateral": "raster",
                                       "fourier": "fourier_bilateral", "fourier_bilateral": "fourier"}
 SWEEP_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+#: The mask starts whose own step count the sweep chooses (on top of the chosen default), so that the benchmark
+#: runs each row at the count chosen for its start and mask kind, not at the default's: a start nearer the object
+#: may be done sooner, one farther away later.
+SWEEP_STARTS = ("constant", "cross_attention", "region")
 
 
 def sweep(
@@ -64,6 +68,7 @@ def sweep(
     cache_path: Path | None = None,
     partner: dict[str, str] | None = None,
     scenes: str = "shapes",
+    starts: Sequence[str] = SWEEP_STARTS,
 ) -> dict[str, Any]:
     """Choose the settings on the ``tune`` split (never ``eval``) of the ``scenes`` set by a coordinate search.
 
@@ -72,15 +77,19 @@ def sweep(
        each of ``steps`` (snapshots of the same run) and counts at its best step count: the fewest steps whose
        mIoU is within :data:`SWEEP_STEPS_TOLERANCE` of its best snapshot (time is per step).
     2. The step count: the winner's, chosen the same way.
-    3. The learning rate of each other mask kind (:data:`SWEEP_KIND_LRS`, Adam) on top of the chosen default.
-    4. The cross-attention threshold (:data:`SWEEP_THRESHOLDS`): maps computed once, thresholds compared.
+    3. The learning rate of each other mask kind (:data:`SWEEP_KIND_LRS`, Adam) on top of the chosen default,
+       each trial run to the largest of ``steps`` and scored at its own best step count, which becomes the kind's.
+    4. The step count of each other start (:data:`SWEEP_STARTS`) on top of the chosen default, the same way.
+    5. The cross-attention threshold (:data:`SWEEP_THRESHOLDS`): maps computed once, thresholds compared.
 
     Args:
         cache_path: a JSON file of finished trials: a rerun after an interruption skips them.
 
     Returns:
-        ``{"trials": [...], "default_overrides": [...], "kind_optim": {...}, "cross_attention_threshold",
-        "markdown", ...}``; each trial holds its stage, overrides, step count and summary.
+        ``{"trials": [...], "default_overrides": [...], "kind_optim": {...}, "step_counts": {...},
+        "cross_attention_threshold", "markdown", ...}``; each trial holds its stage, overrides, step count and
+        summary. ``step_counts`` maps ``"default"``, ``"kind:<mask kind>"`` and ``"start:<mask.init>"`` to the
+        step count chosen for it (:func:`peekaboo.bench.methods.row_max_steps` reads it).
     """
     kind_lrs = SWEEP_KIND_LRS if kind_lrs is None else kind_lrs
     partner = SWEEP_KIND_PARTNER if partner is None else partner
@@ -156,7 +165,9 @@ def sweep(
     default_cfg = config(chosen)
     default_summary = runs[best_steps]
 
-    # 3. Each other mask kind: its learning rate on top of the chosen default.
+    # 3. Each other mask kind: its learning rate on top of the chosen default, and its own step count.
+    longest = {"trainer.max_steps": str(max(steps))}
+    step_counts: dict[str, int] = {"default": best_steps}
     kind_optim: dict[str, list[str]] = {}
     kind_scores: dict[str, float | None] = {}
     default_kind = default_cfg.optimization.mask.kind
@@ -166,23 +177,35 @@ def sweep(
     for kind, lrs in kind_lrs.items():
         if kind == default_kind:
             continue
-        best_lr, best_kind = lrs[0], (-1.0, 0.0)
+        best_lr, best_kind, best_result = lrs[0], (-1.0, 0.0), {}
         for lr in lrs:
             fixed = dict(o.split("=", 1) for o in KIND_EXTRA.get(kind, ()))
-            over = {**chosen, "optimization.mask.kind": kind, **fixed, "optimization.optim.name": "adam",
+            over = {**chosen, **longest, "optimization.mask.kind": kind, **fixed, "optimization.optim.name": "adam",
                     "optimization.optim.lr": lr}
-            score_ = rank(evaluate(f"{kind} lr", over, lr)[best_steps])
-            if score_ > best_kind:
-                best_lr, best_kind = lr, score_
+            result = evaluate(f"{kind} lr", over, lr)
+            if trial_score(result) > best_kind:
+                best_lr, best_kind, best_result = lr, trial_score(result), result
         kind_optim[kind] = ["optimization.optim.name=adam", f"optimization.optim.lr={best_lr}"]
         kind_scores[kind] = best_kind[0]
+        step_counts[f"kind:{kind}"] = best_steps_of(best_result)
     for kind in MASK_KINDS:
         if kind not in kind_optim and partner.get(kind) in kind_optim:
             kind_optim[kind] = kind_optim[partner[kind]]
             kind_scores[kind] = None  # not measured on the tune split
+            if f"kind:{partner[kind]}" in step_counts:
+                step_counts[f"kind:{kind}"] = step_counts[f"kind:{partner[kind]}"]
     kind_optim = {k: kind_optim[k] for k in MASK_KINDS if k in kind_optim}
 
-    # 4. The cross-attention threshold.
+    # 4. Each other start's step count, on top of the chosen default.
+    start_scores: dict[str, float | None] = {}
+    for init in starts:
+        if init == default_cfg.optimization.mask.init:
+            continue
+        result = evaluate("start steps", {**chosen, **longest, "optimization.mask.init": init}, init)
+        step_counts[f"start:{init}"] = best_steps_of(result)
+        start_scores[init] = result[step_counts[f"start:{init}"]]["miou"]
+
+    # 5. The cross-attention threshold.
     log.info("sweep cross-attention threshold")
     maps = attention_maps(base, pairs, backbone, progress_logger("cross_attention"))
     ca = {t: summarize_method(score_attention(maps, pairs, t)) for t in thresholds}
@@ -194,7 +217,8 @@ def sweep(
         "scenes": scenes, "split": "tune", "pairs": len(pairs), "extra_overrides": list(extra),
         "default_overrides": [f"{k}={v}" for k, v in chosen.items()],
         "default_miou": default_summary["miou"], "default_wrong_object_rate": default_summary["wrong_object_rate"],
-        "kind_optim": kind_optim, "kind_miou": kind_scores,
+        "kind_optim": kind_optim, "kind_miou": kind_scores, "step_counts": step_counts,
+        "start_miou": start_scores,
         "cross_attention_threshold": best_t, "cross_attention_miou": ca[best_t]["miou"],
         "trials": trials,
     }

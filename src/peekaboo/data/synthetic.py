@@ -16,7 +16,7 @@ from peekaboo.data import objects, shapes
 from peekaboo.data.base import Pair
 from peekaboo.errors import ConfigError
 
-__all__ = ["DEFAULT_NUM_PAIRS", "GENERATORS", "SCENE_SETS", "SPLIT_NAMES", "synthetic_pairs"]
+__all__ = ["DEFAULT_NUM_PAIRS", "GENERATORS", "SCENE_SETS", "SPLIT_NAMES", "as_pair", "synthetic_pairs"]
 
 DEFAULT_NUM_PAIRS = 200
 #: The synthetic scene sets, each a ``data.source``, and the generator module of each (``eval_pairs``,
@@ -52,10 +52,14 @@ def synthetic_pairs(split: str = "val", num_pairs: int | None = None, scenes: st
     n = DEFAULT_NUM_PAIRS if num_pairs is None else num_pairs
     if n < 1:
         raise ConfigError(f"data.num_pairs={n} must be >= 1 for the {scenes} source.")
-    generated = GENERATORS[scenes].eval_pairs(SPLIT_NAMES[split], n)
-    return [Pair(id=pair.id, prompt=pair.prompt, load_image=functools.partial(_image, pair.scene.image),
-                 load_target=functools.partial(_target, pair.mask), meta=_meta(pair, scenes))
-            for pair in generated]
+    return [as_pair(pair, scenes) for pair in GENERATORS[scenes].eval_pairs(SPLIT_NAMES[split], n)]
+
+
+def as_pair(generated, scenes: str) -> Pair:
+    """A generator's pair (``GENERATORS[scenes].eval_pairs``: a rendered scene and the index of the named object)
+    as a dataset :class:`Pair`; callers that also need the scene's other objects keep ``generated``."""
+    return Pair(id=generated.id, prompt=generated.prompt, load_image=functools.partial(_image, generated.scene.image),
+                load_target=functools.partial(_target, generated.mask), meta=_meta(generated, scenes))
 
 
 def _meta(pair, scenes: str) -> dict:

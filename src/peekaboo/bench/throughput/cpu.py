@@ -15,9 +15,9 @@ import torch
 
 from peekaboo.bench.common import fmt, ms, synchronize
 from peekaboo.bench.common import markdown_table as table
-from peekaboo.bench.methods import MODEL_GROUP
+from peekaboo.bench.methods import MODEL_GROUP, PAPER_STEPS
 from peekaboo.bench.reference_loop import REFERENCE_KINDS, ReferenceLoop
-from peekaboo.bench.steps import FAST, PAPER, PAPER_STEPS
+from peekaboo.bench.steps import FAST, PAPER
 from peekaboo.bench.throughput.harness import (
     REFERENCE_START,
     SPLIT,

@@ -1,0 +1,34 @@
+"""The objects accuracy gate, intact and under each fault, with the repository's paths:
+``python benchmarks/gate.py [options]``.
+
+Runs :mod:`peekaboo.bench.gate` (same options) from the repository root, writing the results JSON to
+``benchmarks/results/gate_objects.json`` and the report to docs/GATE.md unless the command names other paths.
+Only a run under every fault writes the report.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from peekaboo.bench import gate
+
+RESULTS = "benchmarks/results/gate_objects.json"
+DOCS = "docs/GATE.md"
+PROG = "python benchmarks/gate.py"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` as :mod:`peekaboo.bench.gate` does, default its paths to the repository's, run it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = gate.parser(PROG).parse_args(argv)
+    extra = []
+    if args.out is None:
+        extra += ["--out", RESULTS]
+        if args.docs is None and set(args.faults) == {f.name for f in gate.FAULTS}:
+            extra += ["--docs", DOCS]
+    return gate.main([*argv, *extra], PROG)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
