@@ -13,7 +13,7 @@ from peekaboo.bench import throughput
 from peekaboo.bench.reference_loop import REFERENCE_KINDS
 from peekaboo.bench.steps import Setting
 from peekaboo.bench.throughput import cpu, gpu
-from peekaboo.bench.throughput.harness import ALPHA_START_STEPS, REFERENCE_START, Bench, Report, load_items
+from peekaboo.bench.throughput.harness import ALPHA_START_STEPS, REFERENCE_SETTINGS, Bench, Report, load_items
 from peekaboo.bench.throughput.report import BLOCKS, GPU_BLOCK, SD15_CPU_BLOCK, keep_blocks, render, summary_lines
 from peekaboo.optim import regions as regions_lib
 from peekaboo.optim.regions import RANKING_KEY
@@ -31,16 +31,30 @@ def test_runs_compared_with_the_reference_loop_take_the_alpha_half_step_count():
     bench = Bench(None, torch.device("cpu"), warmup=0, steps=1, config_dir=REPO_CONFIGS)
     cfg = bench.reference_config("fourier_bilateral", "optimization.optim.lr=0.01")
     assert cfg.optimization.mask.init == "constant" and cfg.optimization.mask.kind == "fourier_bilateral"
-    assert cfg.trainer.max_steps == ALPHA_START_STEPS and cfg.optimization.optim.lr == 0.01
+    assert cfg.trainer.max_steps == ALPHA_START_STEPS["shapes"] and cfg.optimization.optim.lr == 0.01
     # A quick check's fixed step count wins, so the script's own tests stay short.
     quick = Bench(None, torch.device("cpu"), warmup=0, steps=1, max_steps=2, config_dir=REPO_CONFIGS)
     assert quick.reference_config("raster_bilateral").trainer.max_steps == 2
 
 
+def test_the_objects_scenes_run_with_their_preset_and_the_reference_loops_estimator():
+    bench = Bench(None, torch.device("cpu"), warmup=0, steps=1, config_dir=REPO_CONFIGS, scenes="objects")
+    cfg = bench.config()
+    assert cfg.model.pretrained == "bundled" and cfg.data.source == "objects"
+    assert cfg.optimization.guidance.estimator == "full"
+    # Compared with the paper-style loop: score distillation from alpha 0.5, at the preset's own step count (it
+    # starts at alpha 0.5 itself).
+    ref = bench.reference_config("raster_bilateral")
+    assert (ref.optimization.guidance.estimator, ref.optimization.mask.init) == ("sds", "constant")
+    assert ref.trainer.max_steps == cfg.trainer.max_steps
+    items = load_items(2, cfg.optimization.mask.size, cfg.image_options.fit, scenes="objects")
+    assert [i.id for i in items] == ["tune-00000-0", "tune-00000-1"] and items[0].prompt.startswith(("a ", "an "))
+
+
 def test_end_to_end_section_compares_whole_runs(tiny_model, monkeypatch):
     monkeypatch.setattr(cpu, "END_TO_END_PAIRS", 3)
     monkeypatch.setattr(cpu, "PAPER_STEPS", 4)
-    monkeypatch.setattr(cpu, "FAST", Setting("fast", "short", ("trainer.max_steps=2",)))
+    monkeypatch.setattr(cpu, "FAST_SETTINGS", {"shapes": Setting("fast", "short", ("trainer.max_steps=2",))})
     bench = _small_bench(tiny_model, max_steps=3)
     ranked = []
 
@@ -77,7 +91,7 @@ def test_reference_section_runs_every_kind_from_the_reference_loops_start(tiny_m
     cpu.section_reference(bench, report, items)
     assert all(report.summary[f"speedup_{kind}"] > 0 for kind in REFERENCE_KINDS)
     assert report.summary["quality"]["pairs"] == 2
-    assert REFERENCE_START in report.sections[-1][1]
+    assert " ".join(REFERENCE_SETTINGS) in report.sections[-1][1]
 
 
 @pytest.mark.slow
@@ -178,17 +192,31 @@ def test_the_repository_documents_are_refused_before_measuring(monkeypatch, argv
     assert exc.value.code == 2 and not calls and _repository_docs() == before
 
 
-def test_only_a_run_of_every_section_writes_the_report(monkeypatch, tmp_path):
+def _script_writing_under(monkeypatch, tmp_path):
+    """:func:`_script` with the repository's docs/ and README moved under ``tmp_path``; returns it, its calls and
+    its docs/ folder."""
     script, calls = _script(monkeypatch)
     docs = tmp_path / "docs"
     monkeypatch.setattr(script, "DOCS", docs)
     monkeypatch.setattr(script, "DEFAULT_OUT", docs / "PERFORMANCE.md")
+    monkeypatch.setattr(script, "OBJECTS_OUT", docs / "PERFORMANCE_OBJECTS.md")
     monkeypatch.setattr(script, "README", tmp_path / "README.md")
+    return script, calls, docs
+
+
+def test_only_a_run_of_every_section_writes_the_report(monkeypatch, tmp_path):
+    script, calls, docs = _script_writing_under(monkeypatch, tmp_path)
     assert script.main([]) == 0
     assert calls == [list(throughput.SECTIONS)]
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["PERFORMANCE.md"]
     # The sections other scripts write stand at the end, as placeholders until they have run.
     assert (docs / "PERFORMANCE.md").read_text() == keep_blocks("# Performance\n\nstub report\n", None)
+
+
+def test_a_run_on_the_objects_scenes_writes_their_own_report(monkeypatch, tmp_path):
+    script, _, _ = _script_writing_under(monkeypatch, tmp_path)
+    assert script.main(["--scenes", "objects"]) == 0
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["PERFORMANCE_OBJECTS.md"]
 
 
 def test_a_run_of_every_section_keeps_the_sections_other_scripts_wrote(monkeypatch, tmp_path):

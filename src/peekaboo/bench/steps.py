@@ -51,7 +51,8 @@ class Setting:
 
 
 #: The paper's settings where they carry over to a bundled model (:data:`~peekaboo.bench.methods.PAPER_OVERRIDES`).
-PAPER = Setting("paper", "the paper's guidance 100, posterior sampling and alpha-0.5 start", PAPER_OVERRIDES)
+PAPER = Setting("paper", "the paper's score distillation, guidance 100, posterior sampling and alpha-0.5 start",
+                PAPER_OVERRIDES)
 PROJECT = Setting("project", "the scene set's model preset (configs/model/shapes.yaml or objects.yaml)")
 #: Fewer steps at better than the paper's quality, chosen on the tune split: 50 steps, the first count where the
 #: curves there flatten, at the best rate and timestep schedule tried (benchmarks/results/steps_tune*.json hold

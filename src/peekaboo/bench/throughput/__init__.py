@@ -10,7 +10,11 @@ Sections (``--sections`` picks a subset):
   default path (the preset's ``data.pairs_per_step`` pairs per module, per pair) and one pair per module, per
   bilateral mask kind; and the masks both make on synthetic ``tune`` pairs (mIoU).
 - ``end_to_end``: pairs per hour and mIoU on held-out pairs, the paper-style loop with the paper's settings vs
-  the project's default and fast settings (:data:`peekaboo.bench.steps.FAST`).
+  the project's default and, where the scene set's ``tune`` split chose some, fast settings
+  (:data:`.cpu.FAST_SETTINGS`).
+
+``--scenes`` picks the synthetic scenes (shapes or objects) and with them the bundled model's preset; runs compared
+with the paper-style loop take its start and its estimator, score distillation (:data:`.harness.REFERENCE_SETTINGS`).
 
 Two sections of docs/PERFORMANCE.md come from other scripts, which write them between markers that a run of this
 benchmark keeps (:func:`peekaboo.bench.throughput.report.keep_blocks`): Stable Diffusion 1.5's size on the CPU
@@ -43,6 +47,7 @@ from pathlib import Path
 import torch
 
 from peekaboo.bench.common import cpu_seconds
+from peekaboo.bench.methods import SCENE_PRESETS
 from peekaboo.bench.throughput import cpu
 from peekaboo.bench.throughput.harness import TIMED_STEPS, WARMUP_STEPS, Bench, Report, load_items
 from peekaboo.bench.throughput.report import header_lines, load_note, render
@@ -58,6 +63,8 @@ log = logging.getLogger("throughput")
 def parser(prog: str = "python -m peekaboo.bench.throughput") -> argparse.ArgumentParser:
     """The benchmark's options (where the report goes is the caller's: see ``benchmarks/throughput.py``)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenes", choices=tuple(SCENE_PRESETS), default="shapes",
+                   help="the synthetic scene set the runs optimize, with its bundled model's preset")
     p.add_argument("--model", default=None,
                    help="model.pretrained: a diffusers folder or hub id (default: the preset's own model)")
     p.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed steps per run")
@@ -102,14 +109,14 @@ def measure(args: argparse.Namespace, command: str) -> str:
         cpu_start, wall_start = cpu_seconds(), time.perf_counter()
         report = Report()
         bench = Bench(args.model, torch.device("cpu"), args.warmup, args.steps, max_steps=args.max_steps,
-                      config_dir=args.config_dir)
+                      config_dir=args.config_dir, scenes=args.scenes)
         items = []
         for name in sections:
             log.info("section %s", name)
             if not items:
                 cfg = bench.config()
                 n = max(max(cpu.BATCH_SIZES), cpu.QUALITY_PAIRS)
-                items = load_items(n, cfg.optimization.mask.size, cfg.image_options.fit)
+                items = load_items(n, cfg.optimization.mask.size, cfg.image_options.fit, scenes=args.scenes)
             cpu.SECTIONS[name](bench, report, items)
         cost = (f"- Benchmark cost: {(time.perf_counter() - wall_start) / 60:.1f} min wall, "
                 f"{(cpu_seconds() - cpu_start) / 60:.1f} min CPU")

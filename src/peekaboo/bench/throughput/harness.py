@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 
 from peekaboo import ops
 from peekaboo.bench.common import PeakMemory, StepClock, Timing, synchronize
-from peekaboo.bench.methods import MODEL_GROUP, resolve_config_dir
+from peekaboo.bench.methods import SCENE_PRESETS, resolve_config_dir
 from peekaboo.bench.reference_loop import ReferenceLoop
 from peekaboo.config import TrainConfig, load_config
 from peekaboo.data.synthetic import synthetic_pairs
@@ -34,12 +34,15 @@ from peekaboo.utils.devices import trainer_devices
 SPLIT = "tune"  # synthetic pairs the benchmark optimizes (never the evaluation split)
 WARMUP_STEPS = 5
 TIMED_STEPS = 30
-#: The paper-style loop starts every mask at alpha 0.5 (it has no region start), so the project runs timed and
-#: scored against it start there too: same settings on both sides.
+#: The paper-style loop starts every mask at alpha 0.5 (it has no region start) and follows score distillation's
+#: gradient (it has no other estimator), so the project runs timed and scored against it do too: same settings on
+#: both sides.
 REFERENCE_START = "optimization.mask.init=constant"
-#: The steps of those runs: the count the `tune` split chose from alpha 0.5
-#: (benchmarks/results/steps_tune_preset.json). The preset's own count is chosen after its region start.
-ALPHA_START_STEPS = 100
+REFERENCE_SETTINGS = (REFERENCE_START, "optimization.guidance.estimator=sds")
+#: The steps of those runs, by scene set, where the preset's own count was chosen from another start: the count
+#: the shapes `tune` split chose from alpha 0.5 (benchmarks/results/steps_tune_preset.json); the shapes preset's
+#: own count is chosen after its region start. The objects preset starts at alpha 0.5 itself and keeps its count.
+ALPHA_START_STEPS: dict[str, int] = {"shapes": 100}
 
 
 @contextlib.contextmanager
@@ -63,10 +66,10 @@ class Item:
     target: np.ndarray  # (H, W) uint8 ground truth
 
 
-def load_items(n: int, size: int, fit: str, split: str = SPLIT) -> list[Item]:
-    """The first ``n`` synthetic pairs of ``split``, fitted to ``size x size`` canvases."""
+def load_items(n: int, size: int, fit: str, split: str = SPLIT, scenes: str = "shapes") -> list[Item]:
+    """The first ``n`` pairs of ``split`` of the synthetic ``scenes`` set, fitted to ``size x size`` canvases."""
     items = []
-    for pair in synthetic_pairs(split, n):
+    for pair in synthetic_pairs(split, n, scenes):
         canvas, placement = images.fit_square(pair.load_image(), size, fit)
         target = pair.load_target()
         assert target is not None, "synthetic pairs always have ground truth"
@@ -103,15 +106,18 @@ class BareModule(PeekabooModule):
 class Bench:
     """Builds configs from the preset plus overrides, loads backbones, and times the three loops."""
 
-    def __init__(self, model: str | None, device: torch.device, warmup: int, steps: int, preset: str = MODEL_GROUP,
-                 max_steps: int | None = None, config_dir: str | os.PathLike | None = None):
-        self.model, self.device, self.warmup, self.steps, self.preset = model, device, warmup, steps, preset
+    def __init__(self, model: str | None, device: torch.device, warmup: int, steps: int, preset: str | None = None,
+                 max_steps: int | None = None, config_dir: str | os.PathLike | None = None, scenes: str = "shapes"):
+        """``preset``: the model config group (default: the ``scenes`` set's, :data:`SCENE_PRESETS`); ``scenes``:
+        the synthetic scenes the runs optimize (``data=<scenes>``)."""
+        self.model, self.device, self.warmup, self.steps = model, device, warmup, steps
+        self.scenes, self.preset = scenes, preset or SCENE_PRESETS[scenes]
         self.max_steps = max_steps
         self.config_dir = resolve_config_dir(config_dir)
         accelerator = "gpu" if device.type == "cuda" else "cpu"
         # model None: the preset's own model (model=shapes: the bundled shapes model).
         pretrained = [] if model is None else [f"model.pretrained={model}"]
-        self.base = [f"model={preset}", *pretrained, "run.name=throughput", "data=shapes",
+        self.base = [f"model={self.preset}", *pretrained, "run.name=throughput", f"data={scenes}",
                      f"trainer.accelerator={accelerator}", "trainer.enable_progress_bar=false"]
         if max_steps is not None:  # quick checks only: pairs/hour and quality then use this step count
             self.base.append(f"trainer.max_steps={max_steps}")
@@ -121,11 +127,12 @@ class Bench:
         return load_config(TrainConfig, [*self.base, *overrides], self.config_dir, "train")
 
     def reference_config(self, kind: str, *overrides: str) -> Any:
-        """:meth:`config` for a run compared with the paper-style loop: mask kind ``kind``, the loop's start
-        (:data:`REFERENCE_START`) and :data:`ALPHA_START_STEPS` steps (unless this Bench fixes ``max_steps`` for a
-        quick check), then ``overrides``."""
-        steps = [] if self.max_steps is not None else [f"trainer.max_steps={ALPHA_START_STEPS}"]
-        return self.config(f"optimization.mask.kind={kind}", REFERENCE_START, *steps, *overrides)
+        """:meth:`config` for a run compared with the paper-style loop: mask kind ``kind``, the loop's start and
+        estimator (:data:`REFERENCE_SETTINGS`) and the scene set's :data:`ALPHA_START_STEPS` steps (unless this
+        Bench fixes ``max_steps`` for a quick check), then ``overrides``."""
+        alpha_steps = ALPHA_START_STEPS.get(self.scenes)
+        steps = [] if self.max_steps is not None or alpha_steps is None else [f"trainer.max_steps={alpha_steps}"]
+        return self.config(f"optimization.mask.kind={kind}", *REFERENCE_SETTINGS, *steps, *overrides)
 
     def backbone(self, cfg: Any) -> Backbone:
         """A fresh backbone for ``cfg.model`` (never the process-wide cache: variants must not share one), with

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from peekaboo.bench.common import machine_info, ms, replace_marked
-from peekaboo.bench.methods import MODEL_GROUP
+from peekaboo.bench.methods import SCENE_PRESETS
 from peekaboo.bench.reference_loop import REFERENCE_KINDS
 from peekaboo.bench.throughput.cpu import BATCH_GOAL, BATCH_SIZES, OVERHEAD_GOAL_PCT, SPEEDUP_GOAL
 from peekaboo.bench.throughput.harness import Report
@@ -50,7 +50,8 @@ def header_lines(args: argparse.Namespace, load_before: LOADED, command: str) ->
         f"- Machine: {m['processor']}, {m['cpu_count']} cores; GPU: {m['cuda'] or 'none'}; Python {m['python']}; "
         f"torch {m['torch']}, {versions}",
         f"- CPU threads used by torch: {m['torch_threads']} (`--threads`)",
-        f"- Model: {f'`{args.model}`' if args.model else 'the preset' + chr(39) + 's own'} (preset `{MODEL_GROUP}`), "
+        f"- Model: {f'`{args.model}`' if args.model else 'the preset' + chr(39) + 's own'} "
+        f"(preset `{SCENE_PRESETS[args.scenes]}`, {args.scenes} scenes), "
         f"{args.warmup} warm-up + {args.steps} timed steps per run",
         f"- Load average (1/5/15 min) before: {'/'.join(f'{x:.1f}' for x in load_before)}, after: "
         f"{'/'.join(f'{x:.1f}' for x in load_after)}",
