@@ -95,6 +95,14 @@ def test_the_script_writes_the_split_report_only_for_the_reports_own_run(monkeyp
     assert full[-6:] == ["--out", "benchmarks/results/steps_eval.json", "--docs", "docs/STEPS.md",
                          "--plot", "docs/steps.png"]
     side = str(tmp_path / "side.json")
+    objects = _script_argv(monkeypatch, ["--scenes", "objects", "--split", "eval"])
+    assert objects[-6:] == ["--out", "benchmarks/results/steps_objects_eval.json", "--docs", "docs/STEPS_OBJECTS.md",
+                            "--plot", "docs/steps_objects.png"]
+    # The fast setting was chosen on the shapes tune split: the objects report draws the paper's and the preset's.
+    assert steps.builtins_of(steps.parser().parse_args(["--scenes", "objects"])) == ["paper", "project"]
+    assert "--docs" in _script_argv(monkeypatch, ["--scenes", "objects", "--split", "eval", "--builtins", "paper",
+                                                  "project"])
     for argv in (["--split", "eval", "--out", side], ["--split", "robust", "--builtins", "fast"],
+                 ["--scenes", "objects", "--split", "eval", "--builtins", "paper", "project", "fast"],
                  ["--split", "eval", "--steps", "25", "50"], ["--split", "eval", "--candidate", "c: x=1"]):
         assert "--docs" not in _script_argv(monkeypatch, argv) and "--plot" not in _script_argv(monkeypatch, argv)

@@ -61,6 +61,14 @@ PROJECT = Setting("project", "the scene set's model preset (configs/model/shapes
 FAST = Setting("fast", "the preset at learning rate 0.3 with stratified timesteps for 50 steps",
                ("trainer.max_steps=50", "optimization.optim.lr=0.3", "optimization.guidance.t_schedule=stratified"))
 BUILTIN = (PAPER, PROJECT, FAST)
+#: The built-in settings a run draws unless ``--builtins`` says: the fast setting was chosen on the shapes `tune`
+#: split, so it is drawn on the shapes scenes only.
+DEFAULT_BUILTINS: dict[str, tuple[str, ...]] = {"shapes": ("paper", "project", "fast"), "objects": ("paper", "project")}
+
+
+def builtins_of(args: argparse.Namespace) -> list[str]:
+    """The built-in settings ``args`` draws: ``--builtins``, else the scene set's :data:`DEFAULT_BUILTINS`."""
+    return list(DEFAULT_BUILTINS[args.scenes]) if args.builtins is None else list(args.builtins)
 
 
 def parse_candidate(text: str) -> Setting:
@@ -121,7 +129,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     steps = sorted(set(args.steps))
     if steps[0] < 1:
         raise PeekabooError(f"--steps {' '.join(map(str, args.steps))}: step counts must be at least 1.")
-    settings = [s for s in BUILTIN if s.label in args.builtins] + [parse_candidate(c) for c in args.candidate]
+    settings = [s for s in BUILTIN if s.label in builtins_of(args)] + [parse_candidate(c) for c in args.candidate]
     if not settings:
         raise PeekabooError("an empty --builtins and no --candidate: there is nothing to run; name a setting.")
     config_dir = resolve_config_dir(args.config_dir)
@@ -218,8 +226,9 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--split", choices=BENCH_SPLITS, default="tune")
     p.add_argument("--pairs", type=int, default=DEFAULT_PAIRS)
     p.add_argument("--steps", type=int, nargs="+", default=list(STEP_COUNTS), help="step counts to score")
-    p.add_argument("--builtins", nargs="*", choices=[s.label for s in BUILTIN], default=[s.label for s in BUILTIN],
-                   help="which built-in settings to draw (default all; give none of them for candidates only)")
+    p.add_argument("--builtins", nargs="*", choices=[s.label for s in BUILTIN], default=None,
+                   help="which built-in settings to draw (default: the scene set's, DEFAULT_BUILTINS; give none of "
+                   "them for candidates only)")
     p.add_argument("--candidate", action="append", default=[], metavar="'LABEL: KEY=VALUE ...'",
                    help="another setting to draw (repeatable), overriding the preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
