@@ -72,11 +72,39 @@ def test_steps_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     assert again["miou"] == result["settings"]["project"]["points"][0]["miou"]
 
 
+def test_a_resumed_steps_run_keeps_only_the_unchanged_curves(tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "s.json"
+    common = ["--pairs", "2", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS), "--steps", "1", "2",
+              "--set", f"model.pretrained={tiny_model}", "--set", "optimization.mask.size=16", "--out", str(out)]
+    assert steps.main([*common, "--builtins", "project"]) == 0
+    first = json.loads(out.read_text())["settings"]["project"]
+    ran = []
+    real_curve = steps.curve
+
+    def counted(setting, *args, **kwargs):
+        ran.append(setting.label)
+        return real_curve(setting, *args, **kwargs)
+
+    monkeypatch.setattr(steps, "curve", counted)
+    # The same settings, pairs and step counts: kept; a new candidate runs.
+    resume = [*common, "--resume", "--builtins", "project"]
+    assert steps.main([*resume, "--candidate", "g: optimization.loss.gravity=0"]) == 0
+    assert ran == ["g"] and json.loads(out.read_text())["settings"]["project"] == first
+    # Another preset value (here through --set) changes the settings key: the curve runs again.
+    assert steps.main([*resume, "--set", "optimization.loss.gravity=0.1"]) == 0
+    assert ran == ["g", "project"]
+    # Other step counts: nothing is kept.
+    assert steps.main([*resume, "--steps", "1"]) == 0
+    assert ran == ["g", "project", "project"]
+
+
 def test_steps_user_errors(capsys):
     assert steps.main(["--steps", "0", "--config-dir", str(REPO_CONFIGS)]) == 2
     assert "at least 1" in capsys.readouterr().err
     assert steps.main(["--builtins", "--config-dir", str(REPO_CONFIGS)]) == 2
     assert "nothing to run" in capsys.readouterr().err
+    assert steps.main(["--resume", "--config-dir", str(REPO_CONFIGS)]) == 2
+    assert "--out" in capsys.readouterr().err
 
 
 def _script_argv(monkeypatch, argv: list[str]) -> list[str]:

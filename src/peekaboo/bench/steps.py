@@ -14,6 +14,7 @@ timestep schedule or early stopping runs once per step count (its step ``k`` of 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import time
@@ -27,7 +28,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from peekaboo.bench.common import fmt, machine_info, markdown_table, run_cli, write_json
-from peekaboo.bench.methods import PAPER_OVERRIDES, SCENE_PRESETS, method_config, resolve_config_dir
+from peekaboo.bench.methods import PAPER_OVERRIDES, SCENE_PRESETS, method_config, resolve_config_dir, settings_key
 from peekaboo.bench.run import DEFAULT_BATCH, progress_logger, run_peekaboo
 from peekaboo.bench.scoring import BENCH_SPLITS, load_pairs, summarize_method
 from peekaboo.data.synthetic import GENERATORS
@@ -132,15 +133,27 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     settings = [s for s in BUILTIN if s.label in builtins_of(args)] + [parse_candidate(c) for c in args.candidate]
     if not settings:
         raise PeekabooError("an empty --builtins and no --candidate: there is nothing to run; name a setting.")
+    if args.resume and args.out is None:
+        raise PeekabooError("--resume keeps the curves of an earlier run's --out; pass --out.")
     config_dir = resolve_config_dir(args.config_dir)
+    # Every setting's config first, so a bad override fails before hours of work.
+    keys = {s.label: settings_key(method_config(s.overrides, args.set, config_dir, scenes=args.scenes))
+            for s in settings}
     pairs = load_pairs(args.split, args.pairs, args.scenes)
     start = time.perf_counter()
     result: dict[str, Any] = {"scenes": args.scenes, "split": args.split, "pairs": len(pairs), "steps": steps,
                               "command": command, "date": datetime.now(UTC).isoformat(timespec="seconds"),
                               "machine": machine_info(), "settings": {}}
+    earlier = finished_curves(result, args.out) if args.resume else {}
     for setting in settings:
+        kept = earlier.get(setting.label)
+        if kept is not None and kept.get("key") == keys[setting.label]:
+            log.info("%s: kept from the earlier run (same settings, pairs and step counts)", setting.label)
+            result["settings"][setting.label] = kept
+            continue
         log.info("%s: %s", setting.label, setting.about)
         result["settings"][setting.label] = {"about": setting.about, "overrides": list(setting.overrides),
+                                            "key": keys[setting.label],
                                             "points": curve(setting, pairs, steps, args.set, config_dir,
                                                             args.batch_size, args.scenes)}
         if args.out is not None:  # after every setting, so an interrupted run keeps the finished curves
@@ -153,6 +166,17 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     if args.docs is not None:
         files.write_text(render(result, args.plot), args.docs)
     return result
+
+
+def finished_curves(result: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
+    """The curves an earlier run wrote to ``path`` on the same scenes, split, pairs and step counts as ``result``,
+    by label (none where the file is missing or was made otherwise). A curve is kept only where its settings key
+    still matches (:func:`run` checks), so a changed preset or model is run again."""
+    if not path.is_file():
+        return {}
+    previous = json.loads(path.read_text())
+    same = all(previous.get(k) == result[k] for k in ("scenes", "split", "pairs", "steps"))
+    return previous.get("settings", {}) if same else {}
 
 
 def fewest_steps(points: Sequence[dict[str, Any]], miou: float, tolerance: float = 0.01) -> dict[str, Any] | None:
@@ -236,6 +260,8 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="pairs optimized together")
     p.add_argument("--config-dir", default=None, help="a folder of presets (default: the packaged ones)")
     p.add_argument("--out", type=Path, default=None, help="results JSON")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the curves of --out whose settings, pairs and step counts are unchanged")
     p.add_argument("--docs", type=Path, default=None, help="markdown report")
     p.add_argument("--plot", type=Path, default=None, help="PNG of the curves")
     return p
