@@ -1,9 +1,9 @@
 """The objects accuracy gate, intact and under each fault, with the repository's paths:
 ``python benchmarks/gate.py [options]``.
 
-Runs :mod:`peekaboo.bench.gate` (same options) from the repository root, writing the results JSON to
-``benchmarks/results/gate_objects.json`` and the report to docs/GATE.md unless the command names other paths.
-Only a run under every fault writes the report.
+Runs :mod:`peekaboo.bench.gate` (same options) from the repository root. Without ``--out`` it writes the results
+JSON to ``benchmarks/results/gate_objects.json``, and a run under every fault also the report, docs/GATE.md; a run
+to its own ``--out`` writes only what it names.
 """
 
 from __future__ import annotations

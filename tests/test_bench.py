@@ -104,6 +104,8 @@ def test_load_pairs_of_the_objects_scenes_give_the_other_objects_visible_pixels(
         assert np.array_equal(p.target, q.load_target())
     with pytest.raises(PeekabooError, match="--scenes"):
         scoring.load_pairs("tune", 2, "colour blobs")
+    with pytest.raises(PeekabooError, match="--pairs 0"):
+        scoring.load_pairs("tune", 0, "objects")
 
 
 def test_each_scene_set_runs_with_its_own_model_preset():

@@ -89,7 +89,11 @@ def test_a_resumed_steps_run_keeps_only_the_unchanged_curves(tiny_model, tmp_pat
     # The same settings, pairs and step counts: kept; a new candidate runs.
     resume = [*common, "--resume", "--builtins", "project"]
     assert steps.main([*resume, "--candidate", "g: optimization.loss.gravity=0"]) == 0
-    assert ran == ["g"] and json.loads(out.read_text())["settings"]["project"] == first
+    resumed = json.loads(out.read_text())
+    kept = resumed["settings"]["project"]
+    assert ran == ["g"] and kept["kept"] and (kept["points"], kept["key"]) == (first["points"], first["key"])
+    # The run's time counts each curve's own, the kept one's too.
+    assert resumed["wall_s"] == pytest.approx(kept["seconds"] + resumed["settings"]["g"]["seconds"])
     # Another preset value (here through --set) changes the settings key: the curve runs again.
     assert steps.main([*resume, "--set", "optimization.loss.gravity=0.1"]) == 0
     assert ran == ["g", "project"]

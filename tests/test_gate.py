@@ -8,8 +8,10 @@ import torch
 from tests_support import REPO_CONFIGS
 
 from peekaboo.bench import gate
-from peekaboo.diffusion import backbone as backbone_lib
-from peekaboo.diffusion import estimators
+from peekaboo.config import GuidanceConfig
+from peekaboo.diffusion.prompts import PromptEmbeddings
+
+FAULTS = {f.name: f for f in gate.FAULTS}
 
 
 def test_the_gate_pairs_are_both_objects_of_two_object_eval_scenes():
@@ -36,27 +38,57 @@ def test_part_passes_at_its_floor():
     assert gate.Part("p", "", 0.5, 0.5).passed and not gate.Part("p", "", 0.49, 0.5).passed
 
 
-def test_the_sign_fault_negates_the_gradient_and_is_undone(monkeypatch):
-    monkeypatch.setattr(estimators, "gradient", lambda *a, **k: torch.ones(2))
-    fault = {f.name: f for f in gate.FAULTS}["sign_flipped"]
-    with fault.patch():
-        assert torch.equal(estimators.gradient(), -torch.ones(2))
-    assert torch.equal(estimators.gradient(), torch.ones(2))
+def _dream_gradient(backbone, estimator: str, swap_prompts: bool = False) -> torch.Tensor:
+    """The dream loss's gradient w.r.t. fixed latents ``(2, 4, 8, 8)`` of the tiny model, as a run computes it;
+    ``swap_prompts``: with the prompt's and the empty prompt's embeddings exchanged."""
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    cfg = GuidanceConfig(guidance_scale=7.5, estimator=estimator)
+    gens = [torch.Generator().manual_seed(7 + i) for i in range(2)]
+    emb = backbone.encode_prompt("a red circle")
+    if swap_prompts:
+        emb = PromptEmbeddings(emb.cond, emb.uncond)
+    backbone.dream_loss(z, emb, cfg, gens)["loss"].sum().backward()
+    return z.grad
 
 
-def test_the_swap_fault_exchanges_the_predictions_and_is_undone(monkeypatch):
-    u, c = torch.zeros(1), torch.ones(1)
-    monkeypatch.setattr(backbone_lib.Backbone, "predict_noise", lambda self, *a, **k: (u, c))
-    fault = {f.name: f for f in gate.FAULTS}["cond_uncond_swapped"]
-    with fault.patch():
-        assert backbone_lib.Backbone.predict_noise(None) == (c, u)
-    assert backbone_lib.Backbone.predict_noise(None) == (u, c)
+@pytest.mark.parametrize("estimator", ["sds", "full"])
+def test_the_sign_fault_negates_the_runs_gradient_and_is_undone(tiny_backbone, estimator):
+    intact = _dream_gradient(tiny_backbone, estimator)
+    with FAULTS["sign_flipped"].patch():
+        assert torch.allclose(_dream_gradient(tiny_backbone, estimator), -intact)
+    assert torch.equal(_dream_gradient(tiny_backbone, estimator), intact)
+
+
+@pytest.mark.parametrize("estimator", ["sds", "full"])
+def test_the_swap_fault_guides_away_from_the_prompt_and_is_undone(tiny_backbone, estimator):
+    intact = _dream_gradient(tiny_backbone, estimator)
+    with FAULTS["cond_uncond_swapped"].patch():
+        swapped = _dream_gradient(tiny_backbone, estimator)
+    # The run then follows the gradient it would with the prompt and the empty prompt exchanged.
+    assert torch.allclose(swapped, _dream_gradient(tiny_backbone, estimator, swap_prompts=True), atol=1e-6)
+    assert not torch.allclose(swapped, intact)
+    assert torch.equal(_dream_gradient(tiny_backbone, estimator), intact)
 
 
 def test_the_loss_fault_switches_the_dream_loss_off():
-    fault = {f.name: f for f in gate.FAULTS}["loss_off"]
-    cfg = gate.method_config(fault.overrides, (), REPO_CONFIGS, scenes=gate.SCENES)
+    cfg = gate.method_config(FAULTS["loss_off"].overrides, (), REPO_CONFIGS, scenes=gate.SCENES)
     assert cfg.optimization.loss.lambda_dream == 0
+
+
+def _gate_result(passed: bool) -> dict:
+    return {"parts": [gate.Part("default", "", 0.6 if passed else 0.1, 0.5)], "passed": passed,
+            "records": {}, "seconds": {}, "shared": True}
+
+
+@pytest.mark.parametrize(("intact", "caught", "status"), [(True, True, 0), (False, True, 1), (True, False, 1)])
+def test_the_gate_command_fails_unless_the_intact_method_passes_and_every_fault_fails(
+        monkeypatch, intact, caught, status):
+    monkeypatch.setattr(gate, "run_gate", lambda extra=(), config_dir=None: _gate_result(intact if not extra
+                                                                                         else not caught))
+    monkeypatch.setattr(gate, "FAULTS", (gate.Fault("loss_off", "off", ("optimization.loss.lambda_dream=0",)),))
+    monkeypatch.setattr(gate, "gate_pairs", lambda: [])
+    monkeypatch.setattr(gate, "render", lambda result, command: "report")
+    assert gate.main([]) == status
 
 
 @pytest.mark.slow

@@ -235,9 +235,15 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def verdict(result: dict[str, Any]) -> bool:
+    """Whether the gate does its job: the intact method passes it and it fails under every fault run."""
+    intact, *faults = result["runs"]
+    return intact["passed"] and not any(f["passed"] for f in faults)
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "python -m peekaboo.bench.gate") -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), run, print the report; a user error ends in one sentence and
-    exit status 2."""
+    """Parse ``argv`` (default ``sys.argv[1:]``), run, print the report. Exit status 0 when the gate does its job
+    (:func:`verdict`), 1 when not; a user error ends in one sentence and exit status 2."""
 
     def body(args: argparse.Namespace, command: str) -> int:
         result = run(args.faults, args.config_dir)
@@ -247,7 +253,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m peekaboo.benc
         if args.docs is not None:
             files.write_text(text, args.docs)
         print(text)
-        return 0
+        return 0 if verdict(result) else 1
     return run_cli(parser, body, argv, prog)
 
 

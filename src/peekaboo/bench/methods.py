@@ -27,7 +27,7 @@ from peekaboo.optim.restarts import candidate_inits
 #: The synthetic scene sets a benchmark runs on, each with the model preset its rows start from
 #: (configs/model/<preset>.yaml: the bundled model trained on those scenes and the settings tuned for it).
 SCENE_PRESETS: dict[str, str] = {"shapes": "shapes", "objects": "objects"}
-# The model config group of the shapes benchmark and the throughput benchmark: configs/model/<MODEL_GROUP>.yaml.
+# The model config group of the shapes scenes, which the GPU check runs: configs/model/<MODEL_GROUP>.yaml.
 MODEL_GROUP = SCENE_PRESETS["shapes"]
 # The dataset-run task: configs/train.yaml, whose validation needs no image (a predict config would).
 CONFIG_TASK = "train"
@@ -222,7 +222,6 @@ def method_config(overrides: Sequence[str], extra: Sequence[str], config_dir: Pa
     return load_config(TrainConfig, argv, config_dir, CONFIG_TASK)
 
 
-#: The config groups whose every setting can change a Peekaboo row's masks.
 def row_max_steps(cfg: Any, default: Any, step_counts: dict[str, int]) -> int | None:
     """The step count a Peekaboo row of config ``cfg`` runs at, from a tune sweep's ``step_counts``
     (:func:`peekaboo.bench.sweep.sweep`): its mask kind's where it differs from the default's kind, else the
@@ -235,12 +234,12 @@ def row_max_steps(cfg: Any, default: Any, step_counts: dict[str, int]) -> int | 
     opt, base = cfg.optimization, default.optimization
     if opt.mask.kind != base.mask.kind:
         return step_counts.get(f"kind:{opt.mask.kind}")
-    inits = list(opt.restarts.mask_inits) if opt.restarts.count > 1 and opt.restarts.mask_inits else [opt.mask.init]
     counts = [step_counts.get("default") if init == base.mask.init else step_counts.get(f"start:{init}")
-              for init in inits]
-    return None if None in counts or not counts else max(counts)
+              for init in set(candidate_inits(opt.restarts, opt.mask.init))]
+    return None if None in counts else max(counts)
 
 
+#: The config groups whose every setting can change a Peekaboo row's masks.
 KEYED_GROUPS = ("model", "image_options", "optimization")
 
 

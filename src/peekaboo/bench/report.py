@@ -102,7 +102,8 @@ def render_docs(report: dict[str, Any], sweep_report: dict[str, Any] | None = No
         "",
         "## Columns",
         "",
-        "- **steps**: the row's optimization steps per pair (0: its start scored alone).",
+        "- **steps**: the step count of each of the row's optimizations (`trainer.max_steps`; a restart row runs "
+        "one optimization per candidate; 0: the start scored alone).",
         "- **P@t**: fraction of pairs whose IoU with the ground truth is at least t (the paper's precision).",
         "- **mIoU**: mean of the per-pair IoU. **oIoU**: summed intersections over summed unions.",
         "- **wrong obj.**: fraction of pairs whose mask covers another object of the scene more than the named "

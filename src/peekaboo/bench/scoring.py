@@ -46,6 +46,8 @@ def load_pairs(split: str, n: int, scenes: str = "shapes") -> list[BenchPair]:
         raise PeekabooError(f"--split {split}: use one of {', '.join(BENCH_SPLITS)}.")
     if scenes not in SCENE_SETS:
         raise PeekabooError(f"--scenes {scenes}: use one of {', '.join(SCENE_SETS)}.")
+    if n < 1:
+        raise PeekabooError(f"--pairs {n}: score at least 1 pair.")
     out = []
     for generated in GENERATORS[scenes].eval_pairs(SPLIT_NAMES[split], n):
         pair = as_pair(generated, scenes)

@@ -140,7 +140,6 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     keys = {s.label: settings_key(method_config(s.overrides, args.set, config_dir, scenes=args.scenes))
             for s in settings}
     pairs = load_pairs(args.split, args.pairs, args.scenes)
-    start = time.perf_counter()
     result: dict[str, Any] = {"scenes": args.scenes, "split": args.split, "pairs": len(pairs), "steps": steps,
                               "command": command, "date": datetime.now(UTC).isoformat(timespec="seconds"),
                               "machine": machine_info(), "settings": {}}
@@ -149,16 +148,20 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         kept = earlier.get(setting.label)
         if kept is not None and kept.get("key") == keys[setting.label]:
             log.info("%s: kept from the earlier run (same settings, pairs and step counts)", setting.label)
-            result["settings"][setting.label] = kept
+            # The words are today's; the figures, and the time they took, the earlier run's.
+            result["settings"][setting.label] = kept | {"about": setting.about, "overrides": list(setting.overrides),
+                                                        "kept": True}
             continue
         log.info("%s: %s", setting.label, setting.about)
+        t0 = time.perf_counter()
+        points = curve(setting, pairs, steps, args.set, config_dir, args.batch_size, args.scenes)
         result["settings"][setting.label] = {"about": setting.about, "overrides": list(setting.overrides),
-                                            "key": keys[setting.label],
-                                            "points": curve(setting, pairs, steps, args.set, config_dir,
-                                                            args.batch_size, args.scenes)}
+                                            "key": keys[setting.label], "points": points,
+                                            "seconds": time.perf_counter() - t0}
         if args.out is not None:  # after every setting, so an interrupted run keeps the finished curves
             write_json(result, args.out)
-    result["wall_s"] = time.perf_counter() - start
+    # Every curve's own time, those kept from earlier runs too (curves stored before it was recorded count 0).
+    result["wall_s"] = sum(s.get("seconds", 0.0) for s in result["settings"].values())
     if args.out is not None:
         write_json(result, args.out)
     if args.plot is not None:
@@ -175,8 +178,14 @@ def finished_curves(result: dict[str, Any], path: Path) -> dict[str, dict[str, A
     if not path.is_file():
         return {}
     previous = json.loads(path.read_text())
-    same = all(previous.get(k) == result[k] for k in ("scenes", "split", "pairs", "steps"))
-    return previous.get("settings", {}) if same else {}
+    if not all(previous.get(k) == result[k] for k in ("scenes", "split", "pairs", "steps")):
+        return {}
+    curves = previous.get("settings", {})
+    # Results written before each curve recorded its own time hold the run's: shared by the curves without one.
+    untimed = [s for s in curves.values() if "seconds" not in s]
+    for s in untimed:
+        s["seconds"] = previous.get("wall_s", 0.0) / len(untimed)
+    return curves
 
 
 def fewest_steps(points: Sequence[dict[str, Any]], miou: float, tolerance: float = 0.01) -> dict[str, Any] | None:
@@ -204,6 +213,10 @@ def render(result: dict[str, Any], plot_path: Path | None) -> str:
         f"Command: `{result['command']}`; {result['date']}; {result['machine']['processor']}; "
         f"{result.get('wall_s', 0) / 60:.0f} min.", "",
     ]
+    kept = [label for label, s in settings.items() if s.get("kept")]
+    if kept:
+        lines += [f"Kept from an earlier run of the same settings, pairs and step counts (`--resume`): "
+                  f"{', '.join(kept)}; the command, date and machine above are the last run's.", ""]
     if plot_path is not None:
         lines += [f"![mIoU against steps]({plot_path.name})", ""]
     lines += ["## mIoU after each step count", "", markdown_table(header, rows, right_from=1), "",

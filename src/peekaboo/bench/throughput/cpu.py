@@ -43,6 +43,7 @@ END_TO_END_PAIRS = 16
 #: The fewer-steps settings each scene set's `tune` split chose (shapes: docs/STEPS.md); the end-to-end section
 #: times them beside the default. None has been chosen for the objects scenes yet.
 FAST_SETTINGS = {"shapes": FAST}
+STEPS_DOCS = {"shapes": "docs/STEPS.md", "objects": "docs/STEPS_OBJECTS.md"}  # mIoU against steps, by scene set
 OVERHEAD_GOAL_PCT = 10.0  # the issue's goals, quoted in the report
 SPEEDUP_GOAL = 3.0
 BATCH_GOAL = 2.0  # B=16 vs B=1 pairs per hour
@@ -231,7 +232,8 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def section_end_to_end(bench: Bench, report: Report, items: Sequence[Item]) -> None:
     """Pairs per hour and mIoU of the paper-style loop with the paper's settings against the project's default
-    and fast settings, on :data:`END_TO_END_PAIRS` held-out pairs, each path as a user runs it."""
+    (and fast settings, where :data:`FAST_SETTINGS` has the scene set's), on :data:`END_TO_END_PAIRS` held-out pairs,
+    each path as a user runs it."""
     paper_cfg = bench.config(*PAPER.overrides, f"trainer.max_steps={PAPER_STEPS}")
     chosen = load_items(END_TO_END_PAIRS, paper_cfg.optimization.mask.size, paper_cfg.image_options.fit,
                         END_TO_END_SPLIT, bench.scenes)
@@ -271,7 +273,7 @@ def section_end_to_end(bench: Bench, report: Report, items: Sequence[Item]) -> N
             f"`tune`), fp32, {torch.get_num_threads()} torch thread(s). Each path runs as a user runs it: the "
             "paper-style loop one pair at a time, the project in a dataset run's batches of `data.pairs_per_step` "
             "pairs through the Trainer; wall time includes every fixed cost. Pairs per hour and mIoU (threshold "
-            f"{threshold}) against the paper-style loop's; docs/STEPS.md has mIoU against steps.\n\n")
+            f"{threshold}) against the paper-style loop's; {STEPS_DOCS[bench.scenes]} has mIoU against steps.\n\n")
     body += table(["path", "settings", "mean steps", "s/pair", "pairs/hour", "vs paper-style", "mIoU",
                    "mIoU vs paper-style"],
                   [[r["label"], r["about"], f"{r['mean_steps']:.0f}", f"{r['wall_s'] / len(chosen):.2f}",
