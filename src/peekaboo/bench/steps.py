@@ -97,12 +97,12 @@ def horizon_free(cfg: Any) -> bool:
             and opt.guidance.t_schedule != "annealed" and not opt.early_stop.enabled)
 
 
-def curve(setting: Setting, pairs: Sequence[Any], steps: Sequence[int], extra: Sequence[str], config_dir: Path,
-          batch_size: int, scenes: str = "shapes") -> list[dict[str, Any]]:
-    """The setting's points: for each step count, the summary of its pairs (mIoU, wrong-object rate, ...),
-    the mean steps the pairs took, the wall seconds per pair of reaching that step count, and each pair's IoU
-    and wrong-object flag (``per_pair``, in pair order), so that a result can be broken down afterwards."""
-    cfg = method_config(setting.overrides, extra, config_dir, scenes=scenes)
+def curve(setting: Setting, cfg: Any, pairs: Sequence[Any], steps: Sequence[int],
+          batch_size: int) -> list[dict[str, Any]]:
+    """The points of ``setting`` (resolved as ``cfg``): for each step count, the summary of its pairs (mIoU,
+    wrong-object rate, ...), the mean steps the pairs took, the wall seconds per pair of reaching that step count,
+    and each pair's IoU and wrong-object flag (``per_pair``, in pair order), so that a result can be broken down
+    afterwards."""
     backbone = shared_backbone(cfg.model, "cpu")
     runs: dict[int, list[dict]] = {}
     if horizon_free(cfg):
@@ -137,8 +137,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         raise PeekabooError("--resume keeps the curves of an earlier run's --out; pass --out.")
     config_dir = resolve_config_dir(args.config_dir)
     # Every setting's config first, so a bad override fails before hours of work.
-    keys = {s.label: settings_key(method_config(s.overrides, args.set, config_dir, scenes=args.scenes))
-            for s in settings}
+    configs = {s.label: method_config(s.overrides, args.set, config_dir, scenes=args.scenes) for s in settings}
+    keys = {label: settings_key(cfg) for label, cfg in configs.items()}
     pairs = load_pairs(args.split, args.pairs, args.scenes)
     result: dict[str, Any] = {"scenes": args.scenes, "split": args.split, "pairs": len(pairs), "steps": steps,
                               "command": command, "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             continue
         log.info("%s: %s", setting.label, setting.about)
         t0 = time.perf_counter()
-        points = curve(setting, pairs, steps, args.set, config_dir, args.batch_size, args.scenes)
+        points = curve(setting, configs[setting.label], pairs, steps, args.batch_size)
         result["settings"][setting.label] = {"about": setting.about, "overrides": list(setting.overrides),
                                             "key": keys[setting.label], "points": points,
                                             "seconds": time.perf_counter() - t0}
