@@ -37,8 +37,7 @@ TIMED_STEPS = 30
 #: The paper-style loop starts every mask at alpha 0.5 (it has no region start) and follows score distillation's
 #: gradient (it has no other estimator), so the project runs timed and scored against it do too: same settings on
 #: both sides.
-REFERENCE_START = "optimization.mask.init=constant"
-REFERENCE_SETTINGS = (REFERENCE_START, "optimization.guidance.estimator=sds")
+REFERENCE_SETTINGS = ("optimization.mask.init=constant", "optimization.guidance.estimator=sds")
 #: The steps of those runs, by scene set, where the preset's own count was chosen from another start: the count
 #: the shapes `tune` split chose from alpha 0.5 (benchmarks/results/steps_tune_preset.json); the shapes preset's
 #: own count is chosen after its region start. The objects preset starts at alpha 0.5 itself and keeps its count.
