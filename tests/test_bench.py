@@ -379,10 +379,12 @@ def test_sweep_on_the_tiny_model(tiny_model, tmp_path):
     cache = tmp_path / "cache.json"
     kwargs = {"num_pairs": 2, "batch_size": 2, "extra": extra, "config_dir": REPO_CONFIGS,
               "stages": (("optimization.loss.gravity", ("0.05",)),), "steps": (1, 2),
-              "kind_lrs": {"raster": ("0.1",), "fourier": ("0.01",)}, "thresholds": (0.3, 0.5), "cache_path": cache}
+              "kind_lrs": {"raster": ("0.1",), "fourier": ("0.01",)}, "thresholds": (0.3, 0.5), "cache_path": cache,
+              "edge_extensions": 1}
     report = sweep.sweep(**kwargs)
     stages = [t["stage"] for t in report["trials"]]
-    assert stages.count("optimization.loss.gravity") == 2 and "fourier lr" in stages
+    # Two values tried: the best is on an edge, so one more value past it is tried.
+    assert stages.count("optimization.loss.gravity") == 3 and "fourier lr" in stages
     assert stages.count("cross-attention threshold") == 2
     assert set(report["kind_optim"]) == {"raster", "fourier", "raster_bilateral", "fourier_bilateral"}
     assert report["kind_optim"]["fourier_bilateral"] == report["kind_optim"]["fourier"]  # SWEEP_KIND_PARTNER
@@ -443,6 +445,17 @@ def test_each_row_runs_at_the_step_count_of_its_kind_else_its_starts():
     assert steps("restarts_2_mixed", counts) == 100  # the largest of its candidates' starts
     assert steps("restarts_3_regions", counts) == 100  # its region candidate takes the default's 10
     assert steps("peekaboo", {}) is None
+
+
+def test_a_knob_is_extended_past_the_edge_its_best_value_lies_on():
+    tried = ["0.0125", "0.006", "0.025", "0.05"]
+    assert sweep.past_the_edge(tried, "0.05") == "0.1"
+    assert sweep.past_the_edge(tried, "0.006") == "0.00288"  # 0.006 * 0.006 / 0.0125
+    assert sweep.past_the_edge(tried, "0.025") is None  # inside the range: nothing to extend
+    assert sweep.past_the_edge(["15", "7.5", "30", "60"], "60") == "120"
+    assert sweep.past_the_edge(["0.05"], "0.05") is None  # one value: no step to repeat
+    assert sweep.past_the_edge(["raster", "raster_bilateral"], "raster") is None
+    assert sweep.past_the_edge(["0", "0.01"], "0") is None
 
 
 def test_sweep_knobs_restrict_the_search(monkeypatch):

@@ -38,6 +38,10 @@ SWEEP_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("optimization.guidance.guidance_scale", ("7.5", "15", "30", "60")),
     ("optimization.guidance.latent_mode", ("mean", "sample")),
 )
+#: A numeric knob whose best value is the largest or smallest tried is extended past that edge by the same
+#: ratio as its last step (gravity 0.025 -> 0.05 -> 0.1), at most this many times, so the search does not stop
+#: at the edge of a range that was a guess.
+SWEEP_EDGE_EXTENSIONS = 2
 #: Step counts every trial is also scored at (snapshots of the same run, so they cost nothing extra).
 SWEEP_STEPS = (50, 100, 150, 200)
 #: The fewest steps whose tune mIoU is within this of the best step count's are chosen (time is per step).
@@ -69,13 +73,16 @@ def sweep(
     partner: dict[str, str] | None = None,
     scenes: str = "shapes",
     starts: Sequence[str] = SWEEP_STARTS,
+    edge_extensions: int = SWEEP_EDGE_EXTENSIONS,
 ) -> dict[str, Any]:
     """Choose the settings on the ``tune`` split (never ``eval``) of the ``scenes`` set by a coordinate search.
 
     1. The default's knobs (:data:`SWEEP_STAGES`), one at a time in order, each value tried on top of the best
-       so far (ties: lower wrong-object rate, then the current value). Every trial also scores its masks after
-       each of ``steps`` (snapshots of the same run) and counts at its best step count: the fewest steps whose
-       mIoU is within :data:`SWEEP_STEPS_TOLERANCE` of its best snapshot (time is per step).
+       so far (ties: lower wrong-object rate, then the current value). A numeric knob whose best value lies on
+       the edge of those tried is extended past it, up to ``edge_extensions`` times (:func:`past_the_edge`).
+       Every trial also scores its masks after each of ``steps`` (snapshots of the same run) and counts at its
+       best step count: the fewest steps whose mIoU is within :data:`SWEEP_STEPS_TOLERANCE` of its best snapshot
+       (time is per step).
     2. The step count: the winner's, chosen the same way.
     3. The learning rate of each other mask kind (:data:`SWEEP_KIND_LRS`, Adam) on top of the chosen default,
        each trial run to the largest of ``steps`` and scored at its own best step count, which becomes the kind's.
@@ -147,12 +154,22 @@ def sweep(
         cfg = config(chosen)
         current = str(OmegaConf.select(cfg, key))
         best_value, best = current, trial_score(evaluate(key, chosen, f"{current} (current)"))
-        for value in values:
-            if value == current or _same_number(value, current):
+        tried = [current]
+        queue = list(values)
+        extensions = 0
+        while queue:
+            value = queue.pop(0)
+            if any(value == t or _same_number(value, t) for t in tried):
                 continue
+            tried.append(value)
             score_ = trial_score(evaluate(key, {**chosen, key: value}, value))
             if score_ > best:
                 best_value, best = value, score_
+            if not queue and extensions < edge_extensions:
+                beyond = past_the_edge(tried, best_value)
+                if beyond is not None:
+                    queue.append(beyond)
+                    extensions += 1
         if best_value != current:
             chosen[key] = best_value
         log.info("sweep %s: best %s (mIoU %.3f)", key, best_value, best[0])
@@ -224,6 +241,27 @@ def sweep(
     }
     report["markdown"] = sweep_markdown(report, SWEEP_STEPS_TOLERANCE)
     return report
+
+
+def past_the_edge(tried: Sequence[str], best: str) -> str | None:
+    """The next value of a numeric knob beyond the edge of those ``tried`` when ``best`` lies on that edge.
+
+    The step is geometric, the ratio of the edge value to its neighbour: ``("0.0125", "0.025", "0.05")`` with
+    best ``"0.05"`` gives ``"0.1"``, best ``"0.0125"`` gives ``"0.00625"``. ``None`` when ``best`` is inside the
+    range, fewer than two distinct numbers were tried, a value is not a positive number (a mask kind, zero).
+    """
+    try:
+        numbers = sorted({float(v) for v in tried})
+        top = float(best)
+    except ValueError:
+        return None
+    if len(numbers) < 2 or numbers[0] <= 0:
+        return None
+    if top == numbers[-1]:
+        return f"{top * top / numbers[-2]:.3g}"
+    if top == numbers[0]:
+        return f"{top * top / numbers[1]:.3g}"
+    return None
 
 
 def _same_number(a: str, b: str) -> bool:
