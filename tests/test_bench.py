@@ -293,6 +293,41 @@ def test_an_interrupted_resume_keeps_every_earlier_row(tiny_model, tmp_path, mon
     assert set(saved["methods"]) == {"peekaboo", "no_gravity", "whole_image"}
 
 
+@pytest.mark.slow
+def test_a_row_interrupted_part_way_keeps_its_finished_pairs(tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    args = ["--pairs", "4", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS), "--methods", "peekaboo",
+            "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=2",
+            "--set", "optimization.mask.size=16", "--out", str(out)]
+    assert ablation.main(args) == 0
+    whole = json.loads(out.read_text())["methods"]["peekaboo"]["records"]
+    out.unlink()
+    real = bench_run.optimize_pairs
+    calls = []
+
+    def second_batch_interrupted(*a, **k):
+        if len(a[2]) == 2:  # a batch of the row (the untimed warm-up optimizes one pair)
+            calls.append(list(a[2]))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench_run, "optimize_pairs", second_batch_interrupted)
+    assert ablation.main(args) == EXIT_INTERRUPTED
+    saved = json.loads(out.read_text())
+    assert "peekaboo" not in saved["methods"] and len(saved["row_in_progress"]["records"]) == 2
+    calls.clear()
+    assert ablation.main([*args, "--resume"]) == 0
+    assert len(calls) == 1 and calls[0] == [r["id"] for r in whole[2:]]  # only the unfinished batch ran
+    resumed = json.loads(out.read_text())
+    assert "row_in_progress" not in resumed
+
+    def masks(records):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+    assert masks(resumed["methods"]["peekaboo"]["records"]) == masks(whole)
+
+
 def test_a_key_stored_before_a_setting_existed_matches_its_default():
     cfg = methods.method_config((), (), REPO_CONFIGS)
     key = "peekaboo " + methods.settings_key(cfg)

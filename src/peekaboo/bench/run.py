@@ -80,6 +80,8 @@ def run_peekaboo(
     batch_size: int = DEFAULT_BATCH,
     snapshot_steps: Sequence[int] = (),
     progress: Progress | None = None,
+    done: dict[str, dict] | None = None,
+    on_batch: Callable[[list[dict]], None] | None = None,
 ) -> dict[int, list[dict]]:
     """Optimize every pair's mask with ``cfg`` in batches and score it.
 
@@ -87,6 +89,10 @@ def run_peekaboo(
         cfg: a resolved config (optimization, trainer, image options).
         snapshot_steps: also score the masks after these step counts (each <= ``trainer.max_steps``).
         progress: called after each batch with (pairs done, pairs in all, seconds so far).
+        done: records by pair id from an interrupted run of the same settings: those pairs are kept, not
+            optimized again (each pair's mask does not depend on its batch). Not with ``snapshot_steps``.
+        on_batch: called after each batch with the records finished so far (``done``'s included), so that a
+            long row can be saved as it goes.
 
     Returns:
         ``{steps: records}`` for ``trainer.max_steps`` and each snapshot step; one record per pair.
@@ -97,10 +103,14 @@ def run_peekaboo(
         # A snapshot holds every candidate's mask; only the end of the run chooses among them.
         raise PeekabooError("Snapshots of shorter runs cannot score optimization.restarts.count > 1; score each "
                             "step count as a run of its own.")
+    done = done or {}
+    if done and len(steps_scored) > 1:
+        raise PeekabooError("Records of an interrupted run hold only its last step count; no snapshots with them.")
+    todo = [p for p in pairs if p.id not in done]
     out: dict[int, list[dict]] = {s: [] for s in steps_scored}
     start = time.perf_counter()
-    for first in range(0, len(pairs), batch_size):
-        batch = pairs[first : first + batch_size]
+    for first in range(0, len(todo), batch_size):
+        batch = todo[first : first + batch_size]
         fitted = [images.fit_square(p.image, opt.mask.size, cfg.image_options.fit) for p in batch]
         snaps = AlphaSnapshots(steps_scored)
         t0 = time.perf_counter()
@@ -128,8 +138,14 @@ def run_peekaboo(
                     final = images.finalize_mask(alphas[i], placement, opt.threshold)
                     record.update(status=DONE, **score(final.mask, pair))
                 out[steps].append(record)
+        if on_batch is not None:
+            on_batch([*done.values(), *out[trainer.max_steps]])
         if progress is not None:
-            progress(first + len(batch), len(pairs), time.perf_counter() - start)
+            progress(first + len(batch), len(todo), time.perf_counter() - start)
+    if done:
+        # In the pairs' order, as a run that was never interrupted returns them.
+        mine = {r["id"]: r for r in out[trainer.max_steps]} | done
+        out[trainer.max_steps] = [mine[p.id] for p in pairs]
     return out
 
 
@@ -239,8 +255,10 @@ def run_benchmark(
         methods: names from :data:`METHOD_NAMES`, in table order.
         extra: ``key=value`` overrides applied to every row's config after its own (e.g. another model).
         previous: an earlier (partial) result of the same split and pairs: its rows whose settings are
-            unchanged are kept instead of recomputed (``--resume``).
-        on_row: called with the result so far after each row (to save partial results).
+            unchanged are kept instead of recomputed (``--resume``), and the finished pairs of a Peekaboo row it
+            was interrupted in (its ``"row_in_progress"``).
+        on_row: called with the result so far after each row and each batch of a Peekaboo row (to save partial
+            results; the row being computed is the result's ``"row_in_progress"`` until it finishes).
         base_overrides: settings every row starts from, before its own overrides (``--tuned``: the sweep's
             choice for the default).
         kind_optim: the optimizer of each mask kind's row, instead of :data:`KIND_OPTIM`.
@@ -319,8 +337,23 @@ def run_benchmark(
                 log.info("  same settings as %s: its masks are reused", same_as)
             else:
                 backbone = shared_backbone(cfg.model)
-                records = run_peekaboo(cfg, pairs, backbone, batch_size,
-                                       progress=progress_logger(method.name))[cfg.trainer.max_steps]
+                # A row interrupted part-way keeps its finished pairs (a row of 200 pairs takes hours on a CPU).
+                interrupted = (previous or {}).get("row_in_progress") if same_pairs else None
+                ids = {p.id for p in pairs}
+                finished = ({r["id"]: r for r in interrupted["records"] if r["id"] in ids}
+                            if interrupted and interrupted["key"] == key else {})
+                if finished:
+                    log.info("  %d pairs kept from the interrupted run", len(finished))
+
+                def save_partial(records: list[dict], key: str = key) -> None:
+                    result["row_in_progress"] = {"key": key, "records": records}
+                    _publish(result, rows, chosen)
+                    if on_row is not None:
+                        on_row(result)
+
+                records = run_peekaboo(cfg, pairs, backbone, batch_size, progress=progress_logger(method.name),
+                                       done=finished, on_batch=save_partial)[cfg.trainer.max_steps]
+                result.pop("row_in_progress", None)
                 done_by_key[settings_key(cfg)] = method.name
         elif method.kind == "start_only":
             records = run_start_only(cfg, pairs, shared_backbone(cfg.model), batch_size,
