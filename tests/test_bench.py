@@ -4,6 +4,7 @@ attention capture on the tiny model, a tiny end-to-end benchmark, and the bundle
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -437,6 +438,51 @@ def test_sweep_on_the_tiny_model(tiny_model, tmp_path):
     assert "Step counts" in report["markdown"]
     # Rerun from the cache: the same report without optimizing.
     assert sweep.sweep(**kwargs)["default_overrides"] == report["default_overrides"]
+
+
+@pytest.mark.slow
+def test_two_sweeps_sharing_a_cache_split_the_trials(tiny_model, tmp_path, monkeypatch):
+    extra = [f"model.pretrained={tiny_model}", "trainer.max_steps=2", "optimization.mask.size=16"]
+    kwargs = {"num_pairs": 2, "batch_size": 2, "extra": extra, "config_dir": REPO_CONFIGS,
+              "stages": (("optimization.loss.gravity", ("0.05", "0.1", "0.2")),), "steps": (1, 2),
+              "kind_lrs": {"fourier": ("0.01", "0.1")}, "thresholds": (0.5,), "cache_path": tmp_path / "c.json",
+              "edge_extensions": 0, "starts": ()}
+    real, runs = sweep.run_peekaboo, []
+
+    def counted(cfg, *a, **k):
+        runs.append(methods.settings_key(cfg))
+        return real(cfg, *a, **k)
+
+    monkeypatch.setattr(sweep, "run_peekaboo", counted)
+    # Loaded once before the threads (loading a model in two threads at once is not what this tests); two
+    # processes each load their own.
+    sweep.shared_backbone(methods.method_config((), extra, REPO_CONFIGS).model)
+    # The cross-attention maps hook the shared model's attention: one thread at a time (processes have their own).
+    lock, maps = threading.Lock(), sweep.attention_maps
+
+    def one_at_a_time(*a, **k):
+        with lock:
+            return maps(*a, **k)
+
+    monkeypatch.setattr(sweep, "attention_maps", one_at_a_time)
+    reports = [None, None]
+
+    def worker(i: int) -> None:
+        try:
+            reports[i] = sweep.sweep(**kwargs)
+        except BaseException as e:  # reported by the assertion below
+            reports[i] = e
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(isinstance(r, dict) for r in reports), reports
+    # Each trial ran once: the current gravity and 3 others, 2 Fourier rates (the winner's step count is cached).
+    assert len(runs) == len(set(runs)) == 6
+    assert reports[0]["default_overrides"] == reports[1]["default_overrides"]
+    assert reports[0]["kind_optim"] == reports[1]["kind_optim"]
 
 
 @pytest.mark.slow

@@ -75,7 +75,8 @@ def parser(prog: str = "python -m peekaboo.bench.ablation") -> argparse.Argument
                    f"{' '.join(k for k, _ in SWEEP_STAGES)}) and skip the other mask kinds' learning rates; "
                    "for a quick re-choice after a model change")
     p.add_argument("--sweep-cache", type=Path, default=None,
-                   help="finished sweep trials, reused when the sweep is rerun (delete it to start afresh)")
+                   help="finished sweep trials, reused when the sweep is rerun (delete it to start afresh); "
+                   "several sweep processes given one cache (one per core or GPU) split the trials between them")
     return p
 
 

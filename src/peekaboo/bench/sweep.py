@@ -1,4 +1,4 @@
-"""The tuning sweep that chose the shapes benchmark's settings, on the ``tune`` split only (:func:`sweep`): a
+"""The tuning sweep that chooses a scene set's benchmark settings, on the ``tune`` split only (:func:`sweep`): a
 coordinate search over the default's knobs, the learning rate of each mask kind and the cross-attention
 threshold."""
 
@@ -14,11 +14,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from peekaboo.bench.common import write_json
 from peekaboo.bench.methods import KIND_EXTRA, method_config, resolve_config_dir, settings_key
 from peekaboo.bench.report import sweep_markdown
 from peekaboo.bench.run import DEFAULT_BATCH, attention_maps, progress_logger, run_peekaboo, score_attention
 from peekaboo.bench.scoring import load_pairs, summarize_method
+from peekaboo.bench.trial_cache import TrialCache
 from peekaboo.config import MASK_KINDS
 from peekaboo.diffusion.loading import shared_backbone
 
@@ -104,37 +104,67 @@ def sweep(
     pairs = load_pairs("tune", num_pairs, scenes)
     base = method_config((), extra, cdir, scenes=scenes)
     backbone = shared_backbone(base.model)
-    cache: dict[str, dict[str, dict]] = {}
-    if cache_path is not None and cache_path.is_file():
-        cache = json.loads(cache_path.read_text())
-        log.info("sweep: %d finished trials read from %s", len(cache), cache_path)
+    cache = TrialCache(cache_path)
+    if cache.load():
+        log.info("sweep: %d finished trials read from %s", len(cache.load()), cache_path)
     trials: list[dict[str, Any]] = []
 
     def config(overrides: dict[str, str]) -> Any:
         return method_config([f"{k}={v}" for k, v in overrides.items()], extra, cdir, scenes=scenes)
 
-    def evaluate(stage: str, overrides: dict[str, str], value: str) -> dict[int, dict]:
-        """Summaries by step count of one setting (snapshots at ``steps`` up to its max_steps); ``value`` is
-        what the stage tries (for the report)."""
+    def summaries(stage: str, overrides: dict[str, str], block: bool) -> dict[str, dict] | None:
+        """Summaries by step count (as stored) of one setting, from the cache or run here; None when another
+        process is running it and ``block`` is False."""
         cfg = config(overrides)
         snaps = [s for s in steps if s <= cfg.trainer.max_steps]
         key = settings_key(cfg) + json.dumps({"snapshots": snaps, "pairs": len(pairs)})
-        argv = [f"{k}={v}" for k, v in overrides.items()]
-        if key not in cache:
-            log.info("sweep %s: %s", stage, " ".join(argv) or "(project config)")
+        while True:
+            found = cache.get(key)
+            if found is not None:
+                return found
+            if not cache.claim(key):
+                if not block:
+                    return None
+                log.info("sweep %s: waiting for another process's trial", stage)
+                found = cache.wait(key)
+                if found is not None:
+                    return found
+                continue  # its process stopped without finishing: run it here
+            argv = " ".join(f"{k}={v}" for k, v in overrides.items())
+            log.info("sweep %s: %s", stage, argv or "(project config)")
             t0 = time.perf_counter()
-            runs = run_peekaboo(cfg, pairs, backbone, batch_size, snaps, progress_logger(stage))
-            cache[key] = {str(s): summarize_method(r) for s, r in runs.items()}
-            if cache_path is not None:
-                write_json(cache, cache_path)
-            final = cache[key][str(cfg.trainer.max_steps)]
+            try:
+                runs = run_peekaboo(cfg, pairs, backbone, batch_size, snaps, progress_logger(stage))
+            except BaseException:
+                cache.release(key)
+                raise
+            found = {str(s): summarize_method(r) for s, r in runs.items()}
+            cache.put(key, found)
+            final = found[str(cfg.trainer.max_steps)]
             log.info("  -> mIoU %.3f, wrong %.1f%% (%.0f s)", final["miou"] or 0.0,
                      100 * (final["wrong_object_rate"] or 0.0), time.perf_counter() - t0)
-        result = {int(s): summ for s, summ in cache[key].items()}
-        if not any(t["stage"] == stage and t["overrides"] == argv for t in trials):
-            trials.append({"stage": stage, "value": value, "overrides": argv, "max_steps": cfg.trainer.max_steps,
-                           "by_steps": dict(sorted(result.items()))})
-        return result
+            return found
+
+    def evaluate_all(items: Sequence[tuple[str, dict[str, str], str]]) -> list[dict[int, dict]]:
+        """Summaries by step count of each ``(stage, overrides, value)`` setting (snapshots at ``steps`` up to
+        its max_steps); ``value`` is what the stage tries (for the report). The settings are independent: a
+        trial another process is running is passed over and waited for at the end."""
+        found = [summaries(stage, over, block=False) for stage, over, _ in items]
+        found = [f if f is not None else summaries(stage, over, block=True)
+                 for f, (stage, over, _) in zip(found, items, strict=True)]
+        results = []
+        for f, (stage, over, value) in zip(found, items, strict=True):
+            assert f is not None
+            result = {int(s): summ for s, summ in f.items()}
+            argv = [f"{k}={v}" for k, v in over.items()]
+            if not any(t["stage"] == stage and t["overrides"] == argv for t in trials):
+                trials.append({"stage": stage, "value": value, "overrides": argv,
+                               "max_steps": config(over).trainer.max_steps, "by_steps": dict(sorted(result.items()))})
+            results.append(result)
+        return results
+
+    def evaluate(stage: str, overrides: dict[str, str], value: str) -> dict[int, dict]:
+        return evaluate_all([(stage, overrides, value)])[0]
 
     def rank(summary: dict) -> tuple[float, float]:
         return (summary["miou"] or 0.0, -(summary["wrong_object_rate"] or 0.0))
@@ -153,23 +183,23 @@ def sweep(
     for key, values in stages:
         cfg = config(chosen)
         current = str(OmegaConf.select(cfg, key))
-        best_value, best = current, trial_score(evaluate(key, chosen, f"{current} (current)"))
         tried = [current]
-        queue = list(values)
-        extensions = 0
-        while queue:
-            value = queue.pop(0)
-            if any(value == t or _same_number(value, t) for t in tried):
-                continue
-            tried.append(value)
-            score_ = trial_score(evaluate(key, {**chosen, key: value}, value))
-            if score_ > best:
-                best_value, best = value, score_
-            if not queue and extensions < edge_extensions:
-                beyond = past_the_edge(tried, best_value)
-                if beyond is not None:
-                    queue.append(beyond)
-                    extensions += 1
+        for value in values:
+            if not any(value == t or _same_number(value, t) for t in tried):
+                tried.append(value)
+        items = [(key, chosen, f"{current} (current)"), *((key, {**chosen, key: v}, v) for v in tried[1:])]
+        best_value, best = current, (-1.0, 0.0)
+        for value, result in zip(tried, evaluate_all(items), strict=True):
+            if trial_score(result) > best:
+                best_value, best = value, trial_score(result)
+        for _ in range(edge_extensions):
+            beyond = past_the_edge(tried, best_value)
+            if beyond is None:
+                break
+            tried.append(beyond)
+            result = evaluate(key, {**chosen, key: beyond}, beyond)
+            if trial_score(result) > best:
+                best_value, best = beyond, trial_score(result)
         if best_value != current:
             chosen[key] = best_value
         log.info("sweep %s: best %s (mIoU %.3f)", key, best_value, best[0])
@@ -191,15 +221,24 @@ def sweep(
     kind_optim[default_kind] = [f"optimization.optim.name={default_cfg.optimization.optim.name}",
                                 f"optimization.optim.lr={default_cfg.optimization.optim.lr}"]
     kind_scores[default_kind] = default_summary["miou"]
+    # Stages 3 and 4 depend only on the chosen default: their trials go to evaluate_all together, so that several
+    # processes sharing the cache run them side by side.
+    kind_items = {(kind, lr): (f"{kind} lr", {**chosen, **longest, "optimization.mask.kind": kind,
+                                              **dict(o.split("=", 1) for o in KIND_EXTRA.get(kind, ())),
+                                              "optimization.optim.name": "adam", "optimization.optim.lr": lr}, lr)
+                  for kind, lrs in kind_lrs.items() if kind != default_kind for lr in lrs}
+    other_starts = [init for init in starts if init != default_cfg.optimization.mask.init]
+    start_items = {init: ("start steps", {**chosen, **longest, "optimization.mask.init": init}, init)
+                   for init in other_starts}
+    found = evaluate_all([*kind_items.values(), *start_items.values()])
+    kind_results = dict(zip(kind_items, found[: len(kind_items)], strict=True))
+    start_results = dict(zip(start_items, found[len(kind_items):], strict=True))
     for kind, lrs in kind_lrs.items():
         if kind == default_kind:
             continue
         best_lr, best_kind, best_result = lrs[0], (-1.0, 0.0), {}
         for lr in lrs:
-            fixed = dict(o.split("=", 1) for o in KIND_EXTRA.get(kind, ()))
-            over = {**chosen, **longest, "optimization.mask.kind": kind, **fixed, "optimization.optim.name": "adam",
-                    "optimization.optim.lr": lr}
-            result = evaluate(f"{kind} lr", over, lr)
+            result = kind_results[(kind, lr)]
             if trial_score(result) > best_kind:
                 best_lr, best_kind, best_result = lr, trial_score(result), result
         kind_optim[kind] = ["optimization.optim.name=adam", f"optimization.optim.lr={best_lr}"]
@@ -215,10 +254,7 @@ def sweep(
 
     # 4. Each other start's step count, on top of the chosen default.
     start_scores: dict[str, float | None] = {}
-    for init in starts:
-        if init == default_cfg.optimization.mask.init:
-            continue
-        result = evaluate("start steps", {**chosen, **longest, "optimization.mask.init": init}, init)
+    for init, result in start_results.items():
         step_counts[f"start:{init}"] = best_steps_of(result)
         start_scores[init] = result[step_counts[f"start:{init}"]]["miou"]
 

@@ -1,0 +1,64 @@
+"""The sweep's trial cache: finished trials survive a restart, and processes sharing it split the trials."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+from peekaboo.bench.trial_cache import TrialCache
+
+
+def test_finished_trials_are_read_back_and_merged(tmp_path):
+    path = tmp_path / "cache.json"
+    one, two = TrialCache(path), TrialCache(path)
+    assert one.claim("a") and two.claim("b")
+    one.put("a", {"100": 0.5})
+    two.put("b", {"100": 0.6})  # two had not seen a: a merge, not an overwrite
+    assert json.loads(path.read_text()) == {"a": {"100": 0.5}, "b": {"100": 0.6}}
+    assert TrialCache(path).get("a") == {"100": 0.5}
+    assert not (tmp_path / "cache.json.claims").exists() or not any((tmp_path / "cache.json.claims").iterdir())
+
+
+def test_a_trial_another_live_process_claimed_is_not_run_twice(tmp_path):
+    path = tmp_path / "cache.json"
+    mine, other = TrialCache(path), TrialCache(path)
+    assert other.claim("a")  # a live process (this one) holds it
+    assert not mine.claim("a")
+    assert mine.claim("b")
+    other.release("a")
+    assert mine.claim("a")
+
+
+def test_the_claim_of_a_stopped_process_is_taken_over(tmp_path):
+    path = tmp_path / "cache.json"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder = TrialCache(path)
+    assert holder.claim("a")
+    claim = holder._claim_path("a")
+    owner = json.loads(claim.read_text())
+    claim.write_text(json.dumps({**owner, "pid": int(gone.stdout)}))  # its process has exited
+    assert TrialCache(path).claim("a")
+    assert TrialCache(path, poll_seconds=0.01).wait("b") is None  # nobody runs b: no waiting forever
+
+
+def test_waiting_returns_the_trial_another_process_finishes(tmp_path):
+    path = tmp_path / "cache.json"
+    other = TrialCache(path)
+    assert other.claim("a")
+
+    def finish() -> None:
+        time.sleep(0.2)
+        other.put("a", {"200": 0.7})
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    assert TrialCache(path, poll_seconds=0.05).wait("a") == {"200": 0.7}
+    thread.join()
+
+
+def test_without_a_file_everything_stays_in_memory():
+    cache = TrialCache(None)
+    assert cache.claim("a") and cache.claim("a")
+    cache.put("a", 1)
+    assert cache.get("a") == 1 and cache.load() == {"a": 1}
