@@ -63,6 +63,25 @@ def test_the_error_ratio_fit_divides_by_the_empty_prompts_error_on_the_same_draw
     assert torch.allclose(prompt_fit(tiny_backbone, images, alphas, ["", ""], ids, ratio, seed=0), torch.ones(2))
 
 
+def test_the_objective_fit_is_the_guided_objective_on_the_same_draws(tiny_backbone):
+    images, alphas = _images(1).expand(2, -1, -1, -1), torch.full((2, 1, MODULE_SIZE, MODULE_SIZE), 0.5)
+    alphas[1, :, : MODULE_SIZE // 2] = 1.0
+    ids, prompt = ["p", "p"], ["a red circle"] * 2
+    objective = RestartsConfig(draws=1, fit="objective")
+    error = prompt_fit(tiny_backbone, images, alphas, prompt, ids, RestartsConfig(draws=1), seed=0)
+    # At guidance 1 the objective is (1 - abar_t) / 2 times the summed error under the prompt: with one draw, which
+    # both rows share, the same multiple of the mean error for every mask.
+    at_one = prompt_fit(tiny_backbone, images, alphas, prompt, ids, objective, seed=0, guidance_scale=1.0)
+    assert torch.allclose(at_one[0] / error[0], at_one[1] / error[1], rtol=1e-4)
+    # The guidance term weighs the prompt's error against the empty prompt's: it changes the fit...
+    at_ten = prompt_fit(tiny_backbone, images, alphas, prompt, ids, objective, seed=0, guidance_scale=10.0)
+    assert not torch.allclose(at_ten, at_one)
+    # ...except for the empty prompt, whose two predictions coincide: s e - (s - 1) e = e.
+    empty = ["", ""]
+    assert torch.allclose(prompt_fit(tiny_backbone, images, alphas, empty, ids, objective, seed=0, guidance_scale=10.0),
+                          prompt_fit(tiny_backbone, images, alphas, empty, ids, objective, seed=0), rtol=1e-4)
+
+
 def test_restarts_keep_the_candidate_the_fit_prefers(tiny_backbone, monkeypatch):
     cfg = _cfg()
     cfg.restarts.count = 3
@@ -73,14 +92,15 @@ def test_restarts_keep_the_candidate_the_fit_prefers(tiny_backbone, monkeypatch)
     assert not torch.allclose(runs[0], runs[1])
     seen = {}
 
-    def fake_fit(backbone, images, alphas, prompts, pair_ids, restarts_cfg, seed, background):
-        seen.update(n=len(pair_ids), ids=list(pair_ids))
+    def fake_fit(backbone, images, alphas, prompts, pair_ids, restarts_cfg, seed, background, guidance_scale):
+        seen.update(n=len(pair_ids), ids=list(pair_ids), guidance_scale=guidance_scale)
         return torch.tensor([0.5, 0.5, 0.5, 0.9, 0.2, 0.9])  # pair p: a tie (first wins); pair q: candidate 1
 
     monkeypatch.setattr(engine, "prompt_fit", fake_fit)
     p, q = optimize_pairs(torch.cat([_images(1), _images(1, seed=6)]), ["a red circle", "a blue square"],
                           ["p", "q"], cfg, _trainer(2), tiny_backbone)
-    assert seen == {"n": 6, "ids": ["p"] * 3 + ["q"] * 3}  # scored on each pair's own draws
+    # Scored on each pair's own draws, at the run's guidance scale (the objective fit's).
+    assert seen == {"n": 6, "ids": ["p"] * 3 + ["q"] * 3, "guidance_scale": cfg.guidance.guidance_scale}
     assert p.losses["restart/kept"] == 0 and torch.allclose(p.alpha, runs[0], atol=1e-2)
     assert q.losses["restart/kept"] == 1 and q.losses["restart/fit"] == pytest.approx(0.2)
     q1 = optimize_pair(_images(1, seed=6)[0], "a blue square", "q#restart1", single, _trainer(2), tiny_backbone)

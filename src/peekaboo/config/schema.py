@@ -41,7 +41,7 @@ NOISE_KINDS = ("random",)
 # optimization.mask.init: where the mask starts (peekaboo.optim.module.PeekabooModule.on_fit_start).
 MASK_INITS = ("constant", "cross_attention", "region")
 # How restarts score a candidate: the denoising error under the prompt, or that error over the error without it.
-RESTART_FITS = ("error", "error_ratio")
+RESTART_FITS = ("error", "error_ratio", "objective")
 # optimization.mask.size: the largest mask side allowed.
 MAX_MASK_SIZE = 4096
 # run.logger values: Lightning's loggers (peekaboo.optim.loggers builds them), or none.
@@ -254,6 +254,8 @@ class RestartsConfig:
     # the empty prompt on the same draw, i.e. how much the prompt explains beyond what any caption would. The
     # ratio discounts how easy a composite is to denoise at all (a large plain object, a small one, an empty
     # background), which the plain error rewards regardless of the prompt. One more UNet row per draw.
+    # objective: the guided denoising objective the optimization descends, at guidance.guidance_scale (the same
+    # two UNet rows): the candidate best by the runs' own measure.
     fit: str = "error"
     # Each candidate's mask.init, cycled (candidate k takes mask_inits[k % len]); empty: mask.init for all. A
     # mix (e.g. [constant, cross_attention]) gives candidates that start apart and so settle apart.

@@ -216,7 +216,7 @@ def optimize_pairs(
     # Candidates of a pair share their scoring draws: seeded by the pair's id, not the candidate's.
     fit_scores = prompt_fit(backbone, images_k.float(), alphas.float(), prompts_k,
                             [p for p in pair_ids for _ in range(count)], opt_cfg.restarts, opt_cfg.seed,
-                            opt_cfg.background)
+                            opt_cfg.background, opt_cfg.guidance.guidance_scale)
     kept = choose(fit_scores, failed, count).tolist()
     seconds = (time.perf_counter() - start) / len(pair_ids)
     out = []

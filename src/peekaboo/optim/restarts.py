@@ -7,7 +7,8 @@ each pair is optimized K times in the same batch, candidate ``k`` under the id :
 candidate is the one whose composite the prompt explains best: the lowest denoising error of the model
 under the prompt (:func:`prompt_fit`), over draws of background, timestep and noise that all of a pair's
 candidates share, so they are compared on the same draws (``restarts.fit=error_ratio``: that error over the
-error under the empty prompt, so a composite that is easy to denoise anyway gains nothing). No label is used:
+error under the empty prompt, so a composite that is easy to denoise anyway gains nothing; ``objective``: the
+guided objective the runs descend). No label is used:
 this is the model's own judgement of which mask shows what the prompt names, in the spirit of diffusion
 classifiers (Li et al., arXiv:2303.16203).
 
@@ -59,11 +60,14 @@ def prompt_fit(
     cfg: RestartsConfig,
     seed: int,
     background: str = "solid",
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """How badly the prompt explains each masked image, over ``cfg.draws`` draws of the composite:
     ``cfg.fit="error"``, the mean denoising error of the model under the prompt,
     ``||eps_theta(z_t, t, prompt) - eps||^2``; ``"error_ratio"``, the mean of that error over the same draw's
-    error under the empty prompt.
+    error under the empty prompt; ``"objective"``, the mean of the guided denoising objective the optimization
+    descends (:func:`peekaboo.ops.guided_denoising_objective` at ``guidance_scale``), so the kept candidate is
+    the best one by the measure the runs themselves minimize.
 
     The draws (background, ``t ~ U[t_min, t_max)``, noise) come from a generator seeded by (``seed``, pair id),
     so candidates of one pair (same id) are scored on the same draws.
@@ -99,6 +103,11 @@ def prompt_fit(
             continue
         (eps_c, eps_u) = backbone.predict_eps([noisy, noisy], [t, t], [emb.cond, emb.uncond],
                                               pooled=[emb.pooled_cond, emb.pooled_uncond])
+        if cfg.fit == "objective":
+            abar = backbone.alphas_cumprod.to(latents.device)[t]  # (D,)
+            objective = ops.guided_denoising_objective(eps_u, eps_c, noise, abar, guidance_scale)  # (D,)
+            errors.append(objective.mean().float().cpu())
+            continue
         err_c = (eps_c - noise).pow(2).flatten(1).mean(1)  # (D,)
         err_u = (eps_u - noise).pow(2).flatten(1).mean(1)  # (D,)
         errors.append((err_c / err_u.clamp_min(torch.finfo(err_u.dtype).tiny)).mean().float().cpu())
