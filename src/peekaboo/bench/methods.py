@@ -141,6 +141,13 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
                "row's own run), keeping the mask whose composite the prompt explains best: the lowest denoising "
                "error under the prompt over 16 draws shared by the 4 candidates (`peekaboo.optim.restarts`). No label "
                "is used; it costs 4 optimizations per pair."),
+        Method("restarts_4_objective", "4 restarts from alpha 0.5, chosen by the objective", "peekaboo",
+               ("optimization.restarts.count=4", "optimization.restarts.mask_inits=[constant]",
+                "optimization.restarts.fit=objective"),
+               "The candidates of `4 restarts from alpha 0.5`, scored by the guided denoising objective the runs "
+               "themselves descend (`restarts.fit=objective`, at the run's guidance scale) instead of the error "
+               "under the prompt alone: a mask the prompt explains no better than the empty prompt does gains "
+               "nothing. Still no label and no start but alpha 0.5; 4 optimizations per pair."),
         Method("restarts_2_mixed", "2 restarts, mixed starts, model-chosen", "peekaboo",
                ("optimization.restarts.count=2", "optimization.restarts.mask_inits=[constant,cross_attention]"),
                "The `start from alpha 0.5` row's run plus a second one started from the cross-attention map (the "
