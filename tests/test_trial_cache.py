@@ -1,11 +1,14 @@
 """The sweep's trial cache: finished trials survive a restart, and processes sharing it split the trials."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import threading
 import time
 
+from peekaboo.bench import trial_cache
 from peekaboo.bench.trial_cache import TrialCache
 
 
@@ -40,6 +43,33 @@ def test_the_claim_of_a_stopped_process_is_taken_over(tmp_path):
     claim.write_text(json.dumps({**owner, "pid": int(gone.stdout)}))  # its process has exited
     assert TrialCache(path).claim("a")
     assert TrialCache(path, poll_seconds=0.01).wait("b") is None  # nobody runs b: no waiting forever
+
+
+def test_another_machines_claim_nobody_touched_for_long_is_stale(tmp_path):
+    path = tmp_path / "cache.json"
+    holder = TrialCache(path)
+    assert holder.claim("a")
+    claim = holder._claim_path("a")
+    claim.write_text(json.dumps({"host": "another-machine", "pid": 1, "since": 0}))
+    assert not TrialCache(path).claim("a")  # another machine's live claim is trusted...
+    old = time.time() - trial_cache.STALE_SECONDS - 1
+    os.utime(claim, (old, old))
+    assert TrialCache(path).claim("a")  # ...until nobody has touched it for STALE_SECONDS
+
+
+def test_touching_keeps_a_claim_fresh(tmp_path):
+    holder = TrialCache(tmp_path / "cache.json")
+    assert holder.claim("a")
+    claim = holder._claim_path("a")
+    claim.write_text(json.dumps({"host": "another-machine", "pid": 1, "since": 0}))
+    old = time.time() - trial_cache.STALE_SECONDS - 1
+    os.utime(claim, (old, old))
+    holder.touch("a")
+    assert not TrialCache(tmp_path / "cache.json").claim("a")
+    # On this machine a live process's claim holds however long its trial takes.
+    claim.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": 0}))
+    os.utime(claim, (old, old))
+    assert not TrialCache(tmp_path / "cache.json").claim("a")
 
 
 def test_waiting_returns_the_trial_another_process_finishes(tmp_path):

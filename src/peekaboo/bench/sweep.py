@@ -16,7 +16,14 @@ from omegaconf import OmegaConf
 
 from peekaboo.bench.methods import KIND_EXTRA, method_config, resolve_config_dir, settings_key
 from peekaboo.bench.report import sweep_markdown
-from peekaboo.bench.run import DEFAULT_BATCH, attention_maps, progress_logger, run_peekaboo, score_attention
+from peekaboo.bench.run import (
+    DEFAULT_BATCH,
+    Progress,
+    attention_maps,
+    progress_logger,
+    run_peekaboo,
+    score_attention,
+)
 from peekaboo.bench.scoring import load_pairs, summarize_method
 from peekaboo.bench.trial_cache import TrialCache
 from peekaboo.config import MASK_KINDS
@@ -134,7 +141,8 @@ def sweep(
             log.info("sweep %s: %s", stage, argv or "(project config)")
             t0 = time.perf_counter()
             try:
-                runs = run_peekaboo(cfg, pairs, backbone, batch_size, snaps, progress_logger(stage))
+                runs = run_peekaboo(cfg, pairs, backbone, batch_size, snaps,
+                                    _touching(cache, key, progress_logger(stage)))
             except BaseException:
                 cache.release(key)
                 raise
@@ -298,6 +306,16 @@ def past_the_edge(tried: Sequence[str], best: str) -> str | None:
     if top == numbers[0]:
         return f"{top * top / numbers[1]:.3g}"
     return None
+
+
+def _touching(cache: TrialCache, key: str, report: Progress) -> Progress:
+    """``report`` that also touches the claim on trial ``key`` after each batch, so it stays fresh."""
+
+    def progress(done: int, total: int, seconds: float) -> None:
+        cache.touch(key)
+        report(done, total, seconds)
+
+    return progress
 
 
 def _same_number(a: str, b: str) -> bool:

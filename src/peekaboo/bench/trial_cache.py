@@ -3,8 +3,10 @@
 A tuning sweep on a CPU takes hours and is interrupted; a rerun reads the trials it finished. Several sweep
 processes (one per core or per GPU) may also share one file: a process claims a trial before running it, so the
 others run the next trial of the stage instead of the same one, and reads the file again before each trial, so it
-finds what the others finished. Claims are files beside the cache (``<cache>.claims/``) created atomically; a claim
-whose process is gone (on the same machine) is stale and taken over.
+finds what the others finished. Claims are files beside the cache (``<cache>.claims/``) created atomically and
+touched as the trial goes (:meth:`TrialCache.touch`); a claim whose process is gone (on the same machine), or, from
+another machine, that nobody touched for :data:`STALE_SECONDS` (that machine stopped or was replaced), is stale
+and taken over.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from peekaboo.utils import files
 
 #: Seconds between looks at the file while waiting for a trial another process runs.
 POLL_SECONDS = 30.0
+#: Another machine's claim nobody touched for this long is stale (its holder touches it after each batch).
+STALE_SECONDS = 3600.0
 
 
 class TrialCache:
@@ -76,6 +80,11 @@ class TrialCache:
             return True
         return False
 
+    def touch(self, key: str) -> None:
+        """Show that this process is still running trial ``key`` (call it as the trial goes)."""
+        if key in self._mine and self.path is not None:
+            self._claim_path(key).touch()
+
     def release(self, key: str) -> None:
         """Give up this process's claim on ``key`` (also after a failure, so another process may run it)."""
         if key in self._mine:
@@ -114,17 +123,18 @@ class TrialCache:
 
 
 def _stale(claim: Path) -> bool:
-    """Whether a claim's process is gone: on this machine, no process of its pid (another machine's claims are
-    trusted; remove them by hand if that machine stopped)."""
+    """Whether a claim's process is gone: on this machine, no process of its pid; on another machine, nobody
+    touched the claim for :data:`STALE_SECONDS`."""
     try:
         owner = json.loads(claim.read_text())
+        idle = time.time() - claim.stat().st_mtime
     except FileNotFoundError:
         return False  # released meanwhile
     except (OSError, ValueError):
         # Being written right now, unless its process died between creating and writing it.
         return time.time() - claim.stat().st_mtime > 60
     if owner.get("host") != socket.gethostname():
-        return False
+        return idle > STALE_SECONDS
     try:
         os.kill(int(owner["pid"]), 0)
     except ProcessLookupError:
