@@ -11,7 +11,7 @@ import pytest
 import torch
 from tests_support import REPO, REPO_CONFIGS
 
-from peekaboo.bench import ablation, methods, scoring, sweep
+from peekaboo.bench import ablation, methods, scoring, sweep, trial_cache
 from peekaboo.bench import report as bench_report
 from peekaboo.bench import run as bench_run
 from peekaboo.bench.baselines import RANDOM_DISC_RADIUS, attention_mask, random_mask, whole_image
@@ -297,36 +297,46 @@ def test_an_interrupted_resume_keeps_every_earlier_row(tiny_model, tmp_path, mon
 @pytest.mark.slow
 def test_a_row_interrupted_part_way_keeps_its_finished_pairs(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
-    args = ["--pairs", "4", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS), "--methods", "peekaboo",
+    args = ["--pairs", "4", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS),
             "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=2",
             "--set", "optimization.mask.size=16", "--out", str(out)]
-    assert ablation.main(args) == 0
-    whole = json.loads(out.read_text())["methods"]["peekaboo"]["records"]
+    assert ablation.main([*args, "--methods", "no_gravity"]) == 0
+    assert "rows_in_progress" not in json.loads(out.read_text())  # a finished row leaves no pairs behind
+    whole = json.loads(out.read_text())["methods"]["no_gravity"]["records"]
     out.unlink()
     real = bench_run.optimize_pairs
-    calls = []
+    calls: list[list[str]] = []
+    interrupt_at = [2]
 
-    def second_batch_interrupted(*a, **k):
-        if len(a[2]) == 2:  # a batch of the row (the untimed warm-up optimizes one pair)
+    def interrupted_at_a_batch(*a, **k):
+        if len(a[2]) == 2:  # a batch of a row (the untimed warm-up optimizes one pair)
             calls.append(list(a[2]))
-            if len(calls) == 2:
+            if len(calls) == interrupt_at[0]:
                 raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(bench_run, "optimize_pairs", second_batch_interrupted)
-    assert ablation.main(args) == EXIT_INTERRUPTED
+    monkeypatch.setattr(bench_run, "optimize_pairs", interrupted_at_a_batch)
+    assert ablation.main([*args, "--methods", "no_gravity"]) == EXIT_INTERRUPTED
     saved = json.loads(out.read_text())
-    assert "peekaboo" not in saved["methods"] and len(saved["row_in_progress"]["records"]) == 2
+    assert saved["partial"] is True and "no_gravity" not in saved["methods"]
+    assert [len(records) for records in saved["rows_in_progress"].values()] == [2]
+    # A resume that computes another row first, interrupted in it too, keeps both rows' finished pairs.
     calls.clear()
-    assert ablation.main([*args, "--resume"]) == 0
-    assert len(calls) == 1 and calls[0] == [r["id"] for r in whole[2:]]  # only the unfinished batch ran
+    assert ablation.main([*args, "--methods", "peekaboo", "no_gravity", "--resume"]) == EXIT_INTERRUPTED
+    again = json.loads(out.read_text())["rows_in_progress"]
+    assert len(again) == 2 and all(again[k] == v for k, v in saved["rows_in_progress"].items())
+    calls.clear()
+    interrupt_at[0] = 0  # no more interruptions
+    assert ablation.main([*args, "--methods", "no_gravity", "--resume"]) == 0
+    assert calls == [[r["id"] for r in whole[2:]]]  # only the unfinished batch ran
     resumed = json.loads(out.read_text())
-    assert "row_in_progress" not in resumed
+    # The finished row's pairs are gone from it; the peekaboo row's stay for a later run that asks for that row.
+    assert set(resumed["rows_in_progress"]) == set(again) - set(saved["rows_in_progress"])
 
     def masks(records):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
-    assert masks(resumed["methods"]["peekaboo"]["records"]) == masks(whole)
+    assert masks(resumed["methods"]["no_gravity"]["records"]) == masks(whole)
 
 
 def test_a_key_stored_before_a_setting_existed_matches_its_default():
@@ -454,6 +464,7 @@ def test_two_sweeps_sharing_a_cache_split_the_trials(tiny_model, tmp_path, monke
         return real(cfg, *a, **k)
 
     monkeypatch.setattr(sweep, "run_peekaboo", counted)
+    monkeypatch.setattr(trial_cache, "POLL_SECONDS", 0.05)
     # Loaded once before the threads (loading a model in two threads at once is not what this tests); two
     # processes each load their own.
     sweep.shared_backbone(methods.method_config((), extra, REPO_CONFIGS).model)
@@ -537,6 +548,10 @@ def test_a_knob_is_extended_past_the_edge_its_best_value_lies_on():
     assert sweep.past_the_edge(["0.05"], "0.05") is None  # one value: no step to repeat
     assert sweep.past_the_edge(["raster", "raster_bilateral"], "raster") is None
     assert sweep.past_the_edge(["0", "0.01"], "0") is None
+    assert sweep.past_the_edge(["100", "200"], "200") == "400"  # an integer knob stays an integer...
+    assert sweep.past_the_edge(["1", "2"], "1") is None  # ...of at least 1
+    assert sweep.past_the_edge(["1000", "2000"], "2000") == "4000"  # never "4e+03"
+    assert sweep.past_the_edge(["1", "1.0004"], "1.0004") is None  # rounds to a value already tried
 
 
 def test_sweep_knobs_restrict_the_search(monkeypatch):

@@ -79,7 +79,10 @@ def test_the_objective_fit_is_the_guided_objective_on_the_same_draws(tiny_backbo
     # ...except for the empty prompt, whose two predictions coincide: s e - (s - 1) e = e.
     empty = ["", ""]
     assert torch.allclose(prompt_fit(tiny_backbone, images, alphas, empty, ids, objective, seed=0, guidance_scale=10.0),
-                          prompt_fit(tiny_backbone, images, alphas, empty, ids, objective, seed=0), rtol=1e-4)
+                          prompt_fit(tiny_backbone, images, alphas, empty, ids, objective, seed=0, guidance_scale=1.0),
+                          rtol=1e-4)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        prompt_fit(tiny_backbone, images, alphas, prompt, ids, objective, seed=0)
 
 
 def test_restarts_keep_the_candidate_the_fit_prefers(tiny_backbone, monkeypatch):

@@ -50,26 +50,40 @@ def test_another_machines_claim_nobody_touched_for_long_is_stale(tmp_path):
     holder = TrialCache(path)
     assert holder.claim("a")
     claim = holder._claim_path("a")
-    claim.write_text(json.dumps({"host": "another-machine", "pid": 1, "since": 0}))
+    claim.write_text(json.dumps({**json.loads(claim.read_text()), "host": "another-machine"}))
     assert not TrialCache(path).claim("a")  # another machine's live claim is trusted...
+    holder.touch("a")  # (its holder still owns it: the token is unchanged)
+    assert not TrialCache(path).claim("a")
     old = time.time() - trial_cache.STALE_SECONDS - 1
     os.utime(claim, (old, old))
     assert TrialCache(path).claim("a")  # ...until nobody has touched it for STALE_SECONDS
+    holder.release("a")  # the holder lost it: its release leaves the new owner's claim alone
+    assert claim.exists()
 
 
 def test_touching_keeps_a_claim_fresh(tmp_path):
     holder = TrialCache(tmp_path / "cache.json")
     assert holder.claim("a")
     claim = holder._claim_path("a")
-    claim.write_text(json.dumps({"host": "another-machine", "pid": 1, "since": 0}))
+    claim.write_text(json.dumps({**json.loads(claim.read_text()), "host": "another-machine"}))
     old = time.time() - trial_cache.STALE_SECONDS - 1
     os.utime(claim, (old, old))
     holder.touch("a")
     assert not TrialCache(tmp_path / "cache.json").claim("a")
     # On this machine a live process's claim holds however long its trial takes.
-    claim.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": 0}))
+    claim.write_text(json.dumps({**json.loads(claim.read_text()), "host": socket.gethostname()}))
     os.utime(claim, (old, old))
     assert not TrialCache(tmp_path / "cache.json").claim("a")
+
+
+def test_a_claim_left_by_an_earlier_process_with_this_pid_is_stale(tmp_path):
+    # A restarted container gives the sweep the pid its killed predecessor had.
+    path = tmp_path / "cache.json"
+    holder = TrialCache(path)
+    assert holder.claim("a")
+    claim = holder._claim_path("a")
+    claim.write_text(json.dumps({**json.loads(claim.read_text()), "token": "the-earlier-process"}))
+    assert TrialCache(path).claim("a")
 
 
 def test_waiting_returns_the_trial_another_process_finishes(tmp_path):

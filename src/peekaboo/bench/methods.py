@@ -144,8 +144,8 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
         Method("restarts_4_objective", "4 restarts from alpha 0.5, chosen by the objective", "peekaboo",
                ("optimization.restarts.count=4", "optimization.restarts.mask_inits=[constant]",
                 "optimization.restarts.fit=objective"),
-               "The candidates of `4 restarts from alpha 0.5`, scored by the guided denoising objective the runs "
-               "themselves descend (`restarts.fit=objective`, at the run's guidance scale) instead of the error "
+               "The candidates of `4 restarts from alpha 0.5`, scored by the guided denoising objective whose "
+               "gradient the runs follow (`restarts.fit=objective`, at the run's guidance scale) instead of the error "
                "under the prompt alone: a mask the prompt explains no better than the empty prompt does gains "
                "nothing. Still no label and no start but alpha 0.5; 4 optimizations per pair."),
         Method("restarts_2_mixed", "2 restarts, mixed starts, model-chosen", "peekaboo",

@@ -255,10 +255,10 @@ def run_benchmark(
         methods: names from :data:`METHOD_NAMES`, in table order.
         extra: ``key=value`` overrides applied to every row's config after its own (e.g. another model).
         previous: an earlier (partial) result of the same split and pairs: its rows whose settings are
-            unchanged are kept instead of recomputed (``--resume``), and the finished pairs of a Peekaboo row it
-            was interrupted in (its ``"row_in_progress"``).
+            unchanged are kept instead of recomputed (``--resume``), and so are the finished pairs of the Peekaboo
+            rows it was interrupted in (its ``"rows_in_progress"``, by row key).
         on_row: called with the result so far after each row and each batch of a Peekaboo row (to save partial
-            results; the row being computed is the result's ``"row_in_progress"`` until it finishes).
+            results; a row being computed is in the result's ``"rows_in_progress"`` until it finishes).
         base_overrides: settings every row starts from, before its own overrides (``--tuned``: the sweep's
             choice for the default).
         kind_optim: the optimizer of each mask kind's row, instead of :data:`KIND_OPTIM`.
@@ -302,6 +302,11 @@ def run_benchmark(
     if same_pairs and previous.get("split") == split and previous.get("pairs") == len(pairs):
         # Canonical keys, so a row stored before a setting was added still counts as the same settings.
         earlier = {canonical_key(row["key"]): row for row in previous.get("methods", {}).values() if "key" in row}
+    # Finished pairs of rows interrupted part-way, by canonical row key; kept in every save until their row
+    # finishes, even when other rows are computed first.
+    in_progress: dict[str, list[dict]] = {
+        canonical_key(k): records for k, records in (previous or {}).get("rows_in_progress", {}).items()
+    } if same_pairs else {}
     # The default and the baselines without optimization first: they are what a partial run should show.
     order = sorted(chosen, key=lambda m: 0 if m.name == "peekaboo" else 1 if m.kind != "peekaboo" else 2)
     keys = {m.name: _row_key(m, configs[m.name], cross_attention_threshold) for m in order}
@@ -338,22 +343,21 @@ def run_benchmark(
             else:
                 backbone = shared_backbone(cfg.model)
                 # A row interrupted part-way keeps its finished pairs (a row of 200 pairs takes hours on a CPU).
-                interrupted = (previous or {}).get("row_in_progress") if same_pairs else None
                 ids = {p.id for p in pairs}
-                finished = ({r["id"]: r for r in interrupted["records"] if r["id"] in ids}
-                            if interrupted and interrupted["key"] == key else {})
+                ckey = canonical_key(key)
+                finished = {r["id"]: r for r in in_progress.get(ckey, []) if r["id"] in ids}
                 if finished:
                     log.info("  %d pairs kept from the interrupted run", len(finished))
 
-                def save_partial(records: list[dict], key: str = key) -> None:
-                    result["row_in_progress"] = {"key": key, "records": records}
-                    _publish(result, rows, chosen)
+                def save_partial(records: list[dict], ckey: str = ckey) -> None:
+                    in_progress[ckey] = records
+                    _publish(result, rows, chosen, in_progress)
                     if on_row is not None:
                         on_row(result)
 
                 records = run_peekaboo(cfg, pairs, backbone, batch_size, progress=progress_logger(method.name),
                                        done=finished, on_batch=save_partial)[cfg.trainer.max_steps]
-                result.pop("row_in_progress", None)
+                in_progress.pop(ckey, None)
                 done_by_key[settings_key(cfg)] = method.name
         elif method.kind == "start_only":
             records = run_start_only(cfg, pairs, shared_backbone(cfg.model), batch_size,
@@ -370,17 +374,23 @@ def run_benchmark(
         rows[method.name] = {"label": method.label, "kind": method.kind, "overrides": list(method.overrides),
                              "about": method.about, "same_as": same_as, "settings": settings, "key": key,
                              "summary": summary, "records": records}
-        _publish(result, rows, chosen)
+        _publish(result, rows, chosen, in_progress)
         if on_row is not None:
             on_row(result)
-    _publish(result, rows, chosen)  # also when every row was kept
+    _publish(result, rows, chosen, in_progress)  # also when every row was kept
     return result
 
 
-def _publish(result: dict[str, Any], rows: dict[str, dict], chosen: Sequence[Method]) -> None:
-    """Put the finished rows into ``result`` in table order, with their markdown table."""
+def _publish(result: dict[str, Any], rows: dict[str, dict], chosen: Sequence[Method],
+             in_progress: dict[str, list[dict]]) -> None:
+    """Put the finished rows into ``result`` in table order, with their markdown table, and the finished pairs of
+    rows under way (none: no entry)."""
     result["methods"] = {m.name: rows[m.name] for m in chosen if m.name in rows}
     result["table"] = markdown_table(result)
+    if in_progress:
+        result["rows_in_progress"] = dict(in_progress)
+    else:
+        result.pop("rows_in_progress", None)
 
 
 def _row_settings(method: Method, cfg: Any, threshold: float) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import OmegaConf
 
 from peekaboo.bench.methods import KIND_EXTRA, method_config, resolve_config_dir, settings_key
@@ -112,8 +113,8 @@ def sweep(
     base = method_config((), extra, cdir, scenes=scenes)
     backbone = shared_backbone(base.model)
     cache = TrialCache(cache_path)
-    if cache.load():
-        log.info("sweep: %d finished trials read from %s", len(cache.load()), cache_path)
+    if finished := len(cache.load()):
+        log.info("sweep: %d finished trials read from %s", finished, cache_path)
     trials: list[dict[str, Any]] = []
 
     def config(overrides: dict[str, str]) -> Any:
@@ -143,11 +144,10 @@ def sweep(
             try:
                 runs = run_peekaboo(cfg, pairs, backbone, batch_size, snaps,
                                     _touching(cache, key, progress_logger(stage)))
-            except BaseException:
-                cache.release(key)
-                raise
-            found = {str(s): summarize_method(r) for s, r in runs.items()}
-            cache.put(key, found)
+                found = {str(s): summarize_method(r) for s, r in runs.items()}
+                cache.put(key, found)
+            finally:
+                cache.release(key)  # after a failure, so that another process may run it (after put: nothing)
             final = found[str(cfg.trainer.max_steps)]
             log.info("  -> mIoU %.3f, wrong %.1f%% (%.0f s)", final["miou"] or 0.0,
                      100 * (final["wrong_object_rate"] or 0.0), time.perf_counter() - t0)
@@ -292,20 +292,25 @@ def past_the_edge(tried: Sequence[str], best: str) -> str | None:
 
     The step is geometric, the ratio of the edge value to its neighbour: ``("0.0125", "0.025", "0.05")`` with
     best ``"0.05"`` gives ``"0.1"``, best ``"0.0125"`` gives ``"0.00625"``. ``None`` when ``best`` is inside the
-    range, fewer than two distinct numbers were tried, a value is not a positive number (a mask kind, zero).
+    range, fewer than two distinct numbers were tried, a value is not a positive number (a mask kind, zero), or
+    the next value rounds to one already tried. An integer knob stays an integer (and at least 1).
     """
     try:
         numbers = sorted({float(v) for v in tried})
         top = float(best)
     except ValueError:
         return None
-    if len(numbers) < 2 or numbers[0] <= 0:
+    if len(numbers) < 2 or numbers[0] <= 0 or top not in (numbers[0], numbers[-1]):
         return None
-    if top == numbers[-1]:
-        return f"{top * top / numbers[-2]:.3g}"
-    if top == numbers[0]:
-        return f"{top * top / numbers[1]:.3g}"
-    return None
+    beyond = top * top / (numbers[-2] if top == numbers[-1] else numbers[1])
+    if all(_is_int(v) for v in tried):
+        beyond = round(beyond)  # an integer knob stays an integer
+        if beyond < 1:
+            return None
+        text = str(beyond)
+    else:
+        text = np.format_float_positional(float(f"{beyond:.3g}"), trim="-")  # 0.1, not 1e-01
+    return None if float(text) in numbers else text
 
 
 def _touching(cache: TrialCache, key: str, report: Progress) -> Progress:
@@ -316,6 +321,14 @@ def _touching(cache: TrialCache, key: str, report: Progress) -> Progress:
         report(done, total, seconds)
 
     return progress
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _same_number(a: str, b: str) -> bool:

@@ -3,10 +3,10 @@
 A tuning sweep on a CPU takes hours and is interrupted; a rerun reads the trials it finished. Several sweep
 processes (one per core or per GPU) may also share one file: a process claims a trial before running it, so the
 others run the next trial of the stage instead of the same one, and reads the file again before each trial, so it
-finds what the others finished. Claims are files beside the cache (``<cache>.claims/``) created atomically and
-touched as the trial goes (:meth:`TrialCache.touch`); a claim whose process is gone (on the same machine), or, from
-another machine, that nobody touched for :data:`STALE_SECONDS` (that machine stopped or was replaced), is stale
-and taken over.
+finds what the others finished. Claims are files beside the cache (``<cache>.claims/``), each holding its owner
+(host, pid, the process's start time, a random token), taken and written under a lock, and touched as the trial
+goes (:meth:`TrialCache.touch`). A claim whose process is gone (on the same machine), or, from another machine,
+that nobody touched for :data:`STALE_SECONDS` (that machine stopped or was replaced), is stale and taken over.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import json
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,19 @@ from peekaboo.utils import files
 POLL_SECONDS = 30.0
 #: Another machine's claim nobody touched for this long is stale (its holder touches it after each batch).
 STALE_SECONDS = 3600.0
+#: Claim tokens this process holds, of every cache instance: a claim naming this process's pid and start time
+#: but no token held here is left over from an earlier run that had the same pid (a restarted container).
+_HELD_TOKENS: set[str] = set()
 
 
 class TrialCache:
     """Results by trial key, kept in ``path`` (in memory only when ``path`` is None)."""
 
-    def __init__(self, path: Path | None, poll_seconds: float = POLL_SECONDS):
+    def __init__(self, path: Path | None, poll_seconds: float | None = None):
         self.path = path
-        self.poll_seconds = poll_seconds
+        self.poll_seconds = POLL_SECONDS if poll_seconds is None else poll_seconds
         self._memory: dict[str, Any] = {}
-        self._mine: set[str] = set()  # keys this process has claimed and not yet released
+        self._mine: dict[str, str] = {}  # key -> token of the claims this instance holds
 
     # -- the results ----------------------------------------------------------------------------------------
     def load(self) -> dict[str, Any]:
@@ -52,45 +56,51 @@ class TrialCache:
 
     def put(self, key: str, value: Any) -> None:
         """Store a finished trial (merged with what other processes stored meanwhile) and release its claim."""
-        with self._locked():
-            self.load()[key] = value
-            if self.path is not None:
-                files.write_text(json.dumps(self._memory, indent=1, default=str), self.path)
-        self.release(key)
+        try:
+            with self._locked():
+                self.load()[key] = value
+                if self.path is not None:
+                    files.write_text(json.dumps(self._memory, indent=1, default=str), self.path)
+        finally:
+            self.release(key)
 
     # -- claims ---------------------------------------------------------------------------------------------
     def claim(self, key: str) -> bool:
         """Take trial ``key`` for this process: False when another live process holds it."""
         if self.path is None or key in self._mine:
-            self._mine.add(key)
+            self._mine.setdefault(key, "")
             return True
         claim = self._claim_path(key)
         claim.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
+        # Under the lock, so two processes that both find a stale claim do not both take it over.
+        with self._locked():
+            if claim.exists():
                 if not _stale(claim):
                     return False
-                claim.unlink(missing_ok=True)  # its process is gone: take it over
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
-            self._mine.add(key)
-            return True
-        return False
+                claim.unlink()
+            token = uuid.uuid4().hex
+            files.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                         "started": _process_start(os.getpid()), "token": token,
+                                         "since": time.time()}), claim)
+        self._mine[key] = token
+        _HELD_TOKENS.add(token)
+        return True
 
     def touch(self, key: str) -> None:
         """Show that this process is still running trial ``key`` (call it as the trial goes)."""
-        if key in self._mine and self.path is not None:
-            self._claim_path(key).touch()
+        if self.path is not None and key in self._mine and self._owns(key):
+            with suppress(FileNotFoundError):
+                os.utime(self._claim_path(key))  # never creates a file
 
     def release(self, key: str) -> None:
         """Give up this process's claim on ``key`` (also after a failure, so another process may run it)."""
-        if key in self._mine:
-            self._mine.discard(key)
-            if self.path is not None:
-                self._claim_path(key).unlink(missing_ok=True)
+        if key not in self._mine:
+            return
+        if self.path is not None:
+            with self._locked():
+                if self._owns(key):  # not a claim another process took over meanwhile
+                    self._claim_path(key).unlink(missing_ok=True)
+        _HELD_TOKENS.discard(self._mine.pop(key))
 
     def wait(self, key: str) -> Any | None:
         """The trial ``key`` once another process finished it; None when its claim went away unfinished."""
@@ -103,13 +113,17 @@ class TrialCache:
                 return None
             time.sleep(self.poll_seconds)
 
+    def _owns(self, key: str) -> bool:
+        owner = _read_claim(self._claim_path(key))
+        return owner is not None and owner.get("token") == self._mine.get(key)
+
     def _claim_path(self, key: str) -> Path:
         assert self.path is not None
         return self.path.with_name(self.path.name + ".claims") / hashlib.sha1(key.encode()).hexdigest()
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """Serialize read-merge-write of the file between processes."""
+        """Serialize claims and read-merge-writes of the file between processes."""
         if self.path is None:
             yield
             return
@@ -122,23 +136,43 @@ class TrialCache:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _stale(claim: Path) -> bool:
-    """Whether a claim's process is gone: on this machine, no process of its pid; on another machine, nobody
-    touched the claim for :data:`STALE_SECONDS`."""
+def _read_claim(claim: Path) -> dict[str, Any] | None:
     try:
-        owner = json.loads(claim.read_text())
+        return json.loads(claim.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _stale(claim: Path) -> bool:
+    """Whether a claim's process is gone: on this machine, no process of its pid and start time, or this very
+    process without holding it; on another machine, nobody touched the claim for :data:`STALE_SECONDS`."""
+    owner = _read_claim(claim)
+    try:
         idle = time.time() - claim.stat().st_mtime
     except FileNotFoundError:
         return False  # released meanwhile
-    except (OSError, ValueError):
-        # Being written right now, unless its process died between creating and writing it.
-        return time.time() - claim.stat().st_mtime > 60
+    if owner is None:
+        return True  # claims are written whole under the lock: an unreadable one is left over from a crash
     if owner.get("host") != socket.gethostname():
         return idle > STALE_SECONDS
+    pid = int(owner.get("pid", -1))
+    if pid == os.getpid():
+        return owner.get("token") not in _HELD_TOKENS
     try:
-        os.kill(int(owner["pid"]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
-        return False
-    return False
+        pass
+    started = owner.get("started")
+    return started is not None and started != _process_start(pid)  # the pid was reused
+
+
+def _process_start(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (Linux's /proc; None elsewhere): with the pid, it tells a
+    process from a later one that reused its pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name

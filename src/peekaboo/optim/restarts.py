@@ -8,7 +8,7 @@ candidate is the one whose composite the prompt explains best: the lowest denois
 under the prompt (:func:`prompt_fit`), over draws of background, timestep and noise that all of a pair's
 candidates share, so they are compared on the same draws (``restarts.fit=error_ratio``: that error over the
 error under the empty prompt, so a composite that is easy to denoise anyway gains nothing; ``objective``: the
-guided objective the runs descend). No label is used:
+guided objective whose gradient the runs follow, at their guidance scale). No label is used:
 this is the model's own judgement of which mask shows what the prompt names, in the spirit of diffusion
 classifiers (Li et al., arXiv:2303.16203).
 
@@ -60,14 +60,14 @@ def prompt_fit(
     cfg: RestartsConfig,
     seed: int,
     background: str = "solid",
-    guidance_scale: float = 1.0,
+    guidance_scale: float | None = None,
 ) -> torch.Tensor:
     """How badly the prompt explains each masked image, over ``cfg.draws`` draws of the composite:
     ``cfg.fit="error"``, the mean denoising error of the model under the prompt,
     ``||eps_theta(z_t, t, prompt) - eps||^2``; ``"error_ratio"``, the mean of that error over the same draw's
-    error under the empty prompt; ``"objective"``, the mean of the guided denoising objective the optimization
-    descends (:func:`peekaboo.ops.guided_denoising_objective` at ``guidance_scale``), so the kept candidate is
-    the best one by the measure the runs themselves minimize.
+    error under the empty prompt; ``"objective"``, the mean of the guided denoising objective whose gradient the
+    optimization follows (:func:`peekaboo.ops.guided_denoising_objective` at ``guidance_scale``, the run's; here
+    on the scoring draws, the posterior mean and ``t`` in ``[cfg.t_min, cfg.t_max)``).
 
     The draws (background, ``t ~ U[t_min, t_max)``, noise) come from a generator seeded by (``seed``, pair id),
     so candidates of one pair (same id) are scored on the same draws.
@@ -80,6 +80,8 @@ def prompt_fit(
     Returns:
         ``(N,)`` float32 on CPU; lower is a better fit.
     """
+    if cfg.fit == "objective" and guidance_scale is None:
+        raise ValueError("restarts.fit=objective needs the run's guidance_scale")
     if not images.shape[0] == alphas.shape[0] == len(prompts) == len(pair_ids):
         raise ValueError(f"{images.shape[0]} images, {alphas.shape[0]} alphas, {len(prompts)} prompts, "
                          f"{len(pair_ids)} ids")
