@@ -12,6 +12,21 @@ from peekaboo.bench import trial_cache
 from peekaboo.bench.trial_cache import TrialCache
 
 
+def claimed(path, **owner_changes):
+    """A cache that claimed trial "a", and its claim file rewritten with ``owner_changes``."""
+    holder = TrialCache(path)
+    assert holder.claim("a")
+    claim = holder._claim_path("a")
+    claim.write_text(json.dumps({**json.loads(claim.read_text()), **owner_changes}))
+    return holder, claim
+
+
+def age(claim, seconds: float) -> None:
+    """Make a claim look untouched for ``seconds``."""
+    old = time.time() - seconds
+    os.utime(claim, (old, old))
+
+
 def test_finished_trials_are_read_back_and_merged(tmp_path):
     path = tmp_path / "cache.json"
     one, two = TrialCache(path), TrialCache(path)
@@ -36,53 +51,36 @@ def test_a_trial_another_live_process_claimed_is_not_run_twice(tmp_path):
 def test_the_claim_of_a_stopped_process_is_taken_over(tmp_path):
     path = tmp_path / "cache.json"
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    holder = TrialCache(path)
-    assert holder.claim("a")
-    claim = holder._claim_path("a")
-    owner = json.loads(claim.read_text())
-    claim.write_text(json.dumps({**owner, "pid": int(gone.stdout)}))  # its process has exited
+    claimed(path, pid=int(gone.stdout))  # its process has exited
     assert TrialCache(path).claim("a")
     assert TrialCache(path, poll_seconds=0.01).wait("b") is None  # nobody runs b: no waiting forever
 
 
 def test_another_machines_claim_nobody_touched_for_long_is_stale(tmp_path):
     path = tmp_path / "cache.json"
-    holder = TrialCache(path)
-    assert holder.claim("a")
-    claim = holder._claim_path("a")
-    claim.write_text(json.dumps({**json.loads(claim.read_text()), "host": "another-machine"}))
+    holder, claim = claimed(path, host="another-machine")
     assert not TrialCache(path).claim("a")  # another machine's live claim is trusted...
-    holder.touch("a")  # (its holder still owns it: the token is unchanged)
-    assert not TrialCache(path).claim("a")
-    old = time.time() - trial_cache.STALE_SECONDS - 1
-    os.utime(claim, (old, old))
+    age(claim, trial_cache.STALE_SECONDS + 1)
     assert TrialCache(path).claim("a")  # ...until nobody has touched it for STALE_SECONDS
     holder.release("a")  # the holder lost it: its release leaves the new owner's claim alone
     assert claim.exists()
 
 
 def test_touching_keeps_a_claim_fresh(tmp_path):
-    holder = TrialCache(tmp_path / "cache.json")
-    assert holder.claim("a")
-    claim = holder._claim_path("a")
-    claim.write_text(json.dumps({**json.loads(claim.read_text()), "host": "another-machine"}))
-    old = time.time() - trial_cache.STALE_SECONDS - 1
-    os.utime(claim, (old, old))
-    holder.touch("a")
+    holder, claim = claimed(tmp_path / "cache.json", host="another-machine")
+    age(claim, trial_cache.STALE_SECONDS + 1)
+    holder.touch("a")  # its holder still owns it (the token is unchanged)
     assert not TrialCache(tmp_path / "cache.json").claim("a")
     # On this machine a live process's claim holds however long its trial takes.
     claim.write_text(json.dumps({**json.loads(claim.read_text()), "host": socket.gethostname()}))
-    os.utime(claim, (old, old))
+    age(claim, trial_cache.STALE_SECONDS + 1)
     assert not TrialCache(tmp_path / "cache.json").claim("a")
 
 
 def test_a_claim_left_by_an_earlier_process_with_this_pid_is_stale(tmp_path):
     # A restarted container gives the sweep the pid its killed predecessor had.
     path = tmp_path / "cache.json"
-    holder = TrialCache(path)
-    assert holder.claim("a")
-    claim = holder._claim_path("a")
-    claim.write_text(json.dumps({**json.loads(claim.read_text()), "token": "the-earlier-process"}))
+    claimed(path, token="the-earlier-process")
     assert TrialCache(path).claim("a")
 
 
