@@ -68,7 +68,8 @@ def parser(prog: str = "python -m peekaboo.bench.ablation") -> argparse.Argument
                    help="start every row from a sweep's choices (its default overrides, each kind's optimizer, the "
                    "cross-attention threshold): the --out of a --sweep run")
     p.add_argument("--resume", action="store_true",
-                   help="keep the rows of an earlier (interrupted) run in --out whose settings are unchanged")
+                   help="keep the rows of an earlier (interrupted) run in --out whose settings are unchanged, and "
+                   "the finished pairs of a row it was interrupted in")
     p.add_argument("--sweep", action="store_true", help="run the tuning sweep (tune split only)")
     p.add_argument("--sweep-knobs", nargs="+", default=None, metavar="KEY",
                    help="search only these knobs of the default (from: "
