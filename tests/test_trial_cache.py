@@ -35,6 +35,7 @@ def test_finished_trials_are_read_back_and_merged(tmp_path):
     two.put("b", {"100": 0.6})  # two had not seen a: a merge, not an overwrite
     assert json.loads(path.read_text()) == {"a": {"100": 0.5}, "b": {"100": 0.6}}
     assert TrialCache(path).get("a") == {"100": 0.5}
+    assert not TrialCache(path).claim("a")  # finished: nobody runs it again
     assert not (tmp_path / "cache.json.claims").exists() or not any((tmp_path / "cache.json.claims").iterdir())
 
 

@@ -307,6 +307,7 @@ def run_benchmark(
     in_progress: dict[str, list[dict]] = {
         canonical_key(k): records for k, records in (previous or {}).get("rows_in_progress", {}).items()
     } if same_pairs else {}
+    pair_ids = {p.id for p in pairs}
     # The default and the baselines without optimization first: they are what a partial run should show.
     order = sorted(chosen, key=lambda m: 0 if m.name == "peekaboo" else 1 if m.kind != "peekaboo" else 2)
     keys = {m.name: _row_key(m, configs[m.name], cross_attention_threshold) for m in order}
@@ -343,9 +344,8 @@ def run_benchmark(
             else:
                 backbone = shared_backbone(cfg.model)
                 # A row interrupted part-way keeps its finished pairs (a row of 200 pairs takes hours on a CPU).
-                ids = {p.id for p in pairs}
                 ckey = canonical_key(key)
-                finished = {r["id"]: r for r in in_progress.get(ckey, []) if r["id"] in ids}
+                finished = {r["id"]: r for r in in_progress.get(ckey, []) if r["id"] in pair_ids}
                 if finished:
                     log.info("  %d pairs kept from the interrupted run", len(finished))
 

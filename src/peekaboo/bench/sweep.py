@@ -166,8 +166,9 @@ def sweep(
             result = {int(s): summ for s, summ in f.items()}
             argv = [f"{k}={v}" for k, v in over.items()]
             if not any(t["stage"] == stage and t["overrides"] == argv for t in trials):
-                trials.append({"stage": stage, "value": value, "overrides": argv,
-                               "max_steps": config(over).trainer.max_steps, "by_steps": dict(sorted(result.items()))})
+                # The largest step count scored is the run's length (every run is scored at its end).
+                trials.append({"stage": stage, "value": value, "overrides": argv, "max_steps": max(result),
+                               "by_steps": dict(sorted(result.items()))})
             results.append(result)
         return results
 

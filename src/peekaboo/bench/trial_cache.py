@@ -23,7 +23,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from peekaboo.utils import files
+from peekaboo.bench.common import write_json
 
 #: Seconds between looks at the file while waiting for a trial another process runs.
 POLL_SECONDS = 30.0
@@ -60,30 +60,32 @@ class TrialCache:
             with self._locked():
                 self.load()[key] = value
                 if self.path is not None:
-                    files.write_text(json.dumps(self._memory, indent=1, default=str), self.path)
+                    write_json(self._memory, self.path)
         finally:
             self.release(key)
 
     # -- claims ---------------------------------------------------------------------------------------------
     def claim(self, key: str) -> bool:
-        """Take trial ``key`` for this process: False when another live process holds it."""
+        """Take trial ``key`` for this process: False when another live process holds it, or finished it since
+        this process last read the file."""
         if self.path is None or key in self._mine:
             self._mine.setdefault(key, "")
             return True
         claim = self._claim_path(key)
-        claim.parent.mkdir(parents=True, exist_ok=True)
         # Under the lock, so two processes that both find a stale claim do not both take it over.
         with self._locked():
+            if key in self.load():
+                return False
             if claim.exists():
                 if not _stale(claim):
                     return False
                 claim.unlink()
             token = uuid.uuid4().hex
-            files.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                         "started": _process_start(os.getpid()), "token": token,
-                                         "since": time.time()}), claim)
+            # Held before the claim exists: a thread of this process that reads the claim finds it live.
+            _HELD_TOKENS.add(token)
+            write_json({"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid()),
+                        "token": token, "since": time.time()}, claim)
         self._mine[key] = token
-        _HELD_TOKENS.add(token)
         return True
 
     def touch(self, key: str) -> None:

@@ -40,7 +40,8 @@ ESTIMATORS = ("sds", "nfsd", "full")
 NOISE_KINDS = ("random",)
 # optimization.mask.init: where the mask starts (peekaboo.optim.module.PeekabooModule.on_fit_start).
 MASK_INITS = ("constant", "cross_attention", "region")
-# How restarts score a candidate: the denoising error under the prompt, or that error over the error without it.
+# How restarts score a candidate: the denoising error under the prompt, that error over the error without it, or
+# the guided denoising objective (RestartsConfig.fit).
 RESTART_FITS = ("error", "error_ratio", "objective")
 # optimization.mask.size: the largest mask side allowed.
 MAX_MASK_SIZE = 4096
@@ -254,8 +255,8 @@ class RestartsConfig:
     # the empty prompt on the same draw, i.e. how much the prompt explains beyond what any caption would. The
     # ratio discounts how easy a composite is to denoise at all (a large plain object, a small one, an empty
     # background), which the plain error rewards regardless of the prompt. One more UNet row per draw.
-    # objective: the guided denoising objective the optimization descends, at guidance.guidance_scale (the same
-    # two UNet rows): the candidate best by the runs' own measure.
+    # objective: the guided denoising objective whose gradient the optimization follows, at
+    # guidance.guidance_scale (the same two UNet rows).
     fit: str = "error"
     # Each candidate's mask.init, cycled (candidate k takes mask_inits[k % len]); empty: mask.init for all. A
     # mix (e.g. [constant, cross_attention]) gives candidates that start apart and so settle apart.
