@@ -25,8 +25,9 @@ from peekaboo.bench.scoring import BENCH_SPLITS
 RESULTS = {scenes: {split: Path(f"benchmarks/results/{scenes}_{split}.json") for split in BENCH_SPLITS}
            for scenes in SCENE_PRESETS}
 SWEEP_OUT = {scenes: Path(f"benchmarks/results/{scenes}_sweep.json") for scenes in SCENE_PRESETS}
-# The shapes cache keeps its first name, so its finished trials stay found.
-SWEEP_CACHE = {"shapes": Path("work/bench_sweep_cache.json"), "objects": Path("work/bench_sweep_cache_objects.json")}
+# The finished trials are committed with the results: a sweep takes more CPU-hours than one session has, and a
+# session's work folder does not outlive it. The claims beside the cache (``*.claims/``) are not committed.
+SWEEP_CACHE = {scenes: Path(f"benchmarks/results/{scenes}_sweep_trials.json") for scenes in SCENE_PRESETS}
 DOCS = {"shapes": {"eval": Path("docs/BENCHMARK.md"), "robust": Path("docs/BENCHMARK_ROBUST.md")},
         "objects": {"eval": Path("docs/BENCHMARK_OBJECTS.md"), "robust": Path("docs/BENCHMARK_OBJECTS_ROBUST.md")}}
 
