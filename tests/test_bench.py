@@ -366,6 +366,19 @@ def test_rows_stored_under_the_shapes_models_old_name_are_kept():
     assert methods.canonical_key("peekaboo " + json.dumps(stored, sort_keys=True)) != methods.canonical_key(key)
 
 
+def test_switches_that_change_only_speed_leave_the_key_alone():
+    # Channels-last or a compiled UNet computes the same masks (to rounding): finished rows and trials stay found.
+    plain = methods.settings_key(methods.method_config(("model.channels_last=false",), (), REPO_CONFIGS))
+    fast = methods.settings_key(methods.method_config(("model.channels_last=true", "model.compile=true"), (),
+                                                      REPO_CONFIGS))
+    assert fast == plain and "channels_last" not in plain
+    # A key stored while they still counted is the same row.
+    stored = json.loads(plain)
+    stored["model"] |= {"channels_last": True, "compile": False}
+    assert methods.canonical_key("peekaboo " + json.dumps(stored, sort_keys=True)) == _key("model.channels_last=false")
+    assert _key("optimization.loss.gravity=0.1") != _key()  # what changes the masks still counts
+
+
 def _key(*overrides: str) -> str:
     return methods.canonical_key("peekaboo " + methods.settings_key(methods.method_config(overrides, (), REPO_CONFIGS)))
 

@@ -9,7 +9,7 @@ from tests_support import small_optimization_config as _cfg
 
 from peekaboo.config import RestartsConfig, validate_optimization
 from peekaboo.errors import ConfigError
-from peekaboo.optim import engine
+from peekaboo.optim import callbacks, engine
 from peekaboo.optim.engine import optimize_pair, optimize_pairs
 from peekaboo.optim.restarts import candidate_ids, candidate_inits, choose, pair_of, prompt_fit
 
@@ -129,7 +129,51 @@ def test_a_one_pair_restart_logs_each_candidate_and_the_means_to_runs_of_their_o
     assert runs == {"p": 1, "p#restart1": 1, "p+1": 1}
 
 
-@pytest.mark.parametrize(("key", "value"), [("count", 0), ("draws", 0), ("t_min", 0.9), ("fit", "loss")])
+def test_an_early_choice_keeps_its_candidate_and_runs_only_the_kept_ones_after_it(tiny_backbone, monkeypatch):
+    cfg = _cfg()
+    cfg.restarts.count, cfg.restarts.choose_at = 3, 2
+    early_ids = []
+
+    def early_fit(backbone, images, alphas, prompts, pair_ids, restarts_cfg, seed, background, guidance_scale):
+        early_ids.append(list(pair_ids))  # scored on each pair's own draws, as at the end
+        return torch.tensor([0.9, 0.9, 0.1, 0.9, 0.2, 0.9])  # pair p: candidate 2; pair q: candidate 1
+
+    # The end's fit prefers candidate 0 of both: a pruned candidate (its mask two steps old) is never kept.
+    monkeypatch.setattr(callbacks, "prompt_fit", early_fit)
+    monkeypatch.setattr(engine, "prompt_fit", lambda *args: torch.tensor([0.0, 0.5, 0.5, 0.0, 0.5, 0.5]))
+    rows = []
+    dream_loss = type(tiny_backbone).dream_loss
+
+    def counting(self, latents, *args, **kwargs):
+        rows.append(latents.shape[0])
+        return dream_loss(self, latents, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_backbone), "dream_loss", counting)
+    images = torch.cat([_images(1), _images(1, seed=6)])
+    p, q = optimize_pairs(images, ["a red circle", "a blue square"], ["p", "q"], cfg, _trainer(4), tiny_backbone)
+    assert early_ids == [["p"] * 3 + ["q"] * 3]
+    assert rows == [6, 6, 2, 2]  # after step 2, one candidate per pair pays for the model
+    assert (p.losses["restart/kept"], q.losses["restart/kept"]) == (2, 1) and p.steps == q.steps == 4
+    # The kept candidate ran on undisturbed: it is its candidate id's single optimization.
+    single = optimize_pair(_images(1)[0], "a red circle", "p#restart2", _cfg(), _trainer(4), tiny_backbone)
+    assert torch.allclose(p.alpha, single.alpha, atol=1e-2)
+
+
+def test_an_early_choice_is_kept_in_checkpoints(tiny_backbone):
+    from peekaboo.optim.module import PeekabooModule
+
+    cfg = _cfg()
+    cfg.restarts.count, cfg.restarts.choose_at = 2, 3
+    module = PeekabooModule(_images(2), ["a", "a"], ["p", "p#restart1"], cfg, tiny_backbone)
+    module.prune(torch.tensor([False, True]), 3)
+    state = module.state_dict()
+    assert state["pruned"].tolist() == [False, True] and state["stopped_at"].tolist() == [-1, 3]
+    cfg.restarts.choose_at = 0  # choosing at the end: the checkpoint holds what it held before the option
+    assert "pruned" not in PeekabooModule(_images(2), ["a", "a"], ["p", "p#restart1"], cfg, tiny_backbone).state_dict()
+
+
+@pytest.mark.parametrize(("key", "value"), [("count", 0), ("draws", 0), ("t_min", 0.9), ("fit", "loss"),
+                                            ("choose_at", -1)])
 def test_restarts_settings_out_of_range_are_refused(key, value):
     cfg = _cfg()
     setattr(cfg.restarts, key, value)

@@ -23,6 +23,7 @@ from peekaboo.diffusion.identity import model_fingerprint
 from peekaboo.errors import PeekabooError
 from peekaboo.optim.masks import LEGACY_REVISION, MASK_REVISIONS
 from peekaboo.optim.restarts import candidate_inits
+from peekaboo.runs.planning import SPEED_KEYS
 
 #: The synthetic scene sets a benchmark runs on, each with the model preset its rows start from
 #: (configs/model/<preset>.yaml: the bundled model trained on those scenes and the settings tuned for it).
@@ -254,11 +255,12 @@ def settings_key(cfg: Any) -> str:
     """What decides a Peekaboo row's masks: two rows with the same key produce the same masks. The model's
     weights count too (:func:`model_fingerprint`): retrained weights at the same path make other masks; and so
     does the mask code's revision (:data:`~peekaboo.optim.masks.MASK_REVISIONS`): a row computed before the
-    official Fourier MLP and bilateral borders is recomputed."""
-    return json.dumps({k: OmegaConf.to_container(cfg[k], resolve=True) for k in KEYED_GROUPS}
-                      | {"steps": cfg.trainer.max_steps, "precision": str(cfg.trainer.precision),
-                         "weights": model_fingerprint(cfg.model.pretrained),
-                         "mask_revision": MASK_REVISIONS[cfg.optimization.mask.kind]},
+    official Fourier MLP and bilateral borders is recomputed. The switches that change only how fast the masks
+    are computed (:data:`~peekaboo.runs.planning.SPEED_KEYS`: channels-last, compiling, ...) do not count."""
+    groups = _without_speed_keys({k: OmegaConf.to_container(cfg[k], resolve=True) for k in KEYED_GROUPS})
+    return json.dumps(groups | {"steps": cfg.trainer.max_steps, "precision": str(cfg.trainer.precision),
+                                "weights": model_fingerprint(cfg.model.pretrained),
+                                "mask_revision": MASK_REVISIONS[cfg.optimization.mask.kind]},
                       sort_keys=True)
 
 
@@ -278,6 +280,7 @@ def canonical_key(key: str) -> str:
     for group in KEYED_GROUPS:
         if isinstance(settings.get(group), dict):
             settings[group] = _fill(defaults[group], settings[group])
+    _without_speed_keys(settings)  # keys stored before they were left out held them
     if "weights" in settings:  # a settings_key; "precision" and "mask_revision" joined it later
         settings.setdefault("precision", str(TrainConfig().trainer.precision))
         settings.setdefault("mask_revision", LEGACY_REVISION)  # keys stored before revisions were recorded
@@ -303,6 +306,15 @@ def _starts_as_read(settings: dict[str, Any]) -> None:
         mask["init"] = None
     else:
         restarts["mask_inits"] = None
+
+
+def _without_speed_keys(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (groups by name) without the keys of :data:`~peekaboo.runs.planning.SPEED_KEYS`, in place."""
+    for dotted in SPEED_KEYS:
+        group, _, name = dotted.partition(".")
+        if isinstance(settings.get(group), dict):
+            settings[group].pop(name, None)
+    return settings
 
 
 @functools.cache

@@ -261,6 +261,10 @@ class RestartsConfig:
     # Each candidate's mask.init, cycled (candidate k takes mask_inits[k % len]); empty: mask.init for all. A
     # mix (e.g. [constant, cross_attention]) gives candidates that start apart and so settle apart.
     mask_inits: list[str] = field(default_factory=list)
+    # When the kept candidate is chosen: 0, at the end (every candidate runs every step); N > 0, after step N,
+    # by the same fit on the masks of that step, the others frozen there, so the steps after N cost one
+    # optimization per pair: count * N + (max_steps - N) pair-steps in all instead of count * max_steps.
+    choose_at: int = 0
 
 
 @dataclass

@@ -138,6 +138,7 @@ def validate_optimization(cfg: OptimizationConfig, prefix: str = "optimization."
     _check(0.0 <= r.t_min < r.t_max <= 1.0, p + "restarts.t_min/t_max", (r.t_min, r.t_max),
            "0 <= t_min < t_max <= 1 (fractions of the training timesteps)")
     _check(r.fit in RESTART_FITS, p + "restarts.fit", r.fit, " | ".join(RESTART_FITS))
+    _check(r.choose_at >= 0, p + "restarts.choose_at", r.choose_at, "an integer >= 0 (0: choose at the end)")
     for init in r.mask_inits:
         _check(init in MASK_INITS, p + "restarts.mask_inits", list(r.mask_inits), "a list of " + " | ".join(MASK_INITS))
         check_mask_init(cfg.mask, p, init, "restarts.mask_inits")

@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from peekaboo.config import EarlyStopConfig
 from peekaboo.optim.module import PeekabooModule
+from peekaboo.optim.restarts import choose, pair_of, prompt_fit
 
 # About how many points of each pair's loss curve its result keeps (the run report plots them), and with how
 # many significant digits: enough for a plot, small enough for one results.jsonl line per pair.
@@ -174,6 +175,31 @@ class StableMaskStop(Callback):
             return
         self.calm, self.ema, self.best = state_dict["calm"], state_dict["ema"], state_dict["best"]
         self.since, self.stopped = state_dict["since"], state_dict["stopped"]
+
+
+class EarlyChoice(Callback):
+    """Restarts chosen early (``optimization.restarts.choose_at = N``): after step N, each pair's candidates
+    (the module's rows, :func:`~peekaboo.optim.restarts.candidate_ids`' order) are scored by
+    :func:`~peekaboo.optim.restarts.prompt_fit` on their masks of that step, and all but the best of each pair
+    are pruned (:meth:`PeekabooModule.prune`): frozen, so the remaining steps optimize one mask per pair. The
+    kept candidate then is the one left running. The pruned rows are in checkpoints, so a run resumed after
+    step N does not choose again."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: PeekabooModule, outputs, batch, batch_idx) -> None:
+        cfg = pl_module.cfg
+        if trainer.global_step != cfg.restarts.choose_at or bool(pl_module.pruned.any()):
+            return
+        with torch.no_grad():
+            alpha = pl_module().float()  # (K*B, 1, S, S): the masks after step N
+        # Candidates of a pair are scored on the same draws: seeded by the pair's id, not the candidate's.
+        fit = prompt_fit(pl_module.backbone, pl_module.images.cpu(), alpha.cpu(), pl_module.prompts,
+                         [pair_of(pid) for pid in pl_module.pair_ids], cfg.restarts, cfg.seed, cfg.background,
+                         cfg.guidance.guidance_scale)
+        count = cfg.restarts.count
+        kept = choose(fit, pl_module.failed.cpu(), count)  # (B,)
+        losers = torch.ones(len(pl_module.pair_ids), dtype=torch.bool)
+        losers[torch.arange(kept.numel()) * count + kept] = False
+        pl_module.prune(losers, trainer.global_step)
 
 
 class LossCurves(Callback):

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from peekaboo.config import OptimizationConfig, TrainerConfig
 from peekaboo.diffusion.backbone import Backbone
 from peekaboo.errors import PeekabooError
-from peekaboo.optim.callbacks import LossCurves, MaskImages, PairCurves, StableMaskStop
+from peekaboo.optim.callbacks import EarlyChoice, LossCurves, MaskImages, PairCurves, StableMaskStop
 from peekaboo.optim.loggers import make_logger
 from peekaboo.optim.module import PeekabooModule
 from peekaboo.optim.preemption import PREEMPTION, Preempted
@@ -118,6 +118,7 @@ class PairResult:
     losses: dict[str, float] = field(default_factory=dict)
     failed: bool = False  # its loss or mask went non-finite (its alpha is then meaningless)
     curve: dict[str, list] = field(default_factory=dict)  # LossCurves.curve: losses at a few steps
+    pruned: bool = False  # a restart candidate frozen when another of its pair was chosen early
 
 
 def build_trainer(
@@ -182,7 +183,8 @@ def optimize_pairs(
     the pair's run name with ``#restart<k>`` for ``k >= 1``; their means go to ``options.run_name``, or
     ``<first name>+<K*B-1>`` where that is a candidate's run), and each pair's result is its kept candidate,
     with the losses ``restart/kept`` (its index) and ``restart/fit`` (its
-    :func:`~peekaboo.optim.restarts.prompt_fit`).
+    :func:`~peekaboo.optim.restarts.prompt_fit`). With ``restarts.choose_at = N > 0`` the choice is made after
+    step N (:class:`~peekaboo.optim.callbacks.EarlyChoice`) and only the kept candidates run the later steps.
 
     The fit prints nothing of Lightning's own (hardware banners, tips); the warnings raised inside it go to this
     module's logger.
@@ -217,7 +219,12 @@ def optimize_pairs(
     fit_scores = prompt_fit(backbone, images_k.float(), alphas.float(), prompts_k,
                             [p for p in pair_ids for _ in range(count)], opt_cfg.restarts, opt_cfg.seed,
                             opt_cfg.background, opt_cfg.guidance.guidance_scale)
-    kept = choose(fit_scores, failed, count).tolist()
+    # Candidates pruned by an early choice (restarts.choose_at) hold unfinished masks: the one left running is
+    # kept, unless it failed afterwards, when the pair falls back on its best pruned one.
+    pruned = torch.tensor([r.pruned for r in results])
+    out_of_race = failed | pruned
+    left = ~out_of_race.view(-1, count).all(dim=1).repeat_interleave(count)  # (K*B,): a pair with one running
+    kept = choose(fit_scores, torch.where(left, out_of_race, failed), count).tolist()
     seconds = (time.perf_counter() - start) / len(pair_ids)
     out = []
     for i, k in enumerate(kept):
@@ -244,7 +251,9 @@ def _fit(
     cbs = list(fit.callbacks)
     if opt_cfg.early_stop.enabled:
         cbs.append(StableMaskStop(opt_cfg.early_stop, opt_cfg.threshold))
-    curves = LossCurves(trainer_cfg.max_steps)  # after StableMaskStop: it records the step a pair stops at
+    if opt_cfg.restarts.count > 1 and opt_cfg.restarts.choose_at > 0:
+        cbs.append(EarlyChoice())
+    curves = LossCurves(trainer_cfg.max_steps)  # after both: it records the step a pair stops at
     cbs.append(curves)
     pair_runs: list[Any] = []
     if fit.tb_dir is not None:
@@ -299,7 +308,8 @@ def _fit(
         if stopped[i]:  # a pair frozen before a resume has no losses of its own in this process
             losses = {k: v for k, v in losses.items() if math.isfinite(v)}
         results.append(PairResult(alpha=alphas[i], steps=steps[i], seconds=seconds, failed=bool(module.failed[i]),
-                                  losses=losses, curve=curves.curve(i, steps[i] if stopped[i] else None)))
+                                  losses=losses, curve=curves.curve(i, steps[i] if stopped[i] else None),
+                                  pruned=bool(module.pruned[i])))
     return results
 
 

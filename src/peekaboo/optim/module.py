@@ -68,7 +68,8 @@ class PeekabooModule(L.LightningModule):
             of the learning-rate and timestep schedules.
 
     With early stopping, a pair that has stopped (:meth:`stop_pairs`) is frozen: it leaves the objective and
-    the model calls, and its parameters keep their values, while the others go on.
+    the model calls, and its parameters keep their values, while the others go on. Restart candidates chosen
+    against early (:meth:`prune`) are frozen the same way.
     """
 
     def __init__(
@@ -110,10 +111,14 @@ class PeekabooModule(L.LightningModule):
         # Pairs whose loss or mask went non-finite: they stop contributing; the others go on. Persistent, so
         # a resumed run remembers them.
         self.register_buffer("failed", torch.zeros(len(self.pair_ids), dtype=torch.bool))
-        # The step count at which each pair stopped early (-1: still running). Persistent only when early
-        # stopping can stop a pair, so other checkpoints hold exactly what they held before.
+        # The step count at which each pair stopped early (-1: still running). Persistent only when a pair can
+        # stop (early stopping, or restarts chosen early), so other checkpoints hold exactly what they held before.
         self.register_buffer("stopped_at", torch.full((len(self.pair_ids),), -1, dtype=torch.long),
-                             persistent=cfg.early_stop.enabled)
+                             persistent=self.can_stop)
+        # Restart candidates frozen because another candidate of their pair was chosen early
+        # (restarts.choose_at): never the kept mask. Persistent where that can happen.
+        self.register_buffer("pruned", torch.zeros(len(self.pair_ids), dtype=torch.bool),
+                             persistent=self.chooses_early)
         # Consecutive steps each pair's gradient had non-finite entries (NONFINITE_STEPS). Kept in checkpoints
         # beside the state dict (on_save_checkpoint), so the state dict holds the masks' keys only.
         self.register_buffer("nonfinite_steps", torch.zeros(len(self.pair_ids), dtype=torch.long), persistent=False)
@@ -132,9 +137,16 @@ class PeekabooModule(L.LightningModule):
         return len(self.pair_ids)
 
     @property
+    def chooses_early(self) -> bool:
+        """Whether this module's rows are restart candidates of which all but one per pair are frozen after
+        ``restarts.choose_at`` steps (:class:`~peekaboo.optim.callbacks.EarlyChoice`)."""
+        r = self.cfg.restarts
+        return r.count > 1 and r.choose_at > 0
+
+    @property
     def can_stop(self) -> bool:
-        """Whether early stopping may freeze pairs of this module."""
-        return self.cfg.early_stop.enabled
+        """Whether pairs of this module may be frozen while the others go on (early stopping, early choice)."""
+        return self.cfg.early_stop.enabled or self.chooses_early
 
     @property
     def total_steps(self) -> int | None:
@@ -151,6 +163,13 @@ class PeekabooModule(L.LightningModule):
         """Freeze the pairs ``pairs`` (``(B,)`` bool) after ``step`` steps; pairs already stopped keep theirs."""
         pairs = pairs.to(self.stopped_at.device) & (self.stopped_at < 0)
         self.stopped_at[pairs] = step
+
+    def prune(self, candidates: torch.Tensor, step: int) -> None:
+        """Freeze the restart ``candidates`` (``(B,)`` bool) after ``step`` steps for good: another candidate of
+        their pair was chosen (:class:`~peekaboo.optim.callbacks.EarlyChoice`)."""
+        candidates = candidates.to(self.pruned.device)
+        self.pruned |= candidates
+        self.stop_pairs(candidates, step)
 
     def steps_used(self, steps_taken: int) -> list[int]:
         """Each pair's optimization steps: where it stopped, or ``steps_taken`` (the fit's) if it never did."""
@@ -369,6 +388,10 @@ class PeekabooModule(L.LightningModule):
             saved["stopped_at"] = torch.full_like(self.stopped_at, -1)
         if "stopped_at" not in own:
             saved.pop("stopped_at", None)
+        if "pruned" in own and "pruned" not in saved:
+            saved["pruned"] = torch.zeros_like(self.pruned)
+        if "pruned" not in own:
+            saved.pop("pruned", None)
         # Likewise whether the masks had their start: a checkpoint without the flag is of a run that started
         # (from whatever init), so its mask is kept.
         if "initialized" in own and "initialized" not in saved:
