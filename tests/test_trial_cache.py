@@ -105,3 +105,29 @@ def test_without_a_file_everything_stays_in_memory():
     assert cache.claim("a") and cache.claim("a")
     cache.put("a", 1)
     assert cache.get("a") == 1 and cache.load() == {"a": 1}
+
+
+def test_stored_keys_are_read_in_todays_form(tmp_path):
+    path = tmp_path / "cache.json"
+    path.write_text(json.dumps({"OLD-a": 1}))
+    cache = TrialCache(path, normalize=lambda key: key.removeprefix("OLD-"))
+    assert cache.get("a") == 1 and not cache.claim("a")  # found, so nobody runs it again
+    cache.put("b", 2)
+    assert json.loads(path.read_text()) == {"a": 1, "b": 2}  # the file is rewritten in today's form
+
+
+def test_a_sweep_trial_stored_before_a_setting_existed_is_found_under_todays_key():
+    from tests_support import REPO_CONFIGS
+
+    from peekaboo.bench.methods import method_config, settings_key
+    from peekaboo.bench.sweep import trial_key
+
+    scoring = json.dumps({"snapshots": [50, 100], "pairs": 48})
+    today = settings_key(method_config((), (), REPO_CONFIGS, scenes="objects"))
+    stored = json.loads(today)
+    del stored["optimization"]["restarts"]["choose_at"]  # as written before the setting existed
+    stored["model"]["channels_last"] = False  # and while speed switches still counted
+    old = json.dumps(stored, sort_keys=True) + scoring
+    assert old != today + scoring and trial_key(old) == trial_key(today + scoring)
+    other = settings_key(method_config(("optimization.loss.gravity=0.1",), (), REPO_CONFIGS, scenes="objects"))
+    assert trial_key(other + scoring) != trial_key(today + scoring)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from peekaboo.bench.methods import KIND_EXTRA, method_config, resolve_config_dir, settings_key
+from peekaboo.bench.methods import KIND_EXTRA, canonical_key, method_config, resolve_config_dir, settings_key
 from peekaboo.bench.report import sweep_markdown
 from peekaboo.bench.run import (
     DEFAULT_BATCH,
@@ -112,7 +112,7 @@ def sweep(
     pairs = load_pairs("tune", num_pairs, scenes)
     base = method_config((), extra, cdir, scenes=scenes)
     backbone = shared_backbone(base.model)
-    cache = TrialCache(cache_path)
+    cache = TrialCache(cache_path, normalize=trial_key)
     if finished := len(cache.load()):
         log.info("sweep: %d finished trials read from %s", finished, cache_path)
     trials: list[dict[str, Any]] = []
@@ -125,7 +125,7 @@ def sweep(
         process is running it and ``block`` is False."""
         cfg = config(overrides)
         snaps = [s for s in steps if s <= cfg.trainer.max_steps]
-        key = settings_key(cfg) + json.dumps({"snapshots": snaps, "pairs": len(pairs)})
+        key = trial_key(settings_key(cfg) + json.dumps({"snapshots": snaps, "pairs": len(pairs)}))
         while True:
             found = cache.get(key)
             if found is not None:
@@ -286,6 +286,17 @@ def sweep(
     }
     report["markdown"] = sweep_markdown(report, SWEEP_STEPS_TOLERANCE)
     return report
+
+
+def trial_key(key: str) -> str:
+    """A trial's cache key (its settings, then how it is scored) with the settings as
+    :func:`~peekaboo.bench.methods.canonical_key` reads them: a trial stored before a setting existed (at what is
+    now its default), or under another speed switch, is found under today's key of the same run."""
+    try:
+        settings, end = json.JSONDecoder().raw_decode(key)
+    except json.JSONDecodeError:
+        return key
+    return canonical_key(json.dumps(settings, sort_keys=True)) + key[end:]
 
 
 def past_the_edge(tried: Sequence[str], best: str) -> str | None:

@@ -18,7 +18,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,13 @@ _HELD_TOKENS: set[str] = set()
 class TrialCache:
     """Results by trial key, kept in ``path`` (in memory only when ``path`` is None)."""
 
-    def __init__(self, path: Path | None, poll_seconds: float | None = None):
+    def __init__(self, path: Path | None, poll_seconds: float | None = None,
+                 normalize: Callable[[str], str] | None = None):
+        """``normalize``: maps a stored key to today's form of the same trial (keys given to the methods are in
+        that form already); the file is rewritten in that form at the next :meth:`put`."""
         self.path = path
         self.poll_seconds = POLL_SECONDS if poll_seconds is None else poll_seconds
+        self._normalize = normalize or (lambda key: key)
         self._memory: dict[str, Any] = {}
         self._mine: dict[str, str] = {}  # key -> token of the claims this instance holds
 
@@ -47,7 +51,7 @@ class TrialCache:
     def load(self) -> dict[str, Any]:
         """Every finished trial, read again from the file."""
         if self.path is not None and self.path.is_file():
-            self._memory = json.loads(self.path.read_text())
+            self._memory = {self._normalize(k): v for k, v in json.loads(self.path.read_text()).items()}
         return self._memory
 
     def get(self, key: str) -> Any | None:
