@@ -387,6 +387,9 @@ def test_rows_that_start_alike_share_a_key():
     # Restarts with their own mask_inits never read mask.init: a preset's new start keeps such rows.
     mixed = ("optimization.restarts.count=4", "optimization.restarts.mask_inits=[constant,cross_attention]")
     assert _key(*mixed, "optimization.mask.init=constant") == _key(*mixed, "optimization.mask.init=region")
+    # One run never reads when restarts would be chosen.
+    assert _key("optimization.restarts.choose_at=50") == _key()
+    assert _key(mixed[0], "optimization.restarts.choose_at=50") != _key(mixed[0])
     # Restarts from mask.init and restarts whose mask_inits name the same start are the same run.
     four = "optimization.restarts.count=4"
     assert (_key(four, "optimization.mask.init=constant")

@@ -140,7 +140,13 @@ def test_an_early_choice_keeps_its_candidate_and_runs_only_the_kept_ones_after_i
 
     # The end's fit prefers candidate 0 of both: a pruned candidate (its mask two steps old) is never kept.
     monkeypatch.setattr(callbacks, "prompt_fit", early_fit)
-    monkeypatch.setattr(engine, "prompt_fit", lambda *args: torch.tensor([0.0, 0.5, 0.5, 0.0, 0.5, 0.5]))
+    end_ids = []
+
+    def end_fit(backbone, images, alphas, prompts, pair_ids, *args):
+        end_ids.append(list(pair_ids))
+        return torch.zeros(len(pair_ids))
+
+    monkeypatch.setattr(engine, "prompt_fit", end_fit)
     rows = []
     dream_loss = type(tiny_backbone).dream_loss
 
@@ -152,11 +158,32 @@ def test_an_early_choice_keeps_its_candidate_and_runs_only_the_kept_ones_after_i
     images = torch.cat([_images(1), _images(1, seed=6)])
     p, q = optimize_pairs(images, ["a red circle", "a blue square"], ["p", "q"], cfg, _trainer(4), tiny_backbone)
     assert early_ids == [["p"] * 3 + ["q"] * 3]
+    assert end_ids == [["p", "q"]]  # at the end only the survivors are scored (for their records)
     assert rows == [6, 6, 2, 2]  # after step 2, one candidate per pair pays for the model
     assert (p.losses["restart/kept"], q.losses["restart/kept"]) == (2, 1) and p.steps == q.steps == 4
     # The kept candidate ran on undisturbed: it is its candidate id's single optimization.
     single = optimize_pair(_images(1)[0], "a red circle", "p#restart2", _cfg(), _trainer(4), tiny_backbone)
     assert torch.allclose(p.alpha, single.alpha, atol=1e-2)
+
+
+def test_an_early_choice_of_a_candidate_that_stopped_early_ends_the_fit(tiny_backbone, monkeypatch):
+    from types import SimpleNamespace
+
+    from peekaboo.optim.module import PeekabooModule
+
+    cfg = _cfg()
+    cfg.restarts.count, cfg.restarts.choose_at = 2, 2
+    module = PeekabooModule(_images(2), ["a", "a"], ["p", "p#restart1"], cfg, tiny_backbone)
+    module.stop_pairs(torch.tensor([True, False]), 1)  # early stopping froze candidate 0 at step 1
+    monkeypatch.setattr(callbacks, "prompt_fit", lambda *args: torch.tensor([0.0, 1.0]))  # and the choice keeps it
+    trainer = SimpleNamespace(global_step=2, should_stop=False)
+    callbacks.EarlyChoice().on_train_batch_end(trainer, module, None, None, 0)
+    # No row is left running: the fit ends here instead of stepping an empty batch.
+    assert module.pruned.tolist() == [False, True] and trainer.should_stop
+    # A run resumed after the step of the choice, from a checkpoint written before it, still chooses once.
+    late = PeekabooModule(_images(2), ["a", "a"], ["p", "p#restart1"], cfg, tiny_backbone)
+    callbacks.EarlyChoice().on_train_batch_end(SimpleNamespace(global_step=3, should_stop=False), late, None, None, 0)
+    assert late.pruned.tolist() == [False, True] and late.stopped_at.tolist() == [-1, 3]
 
 
 def test_an_early_choice_is_kept_in_checkpoints(tiny_backbone):

@@ -306,6 +306,7 @@ def _starts_as_read(settings: dict[str, Any]) -> None:
         mask["init"] = None
     else:
         restarts["mask_inits"] = None
+        restarts["choose_at"] = None  # read only with restarts
 
 
 def _without_speed_keys(settings: dict[str, Any]) -> dict[str, Any]:

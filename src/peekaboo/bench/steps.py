@@ -28,7 +28,14 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from peekaboo.bench.common import fmt, machine_info, markdown_table, run_cli, write_json
-from peekaboo.bench.methods import PAPER_OVERRIDES, SCENE_PRESETS, method_config, resolve_config_dir, settings_key
+from peekaboo.bench.methods import (
+    PAPER_OVERRIDES,
+    SCENE_PRESETS,
+    canonical_key,
+    method_config,
+    resolve_config_dir,
+    settings_key,
+)
 from peekaboo.bench.run import DEFAULT_BATCH, progress_logger, run_peekaboo
 from peekaboo.bench.scoring import BENCH_SPLITS, load_pairs, summarize_method
 from peekaboo.data.synthetic import GENERATORS
@@ -146,7 +153,9 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     earlier = finished_curves(result, args.out) if args.resume else {}
     for setting in settings:
         kept = earlier.get(setting.label)
-        if kept is not None and kept.get("key") == keys[setting.label]:
+        # Compared as canonical_key reads them: a curve stored before a setting existed, or under another speed
+        # switch, is the same run.
+        if kept is not None and canonical_key(kept.get("key", "")) == canonical_key(keys[setting.label]):
             log.info("%s: kept from the earlier run (same settings, pairs and step counts)", setting.label)
             # The words are today's; the figures, and the time they took, the earlier run's.
             result["settings"][setting.label] = kept | {"about": setting.about, "overrides": list(setting.overrides),

@@ -187,7 +187,8 @@ class EarlyChoice(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: PeekabooModule, outputs, batch, batch_idx) -> None:
         cfg = pl_module.cfg
-        if trainer.global_step != cfg.restarts.choose_at or bool(pl_module.pruned.any()):
+        # At or after step N: a run preempted during step N resumes from a checkpoint of that step, unchosen.
+        if trainer.global_step < cfg.restarts.choose_at or bool(pl_module.pruned.any()):
             return
         with torch.no_grad():
             alpha = pl_module().float()  # (K*B, 1, S, S): the masks after step N
@@ -200,6 +201,8 @@ class EarlyChoice(Callback):
         losers = torch.ones(len(pl_module.pair_ids), dtype=torch.bool)
         losers[torch.arange(kept.numel()) * count + kept] = False
         pl_module.prune(losers, trainer.global_step)
+        if bool(((pl_module.stopped_at >= 0) | pl_module.failed).all()):
+            trainer.should_stop = True  # every kept candidate had stopped early (or failed) before the choice
 
 
 class LossCurves(Callback):

@@ -215,15 +215,21 @@ def optimize_pairs(
                    candidate_inits(opt_cfg.restarts, opt_cfg.mask.init) * len(pair_ids))
     alphas = torch.stack([r.alpha for r in results])[:, None]  # (K*B, 1, S, S)
     failed = torch.tensor([r.failed for r in results])
-    # Candidates of a pair share their scoring draws: seeded by the pair's id, not the candidate's.
-    fit_scores = prompt_fit(backbone, images_k.float(), alphas.float(), prompts_k,
-                            [p for p in pair_ids for _ in range(count)], opt_cfg.restarts, opt_cfg.seed,
-                            opt_cfg.background, opt_cfg.guidance.guidance_scale)
     # Candidates pruned by an early choice (restarts.choose_at) hold unfinished masks: the one left running is
     # kept, unless it failed afterwards, when the pair falls back on its best pruned one.
     pruned = torch.tensor([r.pruned for r in results])
     out_of_race = failed | pruned
     left = ~out_of_race.view(-1, count).all(dim=1).repeat_interleave(count)  # (K*B,): a pair with one running
+    # Only the fits the choice reads (and the kept one's, for its record): a pair with a survivor, the survivor's.
+    scored = ~(left & pruned)
+    rows = scored.nonzero()[:, 0].tolist()
+    fit_scores = torch.full((len(results),), float("inf"))
+    # Candidates of a pair share their scoring draws: seeded by the pair's id, not the candidate's; a row's fit
+    # does not depend on the other rows scored with it.
+    fit_scores[scored] = prompt_fit(backbone, images_k[rows].float(), alphas[rows].float(),
+                                    [prompts_k[r] for r in rows], [pair_ids[r // count] for r in rows],
+                                    opt_cfg.restarts, opt_cfg.seed, opt_cfg.background,
+                                    opt_cfg.guidance.guidance_scale)
     kept = choose(fit_scores, torch.where(left, out_of_race, failed), count).tolist()
     seconds = (time.perf_counter() - start) / len(pair_ids)
     out = []
@@ -249,10 +255,11 @@ def _fit(
     pair's mask init (None: ``opt_cfg.mask.init``)."""
     logger: Any = False
     cbs = list(fit.callbacks)
+    if opt_cfg.restarts.count > 1 and opt_cfg.restarts.choose_at > 0:
+        # Before StableMaskStop, which then ends the fit if the choice left no row running.
+        cbs.append(EarlyChoice())
     if opt_cfg.early_stop.enabled:
         cbs.append(StableMaskStop(opt_cfg.early_stop, opt_cfg.threshold))
-    if opt_cfg.restarts.count > 1 and opt_cfg.restarts.choose_at > 0:
-        cbs.append(EarlyChoice())
     curves = LossCurves(trainer_cfg.max_steps)  # after both: it records the step a pair stops at
     cbs.append(curves)
     pair_runs: list[Any] = []
