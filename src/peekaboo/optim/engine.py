@@ -35,7 +35,7 @@ from peekaboo.optim.callbacks import EarlyChoice, LossCurves, MaskImages, PairCu
 from peekaboo.optim.loggers import make_logger
 from peekaboo.optim.module import PeekabooModule
 from peekaboo.optim.preemption import PREEMPTION, Preempted
-from peekaboo.optim.restarts import candidate_ids, candidate_inits, choose, prompt_fit
+from peekaboo.optim.restarts import candidate_ids, candidate_inits, choose, chooses_early, prompt_fit
 from peekaboo.utils.console import quiet_lightning, warnings_to_log
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def _fit(
     pair's mask init (None: ``opt_cfg.mask.init``)."""
     logger: Any = False
     cbs = list(fit.callbacks)
-    if opt_cfg.restarts.count > 1 and opt_cfg.restarts.choose_at > 0:
+    if chooses_early(opt_cfg.restarts):
         # Before StableMaskStop, which then ends the fit if the choice left no row running.
         cbs.append(EarlyChoice())
     if opt_cfg.early_stop.enabled:

@@ -16,7 +16,7 @@ from peekaboo.errors import NonFiniteError
 from peekaboo.optim.masks import MASK_REVISIONS, REVISION_KEY, build_mask, check_checkpoint_revision, map_logits
 from peekaboo.optim.optimizer import build_optimizer, is_scheduled, lr_factor
 from peekaboo.optim.regions import ranked_regions
-from peekaboo.optim.restarts import pair_of
+from peekaboo.optim.restarts import chooses_early, pair_of
 
 # Settings that overflow float32 when far too large, with a generous "usual" upper bound for each (SD 1.x runs
 # use lr 1e-5 .. 0.05, gravity 0.0125 .. 0.05, guidance 15 .. 100, lambda_dream 1): a non-finite loss names the
@@ -140,8 +140,7 @@ class PeekabooModule(L.LightningModule):
     def chooses_early(self) -> bool:
         """Whether this module's rows are restart candidates of which all but one per pair are frozen after
         ``restarts.choose_at`` steps (:class:`~peekaboo.optim.callbacks.EarlyChoice`)."""
-        r = self.cfg.restarts
-        return r.count > 1 and r.choose_at > 0
+        return chooses_early(self.cfg.restarts)
 
     @property
     def can_stop(self) -> bool:
@@ -382,22 +381,17 @@ class PeekabooModule(L.LightningModule):
             self.nonfinite_steps.copy_(streak)
         own = self.state_dict()
         saved = checkpoint["state_dict"]
-        # Which pairs had stopped exists only where early stopping is on: an older or other checkpoint is
-        # read as "none had".
-        if "stopped_at" in own and "stopped_at" not in saved:
-            saved["stopped_at"] = torch.full_like(self.stopped_at, -1)
-        if "stopped_at" not in own:
-            saved.pop("stopped_at", None)
-        if "pruned" in own and "pruned" not in saved:
-            saved["pruned"] = torch.zeros_like(self.pruned)
-        if "pruned" not in own:
-            saved.pop("pruned", None)
-        # Likewise whether the masks had their start: a checkpoint without the flag is of a run that started
-        # (from whatever init), so its mask is kept.
-        if "initialized" in own and "initialized" not in saved:
-            saved["initialized"] = torch.tensor(True)
-        if "initialized" not in own:
-            saved.pop("initialized", None)
+        # Buffers persistent only where they can matter: a checkpoint without one is read as the value it would
+        # have held, and one this module does not keep is dropped. Which pairs had stopped early or were pruned:
+        # none had; whether the masks had their start: a checkpoint of a run that started (from whatever init),
+        # so its mask is kept.
+        for name, absent in (("stopped_at", torch.full_like(self.stopped_at, -1)),
+                             ("pruned", torch.zeros_like(self.pruned)),
+                             ("initialized", torch.tensor(True))):
+            if name not in own:
+                saved.pop(name, None)
+            elif name not in saved:
+                saved[name] = absent
 
     def configure_optimizers(self):
         """The optimizer, and with a schedule (``optim.schedule``, ``optim.warmup_steps``) a per-step

@@ -27,7 +27,7 @@ from peekaboo import ops
 from peekaboo.config import RestartsConfig
 from peekaboo.diffusion.backbone import Backbone
 
-__all__ = ["candidate_ids", "candidate_inits", "choose", "pair_of", "prompt_fit"]
+__all__ = ["candidate_ids", "candidate_inits", "choose", "chooses_early", "pair_of", "prompt_fit"]
 
 #: Suffix of candidate ``k >= 1``'s id: ``f"{pair_id}{CANDIDATE_SEP}{k}"``.
 CANDIDATE_SEP = "#restart"
@@ -48,6 +48,11 @@ def candidate_inits(cfg: RestartsConfig, default: str) -> list[str]:
     (``mask.init``) for all when it is empty."""
     inits = list(cfg.mask_inits) or [default]
     return [inits[k % len(inits)] for k in range(cfg.count)]
+
+
+def chooses_early(cfg: RestartsConfig) -> bool:
+    """Whether the kept candidate is chosen after ``cfg.choose_at`` steps rather than at the end (restarts only)."""
+    return cfg.count > 1 and cfg.choose_at > 0
 
 
 @torch.no_grad()
