@@ -251,6 +251,41 @@ def test_only_the_eval_table_goes_to_the_readme(tmp_path):
     assert readme.read_bytes() == before
 
 
+def test_processes_with_disjoint_methods_fill_one_table_with_merge(tmp_path):
+    out = tmp_path / "r.json"
+    common = ["--pairs", "2", "--config-dir", str(REPO_CONFIGS), "--out", str(out)]
+    # Table order, whichever process saved first.
+    assert ablation.main([*common, "--merge", "--methods", "whole_image"]) == 0
+    assert ablation.main([*common, "--merge", "--methods", "random"]) == 0
+    saved = json.loads(out.read_text())
+    assert list(saved["methods"]) == ["random", "whole_image"] and saved["partial"] is False
+    assert "| random disc |" in saved["table"] and "| whole image |" in saved["table"]
+    # Without --merge a run's file holds its own rows only.
+    assert ablation.main([*common, "--methods", "random"]) == 0
+    assert list(json.loads(out.read_text())["methods"]) == ["random"]
+
+
+def test_merge_keeps_the_other_processes_rows_under_way_until_they_finish(tmp_path):
+    out = tmp_path / "r.json"
+    assert ablation.main(["--pairs", "2", "--config-dir", str(REPO_CONFIGS), "--out", str(out),
+                          "--methods", "random", "whole_image"]) == 0
+    full = json.loads(out.read_text())
+    random_row, whole_row = full["methods"]["random"], full["methods"]["whole_image"]
+    head = {k: full[k] for k in ("scenes", "split", "pairs")}
+    # Process B saved: the random row finished, a peekaboo row under way.
+    saved = {**head, "methods": {"random": random_row}, "rows_in_progress": {"peekaboo B": [{"id": "x"}]}}
+    # Process A, saving its whole-image row and its own row under way.
+    mine = {**head, "methods": {"whole_image": whole_row}, "rows_in_progress": {"peekaboo A": [{"id": "y"}]}}
+    merged = bench_run.merge_saved(mine, saved)
+    assert list(merged["methods"]) == ["random", "whole_image"]
+    assert merged["rows_in_progress"] == {"peekaboo B": [{"id": "x"}], "peekaboo A": [{"id": "y"}]}
+    # B's row finished (its key among the rows): its pairs under way are dropped.
+    saved["methods"]["peekaboo"] = {**random_row, "key": "peekaboo B"}
+    assert set(bench_run.merge_saved(mine, saved)["rows_in_progress"]) == {"peekaboo A"}
+    # A file of another split adds nothing.
+    assert bench_run.merge_saved(mine, {**saved, "split": "robust"}) is mine
+
+
 @pytest.mark.slow
 def test_resume_keeps_unchanged_rows(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "r.json"

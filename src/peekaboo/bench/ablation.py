@@ -28,7 +28,7 @@ from typing import Any
 from peekaboo.bench.common import machine_info, update_marked, write_json
 from peekaboo.bench.methods import CROSS_ATTENTION_THRESHOLD, METHOD_NAMES, SCENE_PRESETS
 from peekaboo.bench.report import README_END, README_SPLIT, README_START, readme_block, render_docs
-from peekaboo.bench.run import DEFAULT_BATCH, DEFAULT_PAIRS, run_benchmark
+from peekaboo.bench.run import DEFAULT_BATCH, DEFAULT_PAIRS, merge_saved, run_benchmark
 from peekaboo.bench.scoring import BENCH_SPLITS
 from peekaboo.bench.sweep import SWEEP_STAGES, TUNE_PAIRS, sweep
 from peekaboo.errors import PeekabooError, exit_status
@@ -70,6 +70,10 @@ def parser(prog: str = "python -m peekaboo.bench.ablation") -> argparse.Argument
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of an earlier (interrupted) run in --out whose settings are unchanged, and "
                    "the finished pairs of a row it was interrupted in")
+    p.add_argument("--merge", action="store_true",
+                   help="share --out with other processes of the same table (one per core, each with its own "
+                   "--methods): each save re-reads --out under a lock and keeps the rows the others saved; implies "
+                   "--resume")
     p.add_argument("--sweep", action="store_true", help="run the tuning sweep (tune split only)")
     p.add_argument("--sweep-knobs", nargs="+", default=None, metavar="KEY",
                    help="search only these knobs of the default (from: "
@@ -94,6 +98,21 @@ def read_sweep(path: Path, flag: str = "--tuned") -> dict[str, Any]:
     if not isinstance(report, dict) or "default_overrides" not in report or report.get("split") != "tune":
         raise PeekabooError(f"{flag} {path} is not a tune-split sweep report; pass the --out of a --sweep run.")
     return report
+
+
+def _read_results(path: Path) -> dict[str, Any] | None:
+    """The results JSON at ``path``; None when there is none yet.
+
+    Raises:
+        PeekabooError: the file exists but is not a results JSON.
+    """
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise PeekabooError(f"--out {path}: cannot read it as a results file ({err}); move it aside or pass "
+                            "another --out.") from None
 
 
 def update_readme(path: Path, block: str) -> bool:
@@ -149,15 +168,21 @@ def _run(args: argparse.Namespace, command: str) -> int:
         if out is not None:
             print(f"\nwrote {out}")
         return 0
-    if args.resume and out is None:
-        raise PeekabooError("--resume keeps the rows of an earlier run's --out; pass --out.")
-    previous = json.loads(out.read_text()) if args.resume and out.is_file() else None
+    if (args.resume or args.merge) and out is None:
+        raise PeekabooError(f"{'--merge' if args.merge else '--resume'} keeps the rows of an earlier run's --out; "
+                            "pass --out.")
+    previous = _read_results(out) if (args.resume or args.merge) else None
     sweep_report = read_sweep(args.sweep_report, "--sweep-report") if args.sweep_report is not None else None
 
     def save(result: dict[str, Any], partial: bool = True) -> dict[str, Any]:
         report = {"benchmark": args.scenes, **stamp(), "out": None if out is None else str(out), "partial": partial,
                   **result}
-        if out is not None:
+        if out is not None and args.merge:
+            with files.locked(out):
+                report = merge_saved(report, _read_results(out))
+                report["partial"] = partial or "rows_in_progress" in report
+                write_json(report, out)
+        elif out is not None:
             write_json(report, out)
         if docs is not None:
             docs.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +198,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
                            tuned.get("default_overrides", ()), tuned.get("kind_optim"), args.scenes,
                            tuned.get("step_counts"))
     report = save(result, partial=False)
-    print(result["table"])
+    print(report["table"])
     if out is not None:
         print(f"\nwrote {out}")
     if docs is not None:

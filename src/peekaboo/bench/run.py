@@ -393,6 +393,38 @@ def _publish(result: dict[str, Any], rows: dict[str, dict], chosen: Sequence[Met
         result.pop("rows_in_progress", None)
 
 
+def merge_saved(result: dict[str, Any], saved: dict[str, Any] | None) -> dict[str, Any]:
+    """``result`` with what another process saved to the same results file (``saved``, as read from it) added:
+    the finished rows ``result`` lacks, and the rows other processes have under way (``"rows_in_progress"``) that
+    ``result`` neither finished nor has under way itself. So processes given disjoint ``--methods`` fill one table.
+
+    ``saved`` of other scenes, split or pairs adds nothing. Rows come in table order; the table is rebuilt.
+    """
+    same = saved is not None and all(saved.get(k, "shapes" if k == "scenes" else None) == result[k]
+                                     for k in ("scenes", "split", "pairs"))
+    if not same:
+        return result
+    assert saved is not None
+    rows = {**saved.get("methods", {}), **result["methods"]}  # this process's rows win
+    finished = {canonical_key(row["key"]) for row in rows.values() if "key" in row}
+    mine = result.get("rows_in_progress", {})
+    mine_keys = {canonical_key(k) for k in mine}
+    in_progress = {k: v for k, v in saved.get("rows_in_progress", {}).items()
+                   if canonical_key(k) not in finished | mine_keys} | mine
+    merged = {**result, "methods": {n: rows[n] for n in sorted(rows, key=_table_position)}}
+    merged["table"] = markdown_table(merged)
+    if in_progress:
+        merged["rows_in_progress"] = in_progress
+    else:
+        merged.pop("rows_in_progress", None)
+    return merged
+
+
+def _table_position(name: str) -> int:
+    """A row's place in the table (:data:`METHOD_NAMES`' order; unknown names, from an older version, last)."""
+    return METHOD_NAMES.index(name) if name in METHOD_NAMES else len(METHOD_NAMES)
+
+
 def _row_settings(method: Method, cfg: Any, threshold: float) -> dict[str, Any]:
     """The settings a row's masks came from, stored with the row for readers of the results JSON."""
     if method.kind in ("peekaboo", "start_only"):

@@ -11,7 +11,6 @@ that nobody touched for :data:`STALE_SECONDS` (that machine stopped or was repla
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from peekaboo.bench.common import write_json
+from peekaboo.utils import files
 
 #: Seconds between looks at the file while waiting for a trial another process runs.
 POLL_SECONDS = 30.0
@@ -133,13 +133,8 @@ class TrialCache:
         if self.path is None:
             yield
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with files.locked(self.path):
+            yield
 
 
 def _read_claim(claim: Path) -> dict[str, Any] | None:

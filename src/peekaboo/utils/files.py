@@ -92,6 +92,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (beside ``path``, whose folder is created) for the block: several
+    processes doing a read-merge-write of ``path`` take turns. Without ``fcntl`` (Windows) nothing is locked."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
     """Write ``img`` as PNG atomically (raises OutputError)."""
     with atomic_path(path) as tmp:
