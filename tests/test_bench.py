@@ -260,30 +260,43 @@ def test_processes_with_disjoint_methods_fill_one_table_with_merge(tmp_path):
     saved = json.loads(out.read_text())
     assert list(saved["methods"]) == ["random", "whole_image"] and saved["partial"] is False
     assert "| random disc |" in saved["table"] and "| whole image |" in saved["table"]
+    # While another process still has a row to compute, the table is partial and the README keeps its table.
+    out.write_text(json.dumps({**saved, "rows_pending": ["no_gravity"]}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{bench_report.README_START}\nold\n{bench_report.README_END}\n")
+    assert ablation.main([*common, "--merge", "--methods", "random", "--readme", str(readme)]) == 0
+    assert json.loads(out.read_text())["partial"] is True and "old" in readme.read_text()
     # Without --merge a run's file holds its own rows only.
     assert ablation.main([*common, "--methods", "random"]) == 0
     assert list(json.loads(out.read_text())["methods"]) == ["random"]
 
 
-def test_merge_keeps_the_other_processes_rows_under_way_until_they_finish(tmp_path):
+def test_merge_keeps_every_finished_pair_and_row_of_the_other_processes(tmp_path):
     out = tmp_path / "r.json"
     assert ablation.main(["--pairs", "2", "--config-dir", str(REPO_CONFIGS), "--out", str(out),
                           "--methods", "random", "whole_image"]) == 0
     full = json.loads(out.read_text())
     random_row, whole_row = full["methods"]["random"], full["methods"]["whole_image"]
-    head = {k: full[k] for k in ("scenes", "split", "pairs")}
-    # Process B saved: the random row finished, a peekaboo row under way.
-    saved = {**head, "methods": {"random": random_row}, "rows_in_progress": {"peekaboo B": [{"id": "x"}]}}
-    # Process A, saving its whole-image row and its own row under way.
-    mine = {**head, "methods": {"whole_image": whole_row}, "rows_in_progress": {"peekaboo A": [{"id": "y"}]}}
+    head = {k: full[k] for k in bench_run.MERGE_FIELDS}
+    # Process B saved: the random row finished, 2 pairs of row "B" done, the no-gravity row still to compute.
+    saved = {**head, "methods": {"random": random_row}, "rows_in_progress": {"B": [{"id": "x"}, {"id": "z"}]},
+             "rows_pending": ["no_gravity", "peekaboo"]}
+    # Process A: its whole-image row, its own row "A" under way, and an older copy of B's row (read at its start).
+    mine = {**head, "methods": {"whole_image": whole_row}, "rows_in_progress": {"A": [{"id": "y"}], "B": [{"id": "x"}]},
+            "rows_pending": ["guidance_7.5"]}
     merged = bench_run.merge_saved(mine, saved)
     assert list(merged["methods"]) == ["random", "whole_image"]
-    assert merged["rows_in_progress"] == {"peekaboo B": [{"id": "x"}], "peekaboo A": [{"id": "y"}]}
-    # B's row finished (its key among the rows): its pairs under way are dropped.
-    saved["methods"]["peekaboo"] = {**random_row, "key": "peekaboo B"}
-    assert set(bench_run.merge_saved(mine, saved)["rows_in_progress"]) == {"peekaboo A"}
-    # A file of another split adds nothing.
+    assert {k: [r["id"] for r in v] for k, v in merged["rows_in_progress"].items()} == {"B": ["x", "z"], "A": ["y"]}
+    assert merged["rows_pending"] == ["peekaboo", "no_gravity", "guidance_7.5"]  # table order
+    # B's row finished: its pairs under way and its pending name go; A's stale copy does not bring them back.
+    saved["methods"]["peekaboo"] = {**random_row, "key": "B"}
+    again = bench_run.merge_saved(mine, saved)
+    assert set(again["rows_in_progress"]) == {"A"} and "peekaboo" not in again["rows_pending"]
+    # A saved row of a method this process still computes may be of older settings: it is left out.
+    assert "random" not in bench_run.merge_saved({**mine, "rows_pending": ["random"]}, saved)["methods"]
+    # A file of another split or model adds nothing.
     assert bench_run.merge_saved(mine, {**saved, "split": "robust"}) is mine
+    assert bench_run.merge_saved(mine, {**saved, "model": "other"}) is mine
 
 
 @pytest.mark.slow

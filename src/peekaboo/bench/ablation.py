@@ -177,16 +177,22 @@ def _run(args: argparse.Namespace, command: str) -> int:
     def save(result: dict[str, Any], partial: bool = True) -> dict[str, Any]:
         report = {"benchmark": args.scenes, **stamp(), "out": None if out is None else str(out), "partial": partial,
                   **result}
+        def write(report: dict[str, Any]) -> None:
+            if out is not None:
+                write_json(report, out)
+            if docs is not None:
+                docs.parent.mkdir(parents=True, exist_ok=True)
+                files.write_text(render_docs(report, sweep_report), docs)
+
         if out is not None and args.merge:
+            # The report and the docs from the merged table, both under the lock: a process that merged earlier
+            # cannot write an older table over a newer one.
             with files.locked(out):
                 report = merge_saved(report, _read_results(out))
-                report["partial"] = partial or "rows_in_progress" in report
-                write_json(report, out)
-        elif out is not None:
-            write_json(report, out)
-        if docs is not None:
-            docs.parent.mkdir(parents=True, exist_ok=True)
-            files.write_text(render_docs(report, sweep_report), docs)
+                report["partial"] = "rows_pending" in report or "rows_in_progress" in report
+                write(report)
+        else:
+            write(report)
         return report
 
     tuned = read_sweep(args.tuned) if args.tuned is not None else {}
@@ -203,7 +209,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
         print(f"\nwrote {out}")
     if docs is not None:
         print(f"wrote {docs}")
-    if args.readme is not None and update_readme(args.readme, readme_block(report)):
+    if args.readme is not None and report["partial"]:
+        # With --merge: other processes' rows are still to come; the last process to finish updates the README.
+        print(f"{args.readme} left as it was: the table is not complete yet.")
+    elif args.readme is not None and update_readme(args.readme, readme_block(report)):
         print(f"updated {args.readme}")
     return 0
 

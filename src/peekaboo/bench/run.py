@@ -383,40 +383,56 @@ def run_benchmark(
 
 def _publish(result: dict[str, Any], rows: dict[str, dict], chosen: Sequence[Method],
              in_progress: dict[str, list[dict]]) -> None:
-    """Put the finished rows into ``result`` in table order, with their markdown table, and the finished pairs of
-    rows under way (none: no entry)."""
+    """Put the finished rows into ``result`` in table order, with their markdown table, the finished pairs of
+    rows under way and the chosen rows not finished yet (none: no entry)."""
     result["methods"] = {m.name: rows[m.name] for m in chosen if m.name in rows}
     result["table"] = markdown_table(result)
-    if in_progress:
-        result["rows_in_progress"] = dict(in_progress)
-    else:
-        result.pop("rows_in_progress", None)
+    for field, value in (("rows_in_progress", dict(in_progress)),
+                         ("rows_pending", [m.name for m in chosen if m.name not in rows])):
+        if value:
+            result[field] = value
+        else:
+            result.pop(field, None)
+
+
+#: What two results files must share for one's rows to join the other's table (:func:`merge_saved`).
+MERGE_FIELDS = ("scenes", "split", "pairs", "model", "base_overrides", "extra_overrides")
 
 
 def merge_saved(result: dict[str, Any], saved: dict[str, Any] | None) -> dict[str, Any]:
-    """``result`` with what another process saved to the same results file (``saved``, as read from it) added:
-    the finished rows ``result`` lacks, and the rows other processes have under way (``"rows_in_progress"``) that
-    ``result`` neither finished nor has under way itself. So processes given disjoint ``--methods`` fill one table.
+    """``result`` joined with what other processes saved to the same results file (``saved``, as read from it),
+    so that processes given disjoint ``--methods`` fill one table.
 
-    ``saved`` of other scenes, split or pairs adds nothing. Rows come in table order; the table is rebuilt.
+    - Rows: ``saved``'s finished rows join, except those ``result`` has or still has to compute (its
+      ``"rows_pending"``: a saved row of the same name may be of older settings).
+    - Rows under way (``"rows_in_progress"``, finished pairs by row key): the union by pair id of both files'
+      pairs (this process's copy of another's row may be older than the file's), dropped once the row is finished.
+    - Rows pending: both files' (a process that stopped left its rows to do), less the finished ones; the merged
+      table is partial while any remain.
+
+    ``saved`` of another setup (:data:`MERGE_FIELDS`) adds nothing. Rows come in table order; the table is rebuilt.
     """
-    same = saved is not None and all(saved.get(k, "shapes" if k == "scenes" else None) == result[k]
-                                     for k in ("scenes", "split", "pairs"))
-    if not same:
+    if saved is None or any(saved.get(k, "shapes" if k == "scenes" else None) != result.get(k)
+                            for k in MERGE_FIELDS):
         return result
-    assert saved is not None
-    rows = {**saved.get("methods", {}), **result["methods"]}  # this process's rows win
+    mine_pending = set(result.get("rows_pending", ()))
+    rows = {n: r for n, r in saved.get("methods", {}).items() if n not in mine_pending} | result["methods"]
     finished = {canonical_key(row["key"]) for row in rows.values() if "key" in row}
-    mine = result.get("rows_in_progress", {})
-    mine_keys = {canonical_key(k) for k in mine}
-    in_progress = {k: v for k, v in saved.get("rows_in_progress", {}).items()
-                   if canonical_key(k) not in finished | mine_keys} | mine
+    in_progress: dict[str, list[dict]] = {}
+    for source in (saved.get("rows_in_progress", {}), result.get("rows_in_progress", {})):
+        for key, records in source.items():
+            ckey = canonical_key(key)
+            if ckey not in finished:
+                by_id = {r["id"]: r for r in in_progress.get(ckey, [])} | {r["id"]: r for r in records}
+                in_progress[ckey] = list(by_id.values())
+    pending = sorted({*saved.get("rows_pending", ()), *mine_pending} - set(rows), key=_table_position)
     merged = {**result, "methods": {n: rows[n] for n in sorted(rows, key=_table_position)}}
     merged["table"] = markdown_table(merged)
-    if in_progress:
-        merged["rows_in_progress"] = in_progress
-    else:
-        merged.pop("rows_in_progress", None)
+    for field, value in (("rows_in_progress", in_progress), ("rows_pending", pending)):
+        if value:
+            merged[field] = value
+        else:
+            merged.pop(field, None)
     return merged
 
 
