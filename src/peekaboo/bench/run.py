@@ -387,8 +387,13 @@ def _publish(result: dict[str, Any], rows: dict[str, dict], chosen: Sequence[Met
     rows under way and the chosen rows not finished yet (none: no entry)."""
     result["methods"] = {m.name: rows[m.name] for m in chosen if m.name in rows}
     result["table"] = markdown_table(result)
-    for field, value in (("rows_in_progress", dict(in_progress)),
-                         ("rows_pending", [m.name for m in chosen if m.name not in rows])):
+    _set_or_drop(result, rows_in_progress=dict(in_progress),
+                 rows_pending=[m.name for m in chosen if m.name not in rows])
+
+
+def _set_or_drop(result: dict[str, Any], **fields: Any) -> None:
+    """Set each of ``fields`` in ``result``, or drop it where its value is empty (a finished run has no entry)."""
+    for field, value in fields.items():
         if value:
             result[field] = value
         else:
@@ -428,11 +433,7 @@ def merge_saved(result: dict[str, Any], saved: dict[str, Any] | None) -> dict[st
     pending = sorted({*saved.get("rows_pending", ()), *mine_pending} - set(rows), key=_table_position)
     merged = {**result, "methods": {n: rows[n] for n in sorted(rows, key=_table_position)}}
     merged["table"] = markdown_table(merged)
-    for field, value in (("rows_in_progress", in_progress), ("rows_pending", pending)):
-        if value:
-            merged[field] = value
-        else:
-            merged.pop(field, None)
+    _set_or_drop(merged, rows_in_progress=in_progress, rows_pending=pending)
     return merged
 
 
