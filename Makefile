@@ -24,7 +24,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) benchmarks/ablation.py
+	$(PY) benchmarks/ablation.py --resume --readme README.md
 
 clean:
 	rm -rf outputs runs .pytest_cache

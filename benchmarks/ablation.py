@@ -5,9 +5,10 @@ Runs :mod:`peekaboo.bench.ablation` (same options) from the repository root, fil
 when the command does not say: the results JSON under ``benchmarks/results/`` (``<scenes>_<split>.json``), the
 scene set's report for the eval split (docs/BENCHMARK.md for shapes, docs/BENCHMARK_OBJECTS.md for objects; with
 the sweep's trials, once the sweep has run) and for the robust split (``..._ROBUST.md``), and the sweep's cache of
-finished trials. The README's one generated block, the eval table, changes only with
-``--readme README.md``. A run to its own ``--out`` file (a side experiment) writes its own output only: no
-report in docs/ unless ``--docs`` names one, and never the README.
+finished trials; a table (not a sweep) runs at the scene set's committed sweep choices (``--tuned``) where there
+are some. The README's one generated block, the main rows of the objects eval table, changes only with
+``--readme README.md`` (``make bench`` passes it). A run to its own ``--out`` file (a side experiment) writes its
+own output only: no report in docs/ unless ``--docs`` names one, and never the README.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.docs = docs[args.split]
     if args.sweep_report is None and SWEEP_OUT[args.scenes].is_file():
         args.sweep_report = SWEEP_OUT[args.scenes]
+    # The table runs at the scene set's tune sweep's choices, where it has one (the shapes choices are in the code).
+    if args.tuned is None and not args.sweep and SWEEP_OUT[args.scenes].is_file():
+        args.tuned = SWEEP_OUT[args.scenes]
     return ablation.run(args, shlex.join(["python", "benchmarks/ablation.py", *argv]))
 
 

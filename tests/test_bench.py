@@ -212,7 +212,7 @@ def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     out, docs, readme = tmp_path / "r.json", tmp_path / "B.md", tmp_path / "README.md"
     readme.write_text(f"intro\n{bench_report.README_START}\nold table\n{bench_report.README_END}\nrest\n")
     code = ablation.main([
-        "--pairs", "3", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS),
+        "--scenes", bench_report.README_SCENES, "--pairs", "3", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS),
         "--methods", "peekaboo", "raster_bilateral", "region_start", "cross_attention", "random", "whole_image",
         "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=2",
         "--set", "trainer.accelerator=cpu", "--set", "optimization.mask.size=16",
@@ -223,7 +223,7 @@ def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     rows = report["methods"]
     assert list(rows) == ["peekaboo", "raster_bilateral", "region_start", "cross_attention", "random", "whole_image"]
     assert rows["region_start"]["key"].startswith("start_only ") and rows["region_start"]["settings"]["max_steps"] == 0
-    # configs/model/shapes.yaml's default is a bilateral raster mask, so that row reuses the default's masks.
+    # The preset's default is a bilateral raster mask, so that row reuses the default's masks.
     assert rows["raster_bilateral"]["same_as"] == "peekaboo"
     assert rows["peekaboo"]["settings"]["max_steps"] == 2
     for row in rows.values():
@@ -232,14 +232,21 @@ def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     assert report["machine"]["cpu_count"] >= 1 and "--pairs 3" in report["command"]
     table = report["table"]
     assert table.count("\n") == 1 + len(rows) and "| whole image |" in table
-    assert table in docs.read_text() and table in readme.read_text()
-    assert readme.read_text().startswith("intro\n") and "old table" not in readme.read_text()
-    assert table in capsys.readouterr().out
-    # The headline's figures are the table's, and the ratio is the default's mIoU over the baseline's.
-    miou, ca = rows["peekaboo"]["summary"]["miou"], rows["cross_attention"]["summary"]["miou"]
+    assert table in docs.read_text() and table in capsys.readouterr().out
+    # The README carries the main rows only, and links the full table.
+    text = readme.read_text()
+    assert text.startswith("intro\n") and "old table" not in text and text.endswith("\nrest\n")
+    assert "| Peekaboo (default) |" in text and "| whole image |" in text and "| mask: raster + bilateral |" not in text
+    assert f"The main 5 rows of 6; every row: [{docs.name}]({docs.name})." in text
+    # The headline's figures are the table's: the ratio is the default's mIoU over the baseline's, the margin the
+    # default's over the best row that runs no optimization.
+    s = {name: row["summary"]["miou"] for name, row in rows.items()}
     line = bench_report.headline(report)
-    assert f"mIoU {miou:.3f}" in line and (not ca or f"{miou / ca:.1f}x" in line)
-    assert line in readme.read_text() and line in docs.read_text()
+    best = max(s["region_start"], s["cross_attention"], s["random"], s["whole_image"])
+    assert f"mIoU {s['peekaboo']:.3f}" in line and (not s["cross_attention"] or
+                                                   f"{s['peekaboo'] / s['cross_attention']:.1f}x" in line)
+    assert f"{s['peekaboo'] - best:+.3f} mIoU over the best row without optimization" in line
+    assert line in text and line in docs.read_text()
 
 
 def test_only_the_eval_table_goes_to_the_readme(tmp_path):
@@ -253,19 +260,25 @@ def test_only_the_eval_table_goes_to_the_readme(tmp_path):
 
 def test_processes_with_disjoint_methods_fill_one_table_with_merge(tmp_path):
     out = tmp_path / "r.json"
-    common = ["--pairs", "2", "--config-dir", str(REPO_CONFIGS), "--out", str(out)]
+    common = ["--scenes", bench_report.README_SCENES, "--pairs", "2", "--config-dir", str(REPO_CONFIGS),
+              "--out", str(out)]
     # Table order, whichever process saved first.
     assert ablation.main([*common, "--merge", "--methods", "whole_image"]) == 0
     assert ablation.main([*common, "--merge", "--methods", "random"]) == 0
     saved = json.loads(out.read_text())
     assert list(saved["methods"]) == ["random", "whole_image"] and saved["partial"] is False
     assert "| random disc |" in saved["table"] and "| whole image |" in saved["table"]
-    # While another process still has a row to compute, the table is partial and the README keeps its table.
-    out.write_text(json.dumps({**saved, "rows_pending": ["no_gravity"]}))
+    # While another process still has a main row to compute, the table is partial and the README keeps its table.
+    out.write_text(json.dumps({**saved, "rows_pending": ["cross_attention"]}))
     readme = tmp_path / "README.md"
     readme.write_text(f"{bench_report.README_START}\nold\n{bench_report.README_END}\n")
     assert ablation.main([*common, "--merge", "--methods", "random", "--readme", str(readme)]) == 0
     assert json.loads(out.read_text())["partial"] is True and "old" in readme.read_text()
+    # Rows still to come that the README does not show leave it free to show the finished main rows.
+    out.write_text(json.dumps({**saved, "rows_pending": ["no_gravity"]}))
+    assert ablation.main([*common, "--merge", "--methods", "random", "--readme", str(readme)]) == 0
+    assert json.loads(out.read_text())["partial"] is True
+    assert "old" not in readme.read_text() and "| random disc |" in readme.read_text()
     # Without --merge a run's file holds its own rows only.
     assert ablation.main([*common, "--methods", "random"]) == 0
     assert list(json.loads(out.read_text())["methods"]) == ["random"]
@@ -273,7 +286,7 @@ def test_processes_with_disjoint_methods_fill_one_table_with_merge(tmp_path):
 
 def test_merge_keeps_every_finished_pair_and_row_of_the_other_processes(tmp_path):
     out = tmp_path / "r.json"
-    assert ablation.main(["--pairs", "2", "--config-dir", str(REPO_CONFIGS), "--out", str(out),
+    assert ablation.main(["--scenes", "shapes", "--pairs", "2", "--config-dir", str(REPO_CONFIGS), "--out", str(out),
                           "--methods", "random", "whole_image"]) == 0
     full = json.loads(out.read_text())
     random_row, whole_row = full["methods"]["random"], full["methods"]["whole_image"]
@@ -303,7 +316,8 @@ def test_merge_keeps_every_finished_pair_and_row_of_the_other_processes(tmp_path
 @pytest.mark.slow
 def test_resume_keeps_unchanged_rows(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
-    args = ["--pairs", "2", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS), "--docs", str(tmp_path / "B.md"),
+    args = ["--scenes", "shapes", "--pairs", "2", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS),
+            "--docs", str(tmp_path / "B.md"),
             "--methods", "peekaboo", "random", "--set", f"model.pretrained={tiny_model}",
             "--set", "trainer.max_steps=1", "--set", "optimization.mask.size=16", "--out", str(out)]
     assert ablation.main(args) == 0
@@ -325,7 +339,8 @@ def test_resume_keeps_unchanged_rows(tiny_model, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_an_interrupted_resume_keeps_every_earlier_row(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
-    args = ["--pairs", "2", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS), "--docs", str(tmp_path / "B.md"),
+    args = ["--scenes", "shapes", "--pairs", "2", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS),
+            "--docs", str(tmp_path / "B.md"),
             "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=1",
             "--set", "optimization.mask.size=16", "--out", str(out)]
     assert ablation.main([*args, "--methods", "peekaboo", "no_gravity"]) == 0
@@ -346,7 +361,7 @@ def test_an_interrupted_resume_keeps_every_earlier_row(tiny_model, tmp_path, mon
 @pytest.mark.slow
 def test_a_row_interrupted_part_way_keeps_its_finished_pairs(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
-    args = ["--pairs", "4", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS),
+    args = ["--scenes", "shapes", "--pairs", "4", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS),
             "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=2",
             "--set", "optimization.mask.size=16", "--out", str(out)]
     assert ablation.main([*args, "--methods", "no_gravity"]) == 0
@@ -467,7 +482,8 @@ def test_resumed_table_lists_kept_rows_after_computed_ones(tiny_model, tmp_path)
     # The default row runs first, so on resume a kept baseline row comes after a computed one.
     out, docs, readme = tmp_path / "r.json", tmp_path / "B.md", tmp_path / "R.md"
     readme.write_text(f"{bench_report.README_START}\n{bench_report.README_END}\n")
-    args = ["--pairs", "2", "--batch-size", "2", "--config-dir", str(REPO_CONFIGS), "--docs", str(docs),
+    args = ["--scenes", bench_report.README_SCENES, "--pairs", "2", "--batch-size", "2",
+            "--config-dir", str(REPO_CONFIGS), "--docs", str(docs),
             "--set", f"model.pretrained={tiny_model}", "--set", "trainer.max_steps=1",
             "--set", "optimization.mask.size=16", "--out", str(out), "--readme", str(readme)]
     assert ablation.main([*args, "--methods", "random"]) == 0
@@ -570,7 +586,8 @@ def test_tuned_settings_come_before_each_rows_own(tiny_model, tmp_path):
         "kind_optim": {"fourier": ["optimization.optim.name=adam", "optimization.optim.lr=0.004"]},
         "step_counts": {"default": 1, "kind:fourier": 2}, "cross_attention_threshold": 0.3}))
     out = tmp_path / "r.json"
-    assert ablation.main(["--pairs", "1", "--config-dir", str(REPO_CONFIGS), "--docs", str(tmp_path / "B.md"),
+    assert ablation.main(["--scenes", "shapes", "--pairs", "1", "--config-dir", str(REPO_CONFIGS),
+                       "--docs", str(tmp_path / "B.md"),
                        "--methods", "peekaboo", "no_gravity", "fourier", "cross_attention", "--tuned", str(sweep_json),
                        "--set", f"model.pretrained={tiny_model}", "--set", "optimization.mask.size=16",
                        "--out", str(out)]) == 0
@@ -689,12 +706,18 @@ def _script_args(monkeypatch, argv: list[str]):
 
 def test_the_script_writes_the_split_report_only_for_the_split_results(monkeypatch, tmp_path):
     args = _script_args(monkeypatch, ["--split", "robust"])
+    assert (str(args.out), str(args.docs)) == ("benchmarks/results/objects_robust.json",
+                                               "docs/BENCHMARK_OBJECTS_ROBUST.md")
+    args = _script_args(monkeypatch, ["--scenes", "shapes", "--split", "robust"])
     assert (str(args.out), str(args.docs)) == ("benchmarks/results/shapes_robust.json", "docs/BENCHMARK_ROBUST.md")
     # A side experiment to its own results file must not replace the split's report.
     args = _script_args(monkeypatch, ["--split", "robust", "--out", str(tmp_path / "side.json")])
     assert args.docs is None
     args = _script_args(monkeypatch, ["--out", str(tmp_path / "side.json"), "--docs", str(tmp_path / "side.md")])
     assert args.docs == tmp_path / "side.md" and args.readme is None
+    # The objects table runs at its committed tune sweep's choices; a sweep never starts from them.
+    assert str(_script_args(monkeypatch, []).tuned) == "benchmarks/results/objects_sweep.json"
+    assert _script_args(monkeypatch, ["--split", "tune", "--sweep"]).tuned is None
     # ... and never the README.
     with pytest.raises(SystemExit) as exc:
         _script_args(monkeypatch, ["--out", str(tmp_path / "side.json"), "--readme", "README.md"])

@@ -70,13 +70,22 @@ def test_end_to_end_section_compares_whole_runs(tiny_model, monkeypatch):
     assert ranked and all(ranked.count(p) == 2 for p in ranked)
     e2e = report.summary["end_to_end"]
     assert e2e["split"] == "eval" and e2e["pairs"] == 3
-    assert [r["mean_steps"] for r in e2e["rows"]] == [4, 4, 3, 2]
+    # The paper-style loop once per seed, then the project's rows.
+    assert [r["label"] for r in e2e["rows"][:2]] == ["paper-style loop, paper settings, seed 0",
+                                                     "paper-style loop, paper settings, seed 1"]
+    assert [r["mean_steps"] for r in e2e["rows"]] == [4, 4, 4, 3, 2]
     assert all(0.0 <= r["miou"] <= 1.0 and r["pairs_per_hour"] > 0 for r in e2e["rows"])
+    # The loop's pairs per hour pools both seeds; its quality bar is the lower seed's mIoU.
+    refs = e2e["rows"][:2]
+    assert e2e["reference_pairs_per_hour"] == pytest.approx(3600 * 6 / (refs[0]["wall_s"] + refs[1]["wall_s"]))
+    assert e2e["quality_bar"] == min(r["miou"] for r in refs)
+    assert all(r["paper_quality"] == (r["miou"] >= e2e["quality_bar"]) for r in e2e["rows"])
     body = report.sections[-1][1]
-    assert body.count("\n| ") == 1 + 4 and "| project fast |" in body
+    assert body.count("\n| ") == 1 + 5 and "| project fast |" in body
     (line_fast,) = [ln for ln in summary_lines(report.summary) if "project fast vs" in ln]
-    ratio = e2e["rows"][3]["pairs_per_hour"] / e2e["rows"][0]["pairs_per_hour"]
+    ratio = e2e["rows"][4]["pairs_per_hour"] / e2e["reference_pairs_per_hour"]
     assert f"{ratio:.1f}x the pairs per hour" in line_fast
+    assert ("at the paper's quality" if e2e["rows"][4]["paper_quality"] else "below the paper's quality") in line_fast
 
 
 def test_reference_section_runs_every_kind_from_the_reference_loops_start(tiny_model, monkeypatch):

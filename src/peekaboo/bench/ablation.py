@@ -5,8 +5,8 @@ synthetic scenes (``--scenes shapes`` or ``objects``, each with its bundled mode
 [--out FILE] [--docs FILE] [--readme FILE] [--set key=value ...]`` scores every method on the first ``--pairs``
 pairs of the split (:func:`peekaboo.bench.run.run_benchmark`) and prints a markdown table shaped like the paper's
 ablation table; it writes the per-pair results, the table, the command and the machine to ``--out`` (JSON),
-the report to ``--docs`` and, for the eval split only, the table between the markers of ``--readme``, each
-only when given.
+the report to ``--docs`` and, for the README's scene set and split only, the main rows' table between the markers
+of ``--readme``, each only when given.
 
 ``--split tune --sweep`` is the tuning sweep that chose the settings (:func:`peekaboo.bench.sweep.sweep`).
 
@@ -19,6 +19,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -26,8 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from peekaboo.bench.common import machine_info, update_marked, write_json
-from peekaboo.bench.methods import CROSS_ATTENTION_THRESHOLD, METHOD_NAMES, SCENE_PRESETS
-from peekaboo.bench.report import README_END, README_SPLIT, README_START, readme_block, render_docs
+from peekaboo.bench.methods import CROSS_ATTENTION_THRESHOLD, MAIN_ROWS, METHOD_NAMES, SCENE_PRESETS
+from peekaboo.bench.report import (
+    README_END,
+    README_SCENES,
+    README_SPLIT,
+    README_START,
+    readme_block,
+    readme_rows_pending,
+    render_docs,
+)
 from peekaboo.bench.run import DEFAULT_BATCH, DEFAULT_PAIRS, merge_saved, run_benchmark
 from peekaboo.bench.scoring import BENCH_SPLITS
 from peekaboo.bench.sweep import SWEEP_STAGES, TUNE_PAIRS, sweep
@@ -37,20 +46,24 @@ from peekaboo.utils.console import setup_logging
 
 log = logging.getLogger("peekaboo.bench")
 
-# The README's one results table (between its bench markers) is this scene set's.
-README_SCENES = "shapes"
+#: The ``robust`` split's defaults: the main rows on fewer pairs (its scenes are slower to score and it measures
+#: how the method holds up, not every ablation).
+ROBUST_PAIRS = 100
 
 
 def parser(prog: str = "python -m peekaboo.bench.ablation") -> argparse.ArgumentParser:
     """The command line's options; every output path defaults to none (nothing written)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    p.add_argument("--scenes", choices=tuple(SCENE_PRESETS), default="shapes",
-                   help="the synthetic scene set (each runs with its bundled model's preset)")
+    p.add_argument("--scenes", choices=tuple(SCENE_PRESETS), default=README_SCENES,
+                   help=f"the synthetic scene set (each runs with its bundled model's preset; default {README_SCENES}, "
+                   "the README's)")
     p.add_argument("--split", choices=BENCH_SPLITS, default="eval")
     p.add_argument("--pairs", type=int, default=None,
-                   help=f"how many pairs (default {DEFAULT_PAIRS}; {TUNE_PAIRS} with --sweep)")
-    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), metavar="NAME",
-                   help=f"rows to run, from: {' '.join(METHOD_NAMES)}")
+                   help=f"how many pairs (default {DEFAULT_PAIRS}; {ROBUST_PAIRS} on robust; {TUNE_PAIRS} with "
+                   "--sweep)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                   help=f"rows to run (default every row; on robust the main rows, {' '.join(MAIN_ROWS)}), from: "
+                   f"{' '.join(METHOD_NAMES)}")
     p.add_argument("--out", type=Path, default=None, help="results JSON (the sweep's report with --sweep)")
     p.add_argument("--readme", type=Path, default=None,
                    help="also put the table between the bench markers here (eval split only)")
@@ -199,7 +212,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
     threshold = args.cross_attention_threshold
     if threshold is None:
         threshold = tuned.get("cross_attention_threshold", CROSS_ATTENTION_THRESHOLD)
-    result = run_benchmark(args.split, args.pairs or DEFAULT_PAIRS, args.methods, args.overrides,
+    robust = args.split == "robust"
+    methods = args.methods or list(MAIN_ROWS if robust else METHOD_NAMES)
+    pairs = args.pairs or (ROBUST_PAIRS if robust else DEFAULT_PAIRS)
+    result = run_benchmark(args.split, pairs, methods, args.overrides,
                            args.batch_size, args.config_dir, threshold, previous, save,
                            tuned.get("default_overrides", ()), tuned.get("kind_optim"), args.scenes,
                            tuned.get("step_counts"))
@@ -209,12 +225,20 @@ def _run(args: argparse.Namespace, command: str) -> int:
         print(f"\nwrote {out}")
     if docs is not None:
         print(f"wrote {docs}")
-    if args.readme is not None and report["partial"]:
-        # With --merge: other processes' rows are still to come; the last process to finish updates the README.
-        print(f"{args.readme} left as it was: the table is not complete yet.")
-    elif args.readme is not None and update_readme(args.readme, readme_block(report)):
+    waiting = readme_rows_pending(report)
+    if args.readme is not None and waiting:
+        # With --merge: another process's main rows are still to come; the last one to finish updates the README.
+        print(f"{args.readme} left as it was: main rows still to come ({' '.join(waiting)}).")
+    elif args.readme is not None and update_readme(args.readme, readme_block(report, _link(docs, args.readme))):
         print(f"updated {args.readme}")
     return 0
+
+
+def _link(docs: Path | None, readme: Path) -> str | None:
+    """``docs`` as a link from ``readme`` (None without docs)."""
+    if docs is None:
+        return None
+    return Path(os.path.relpath(docs.resolve(), readme.resolve().parent)).as_posix()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

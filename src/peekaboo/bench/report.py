@@ -7,7 +7,7 @@ from typing import Any
 
 from peekaboo.bench.common import fmt
 from peekaboo.bench.common import markdown_table as _table
-from peekaboo.bench.methods import SCENE_PRESETS
+from peekaboo.bench.methods import MAIN_ROWS, SCENE_PRESETS
 from peekaboo.data.shapes import TUNE_SPLITS
 from peekaboo.data.synthetic import GENERATORS
 
@@ -15,11 +15,14 @@ from peekaboo.data.synthetic import GENERATORS
 PROMPT_FORMS = {"shapes": "\"a <colour> <shape>\"", "objects": "naming the object (\"a dog\", \"an apple\")"}
 # Precision columns of the table (the paper's ablation table reports these four).
 TABLE_THRESHOLDS = (0.2, 0.4, 0.6, 0.8)
-#: The README's one generated block: the ``eval`` split's table goes between these lines (every other report of
-#: the benchmarks goes to docs/ only).
-README_START = "<!-- bench:shapes:start -->"
-README_END = "<!-- bench:shapes:end -->"
+#: Row kinds that run no optimization: a start scored alone and the training-free baselines.
+NO_OPTIMIZATION_KINDS = ("start_only", "cross_attention", "random", "whole_image")
+#: The README's one generated block: the main rows (:data:`~peekaboo.bench.methods.MAIN_ROWS`) of this scene
+#: set's ``eval`` table go between these lines; every other report of the benchmarks goes to docs/ only.
+README_SCENES = "objects"
 README_SPLIT = "eval"
+README_START = f"<!-- bench:{README_SCENES}:start -->"
+README_END = f"<!-- bench:{README_SCENES}:end -->"
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -48,15 +51,29 @@ def markdown_table(result: dict[str, Any]) -> str:
     return _table(head, rows, right_from=1)
 
 
-def readme_block(report: dict[str, Any]) -> str:
-    """What goes between the README's markers: the headline, the table and how it was made."""
-    return "\n".join([*([headline(report), ""] if headline(report) else []), report["table"], "",
+def readme_rows_pending(report: dict[str, Any]) -> list[str]:
+    """The main rows (:data:`~peekaboo.bench.methods.MAIN_ROWS`) some process of ``report``'s table still has
+    to finish: the README's block waits for them."""
+    return [name for name in report.get("rows_pending", ()) if name in MAIN_ROWS]
+
+
+def readme_block(report: dict[str, Any], full_report: str | None = None) -> str:
+    """What goes between the README's markers: the headline, the table of the main rows, where the full table is
+    (``full_report``, a path relative to the README, when given) and how it was made."""
+    main = {"methods": {name: row for name, row in report["methods"].items() if name in MAIN_ROWS}}
+    link = []
+    if full_report is not None:
+        rows = (f"The main {len(main['methods'])} rows of {len(report['methods'])}; every row"
+                if len(main["methods"]) < len(report["methods"]) else "What each row measures")
+        link = [f"{rows}: [{full_report}]({full_report}).", ""]
+    return "\n".join([*([headline(report), ""] if headline(report) else []), markdown_table(main), "", *link,
                       *provenance_lines(report)])
 
 
 def headline(report: dict[str, Any]) -> str:
-    """One sentence with the default's figures and its ratio to the cross-attention baseline ("" without the
-    default's row), so prose around a table never has to copy a figure."""
+    """One sentence with the default's figures, its ratio to the cross-attention baseline and its margin over the
+    best row that runs no optimization ("" without the default's row), so prose around a table never has to copy
+    a figure."""
     rows = report["methods"]
     if "peekaboo" not in rows or rows["peekaboo"]["summary"]["miou"] is None:
         return ""
@@ -66,6 +83,11 @@ def headline(report: dict[str, Any]) -> str:
     ca = rows.get("cross_attention", {}).get("summary", {}).get("miou")
     if ca:
         text += f": {s['miou'] / ca:.1f}x the cross-attention baseline (mIoU {ca:.3f})"
+    unoptimized = [(row["summary"]["miou"], row["label"]) for row in rows.values()
+                   if row["kind"] in NO_OPTIMIZATION_KINDS and row["summary"]["miou"] is not None]
+    if unoptimized:
+        best, label = max(unoptimized)
+        text += f"{',' if ca else ':'} {s['miou'] - best:+.3f} mIoU over the best row without optimization ({label})"
     return text + "."
 
 

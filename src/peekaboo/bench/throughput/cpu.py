@@ -40,6 +40,8 @@ QUALITY_PAIRS = 16  # one batch of the preset's data.pairs_per_step
 MASK_REPEATS = 20  # mask render + backward repetitions of the filter-only comparison
 END_TO_END_SPLIT = "eval"  # held-out pairs: the fast settings were chosen on the tune split
 END_TO_END_PAIRS = 16
+#: The paper-style loop's seeds in the end-to-end section: its spread over them is what "equal quality" allows.
+REFERENCE_SEEDS = (0, 1)
 #: The fewer-steps settings each scene set's `tune` split chose (shapes: docs/STEPS.md); the end-to-end section
 #: times them beside the default. None has been chosen for the objects scenes yet.
 FAST_SETTINGS = {"shapes": FAST}
@@ -233,29 +235,34 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def section_end_to_end(bench: Bench, report: Report, items: Sequence[Item]) -> None:
     """Pairs per hour and mIoU of the paper-style loop with the paper's settings against the project's default
     (and fast settings, where :data:`FAST_SETTINGS` has the scene set's), on :data:`END_TO_END_PAIRS` held-out pairs,
-    each path as a user runs it."""
-    paper_cfg = bench.config(*PAPER.overrides, f"trainer.max_steps={PAPER_STEPS}")
-    chosen = load_items(END_TO_END_PAIRS, paper_cfg.optimization.mask.size, paper_cfg.image_options.fit,
+    each path as a user runs it. The paper-style loop runs once per seed of :data:`REFERENCE_SEEDS`: a project row
+    is at the paper's quality when its mIoU reaches the lower of the two (equal within the loop's own spread)."""
+    paper_cfgs = [bench.config(*PAPER.overrides, f"trainer.max_steps={PAPER_STEPS}", f"optimization.seed={seed}")
+                  for seed in REFERENCE_SEEDS]
+    chosen = load_items(END_TO_END_PAIRS, paper_cfgs[0].optimization.mask.size, paper_cfgs[0].image_options.fit,
                         END_TO_END_SPLIT, bench.scenes)
-    backbone = bench.backbone(paper_cfg)
-    threshold = paper_cfg.optimization.threshold
+    backbone = bench.backbone(paper_cfgs[0])
+    threshold = paper_cfgs[0].optimization.threshold
 
     def row(label: str, about: str, alphas: Sequence[torch.Tensor], steps: Sequence[int], wall: float) -> dict:
         return {"label": label, "about": about, "miou": float(np.mean(ious(alphas, chosen, threshold))),
                 "mean_steps": float(np.mean(steps)), "wall_s": wall, "pairs_per_hour": 3600.0 * len(chosen) / wall}
 
     paper = " ".join(PAPER.overrides)
-    refs = [bench.reference_run("end to end, reference", paper_cfg, item, backbone, warmup=0, steps=PAPER_STEPS)
-            for item in chosen]  # the paper's loop: one pair at a time
-    rows = [row("paper-style loop, paper settings", f"`peekaboo.bench.reference_loop`, one pair at a time, "
-                f"{PAPER_STEPS} steps, `{paper}`", [a for _, a in refs], [PAPER_STEPS] * len(chosen),
-                sum(wall_s(t) for t, _ in refs))]
+    references = []
+    for seed, paper_cfg in zip(REFERENCE_SEEDS, paper_cfgs, strict=True):
+        refs = [bench.reference_run("end to end, reference", paper_cfg, item, backbone, warmup=0, steps=PAPER_STEPS)
+                for item in chosen]  # the paper's loop: one pair at a time
+        references.append(row(f"paper-style loop, paper settings, seed {seed}",
+                              f"`peekaboo.bench.reference_loop`, one pair at a time, {PAPER_STEPS} steps, `{paper}`",
+                              [a for _, a in refs], [PAPER_STEPS] * len(chosen), sum(wall_s(t) for t, _ in refs)))
     project = [("project, paper settings", f"{PAPER_STEPS} steps, `{paper}`",
                 [*PAPER.overrides, f"trainer.max_steps={PAPER_STEPS}"]),
                ("project default", "the preset", [])]
     if (fast := FAST_SETTINGS.get(bench.scenes)) is not None:
         project.append(("project fast", f"`{' '.join(fast.overrides)}` (chosen on the tune split)",
                         list(fast.overrides)))
+    rows = list(references)
     for label, about, overrides in project:
         cfg = bench.config(*overrides)
         per_module = cfg.data.pairs_per_step
@@ -267,18 +274,29 @@ def section_end_to_end(bench: Bench, report: Report, items: Sequence[Item]) -> N
             alphas += [r.alpha for r in results]
             steps += [r.steps for r in results]
         rows.append(row(label, about, alphas, steps, wall))
-    report.summary["end_to_end"] = {"split": END_TO_END_SPLIT, "pairs": len(chosen), "rows": rows}
-    base = rows[0]
+    # The paper-style loop's pairs per hour: all its seeds' pairs over all their time; its quality bar: the lower
+    # seed's mIoU (a row within the loop's own spread over seeds is at its quality).
+    base_pph = 3600.0 * len(chosen) * len(references) / sum(r["wall_s"] for r in references)
+    bar = min(r["miou"] for r in references)
+    for r in rows:
+        r["vs_paper"] = r["pairs_per_hour"] / base_pph
+        r["paper_quality"] = r["miou"] >= bar
+    report.summary["end_to_end"] = {"split": END_TO_END_SPLIT, "pairs": len(chosen), "rows": rows,
+                                    "reference_seeds": len(references), "reference_pairs_per_hour": base_pph,
+                                    "quality_bar": bar}
     body = (f"{len(chosen)} synthetic {bench.scenes} `{END_TO_END_SPLIT}` pairs (held out: settings are chosen on "
             f"`tune`), fp32, {torch.get_num_threads()} torch thread(s). Each path runs as a user runs it: the "
             "paper-style loop one pair at a time, the project in a dataset run's batches of `data.pairs_per_step` "
-            "pairs through the Trainer; wall time includes every fixed cost. Pairs per hour and mIoU (threshold "
-            f"{threshold}) against the paper-style loop's; {STEPS_DOCS[bench.scenes]} has mIoU against steps.\n\n")
+            "pairs through the Trainer; wall time includes every fixed cost. The paper-style loop runs with "
+            f"{len(references)} seeds: \"vs paper-style\" compares with its pairs per hour over both "
+            f"({base_pph:,.0f}), and a row is at the paper's quality when its mIoU (threshold {threshold}) reaches "
+            f"the lower seed's ({bar:.3f}), that is, within the loop's own spread over seeds; "
+            f"{STEPS_DOCS[bench.scenes]} has mIoU against steps.\n\n")
     body += table(["path", "settings", "mean steps", "s/pair", "pairs/hour", "vs paper-style", "mIoU",
-                   "mIoU vs paper-style"],
+                   "at the paper's quality"],
                   [[r["label"], r["about"], f"{r['mean_steps']:.0f}", f"{r['wall_s'] / len(chosen):.2f}",
-                    f"{r['pairs_per_hour']:,.0f}", f"**{r['pairs_per_hour'] / base['pairs_per_hour']:.1f}x**",
-                    fmt(r["miou"]), f"{r['miou'] - base['miou']:+.3f}"] for r in rows])
+                    f"{r['pairs_per_hour']:,.0f}", f"**{r['vs_paper']:.1f}x**", fmt(r["miou"]),
+                    "yes" if r["paper_quality"] else "no"] for r in rows])
     report.add("End to end: pairs per hour at the paper's quality", body)
 
 
