@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from peekaboo.bench import breakdown
 from peekaboo.bench.common import fmt
 from peekaboo.bench.common import markdown_table as _table
 from peekaboo.bench.methods import MAIN_ROWS, SCENE_PRESETS
@@ -161,6 +162,8 @@ def render_docs(report: dict[str, Any], sweep_report: dict[str, Any] | None = No
                   f"sweep's choice for the default (`--tuned`): `{' '.join(report['base_overrides'])}`."]
     if report.get("extra_overrides"):
         lines += ["", f"Every Peekaboo row also has the command's `--set {' '.join(report['extra_overrides'])}`."]
+    if table := breakdown.markdown(report):
+        lines += ["", "## Where it succeeds and fails", "", table]
     if sweep_report is not None:
         lines += ["", "## How the settings were chosen", "", sweep_report.get("markdown", ""), ""]
     return "\n".join(lines).rstrip() + "\n"
