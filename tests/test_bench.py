@@ -18,8 +18,9 @@ from peekaboo.bench.baselines import RANDOM_DISC_RADIUS, attention_mask, random_
 from peekaboo.config import validate_optimization
 from peekaboo.data.synthetic import synthetic_pairs
 from peekaboo.diffusion.identity import model_fingerprint
-from peekaboo.errors import EXIT_INTERRUPTED, PeekabooError
+from peekaboo.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, PeekabooError
 from peekaboo.optim import module as module_lib
+from peekaboo.optim.preemption import Preempted
 from peekaboo.optim.restarts import candidate_inits
 
 # The bundled model's accuracy floor on the first CI_PAIRS evaluation pairs (Peekaboo default settings), set
@@ -356,6 +357,22 @@ def test_an_interrupted_resume_keeps_every_earlier_row(tiny_model, tmp_path, mon
     saved = json.loads(out.read_text())
     assert saved["partial"] is True
     assert set(saved["methods"]) == {"peekaboo", "no_gravity", "whole_image"}
+
+
+def test_a_preempted_table_says_how_to_go_on_without_a_traceback(tmp_path, monkeypatch, capsys):
+    # SIGTERM in a row's fit: the Trainer saves and raises Preempted; the command ends in one line and 143.
+    out = tmp_path / "r.json"
+
+    def preempted(*a, **k):
+        raise Preempted("signal 15 at step 3")
+
+    monkeypatch.setattr(bench_run, "whole_image", preempted)
+    status = ablation.main(["--pairs", "2", "--config-dir", str(REPO_CONFIGS), "--out", str(out),
+                            "--methods", "random", "whole_image"])
+    assert status == EXIT_PREEMPTED
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "stopped: signal 15 at step 3; the finished rows and pairs are saved; rerun with --resume to go on")
+    assert list(json.loads(out.read_text())["methods"]) == ["random"]
 
 
 @pytest.mark.slow

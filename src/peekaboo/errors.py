@@ -25,6 +25,11 @@ class PeekabooError(Exception):
     """An error caused by the user's input, with a message that says how to fix it."""
 
 
+class Stopped(Exception):
+    """A command stopped by a signal (SIGTERM, SIGUSR1) after saving what it had finished; the message says where
+    it stopped (e.g. ``"signal 15 at step 68"``)."""
+
+
 class ConfigError(PeekabooError):
     """A bad configuration key or value."""
 
@@ -48,22 +53,31 @@ class OutputError(PeekabooError):
     """
 
 
-def exit_status(main: Callable[[], int | None], context: str = "") -> int:
+#: What a stopped command tells its user, unless it says how it goes on itself (:func:`exit_status`).
+RERUN_HINT = "what was finished is saved; rerun the same command to go on"
+
+
+def exit_status(main: Callable[[], int | None], context: str = "", rerun_hint: str = RERUN_HINT) -> int:
     """Run a command's body and return its exit status.
 
     A :class:`PeekabooError` prints ``error: <context><message>`` on stderr (no traceback) and returns
-    :data:`EXIT_USER_ERROR`; Ctrl-C prints ``interrupted`` and returns :data:`EXIT_INTERRUPTED`. Any other
-    exception is a bug and propagates with its traceback.
+    :data:`EXIT_USER_ERROR`; a :class:`Stopped` (a preemption signal) prints ``stopped: <context><where>;
+    <rerun_hint>`` and returns :data:`EXIT_PREEMPTED`; Ctrl-C prints ``interrupted`` and returns
+    :data:`EXIT_INTERRUPTED`. Any other exception is a bug and propagates with its traceback.
 
     Args:
         main: the command's body; its return value (None meaning 0) is the status.
         context: prefix naming where the error happened, e.g. ``"worker 1: "``.
+        rerun_hint: how a stopped command goes on.
     """
     try:
         return main() or 0
     except PeekabooError as err:
         print(f"error: {context}{err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Stopped as err:
+        print(f"stopped: {context}{err}; {rerun_hint}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

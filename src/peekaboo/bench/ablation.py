@@ -148,7 +148,8 @@ def run(args: argparse.Namespace, command: str) -> int:
         The exit status: 0, or 2 after a user error (printed as one line).
     """
     setup_logging()
-    return exit_status(lambda: _run(args, command))
+    return exit_status(lambda: _run(args, command),
+                       rerun_hint="the finished rows and pairs are saved; rerun with --resume to go on")
 
 
 def _run(args: argparse.Namespace, command: str) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from peekaboo.errors import exit_status
+from peekaboo.errors import RERUN_HINT, exit_status
 from peekaboo.utils import files
 from peekaboo.utils.console import setup_logging
 
@@ -247,11 +247,11 @@ def _status_kb(key: str) -> int | None:
 
 # -- command lines --------------------------------------------------------------------------------------------
 def run_cli(make_parser: Callable[[str], Any], body: Callable[[Any, str], int], argv: Sequence[str] | None,
-            prog: str) -> int:
+            prog: str, rerun_hint: str = RERUN_HINT) -> int:
     """A benchmark's ``main``: parse ``argv`` (default ``sys.argv[1:]``) with ``make_parser(prog)``, then
     ``body(args, command)`` (``command``: the command line, for the report); a user error ends in one sentence and
-    exit status 2."""
+    exit status 2, a preemption signal in ``rerun_hint`` and status 143 (:func:`peekaboo.errors.exit_status`)."""
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser(prog).parse_args(argv)
-    return exit_status(lambda: body(args, shlex.join([*shlex.split(prog), *argv])))
+    return exit_status(lambda: body(args, shlex.join([*shlex.split(prog), *argv])), rerun_hint=rerun_hint)

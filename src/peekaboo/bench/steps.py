@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m peekaboo.benc
     def body(args: argparse.Namespace, command: str) -> int:
         print(render(run(args, command), args.plot))
         return 0
-    return run_cli(parser, body, argv, prog)
+    return run_cli(parser, body, argv, prog, rerun_hint="the finished curves are saved; rerun with --resume to go on")
 
 
 if __name__ == "__main__":

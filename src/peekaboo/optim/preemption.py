@@ -17,11 +17,13 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from peekaboo.errors import Stopped
+
 # Signals a cluster sends before it takes the machine back (SLURM: SIGTERM, or SIGUSR1 with --signal).
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class Preempted(Exception):
+class Preempted(Stopped):
     """A fit stopped by a preemption signal, after its checkpoint was saved; rerunning resumes it."""
 
 
