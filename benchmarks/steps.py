@@ -36,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra += ["--out", RESULTS[args.scenes].format(split=args.split)]
     # Only the report's own run (the scene set's built-in settings at the default step counts, nothing added)
     # writes the split's report; a run to its own --out file, or of some settings, writes only what it names.
-    whole = (set(steps.builtins_of(args)) == set(steps.DEFAULT_BUILTINS[args.scenes]) and not args.candidate
+    every = {s.label for s in steps.builtin_settings(args.scenes)}
+    whole = ((args.builtins is None or set(args.builtins) == every) and not args.candidate
              and not args.set and sorted(args.steps) == sorted(steps.STEP_COUNTS))
     docs_of = DOCS[args.scenes]
     if default_out and whole and args.split in docs_of and args.docs is None and args.plot is None:

@@ -102,7 +102,13 @@ def test_a_resumed_steps_run_keeps_only_the_unchanged_curves(tiny_model, tmp_pat
     assert ran == ["g", "project", "project"]
 
 
-def test_steps_user_errors(capsys):
+def test_steps_user_errors(capsys, monkeypatch):
+    monkeypatch.setattr(steps, "FAST", {})  # no scene set has a fast setting chosen
+    assert steps.main(["--builtins", "fast", "--config-dir", str(REPO_CONFIGS)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --builtins fast: the shapes scenes have no such setting chosen yet; draw paper project, "
+        "or a --candidate.")
+    monkeypatch.undo()
     assert steps.main(["--steps", "0", "--config-dir", str(REPO_CONFIGS)]) == 2
     assert "at least 1" in capsys.readouterr().err
     assert steps.main(["--builtins", "--config-dir", str(REPO_CONFIGS)]) == 2
@@ -130,11 +136,13 @@ def test_the_script_writes_the_split_report_only_for_the_reports_own_run(monkeyp
     objects = _script_argv(monkeypatch, ["--scenes", "objects", "--split", "eval"])
     assert objects[-6:] == ["--out", "benchmarks/results/steps_objects_eval.json", "--docs", "docs/STEPS_OBJECTS.md",
                             "--plot", "docs/steps_objects.png"]
-    # The fast setting was chosen on the shapes tune split: the objects report draws the paper's and the preset's.
-    assert steps.builtins_of(steps.parser().parse_args(["--scenes", "objects"])) == ["paper", "project"]
-    assert "--docs" in _script_argv(monkeypatch, ["--scenes", "objects", "--split", "eval", "--builtins", "paper",
-                                                  "project"])
+    # Each scene set draws its own fast setting, where its tune split chose one.
+    for scenes in ("shapes", "objects"):
+        drawn = steps.builtins_of(steps.parser().parse_args(["--scenes", scenes]))
+        assert drawn == ["paper", "project", *(["fast"] if scenes in steps.FAST else [])]
+    every = [s.label for s in steps.builtin_settings("objects")]
+    assert "--docs" in _script_argv(monkeypatch, ["--scenes", "objects", "--split", "eval", "--builtins", *every])
     for argv in (["--split", "eval", "--out", side], ["--split", "robust", "--builtins", "fast"],
-                 ["--scenes", "objects", "--split", "eval", "--builtins", "paper", "project", "fast"],
+                 ["--scenes", "objects", "--split", "eval", "--builtins", "paper"],
                  ["--split", "eval", "--steps", "25", "50"], ["--split", "eval", "--candidate", "c: x=1"]):
         assert "--docs" not in _script_argv(monkeypatch, argv) and "--plot" not in _script_argv(monkeypatch, argv)

@@ -62,21 +62,36 @@ class Setting:
 PAPER = Setting("paper", "the paper's score distillation, guidance 100, posterior sampling and alpha-0.5 start",
                 PAPER_OVERRIDES)
 PROJECT = Setting("project", "the scene set's model preset (configs/model/shapes.yaml or objects.yaml)")
-#: Fewer steps at better than the paper's quality, chosen on the tune split: 50 steps, the first count where the
-#: curves there flatten, at the best rate and timestep schedule tried (benchmarks/results/steps_tune*.json hold
-#: the tune curves of the rates, schedules, mask starts and estimators); docs/STEPS.md, docs/STEPS_ROBUST.md and
-#: the end-to-end rows of docs/PERFORMANCE.md measure it on held-out pairs.
-FAST = Setting("fast", "the preset at learning rate 0.3 with stratified timesteps for 50 steps",
-               ("trainer.max_steps=50", "optimization.optim.lr=0.3", "optimization.guidance.t_schedule=stratified"))
-BUILTIN = (PAPER, PROJECT, FAST)
-#: The built-in settings a run draws unless ``--builtins`` says: the fast setting was chosen on the shapes `tune`
-#: split, so it is drawn on the shapes scenes only.
-DEFAULT_BUILTINS: dict[str, tuple[str, ...]] = {"shapes": ("paper", "project", "fast"), "objects": ("paper", "project")}
+#: Fewer steps at better than the paper's quality, by scene set, each chosen on its own tune split.
+#: Shapes: 50 steps, the first count where the curves there flatten, at the best rate and timestep schedule tried
+#: (benchmarks/results/steps_tune*.json hold the tune curves of the rates, schedules, mask starts and estimators);
+#: docs/STEPS.md, docs/STEPS_ROBUST.md and the end-to-end rows of docs/PERFORMANCE.md measure it on held-out pairs.
+FAST: dict[str, Setting] = {
+    "shapes": Setting("fast", "the preset at learning rate 0.3 with stratified timesteps for 50 steps",
+                      ("trainer.max_steps=50", "optimization.optim.lr=0.3",
+                       "optimization.guidance.t_schedule=stratified")),
+}
+BUILTIN_LABELS = (PAPER.label, PROJECT.label, "fast")
+
+
+def builtin_settings(scenes: str) -> tuple[Setting, ...]:
+    """The built-in settings of a scene set: the paper's, the preset, and its fast setting where one was chosen."""
+    return (PAPER, PROJECT, *((FAST[scenes],) if scenes in FAST else ()))
 
 
 def builtins_of(args: argparse.Namespace) -> list[str]:
-    """The built-in settings ``args`` draws: ``--builtins``, else the scene set's :data:`DEFAULT_BUILTINS`."""
-    return list(DEFAULT_BUILTINS[args.scenes]) if args.builtins is None else list(args.builtins)
+    """The built-in settings ``args`` draws: ``--builtins``, else every built-in setting of its scene set.
+
+    Raises:
+        PeekabooError: ``--builtins fast`` on a scene set with no fast setting.
+    """
+    if args.builtins is None:
+        return [s.label for s in builtin_settings(args.scenes)]
+    known = {s.label for s in builtin_settings(args.scenes)}
+    if missing := [label for label in args.builtins if label not in known]:
+        raise PeekabooError(f"--builtins {missing[0]}: the {args.scenes} scenes have no such setting chosen yet; "
+                            f"draw {' '.join(sorted(known))}, or a --candidate.")
+    return list(args.builtins)
 
 
 def parse_candidate(text: str) -> Setting:
@@ -89,7 +104,7 @@ def parse_candidate(text: str) -> Setting:
     label = label.strip()
     if not sep or not label:
         raise PeekabooError(f"--candidate {text!r}: write it as 'label: key=value ...'.")
-    if label in {s.label for s in BUILTIN}:
+    if label in BUILTIN_LABELS:
         raise PeekabooError(f"--candidate {text!r}: the label {label!r} is a built-in setting's; choose another.")
     overrides = tuple(shlex.split(rest))
     return Setting(label, " ".join(overrides) or "the preset", overrides)
@@ -137,7 +152,9 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     steps = sorted(set(args.steps))
     if steps[0] < 1:
         raise PeekabooError(f"--steps {' '.join(map(str, args.steps))}: step counts must be at least 1.")
-    settings = [s for s in BUILTIN if s.label in builtins_of(args)] + [parse_candidate(c) for c in args.candidate]
+    drawn = builtins_of(args)
+    settings = [s for s in builtin_settings(args.scenes) if s.label in drawn]
+    settings += [parse_candidate(c) for c in args.candidate]
     if not settings:
         raise PeekabooError("an empty --builtins and no --candidate: there is nothing to run; name a setting.")
     if args.resume and args.out is None:
@@ -272,9 +289,9 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--split", choices=BENCH_SPLITS, default="tune")
     p.add_argument("--pairs", type=int, default=DEFAULT_PAIRS)
     p.add_argument("--steps", type=int, nargs="+", default=list(STEP_COUNTS), help="step counts to score")
-    p.add_argument("--builtins", nargs="*", choices=[s.label for s in BUILTIN], default=None,
-                   help="which built-in settings to draw (default: the scene set's, DEFAULT_BUILTINS; give none of "
-                   "them for candidates only)")
+    p.add_argument("--builtins", nargs="*", choices=BUILTIN_LABELS, default=None,
+                   help="which built-in settings to draw (default: every one the scene set has; fast only where one "
+                   "was chosen on its tune split; give none of them for candidates only)")
     p.add_argument("--candidate", action="append", default=[], metavar="'LABEL: KEY=VALUE ...'",
                    help="another setting to draw (repeatable), overriding the preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -42,9 +42,9 @@ END_TO_END_SPLIT = "eval"  # held-out pairs: the fast settings were chosen on th
 END_TO_END_PAIRS = 16
 #: The paper-style loop's seeds in the end-to-end section: its spread over them is what "equal quality" allows.
 REFERENCE_SEEDS = (0, 1)
-#: The fewer-steps settings each scene set's `tune` split chose (shapes: docs/STEPS.md); the end-to-end section
-#: times them beside the default. None has been chosen for the objects scenes yet.
-FAST_SETTINGS = {"shapes": FAST}
+#: The fewer-steps settings each scene set's `tune` split chose (:data:`peekaboo.bench.steps.FAST`); the end-to-end
+#: section times the scene set's beside the default.
+FAST_SETTINGS = FAST
 STEPS_DOCS = {"shapes": "docs/STEPS.md", "objects": "docs/STEPS_OBJECTS.md"}  # mIoU against steps, by scene set
 OVERHEAD_GOAL_PCT = 10.0  # the goals, quoted in the report
 SPEEDUP_GOAL = 3.0
