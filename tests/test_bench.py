@@ -254,9 +254,38 @@ def test_only_the_eval_table_goes_to_the_readme(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"{bench_report.README_START}\neval\n{bench_report.README_END}\n")
     before = readme.read_bytes()
-    for split_args in (["--split", "robust"], ["--split", "tune", "--sweep"]):
+    other = next(s for s in methods.SCENE_PRESETS if s != bench_report.README_SCENES)
+    for split_args in (["--split", "robust"], ["--split", "tune", "--sweep"], ["--scenes", other]):
         assert ablation.main([*split_args, "--readme", str(readme), "--config-dir", str(REPO_CONFIGS)]) == 2
     assert readme.read_bytes() == before
+
+
+def test_the_readme_links_the_full_report_from_its_own_folder(tmp_path):
+    docs = tmp_path / "docs" / "B.md"
+    assert ablation._link(docs, tmp_path / "README.md") == "docs/B.md"
+    assert ablation._link(docs, tmp_path / "site" / "README.md") == "../docs/B.md"
+    assert ablation._link(None, tmp_path / "README.md") is None
+
+
+def test_a_resume_without_methods_keeps_the_rows_its_file_has(tmp_path):
+    out = tmp_path / "r.json"
+    common = ["--split", "robust", "--pairs", "2", "--config-dir", str(REPO_CONFIGS), "--out", str(out)]
+    assert ablation.main([*common, "--methods", "whole_image"]) == 0
+    saved = json.loads(out.read_text())
+    # A row outside the split's default ones (the main rows), finished earlier, and one still to compute.
+    saved["methods"]["no_gravity"] = {**saved["methods"]["whole_image"], "label": "no gravity"}
+    out.write_text(json.dumps({**saved, "rows_pending": ["restarts_4"]}))
+    seen = {}
+
+    def fake_run(split, pairs, names, *a, **k):
+        seen["names"] = list(names)
+        return {"split": split, "pairs": pairs, "methods": {}, "table": ""}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ablation, "run_benchmark", fake_run)
+        ablation.main([*common, "--resume"])
+    assert set(seen["names"]) == {*methods.MAIN_ROWS, "no_gravity", "restarts_4"}
+    assert seen["names"] == [n for n in methods.METHOD_NAMES if n in seen["names"]]  # table order
 
 
 def test_processes_with_disjoint_methods_fill_one_table_with_merge(tmp_path):

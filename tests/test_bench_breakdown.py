@@ -38,25 +38,41 @@ def test_scene_facts_are_the_scenes_own():
 def test_the_objects_report_shows_each_factor_for_its_finished_rows():
     pairs = load_pairs("eval", 6, "objects")
     facts = breakdown.scene_facts("eval", 6)
-    records = [{"id": p.id, "iou": k / 10, "wrong_object": k % 2 == 1} for k, p in enumerate(pairs)]
+    default = [{"id": p.id, "iou": k / 10, "wrong_object": k % 2 == 1} for k, p in enumerate(pairs)]
+    # Another row with other figures, one pair unscored: each column is its own row's.
+    baseline = [{"id": p.id, "iou": 1 - k / 8, "wrong_object": k == 0} for k, p in enumerate(pairs[1:])]
+    baseline.append({"id": pairs[0].id, "iou": None, "status": "failed"})
     report = {"scenes": "objects", "split": "eval", "pairs": 6,
-              "methods": {"peekaboo": {"label": "Peekaboo (default)", "records": records},
-                          "random": {"label": "random disc", "records": records}}}
+              "methods": {"peekaboo": {"label": "Peekaboo (default)", "records": default},
+                          "cross_attention": {"label": "cross-attention map", "records": baseline},
+                          "random": {"label": "random disc", "records": default}}}
     text = breakdown.markdown(report)
-    assert text.count("| objects in the scene | pairs | Peekaboo (default) |") == 1
+    assert text.count("| objects in the scene | pairs | Peekaboo (default) | cross-attention map |") == 1
     assert "random disc" not in text  # not one of BREAKDOWN_ROWS
-    # Each factor's groups hold every pair once, with the mean of its pairs' IoU.
     for title, group_of, _ in breakdown.FACTORS:
         table = text.split(f"**By {title}**")[1].split("**By")[0]
         cells = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-        assert sum(int(c[1]) for c in cells) == 6
+        assert sum(int(c[1]) for c in cells) == 6  # every pair of the table once, in its group
         for c in cells:
             group = c[0].removeprefix("| ")
-            ious = [r["iou"] for r in records if group_of(facts[r["id"]]) == group]
-            assert c[2].startswith(f"{np.mean(ious):.3f} (")
+            for column, records in ((2, default), (3, baseline)):
+                ious = [r["iou"] for r in records if r["iou"] is not None and group_of(facts[r["id"]]) == group]
+                cell = c[column].removesuffix(" |")
+                assert cell.startswith(f"{np.mean(ious):.3f} (") if ious else cell == "-"
     # Not for the shapes scenes, nor without a breakdown row.
     assert breakdown.markdown({**report, "scenes": "shapes"}) == ""
     assert breakdown.markdown({**report, "methods": {"random": report["methods"]["random"]}}) == ""
+
+
+def test_groups_outside_a_factors_order_are_shown_after_it(monkeypatch):
+    pairs = load_pairs("eval", 3, "objects")
+    facts = {p.id: {"objects": 5 + k % 2, "visible_area": 0.1, "occluded": False, "background": "sky"}
+             for k, p in enumerate(pairs)}
+    monkeypatch.setattr(breakdown, "scene_facts", lambda split, n: facts)
+    records = [{"id": p.id, "iou": 0.5, "wrong_object": False} for p in pairs]
+    text = breakdown.markdown({"scenes": "objects", "split": "eval", "pairs": 3,
+                               "methods": {"peekaboo": {"label": "default", "records": records}}})
+    assert "| 5 | 2 | 0.500 (0%) |" in text and "| 6 | 1 | 0.500 (0%) |" in text and "| sky | 3 |" in text
 
 
 def test_render_docs_carries_the_breakdown():
@@ -67,4 +83,5 @@ def test_render_docs_carries_the_breakdown():
     report = {"scenes": "objects", "split": "eval", "pairs": 2, "methods": {"peekaboo": row}, "table": "T",
               "command": "c", "model": "m", "date": "d",
               "machine": {"platform": "p", "cpu_count": 2, "torch_threads": 2, "torch": "t", "python": "3"}}
-    assert "## Where it succeeds and fails" in render_docs(report)
+    text = render_docs(report)
+    assert "## Where it succeeds and fails" in text and breakdown.markdown(report) in text

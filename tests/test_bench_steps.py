@@ -136,7 +136,8 @@ def test_the_script_writes_the_split_report_only_for_the_reports_own_run(monkeyp
     objects = _script_argv(monkeypatch, ["--scenes", "objects", "--split", "eval"])
     assert objects[-6:] == ["--out", "benchmarks/results/steps_objects_eval.json", "--docs", "docs/STEPS_OBJECTS.md",
                             "--plot", "docs/steps_objects.png"]
-    # Each scene set draws its own fast setting, where its tune split chose one.
+    # Each scene set draws its own fast setting, where its tune split chose one, always under the label "fast".
+    assert all(s.label == "fast" for s in steps.FAST.values())
     for scenes in ("shapes", "objects"):
         drawn = steps.builtins_of(steps.parser().parse_args(["--scenes", scenes]))
         assert drawn == ["paper", "project", *(["fast"] if scenes in steps.FAST else [])]

@@ -25,9 +25,10 @@ class PeekabooError(Exception):
     """An error caused by the user's input, with a message that says how to fix it."""
 
 
-class Stopped(Exception):
+class Stopped(BaseException):
     """A command stopped by a signal (SIGTERM, SIGUSR1) after saving what it had finished; the message says where
-    it stopped (e.g. ``"signal 15 at step 68"``)."""
+    it stopped (e.g. ``"signal 15 at step 68"``). Like ``KeyboardInterrupt`` it is a request to stop, not an error:
+    handlers that keep a benchmark going past a failing part (``except Exception``) must not swallow it."""
 
 
 class ConfigError(PeekabooError):

@@ -62,11 +62,12 @@ def parser(prog: str = "python -m peekaboo.bench.ablation") -> argparse.Argument
                    help=f"how many pairs (default {DEFAULT_PAIRS}; {ROBUST_PAIRS} on robust; {TUNE_PAIRS} with "
                    "--sweep)")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
-                   help=f"rows to run (default every row; on robust the main rows, {' '.join(MAIN_ROWS)}), from: "
-                   f"{' '.join(METHOD_NAMES)}")
+                   help=f"rows to run (default every row; on robust the main rows, {' '.join(MAIN_ROWS)}; with "
+                   f"--resume also the rows --out has), from: {' '.join(METHOD_NAMES)}")
     p.add_argument("--out", type=Path, default=None, help="results JSON (the sweep's report with --sweep)")
     p.add_argument("--readme", type=Path, default=None,
-                   help="also put the table between the bench markers here (eval split only)")
+                   help=f"also put the main rows' table between the bench markers here ({README_SCENES} "
+                   f"{README_SPLIT} only)")
     p.add_argument("--docs", type=Path, default=None, help="markdown report")
     p.add_argument("--sweep-report", type=Path, default=None, metavar="SWEEP_JSON",
                    help="a sweep's report whose trials --docs shows under \"How the settings were chosen\"")
@@ -214,7 +215,12 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if threshold is None:
         threshold = tuned.get("cross_attention_threshold", CROSS_ATTENTION_THRESHOLD)
     robust = args.split == "robust"
-    methods = args.methods or list(MAIN_ROWS if robust else METHOD_NAMES)
+    methods = args.methods
+    if methods is None:
+        wanted = {*(MAIN_ROWS if robust else METHOD_NAMES)}
+        if previous is not None:  # a resumed table keeps the rows it has, and those it had still to compute
+            wanted |= {*previous.get("methods", {}), *previous.get("rows_pending", ())}
+        methods = [name for name in METHOD_NAMES if name in wanted]
     pairs = args.pairs or (ROBUST_PAIRS if robust else DEFAULT_PAIRS)
     result = run_benchmark(args.split, pairs, methods, args.overrides,
                            args.batch_size, args.config_dir, threshold, previous, save,

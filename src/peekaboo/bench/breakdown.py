@@ -8,6 +8,7 @@ a table stored before this report existed gets it too.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,8 +61,9 @@ def group_summaries(records: Sequence[dict[str, Any]], facts: dict[str, dict[str
 
 def markdown(report: dict[str, Any]) -> str:
     """The breakdown of an objects results report's finished :data:`BREAKDOWN_ROWS` ("" for another scene set or
-    without those rows): one table per factor, a group per line, each row's mIoU (wrong-object rate)."""
-    rows = [(report["methods"][n]["label"], report["methods"][n]["records"]) for n in BREAKDOWN_ROWS
+    without those rows): one table per factor, a group per line (the factor's groups in order, then any other),
+    with the table's pairs in the group and each row's mIoU (wrong-object rate) over its scored pairs there."""
+    rows = [(report["methods"][n]["label"], report["methods"][n].get("records", [])) for n in BREAKDOWN_ROWS
             if n in report["methods"]]
     if report.get("scenes") != "objects" or not rows:
         return ""
@@ -69,10 +71,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines = ["Each cell: mIoU (wrong-object rate) of the row's pairs in that group.", ""]
     for title, group_of, order in FACTORS:
         by_row = [group_summaries(records, facts, group_of) for _, records in rows]
-        counts = group_summaries(rows[0][1], facts, group_of)
-        body = [[g, counts[g]["pairs"], *(f"{fmt(s[g]['miou'])} ({100 * s[g]['wrong']:.0f}%)" if g in s else "-"
-                                         for s in by_row)]
-                for g in order if g in counts]
+        pairs_in = Counter(group_of(f) for f in facts.values())
+        groups = [g for g in order if g in pairs_in] + sorted(set(pairs_in) - set(order))
+        body = [[g, pairs_in[g], *(f"{fmt(s[g]['miou'])} ({100 * s[g]['wrong']:.0f}%)" if g in s else "-"
+                                   for s in by_row)]
+                for g in groups]
         lines += [f"**By {title}**", "", _table([title, "pairs", *(label for label, _ in rows)], body, right_from=1),
                   ""]
     return "\n".join(lines).rstrip()

@@ -254,7 +254,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m peekaboo.benc
             files.write_text(text, args.docs)
         print(text)
         return 0 if verdict(result) else 1
-    return run_cli(parser, body, argv, prog)
+    return run_cli(parser, body, argv, prog,
+                   rerun_hint="the gate writes its figures only at its end; rerun the same command")
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 
 def _scenes_option(scenes: str) -> str:
-    """The ``--scenes`` option of a command quoted in a report ("" for the default, shapes)."""
-    return "" if scenes == "shapes" else f" --scenes {scenes}"
+    """The ``--scenes`` option of a command quoted in a report ("" for the default, :data:`README_SCENES`)."""
+    return "" if scenes == README_SCENES else f" --scenes {scenes}"
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -85,7 +85,7 @@ def headline(report: dict[str, Any]) -> str:
     if ca:
         text += f": {s['miou'] / ca:.1f}x the cross-attention baseline (mIoU {ca:.3f})"
     unoptimized = [(row["summary"]["miou"], row["label"]) for row in rows.values()
-                   if row["kind"] in NO_OPTIMIZATION_KINDS and row["summary"]["miou"] is not None]
+                   if row.get("kind") in NO_OPTIMIZATION_KINDS and row["summary"]["miou"] is not None]
     if unoptimized:
         best, label = max(unoptimized)
         text += f"{',' if ca else ':'} {s['miou'] - best:+.3f} mIoU over the best row without optimization ({label})"
