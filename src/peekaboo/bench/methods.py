@@ -179,7 +179,8 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
         Method("default_start", "the default's start, no optimization", "start_only", (),
                "No optimization: the default's mask as its run starts it (the preset's `mask.init` seen through the "
                "mask's parameterization and filter), scored before any step. Against the default row it shows what "
-               "the dream-loss optimization adds; a start at alpha 0.5 is an empty mask at threshold 0.5."),
+               "the dream-loss optimization adds. A start at alpha 0.5 is the whole image: the mask is scored as "
+               "saved, 8-bit, where 0.5 becomes 128/255, just above the threshold 0.5."),
         Method("region_start", "region start, no optimization", "start_only", ("optimization.mask.init=region",),
                "No optimization: the mask on the pair's best-ranked image region (`peekaboo.optim.regions`) seen "
                "through the mask's filter, scored before any step: how far the image's regions alone go. Its s/pair "
