@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from peekaboo.bench import breakdown
+from peekaboo.bench import breakdown, goals
 from peekaboo.bench.common import fmt
 from peekaboo.bench.common import markdown_table as _table
 from peekaboo.bench.methods import MAIN_ROWS, SCENE_PRESETS
@@ -16,8 +16,6 @@ from peekaboo.data.synthetic import GENERATORS
 PROMPT_FORMS = {"shapes": "\"a <colour> <shape>\"", "objects": "naming the object (\"a dog\", \"an apple\")"}
 # Precision columns of the table (the paper's ablation table reports these four).
 TABLE_THRESHOLDS = (0.2, 0.4, 0.6, 0.8)
-#: Row kinds that run no optimization: a start scored alone and the training-free baselines.
-NO_OPTIMIZATION_KINDS = ("start_only", "cross_attention", "random", "whole_image")
 #: The README's one generated block: the main rows (:data:`~peekaboo.bench.methods.MAIN_ROWS`) of this scene
 #: set's ``eval`` table go between these lines; every other report of the benchmarks goes to docs/ only.
 README_SCENES = "objects"
@@ -84,10 +82,8 @@ def headline(report: dict[str, Any]) -> str:
     ca = rows.get("cross_attention", {}).get("summary", {}).get("miou")
     if ca:
         text += f": {s['miou'] / ca:.1f}x the cross-attention baseline (mIoU {ca:.3f})"
-    unoptimized = [(row["summary"]["miou"], row["label"]) for row in rows.values()
-                   if row.get("kind") in NO_OPTIMIZATION_KINDS and row["summary"]["miou"] is not None]
-    if unoptimized:
-        best, label = max(unoptimized)
+    if (unoptimized := goals.best_unoptimized(report)) is not None:
+        best, label = unoptimized
         text += f"{',' if ca else ':'} {s['miou'] - best:+.3f} mIoU over the best row without optimization ({label})"
     return text + "."
 
@@ -136,6 +132,7 @@ def render_docs(report: dict[str, Any], sweep_report: dict[str, Any] | None = No
         "",
         *provenance_lines(report),
         "",
+        *(["## Targets", "", table, ""] if (table := goals.markdown(report)) else []),
         "## Columns",
         "",
         "- **steps**: the step count of each of the row's optimizations (`trainer.max_steps`; a restart row runs "
