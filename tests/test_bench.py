@@ -338,6 +338,11 @@ def test_merge_keeps_every_finished_pair_and_row_of_the_other_processes(tmp_path
     assert set(again["rows_in_progress"]) == {"A"} and "peekaboo" not in again["rows_pending"]
     # A saved row of a method this process still computes may be of older settings: it is left out.
     assert "random" not in bench_run.merge_saved({**mine, "rows_pending": ["random"]}, saved)["methods"]
+    # The provenance lists every command that wrote to the table, once each, older ones first.
+    both = bench_run.merge_saved({**mine, "command": "run A"}, {**saved, "commands": ["run B", "run A"]})
+    assert both["commands"] == ["run B", "run A"]
+    assert "`run B`; `run A`" in bench_report.provenance_lines({**full, **both})[0]
+    assert bench_run.merge_saved({**mine, "command": "run A"}, {**saved, "command": "run A"})["commands"] == ["run A"]
     # A file of another split or model adds nothing.
     assert bench_run.merge_saved(mine, {**saved, "split": "robust"}) is mine
     assert bench_run.merge_saved(mine, {**saved, "model": "other"}) is mine

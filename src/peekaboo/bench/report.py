@@ -92,8 +92,12 @@ def provenance_lines(report: dict[str, Any]) -> list[str]:
     """How and where a table was made: command, model, date, machine, raw results."""
     m = report["machine"]
     cpu = f"{m['processor']}, " if m.get("processor") else ""
+    commands = report.get("commands") or [report["command"]]
+    ran = (f"- Command: `{commands[0]}`" if len(commands) == 1 else
+           "- Commands (processes that filled this table together, `--merge`): "
+           + "; ".join(f"`{c}`" for c in commands))
     return [
-        f"- Command: `{report['command']}`",
+        ran,
         f"- Model: `{report['model']}`",
         f"- Date: {report['date']}",
         f"- Machine: {cpu}{m['platform']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), torch "

@@ -414,6 +414,7 @@ def merge_saved(result: dict[str, Any], saved: dict[str, Any] | None) -> dict[st
       pairs (this process's copy of another's row may be older than the file's), dropped once the row is finished.
     - Rows pending: both files' (a process that stopped left its rows to do), less the finished ones; the merged
       table is partial while any remain.
+    - Commands (``"commands"``): every command that wrote to either file, once each.
 
     ``saved`` of another setup (:data:`MERGE_FIELDS`) adds nothing. Rows come in table order; the table is rebuilt.
     """
@@ -433,8 +434,15 @@ def merge_saved(result: dict[str, Any], saved: dict[str, Any] | None) -> dict[st
     pending = sorted({*saved.get("rows_pending", ()), *mine_pending} - set(rows), key=_table_position)
     merged = {**result, "methods": {n: rows[n] for n in sorted(rows, key=_table_position)}}
     merged["table"] = markdown_table(merged)
+    # Every command that wrote to the table, for its provenance (each process's own "command" is its last saver's).
+    merged["commands"] = list(dict.fromkeys([*_commands(saved), *_commands(result)]))
     _set_or_drop(merged, rows_in_progress=in_progress, rows_pending=pending)
     return merged
+
+
+def _commands(report: dict[str, Any]) -> list[str]:
+    """The commands that wrote a results report: its ``"commands"`` where merged, else its own ``"command"``."""
+    return list(report.get("commands") or ([report["command"]] if report.get("command") else []))
 
 
 def _table_position(name: str) -> int:
