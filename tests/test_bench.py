@@ -238,7 +238,7 @@ def test_benchmark_command_on_the_tiny_model(tiny_model, tmp_path, capsys):
     text = readme.read_text()
     assert text.startswith("intro\n") and "old table" not in text and text.endswith("\nrest\n")
     assert "| Peekaboo (default) |" in text and "| whole image |" in text and "| mask: raster + bilateral |" not in text
-    assert f"The main 5 rows of 6; every row: [{docs.name}]({docs.name})." in text
+    assert f"The main 5 rows of the 6; every row: [{docs.name}]({docs.name})." in text
     # The headline's figures are the table's: the ratio is the default's mIoU over the baseline's, the margin the
     # default's over the best row that runs no optimization.
     s = {name: row["summary"]["miou"] for name, row in rows.items()}
@@ -258,6 +258,12 @@ def test_only_the_eval_table_goes_to_the_readme(tmp_path):
     for split_args in (["--split", "robust"], ["--split", "tune", "--sweep"], ["--scenes", other]):
         assert ablation.main([*split_args, "--readme", str(readme), "--config-dir", str(REPO_CONFIGS)]) == 2
     assert readme.read_bytes() == before
+
+
+def test_the_repository_readme_has_the_tables_markers():
+    text = (REPO / "README.md").read_text()
+    assert text.count(bench_report.README_START) == 1 and text.count(bench_report.README_END) == 1
+    assert text.index(bench_report.README_START) < text.index(bench_report.README_END)
 
 
 def test_the_readme_links_the_full_report_from_its_own_folder(tmp_path):

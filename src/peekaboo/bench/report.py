@@ -62,7 +62,8 @@ def readme_block(report: dict[str, Any], full_report: str | None = None) -> str:
     main = {"methods": {name: row for name, row in report["methods"].items() if name in MAIN_ROWS}}
     link = []
     if full_report is not None:
-        rows = (f"The main {len(main['methods'])} rows of {len(report['methods'])}; every row"
+        so_far = " finished so far" if report.get("rows_pending") else ""
+        rows = (f"The main {len(main['methods'])} rows of the {len(report['methods'])}{so_far}; every row"
                 if len(main["methods"]) < len(report["methods"]) else "What each row measures")
         link = [f"{rows}: [{full_report}]({full_report}).", ""]
     return "\n".join([*([headline(report), ""] if headline(report) else []), markdown_table(main), "", *link,
