@@ -17,7 +17,7 @@ from peekaboo.utils.console import setup_logging
 
 USAGE = {
     "predict": "python predict.py image=PATH prompt=\"a red circle\" [prompt=...] [model=sd15] [key=value ...]",
-    "train": "python train.py data=shapes run.name=NAME [trainer.devices=N] [key=value ...]",
+    "train": "python train.py data=objects run.name=NAME [trainer.devices=N] [key=value ...]",
 }
 HELP_FLAGS = ("-h", "--help", "help=true", "help")
 
