@@ -349,6 +349,13 @@ def test_merge_keeps_every_finished_pair_and_row_of_the_other_processes(tmp_path
     assert both["commands"] == ["run B", "run A"]
     assert "`run B`; `run A`" in bench_report.provenance_lines({**full, **both})[0]
     assert bench_run.merge_saved({**mine, "command": "run A"}, {**saved, "command": "run A"})["commands"] == ["run A"]
+    # A saved row's text follows the code's wording of its method, unless the row is of other settings.
+    reworded = {**saved, "methods": {"random": {**random_row, "about": "stale text"},
+                                     "no_gravity": {**random_row, "about": "other settings",
+                                                    "overrides": ["optimization.loss.gravity=0.5"]}}}
+    texts = {n: r["about"] for n, r in bench_run.merge_saved(mine, reworded)["methods"].items()}
+    assert texts["random"] == next(m.about for m in methods.METHODS if m.name == "random")
+    assert texts["no_gravity"] == "other settings"
     # A file of another split or model adds nothing.
     assert bench_run.merge_saved(mine, {**saved, "split": "robust"}) is mine
     assert bench_run.merge_saved(mine, {**saved, "model": "other"}) is mine

@@ -24,6 +24,7 @@ from peekaboo.bench.baselines import attention_mask, random_mask, whole_image
 from peekaboo.bench.methods import (
     CROSS_ATTENTION_THRESHOLD,
     METHOD_NAMES,
+    METHODS,
     Method,
     build_methods,
     canonical_key,
@@ -409,7 +410,8 @@ def merge_saved(result: dict[str, Any], saved: dict[str, Any] | None) -> dict[st
     so that processes given disjoint ``--methods`` fill one table.
 
     - Rows: ``saved``'s finished rows join, except those ``result`` has or still has to compute (its
-      ``"rows_pending"``: a saved row of the same name may be of older settings).
+      ``"rows_pending"``: a saved row of the same name may be of older settings), each with its method's current
+      label and description where its settings are still the method's (:func:`_current_wording`).
     - Rows under way (``"rows_in_progress"``, finished pairs by row key): the union by pair id of both files'
       pairs (this process's copy of another's row may be older than the file's), dropped once the row is finished.
     - Rows pending: both files' (a process that stopped left its rows to do), less the finished ones; the merged
@@ -422,7 +424,8 @@ def merge_saved(result: dict[str, Any], saved: dict[str, Any] | None) -> dict[st
                             for k in MERGE_FIELDS):
         return result
     mine_pending = set(result.get("rows_pending", ()))
-    rows = {n: r for n, r in saved.get("methods", {}).items() if n not in mine_pending} | result["methods"]
+    rows = ({n: _current_wording(n, r) for n, r in saved.get("methods", {}).items() if n not in mine_pending}
+            | result["methods"])
     finished = {canonical_key(row["key"]) for row in rows.values() if "key" in row}
     in_progress: dict[str, list[dict]] = {}
     for source in (saved.get("rows_in_progress", {}), result.get("rows_in_progress", {})):
@@ -438,6 +441,16 @@ def merge_saved(result: dict[str, Any], saved: dict[str, Any] | None) -> dict[st
     merged["commands"] = list(dict.fromkeys([*_commands(saved), *_commands(result)]))
     _set_or_drop(merged, rows_in_progress=in_progress, rows_pending=pending)
     return merged
+
+
+def _current_wording(name: str, row: dict[str, Any]) -> dict[str, Any]:
+    """A saved row with its method's label and description as the code words them now, where the row's overrides
+    are still the method's: the text describes the setting, not the measurement, so a correction to it reaches the
+    report without recomputing the row. A row of other settings, or of a method no longer known, keeps its text."""
+    method = next((m for m in METHODS if m.name == name), None)
+    if method is None or list(row.get("overrides", ())) != list(method.overrides):
+        return row
+    return {**row, "label": method.label, "about": method.about}
 
 
 def _commands(report: dict[str, Any]) -> list[str]:
