@@ -4,18 +4,22 @@ Runs :mod:`peekaboo.bench.gpu_check` (its docstring has the parts and their budg
 ``gpu``-marked tests, Stable Diffusion 1.5's size on the GPU (fp32 / bf16, 1 / 4 / 8 pairs per step, the switches)
 and bf16 against fp32 masks. Only a run of every part on a CUDA device writes the repository's report: its section
 of docs/PERFORMANCE.md, between the markers that ``benchmarks/throughput.py`` keeps. Any other run writes its
-``--out FILE`` (outside docs/) or only prints. Without CUDA, or with ``--dry``, it runs the dry mode on the CPU
-(tiny model, 1 step, under a minute) and writes no docs. Exit status 1 when a part failed.
+``--out FILE`` (outside docs/) or only prints. ``--dry`` runs the dry mode on the CPU (tiny model, 1 step, under a
+minute) and writes no docs; without it, no CUDA device is an error. Exit status 1 when a part failed or was not
+reached in the time budget; 143 when a signal stopped the check, after printing what it measured (and writing it
+to ``--progress``, never to docs/).
 
 Examples::
 
     python benchmarks/gpu.py                                  # on a GPU machine: writes docs/PERFORMANCE.md
+    timeout 570 python benchmarks/gpu.py --progress $OUT/gpu.md  # a lent machine: what ran is in $OUT anyway
     python benchmarks/gpu.py --parts throughput --out gpu.md  # one part, to a side file
     python benchmarks/gpu.py --dry                            # the CPU check the test suite runs
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shlex
 import sys
@@ -24,6 +28,8 @@ from pathlib import Path
 
 from peekaboo.bench import common, gpu_check
 from peekaboo.bench.throughput.report import GPU_BLOCK, write_section
+from peekaboo.errors import Stopped, exit_status
+from peekaboo.utils import files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = REPO_ROOT / "docs"
@@ -46,8 +52,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.config_dir = REPO_ROOT / "configs"
     whole = gpu_check.chosen_parts(args, p) == list(gpu_check.PARTS) and not gpu_check.is_dry(args)
     out = common.destination(args.out, whole, DEFAULT_OUT, (README, DOCS), "a run of every part on a GPU", p.error)
-    text, ok = gpu_check.run(args, shlex.join(["python", "benchmarks/gpu.py", *argv]), REPO_ROOT)
+    if args.progress is not None and common.destination(args.progress, False, DEFAULT_OUT, (README, DOCS),
+                                                        "no progress file", p.error) is None:
+        p.error("--progress -: name a file (outside docs/) to rewrite with the section so far.")
+    return exit_status(lambda: _check(args, argv, out),
+                       rerun_hint="what it measured is printed above (and in --progress); rerun to measure again")
+
+
+def _check(args: argparse.Namespace, argv: Sequence[str], out: Path | None) -> int:
+    """Run the check; write its section to ``out`` (None: print only) unless a signal stopped it."""
+    def progress(text: str) -> None:
+        files.write_text(text + "\n", args.progress)
+
+    text, ok, stopped = gpu_check.run(args, shlex.join(["python", "benchmarks/gpu.py", *argv]), REPO_ROOT,
+                                      progress if args.progress is not None else None)
     print(f"\n{text}\n", flush=True)
+    if stopped:  # a stopped check's section never replaces a finished one in the repository's report
+        raise Stopped("the check was stopped by a signal")
     if out is not None:
         write_section(out, DEFAULT_OUT, GPU_BLOCK, text)
         log.info("wrote %s", out)

@@ -1,12 +1,15 @@
 """``benchmarks/gpu.py``: its CPU dry mode end to end, and where it may write its section of docs/PERFORMANCE.md."""
 
 import importlib.util
+import os
+import signal
 
 import pytest
 import torch
 from tests_support import REPO
 
 from peekaboo.bench import gpu_check
+from peekaboo.bench.throughput import gpu
 from peekaboo.bench.throughput.report import BLOCKS, GPU_BLOCK, SD15_CPU_BLOCK
 
 
@@ -23,13 +26,17 @@ def _repository_docs() -> dict:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there: the script would run for real")
-def test_the_dry_mode_runs_every_part_on_the_cpu_and_writes_no_docs(capsys):
+def test_the_dry_mode_runs_every_part_on_the_cpu_and_writes_no_docs(capsys, tmp_path):
     before = _repository_docs()
     # The gpu tests of one file are collected (the default collects all of tests/, which takes longer).
-    assert _script().main(["--tests", "tests/test_gpu.py"]) == 0
+    progress = tmp_path / "progress.md"
+    assert _script().main(["--dry", "--tests", "tests/test_gpu.py", "--progress", str(progress)]) == 0
     assert _repository_docs() == before
     out = capsys.readouterr().out
     section = out[out.index(f"## {gpu_check.TITLE}"):]
+    # The progress file ends as the printed section, less the date line (it is rewritten at every part's end).
+    strip = lambda text: [ln for ln in text.strip().splitlines() if not ln.startswith("- Date:")]  # noqa: E731
+    assert strip(progress.read_text()) == strip(section)
     assert "in dry mode" in section and "**Failed**" not in section
     assert [ln for ln in section.splitlines() if ln.startswith("### ")] == [
         "### GPU tests", "### Stable Diffusion 1.5 size", "### bf16 vs fp32 masks"]
@@ -42,9 +49,9 @@ def _stubbed(monkeypatch, cuda: bool):
     script = _script()
     calls = []
 
-    def run(args, command, cwd):
+    def run(args, command, cwd, progress=None):
         calls.append(gpu_check.chosen_parts(args))
-        return f"## {gpu_check.TITLE}\n\nstub section", True
+        return f"## {gpu_check.TITLE}\n\nstub section", True, False
 
     monkeypatch.setattr(script.gpu_check, "run", run)
     monkeypatch.setattr(script.gpu_check.torch.cuda, "is_available", lambda: cuda)
@@ -69,7 +76,7 @@ def test_a_run_of_every_part_on_a_gpu_writes_only_its_section(monkeypatch, tmp_p
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["PERFORMANCE.md"]
 
 
-@pytest.mark.parametrize(("cuda", "argv"), [(False, []), (True, ["--dry"]), (True, ["--parts", "throughput"])])
+@pytest.mark.parametrize(("cuda", "argv"), [(False, ["--dry"]), (True, ["--dry"]), (True, ["--parts", "throughput"])])
 def test_a_dry_run_or_one_of_some_parts_only_prints(monkeypatch, cuda, argv):
     script, calls = _stubbed(monkeypatch, cuda)
     before = _repository_docs()
@@ -95,13 +102,17 @@ def test_a_side_file_gets_the_section(monkeypatch, tmp_path):
 
 def test_a_failed_part_fails_the_command(monkeypatch):
     script, _ = _stubbed(monkeypatch, cuda=False)
-    monkeypatch.setattr(script.gpu_check, "run", lambda *a: ("## On a GPU\n\n**Failed**: tests", False))
+    monkeypatch.setattr(script.gpu_check, "run", lambda *a: ("## On a GPU\n\n**Failed**: tests", False, False))
     assert script.main(["--dry"]) == 1
 
 
 def test_the_budget_fits_ten_minutes():
     assert sum(gpu_check.BUDGET_S.values()) <= gpu_check.TOTAL_BUDGET_S - 60  # a minute of slack at least
-    assert set(gpu_check.BUDGET_S) == set(gpu_check.PARTS) and gpu_check.TESTS_TIMEOUT_S < gpu_check.TOTAL_BUDGET_S
+    assert set(gpu_check.BUDGET_S) == set(gpu_check.PARTS)
+    assert gpu_check.BUDGET_S["tests"] >= gpu_check.TESTS_TIMEOUT_S
+    assert gpu_check.parser("gpu").parse_args([]).budget_s <= gpu_check.TOTAL_BUDGET_S - 60
+    # The row that compiles, the slowest to start, is the one a short budget drops.
+    assert gpu.SWITCHES[-1][1] == "model.compile=true"
 
 
 def test_a_part_that_raises_is_reported_and_the_others_still_run(monkeypatch):
@@ -111,6 +122,62 @@ def test_a_part_that_raises_is_reported_and_the_others_still_run(monkeypatch):
     monkeypatch.setattr(gpu_check, "throughput", broken)
     monkeypatch.setattr(gpu_check, "precision_masks", lambda *a, **k: gpu_check.Part("masks", "masks body", 1.0, True))
     args = gpu_check.parser("gpu").parse_args(["--dry", "--parts", "throughput,masks"])
-    text, ok = gpu_check.run(args, "python benchmarks/gpu.py --dry", REPO)
-    assert not ok and "**Failed**: throughput" in text and "masks body" in text
+    text, ok, stopped = gpu_check.run(args, "python benchmarks/gpu.py --dry", REPO)
+    assert not ok and not stopped and "**Failed**: throughput" in text and "masks body" in text
     assert "failed: RuntimeError: CUDA error: an illegal memory access was encountered" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")
+def test_no_cuda_device_is_an_error_not_a_quiet_dry_run(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    before = _repository_docs()
+    assert _script().main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no CUDA device visible to torch") and "pass --dry" in err
+    assert len(err.splitlines()) == 1
+    assert _repository_docs() == before
+
+
+def _args(*argv):
+    return gpu_check.parser("gpu").parse_args(["--dry", *argv])
+
+
+def test_a_signal_stops_the_check_with_what_it_measured_and_never_writes_the_docs(monkeypatch, tmp_path, capsys):
+    def tests_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` or a scheduler sends at its limit
+        raise AssertionError("the signal should have stopped the part")
+
+    monkeypatch.setattr(gpu_check, "gpu_tests", lambda *a: gpu_check.Part("tests", "tests body", 1.0, True))
+    monkeypatch.setattr(gpu_check, "throughput", tests_then_sigterm)
+    progress = []
+    text, ok, stopped = gpu_check.run(_args(), "cmd", REPO, progress.append)
+    assert stopped and not ok and "tests body" in text and "### bf16 vs fp32 masks" not in text
+    assert "**Stopped** by a signal in throughput; not reached: masks" in text
+    assert "tests body" in progress[-1] and "**Stopped** by a signal in throughput" in progress[-1]
+    assert signal.getsignal(signal.SIGTERM) is not None  # the check's handler is gone again
+    # The script prints the section, leaves docs/ alone and exits 143 with one line.
+    script = _script()
+    monkeypatch.setattr(script.gpu_check, "run", lambda *a: (text, False, True))
+    monkeypatch.setattr(script.gpu_check.torch.cuda, "is_available", lambda: True)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    monkeypatch.setattr(script, "DOCS", docs)
+    monkeypatch.setattr(script, "DEFAULT_OUT", docs / "PERFORMANCE.md")
+    assert script.main([]) == 143 and not (docs / "PERFORMANCE.md").exists()
+    captured = capsys.readouterr()
+    assert "tests body" in captured.out and captured.err.startswith("stopped: the check was stopped by a signal")
+
+
+def test_parts_past_the_budget_are_reported_as_not_run(monkeypatch):
+    monkeypatch.setattr(gpu_check, "gpu_tests", lambda *a: pytest.fail("a part past the budget ran"))
+    text, ok, stopped = gpu_check.run(_args("--budget-s", "0", "--parts", "tests,masks"), "cmd", REPO)
+    assert not ok and not stopped and "**Not run** (the time budget ran out): tests, masks" in text
+    assert "**Failed**" not in text
+
+
+def test_a_throughput_row_out_of_memory_does_not_fail_the_part(monkeypatch):
+    def section(report, **options):
+        report.add(gpu.TITLE, f"| fp32, B=8 | - | | | | | {gpu.OUT_OF_MEMORY} |")
+
+    monkeypatch.setattr(gpu_check.gpu, "section_gpu", section)
+    assert gpu_check.throughput(torch.device("cpu"), None, dry=True).ok

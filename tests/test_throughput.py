@@ -2,6 +2,7 @@
 may write it."""
 
 import importlib.util
+import time
 from dataclasses import replace
 
 import pytest
@@ -15,6 +16,7 @@ from peekaboo.bench.steps import Setting
 from peekaboo.bench.throughput import cpu, gpu
 from peekaboo.bench.throughput.harness import ALPHA_START_STEPS, REFERENCE_SETTINGS, Bench, Report, load_items
 from peekaboo.bench.throughput.report import BLOCKS, GPU_BLOCK, SD15_CPU_BLOCK, keep_blocks, render, summary_lines
+from peekaboo.errors import Stopped
 from peekaboo.optim import regions as regions_lib
 from peekaboo.optim.regions import RANKING_KEY
 from peekaboo.optim.restarts import prompt_fit
@@ -135,13 +137,43 @@ def test_gpu_section_runs_on_a_small_model(monkeypatch):
     monkeypatch.setattr(gpu, "SWITCH_BATCH", 1)
     monkeypatch.setattr(gpu, "SWITCHES", (("`attention=classic`", "model.attention=classic"),))
     small = replace(TINY, text_encoder={**TINY.text_encoder, "vocab_size": 49408})
-    report = Report()
+    report, seen = Report(), []
     gpu.section_gpu(report, warmup=0, steps=1, max_steps=1, arch=small, device=torch.device("cpu"),
-                    config_dir=REPO_CONFIGS)
+                    config_dir=REPO_CONFIGS, on_row=seen.append)
     body = report.sections[-1][1]
-    assert body.count("\n| ") == 1 + 2 * 2 + 1 + 1  # header, fp32 and bf16 at B=1, 2, the switch, the reference
-    assert "failed" not in body and "out of memory" not in body
+    assert body.count("\n| ") == 1 + 2 * 2 + 1 + 1  # header, fp32 and bf16 at B=1, 2, the reference, the switch
+    assert "failed" not in body and gpu.OUT_OF_MEMORY not in body
     assert set(report.summary["gpu_rows"]) >= {"fp32, B=2", "bf16, B=2", "bf16, B=1, `attention=classic`"}
+    # The progress callback saw the section grow by one row at a time, ending at the final one.
+    assert [b.count("\n| ") for b in seen] == [2, 3, 4, 5, 6, 7] and seen[-1] == body
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the section's CPU run is forced through device=cpu")
+def test_gpu_section_keeps_its_rows_when_stopped_and_skips_variants_past_its_deadline(monkeypatch):
+    small = replace(TINY, text_encoder={**TINY.text_encoder, "vocab_size": 49408})
+    options = {"warmup": 0, "steps": 1, "max_steps": 1, "arch": small, "device": torch.device("cpu"),
+               "config_dir": REPO_CONFIGS, "batch_sizes": (1,), "switches": (), "mask_size": 32}
+
+    def stop_after_the_first_row(body):
+        raise Stopped("signal 15")
+
+    report = Report()
+    with pytest.raises(Stopped):
+        gpu.section_gpu(report, on_row=stop_after_the_first_row, **options)
+    body = report.sections[-1][1]
+    assert body.startswith("**Stopped** (signal 15) after 1 of the section's rows.") and "| fp32, B=1 |" in body
+    # Past the deadline no variant loads: every row says it was not run.
+    late = Report()
+    gpu.section_gpu(late, deadline=time.perf_counter(), **options)
+    rows = [ln for ln in late.sections[-1][1].splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert len(rows) == 3 and all(gpu.OUT_OF_TIME in r for r in rows) and late.summary["gpu_rows"] == {}
+
+
+def test_a_gpu_row_that_runs_out_of_memory_is_a_figure_not_a_failure():
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    assert gpu.row("fp32, B=8", oom)[-1] == gpu.OUT_OF_MEMORY
 
 
 # -- where benchmarks/throughput.py writes ------------------------------------------------------------------

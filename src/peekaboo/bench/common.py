@@ -168,6 +168,8 @@ class Timing:
     fixed_s: float  # the run's wall time outside its steps
     peak_mb: float
     note: str = ""
+    #: On a GPU, the caching allocator's peak (``max_memory_reserved``): what the card must hold, slack included.
+    reserved_mb: float = float("nan")
 
     @property
     def step_s(self) -> float:
@@ -208,11 +210,13 @@ class StepClock(Callback):
 
 class PeakMemory:
     """Peak memory of the block: the RSS high-water mark on CPU (reset through ``/proc/self/clear_refs``,
-    so it covers this block only), ``max_memory_allocated`` on a GPU. ``peak_mb`` is set on exit."""
+    so it covers this block only), ``max_memory_allocated`` on a GPU. ``peak_mb`` is set on exit, and on a GPU
+    ``reserved_mb`` too (``max_memory_reserved``: the allocator's cached blocks, which a card must also hold)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.peak_mb = float("nan")
+        self.reserved_mb = float("nan")
         self.whole_process = False  # True when the RSS mark could not be reset (then it is the process's peak)
 
     def __enter__(self) -> PeakMemory:
@@ -228,6 +232,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / MB
+            self.reserved_mb = torch.cuda.max_memory_reserved(self.device) / MB
         elif not self.whole_process and (hwm := _status_kb("VmHWM")) is not None:
             self.peak_mb = hwm / 1024
         else:

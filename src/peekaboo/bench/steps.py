@@ -66,10 +66,13 @@ PROJECT = Setting("project", "the scene set's model preset (configs/model/shapes
 #: Shapes: 50 steps, the first count where the curves there flatten, at the best rate and timestep schedule tried
 #: (benchmarks/results/steps_tune*.json hold the tune curves of the rates, schedules, mask starts and estimators);
 #: docs/STEPS.md, docs/STEPS_ROBUST.md and the end-to-end rows of docs/PERFORMANCE.md measure it on held-out pairs.
+#: Objects: the preset for 50 steps, the fewest of its tune curve (benchmarks/results/steps_objects_tune.json) at
+#: the paper's settings' quality at their 300 steps; the end-to-end rows of docs/PERFORMANCE_OBJECTS.md measure it.
 FAST: dict[str, Setting] = {
     "shapes": Setting("fast", "the preset at learning rate 0.3 with stratified timesteps for 50 steps",
                       ("trainer.max_steps=50", "optimization.optim.lr=0.3",
                        "optimization.guidance.t_schedule=stratified")),
+    "objects": Setting("fast", "the preset for 50 steps", ("trainer.max_steps=50",)),
 }
 BUILTIN_LABELS = (PAPER.label, PROJECT.label, "fast")
 

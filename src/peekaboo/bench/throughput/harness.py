@@ -162,7 +162,7 @@ class Bench:
             wall = time.perf_counter() - start
         durations = clock.durations()
         timing = Timing(label, len(items), durations, min(warmup, len(durations) - 1), wall - sum(durations),
-                        mem.peak_mb, "peak = whole process" if mem.whole_process else "")
+                        mem.peak_mb, "peak = whole process" if mem.whole_process else "", mem.reserved_mb)
         return timing, results
 
     def bare_run(self, label: str, cfg: Any, items: Sequence[Item], backbone: Backbone) -> Timing:
@@ -190,7 +190,8 @@ class Bench:
                 module().cpu()  # the final render optimize_pairs also makes
             wall = time.perf_counter() - start
         durations = [b - a for a, b in itertools.pairwise(ends)]
-        return Timing(label, len(items), durations, self.warmup, wall - sum(durations), mem.peak_mb)
+        return Timing(label, len(items), durations, self.warmup, wall - sum(durations), mem.peak_mb,
+                      reserved_mb=mem.reserved_mb)
 
     def reference_run(self, label: str, cfg: Any, item: Item, backbone: Backbone, warmup: int | None = None,
                       steps: int | None = None) -> tuple[Timing, torch.Tensor]:
@@ -204,7 +205,8 @@ class Bench:
                               ops.pair_seed(cfg.optimization.seed, item.id),
                               on_step=lambda _: synchronize(self.device))
             wall = time.perf_counter() - start
-        timing = Timing(label, 1, result.step_seconds, warmup, wall - sum(result.step_seconds), mem.peak_mb)
+        timing = Timing(label, 1, result.step_seconds, warmup, wall - sum(result.step_seconds), mem.peak_mb,
+                        reserved_mb=mem.reserved_mb)
         return timing, result.alpha
 
 
