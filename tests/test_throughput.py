@@ -15,7 +15,15 @@ from peekaboo.bench.reference_loop import REFERENCE_KINDS
 from peekaboo.bench.steps import Setting
 from peekaboo.bench.throughput import cpu, gpu
 from peekaboo.bench.throughput.harness import ALPHA_START_STEPS, REFERENCE_SETTINGS, Bench, Report, load_items
-from peekaboo.bench.throughput.report import BLOCKS, GPU_BLOCK, SD15_CPU_BLOCK, keep_blocks, render, summary_lines
+from peekaboo.bench.throughput.report import (
+    BLOCKS,
+    GPU_BLOCK,
+    SD15_CPU_BLOCK,
+    keep_blocks,
+    load_note,
+    render,
+    summary_lines,
+)
 from peekaboo.errors import Stopped
 from peekaboo.optim import regions as regions_lib
 from peekaboo.optim.regions import RANKING_KEY
@@ -304,3 +312,9 @@ def test_the_reference_fourier_mask_reads_the_official_uv_grid():
     last = 2 * torch.pi * torch.tensor([0.75, 0.75]) @ freqs
     assert mask.features.shape == (1, 4, size, size)
     assert torch.allclose(mask.features[0, :, -1, -1], torch.cat([last.sin(), last.cos()]), atol=1e-4)
+
+
+def test_the_load_note_counts_the_benchmarks_own_threads():
+    busy_two = (2.1, 2.0, 1.5)
+    assert load_note((0.2, 0.3, 0.4), busy_two, threads=2).startswith("Nothing else ran")
+    assert load_note((0.2, 0.3, 0.4), busy_two, threads=1).startswith("**Other jobs shared the CPU")

@@ -121,7 +121,7 @@ def measure(args: argparse.Namespace, command: str) -> str:
         cost = (f"- Benchmark cost: {(time.perf_counter() - wall_start) / 60:.1f} min wall, "
                 f"{(cpu_seconds() - cpu_start) / 60:.1f} min CPU")
         header = [*header_lines(args, load_before, command), cost]
-        return render(report, header, load_note(load_before, os.getloadavg()), args.scenes)
+        return render(report, header, load_note(load_before, os.getloadavg(), args.threads), args.scenes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,11 +58,14 @@ def header_lines(args: argparse.Namespace, load_before: LOADED, command: str) ->
     ]
 
 
-def load_note(before: LOADED, after: LOADED) -> str:
-    """How far to trust the absolute times: whether other jobs shared the cores while the benchmark ran."""
-    # The benchmark itself keeps about one core busy; a 1-minute load above that means other work ran too.
-    if max(before[0], after[0]) <= 1.5 and (os.cpu_count() or 1) >= 2:
-        return ("Nothing else ran on the machine (1-minute load average at most 1.5, the benchmark's own): "
+def load_note(before: LOADED, after: LOADED, threads: int = 1) -> str:
+    """How far to trust the absolute times: whether other jobs shared the cores while the benchmark ran.
+
+    ``threads``: the benchmark's own torch threads, which keep about that many cores busy."""
+    # A 1-minute load above the benchmark's own threads (plus half a core of slack) means other work ran too.
+    limit = threads + 0.5
+    if max(before[0], after[0]) <= limit:
+        return (f"Nothing else ran on the machine (1-minute load average at most {limit:g}, the benchmark's own): "
                 "absolute times are representative of this CPU.")
     return ("**Other jobs shared the CPU while the benchmark ran** (see the load averages above): absolute times "
             "are pessimistic and noisy; the medians and the side-by-side ratios (measured minutes apart, "
