@@ -98,6 +98,11 @@ def guarded(run: Callable[[], tuple[Timing, Any]]) -> tuple[Timing | None, str]:
     return timing, note
 
 
+def note_row(label: str, note: str) -> list[str]:
+    """A table row for a run that gave no figures: its label and why (out of memory, out of time, a failure)."""
+    return [label, "-", "", "", "", "", note]
+
+
 def row(label: str, run: Callable[[], tuple[Timing, Any]], compiled: bool = False,
         figures: dict[str, dict[str, float]] | None = None) -> list[str]:
     """One measurement as a table row, extrapolated to :data:`EXTRAPOLATE_STEPS` steps per batch; its figures go
@@ -105,7 +110,7 @@ def row(label: str, run: Callable[[], tuple[Timing, Any]], compiled: bool = Fals
     logged as it is measured, so a check stopped later still shows it in its log."""
     timing, note = guarded(run)
     if timing is None:
-        cells = [label, "-", "", "", "", "", note]
+        cells = note_row(label, note)
     else:
         if figures is not None:
             figures[label] = {"step_s": timing.step_s, "pairs_per_hour": timing.pairs_per_hour(EXTRAPOLATE_STEPS),
@@ -189,20 +194,20 @@ def section_gpu(report: Report, warmup: int = WARMUP_STEPS, steps: int = TIMED_S
             for label, overrides, batches, is_reference in variants:
                 labels = [label.format(b=b) for b in batches]
                 if deadline is not None and time.perf_counter() > deadline - VARIANT_RESERVE_S:
-                    rows.extend([lb, "-", "", "", "", "", OUT_OF_TIME] for lb in labels)
+                    rows.extend(note_row(lb, OUT_OF_TIME) for lb in labels)
                     log.info("gpu rows skipped (out of time): %s", ", ".join(labels))
                     continue
                 try:  # a variant that cannot even load is its rows' note; the other variants still run
                     cfg = bench.config(size, *overrides)
                     backbone = bench.backbone(cfg)
                 except torch.cuda.OutOfMemoryError:
-                    rows.extend([lb, "-", "", "", "", "", f"{OUT_OF_MEMORY} (loading)"] for lb in labels)
+                    rows.extend(note_row(lb, f"{OUT_OF_MEMORY} (loading)") for lb in labels)
                     release()
                     continue
                 except Exception as err:
                     note = f"failed to load: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                     log.warning("GPU variant %s failed to load:\n%s", label, traceback.format_exc())
-                    rows.extend([lb, "-", "", "", "", "", note] for lb in labels)
+                    rows.extend(note_row(lb, note) for lb in labels)
                     release()
                     continue
                 facts["resolution"], facts["kind"] = backbone.resolution, cfg.optimization.mask.kind
