@@ -335,7 +335,7 @@ def test_merge_keeps_every_finished_pair_and_row_of_the_other_processes(tmp_path
             "rows_pending": ["guidance_7.5"]}
     merged = bench_run.merge_saved(mine, saved)
     assert list(merged["methods"]) == ["random", "whole_image"]
-    assert "2 rows finished, 2 under way (2 / 1 of 2 pairs done)" in bench_report.partial_line(merged)
+    assert "2 rows finished, 2 under way with 2 and 1 of their 2 pairs done" in bench_report.partial_line(merged)
     assert {k: [r["id"] for r in v] for k, v in merged["rows_in_progress"].items()} == {"B": ["x", "z"], "A": ["y"]}
     assert merged["rows_pending"] == ["peekaboo", "no_gravity", "guidance_7.5"]  # table order
     # B's row finished: its pairs under way and its pending name go; A's stale copy does not bring them back.

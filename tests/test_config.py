@@ -1,5 +1,6 @@
 """Typed configs: YAML groups, overrides, and clear errors for bad keys and values."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,38 @@ def test_help_lists_the_step_switches_with_their_defaults():
                  "optimization.guidance.t_schedule: str = 'uniform'", "optimization.guidance.samples_per_step: int = 1",
                  "optimization.early_stop.loss_tolerance: float | None = None"):
         assert line in text
+
+
+def test_help_shows_the_values_a_command_line_runs_with(capsys):
+    """``--help`` merges the presets, the selected groups and the overrides it is given, so a user sees what
+    ``model=sd15`` (say) sets, with the schema's default beside each value a preset changes."""
+    from peekaboo.app.cli import predict_main, train_main
+
+    assert predict_main(["model=sd15", "optimization.loss.gravity=0.1", "--help"], REPO_CONFIGS) == 0
+    out = capsys.readouterr().out
+    assert "model.pretrained: str = 'stable-diffusion-v1-5/stable-diffusion-v1-5'  (schema default: 'bundled')" in out
+    assert "optimization.loss.gravity: float = 0.1  (schema default: 0.05)" in out
+    assert "optimization.mask.kind: str = 'fourier_bilateral'\n" in out  # the paper's: the schema's own default
+    # Without the group, the default preset's values; a dataset run's required name is shown, not demanded.
+    assert train_main(["--help"], REPO_CONFIGS) == 0
+    out = capsys.readouterr().out
+    assert "optimization.mask.kind: str = 'raster_bilateral'  (schema default: 'fourier_bilateral')" in out
+    assert "run.name: str = ???" in out
+    # A mistyped key is the usual one-line error, not a help page.
+    assert predict_main(["optimization.loss.gravty=0.1", "--help"], REPO_CONFIGS) == 2
+    assert "gravity" in capsys.readouterr().err
+
+
+def test_help_piped_into_a_closed_pipe_exits_cleanly():
+    """``predict.py --help | head`` must not end in a BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write: every write fails, as after `head` exits
+    try:
+        proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "predict.py"), "--help"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_step_switches_are_set_from_the_command_line():

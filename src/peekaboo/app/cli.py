@@ -6,6 +6,7 @@ from any folder, since the presets ship inside the package (:func:`peekaboo.conf
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,11 +30,22 @@ def run_cli(task: str, schema: type, body: Callable[[Any, list[str]], int | None
     args = list(sys.argv[1:] if argv is None else argv)
     presets = config_dir or preset_dir()
     if any(a in HELP_FLAGS for a in args):
-        print(f"usage: {USAGE[task]}\n\nConfig keys (defaults; {presets / f'{task}.yaml'} and the group files "
-              f"beside it override them):\n{help_text(schema)}")
-        return 0
+        return exit_status(lambda: _print_help(task, schema, [a for a in args if a not in HELP_FLAGS], presets))
     setup_logging()
     return exit_status(lambda: body(load_config(schema, args, presets, task), [Path(sys.argv[0]).name, *args]))
+
+
+def _print_help(task: str, schema: type, args: list[str], presets: Path) -> None:
+    """``--help``: every config key with the value this command line would run with (the presets, the groups it
+    selects and its ``key=value`` overrides merged), and the schema's default beside each value they change."""
+    cfg = load_config(schema, args, presets, task, inputs=False)
+    text = (f"usage: {USAGE[task]}\n\nConfig keys, with the values this command runs with ({presets / f'{task}.yaml'}, "
+            f"the groups it selects, such as model=sd15, and its key=value overrides; the schema's default is shown "
+            f"where they change it):\n{help_text(schema, cfg)}")
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `--help | head` closed the pipe: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not raise
 
 
 def predict_main(argv: Sequence[str] | None = None, config_dir: Path | None = None) -> int:

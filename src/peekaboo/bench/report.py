@@ -111,8 +111,12 @@ def partial_line(report: dict[str, Any]) -> str:
     """The line that marks a report of a run still going: its finished rows, and the pairs done of each row under
     way (``"rows_in_progress"``)."""
     under_way = sorted((len(records) for records in report.get("rows_in_progress", {}).values()), reverse=True)
-    more = (f", {len(under_way)} under way ({' / '.join(map(str, under_way))} of {report['pairs']} pairs done)"
-            if under_way else "")
+    more = ""
+    if under_way:
+        counts = [str(n) for n in under_way]
+        done = counts[0] if len(counts) == 1 else f"{', '.join(counts[:-1])} and {counts[-1]}"
+        more = f", {len(counts)} under way with {done} of {'its' if len(counts) == 1 else 'their'} " \
+               f"{report['pairs']} pairs done"
     return f"**Partial results: {len(report['methods'])} rows finished{more}; the run is still going.**"
 
 

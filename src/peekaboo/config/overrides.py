@@ -226,7 +226,8 @@ def load_config(
         argv: command-line ``key=value`` strings (and ``group=name`` selections).
         config_dir: folder with ``<task>.yaml`` and group sub-folders; None uses defaults and overrides only.
         task: the base YAML's stem, e.g. ``"predict"``.
-        inputs: require a predict config's inputs (see :func:`validate`).
+        inputs: require the command's inputs: every required (``???``) value, such as a dataset run's
+            ``run.name``, and a predict config's image and prompts (see :func:`validate`).
 
     Returns:
         The validated config object (an OmegaConf structured config typed as ``schema_cls``).
@@ -250,7 +251,7 @@ def load_config(
         missing = sorted(OmegaConf.missing_keys(cfg))
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, schema)) from None
-    if missing:
+    if missing and inputs:
         raise ConfigError(f"Missing required config value(s): {', '.join(missing)}; pass them as key=value.")
     validate(cfg, inputs)
     return cfg  # type: ignore[return-value]
@@ -343,16 +344,23 @@ def _escape_interpolations(node: Any) -> Any:
     return node.replace("${", "\\${") if isinstance(node, str) else node
 
 
-def help_text(schema_cls: type, prefix: str = "") -> str:
-    """One line per config key: ``key: type = default``, for ``--help``."""
+def help_text(schema_cls: type, values: Any = None, prefix: str = "") -> str:
+    """One line per config key, for ``--help``: ``key: type = default``, or with ``values`` (a loaded config,
+    presets and overrides merged) ``key: type = value``, followed by the schema's default where they differ."""
     lines: list[str] = []
     for f in fields(schema_cls):
         default = f.default if f.default_factory is _NO_FACTORY else f.default_factory()  # type: ignore[misc]
         if is_dataclass(default):
-            lines.append(help_text(type(default), prefix + f.name + "."))
+            lines.append(help_text(type(default), values, prefix + f.name + "."))
             continue
         shown = "???" if default == MISSING else repr(default)
-        lines.append(f"  {prefix}{f.name}: {_type_name(f.type)} = {shown}")
+        line = f"  {prefix}{f.name}: {_type_name(f.type)} = {shown}"
+        if values is not None:
+            value = OmegaConf.select(values, prefix + f.name, throw_on_missing=False)
+            value = OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+            if value != default and not (value is None and default == MISSING):
+                line = f"  {prefix}{f.name}: {_type_name(f.type)} = {value!r}  (schema default: {shown})"
+        lines.append(line)
     return "\n".join(lines)
 
 
