@@ -81,6 +81,9 @@ def test_score_and_summary_of_records():
     assert s["miou"] == pytest.approx(0.25)
     assert s["wrong_object_rate"] == pytest.approx(0.5)
     assert s["seconds_per_pair"] == pytest.approx(2.0)
+    # A batch timed while its process was paused does not set the row's time.
+    paused = [{**records[0], "seconds": sec} for sec in (1.0, 1.0, 1.0, 400.0)]
+    assert scoring.summarize_method(paused)["seconds_per_pair"] == pytest.approx(1.0)
 
 
 def test_load_pairs_gives_the_other_objects():
@@ -356,6 +359,9 @@ def test_merge_keeps_every_finished_pair_and_row_of_the_other_processes(tmp_path
     texts = {n: r["about"] for n, r in bench_run.merge_saved(mine, reworded)["methods"].items()}
     assert texts["random"] == next(m.about for m in methods.METHODS if m.name == "random")
     assert texts["no_gravity"] == "other settings"
+    # Its summary is made again from its records, as the code summarizes now (a stored figure may be stale).
+    stale = {**saved, "methods": {"random": {**random_row, "summary": {**random_row["summary"], "miou": 9.0}}}}
+    assert bench_run.merge_saved(mine, stale)["methods"]["random"]["summary"] == random_row["summary"]
     # A file of another split or model adds nothing.
     assert bench_run.merge_saved(mine, {**saved, "split": "robust"}) is mine
     assert bench_run.merge_saved(mine, {**saved, "model": "other"}) is mine

@@ -319,7 +319,7 @@ def run_benchmark(
         if kept is None:
             continue
         rows[method.name] = {**kept, "key": keys[method.name], "label": method.label, "about": method.about,
-                             "overrides": list(method.overrides)}
+                             "overrides": list(method.overrides), "summary": summarize_method(kept["records"])}
         if method.kind == "peekaboo":
             # Rows of equal settings share one key, so which row first claims the settings is decided here
             # again, in this run's order, not taken from whichever row the earlier run stored.
@@ -410,8 +410,9 @@ def merge_saved(result: dict[str, Any], saved: dict[str, Any] | None) -> dict[st
     so that processes given disjoint ``--methods`` fill one table.
 
     - Rows: ``saved``'s finished rows join, except those ``result`` has or still has to compute (its
-      ``"rows_pending"``: a saved row of the same name may be of older settings), each with its method's current
-      label and description where its settings are still the method's (:func:`_current_wording`).
+      ``"rows_pending"``: a saved row of the same name may be of older settings), each summarized from its
+      records as the code summarizes now, with its method's current label and description where its settings are
+      still the method's (:func:`_refreshed`).
     - Rows under way (``"rows_in_progress"``, finished pairs by row key): the union by pair id of both files'
       pairs (this process's copy of another's row may be older than the file's), dropped once the row is finished.
     - Rows pending: both files' (a process that stopped left its rows to do), less the finished ones; the merged
@@ -424,7 +425,7 @@ def merge_saved(result: dict[str, Any], saved: dict[str, Any] | None) -> dict[st
                             for k in MERGE_FIELDS):
         return result
     mine_pending = set(result.get("rows_pending", ()))
-    rows = ({n: _current_wording(n, r) for n, r in saved.get("methods", {}).items() if n not in mine_pending}
+    rows = ({n: _refreshed(n, r) for n, r in saved.get("methods", {}).items() if n not in mine_pending}
             | result["methods"])
     finished = {canonical_key(row["key"]) for row in rows.values() if "key" in row}
     in_progress: dict[str, list[dict]] = {}
@@ -443,10 +444,12 @@ def merge_saved(result: dict[str, Any], saved: dict[str, Any] | None) -> dict[st
     return merged
 
 
-def _current_wording(name: str, row: dict[str, Any]) -> dict[str, Any]:
-    """A saved row with its method's label and description as the code words them now, where the row's overrides
-    are still the method's: the text describes the setting, not the measurement, so a correction to it reaches the
-    report without recomputing the row. A row of other settings, or of a method no longer known, keeps its text."""
+def _refreshed(name: str, row: dict[str, Any]) -> dict[str, Any]:
+    """A saved row as the code would write it now, with nothing recomputed: its summary made again from its
+    per-pair records, and its method's label and description where the row's overrides are still the method's
+    (the text describes the setting, not the measurement). A row of other settings, or of a method no longer
+    known, keeps its text."""
+    row = {**row, "summary": summarize_method(row["records"])} if "records" in row else row
     method = next((m for m in METHODS if m.name == name), None)
     if method is None or list(row.get("overrides", ())) != list(method.overrides):
         return row

@@ -3,6 +3,7 @@ the per-pair record of a predicted mask (IoU terms, whether it took another obje
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,9 +80,12 @@ def score(pred: np.ndarray, pair: BenchPair) -> dict[str, Any]:
 
 
 def summarize_method(records: Sequence[dict]) -> dict[str, Any]:
-    """:func:`peekaboo.runs.metrics.summarize` plus the wrong-object rate and the mean seconds per pair."""
+    """:func:`peekaboo.runs.metrics.summarize` plus the wrong-object rate and the median seconds per pair.
+
+    The median, not the mean: a long row runs across sessions, and a batch whose process was paused (SIGSTOP,
+    while the CPU timed something else) or shared its core would otherwise set the row's time."""
     summary = summarize(records)
     scored = [r for r in records if r.get("status") == DONE]
     summary["wrong_object_rate"] = (sum(bool(r["wrong_object"]) for r in scored) / len(scored)) if scored else None
-    summary["seconds_per_pair"] = (sum(float(r["seconds"]) for r in records) / len(records)) if records else None
+    summary["seconds_per_pair"] = statistics.median(float(r["seconds"]) for r in records) if records else None
     return summary
