@@ -94,12 +94,20 @@ def test_a_resumed_steps_run_keeps_only_the_unchanged_curves(tiny_model, tmp_pat
     assert ran == ["g"] and kept["kept"] and (kept["points"], kept["key"]) == (first["points"], first["key"])
     # The run's time counts each curve's own, the kept one's too.
     assert resumed["wall_s"] == pytest.approx(kept["seconds"] + resumed["settings"]["g"]["seconds"])
+    # A setting that differs only in its own step count is the same run (snapshots): its curve is reused.
+    assert steps.main([*resume, "--candidate", "short: trainer.max_steps=1"]) == 0
+    reused = json.loads(out.read_text())["settings"]["short"]
+    assert ran == ["g"] and reused["same_as"] == "project"
+    assert reused["points"] == json.loads(out.read_text())["settings"]["project"]["points"]
+    # Unless the step count sets a schedule's length: then it is a run of its own.
+    assert steps.main([*resume, "--candidate", "cos: trainer.max_steps=1 optimization.optim.schedule=cosine"]) == 0
+    assert ran == ["g", "cos"]
     # Another preset value (here through --set) changes the settings key: the curve runs again.
     assert steps.main([*resume, "--set", "optimization.loss.gravity=0.1"]) == 0
-    assert ran == ["g", "project"]
+    assert ran == ["g", "cos", "project"]
     # Other step counts: nothing is kept.
     assert steps.main([*resume, "--steps", "1"]) == 0
-    assert ran == ["g", "project", "project"]
+    assert ran == ["g", "cos", "project", "project"]
 
 
 def test_steps_user_errors(capsys, monkeypatch):

@@ -14,6 +14,7 @@ timestep schedule or early stopping runs once per step count (its step ``k`` of 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import shlex
@@ -122,6 +123,15 @@ def horizon_free(cfg: Any) -> bool:
             and opt.guidance.t_schedule != "annealed" and not opt.early_stop.enabled)
 
 
+def curve_key(cfg: Any) -> str:
+    """What a curve depends on: the settings key, less the setting's own ``trainer.max_steps`` where the run is
+    :func:`horizon_free` (every point is then a snapshot of one run to the largest step count, whatever that
+    count), so two settings that differ only in it share one curve."""
+    if horizon_free(cfg):
+        cfg = OmegaConf.merge(cfg, {"trainer": {"max_steps": 1}})
+    return settings_key(cfg)
+
+
 def curve(setting: Setting, cfg: Any, pairs: Sequence[Any], steps: Sequence[int],
           batch_size: int) -> list[dict[str, Any]]:
     """The points of ``setting`` (resolved as ``cfg``): for each step count, the summary of its pairs (mIoU,
@@ -182,6 +192,14 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                                                         "kept": True}
             continue
         log.info("%s: %s", setting.label, setting.about)
+        same = next((label for label, done in result["settings"].items()
+                     if curve_key(configs[label]) == curve_key(configs[setting.label])), None)
+        if same is not None:  # e.g. the fast setting: the preset's run, fewer steps of it
+            log.info("  the same run as %s (they differ only in their own step count): its curve", same)
+            result["settings"][setting.label] = {"about": setting.about, "overrides": list(setting.overrides),
+                                                "key": keys[setting.label], "same_as": same, "seconds": 0.0,
+                                                "points": copy.deepcopy(result["settings"][same]["points"])}
+            continue
         t0 = time.perf_counter()
         points = curve(setting, configs[setting.label], pairs, steps, args.batch_size)
         result["settings"][setting.label] = {"about": setting.about, "overrides": list(setting.overrides),
@@ -252,6 +270,8 @@ def render(result: dict[str, Any], plot_path: Path | None) -> str:
               "## Wrong-object rate", "", markdown_table(header, wrong, right_from=1), "",
               "## Settings", ""]
     lines += [f"- **{label}**: {s['about']}" + (f" (`{' '.join(s['overrides'])}`)" if s["overrides"] else "")
+              + (f"; its curve is {s['same_as']}'s: the two differ only in their own step count, and each point "
+                 "is a snapshot of one run" if s.get("same_as") else "")
               for label, s in settings.items()]
     if PAPER.label not in settings:
         return "\n".join(lines) + "\n"
