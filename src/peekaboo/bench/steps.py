@@ -182,6 +182,16 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                               "machine": machine_info(), "settings": {}}
     earlier = finished_curves(result, args.out) if args.resume else {}
     for setting in settings:
+        # A run already in the table first: a curve kept from an earlier run may be one another setting has.
+        same = next((label for label in result["settings"]
+                     if curve_key(configs[label]) == curve_key(configs[setting.label])), None)
+        if same is not None:  # e.g. the fast setting: the preset's run, fewer steps of it
+            log.info("%s: the same run as %s (they differ only in their own step count): its curve",
+                     setting.label, same)
+            result["settings"][setting.label] = {"about": setting.about, "overrides": list(setting.overrides),
+                                                "key": keys[setting.label], "same_as": same, "seconds": 0.0,
+                                                "points": copy.deepcopy(result["settings"][same]["points"])}
+            continue
         kept = earlier.get(setting.label)
         # Compared as canonical_key reads them: a curve stored before a setting existed, or under another speed
         # switch, is the same run.
@@ -192,14 +202,6 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                                                         "kept": True}
             continue
         log.info("%s: %s", setting.label, setting.about)
-        same = next((label for label, done in result["settings"].items()
-                     if curve_key(configs[label]) == curve_key(configs[setting.label])), None)
-        if same is not None:  # e.g. the fast setting: the preset's run, fewer steps of it
-            log.info("  the same run as %s (they differ only in their own step count): its curve", same)
-            result["settings"][setting.label] = {"about": setting.about, "overrides": list(setting.overrides),
-                                                "key": keys[setting.label], "same_as": same, "seconds": 0.0,
-                                                "points": copy.deepcopy(result["settings"][same]["points"])}
-            continue
         t0 = time.perf_counter()
         points = curve(setting, configs[setting.label], pairs, steps, args.batch_size)
         result["settings"][setting.label] = {"about": setting.about, "overrides": list(setting.overrides),
