@@ -231,6 +231,19 @@ def test_resumed_tensorboard_run_has_no_duplicate_steps(tmp_path):
     assert [e.value for e in events[5:]] == [100.0 + s for s in range(5, 10)]
 
 
+def test_the_preemption_save_runs_after_the_steps_own_callbacks(tmp_path):
+    # Saved before the early stop, early choice and loss curves had seen the step, the checkpoint would resume a
+    # pair one update behind an uninterrupted run of it.
+    import lightning as L
+
+    from peekaboo.optim.preemption import SaveOnPreemption
+
+    save, curves = SaveOnPreemption(tmp_path / "last.ckpt"), callbacks.LossCurves(4)
+    trainer = L.Trainer(callbacks=[save, curves], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    assert trainer.callbacks.index(save) > trainer.callbacks.index(curves)
+
+
 def test_a_checkpoint_callback_of_any_class_name_enables_checkpointing(tiny_backbone, tmp_path):
     # Detected by type: a renamed subclass used to leave enable_checkpointing off, which Lightning refuses.
     from peekaboo.config import OptimizationConfig

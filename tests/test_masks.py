@@ -35,6 +35,17 @@ def test_mask_shape_range_and_gradients(kind):
     assert all(not k.startswith(("bilateral", "features")) for k in mask.state_dict())
 
 
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_mask_stays_float32_inside_a_mixed_precision_step(kind):
+    # bf16-mixed runs training_step under autocast, which would compute a Fourier mask's matmuls in bfloat16.
+    cfg = MaskConfig(kind=kind, size=SIZE)
+    cfg.fourier.hidden, cfg.fourier.num_features = 16, 8
+    mask = build_mask(cfg, _two_tone()[None], [torch.Generator().manual_seed(0)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = mask()
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, mask())
+
+
 def test_same_generator_same_fourier_mask():
     cfg = MaskConfig(kind="fourier", size=SIZE)
     a = build_mask(cfg, _two_tone()[None], [torch.Generator().manual_seed(3)])()

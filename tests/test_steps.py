@@ -301,6 +301,12 @@ def test_a_stopped_pair_stays_stopped_after_a_resume(tiny_backbone, tmp_path):
     assert [r.steps for r in resumed] == [r.steps for r in whole] == [2, 5]
     for a, b in zip(resumed, whole, strict=True):
         assert torch.equal(a.alpha, b.alpha)
+    # A checkpoint saved on the step the last running pair stopped resumes with nothing left to run.
+    state["state_dict"]["stopped_at"] = torch.tensor([2, 3])
+    torch.save(state, tmp_path / "all-stopped.ckpt")
+    done = optimize_pairs(_images(2), PROMPTS[:2], ids, cfg, _trainer(5), tiny_backbone,
+                          ckpt_path=tmp_path / "all-stopped.ckpt")
+    assert [r.steps for r in done] == [2, 3]
     # A checkpoint from before pairs could stop (no stopped_at) resumes with every pair running.
     del state["state_dict"]["stopped_at"]
     torch.save(state, tmp_path / "old.ckpt")

@@ -156,11 +156,14 @@ class Mask(nn.Module):
         raise NotImplementedError
 
     def forward(self) -> torch.Tensor:
-        """alpha: ``(B, 1, H, W)`` in [0, 1]."""
-        x = self.logits()
-        if self.iterations:
-            x = apply_bilateral(x, (self.bilateral, self.bilateral_t), self.iterations)
-        return torch.sigmoid(x)
+        """alpha: ``(B, 1, H, W)`` in [0, 1], float32 also inside a mixed-precision step: the mask is the only
+        trained function, and autocast would run a Fourier mask's matmuls in half precision."""
+        device = next(self.parameters()).device
+        with torch.autocast(device_type=device.type, enabled=False):
+            x = self.logits()
+            if self.iterations:
+                x = apply_bilateral(x, (self.bilateral, self.bilateral_t), self.iterations)
+            return torch.sigmoid(x)
 
 
 class RasterMask(Mask):
@@ -261,7 +264,7 @@ class FourierMask(Mask):
                  for w, x, bias, g, be in zip(weights, h, biases, gammas, betas, strict=True)]  # B x (C_out, HW)
         weights, biases = last.weight.view(b, 1, -1).unbind(0), last.bias.view(b, 1).unbind(0)
         out = torch.stack([torch.addmm(bias[:, None], w, x) for w, x, bias in zip(weights, h, biases, strict=True)])
-        return out.view(b, 1, self.size, self.size)  # (B, 1, 1, HW) -> (B, 1, S, S)
+        return out.view(b, 1, self.size, self.size)  # (B, 1, HW) -> (B, 1, S, S)
 
 
 def build_mask(cfg: MaskConfig, images: torch.Tensor, generators: list[torch.Generator]) -> Mask:

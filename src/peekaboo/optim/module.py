@@ -225,6 +225,12 @@ class PeekabooModule(L.LightningModule):
             self.mask.start_from(logits.to(self.images.device), torch.tensor(kept, device=self.images.device))
         self.initialized.fill_(True)
 
+    def on_train_start(self) -> None:
+        # A checkpoint saved on the step its last running pair stopped resumes with none left to run (Lightning
+        # does not save should_stop): end the fit before its first step, which would have no rows.
+        if self.can_stop and bool((self.stopped_at >= 0).all()):
+            self.trainer.should_stop = True
+
     def step_generators(self) -> list[torch.Generator]:
         """One generator per pair for this step, seeded by (seed, pair id, step): an interrupted and resumed
         pair makes exactly the draws an uninterrupted one makes, on any device and in any batch."""

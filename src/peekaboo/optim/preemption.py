@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Checkpoint
 
 from peekaboo.errors import Stopped
 
@@ -55,8 +55,12 @@ def preemption_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-class SaveOnPreemption(Callback):
+class SaveOnPreemption(Checkpoint):
     """After a preemption signal, save the fit's checkpoint to ``path`` and stop it with :class:`Preempted`.
+
+    A :class:`~lightning.pytorch.callbacks.Checkpoint`, so that Lightning runs it after every other callback:
+    the step's early-stop, early-choice and loss-curve updates are in the checkpoint it saves, and the resumed
+    pair goes on as if never stopped.
 
     Checked after every step; when Lightning itself ends the fit on SIGTERM (its ``SIGTERMException``, at the
     epoch's end) the checkpoint is saved from ``on_exception`` instead, so no path through a fit loses it.
