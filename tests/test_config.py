@@ -150,6 +150,9 @@ def test_help_shows_the_values_a_command_line_runs_with(capsys):
     out = capsys.readouterr().out
     assert "optimization.mask.kind: str = 'raster_bilateral'  (schema default: 'fourier_bilateral')" in out
     assert "run.name: str = ???" in out
+    # Help is not a run: a check of the machine (here, a writable output folder) does not stop it.
+    assert train_main(["run.root=/proc/no-such-folder", "--help"], REPO_CONFIGS) == 0
+    assert "run.root: str = '/proc/no-such-folder'  (schema default: 'runs')" in capsys.readouterr().out
     # A mistyped key is the usual one-line error, not a help page.
     assert predict_main(["optimization.loss.gravty=0.1", "--help"], REPO_CONFIGS) == 2
     assert "gravity" in capsys.readouterr().err

@@ -38,7 +38,7 @@ def run_cli(task: str, schema: type, body: Callable[[Any, list[str]], int | None
 def _print_help(task: str, schema: type, args: list[str], presets: Path) -> None:
     """``--help``: every config key with the value this command line would run with (the presets, the groups it
     selects and its ``key=value`` overrides merged), and the schema's default beside each value they change."""
-    cfg = load_config(schema, args, presets, task, inputs=False)
+    cfg = load_config(schema, args, presets, task, inputs=False, check=False)
     text = (f"usage: {USAGE[task]}\n\nConfig keys, with the values this command runs with ({presets / f'{task}.yaml'}, "
             f"the groups it selects, such as model=sd15, and its key=value overrides; the schema's default is shown "
             f"where they change it):\n{help_text(schema, cfg)}")

@@ -217,7 +217,7 @@ def _retired(schema: DictConfig, key: str) -> str | None:
 
 def load_config(
     schema_cls: type[C], argv: Sequence[str], config_dir: str | os.PathLike | None = None, task: str | None = None,
-    inputs: bool = True,
+    inputs: bool = True, check: bool = True,
 ) -> C:
     """Build a config from ``schema_cls`` defaults, ``configs/<task>.yaml``, group files and overrides.
 
@@ -228,6 +228,8 @@ def load_config(
         task: the base YAML's stem, e.g. ``"predict"``.
         inputs: require the command's inputs: every required (``???``) value, such as a dataset run's
             ``run.name``, and a predict config's image and prompts (see :func:`validate`).
+        check: validate the merged values (ranges, writable folders, installed loggers); ``--help`` shows a
+            config without, so that it never fails on the machine it runs on.
 
     Returns:
         The validated config object (an OmegaConf structured config typed as ``schema_cls``).
@@ -253,7 +255,8 @@ def load_config(
         raise ConfigError(_explain(err, schema)) from None
     if missing and inputs:
         raise ConfigError(f"Missing required config value(s): {', '.join(missing)}; pass them as key=value.")
-    validate(cfg, inputs)
+    if check:
+        validate(cfg, inputs)
     return cfg  # type: ignore[return-value]
 
 
@@ -356,10 +359,15 @@ def help_text(schema_cls: type, values: Any = None, prefix: str = "") -> str:
         shown = "???" if default == MISSING else repr(default)
         line = f"  {prefix}{f.name}: {_type_name(f.type)} = {shown}"
         if values is not None:
-            value = OmegaConf.select(values, prefix + f.name, throw_on_missing=False)
-            value = OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
-            if value != default and not (value is None and default == MISSING):
-                line = f"  {prefix}{f.name}: {_type_name(f.type)} = {value!r}  (schema default: {shown})"
+            parent = OmegaConf.select(values, prefix[:-1]) if prefix else values
+            if OmegaConf.is_missing(parent, f.name):  # required here, though the schema may not require it
+                if default != MISSING:
+                    line = f"  {prefix}{f.name}: {_type_name(f.type)} = ???  (schema default: {shown})"
+            else:
+                value = OmegaConf.select(values, prefix + f.name)
+                value = OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+                if value != default:
+                    line = f"  {prefix}{f.name}: {_type_name(f.type)} = {value!r}  (schema default: {shown})"
         lines.append(line)
     return "\n".join(lines)
 
