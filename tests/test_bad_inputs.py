@@ -847,6 +847,19 @@ def test_unwritable_output_folder_is_refused_at_start_up(corpus, tmp_path, monke
     assert code == 2 and f"{tmp_path} is not writable" in line and "choose another output_dir" in line
 
 
+def test_a_run_folder_that_cannot_be_made_is_one_line(corpus, tmp_path, monkeypatch, capsys):
+    # The start-up check trusts access(2); a folder that still cannot be made (under /proc, say) is a user
+    # error with its fix, not a traceback.
+    def refuse(self, *args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    monkeypatch.setattr(lp.Trainer, "fit", _fit_must_not_run)
+    code = train_main(_train(corpus, tmp_path / "runs", "r", "data=shapes", "data.num_pairs=1"), REPO_CONFIGS)
+    line = _error_line(capsys.readouterr().err)
+    assert code == 2 and "Could not write" in line and "No such file or directory" in line
+
+
 @pytest.mark.parametrize("failure", ["short write", "error mid-write"])
 def test_append_line_never_leaves_a_partial_line(failure, tmp_path, monkeypatch):
     path = tmp_path / "results.jsonl"

@@ -53,7 +53,10 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> RunOutcome:
     check_same_run(run_dir, cfg)
     weights = model_fingerprint(cfg.model.pretrained, cfg.model.revision)
     check_same_weights(run_dir, weights)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # what the start-up check cannot foresee, e.g. a folder under /proc
+        raise files.output_error(run_dir, err) from None
     # Written once, when the run starts: a rerun resumes under the same settings (check_same_run compared
     # them above), and one that is refused or fails must leave the record of the run's start as it was.
     if (env_world is None or env_world.rank == 0) and not (run_dir / "config.yaml").is_file():
