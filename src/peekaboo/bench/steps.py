@@ -176,6 +176,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     # Every setting's config first, so a bad override fails before hours of work.
     configs = {s.label: method_config(s.overrides, args.set, config_dir, scenes=args.scenes) for s in settings}
     keys = {label: settings_key(cfg) for label, cfg in configs.items()}
+    curve_keys = {label: curve_key(cfg) for label, cfg in configs.items()}
     pairs = load_pairs(args.split, args.pairs, args.scenes)
     result: dict[str, Any] = {"scenes": args.scenes, "split": args.split, "pairs": len(pairs), "steps": steps,
                               "command": command, "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -183,8 +184,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     earlier = finished_curves(result, args.out) if args.resume else {}
     for setting in settings:
         # A run already in the table first: a curve kept from an earlier run may be one another setting has.
-        same = next((label for label in result["settings"]
-                     if curve_key(configs[label]) == curve_key(configs[setting.label])), None)
+        same = next((label for label in result["settings"] if curve_keys[label] == curve_keys[setting.label]), None)
         if same is not None:  # e.g. the fast setting: the preset's run, fewer steps of it
             log.info("%s: the same run as %s (they differ only in their own step count): its curve",
                      setting.label, same)

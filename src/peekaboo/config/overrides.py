@@ -357,18 +357,18 @@ def help_text(schema_cls: type, values: Any = None, prefix: str = "") -> str:
             lines.append(help_text(type(default), values, prefix + f.name + "."))
             continue
         shown = "???" if default == MISSING else repr(default)
-        line = f"  {prefix}{f.name}: {_type_name(f.type)} = {shown}"
+        now = shown
         if values is not None:
             parent = OmegaConf.select(values, prefix[:-1]) if prefix else values
             if OmegaConf.is_missing(parent, f.name):  # required here, though the schema may not require it
-                if default != MISSING:
-                    line = f"  {prefix}{f.name}: {_type_name(f.type)} = ???  (schema default: {shown})"
+                now = "???"
             else:
                 value = OmegaConf.select(values, prefix + f.name)
                 value = OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
                 if value != default:
-                    line = f"  {prefix}{f.name}: {_type_name(f.type)} = {value!r}  (schema default: {shown})"
-        lines.append(line)
+                    now = repr(value)
+        lines.append(f"  {prefix}{f.name}: {_type_name(f.type)} = {now}"
+                     + (f"  (schema default: {shown})" if now != shown else ""))
     return "\n".join(lines)
 
 
