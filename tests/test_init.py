@@ -88,7 +88,7 @@ def test_a_resumed_run_keeps_its_checkpointed_mask(tiny_backbone, tmp_path, monk
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{step}", save_top_k=-1, every_n_train_steps=2)
     whole = optimize_pair(image, PROMPTS[0], "p", cfg, _trainer(4), tiny_backbone, callbacks=[ckpt])
     state = torch.load(tmp_path / "step=2.ckpt", map_location="cpu", weights_only=True)
-    assert set(state["state_dict"]) == {"mask.raster", "failed", "initialized"}
+    assert set(state["state_dict"]) == {"mask.raster", "failed", "nonfinite_steps", "initialized"}
     assert bool(state["state_dict"]["initialized"])
     # A checkpoint without the flag (written before it existed) is of a run that started: also kept.
     del state["state_dict"]["initialized"]
@@ -109,7 +109,7 @@ def test_the_default_start_is_unchanged(tiny_backbone, monkeypatch):
     raster = PeekabooModule(_images(1), PROMPTS[0], "p", _cfg("raster", "constant"), tiny_backbone)
     raster.on_fit_start()
     assert torch.equal(raster.mask.raster, torch.zeros(1, 1, SIZE, SIZE))  # init_logit 0
-    assert set(raster.state_dict()) == {"mask.raster", "failed"}  # checkpoints hold what they held before
+    assert set(raster.state_dict()) == {"mask.raster", "failed", "nonfinite_steps"}  # no flag for a constant start
     fourier = PeekabooModule(_images(1), PROMPTS[0], "p", _cfg("fourier", "constant"), tiny_backbone)
     before = {k: v.clone() for k, v in fourier.mask.state_dict().items()}
     fourier.on_fit_start()

@@ -17,12 +17,25 @@ from peekaboo.optim.module import PeekabooModule
 SIZE = MODULE_SIZE
 
 
-def test_state_dict_holds_only_mask(tiny_backbone):
+def test_state_dict_holds_the_mask_and_loop_state_only(tiny_backbone):
     for kind in ("raster", "fourier_bilateral"):
         module = PeekabooModule(torch.rand(3, SIZE, SIZE), "a red circle", "p", _cfg(kind), tiny_backbone)
-        assert list(module.state_dict()) and all(k.startswith("mask.") or k == "failed" for k in module.state_dict())
+        assert list(module.state_dict()) and all(k.startswith("mask.") or k in ("failed", "nonfinite_steps")
+                                               for k in module.state_dict())
         trainable = {n for n, p in module.named_parameters() if p.requires_grad}
         assert trainable == {n for n, _ in module.mask.named_parameters(prefix="mask")}
+
+
+def test_a_checkpoint_holding_the_nonfinite_streak_beside_its_state_dict_resumes_it(tiny_backbone):
+    # Checkpoints written before the streak was a buffer: beside the state dict, or (older) nowhere.
+    module = PeekabooModule(torch.rand(3, SIZE, SIZE), "a red circle", "p", _cfg(), tiny_backbone)
+    for beside, expected in ((torch.tensor([3]), [3]), (None, [0])):
+        state = {k: v.clone() for k, v in module.state_dict().items() if k != "nonfinite_steps"}
+        checkpoint = {"state_dict": state} | ({} if beside is None else {"nonfinite_steps": beside})
+        module.nonfinite_steps.fill_(7)
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"])
+        assert module.nonfinite_steps.tolist() == expected
 
 
 def test_only_mask_receives_gradients(tiny_backbone):
@@ -42,7 +55,7 @@ def test_checkpoint_is_small_has_no_backbone_and_restores_mask(tiny_backbone, tm
     path = tmp_path / "last.ckpt"
     assert path.is_file() and path.stat().st_size < 64 * 1024  # mask (16x16) + Adam state + loop state
     state = torch.load(path, map_location="cpu", weights_only=True)
-    assert set(state["state_dict"]) == {"mask.raster", "failed"}
+    assert set(state["state_dict"]) == {"mask.raster", "failed", "nonfinite_steps"}
     module = PeekabooModule(image, "a red circle", "p", _cfg(), tiny_backbone)
     module.load_state_dict(state["state_dict"])
     with torch.no_grad():

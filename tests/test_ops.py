@@ -76,3 +76,9 @@ def test_pair_seed_is_stable_and_distinct():
     assert len({ops.pair_seed(0, "a", 3), ops.pair_seed(1, "a", 3), ops.pair_seed(0, "b", 3),
                 ops.pair_seed(0, "a", 4), ops.pair_seed(0, "a")}) == 5
     assert 0 <= ops.pair_seed(123, "x") < 2**63
+
+
+def test_pair_generator_draws_from_the_pair_seed():
+    gen = ops.pair_generator(7, "a", 2)
+    assert gen.initial_seed() == ops.pair_seed(7, "a", 2)
+    assert torch.equal(torch.rand(3, generator=gen), torch.rand(3, generator=ops.pair_generator(7, "a", 2)))

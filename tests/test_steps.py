@@ -204,7 +204,7 @@ def _run_stop(cfg, losses):
     froze = []
     b = len(losses[0])
     module = SimpleNamespace(last_alpha=torch.zeros(b, 1, 2, 2), failed=torch.zeros(b, dtype=torch.bool),
-                             loggers=(), logged_this_step=True,
+                             stopped_at=torch.full((b,), -1), loggers=(), logged_this_step=True,
                              stop_pairs=lambda pairs, step: froze.append((step, pairs.tolist())))
     for k, loss in enumerate(losses):
         module.last_losses = {"loss/dream": torch.tensor(loss)}

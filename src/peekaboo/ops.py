@@ -249,6 +249,11 @@ def pair_seed(seed: int, pair_id: str, step: int | None = None) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def pair_generator(seed: int, pair_id: str, step: int | None = None) -> torch.Generator:
+    """A CPU generator seeded by :func:`pair_seed`: a pair's draws, the same in any batch, process or device."""
+    return torch.Generator().manual_seed(pair_seed(seed, pair_id, step))
+
+
 def downsample_alpha(alpha: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``alpha`` on a coarser grid by area averaging: each cell of the result is the mean of the pixels it
     covers (``F.adaptive_avg_pool2d``; for a side that divides evenly, exactly ``avg_pool2d`` with kernel

@@ -159,7 +159,7 @@ def attention_maps(cfg: Any, pairs: Sequence[BenchPair], backbone: Backbone,
     for n, pair in enumerate(pairs, 1):
         t0 = time.perf_counter()
         canvas, placement = images.fit_square(pair.image, cfg.optimization.mask.size, cfg.image_options.fit)
-        gen = torch.Generator().manual_seed(ops.pair_seed(cfg.optimization.seed, pair.id))
+        gen = ops.pair_generator(cfg.optimization.seed, pair.id)
         heat = cross_attention_map(backbone, canvas, pair.prompt, generator=gen)
         out.append((images.unfit(heat, placement), time.perf_counter() - t0))
         if progress is not None and (n % DEFAULT_BATCH == 0 or n == len(pairs)):
@@ -206,10 +206,7 @@ def run_trivial(kind: str, pairs: Sequence[BenchPair], seed: int) -> list[dict]:
     for pair in pairs:
         t0 = time.perf_counter()
         h, w = pair.target.shape
-        if kind == "random":
-            pred = random_mask(h, w, torch.Generator().manual_seed(ops.pair_seed(seed, pair.id)))
-        else:
-            pred = whole_image(h, w)
+        pred = random_mask(h, w, ops.pair_generator(seed, pair.id)) if kind == "random" else whole_image(h, w)
         records.append({"id": pair.id, "prompt": pair.prompt, "status": DONE,
                         "seconds": round(time.perf_counter() - t0, 4), **score(pred, pair)})
     return records

@@ -146,16 +146,12 @@ class StableMaskStop(Callback):
                 pl_module.last_losses["loss/dream"], self.ema, self.best, self.since, cfg.loss_ema,
                 cfg.loss_tolerance)
             settled &= self.since >= cfg.patience
-        done = self.stopped | pl_module.failed.to(binary.device)  # failed pairs count as finished
-        stopped_at = getattr(pl_module, "stopped_at", None)  # pairs stopped by other means count too
-        if stopped_at is not None:
-            done = done | (stopped_at.to(binary.device) >= 0)
+        # Failed pairs, and pairs stopped by other means (an early choice of restarts), count as finished.
+        done = self.stopped | pl_module.failed.to(binary.device) | (pl_module.stopped_at.to(binary.device) >= 0)
         new = settled & ~done if trainer.global_step >= cfg.min_steps else torch.zeros_like(settled)
         if bool(new.any()):
             self.stopped = self.stopped | new
-            stop_pairs = getattr(pl_module, "stop_pairs", None)  # a stand-in module (a replay) may lack it
-            if stop_pairs is not None:
-                stop_pairs(new, trainer.global_step)
+            pl_module.stop_pairs(new, trainer.global_step)
         if bool((done | new).all()):
             trainer.should_stop = True
             # Lightning writes the logged values of the step it stops at: make them this step's.

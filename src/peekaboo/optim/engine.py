@@ -34,7 +34,7 @@ from peekaboo.errors import PeekabooError
 from peekaboo.optim.callbacks import EarlyChoice, LossCurves, MaskImages, PairCurves, StableMaskStop
 from peekaboo.optim.loggers import make_logger
 from peekaboo.optim.module import PeekabooModule
-from peekaboo.optim.preemption import PREEMPTION, Preempted
+from peekaboo.optim.preemption import Preempted
 from peekaboo.optim.restarts import candidate_ids, candidate_inits, choose, chooses_early, prompt_fit
 from peekaboo.utils.console import quiet_lightning, warnings_to_log
 
@@ -288,7 +288,7 @@ def _fit(
             # weights_only: a checkpoint is data (tensors, numbers, strings); never unpickle code from it.
             trainer.fit(module, loader, ckpt_path=str(fit.ckpt_path) if fit.ckpt_path else None, weights_only=True)
         except SIGTERMException:  # Lightning's own stop on SIGTERM: SaveOnPreemption saved the checkpoint
-            raise Preempted(f"signal {PREEMPTION.signal or signal.SIGTERM} at step {trainer.global_step}") from None
+            raise Preempted.at(trainer.global_step) from None
         except SystemExit:
             if isinstance(witness.exception, KeyboardInterrupt):
                 # Lightning left SIGINT ignored for its shutdown; give Ctrl-C back to the user.

@@ -143,8 +143,6 @@ class Mask(nn.Module):
         self.batch = guide.shape[0]
         self.iterations = 0
         if bilateral is not None:
-            if guide is None:
-                raise ValueError("a bilateral mask needs the image as its guide")
             self.iterations = bilateral.iterations
             weights = bilateral_weights(guide, bilateral.kernel, bilateral.sigma, bilateral.colour_tolerance)
             op, op_t = bilateral_operator(weights)

@@ -100,7 +100,7 @@ class PeekabooModule(L.LightningModule):
         # composite=latent: the images' VAE posterior (mean, std), each (B, C, h, w), encoded on first use.
         self.register_buffer("image_latent_mean", None, persistent=False)
         self.register_buffer("image_latent_std", None, persistent=False)
-        inits = [torch.Generator().manual_seed(ops.pair_seed(cfg.seed, pid)) for pid in self.pair_ids]
+        inits = [ops.pair_generator(cfg.seed, pid) for pid in self.pair_ids]
         self.mask = build_mask(cfg.mask, self.images, inits)
         # Whether the masks have had their start from the model (a mask init other than constant: the
         # cross-attention map or a ranked region). Persistent there only: Lightning loads a checkpoint before
@@ -119,9 +119,9 @@ class PeekabooModule(L.LightningModule):
         # (restarts.choose_at): never the kept mask. Persistent where that can happen.
         self.register_buffer("pruned", torch.zeros(len(self.pair_ids), dtype=torch.bool),
                              persistent=self.chooses_early)
-        # Consecutive steps each pair's gradient had non-finite entries (NONFINITE_STEPS). Kept in checkpoints
-        # beside the state dict (on_save_checkpoint), so the state dict holds the masks' keys only.
-        self.register_buffer("nonfinite_steps", torch.zeros(len(self.pair_ids), dtype=torch.long), persistent=False)
+        # Consecutive steps each pair's gradient had non-finite entries (NONFINITE_STEPS). Persistent, so a
+        # resumed pair fails at the step an uninterrupted one would.
+        self.register_buffer("nonfinite_steps", torch.zeros(len(self.pair_ids), dtype=torch.long))
         self.took_step = torch.ones(len(self.pair_ids), dtype=torch.bool)  # (B,): the pairs the last step moved
         self.max_steps = max_steps
         self._emb: PromptEmbeddings | None = None
@@ -196,7 +196,7 @@ class PeekabooModule(L.LightningModule):
         m = self.cfg.mask
         maps = torch.stack([
             cross_attention_map(self.backbone, self.images[i], self.prompts[i],
-                                generator=torch.Generator().manual_seed(ops.pair_seed(self.cfg.seed, self.pair_ids[i])))
+                                generator=ops.pair_generator(self.cfg.seed, self.pair_ids[i]))
             for i in rows
         ])  # (R, S, S) in [0, 1], on CPU
         logits = map_logits(maps[:, None], m.init_scale, m.init_threshold).to(self.images.device)  # (R, 1, S, S)
@@ -235,59 +235,94 @@ class PeekabooModule(L.LightningModule):
         """One generator per pair for this step, seeded by (seed, pair id, step): an interrupted and resumed
         pair makes exactly the draws an uninterrupted one makes, on any device and in any batch."""
         step = self.global_step
-        return [torch.Generator().manual_seed(ops.pair_seed(self.cfg.seed, pid, step)) for pid in self.pair_ids]
+        return [ops.pair_generator(self.cfg.seed, pid, step) for pid in self.pair_ids]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        cfg = self.cfg
-        gens = self.step_generators()
+        """One step of every running pair: the losses (:meth:`pair_losses`), the failures they show
+        (:meth:`track_failures`), the per-pair records callbacks and loggers read (:meth:`record_step`); returns
+        the summed loss of the pairs that have not failed."""
         alpha = self.mask()  # (B, 1, S, S)
         running = self.stopped_at < 0  # (B,)
         # Only the pairs still running pay for the VAE and the UNet: R of the B rows (all of them, untouched,
         # until early stopping freezes one; without early stopping, no device sync to find that out).
         rows = None if not self.can_stop or bool(running.all()) else running.nonzero()[:, 0]  # (R,)
-        images, alpha_r, gens_r, emb = self.images, alpha, gens, self._emb
+        alpha_r = alpha if rows is None else alpha[rows]  # (R, 1, S, S)
+        losses, terms, comp = self.pair_losses(alpha_r, rows)
+        failed_r = self.track_failures(losses["loss/total"], alpha_r, terms["nonfinite"], rows)
+        self.record_step(alpha, comp, losses, terms, rows, running)
+        # torch.where, not a product: 0 * nan is nan, and a failed pair must not stop the others.
+        total = losses["loss/total"]
+        return torch.where(failed_r, torch.zeros_like(total), total).sum()
+
+    def pair_losses(
+        self, alpha: torch.Tensor, rows: torch.Tensor | None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """The step's losses for the R running rows ``rows`` (None: all B pairs), whose masks are ``alpha``
+        ``(R, 1, S, S)``: each pair's composite over a background drawn from its own generator, scored by the
+        dream loss, plus the alpha regularizer.
+
+        Returns:
+            ``{"loss/dream", "loss/alpha", "loss/total"}`` each ``(R,)``; the dream loss's terms (``t``,
+            ``grad_norm``, ``nonfinite``: the gradient entries it zeroed, each ``(R,)``); the composite
+            ``(R, 3, S, S)``.
+        """
+        cfg = self.cfg
+        gens = self.step_generators()
+        images, emb = self.images, self._emb
         assert emb is not None, "on_fit_start sets the prompt embeddings"
         if rows is not None:
-            images, alpha_r = images[rows], alpha[rows]  # (R, 3, S, S), (R, 1, S, S)
-            gens_r = [gens[i] for i in rows.tolist()]
-            emb = emb.select(rows)
+            images, emb = images[rows], emb.select(rows)  # (R, 3, S, S)
+            gens = [gens[i] for i in rows.tolist()]
         background = torch.cat([ops.sample_background(cfg.background, img[None], g)
-                                for img, g in zip(images, gens_r, strict=True)])  # (R, 3, S, S)
-        comp, latents = self.composite_latents(images, alpha_r, background, gens_r, rows)  # (R, 3, S, S), (R, C, h, w)
-        terms = self.backbone.dream_loss(latents, emb, cfg.guidance, gens_r, self.global_step, self.total_steps)
+                                for img, g in zip(images, gens, strict=True)])  # (R, 3, S, S)
+        comp, latents = self.composite_latents(images, alpha, background, gens, rows)  # (R, 3, S, S), (R, C, h, w)
+        terms = self.backbone.dream_loss(latents, emb, cfg.guidance, gens, self.global_step, self.total_steps)
+        terms.setdefault("nonfinite", torch.zeros_like(terms["loss"], dtype=torch.long))  # a stand-in may not count
         dream = cfg.loss.lambda_dream * terms["loss"]  # (R,)
-        gravity = ops.gravity_loss(alpha_r.float(), cfg.loss.gravity, cfg.loss.gravity_reduction)  # (R,)
-        total = dream + gravity  # (R,)
-        nonfinite = terms.get("nonfinite", torch.zeros_like(total, dtype=torch.long))  # (R,) (a stand-in may not count)
+        gravity = ops.gravity_loss(alpha.float(), cfg.loss.gravity, cfg.loss.gravity_reduction)  # (R,)
+        return {"loss/dream": dream, "loss/alpha": gravity, "loss/total": dream + gravity}, terms, comp
+
+    def track_failures(
+        self, total: torch.Tensor, alpha: torch.Tensor, nonfinite: torch.Tensor, rows: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Mark as failed the running rows ``rows`` whose loss ``total`` ``(R,)`` or mask ``alpha``
+        ``(R, 1, S, S)`` is not finite, or whose gradient had ``nonfinite`` ``(R,)`` entries for
+        ``NONFINITE_STEPS`` steps in a row; raise :class:`NonFiniteError` once every pair has failed.
+
+        Returns:
+            ``(R,)`` bool: which running rows have failed (now or before).
+        """
         streak = self.nonfinite_steps if rows is None else self.nonfinite_steps[rows]
         streak = torch.where(nonfinite > 0, streak + 1, torch.zeros_like(streak))  # (R,)
         self.nonfinite_steps = _rows_to_pairs(streak, rows, self.nonfinite_steps, self.batch_size)
-        finite = (torch.isfinite(total) & torch.isfinite(alpha_r.flatten(1)).all(dim=1)
+        finite = (torch.isfinite(total) & torch.isfinite(alpha.flatten(1)).all(dim=1)
                   & (streak < min(NONFINITE_STEPS, self.total_steps or NONFINITE_STEPS)))
         self.failed |= _rows_to_pairs(~finite, rows, torch.zeros_like(self.failed), self.batch_size)
-        failed_r = self.failed if rows is None else self.failed[rows]
         if self.failed.all():
             raise NonFiniteError(
                 f"pair(s) {', '.join(self.pair_ids)}: non-finite loss or mask (or model output: guidance/nonfinite) "
-                f"at step {self.global_step}; {non_finite_hint(cfg)}"
+                f"at step {self.global_step}; {non_finite_hint(self.cfg)}"
             )
-        # torch.where, not a product: 0 * nan is nan, and a failed pair must not stop the others.
-        objective = torch.where(failed_r, torch.zeros_like(total), total).sum()
-        # Per-pair records over all B pairs; a frozen pair keeps those of the last step it took.
-        old = self.last_losses
-        self.last_composite = _rows_to_pairs(comp.detach(), rows, self.last_composite, self.batch_size, 0.0)
+        return self.failed if rows is None else self.failed[rows]
+
+    def record_step(self, alpha: torch.Tensor, comp: torch.Tensor, losses: dict[str, torch.Tensor],
+                    terms: dict[str, torch.Tensor], rows: torch.Tensor | None, running: torch.Tensor) -> None:
+        """Keep the step's per-pair records over all B pairs (a frozen pair keeps those of the last step it
+        took) for callbacks and loggers, and log them on the steps the Trainer writes. ``alpha`` is all B
+        masks ``(B, 1, S, S)``; ``comp``, ``losses`` and ``terms`` are the R running rows' (:meth:`pair_losses`)."""
+        b = self.batch_size
+        alpha_r = alpha if rows is None else alpha[rows]
+        self.last_composite = _rows_to_pairs(comp.detach(), rows, self.last_composite, b, 0.0)
         self.last_alpha = alpha.detach()  # read by callbacks, so they need not render the mask again
-        self.last_losses = {k: _rows_to_pairs(v, rows, old.get(k), self.batch_size) for k, v in {
-            "loss/dream": dream.detach(), "loss/alpha": gravity.detach(), "loss/total": total.detach(),
-            "mask/area": alpha_r.detach().flatten(1).mean(1)}.items()}
-        self.last_guidance = {k: _rows_to_pairs(v, rows, self.last_guidance.get(k), self.batch_size) for k, v in {
+        step_losses = {**{k: v.detach() for k, v in losses.items()}, "mask/area": alpha_r.detach().flatten(1).mean(1)}
+        self.last_losses = {k: _rows_to_pairs(v, rows, self.last_losses.get(k), b) for k, v in step_losses.items()}
+        self.last_guidance = {k: _rows_to_pairs(v, rows, self.last_guidance.get(k), b) for k, v in {
             "guidance/t": terms["t"].float(), "guidance/grad_norm": terms["grad_norm"],
-            "guidance/nonfinite": nonfinite.float()}.items()}
+            "guidance/nonfinite": terms["nonfinite"].float()}.items()}
         self.took_step = running
         self.logged_this_step = False
         if self.writes_logs_this_step():
             self.log_step_metrics()
-        return objective
 
     def composite_latents(
         self, images: torch.Tensor, alpha: torch.Tensor, background: torch.Tensor,
@@ -354,7 +389,7 @@ class PeekabooModule(L.LightningModule):
         """Whether the Trainer writes the logged values of the step being taken (call in ``training_step``).
 
         Lightning writes on-step values every ``log_every_n_steps`` steps (counting from 1) and drops the
-        rest, so building them on the other steps only costs time: 4% of a B=1 step with the bundled model.
+        rest, so building them on the other steps only costs time.
         """
         if not self.loggers or not self.trainer.log_every_n_steps:  # no loggers: also no Trainer
             return False
@@ -374,7 +409,6 @@ class PeekabooModule(L.LightningModule):
             self.final_alpha = self().detach().float().cpu()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["nonfinite_steps"] = self.nonfinite_steps.detach().cpu()
         checkpoint[REVISION_KEY] = MASK_REVISIONS[self.cfg.mask.kind]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -382,18 +416,21 @@ class PeekabooModule(L.LightningModule):
         # or another mask from the same ones) is refused here with one line, not a missing-keys traceback.
         check_checkpoint_revision(self.cfg.mask.kind, checkpoint.get(REVISION_KEY),
                                   f"The checkpoint of pair(s) {', '.join(self.pair_ids)}")
-        streak = checkpoint.get("nonfinite_steps")  # absent from checkpoints written before it was counted
-        if streak is not None and streak.shape == self.nonfinite_steps.shape:
-            self.nonfinite_steps.copy_(streak)
         own = self.state_dict()
         saved = checkpoint["state_dict"]
+        # Checkpoints written before the non-finite streak was a buffer held it beside the state dict (and
+        # older ones not at all: no streak).
+        streak = checkpoint.pop("nonfinite_steps", None)
+        if streak is None or streak.shape != self.nonfinite_steps.shape:
+            streak = torch.zeros_like(self.nonfinite_steps)
         # Buffers persistent only where they can matter: a checkpoint without one is read as the value it would
         # have held, and one this module does not keep is dropped. Which pairs had stopped early or were pruned:
         # none had; whether the masks had their start: a checkpoint of a run that started (from whatever init),
         # so its mask is kept.
         for name, absent in (("stopped_at", torch.full_like(self.stopped_at, -1)),
                              ("pruned", torch.zeros_like(self.pruned)),
-                             ("initialized", torch.tensor(True))):
+                             ("initialized", torch.tensor(True)),
+                             ("nonfinite_steps", streak)):
             if name not in own:
                 saved.pop(name, None)
             elif name not in saved:

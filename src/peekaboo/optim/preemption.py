@@ -26,6 +26,11 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class Preempted(Stopped):
     """A fit stopped by a preemption signal, after its checkpoint was saved; rerunning resumes it."""
 
+    @classmethod
+    def at(cls, step: int) -> Preempted:
+        """The stop at ``step`` by the signal received (SIGTERM when Lightning stopped the fit on its own)."""
+        return cls(f"signal {PREEMPTION.signal or signal.SIGTERM} at step {step}")
+
 
 @dataclass
 class _PreemptionFlag:
@@ -78,7 +83,7 @@ class SaveOnPreemption(Checkpoint):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         if PREEMPTION.signal is not None:
             self._save(trainer)
-            raise Preempted(f"signal {PREEMPTION.signal} at step {trainer.global_step}")
+            raise Preempted.at(trainer.global_step)
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         if PREEMPTION.signal is not None and not isinstance(exception, Preempted):

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from skimage.segmentation import felzenszwalb
 
-from peekaboo.config import RegionsConfig, RestartsConfig
+from peekaboo.config import OptimizationConfig, RegionsConfig, RestartsConfig
 from peekaboo.diffusion.backbone import Backbone
 from peekaboo.optim.restarts import prompt_fit
 
@@ -78,7 +78,7 @@ def ranked_regions(
     pair_id: str,
     cfg: RegionsConfig,
     seed: int,
-    background: str = "solid",
+    background: str = OptimizationConfig.background,
 ) -> torch.Tensor:
     """A pair's region proposals, best first: ordered by :func:`~peekaboo.optim.restarts.prompt_fit` (``fit=error``)
     of each region as a hard mask over ``cfg.draws`` draws with ``t`` in [``cfg.t_min``, ``cfg.t_max``), all

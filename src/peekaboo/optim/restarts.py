@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from peekaboo import ops
-from peekaboo.config import RestartsConfig
+from peekaboo.config import OptimizationConfig, RestartsConfig
 from peekaboo.diffusion.backbone import Backbone
 
 __all__ = ["candidate_ids", "candidate_inits", "choose", "chooses_early", "pair_of", "prompt_fit"]
@@ -64,7 +64,7 @@ def prompt_fit(
     pair_ids: Sequence[str],
     cfg: RestartsConfig,
     seed: int,
-    background: str = "solid",
+    background: str = OptimizationConfig.background,
     guidance_scale: float | None = None,
 ) -> torch.Tensor:
     """How badly the prompt explains each masked image, over ``cfg.draws`` draws of the composite:
@@ -93,7 +93,7 @@ def prompt_fit(
     d = cfg.draws
     errors = []
     for image, alpha, prompt, pid in zip(images, alphas, prompts, pair_ids, strict=True):
-        gen = torch.Generator().manual_seed(ops.pair_seed(seed, f"restarts\x00{pid}"))
+        gen = ops.pair_generator(seed, f"restarts\x00{pid}")
         image_d = image[None].expand(d, -1, -1, -1)  # (D, 3, S, S)
         composite = ops.composite(image_d, alpha[None].expand(d, -1, -1, -1),
                                   ops.sample_background(background, image_d, gen))
@@ -108,8 +108,7 @@ def prompt_fit(
             (eps,) = backbone.predict_eps([noisy], [t], [emb.cond], pooled=[emb.pooled_cond])
             errors.append((eps - noise).pow(2).mean().float().cpu())
             continue
-        (eps_c, eps_u) = backbone.predict_eps([noisy, noisy], [t, t], [emb.cond, emb.uncond],
-                                              pooled=[emb.pooled_cond, emb.pooled_uncond])
+        eps_u, eps_c = backbone.predict_noise(noisy, t, emb)
         if cfg.fit == "objective":
             abar = backbone.alphas_cumprod.to(latents.device)[t]  # (D,)
             objective = ops.guided_denoising_objective(eps_u, eps_c, noise, abar, guidance_scale)  # (D,)
