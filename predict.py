@@ -1,6 +1,6 @@
-"""Segment what a prompt names in one image: ``python predict.py image=PATH prompt="a red circle"``.
+"""Segment what a prompt names in one image.
 
-Options are ``key=value`` overrides of the typed config (``python predict.py --help`` lists them).
+``python predict.py --help`` shows the usage and every option with the value it would run with.
 """
 
 from peekaboo.app.cli import predict_main

@@ -1,6 +1,6 @@
-"""Optimize every pair of a dataset: ``python train.py data=shapes run.name=NAME [trainer.devices=N]``.
+"""Optimize every pair of a dataset; rerunning the same command resumes an interrupted run.
 
-Rerunning the same command resumes an interrupted run. ``python train.py --help`` lists the options.
+``python train.py --help`` shows the usage and every option with the value it would run with.
 """
 
 from peekaboo.app.cli import train_main

@@ -8,8 +8,10 @@ fits of a few steps.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from peekaboo.config import TrainerConfig
 from peekaboo.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from peekaboo.optim import callbacks, engine
 from peekaboo.optim.loggers import make_logger
-from peekaboo.runs import outputs, planning, workers
+from peekaboo.runs import layout, outputs, planning, workers
 
 STEPS = 6
 PAIRS = 6
@@ -156,7 +158,8 @@ def test_only_one_preempted_worker_requeues_the_job(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setattr(workers.shutil, "which", lambda name: "/usr/bin/scontrol")
-    monkeypatch.setattr(workers.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    monkeypatch.setattr(workers.subprocess, "run",
+                        lambda cmd, **kwargs: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
     rd = outputs.RunDir(tmp_path)
     for _ in range(3):  # three workers of one job, all preempted
         workers.requeue_once(rd)
@@ -164,6 +167,24 @@ def test_only_one_preempted_worker_requeues_the_job(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeued job, preempted again, requeues again
     workers.requeue_once(rd)
     assert len(calls) == 2
+
+
+def test_a_failed_requeue_is_a_warning_naming_the_fix(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    monkeypatch.setattr(workers.shutil, "which", lambda name: "/usr/bin/scontrol")
+    monkeypatch.setattr(workers.subprocess, "run",
+                        lambda cmd, **kwargs: subprocess.CompletedProcess(cmd, 1, "", "Invalid job id\n"))
+    with caplog.at_level(logging.WARNING):
+        workers.requeue_once(outputs.RunDir(tmp_path))
+    assert "scontrol requeue 78 failed (Invalid job id); resubmit the job" in caplog.text
+
+
+def test_a_worker_killed_by_a_signal_is_named_with_the_fix():
+    lines = workers.killed_workers([0, -9, 3, None, -15])
+    assert len(lines) == 2
+    assert lines[0].startswith("worker 1 was killed by SIGKILL (the out-of-memory killer's signal); if memory ran "
+                               "out, lower data.pairs_per_step or trainer.devices, then rerun the same command")
+    assert lines[1].startswith("worker 4 was killed by SIGTERM; ")
 
 
 @pytest.mark.slow
@@ -202,7 +223,7 @@ def test_plan_keeps_an_interrupted_batch_whole(tmp_path):
     batch = tmp_path / "batches" / "p1+1-abc"
     (batch / "ckpt").mkdir(parents=True)
     (batch / "ckpt" / "last.ckpt").write_bytes(b"x")
-    (batch / planning.BATCH_MEMBERS).write_text(json.dumps(["p1", "p3"]))
+    (batch / layout.BATCH_MEMBERS).write_text(json.dumps(["p1", "p3"]))
     units = planning.plan_units(pairs, rd, pairs_per_step=4)
     assert [[n for _, n in u] for u in units] == [["p0", "p2", "p4"], ["p1", "p3"]]
 

@@ -175,6 +175,24 @@ def test_non_finite_model_outputs_are_counted_logged_and_fail_their_pair(tiny_ba
         optimize_pair(_images(1)[0], "a red circle", "a", _cfg(), _trainer(3), tiny_backbone)
 
 
+def test_a_resumed_pair_keeps_its_non_finite_streak(tiny_backbone, tmp_path, monkeypatch):
+    # Resumed after 4 of NONFINITE_STEPS + 2 steps, pair "a" has only NONFINITE_STEPS - 2 left: it fails only if
+    # the streak of the first 4 came back with the checkpoint.
+    _first_pair_outputs_nan(monkeypatch)
+    images, prompts, ids, steps = _images(2), ["a red circle", "a blue square"], ["a", "b"], NONFINITE_STEPS + 2
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{step}", save_top_k=-1, every_n_train_steps=4)
+    optimize_pairs(images, prompts, ids, _cfg(), _trainer(steps), tiny_backbone, callbacks=[ckpt])
+    state = torch.load(tmp_path / "step=4.ckpt", map_location="cpu", weights_only=True)
+    assert state["state_dict"]["nonfinite_steps"].tolist() == [4, 0]
+    streak = state["state_dict"].pop("nonfinite_steps")
+    torch.save(state | {"nonfinite_steps": streak}, tmp_path / "beside.ckpt")  # where older versions kept it
+    torch.save(state, tmp_path / "none.ckpt")  # from before it was counted: no streak
+    for name, fails in (("step=4.ckpt", True), ("beside.ckpt", True), ("none.ckpt", False)):
+        results = optimize_pairs(images, prompts, ids, _cfg(), _trainer(steps), tiny_backbone,
+                                 ckpt_path=tmp_path / name)
+        assert [r.failed for r in results] == [fails, False], name
+
+
 def test_a_pair_with_a_few_non_finite_steps_goes_on(tiny_backbone, monkeypatch):
     original, calls = Backbone.predict_eps, []
 

@@ -37,7 +37,7 @@ def test_predict_writes_every_output_at_original_size(tiny_model, image_path, tm
     assert "predict.py" in (root / "cmd.txt").read_text()
     for prompt in ("a_red_circle", "a_blue_square"):
         folder = root / prompt
-        assert str(folder) in proc.stdout
+        assert f"{folder}  (mask.png alpha.png overlay.png cutout.png; mask covers " in proc.stdout
         mask, alpha = Image.open(folder / "mask.png"), Image.open(folder / "alpha.png")
         overlay, cutout = Image.open(folder / "overlay.png"), Image.open(folder / "cutout.png")
         assert mask.size == alpha.size == overlay.size == cutout.size == (52, 30)

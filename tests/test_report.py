@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -15,7 +16,9 @@ from tests_support import REPO_CONFIGS
 from peekaboo.app.cli import train_main
 from peekaboo.config import TrainConfig, load_config
 from peekaboo.data import build_source
+from peekaboo.errors import ImageError
 from peekaboo.optim.callbacks import CURVE_KEYS
+from peekaboo.runs import evaluate as evaluate_lib
 from peekaboo.runs import outputs, report
 from peekaboo.runs.evaluate import evaluate
 
@@ -140,6 +143,26 @@ def test_evaluate_writes_the_report(shapes_run, tmp_path):
     (run / "report.html").unlink()
     evaluate(run)
     _check_page(run)
+
+
+def test_evaluate_scores_the_other_pairs_when_one_ground_truth_is_unusable(shapes_run, tmp_path, monkeypatch, caplog):
+    run = tmp_path / "copy"
+    shutil.copytree(shapes_run, run)
+    real = evaluate_lib.build_source
+
+    def one_broken(cfg):
+        pairs = real(cfg)
+
+        def unreadable():
+            raise ImageError("masks/0.png is not an image; replace it.")
+
+        return [dataclasses.replace(pairs[0], load_target=unreadable), *pairs[1:]]
+
+    monkeypatch.setattr(evaluate_lib, "build_source", one_broken)
+    with caplog.at_level(logging.WARNING):
+        summary = evaluate(run)
+    assert summary["done"] == 4 and summary["scored"] == 3  # the rerun's scores of the others are all there
+    assert "ground truth unusable" in caplog.text
 
 
 def test_gallery_size_limits_the_gallery(shapes_run, tmp_path):

@@ -9,7 +9,7 @@ from tests_support import REPO_CONFIGS
 
 from peekaboo.app.cli import train_main
 from peekaboo.diffusion.identity import model_fingerprint
-from peekaboo.runs.planning import WEIGHTS_FILE
+from peekaboo.runs.layout import WEIGHTS_FILE
 
 FAST = ["data=shapes", "data.num_pairs=1", "trainer.max_steps=1", "optimization.mask.size=16",
         "optimization.mask.init=constant", "run.logger=none", "data.pairs_per_step=1"]

@@ -55,9 +55,8 @@ def predict_main(argv: Sequence[str] | None = None, config_dir: Path | None = No
 
     def body(cfg, cmd) -> None:
         for out in predict(cfg, cmd):
-            extra = "".join(f" {p.name}" for p in (out.rgba, out.edited, out.edit_compare) if p is not None)
-            print(f"{out.prompt!r}: {out.folder}  (mask.png alpha.png overlay.png cutout.png{extra}; "
-                  f"mask covers {100 * out.area:.1f}%)")
+            names = " ".join(p.name for p in out.files())
+            print(f"{out.prompt!r}: {out.folder}  ({names}; mask covers {100 * out.area:.1f}%)")
 
     return run_cli("predict", PredictConfig, body, argv, config_dir)
 
@@ -65,6 +64,7 @@ def predict_main(argv: Sequence[str] | None = None, config_dir: Path | None = No
 def train_main(argv: Sequence[str] | None = None, config_dir: Path | None = None) -> int:
     """``train.py``: optimize every pair of a dataset (resumes when rerun)."""
     from peekaboo.config import TrainConfig
+    from peekaboo.runs.layout import SUMMARY_FILE
     from peekaboo.runs.outputs import miou_text
     from peekaboo.runs.runner import run
 
@@ -72,7 +72,7 @@ def train_main(argv: Sequence[str] | None = None, config_dir: Path | None = None
         outcome = run(cfg, cmd)
         summary, root = outcome.summary, outcome.root
         print(f"{root}: {summary['done']} done, {summary['failed']} failed of {summary['pairs']} pairs; "
-              f"mIoU {miou_text(summary)}; summary in {root / 'summary.json'}")
+              f"mIoU {miou_text(summary)}; summary in {root / SUMMARY_FILE}")
         return outcome.status
 
     return run_cli("train", TrainConfig, body, argv, config_dir)

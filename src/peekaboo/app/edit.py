@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from peekaboo.config import EditConfig, ModelConfig, SamplingConfig
+from peekaboo.config import EditConfig, ImageConfig, ModelConfig, SamplingConfig, TrainerConfig
 from peekaboo.diffusion.backbone import Backbone
 from peekaboo.diffusion.checks import check_model_source, offline
 from peekaboo.errors import ConfigError, ModelError
@@ -150,8 +150,8 @@ def inpaint_pipeline(backbone: Backbone, model_cfg: ModelConfig) -> Any:
 @contextlib.contextmanager
 def _autocast(device: torch.device, precision: str) -> Iterator[None]:
     """Sample in the mixed precision the segmentation uses (``trainer.precision``) on GPUs; CPUs stay fp32."""
-    if device.type == "cuda" and precision in ("16-mixed", "bf16-mixed"):
-        with torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float16):
+    if device.type == "cuda" and precision == "bf16-mixed":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             yield
     else:
         yield
@@ -186,7 +186,8 @@ def check_sample_size(size: int, backbone: Backbone) -> None:
 
 
 def generate(
-    backbone: Backbone, prompt: str, sampling: SamplingConfig, model_cfg: ModelConfig, precision: str = "32-true"
+    backbone: Backbone, prompt: str, sampling: SamplingConfig, model_cfg: ModelConfig,
+    precision: str = TrainerConfig.precision,
 ) -> Image.Image:
     """Sample one square image for ``prompt`` with diffusers' text-to-image pipeline.
 
@@ -325,8 +326,8 @@ def edit_region(
     edit_cfg: EditConfig,
     sampling: SamplingConfig,
     model_cfg: ModelConfig,
-    fit: str = "scale",
-    precision: str = "32-true",
+    fit: str = ImageConfig.fit,
+    precision: str = TrainerConfig.precision,
 ) -> EditResult:
     """Regenerate the masked region of ``img`` from ``prompt``; every pixel outside the dilated mask is kept.
 

@@ -4,7 +4,6 @@ original size; optionally regenerate each segmented region from a new prompt (``
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from peekaboo.app.segmenter import segment_image
 from peekaboo.config import PredictConfig, to_yaml
 from peekaboo.diffusion.backbone import Backbone
 from peekaboo.diffusion.loading import shared_backbone
+from peekaboo.runs.layout import write_start
 from peekaboo.utils import files, images, overlays
 from peekaboo.utils.console import quiet_loading
 from peekaboo.utils.devices import resolve_device
@@ -37,6 +37,11 @@ class PredictOutput:
     rgba: Path | None = None  # generate=: the sampled image with the soft alpha (same pixels as cutout)
     edited: Path | None = None  # edit.prompt: the image with the segmented region regenerated, original size
     edit_compare: Path | None = None  # edit.prompt: input | blend weight | edited, side by side
+
+    def files(self) -> list[Path]:
+        """Every file written for the prompt, the four of every pair first."""
+        return [p for p in (self.mask, self.alpha, self.overlay, self.cutout, self.rgba, self.edited,
+                            self.edit_compare) if p is not None]
 
 
 def edit_result(cfg: PredictConfig, backbone: Backbone, img: Image.Image, mask: np.ndarray) -> edit.EditResult:
@@ -102,10 +107,9 @@ def predict(cfg: PredictConfig, argv: list[str] | None = None) -> list[PredictOu
             paths["rgba"] = files.save_png(overlays.cutout(img, seg.final.alpha_u8), folder / "rgba.png")
         if edited is not None:
             paths.update(write_edit(img, edited, folder))
-        extra = " ".join(p.name for k, p in paths.items() if k in ("rgba", "edited", "edit_compare"))
-        outputs.append(PredictOutput(prompt=seg.prompt, folder=folder, area=seg.area, **paths))
-        log.info("%r: %d steps in %.1fs, mask covers %.1f%% -> %s%s", seg.prompt, result.steps, result.seconds,
-                 100 * seg.area, folder, f" (also {extra})" if extra else "")
-    files.write_text(to_yaml(cfg), root / "config.yaml")
-    files.write_text(" ".join(argv if argv is not None else sys.argv) + "\n", root / "cmd.txt")
+        out = PredictOutput(prompt=seg.prompt, folder=folder, area=seg.area, **paths)
+        outputs.append(out)
+        log.info("%r: %d steps in %.1fs, mask covers %.1f%% -> %s (%s)", seg.prompt, result.steps, result.seconds,
+                 100 * seg.area, folder, " ".join(p.name for p in out.files()))
+    write_start(root, to_yaml(cfg), argv)
     return outputs

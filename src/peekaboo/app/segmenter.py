@@ -25,13 +25,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from peekaboo.config import BUNDLED_MODELS, ModelConfig, PredictConfig, apply_overrides, load_config, preset_dir
+from peekaboo.config import (
+    BUNDLED_MODEL,
+    BUNDLED_MODELS,
+    ModelConfig,
+    PredictConfig,
+    apply_overrides,
+    load_config,
+    preset_dir,
+)
 from peekaboo.diffusion.backbone import Backbone
 from peekaboo.diffusion.checks import is_sdxl_pipeline
 from peekaboo.diffusion.loading import shared_backbone
 from peekaboo.errors import ConfigError, ImageError, NonFiniteError, PeekabooError
 from peekaboo.optim.engine import FitOptions, PairResult, optimize_pairs, split_on_oom
-from peekaboo.optim.module import non_finite_hint
+from peekaboo.optim.module import non_finite_message
 from peekaboo.utils import files, images
 from peekaboo.utils.console import quiet_loading
 from peekaboo.utils.devices import resolve_device
@@ -123,8 +131,7 @@ def segment_image(img: Image.Image, prompts: Sequence[str], cfg: PredictConfig, 
     out = []
     for prompt, result in zip(prompts, results, strict=True):
         if result.failed:
-            raise NonFiniteError(f"The optimization of {prompt!r} produced a non-finite loss or mask; "
-                                 f"{non_finite_hint(opt)}")
+            raise NonFiniteError(non_finite_message(f"The optimization of {prompt!r}", opt))
         final = images.finalize_mask(result.alpha, placement, opt.threshold)
         out.append((Segmentation(prompt, img, final, result.steps, dict(result.losses)), result))
     return out
@@ -181,7 +188,7 @@ class Segmenter:
         self.cfg, self.backbone = cfg, backbone
 
     @classmethod
-    def from_pretrained(cls, pretrained: str = "bundled", config: PredictConfig | None = None,
+    def from_pretrained(cls, pretrained: str = BUNDLED_MODEL, config: PredictConfig | None = None,
                         preset: str | None = None, **overrides: Any) -> Segmenter:
         """Load the model once, frozen, with the command line's config keys and validation.
 

@@ -49,6 +49,13 @@ def non_finite_hint(cfg: OptimizationConfig, prefix: str = "optimization.") -> s
     return f"the likely cause is {prefix}{key}={value:g} (usually at most {bound:g}); lower it."
 
 
+def non_finite_message(subject: str, cfg: OptimizationConfig, step: int | None = None) -> str:
+    """The one-line error of pairs whose loss, mask or model output went non-finite: ``subject`` names them
+    (``"pair(s) a, b"``), then the step where known, then what to change (:func:`non_finite_hint`)."""
+    at = "" if step is None else f" at step {step}"
+    return f"{subject}: non-finite loss or mask (or model output: guidance/nonfinite){at}; {non_finite_hint(cfg)}"
+
+
 class PeekabooModule(L.LightningModule):
     """B (image, prompt) pairs, optimized together but independently. Its only trainable parameters are
     the masks'.
@@ -103,16 +110,15 @@ class PeekabooModule(L.LightningModule):
         inits = [ops.pair_generator(cfg.seed, pid) for pid in self.pair_ids]
         self.mask = build_mask(cfg.mask, self.images, inits)
         # Whether the masks have had their start from the model (a mask init other than constant: the
-        # cross-attention map or a ranked region). Persistent there only: Lightning loads a checkpoint before
-        # on_fit_start, so a resumed run sees True and keeps its checkpointed mask; other checkpoints hold
-        # exactly what they held before.
+        # cross-attention map or a ranked region). Persistent there only, where it can matter: Lightning loads a
+        # checkpoint before on_fit_start, so a resumed run sees True and keeps its checkpointed mask.
         self.register_buffer("initialized", torch.tensor(False),
                              persistent=any(init != "constant" for init in self.mask_inits))
         # Pairs whose loss or mask went non-finite: they stop contributing; the others go on. Persistent, so
         # a resumed run remembers them.
         self.register_buffer("failed", torch.zeros(len(self.pair_ids), dtype=torch.bool))
         # The step count at which each pair stopped early (-1: still running). Persistent only when a pair can
-        # stop (early stopping, or restarts chosen early), so other checkpoints hold exactly what they held before.
+        # stop (early stopping, or restarts chosen early), where it can matter.
         self.register_buffer("stopped_at", torch.full((len(self.pair_ids),), -1, dtype=torch.long),
                              persistent=self.can_stop)
         # Restart candidates frozen because another candidate of their pair was chosen early
@@ -299,10 +305,7 @@ class PeekabooModule(L.LightningModule):
                   & (streak < min(NONFINITE_STEPS, self.total_steps or NONFINITE_STEPS)))
         self.failed |= _rows_to_pairs(~finite, rows, torch.zeros_like(self.failed), self.batch_size)
         if self.failed.all():
-            raise NonFiniteError(
-                f"pair(s) {', '.join(self.pair_ids)}: non-finite loss or mask (or model output: guidance/nonfinite) "
-                f"at step {self.global_step}; {non_finite_hint(self.cfg)}"
-            )
+            raise NonFiniteError(non_finite_message(f"pair(s) {', '.join(self.pair_ids)}", self.cfg, self.global_step))
         return self.failed if rows is None else self.failed[rows]
 
     def record_step(self, alpha: torch.Tensor, comp: torch.Tensor, losses: dict[str, torch.Tensor],

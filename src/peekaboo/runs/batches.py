@@ -7,34 +7,50 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
 
 from peekaboo.config import TrainConfig, logger_kind
 from peekaboo.data import Pair
+from peekaboo.diffusion.backbone import Backbone
 from peekaboo.errors import NonFiniteError, PeekabooError
 from peekaboo.optim.engine import FitOptions, optimize_pairs, split_on_oom
 from peekaboo.optim.loggers import log_root
-from peekaboo.optim.module import non_finite_hint
+from peekaboo.optim.module import non_finite_message
 from peekaboo.optim.preemption import SaveOnPreemption
+from peekaboo.runs.layout import BATCH_MEMBERS, CHECKPOINT_FILE
+from peekaboo.runs.metrics import failed_status
 from peekaboo.runs.outputs import RunDir, write_pair, write_record
-from peekaboo.runs.planning import BATCH_MEMBERS, batch_ckpt_dir, valid_checkpoint
+from peekaboo.runs.planning import batch_ckpt_dir, valid_checkpoint
 from peekaboo.utils import files, images
 from peekaboo.utils.devices import trainer_devices
 
 log = logging.getLogger(__name__)
 
 
-def optimize_batch(cfg: TrainConfig, batch: list[tuple[Pair, str]], run_dir: RunDir, backbone, device) -> list[dict]:
+class _Loaded(NamedTuple):
+    """A pair of the batch whose image loaded: what its fit and its outputs need."""
+
+    pair: Pair
+    name: str  # its output name
+    image: Image.Image  # at its original size
+    canvas: torch.Tensor  # (3, S, S): the square working canvas
+    placement: images.Placement  # how the canvas maps back onto the image
+    record: dict[str, Any]  # its record's fields so far (id, prompt, name, meta)
+
+
+def optimize_batch(cfg: TrainConfig, batch: list[tuple[Pair, str]], run_dir: RunDir, backbone: Backbone,
+                   device: torch.device) -> list[dict]:
     """Optimize a batch of pairs (resuming its checkpoint), write outputs and done records; returns records.
 
     A pair whose image or target cannot be used is recorded as failed and the others go on.
     """
     opts = cfg.image_options
     records: list[dict] = []
-    ready = []  # (pair, name, image, canvas, placement, base record)
+    ready: list[_Loaded] = []
     for pair, name in batch:
         record: dict[str, Any] = {"id": pair.id, "prompt": pair.prompt, "name": name, **({"meta": pair.meta}
                                                                                        if pair.meta else {})}
@@ -44,54 +60,55 @@ def optimize_batch(cfg: TrainConfig, batch: list[tuple[Pair, str]], run_dir: Run
             canvas, placement = images.fit_square(img, cfg.optimization.mask.size, opts.fit)
         except PeekabooError as err:
             log.warning("pair %s failed: %s", pair.id, err)
-            records.append(write_record(run_dir, name, {**record, "status": "failed: input", "error": str(err)}))
+            records.append(write_record(run_dir, name, {**record, "status": failed_status("input"),
+                                                        "error": str(err)}))
             continue
-        ready.append((pair, name, img, canvas, placement, record))
+        ready.append(_Loaded(pair, name, img, canvas, placement, record))
     if not ready:
         return records
     # Out of accelerator memory: the batch is split in halves and retried (the masks are the same).
     return records + split_on_oom(ready, lambda part: _fit_and_write(cfg, part, run_dir, backbone, device))
 
 
-def _fit_and_write(cfg: TrainConfig, ready: list[tuple], run_dir: RunDir, backbone, device) -> list[dict]:
+def _fit_and_write(cfg: TrainConfig, ready: list[_Loaded], run_dir: RunDir, backbone: Backbone,
+                   device: torch.device) -> list[dict]:
     """Optimize the loaded pairs ``ready`` as one batch (resuming its checkpoint) and write their outputs and
     done records; returns the records."""
     records: list[dict] = []
-    names = [r[1] for r in ready]
+    names = [r.name for r in ready]
     ckpt_dir = batch_ckpt_dir(run_dir, names)
     if len(names) > 1:
         files.write_text(json.dumps(names), ckpt_dir.parent / BATCH_MEMBERS)
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.run.checkpoint_every_n_steps,
                         save_top_k=0, save_last=True, save_on_train_epoch_end=False),
-        SaveOnPreemption(ckpt_dir / "last.ckpt"),
+        SaveOnPreemption(ckpt_dir / CHECKPOINT_FILE),
     ]
     failure = ""
     kind = logger_kind(cfg.run)
     try:
         results = optimize_pairs(
-            torch.stack([r[3] for r in ready]), [r[0].prompt for r in ready], [r[0].id for r in ready],
+            torch.stack([r.canvas for r in ready]), [r.pair.prompt for r in ready], [r.pair.id for r in ready],
             cfg.optimization, cfg.trainer, backbone,
             FitOptions(tb_dir=log_root(run_dir.root, kind), logger_kind=kind or "tensorboard",
                        run_name=names[0] if len(names) == 1 else ckpt_dir.parent.name, pair_run_names=names,
-                       callbacks=callbacks, ckpt_path=valid_checkpoint(ckpt_dir / "last.ckpt"),
+                       callbacks=callbacks, ckpt_path=valid_checkpoint(ckpt_dir / CHECKPOINT_FILE),
                        enable_progress_bar=False, devices=trainer_devices(device)),
         )
     except NonFiniteError as err:
         results = [None] * len(ready)
         failure = str(err)
     except torch.cuda.OutOfMemoryError:
-        if len(names) > 1 and not (ckpt_dir / "last.ckpt").is_file():  # nothing to resume: the halves start anew
+        if len(names) > 1 and not (ckpt_dir / CHECKPOINT_FILE).is_file():  # nothing to resume: the halves start anew
             shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
         raise
     except OSError as err:  # a checkpoint or TensorBoard write inside the fit (full disk, unwritable folder)
         raise files.output_error(err.filename or run_dir.root, err) from None
     for (pair, name, img, _, placement, record), result in zip(ready, results, strict=True):
         if result is None or result.failed:
-            error = failure if result is None else (
-                f"non-finite loss or mask (or model output: guidance/nonfinite) in pair {pair.id}; "
-                f"{non_finite_hint(cfg.optimization)}")
-            records.append(write_record(run_dir, name, {**record, "status": "failed: non-finite", "error": error}))
+            error = failure or non_finite_message(f"pair {pair.id}", cfg.optimization)
+            records.append(write_record(run_dir, name, {**record, "status": failed_status("non-finite"),
+                                                        "error": error}))
             continue
         fields = write_pair(cfg, run_dir, name, img, placement, result, pair)
         records.append(write_record(run_dir, name, {**record, **fields}))

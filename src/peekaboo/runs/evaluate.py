@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from peekaboo.config import TrainConfig, drop_retired_keys
 from peekaboo.data import build_source
 from peekaboo.errors import PeekabooError, exit_status
-from peekaboo.runs.metrics import pair_scores
-from peekaboo.runs.outputs import RunDir, output_names, write_results
+from peekaboo.runs.metrics import DONE, SCORE_KEYS
+from peekaboo.runs.outputs import RunDir, output_names, score_pair, write_results
 from peekaboo.runs.report import write_report
 from peekaboo.utils import images
 
@@ -26,20 +26,20 @@ def evaluate(run_dir: str | Path) -> dict[str, Any]:
     """Recompute every done pair's IoU from its saved mask, then ``results.jsonl``, ``summary.json`` and
     ``report.html``; returns the summary."""
     rd = RunDir(Path(run_dir))
-    config = rd.root / "config.yaml"
-    if not config.is_file():
-        raise PeekabooError(f"{rd.root} has no config.yaml, so it is not a peekaboo run folder; pass runs/<name>.")
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), drop_retired_keys(OmegaConf.load(config)))
+    if not rd.config.is_file():
+        raise PeekabooError(f"{rd.root} has no {rd.config.name}, so it is not a peekaboo run folder; pass "
+                            "runs/<name>.")
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), drop_retired_keys(OmegaConf.load(rd.config)))
     pairs = build_source(cfg.data)
     records = []
     for pair, name in zip(pairs, output_names(pairs), strict=True):
         record = rd.record(name)
         if record is None:
             continue
-        if record.get("status") == "done":
-            target = pair.load_target()
-            if target is not None:
-                record.update(pair_scores(images.read_mask(rd.root / record["outputs"]["mask"]), target))
+        if record.get("status") == DONE:
+            # Scores of the ground truth as it is now: none where it is gone or unusable, never the old ones.
+            record = {k: v for k, v in record.items() if k not in SCORE_KEYS}
+            record.update(score_pair(pair, images.read_mask(rd.root / record["outputs"]["mask"])))
         records.append(record)
     summary = write_results(rd, records, len(pairs))
     write_report(rd.root)

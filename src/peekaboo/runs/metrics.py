@@ -26,8 +26,17 @@ from peekaboo.data.base import IGNORE
 #: IoU thresholds of the precision metrics (the fraction of pairs whose IoU reaches each), reported as ``P@t``.
 PRECISION_THRESHOLDS: tuple[float, ...] = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
+#: The ``status`` of a pair's record: ``DONE``, or :func:`failed_status` of a reason.
 DONE = "done"
 FAILED_PREFIX = "failed"
+
+
+def failed_status(reason: str) -> str:
+    """The ``status`` of a pair that failed for ``reason`` (``"input"``, ``"non-finite"``): ``"failed: <reason>"``."""
+    return f"{FAILED_PREFIX}: {reason}"
+
+#: The fields :func:`pair_scores` adds to a pair's record.
+SCORE_KEYS = ("intersection", "union", "iou")
 # Positions in the vector binary_stat_scores returns: [tp, fp, tn, fn, support].
 _TP, _FP, _FN = 0, 1, 3
 # IoU when the union is empty (see the module docstring).
@@ -121,7 +130,7 @@ def _class_of(record: dict) -> str | None:
 
 
 def _has_scores(record: dict) -> bool:
-    return all(record.get(k) is not None for k in ("intersection", "union", "iou"))
+    return all(record.get(k) is not None for k in SCORE_KEYS)
 
 
 def _ratio(intersection: int, union: int) -> float:

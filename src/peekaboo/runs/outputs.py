@@ -1,22 +1,5 @@
-"""A run folder's files: its paths, the per-pair outputs and done records, and the results and summary.
-
-Layout of ``<run.root>/<run.name>/``::
-
-    config.yaml  cmd.txt          the resolved config and the command line that started the run
-    weights.txt                   the digest of the model weights it started with (a resume must match it)
-    masks/<id>.png                binary mask at the image's original size
-    alphas/<id>.png               soft alpha (0..255) at the original size
-    overlays/<id>.png             mask tinted over the image (run.save_overlays)
-    pairs/<id>/done.json          the pair's result record: it is finished (skipped on rerun)
-    pairs/<id>/ckpt/last.ckpt     the pair's latest checkpoint while it runs (resumed from on rerun)
-    batches/<...>/ckpt/last.ckpt  the same for a batch of pairs (data.pairs_per_step > 1)
-    results.jsonl                 one line per finished pair
-    summary.json                  pairs done / failed, mIoU, overall IoU, precision at IoU thresholds
-    report.html  report/*.png     the run report (peekaboo.runs.report): summary, figures, gallery, failures
-    tb/<id>/                      TensorBoard: one run per pair of a sample (run.log_pairs, 64 by default);
-                                  tb/worker<rank>/ and tb/worker<rank>-losses/ job-level aggregates of all
-                                  pairs (csv/, wandb/, mlruns/ instead with run.logger=csv | wandb | mlflow)
-"""
+"""A run folder's files: its paths, the per-pair outputs and done records, and the results and summary (the
+folder's layout: :mod:`peekaboo.runs.layout`)."""
 
 from __future__ import annotations
 
@@ -25,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from peekaboo.config import TrainConfig
@@ -32,7 +16,8 @@ from peekaboo.data import Pair
 from peekaboo.errors import PeekabooError
 from peekaboo.optim.engine import PairResult
 from peekaboo.runs import report
-from peekaboo.runs.metrics import pair_scores, summarize
+from peekaboo.runs.layout import CONFIG_FILE, REPORT_FILE, RESULTS_FILE, SUMMARY_FILE
+from peekaboo.runs.metrics import DONE, pair_scores, summarize
 from peekaboo.utils import files, images
 
 log = logging.getLogger(__name__)
@@ -66,11 +51,15 @@ class RunDir:
 
     @property
     def results(self) -> Path:
-        return self.root / "results.jsonl"
+        return self.root / RESULTS_FILE
 
     @property
     def summary(self) -> Path:
-        return self.root / "summary.json"
+        return self.root / SUMMARY_FILE
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
 
 
 def output_names(pairs: list[Pair]) -> list[str]:
@@ -99,18 +88,24 @@ def write_pair(cfg: TrainConfig, run_dir: RunDir, name: str, img: Image.Image, p
     kinds = RUN_FILES if cfg.run.save_overlays else tuple(k for k in RUN_FILES if k != "overlay")
     paths = files.write_pair_files(img, final, {kind: run_dir.root / f"{kind}s" / f"{name}.png" for kind in kinds})
     fields: dict[str, Any] = {
-        "status": "done", "outputs": {k: str(v.relative_to(run_dir.root)) for k, v in paths.items()},
+        "status": DONE, "outputs": {k: str(v.relative_to(run_dir.root)) for k, v in paths.items()},
         "steps": result.steps, "seconds": round(result.seconds, 3), "losses": result.losses, "curve": result.curve,
         "area": final.area,
     }
+    return fields | score_pair(pair, final.mask)
+
+
+def score_pair(pair: Pair, mask: np.ndarray) -> dict[str, Any]:
+    """``mask`` ``(H, W)`` bool (at the image's size) scored against the pair's ground truth
+    (:func:`~peekaboo.runs.metrics.pair_scores`); ``{}`` when the pair has none, or when it cannot be used (a
+    warning: the mask is written all the same, and once the ground truth is mended ``python -m
+    peekaboo.runs.evaluate`` scores it)."""
     try:
         target = pair.load_target()
     except PeekabooError as err:
         log.warning("pair %s: ground truth unusable (%s); not scored.", pair.id, err)
-        target = None
-    if target is not None:
-        fields.update(pair_scores(final.mask, target))
-    return fields
+        return {}
+    return {} if target is None else pair_scores(mask, target)
 
 
 def finalize(run_dir: Path, pairs: list[Pair], names: list[str]) -> dict[str, Any]:
@@ -122,7 +117,7 @@ def finalize(run_dir: Path, pairs: list[Pair], names: list[str]) -> dict[str, An
         report.write_report(run_dir)
     except Exception as err:  # the report is a view of the results: it must never cost the run them
         log.warning("could not write %s (%s: %s); the results are intact, and python -m peekaboo.runs.evaluate %s "
-                    "writes it again.", run_dir / report.REPORT_FILE, type(err).__name__, err, run_dir)
+                    "writes it again.", run_dir / REPORT_FILE, type(err).__name__, err, run_dir)
     log.info("%s: %d/%d pairs finished, mIoU %s", run_dir, len(records), len(pairs), miou_text(summary))
     return summary
 

@@ -24,6 +24,7 @@ from peekaboo.config import TrainConfig, drop_retired_keys
 from peekaboo.data import Pair
 from peekaboo.errors import ConfigError
 from peekaboo.optim.masks import LEGACY_REVISION, MASK_REVISIONS, REVISION_KEY, check_checkpoint_revision
+from peekaboo.runs.layout import BATCH_MEMBERS, CHECKPOINT_FILE, CONFIG_FILE, WEIGHTS_FILE
 from peekaboo.runs.outputs import RunDir
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,11 @@ RESULT_KEYS = ("data", "model", "image_options", "optimization", "trainer.max_st
 # a resume may change them.
 SPEED_KEYS = ("data.pairs_per_step", "model.compile", "model.attention", "model.channels_last", "model.tf32",
               "model.vae_gradient_checkpointing")
-# The file in a batch's folder that lists its members, so a rerun can rebuild the batch around its checkpoint.
-BATCH_MEMBERS = "members.json"
 
 
 def check_same_run(run_dir: Path, cfg: TrainConfig) -> None:
     """Refuse to mix results of different settings in one run folder."""
-    saved_path = run_dir / "config.yaml"
+    saved_path = run_dir / CONFIG_FILE
     if not saved_path.is_file():
         return
     saved = drop_retired_keys(OmegaConf.load(saved_path))
@@ -79,8 +78,6 @@ def check_checkpoint_revisions(run_dir: RunDir, kind: str) -> None:
         check_checkpoint_revision(kind, saved, f"Checkpoint {path}")
 
 
-#: The run folder's record of the weights it started with (:func:`~peekaboo.diffusion.identity.model_fingerprint`).
-WEIGHTS_FILE = "weights.txt"
 
 
 def check_same_weights(run_dir: Path, fingerprint: str) -> None:
@@ -150,14 +147,15 @@ def _checkpointed_batches(run_dir: RunDir) -> list[list[str]]:
 
 
 def _resumable_checkpoints(run_dir: RunDir) -> list[tuple[list[str], Path]]:
-    """``(member names, last.ckpt)`` of every batch (or lone pair) with a checkpoint."""
+    """``(member names, checkpoint)`` of every batch (or lone pair) with a checkpoint."""
     found = []
     for members_file in sorted((run_dir.root / "batches").glob(f"*/{BATCH_MEMBERS}")):
-        ckpt = members_file.parent / "ckpt" / "last.ckpt"
+        ckpt = members_file.parent / "ckpt" / CHECKPOINT_FILE
         if ckpt.is_file():
             with contextlib.suppress(json.JSONDecodeError, OSError):
                 found.append(([str(n) for n in json.loads(members_file.read_text())], ckpt))
-    found += [([ckpt.parents[1].name], ckpt) for ckpt in sorted((run_dir.root / "pairs").glob("*/ckpt/last.ckpt"))]
+    lone = sorted((run_dir.root / "pairs").glob(f"*/ckpt/{CHECKPOINT_FILE}"))
+    found += [([ckpt.parents[1].name], ckpt) for ckpt in lone]
     return found
 
 

@@ -21,10 +21,10 @@ from typing import Any
 from urllib.parse import quote
 
 from peekaboo.optim.callbacks import CURVE_KEYS
+from peekaboo.runs.layout import COMMAND_FILE, REPORT_FILE, RESULTS_FILE, SUMMARY_FILE
 from peekaboo.runs.metrics import DONE, FAILED_PREFIX
 from peekaboo.utils import files
 
-REPORT_FILE = "report.html"
 FIGURES_DIR = "report"
 # How many pairs the gallery shows (the worst ones): a page of thousands of images helps nobody.
 GALLERY_SIZE = 48
@@ -50,13 +50,13 @@ def write_report(run_dir: str | Path, gallery_size: int = GALLERY_SIZE) -> Path:
         The report's path.
     """
     root = Path(run_dir)
-    summary = json.loads((root / "summary.json").read_text())
-    records = _records(root / "results.jsonl")
+    summary = json.loads((root / SUMMARY_FILE).read_text())
+    records = _records(root / RESULTS_FILE)
     done = [r for r in records if r.get("status") == DONE]
     failed = [r for r in records if str(r.get("status", "")).startswith(FAILED_PREFIX)]
     scored = [r for r in done if r.get("iou") is not None]
     figures = [f for f in (_scores_figure(root, done, scored), _losses_figure(root, done)) if f is not None]
-    cmd = (root / "cmd.txt").read_text().strip() if (root / "cmd.txt").is_file() else ""
+    cmd = (root / COMMAND_FILE).read_text().strip() if (root / COMMAND_FILE).is_file() else ""
     body = [
         f"<h1>Run <code>{_e(root.name)}</code></h1>",
         f"<p class='cmd'><code>{_e(cmd)}</code></p>" if cmd else "",

@@ -7,7 +7,6 @@ summary and report at the end (:mod:`peekaboo.runs.outputs`, which also describe
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,9 @@ from peekaboo.config import TrainConfig, to_yaml
 from peekaboo.data import build_source
 from peekaboo.diffusion.checks import check_model_source
 from peekaboo.diffusion.identity import model_fingerprint
+from peekaboo.runs.layout import CONFIG_FILE, write_start
 from peekaboo.runs.outputs import finalize, output_names
-from peekaboo.runs.planning import WEIGHTS_FILE, check_same_run, check_same_weights
+from peekaboo.runs.planning import check_same_run, check_same_weights
 from peekaboo.runs.workers import World, run_worker, spawn_workers
 from peekaboo.utils import files
 from peekaboo.utils.devices import check_worker_devices, resolve_device
@@ -59,10 +59,8 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> RunOutcome:
         raise files.output_error(run_dir, err) from None
     # Written once, when the run starts: a rerun resumes under the same settings (check_same_run compared
     # them above), and one that is refused or fails must leave the record of the run's start as it was.
-    if (env_world is None or env_world.rank == 0) and not (run_dir / "config.yaml").is_file():
-        files.write_text(" ".join(argv if argv is not None else sys.argv) + "\n", run_dir / "cmd.txt")
-        files.write_text(weights + "\n", run_dir / WEIGHTS_FILE)
-        files.write_text(to_yaml(cfg), run_dir / "config.yaml")  # last: its presence marks a started run
+    if (env_world is None or env_world.rank == 0) and not (run_dir / CONFIG_FILE).is_file():
+        write_start(run_dir, to_yaml(cfg), argv, weights)
     if env_world is not None:
         code = run_worker(cfg, env_world)
     elif cfg.trainer.devices > 1:

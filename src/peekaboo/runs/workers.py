@@ -96,9 +96,27 @@ def spawn_workers(cfg: TrainConfig, names: list[str]) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     codes = [p.exitcode for p in procs]
+    for line in killed_workers(codes):
+        log.error(line)
     if any(codes):
         log.warning("worker exit codes: %s", codes)
     return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else max((abs(c) for c in codes if c), default=0)
+
+
+def killed_workers(codes: list[int | None]) -> list[str]:
+    """One line per worker that a signal ended (a negative exit code: it could not handle the signal and save),
+    naming the signal and what to do; SIGKILL is what the out-of-memory killer sends."""
+    lines = []
+    for rank, code in enumerate(codes):
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:  # a real-time signal has no name
+                name = f"signal {-code}"
+            cause = " (the out-of-memory killer's signal)" if -code == signal.SIGKILL else ""
+            lines.append(f"worker {rank} was killed by {name}{cause}; if memory ran out, lower data.pairs_per_step "
+                         "or trainer.devices, then rerun the same command: finished pairs are kept.")
+    return lines
 
 
 class JobProgress:
@@ -346,4 +364,7 @@ def requeue_once(run_dir: RunDir) -> None:
         return  # another worker of this job attempt requeued it
     except OSError as err:
         log.warning("could not create %s (%s); requeueing without it.", marker, err)
-    subprocess.run(["scontrol", "requeue", job], check=False)
+    done = subprocess.run(["scontrol", "requeue", job], check=False, capture_output=True, text=True)
+    if done.returncode:
+        log.warning("scontrol requeue %s failed (%s); resubmit the job to resume the run.", job,
+                    (done.stderr or "").strip() or f"exit status {done.returncode}")
