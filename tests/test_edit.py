@@ -13,9 +13,11 @@ import torch
 from PIL import Image
 from tests_support import FAST, REPO_CONFIGS
 
+from peekaboo import ops
 from peekaboo.app import edit
 from peekaboo.app.cli import predict_main
 from peekaboo.config import EditConfig, ModelConfig, SamplingConfig
+from peekaboo.diffusion import pipelines
 
 PREDICT_FAST = [*FAST, "trainer.max_steps=3", "tensorboard=false", "sampling.steps=4"]
 
@@ -50,14 +52,14 @@ def test_dilation_matches_a_disc_and_feathering_stays_inside_it():
     mask = np.zeros((40, 50), bool)
     mask[10:22, 15:30] = True
     mask[30, 40] = True
-    region, weight = edit.blend_weights(torch.from_numpy(mask), dilation=3, feather=1.5)
+    region, weight = ops.blend_weights(torch.from_numpy(mask), dilation=3, feather=1.5)
     assert np.array_equal(region.numpy(), _disc_dilate(mask, 3))
     w = weight.numpy()
     assert w.dtype == np.float32 and w.min() >= 0 and w.max() <= 1
     assert (w[~region.numpy()] == 0).all()  # feathering never reaches outside the region
     assert w[16, 22] > 0.999  # deep inside: fully regenerated
     assert 0 < w[10 - 3, 22] < w[10 - 1, 22] < w[12, 22]  # ramps up from the region's border inwards
-    _, hard = edit.blend_weights(torch.from_numpy(mask), dilation=0, feather=0)
+    _, hard = ops.blend_weights(torch.from_numpy(mask), dilation=0, feather=0)
     assert np.array_equal(hard.numpy(), mask.astype(np.float32))
 
 
@@ -84,7 +86,7 @@ def test_a_nine_channel_inpainting_unet_is_conditioned_on_the_mask(tiny_backbone
     from peekaboo.diffusion.backbone import Backbone
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config({**tiny_backbone.unet.config, "in_channels": edit.INPAINT_CHANNELS})
+    unet = UNet2DConditionModel.from_config({**tiny_backbone.unet.config, "in_channels": pipelines.INPAINT_CHANNELS})
     b = tiny_backbone
     inpaint = Backbone(b.vae, unet, b.text_encoder, b.tokenizer, {"prediction_type": "epsilon"}, b.resolution)
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))

@@ -200,6 +200,7 @@ def test_float16_sampling_never_casts_the_backbones_float32_vae(tiny_sdxl_model,
     its float32 weights (float16 on the CPU is refused for users; these kernels exist on the CPU, so it runs here)."""
     from peekaboo.app import edit
     from peekaboo.config import EditConfig, SamplingConfig
+    from peekaboo.diffusion import pipelines
 
     monkeypatch.setattr(checks, "check_dtype", lambda *args: None)
     cfg = ModelConfig(pretrained=str(tiny_sdxl_model), dtype="float16")
@@ -209,7 +210,7 @@ def test_float16_sampling_never_casts_the_backbones_float32_vae(tiny_sdxl_model,
     backbone.dream_loss(latents, backbone.encode_prompt(PROMPT), GuidanceConfig(),
                         [torch.Generator().manual_seed(0)])["loss"].sum().backward()
     assert torch.isfinite(latents.grad).all()
-    assert edit.generate(backbone, PROMPT, SamplingConfig(steps=2), cfg).size == (SIDE, SIDE)
+    assert pipelines.generate(backbone, PROMPT, SamplingConfig(steps=2), cfg).size == (SIDE, SIDE)
     image = Image.fromarray(np.zeros((30, 52, 3), np.uint8))
     edited = edit.edit_region(backbone, image, np.ones((30, 52), bool), "a dog", EditConfig(), SamplingConfig(steps=2),
                               cfg)

@@ -1,4 +1,5 @@
-"""Pure tensor functions for the Peekaboo math (DESIGN.md steps 2, 3, 5, 6).
+"""Pure tensor functions for the Peekaboo math (DESIGN.md steps 2, 3, 5, 6), and the blend of an edit's
+regenerated region into the image.
 
 Nothing here holds state or touches a model, so each function is unit-tested against hand-computed values.
 """
@@ -6,6 +7,7 @@ Nothing here holds state or touches a model, so each function is unit-tested aga
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -329,3 +331,65 @@ def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Ten
         raise ValueError(f"relative_error: {tuple(estimate.shape)} != {tuple(reference.shape)}")
     diff = (estimate.float() - reference.float()).flatten(1).norm(dim=1)  # (B,)
     return diff / reference.float().flatten(1).norm(dim=1)
+
+
+# -- an edit's blend --------------------------------------------------------------------------------------------
+def _disc(radius: int) -> torch.Tensor:
+    """``(2r+1, 2r+1)`` float kernel: 1 on the pixels within Euclidean distance ``radius`` of the centre."""
+    offsets = torch.arange(-radius, radius + 1)
+    yy, xx = torch.meshgrid(offsets, offsets, indexing="ij")
+    return (yy**2 + xx**2 <= radius**2).float()
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Grow a binary mask by ``radius`` pixels (a Euclidean disc).
+
+    Args:
+        mask: ``(H, W)`` bool.
+
+    Returns:
+        ``(H, W)`` bool: pixels within ``radius`` of a mask pixel.
+    """
+    if radius <= 0:
+        return mask.clone()
+    kernel = _disc(radius)[None, None]
+    hits = F.conv2d(mask.float()[None, None], kernel, padding=radius)[0, 0]  # counts of mask pixels nearby
+    return hits > 0.5
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``x`` ``(H, W)``; the border is replicated, so the image frame does not count
+    as "outside" the mask (an object touching the frame is not feathered against it)."""
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    y = F.pad(x[None, None].float(), (radius, radius, radius, radius), mode="replicate")
+    y = F.conv2d(y, k.view(1, 1, 1, -1))
+    y = F.conv2d(y, k.view(1, 1, -1, 1))
+    return y[0, 0]
+
+
+def blend_weights(mask: torch.Tensor, dilation: int, feather: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where an edit may change pixels, and by how much.
+
+    The region is ``mask`` dilated by ``dilation`` pixels. The feathering stays INSIDE it, so every pixel
+    outside the region keeps its value exactly: the weight is ``2 * blur(region) - 1`` clipped to [0, 1], with
+    a Gaussian blur of sigma ``feather / 2``. Along a straight edge that is ``erf(d / (sigma sqrt 2))`` of the
+    distance ``d`` from the region's border: 0 at the border, 0.68 at ``feather / 2`` pixels inside and 0.95
+    at ``feather`` pixels inside. With ``feather <= dilation`` the segmented object itself (``dilation``
+    pixels inside the border) is replaced almost completely, so no faint outline of it survives.
+
+    Args:
+        mask: ``(H, W)`` bool, the binary segmentation mask.
+        dilation: pixels to grow the mask by.
+        feather: width in pixels of the ramp from 0 to 0.95 inside the region's border; 0 = a hard edge.
+
+    Returns:
+        ``(region (H, W) bool, weight (H, W) float32 in [0, 1], 0 outside region)``.
+    """
+    region = dilate(mask, dilation)
+    if feather <= 0:
+        return region, region.float()
+    weight = (2.0 * gaussian_blur(region.float(), feather / 2.0) - 1.0).clamp(0.0, 1.0)
+    return region, torch.where(region, weight, torch.zeros_like(weight))

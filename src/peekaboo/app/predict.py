@@ -13,6 +13,7 @@ from PIL import Image
 from peekaboo.app import edit
 from peekaboo.app.segmenter import segment_image
 from peekaboo.config import PredictConfig, to_yaml
+from peekaboo.diffusion import pipelines
 from peekaboo.diffusion.backbone import Backbone
 from peekaboo.diffusion.loading import shared_backbone
 from peekaboo.runs.layout import write_start
@@ -88,10 +89,10 @@ def predict(cfg: PredictConfig, argv: list[str] | None = None) -> list[PredictOu
     with quiet_loading():
         backbone = shared_backbone(cfg.model, device)
     if cfg.generate is not None and cfg.sampling.size is not None:
-        edit.check_sample_size(cfg.sampling.size, backbone)  # before any file is written
+        pipelines.check_sample_size(cfg.sampling.size, backbone)  # before any file is written
     sample = None
     if img is None:
-        img = sample = edit.generate(backbone, cfg.generate, cfg.sampling, cfg.model, cfg.trainer.precision)
+        img = sample = pipelines.generate(backbone, cfg.generate, cfg.sampling, cfg.model, cfg.trainer.precision)
     prompts = list(cfg.prompt) or [cfg.generate]
     # All prompts in one batch, each with its own random stream: the masks of one-at-a-time runs.
     results = [(seg, result, edit_result(cfg, backbone, img, seg.mask) if cfg.edit.prompt is not None else None)

@@ -216,6 +216,47 @@ class FinalMask:
         return float(self.mask.mean())
 
 
+def canvas_region(region: torch.Tensor, placement: Placement, size: int, cell: int) -> torch.Tensor:
+    """The square-canvas pixels to regenerate: any canvas pixel that shows part of ``region``, grown to whole
+    latent cells.
+
+    The 4-channel inpainting path blends latents, and diffusers samples the pixel mask down to the latent grid
+    with nearest-neighbour interpolation (one pixel per cell); a cell only partly covered could then keep the
+    input's latents and bring an edge of the old object back. Covering whole cells avoids that.
+
+    Args:
+        region: ``(H, W)`` bool on the original image.
+        placement: how the canvas sits on the original image (:func:`fit_square`).
+        size: canvas side ``S`` (a multiple of ``cell``).
+        cell: pixels per latent cell (the VAE's downsampling factor).
+
+    Returns:
+        ``(S, S)`` bool.
+    """
+    left, top, right, bottom = placement.box
+    shown = torch.zeros(bottom - top, right - left)  # the part of the original frame the canvas shows
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(bottom, placement.height), min(right, placement.width)
+    shown[y0 - top : y1 - top, x0 - left : x1 - left] = region[y0:y1, x0:x1].float()
+    # Adaptive max pooling marks a canvas pixel when any original pixel it covers is in the region, both when
+    # the canvas is smaller than the image and when it is larger.
+    on_canvas = F.adaptive_max_pool2d(shown[None, None], (size, size))
+    cells = F.max_pool2d(on_canvas, kernel_size=cell, stride=cell)
+    return F.interpolate(cells, scale_factor=cell, mode="nearest")[0, 0] > 0.5
+
+
+def unfit_image(canvas: torch.Tensor, placement: Placement) -> torch.Tensor:
+    """Map a canvas image back onto the original frame (the image counterpart of :func:`unfit`).
+
+    Args:
+        canvas: ``(3, S, S)`` in [0, 1].
+
+    Returns:
+        ``(3, H, W)`` in [0, 1]; 0 where the canvas did not show the image (outside a centre crop).
+    """
+    return torch.stack([unfit(channel, placement) for channel in canvas])
+
+
 def finalize_mask(alpha: torch.Tensor, placement: Placement, threshold: float) -> FinalMask:
     """The one way a working-canvas alpha ``(S, S)`` in [0, 1] becomes a pair's result: mapped back to the
     original size, quantized to the 8 bits saved, then thresholded (so the mask follows from the saved alpha)."""
