@@ -27,6 +27,7 @@ from peekaboo.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from peekaboo.optim import callbacks, engine
 from peekaboo.optim.loggers import make_logger
 from peekaboo.runs import layout, outputs, planning, workers
+from peekaboo.runs.progress import JobProgress
 
 STEPS = 6
 PAIRS = 6
@@ -283,7 +284,7 @@ def test_a_checkpoint_callback_of_any_class_name_enables_checkpointing(tiny_back
 @pytest.mark.slow
 def test_a_log_gets_one_job_wide_progress_line_not_bars(tiny_model, tmp_path, caplog, capsys):
     args = [*_args(tiny_model, tmp_path, "p", pairs=3), "run.progress_every_s=0", "trainer.enable_progress_bar=true"]
-    with caplog.at_level("INFO", logger="peekaboo.runs.workers"):
+    with caplog.at_level("INFO", logger="peekaboo.runs.progress"):
         assert train_main(args) == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
@@ -294,7 +295,7 @@ def test_a_log_gets_one_job_wide_progress_line_not_bars(tiny_model, tmp_path, ca
 def test_progress_line_counts_every_workers_pairs_and_estimates(tmp_path):
     rd = outputs.RunDir(tmp_path)
     names = [f"p{i}" for i in range(4)]
-    progress = workers.JobProgress(rd, names, every_s=0)
+    progress = JobProgress(rd, names, every_s=0)
     for name in names[:2]:  # finished by other workers since this one started
         rd.done_path(name).parent.mkdir(parents=True)
         rd.done_path(name).write_text("{}")

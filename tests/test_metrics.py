@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from peekaboo.runs.metrics import PRECISION_THRESHOLDS, pair_scores, summarize
+from peekaboo.runs.metrics import PRECISION_THRESHOLDS, curve_points, pair_scores, summarize
 
 IGN = 255
 
@@ -84,3 +84,10 @@ def test_summarize_of_pair_scores():
     s = summarize([rec, {"status": "done", **pair_scores(target == 1, target)}])
     assert math.isclose(s["miou"], (1 / 3 + 1) / 2)
     assert math.isclose(s["overall_iou"], 3 / 5)
+
+
+def test_curve_points_skip_the_steps_a_term_was_not_finite():
+    curve = {"step": [1, 2, 3], "loss/dream": [0.5, None, 0.25], "loss/total": [1.0, 2.0]}
+    assert list(curve_points(curve, "loss/dream")) == [(1, 0.5), (3, 0.25)]
+    assert list(curve_points(curve, "loss/total")) == [(1, 1.0), (2, 2.0)]  # a shorter term ends early
+    assert list(curve_points({}, "loss/dream")) == []

@@ -19,14 +19,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from peekaboo.config import EarlyStopConfig
-from peekaboo.optim.module import PeekabooModule
+from peekaboo.optim.module import DREAM_LOSS, LOSS_KEYS, PeekabooModule
 from peekaboo.optim.restarts import choose, pair_of, prompt_fit
 
 # About how many points of each pair's loss curve its result keeps (the run report plots them), and with how
 # many significant digits: enough for a plot, small enough for one results.jsonl line per pair.
 CURVE_POINTS = 32
 CURVE_DIGITS = 4
-CURVE_KEYS = ("loss/dream", "loss/alpha", "loss/total")
+CURVE_KEYS = LOSS_KEYS
 
 
 class MaskImages(Callback):
@@ -143,7 +143,7 @@ class StableMaskStop(Callback):
         settled = self.calm >= cfg.patience  # (B,)
         if cfg.loss_tolerance is not None:
             self.ema, self.best, self.since = loss_plateau_update(
-                pl_module.last_losses["loss/dream"], self.ema, self.best, self.since, cfg.loss_ema,
+                pl_module.last_losses[DREAM_LOSS], self.ema, self.best, self.since, cfg.loss_ema,
                 cfg.loss_tolerance)
             settled &= self.since >= cfg.patience
         # Failed pairs, and pairs stopped by other means (an early choice of restarts), count as finished.

@@ -29,6 +29,11 @@ SUSPECT_SETTINGS = {
 }
 
 
+# The per-pair loss terms of a step (``last_losses``, each pair's loss curve and result): the dream loss, the alpha
+# regularizer, and their sum, which the optimizer minimizes.
+DREAM_LOSS, ALPHA_LOSS, TOTAL_LOSS = "loss/dream", "loss/alpha", "loss/total"
+LOSS_KEYS = (DREAM_LOSS, ALPHA_LOSS, TOTAL_LOSS)
+
 # A pair whose dream-loss gradient has non-finite entries (the model's outputs overflowed) this many steps in a
 # row, or at every step of a shorter run, has failed: the zeroed gradient leaves gravity alone to move its mask.
 NONFINITE_STEPS = 10
@@ -254,10 +259,10 @@ class PeekabooModule(L.LightningModule):
         rows = None if not self.can_stop or bool(running.all()) else running.nonzero()[:, 0]  # (R,)
         alpha_r = alpha if rows is None else alpha[rows]  # (R, 1, S, S)
         losses, terms, comp = self.pair_losses(alpha_r, rows)
-        failed_r = self.track_failures(losses["loss/total"], alpha_r, terms["nonfinite"], rows)
+        failed_r = self.track_failures(losses[TOTAL_LOSS], alpha_r, terms["nonfinite"], rows)
         self.record_step(alpha, comp, losses, terms, rows, running)
         # torch.where, not a product: 0 * nan is nan, and a failed pair must not stop the others.
-        total = losses["loss/total"]
+        total = losses[TOTAL_LOSS]
         return torch.where(failed_r, torch.zeros_like(total), total).sum()
 
     def pair_losses(
@@ -268,7 +273,7 @@ class PeekabooModule(L.LightningModule):
         dream loss, plus the alpha regularizer.
 
         Returns:
-            ``{"loss/dream", "loss/alpha", "loss/total"}`` each ``(R,)``; the dream loss's terms (``t``,
+            ``{DREAM_LOSS, ALPHA_LOSS, TOTAL_LOSS}`` each ``(R,)``; the dream loss's terms (``t``,
             ``grad_norm``, ``nonfinite``: the gradient entries it zeroed, each ``(R,)``); the composite
             ``(R, 3, S, S)``.
         """
@@ -286,7 +291,7 @@ class PeekabooModule(L.LightningModule):
         terms.setdefault("nonfinite", torch.zeros_like(terms["loss"], dtype=torch.long))  # a stand-in may not count
         dream = cfg.loss.lambda_dream * terms["loss"]  # (R,)
         gravity = ops.gravity_loss(alpha.float(), cfg.loss.gravity, cfg.loss.gravity_reduction)  # (R,)
-        return {"loss/dream": dream, "loss/alpha": gravity, "loss/total": dream + gravity}, terms, comp
+        return {DREAM_LOSS: dream, ALPHA_LOSS: gravity, TOTAL_LOSS: dream + gravity}, terms, comp
 
     def track_failures(
         self, total: torch.Tensor, alpha: torch.Tensor, nonfinite: torch.Tensor, rows: torch.Tensor | None

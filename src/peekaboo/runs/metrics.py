@@ -15,7 +15,7 @@ Conventions (the same in :func:`pair_scores` and :func:`summarize`):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -67,6 +67,14 @@ def pair_scores(pred: np.ndarray, target: np.ndarray) -> dict:
     intersection = int(stats[_TP])
     union = int(stats[_TP] + stats[_FP] + stats[_FN])
     return {"intersection": intersection, "union": union, "iou": _ratio(intersection, union)}
+
+
+def curve_points(curve: dict, key: str) -> Iterator[tuple[int, float]]:
+    """The ``(step, value)`` points of one loss term of a pair's recorded curve (a record's ``curve``:
+    ``{"step": [...], key: [...]}``), leaving out the steps where it was not finite (recorded as None)."""
+    for step, value in zip(curve.get("step", []), curve.get(key, []), strict=False):
+        if value is not None:
+            yield int(step), float(value)
 
 
 def summarize(records: Sequence[dict]) -> dict:

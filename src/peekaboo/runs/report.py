@@ -21,8 +21,9 @@ from typing import Any
 from urllib.parse import quote
 
 from peekaboo.optim.callbacks import CURVE_KEYS
+from peekaboo.optim.module import DREAM_LOSS
 from peekaboo.runs.layout import COMMAND_FILE, REPORT_FILE, RESULTS_FILE, SUMMARY_FILE
-from peekaboo.runs.metrics import DONE, FAILED_PREFIX
+from peekaboo.runs.metrics import DONE, FAILED_PREFIX, curve_points
 from peekaboo.utils import files
 
 FIGURES_DIR = "report"
@@ -35,7 +36,6 @@ SCORES_FIGSIZE = (5.6, 3.2)
 LOSSES_FIGSIZE = (9.6, 3.0)
 # The band drawn around each mean loss curve: these quantiles over the pairs.
 BAND_QUANTILES = (0.25, 0.75)
-DREAM_KEY = "loss/dream"
 DIGITS = 3  # decimals of every score shown
 
 
@@ -128,7 +128,7 @@ def _summary_section(summary: dict) -> str:
 
 
 def _final_dream(record: dict) -> float:
-    value = (record.get("losses") or {}).get(DREAM_KEY)
+    value = (record.get("losses") or {}).get(DREAM_LOSS)
     return float(value) if value is not None and math.isfinite(value) else -math.inf
 
 
@@ -217,9 +217,8 @@ def _losses_figure(root: Path, done: list[dict]) -> Path | None:
     for ax, key in zip(axes, CURVE_KEYS, strict=True):
         by_step: dict[int, list[float]] = {}
         for curve in curves:
-            for step, value in zip(curve["step"], curve.get(key, []), strict=False):
-                if value is not None:
-                    by_step.setdefault(int(step), []).append(float(value))
+            for step, value in curve_points(curve, key):
+                by_step.setdefault(step, []).append(value)
         steps = sorted(by_step)
         mean = [float(np.mean(by_step[s])) for s in steps]
         low, high = ([float(np.quantile(by_step[s], q)) for s in steps] for q in BAND_QUANTILES)
