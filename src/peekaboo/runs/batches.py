@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -17,7 +18,7 @@ from peekaboo.config import TrainConfig, logger_kind
 from peekaboo.data import Pair
 from peekaboo.diffusion.backbone import Backbone
 from peekaboo.errors import NonFiniteError, PeekabooError
-from peekaboo.optim.engine import FitOptions, optimize_pairs, split_on_oom
+from peekaboo.optim.engine import FitOptions, PairResult, optimize_pairs, split_on_oom
 from peekaboo.optim.loggers import log_root
 from peekaboo.optim.module import non_finite_message
 from peekaboo.optim.preemption import SaveOnPreemption
@@ -74,44 +75,54 @@ def _fit_and_write(cfg: TrainConfig, ready: list[_Loaded], run_dir: RunDir, back
                    device: torch.device) -> list[dict]:
     """Optimize the loaded pairs ``ready`` as one batch (resuming its checkpoint) and write their outputs and
     done records; returns the records."""
-    records: list[dict] = []
     names = [r.name for r in ready]
     ckpt_dir = batch_ckpt_dir(run_dir, names)
     if len(names) > 1:
         files.write_text(json.dumps(names), ckpt_dir.parent / BATCH_MEMBERS)
-    callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.run.checkpoint_every_n_steps,
-                        save_top_k=0, save_last=True, save_on_train_epoch_end=False),
-        SaveOnPreemption(ckpt_dir / CHECKPOINT_FILE),
-    ]
     failure = ""
-    kind = logger_kind(cfg.run)
     try:
-        results = optimize_pairs(
-            torch.stack([r.canvas for r in ready]), [r.pair.prompt for r in ready], [r.pair.id for r in ready],
-            cfg.optimization, cfg.trainer, backbone,
-            FitOptions(tb_dir=log_root(run_dir.root, kind), logger_kind=kind or "tensorboard",
-                       run_name=names[0] if len(names) == 1 else ckpt_dir.parent.name, pair_run_names=names,
-                       callbacks=callbacks, ckpt_path=valid_checkpoint(ckpt_dir / CHECKPOINT_FILE),
-                       enable_progress_bar=False, devices=trainer_devices(device)),
-        )
+        results: list[PairResult | None] = list(_fit(cfg, ready, run_dir, ckpt_dir, backbone, device))
     except NonFiniteError as err:
-        results = [None] * len(ready)
-        failure = str(err)
+        results, failure = [None] * len(ready), str(err)
     except torch.cuda.OutOfMemoryError:
         if len(names) > 1 and not (ckpt_dir / CHECKPOINT_FILE).is_file():  # nothing to resume: the halves start anew
             shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
         raise
     except OSError as err:  # a checkpoint or TensorBoard write inside the fit (full disk, unwritable folder)
         raise files.output_error(err.filename or run_dir.root, err) from None
-    for (pair, name, img, _, placement, record), result in zip(ready, results, strict=True):
-        if result is None or result.failed:
-            error = failure or non_finite_message(f"pair {pair.id}", cfg.optimization)
-            records.append(write_record(run_dir, name, {**record, "status": failed_status("non-finite"),
-                                                        "error": error}))
-            continue
-        fields = write_pair(cfg, run_dir, name, img, placement, result, pair)
-        records.append(write_record(run_dir, name, {**record, **fields}))
+    records = [_write(cfg, run_dir, loaded, result, failure) for loaded, result in zip(ready, results, strict=True)]
     if not cfg.run.keep_checkpoints:
         shutil.rmtree(ckpt_dir.parent if len(names) > 1 else ckpt_dir, ignore_errors=True)
     return records
+
+
+def _fit(cfg: TrainConfig, ready: list[_Loaded], run_dir: RunDir, ckpt_dir: Path, backbone: Backbone,
+         device: torch.device) -> list[PairResult]:
+    """One fit of the batch's masks, checkpointed in ``ckpt_dir`` (every ``run.checkpoint_every_n_steps`` steps and
+    on preemption) and resumed from its checkpoint there."""
+    names = [r.name for r in ready]
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.run.checkpoint_every_n_steps,
+                        save_top_k=0, save_last=True, save_on_train_epoch_end=False),
+        SaveOnPreemption(ckpt_dir / CHECKPOINT_FILE),
+    ]
+    kind = logger_kind(cfg.run)
+    return optimize_pairs(
+        torch.stack([r.canvas for r in ready]), [r.pair.prompt for r in ready], [r.pair.id for r in ready],
+        cfg.optimization, cfg.trainer, backbone,
+        FitOptions(tb_dir=log_root(run_dir.root, kind), logger_kind=kind or FitOptions.logger_kind,
+                   run_name=names[0] if len(names) == 1 else ckpt_dir.parent.name, pair_run_names=names,
+                   callbacks=callbacks, ckpt_path=valid_checkpoint(ckpt_dir / CHECKPOINT_FILE),
+                   enable_progress_bar=False, devices=trainer_devices(device)),
+    )
+
+
+def _write(cfg: TrainConfig, run_dir: RunDir, loaded: _Loaded, result: PairResult | None, failure: str) -> dict:
+    """A pair's outputs and done record after its fit; ``result`` None (the whole fit failed with ``failure``) or
+    failed: the pair is recorded as failed with the error."""
+    if result is None or result.failed:
+        error = failure or non_finite_message(f"pair {loaded.pair.id}", cfg.optimization)
+        return write_record(run_dir, loaded.name, {**loaded.record, "status": failed_status("non-finite"),
+                                                   "error": error})
+    fields = write_pair(cfg, run_dir, loaded.name, loaded.image, loaded.placement, result, loaded.pair)
+    return write_record(run_dir, loaded.name, {**loaded.record, **fields})
