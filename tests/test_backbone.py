@@ -1,7 +1,10 @@
 """The frozen backbone: loading, errors, and the dream-loss gradient against a hand computation."""
 
+import dataclasses
 import json
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +149,23 @@ def test_attention_switch_sets_the_processors_and_keeps_the_outputs(tiny_model):
         outputs[kind] = (latents.detach(), eps_u, eps_c)
     for fast, classic in zip(outputs["sdpa"], outputs["classic"], strict=True):
         assert torch.allclose(fast, classic, atol=1e-5)
+
+
+def test_building_components_keeps_the_callers_random_state():
+    from tiny import write_clip_tokenizer
+    from transformers import CLIPTokenizer
+
+    from peekaboo.diffusion.components import TINY, build_components
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    arch = dataclasses.replace(TINY, text_encoder={**TINY.text_encoder, "vocab_size": len(tokenizer)})
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = build_components(arch, tokenizer, seed=0)
+    assert torch.equal(torch.rand(3), expected)
+    again = build_components(arch, tokenizer, seed=0)  # the seed alone gives the weights
+    assert all(torch.equal(a, b) for a, b in zip(first["unet"].state_dict().values(),
+                                                 again["unet"].state_dict().values(), strict=True))

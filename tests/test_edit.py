@@ -18,12 +18,13 @@ from peekaboo.app import edit
 from peekaboo.app.cli import predict_main
 from peekaboo.config import EditConfig, ModelConfig, SamplingConfig
 from peekaboo.diffusion import pipelines
+from peekaboo.errors import ConfigError
 
 PREDICT_FAST = [*FAST, "trainer.max_steps=3", "tensorboard=false", "sampling.steps=4"]
 
 
 def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Reference dilation by a Euclidean disc, written independently of ``peekaboo.app.edit`` (numpy shifts)."""
+    """Reference dilation by a Euclidean disc, written independently of :func:`peekaboo.ops.dilate` (numpy shifts)."""
     h, w = mask.shape
     padded = np.pad(mask, radius)
     out = np.zeros_like(mask)
@@ -215,3 +216,9 @@ def test_bundled_edit_puts_the_new_object_where_the_old_one_was():
     print(f"mean IoU of the new object with the old object's mask: {np.mean(ious):.3f} "
           f"({time.perf_counter() - start:.0f}s)")
     assert np.mean(ious) >= 0.5, ious
+
+
+def test_sampling_refuses_a_precision_the_segmentation_refuses():
+    refused = pytest.raises(ConfigError, match=r"precision='16-mixed' is not one of 32-true, 32, bf16-mixed")
+    with refused, pipelines.sampling_autocast(torch.device("cpu"), "16-mixed"):
+        pass

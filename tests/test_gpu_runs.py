@@ -112,7 +112,7 @@ def test_an_sdxl_pipeline_class_is_no_longer_refused_by_name(tiny_model, tmp_pat
 
 
 @pytest.mark.parametrize("offline", ["env", "config", "online"])
-def test_an_sdxl_hub_id_passes_the_check_from_its_three_small_files(tiny_sdxl_model, monkeypatch, no_weights,
+def test_an_sdxl_hub_id_passes_the_check_from_its_small_files(tiny_sdxl_model, monkeypatch, no_weights,
                                                                      offline):
     hub = FakeHub(tiny_sdxl_model)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
@@ -121,7 +121,8 @@ def test_an_sdxl_hub_id_passes_the_check_from_its_three_small_files(tiny_sdxl_mo
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = ModelConfig(pretrained=SDXL_ID, revision="v1", local_files_only=offline == "config")
     assert check_model_source(cfg, "cpu", segmentation=True) == SDXL_ID
-    assert [c["file"] for c in hub.calls] == ["model_index.json", "unet/config.json", "text_encoder_2/config.json"]
+    assert [c["file"] for c in hub.calls] == ["model_index.json", "unet/config.json", "text_encoder_2/config.json",
+                                              "vae/config.json", "scheduler/scheduler_config.json"]
     assert all(c["repo"] == SDXL_ID and c["revision"] == "v1" and c["offline"] == (offline != "online")
                for c in hub.calls)
 
@@ -147,11 +148,27 @@ def test_an_sdxl_hub_id_whose_unet_cannot_be_conditioned_is_refused_before_any_w
     assert all(c["file"].endswith(".json") for c in hub.calls)
 
 
-def test_an_sd_hub_id_passes_the_check_from_its_two_small_files(tiny_model, monkeypatch, no_weights):
+def test_an_sd_hub_id_passes_the_check_from_its_small_files(tiny_model, monkeypatch, no_weights):
     hub = FakeHub(tiny_model)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
     assert check_model_source(ModelConfig(pretrained="owner/sd-like"), "cpu", segmentation=True) == "owner/sd-like"
-    assert [c["file"] for c in hub.calls] == ["model_index.json", "unet/config.json"]
+    assert [c["file"] for c in hub.calls] == ["model_index.json", "unet/config.json", "vae/config.json",
+                                              "scheduler/scheduler_config.json"]
+
+
+@pytest.mark.parametrize("component,file,edits,message", [
+    ("scheduler", "scheduler_config.json", {"prediction_type": "sample"}, "the scheduler predicts 'sample'"),
+    ("vae", "config.json", {"latent_channels": 8}, "takes 4 input channels but its VAE makes 8-channel latents"),
+])
+def test_a_hub_id_whose_scheduler_or_vae_peekaboo_cannot_use_is_refused_before_any_weights(
+        tiny_model, tmp_path, monkeypatch, no_weights, component, file, edits, message):
+    folder = _pipeline_copy(tiny_model, tmp_path)
+    config = folder / component / file
+    config.write_text(json.dumps({**json.loads(config.read_text()), **edits}))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", FakeHub(folder))
+    with pytest.raises(ModelError, match=message) as err:
+        check_model_source(ModelConfig(pretrained="owner/sd-like"), "cpu", segmentation=True)
+    assert "\n" not in str(err.value)
 
 
 def test_a_hub_id_missing_from_the_offline_cache_is_one_line(monkeypatch):

@@ -145,7 +145,8 @@ def test_evaluate_writes_the_report(shapes_run, tmp_path):
     _check_page(run)
 
 
-def test_evaluate_scores_the_other_pairs_when_one_ground_truth_is_unusable(shapes_run, tmp_path, monkeypatch, caplog):
+def test_evaluate_scores_the_other_pairs_when_a_ground_truth_or_a_saved_mask_is_unusable(shapes_run, tmp_path,
+                                                                                         monkeypatch, caplog):
     run = tmp_path / "copy"
     shutil.copytree(shapes_run, run)
     real = evaluate_lib.build_source
@@ -159,10 +160,11 @@ def test_evaluate_scores_the_other_pairs_when_one_ground_truth_is_unusable(shape
         return [dataclasses.replace(pairs[0], load_target=unreadable), *pairs[1:]]
 
     monkeypatch.setattr(evaluate_lib, "build_source", one_broken)
+    (run / "masks" / sorted(p.name for p in (run / "masks").iterdir())[-1]).unlink()  # another pair's saved mask
     with caplog.at_level(logging.WARNING):
         summary = evaluate(run)
-    assert summary["done"] == 4 and summary["scored"] == 3  # the rerun's scores of the others are all there
-    assert "ground truth unusable" in caplog.text
+    assert summary["done"] == 4 and summary["scored"] == 2  # the two others are scored, the two broken ones not
+    assert "ground truth unusable" in caplog.text and "saved mask is unusable" in caplog.text
 
 
 def test_gallery_size_limits_the_gallery(shapes_run, tmp_path):

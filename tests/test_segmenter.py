@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -41,12 +43,19 @@ def test_from_pretrained_takes_the_cli_keys_and_validation(seg, tiny_model):
     assert seg.with_overrides(**{"optimization.loss.gravity": 0.2}).backbone is seg.backbone
 
 
-def test_each_model_starts_from_its_own_preset(tiny_model, tiny_sdxl_model):
+def test_each_model_starts_from_its_own_preset(tiny_model, tiny_sdxl_model, tmp_path):
     from peekaboo.app.segmenter import default_preset
 
     assert default_preset("bundled") == "objects" and default_preset("bundled-shapes") == "shapes"
     assert default_preset(str(tiny_model)) == "sd15"  # the paper's settings
-    assert default_preset(str(tiny_sdxl_model)) == "sdxl"  # read from its model_index.json, no weights loaded
+    assert default_preset(str(tiny_sdxl_model)) == "sdxl"  # read from its UNet's config, no weights loaded
+    # The UNet's conditioning decides, as it decides how the model is run, not the pipeline's class name.
+    for model, name, preset in ((tiny_sdxl_model, "MySDXLPipeline", "sdxl"), (tiny_model, "StableDiffusionXLPipeline",
+                                                                               "sd15")):
+        copy = shutil.copytree(model, tmp_path / name)
+        index = copy / "model_index.json"
+        index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": name}))
+        assert default_preset(str(copy)) == preset
 
 
 def test_results_at_the_original_size_for_every_image_kind(seg, scene_image):

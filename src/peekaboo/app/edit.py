@@ -45,7 +45,6 @@ class EditResult:
     weight: np.ndarray
 
 
-# -- editing --------------------------------------------------------------------------------------------------
 def edit_region(
     backbone: Backbone,
     img: Image.Image,

@@ -31,6 +31,11 @@ TEXT_TIME = "text_time"
 TIME_IDS = 6
 
 
+def is_sdxl_format(unet_config: dict[str, Any]) -> bool:
+    """Whether a UNet (its config) takes SDXL's added ``text_time`` conditioning: the one test of "SDXL format"."""
+    return unet_config.get("addition_embed_type") == TEXT_TIME
+
+
 def channels_message(model: str, unet_channels: int, latent_channels: int) -> str:
     """Why a UNet whose input channels differ from the VAE's latent channels cannot segment."""
     return (f"{model}: its UNet takes {unet_channels} input channels but its VAE makes {latent_channels}-channel "
@@ -61,7 +66,7 @@ class Backbone:
         self.vae, self.unet, self.text_encoder, self.tokenizer = vae, unet, text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         #: SDXL format: the UNet takes the pooled embedding and the size ids (``added_cond_kwargs``).
-        self.sdxl = unet.config.get("addition_embed_type") == TEXT_TIME
+        self.sdxl = is_sdxl_format(unet.config)
         if self.sdxl and (text_encoder_2 is None or tokenizer_2 is None):
             raise ModelError("The model's UNet takes SDXL's text_time conditioning, but no text_encoder_2 and "
                              "tokenizer_2 were given.")

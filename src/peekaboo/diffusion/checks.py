@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from peekaboo.config import BUNDLED_MODELS, ModelConfig
-from peekaboo.diffusion.backbone import PREDICTION_TYPES, TEXT_TIME, TIME_IDS, channels_message
+from peekaboo.diffusion.backbone import PREDICTION_TYPES, TEXT_TIME, TIME_IDS, channels_message, is_sdxl_format
 from peekaboo.errors import ModelError
 from peekaboo.utils.devices import check_dtype
 
@@ -82,9 +82,8 @@ def check_model_source(cfg: ModelConfig, device: torch.device | str | None = Non
     takes plain text conditioning or SDXL's ``text_time`` conditioning (then with a second text encoder whose
     projection fits the UNet's added embedding), the scheduler predicts epsilon or v, and, with
     ``segmentation``, the UNet takes the VAE's latents alone (an inpainting UNet's extra channels can edit but
-    not segment). A hub id is checked the same way from its ``model_index.json``, ``unet/config.json`` (and,
-    SDXL-style, ``text_encoder_2/config.json``) alone (:func:`_check_hub_model`), so a checkpoint Peekaboo
-    cannot drive is refused before gigabytes of weights download.
+    not segment). A hub id is checked the same way from the same small files alone (:func:`_check_hub_model`),
+    so a checkpoint Peekaboo cannot drive is refused before gigabytes of weights download.
 
     Raises:
         ModelError: float16 on CPU, a missing folder, a folder without a Stable-Diffusion layout, a missing
@@ -327,17 +326,20 @@ def _check_text_time(pretrained: str, components: dict[str, Any], unet: dict[str
 
 
 def _check_hub_model(cfg: ModelConfig, repo_id: str, segmentation: bool) -> None:
-    """Check a hub id as a local folder is checked, from its ``model_index.json`` and ``unet/config.json`` alone
-    (and ``text_encoder_2/config.json`` for an SDXL-style UNet): small files fetched (or read from the local
-    cache) with the config's revision, offline when ``model.local_files_only`` or ``HF_HUB_OFFLINE`` says so; no
-    weights are fetched."""
+    """Check a hub id as a local folder is checked, from its ``model_index.json`` and the ``config.json`` of its
+    UNet and VAE and ``scheduler_config.json`` (and ``text_encoder_2/config.json`` for an SDXL-style UNet):
+    small files fetched (or read from the local cache) with the config's revision, offline when
+    ``model.local_files_only`` or ``HF_HUB_OFFLINE`` says so; no weights are fetched."""
     components = _read_json(_hub_file(cfg, repo_id, "model_index.json"))
     _check_components(cfg.pretrained, components)
     unet = _read_json(_hub_file(cfg, repo_id, "config.json", "unet"))
     text_encoder_2 = None
-    if unet.get("addition_embed_type") == TEXT_TIME and all(_listed(components, c) for c in SDXL_COMPONENTS):
+    if is_sdxl_format(unet) and all(_listed(components, c) for c in SDXL_COMPONENTS):
         text_encoder_2 = _read_json(_hub_file(cfg, repo_id, "config.json", "text_encoder_2"))
-    _check_pipeline_kind(cfg.pretrained, components, unet, {}, "epsilon", segmentation, text_encoder_2)
+    vae = _read_json(_hub_file(cfg, repo_id, "config.json", "vae"))
+    scheduler = _read_json(_hub_file(cfg, repo_id, "scheduler_config.json", "scheduler"))
+    _check_pipeline_kind(cfg.pretrained, components, unet, vae, scheduler.get("prediction_type", "epsilon"),
+                         segmentation, text_encoder_2)
 
 
 def _hub_file(cfg: ModelConfig, repo_id: str, filename: str, subfolder: str | None = None) -> Path:
@@ -389,10 +391,12 @@ def model_index(cfg: ModelConfig, name: str) -> dict[str, Any]:
 
 
 def is_sdxl_pipeline(cfg: ModelConfig) -> bool:
-    """Whether ``cfg``'s model is an SDXL-format pipeline, from its (checked) ``model_index.json`` alone.
+    """Whether ``cfg``'s model is an SDXL-format pipeline (:func:`~peekaboo.diffusion.backbone.is_sdxl_format`),
+    from its (checked) ``unet/config.json`` alone, whatever its pipeline's class name.
 
     Raises:
         ModelError: as :func:`check_model_source`.
     """
     name = check_model_source(cfg)
-    return str(model_index(cfg, name).get("_class_name", "")).startswith(SDXL_PIPELINES)
+    path = Path(name) / "unet" / "config.json"
+    return is_sdxl_format(_read_json(path if path.is_file() else _hub_file(cfg, name, "config.json", "unet")))

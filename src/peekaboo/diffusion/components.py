@@ -97,8 +97,11 @@ def build_components(arch: Architecture, tokenizer: Any, seed: int = 0,
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(seed)
-    with torch.device(device):
+    device = torch.device(device)
+    # Modules initialise from the global generator: seed it inside a fork, so the caller's random state is kept.
+    forked = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), device:
+        torch.manual_seed(seed)
         unet = UNet2DConditionModel(**arch.unet)
         vae = AutoencoderKL(**arch.vae)
         text_encoder = CLIPTextModel(_clip_config(arch.text_encoder, tokenizer))

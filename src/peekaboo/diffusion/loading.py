@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from peekaboo.config import ModelConfig
-from peekaboo.diffusion.backbone import TEXT_TIME, Backbone, native_resolution
+from peekaboo.diffusion.backbone import Backbone, is_sdxl_format, native_resolution
 from peekaboo.diffusion.checks import check_model_source, model_index, offline, resolve_pretrained
 from peekaboo.errors import ModelError
 from peekaboo.utils.devices import set_tf32
@@ -53,7 +53,7 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
     try:
         unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=dtype,
                                                     use_safetensors=_safetensors(name, "unet"), **weights)
-        sdxl_format = unet.config.get("addition_embed_type") == TEXT_TIME
+        sdxl_format = is_sdxl_format(unet.config)
         component = "vae"
         # SDXL's VAE overflows in float16: an SDXL-format model keeps it in float32 where its config says
         # force_upcast (as diffusers' SDXL pipelines do; a VAE fixed for float16 says false). bfloat16 has float32's

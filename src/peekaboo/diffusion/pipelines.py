@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from peekaboo.config import ModelConfig, SamplingConfig, TrainerConfig
+from peekaboo.config import PRECISIONS, ModelConfig, SamplingConfig, TrainerConfig
 from peekaboo.diffusion.backbone import Backbone
 from peekaboo.diffusion.checks import check_model_source, offline
 from peekaboo.errors import ConfigError, ModelError
@@ -35,7 +35,6 @@ _SCHEDULER_CONFIGS: dict[tuple, dict[str, Any]] = {}
 # the VAE and a deprecation of the method they call. Expected here (their VAE is a float16 copy), not actionable.
 _UPCAST_NOTICE = "should be kept in float32"
 _UPCAST_DEPRECATION = r"`upcast_vae` is deprecated"
-
 
 
 def load_scheduler(model_cfg: ModelConfig) -> Any:
@@ -117,7 +116,10 @@ def inpaint_pipeline(backbone: Backbone, model_cfg: ModelConfig) -> Any:
 
 @contextlib.contextmanager
 def sampling_autocast(device: torch.device, precision: str) -> Iterator[None]:
-    """Sample in the mixed precision the segmentation uses (``trainer.precision``) on GPUs; CPUs stay fp32."""
+    """Sample in the mixed precision the segmentation uses (``trainer.precision``, one of
+    :data:`~peekaboo.config.PRECISIONS`) on GPUs; CPUs stay fp32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}; pass one of those.")
     if device.type == "cuda" and precision == "bf16-mixed":
         with torch.autocast("cuda", dtype=torch.bfloat16):
             yield

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from peekaboo.config import TrainConfig, drop_retired_keys
-from peekaboo.data import build_source
+from peekaboo.data import Pair, build_source
 from peekaboo.errors import PeekabooError, exit_status
 from peekaboo.runs.metrics import DONE, SCORE_KEYS
 from peekaboo.runs.outputs import RunDir, output_names, score_pair, write_results
 from peekaboo.runs.report import write_report
 from peekaboo.utils import images
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(run_dir: str | Path) -> dict[str, Any]:
@@ -36,14 +39,22 @@ def evaluate(run_dir: str | Path) -> dict[str, Any]:
         record = rd.record(name)
         if record is None:
             continue
-        if record.get("status") == DONE:
-            # Scores of the ground truth as it is now: none where it is gone or unusable, never the old ones.
-            record = {k: v for k, v in record.items() if k not in SCORE_KEYS}
-            record.update(score_pair(pair, images.read_mask(rd.root / record["outputs"]["mask"])))
-        records.append(record)
+        records.append(_rescored(rd, pair, record) if record.get("status") == DONE else record)
     summary = write_results(rd, records, len(pairs))
     write_report(rd.root)
     return summary
+
+
+def _rescored(rd: RunDir, pair: Pair, record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with the scores of its saved mask against the pair's ground truth as they are now: none where
+    either is gone or unusable (a warning), never the old ones."""
+    record = {k: v for k, v in record.items() if k not in SCORE_KEYS}
+    try:
+        mask = images.read_mask(rd.root / record["outputs"]["mask"])
+    except PeekabooError as err:
+        log.warning("pair %s: its saved mask is unusable (%s); not scored.", pair.id, err)
+        return record
+    return record | score_pair(pair, mask)
 
 
 def main(argv: list[str] | None = None) -> int:

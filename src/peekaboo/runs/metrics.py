@@ -35,6 +35,7 @@ def failed_status(reason: str) -> str:
     """The ``status`` of a pair that failed for ``reason`` (``"input"``, ``"non-finite"``): ``"failed: <reason>"``."""
     return f"{FAILED_PREFIX}: {reason}"
 
+
 #: The fields :func:`pair_scores` adds to a pair's record.
 SCORE_KEYS = ("intersection", "union", "iou")
 # Positions in the vector binary_stat_scores returns: [tp, fp, tn, fn, support].

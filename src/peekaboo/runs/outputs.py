@@ -102,10 +102,10 @@ def score_pair(pair: Pair, mask: np.ndarray) -> dict[str, Any]:
     peekaboo.runs.evaluate`` scores it)."""
     try:
         target = pair.load_target()
-    except PeekabooError as err:
+        return {} if target is None else pair_scores(mask, target)
+    except (PeekabooError, ValueError) as err:  # ValueError: the mask and its ground truth differ in size
         log.warning("pair %s: ground truth unusable (%s); not scored.", pair.id, err)
         return {}
-    return {} if target is None else pair_scores(mask, target)
 
 
 def finalize(run_dir: Path, pairs: list[Pair], names: list[str]) -> dict[str, Any]:

@@ -78,8 +78,6 @@ def check_checkpoint_revisions(run_dir: RunDir, kind: str) -> None:
         check_checkpoint_revision(kind, saved, f"Checkpoint {path}")
 
 
-
-
 def check_same_weights(run_dir: Path, fingerprint: str) -> None:
     """Refuse to resume a run with other weights than it started with: ``model.pretrained=bundled`` (or a folder
     or hub id) may name other weights today. A folder started before weights were recorded is not checked."""

@@ -2,7 +2,7 @@
 
 It checks what it can before any work (the model source, the run's identity: :mod:`peekaboo.runs.planning`),
 records the run's start, hands the pairs to the workers (:mod:`peekaboo.runs.workers`) and rewrites the results,
-summary and report at the end (:mod:`peekaboo.runs.outputs`, which also describes the run folder).
+summary and report at the end (:mod:`peekaboo.runs.outputs`; the run folder's files: :mod:`peekaboo.runs.layout`).
 """
 
 from __future__ import annotations
