@@ -9,7 +9,7 @@ from peekaboo.bench import breakdown, goals
 from peekaboo.bench.common import fmt
 from peekaboo.bench.common import markdown_table as _table
 from peekaboo.bench.methods import MAIN_ROWS, SCENE_PRESETS
-from peekaboo.data.shapes import TUNE_SPLITS
+from peekaboo.data.seeds import TUNE_SPLITS
 from peekaboo.data.synthetic import GENERATORS
 
 # How each scene set's prompts read, for the reports.

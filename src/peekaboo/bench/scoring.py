@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from peekaboo.data.shapes import EVAL_SPLITS
+from peekaboo.data.seeds import EVAL_SPLITS
 from peekaboo.data.synthetic import GENERATORS, SCENE_SETS, SPLIT_NAMES, as_pair
 from peekaboo.errors import PeekabooError
 from peekaboo.runs.metrics import DONE, pair_scores, summarize

@@ -46,6 +46,8 @@ RETIRED_KEYS = {
     "optimization.guidance.dds_reference": "it belonged to guidance.estimator=dds; use estimator=sds or nfsd",
     "optimization.guidance.inversion_steps": "it belonged to guidance.noise=ddim_inversion; drop it",
     "optimization.guidance.inversion_guidance_scale": "it belonged to guidance.noise=ddim_inversion; drop it",
+    # Never read: the files under data.root define which RefCOCO variant a run uses.
+    "data.dataset": "the RefCOCO files under data.root define the variant; drop it",
 }
 
 C = TypeVar("C")

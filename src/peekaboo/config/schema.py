@@ -175,9 +175,10 @@ class MaskConfig:
     # k-th region start of a pair among its restarts takes the k-th best region, and with fewer regions than
     # region starts the extra ones keep the constant start). A resumed run keeps its checkpointed mask.
     init: str = "constant"
-    # cross_attention: logits per unit of the map; 8 with init_threshold 0.5 starts alpha in 0.02 .. 0.98.
+    # cross_attention and region: logits per unit of the map (or region); 8 with init_threshold 0.5 starts alpha in
+    # 0.02 .. 0.98.
     init_scale: float = 8.0
-    init_threshold: float = 0.5  # cross_attention: the map value that starts at alpha 0.5
+    init_threshold: float = 0.5  # cross_attention and region: the map value that starts at alpha 0.5
     fourier: FourierConfig = field(default_factory=FourierConfig)
     bilateral: BilateralConfig = field(default_factory=BilateralConfig)
     regions: RegionsConfig = field(default_factory=RegionsConfig)
@@ -356,7 +357,6 @@ class DataConfig:
     extensions: list[str] = field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".webp"])  # folder: suffixes
     images_dir: str | None = None  # refcoco: COCO train2014 images (default <root>/images)
     split: str = "val"  # voc: ImageSets/Segmentation/<split>.txt; refcoco: the refs' split; objects, shapes: eval | ...
-    dataset: str = "refcoco"  # refcoco | refcoco+ | refcocog (informational; the files define the data)
     split_by: str = "unc"  # refcoco: reads refs(<split_by>).p
     num_pairs: int | None = None  # shapes: how many pairs; other sources: keep only the first N
     # Manifest paths outside the manifest's folder (../, absolute) are refused unless this is set.

@@ -33,7 +33,7 @@ from peekaboo.data.atlas import article, load_atlas
 from peekaboo.data.backgrounds import HELD_OUT_PHOTOS, TRAINING_PHOTOS, draw_background
 from peekaboo.data.captions import CAPTION_FORMS, list_caption
 from peekaboo.data.object_layout import OCCLUDED_MIN, LayoutParams, composite, hidden_fractions, place_objects
-from peekaboo.data.seeds import SPLITS, scene_seed
+from peekaboo.data.seeds import EVAL_SPLITS, SPLITS, TUNE_SPLITS, scene_seed
 
 __all__ = [
     "CAPTION_FORMS",
@@ -56,10 +56,6 @@ __all__ = [
     "training_scene",
 ]
 
-#: Caption forms (as in :mod:`peekaboo.data.shapes`), shown for two objects: ``"and"``: "a dog and an apple";
-#: ``"the"``: "the dog and the apple"; ``"comma"``: "dog, apple"; ``"list"``: "a dog, an apple and a car".
-EVAL_SPLITS: tuple[str, ...] = ("tune", "eval", "robust", "tune_robust")
-TUNE_SPLITS: tuple[str, ...] = ("tune", "tune_robust")
 
 _FILLER_WORDS = frozenset({"a", "an", "the", "and"})
 # Fresh layouts tried before giving up on a scene (never reached in practice: objects shrink when crowded).

@@ -7,10 +7,13 @@ trained on ``train`` never sees a scene it is evaluated on.
 
 from __future__ import annotations
 
-__all__ = ["SPLITS", "scene_seed"]
+__all__ = ["EVAL_SPLITS", "SPLITS", "TUNE_SPLITS", "scene_seed"]
 
 #: Every split, training first.
 SPLITS: tuple[str, ...] = ("train", "tune", "eval", "robust", "tune_robust")
+#: The splits with evaluation pairs, and those of them that settings are chosen on (the others report them).
+EVAL_SPLITS: tuple[str, ...] = SPLITS[1:]
+TUNE_SPLITS: tuple[str, ...] = ("tune", "tune_robust")
 _SPLIT_STRIDE = 10**8
 _SPLIT_OFFSETS: dict[str, int] = {"train": 0, "tune": 2 * _SPLIT_STRIDE, "eval": 3 * _SPLIT_STRIDE,
                                   "robust": 4 * _SPLIT_STRIDE, "tune_robust": 5 * _SPLIT_STRIDE}

@@ -27,15 +27,9 @@ In every style, no two objects of a scene share both colour and shape, so a prom
 same-shape pair, :data:`DISTRACTORS`) can be forced. Objects are listed in caption order and
 :func:`parse_caption` reads any caption form back into (colour, shape) pairs.
 
-Seed ranges of the splits (disjoint by construction):
-
-* ``train``:  seeds ``0 .. 10**8 - 1`` (``scene_seed("train", i) == i``)
-* ``tune``:   seeds ``2 * 10**8 + i``
-* ``eval``:   seeds ``3 * 10**8 + i``
-* ``robust``: seeds ``4 * 10**8 + i``
-
-Training must draw from the ``train`` range only; ``tune`` is for choosing Peekaboo's settings,
-``eval`` for reporting, and ``robust`` for reporting on the wide style (:func:`robust_pairs`).
+The splits' seed blocks are disjoint (:mod:`peekaboo.data.seeds`). Training must draw from ``train`` only; ``tune``
+and ``tune_robust`` are for choosing Peekaboo's settings, ``eval`` for reporting, and ``robust`` for reporting on
+the wide style (:func:`robust_pairs`).
 """
 
 from __future__ import annotations
@@ -70,16 +64,8 @@ __all__ = [
     "scene_seed",
 ]
 
-#: Dataset splits; their seed ranges are disjoint (see :func:`scene_seed`). ``tune`` and ``tune_robust`` are for
-#: choosing settings (classic and wide scenes), ``eval`` and ``robust`` for reporting them.
-
 #: Kinds of hard distractor :func:`make_scene` can force.
 DISTRACTORS: tuple[str, ...] = ("same_colour", "same_shape")
-
-#: Caption forms, for objects listed in order (shown for two objects):
-#: ``"and"``: "a red circle and a blue square"; ``"the"``: "the red circle and the blue square";
-#: ``"comma"``: "red circle, blue square"; ``"list"``: "a red circle, a blue square and ..." (commas,
-#: then "and" before the last object; the same as ``"and"`` for two objects).
 
 # Caption words that name no object (parse_caption skips them).
 _FILLER_WORDS = frozenset({"a", "the", "and"})
@@ -272,9 +258,6 @@ _SPLIT_LAYOUTS: dict[str, tuple[SceneStyle, tuple[int, ...]]] = {
     "tune": (CLASSIC, _CLASSIC_LAYOUT), "eval": (CLASSIC, _CLASSIC_LAYOUT), "robust": (WIDE, _ROBUST_LAYOUT),
     "tune_robust": (WIDE, _ROBUST_LAYOUT)}
 
-#: The splits with evaluation pairs (:func:`eval_pairs`), and those of them that settings are chosen on.
-EVAL_SPLITS: tuple[str, ...] = tuple(_SPLIT_LAYOUTS)
-TUNE_SPLITS: tuple[str, ...] = ("tune", "tune_robust")
 
 
 def split_description(split: str) -> str:

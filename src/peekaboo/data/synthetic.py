@@ -14,6 +14,7 @@ from PIL import Image
 
 from peekaboo.data import objects, shapes
 from peekaboo.data.base import Pair
+from peekaboo.data.seeds import EVAL_SPLITS
 from peekaboo.errors import ConfigError
 
 __all__ = ["DEFAULT_NUM_PAIRS", "GENERATORS", "SCENE_SETS", "SPLIT_NAMES", "as_pair", "synthetic_pairs"]
@@ -24,7 +25,7 @@ DEFAULT_NUM_PAIRS = 200
 GENERATORS = {"shapes": shapes, "objects": objects}
 SCENE_SETS = tuple(GENERATORS)
 # data.split names accepted here -> the generators' split (both generators offer the same evaluation splits).
-SPLIT_NAMES: dict[str, str] = {"val": "eval", **{split: split for split in shapes.EVAL_SPLITS}}
+SPLIT_NAMES: dict[str, str] = {"val": "eval", **{split: split for split in EVAL_SPLITS}}
 
 
 def synthetic_pairs(split: str = "val", num_pairs: int | None = None, scenes: str = "shapes") -> list[Pair]:

@@ -22,8 +22,6 @@ from peekaboo.diffusion.checks import check_model_source, model_index, offline, 
 from peekaboo.errors import ModelError
 from peekaboo.utils.devices import set_tf32
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def _safetensors(name: str, component: str) -> bool | None:
     """``use_safetensors`` for one component: True for a local folder that has safetensors weights (so a
@@ -45,7 +43,7 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    dtype = _DTYPES[cfg.dtype]
+    dtype = getattr(torch, cfg.dtype)  # one of config.DTYPES, each a torch dtype's name
     common: dict[str, Any] = {"revision": cfg.revision, "local_files_only": offline(cfg)}
     weights = {**common, "variant": cfg.variant}
     sdxl: dict[str, Any] = {}  # SDXL format: text_encoder_2, tokenizer_2 and how the empty prompt embeds
