@@ -101,6 +101,9 @@ def test_voc_names_and_errors(voc_root):
     Image.new("RGB", (W, H)).save(voc_root / "SegmentationClass" / "2007_000002.png")
     with pytest.raises(PeekabooError, match=r"2007_000002\.png is a RGB image"):
         voc_pairs(voc_root, "val")
+    (voc_root / "ImageSets" / "Segmentation" / "bad.txt").write_bytes(b"\xff\xfe2007\n")
+    with pytest.raises(PeekabooError, match=r"VOC split file .*bad\.txt cannot be read .*re-extract"):
+        voc_pairs(voc_root, "bad")
 
 
 # ---------------------------------------------------------------------------------------------- RefCOCO

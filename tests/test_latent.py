@@ -11,7 +11,7 @@ from tests_support import small_optimization_config as _cfg
 
 from peekaboo import ops
 from peekaboo.config import OptimizationConfig, validate_optimization
-from peekaboo.diffusion.backbone import latent_blend_error
+from peekaboo.diffusion.backbone import Backbone
 from peekaboo.errors import ConfigError
 from peekaboo.optim.engine import optimize_pair, optimize_pairs
 from peekaboo.optim.module import PeekabooModule
@@ -35,6 +35,30 @@ def _module(backbone, cfg, n=1):
     module = PeekabooModule(_images(n), PROMPTS[:n], [f"p{i}" for i in range(n)], cfg, backbone)
     module.on_fit_start()
     return module
+
+
+@torch.no_grad()
+def latent_blend_error(
+    backbone: Backbone, images: torch.Tensor, alpha: torch.Tensor, background: torch.Tensor,
+    resolution: int | None = None,
+) -> torch.Tensor:
+    """How far the latent composite (``optimization.composite=latent``) is from encoding the pixel composite:
+    ``||blend - encode(composite)|| / ||encode(composite)||`` per pair, posterior means throughout.
+
+    Args:
+        images: ``(B, 3, S, S)`` in [0, 1].
+        alpha: ``(B, 1, S, S)`` in [0, 1].
+        background: ``(B, 3, S, S)``.
+        resolution: the encoded side (``guidance.encode_resolution``); None = the backbone's.
+
+    Returns:
+        ``(B,)`` float32 relative errors (0 where alpha is all ones or all zeros).
+    """
+    z_image, _ = backbone.encode_posterior(images, resolution)
+    z_background, _ = backbone.encode_posterior(background, resolution)
+    blend = ops.blend_latents(z_image, z_background, ops.downsample_alpha(alpha, z_image.shape[-2:]))
+    true = backbone.encode_images(ops.composite(images, alpha, background), "mean", resolution=resolution)
+    return ops.relative_error(blend, true)
 
 
 # -- pure functions, by hand ------------------------------------------------------------------------------------

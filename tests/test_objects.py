@@ -8,8 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
-from peekaboo.data.atlas import ATLAS_DIR, article, load_atlas
+from peekaboo.data.atlas import ATLAS_DIR, load_atlas
 from peekaboo.data.backgrounds import HELD_OUT_PHOTOS, PHOTOS, TRAINING_PHOTOS
+from peekaboo.data.captions import article
 from peekaboo.data.object_layout import composite, place_objects
 from peekaboo.data.objects import (
     CAPTION_FORMS,

@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw
 
 from model_training.denoising import denoising_errors, embed, encode
 from peekaboo.data import objects
-from peekaboo.data.atlas import article, load_atlas
+from peekaboo.data.atlas import load_atlas
+from peekaboo.data.captions import article
 
 __all__ = ["ObjectChecks", "conditioning_by_kind", "object_sample_grid", "omission_check", "ranking_check"]
 

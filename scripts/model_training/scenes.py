@@ -20,8 +20,8 @@ import torch
 
 from model_training.config import SCENE_SETS, Config
 from peekaboo.data import objects, shapes
-from peekaboo.data.atlas import article, load_atlas
-from peekaboo.data.captions import CAPTION_FORMS
+from peekaboo.data.atlas import load_atlas
+from peekaboo.data.captions import CAPTION_FORMS, article
 
 __all__ = ["digest", "load_scenes", "log", "object_negative", "scene_words", "scenes_key", "to_tensor",
            "training_scene"]

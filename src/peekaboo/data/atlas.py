@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["ATLAS_DIR", "Atlas", "ObjectKind", "article", "kind_names", "load_atlas"]
+__all__ = ["ATLAS_DIR", "Atlas", "ObjectKind", "kind_names", "load_atlas"]
 
 #: Where the atlas files live (inside the installed package, like the bundled model).
 ATLAS_DIR = Path(__file__).parents[1] / "assets" / "objects"
@@ -89,7 +89,3 @@ def kind_names() -> tuple[str, ...]:
     """The vocabulary: every kind's name, in atlas order."""
     return load_atlas().names
 
-
-def article(name: str) -> str:
-    """``"an"`` before a vowel sound (``"an apple"``), else ``"a"`` (``"a dog"``)."""
-    return "an" if name[:1] in "aeiou" else "a"

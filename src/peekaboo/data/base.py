@@ -13,6 +13,11 @@ from PIL import Image
 IGNORE = 255
 
 
+def no_target() -> None:
+    """A :attr:`Pair.load_target` for a pair without ground truth."""
+    return None
+
+
 @dataclass(frozen=True)
 class Pair:
     """One (image, prompt) pair of a dataset.

@@ -4,11 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-__all__ = ["CAPTION_FORMS", "caption_words", "list_caption"]
+__all__ = ["CAPTION_FORMS", "CAPTION_WORD_BUDGET", "FILLER_WORDS", "article", "caption_words", "content_words",
+           "list_caption"]
 
 #: ``"a red circle and a blue square"``, ``"the red circle and the blue square"``, ``"red circle, blue square"``,
 #: ``"a red circle, a blue square and a green triangle"``.
 CAPTION_FORMS: tuple[str, ...] = ("and", "the", "comma", "list")
+#: Words a caption may hold (commas count as words): the bundled tokenizers' 16 positions, less their
+#: <|startoftext|> and <|endoftext|>, with one token per scene word. Longer forms fall back to "comma".
+CAPTION_WORD_BUDGET = 14
+#: Caption words that name no object.
+FILLER_WORDS = frozenset({"a", "an", "the", "and"})
+
+
+def article(name: str) -> str:
+    """``"an"`` before a vowel sound (``"an apple"``), else ``"a"`` (``"a dog"``)."""
+    return "an" if name[:1].lower() in "aeiou" else "a"
+
+
+def content_words(caption: str) -> list[str]:
+    """The words of a caption that name objects: every word but :data:`FILLER_WORDS`, commas dropped."""
+    return [w for w in caption.replace(",", " ").split() if w not in FILLER_WORDS]
 
 
 def caption_words(caption: str) -> int:

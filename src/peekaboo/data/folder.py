@@ -27,7 +27,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from peekaboo.data.base import Pair
+from peekaboo.data.base import Pair, no_target
 from peekaboo.errors import ConfigError, PeekabooError
 from peekaboo.utils.images import load_image
 
@@ -70,7 +70,7 @@ def folder_pairs(root: str | os.PathLike, prompts: Sequence[str], extensions: Se
                 id=f"{relative}{ID_SEPARATOR}{prompt}",
                 prompt=prompt,
                 load_image=functools.partial(load_image, image),
-                load_target=functools.partial(_no_target),
+                load_target=no_target,
                 meta={"image": relative},
                 path=image,
             ))
@@ -126,7 +126,3 @@ def _image_prompts(image: Path, common: list[str]) -> list[str]:
         raise PeekabooError(f"Prompt file {sidecar} is empty; write one prompt per line, or delete it to use "
                             "data.prompts.")
     return prompts
-
-
-def _no_target() -> None:
-    return None

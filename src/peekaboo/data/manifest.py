@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from peekaboo.data.base import IGNORE, Pair
+from peekaboo.data.base import IGNORE, Pair, no_target
 from peekaboo.errors import ImageError, PeekabooError
 from peekaboo.utils.images import load_image
 
@@ -98,7 +98,7 @@ def manifest_pairs(manifest: str | os.PathLike, allow_outside_root: bool = False
             id=pair_id,
             prompt=prompt,
             load_image=functools.partial(load_image, image),
-            load_target=functools.partial(load_mask, mask, image) if mask else functools.partial(_no_target),
+            load_target=functools.partial(load_mask, mask, image) if mask else no_target,
             meta=extras or None,
             path=image,
         ))
@@ -160,10 +160,6 @@ def _upright_size(image: Path) -> tuple[int, int] | None:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None  # load_image reports a bad image with its own message
     return height, width
-
-
-def _no_target() -> None:
-    return None
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict]]:

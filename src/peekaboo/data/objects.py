@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from peekaboo.data.atlas import article, load_atlas
+from peekaboo.data.atlas import load_atlas
 from peekaboo.data.backgrounds import HELD_OUT_PHOTOS, TRAINING_PHOTOS, draw_background
-from peekaboo.data.captions import CAPTION_FORMS, list_caption
+from peekaboo.data.captions import CAPTION_FORMS, CAPTION_WORD_BUDGET, article, content_words, list_caption
 from peekaboo.data.object_layout import OCCLUDED_MIN, LayoutParams, composite, hidden_fractions, place_objects
 from peekaboo.data.seeds import EVAL_SPLITS, SPLITS, TUNE_SPLITS, scene_seed
 
@@ -57,7 +57,6 @@ __all__ = [
 ]
 
 
-_FILLER_WORDS = frozenset({"a", "an", "the", "and"})
 # Fresh layouts tried before giving up on a scene (never reached in practice: objects shrink when crowded).
 _LAYOUT_TRIES = 30
 
@@ -84,7 +83,7 @@ class ObjectStyle:
     jpeg_quality: tuple[int, int] | None = None
     caption_forms: tuple[str, ...] = CAPTION_FORMS
     # Longer captions (commas count as words) fall back to the compact "comma" form.
-    max_caption_words: int = 14
+    max_caption_words: int = CAPTION_WORD_BUDGET
 
     @property
     def photos(self) -> tuple[str, ...]:
@@ -189,7 +188,7 @@ def parse_caption(caption: str) -> list[str]:
         ValueError: a word that is neither filler nor part of a kind's name.
     """
     names = set(load_atlas().names)
-    words = [w for w in caption.replace(",", " ").split() if w not in _FILLER_WORDS]
+    words = content_words(caption)
     found, i = [], 0
     while i < len(words):
         two = " ".join(words[i:i + 2])

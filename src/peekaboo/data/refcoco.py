@@ -77,7 +77,7 @@ def load_refs(path: str | os.PathLike) -> list[dict]:
     except PeekabooError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            UnicodeDecodeError) as err:
+            UnicodeDecodeError, OSError) as err:
         raise PeekabooError(f"RefCOCO refs file {path} is not a readable pickle ({err}); download it again.") from None
     if not isinstance(refs, list):
         raise PeekabooError(f"RefCOCO refs file {path} holds a {type(refs).__name__}, not a list of refs.")
@@ -193,8 +193,9 @@ def _load_instances(path: Path) -> dict:
                             "beside the refs file.")
     try:
         coco = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PeekabooError(f"RefCOCO instances file {path} is not valid JSON ({err}); download it again.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        raise PeekabooError(f"RefCOCO instances file {path} cannot be read as JSON ({err}); download it again.") \
+            from None
     if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in ("images", "annotations")):
         raise PeekabooError(f"RefCOCO instances file {path} lacks the COCO lists images and annotations.")
     return coco

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from peekaboo.data.captions import CAPTION_WORD_BUDGET
+
 __all__ = ["COLOURS", "SHAPES", "SceneStyle", "ShapeObject", "draw_background", "place_objects"]
 
 #: Named object colours (RGB). Chosen to be far apart from each other so a small model (and a
@@ -41,9 +43,6 @@ _TRIANGLE_BASE = 0.8
 _PLACEMENT_TRIES = 60
 # Background colours must be at least this far (Euclidean RGB) from every named colour.
 _MIN_BG_DISTANCE = 110.0
-# Words a caption may hold (commas count as words): the bundled tokenizer's 16 positions, less its
-# <|startoftext|> and <|endoftext|>, with one token per scene word. Longer forms fall back to "comma".
-_CAPTION_WORD_BUDGET = 14
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ class SceneStyle:
     # Caption forms drawn from uniformly (see CAPTION_FORMS); forms longer than max_caption_words
     # words fall back to the compact "comma" form.
     caption_forms: tuple[str, ...] = ("and",)
-    max_caption_words: int = _CAPTION_WORD_BUDGET
+    max_caption_words: int = CAPTION_WORD_BUDGET
 
     @property
     def textured(self) -> bool:

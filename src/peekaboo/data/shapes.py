@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from peekaboo.data.captions import CAPTION_FORMS, list_caption
+from peekaboo.data.captions import CAPTION_FORMS, content_words, list_caption
 from peekaboo.data.seeds import SPLITS, scene_seed
 from peekaboo.data.shape_layout import COLOURS, SHAPES, SceneStyle, ShapeObject, draw_background, place_objects
 
@@ -68,7 +68,6 @@ __all__ = [
 DISTRACTORS: tuple[str, ...] = ("same_colour", "same_shape")
 
 # Caption words that name no object (parse_caption skips them).
-_FILLER_WORDS = frozenset({"a", "the", "and"})
 
 
 # Fresh layouts (new sizes and places) tried when a scene gets too crowded to place every object.
@@ -142,7 +141,7 @@ def parse_caption(caption: str) -> list[tuple[str, str]]:
     Raises:
         ValueError: a word that is neither filler, colour nor shape, or a colour without its shape.
     """
-    words = [w for w in caption.replace(",", " ").split() if w not in _FILLER_WORDS]
+    words = content_words(caption)
     pairs = list(zip(words[::2], words[1::2], strict=False))
     if len(words) % 2 or any(c not in COLOURS or s not in SHAPES for c, s in pairs):
         raise ValueError(f"caption {caption!r} is not a list of '<colour> <shape>' names")

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from peekaboo.data.base import IGNORE, Pair
+from peekaboo.data.captions import article
 from peekaboo.errors import ImageError, PeekabooError
 from peekaboo.utils.images import load_image
 
@@ -37,7 +38,6 @@ PROMPT_NAMES: dict[str, str] = {
     "pottedplant": "potted plant",
     "tvmonitor": "tv monitor",
 }
-_VOWELS = "aeiou"
 
 SPLIT_DIR = Path("ImageSets", "Segmentation")
 IMAGE_DIR = "JPEGImages"
@@ -50,8 +50,7 @@ LABEL_SUFFIX = ".png"
 def voc_prompt(name: str) -> str:
     """The prompt for VOC class ``name``: ``"a dog"``, ``"an airplane"``, ``"a dining table"``."""
     readable = PROMPT_NAMES.get(name, name)
-    article = "an" if readable[0] in _VOWELS else "a"
-    return f"{article} {readable}"
+    return f"{article(readable)} {readable}"
 
 
 def voc_pairs(root: str | os.PathLike, split: str = "val") -> list[Pair]:
@@ -112,7 +111,7 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
             labels = np.asarray(img, dtype=np.uint8)
     except UnidentifiedImageError:
         raise ImageError(f"VOC segmentation {path} is not a PNG Pillow can read; re-extract it.") from None
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(f"VOC segmentation {path} is truncated or corrupt ({err}); re-extract it.") from None
     bad = sorted(set(_present(labels)) - {*range(len(VOC_CLASSES)), IGNORE})
     if bad:
@@ -135,5 +134,10 @@ def _present(labels: np.ndarray) -> list[int]:
 
 
 def _read_ids(split_file: Path) -> list[str]:
-    ids = [line.strip() for line in split_file.read_text().splitlines()]
-    return [i for i in ids if i]
+    """The image ids a split file lists, one per line."""
+    try:
+        text = split_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PeekabooError(f"VOC split file {split_file} cannot be read ({err}); re-extract the VOC2012 "
+                            "archive.") from None
+    return [i for i in (line.strip() for line in text.splitlines()) if i]

@@ -36,6 +36,11 @@ def is_sdxl_format(unet_config: dict[str, Any]) -> bool:
     return unet_config.get("addition_embed_type") == TEXT_TIME
 
 
+def prediction_message(model: str, prediction: str) -> str:
+    """Why a model whose scheduler predicts ``prediction`` cannot be driven."""
+    return f"{model}: the scheduler predicts {prediction!r}; Peekaboo supports {' or '.join(PREDICTION_TYPES)} models."
+
+
 def channels_message(model: str, unet_channels: int, latent_channels: int) -> str:
     """Why a UNet whose input channels differ from the VAE's latent channels cannot segment."""
     return (f"{model}: its UNet takes {unet_channels} input channels but its VAE makes {latent_channels}-channel "
@@ -81,10 +86,7 @@ class Backbone:
             model.eval().requires_grad_(False)
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ModelError(
-                f"The model's scheduler predicts {self.prediction_type!r}; Peekaboo supports "
-                f"{' or '.join(PREDICTION_TYPES)} models."
-            )
+            raise ModelError(prediction_message("The loaded model", self.prediction_type))
         # DDPM's constructor turns any SD scheduler config (PNDM, DDIM, ...) into the training noise schedule.
         schedule = DDPMScheduler.from_config(scheduler_config)
         self.num_train_timesteps = int(schedule.config.num_train_timesteps)
@@ -106,6 +108,12 @@ class Backbone:
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell along one side: 2 per VAE downsampling (8 for SD 1.x)."""
         return vae_scale_factor(self.vae)
+
+    @property
+    def latent_multiple(self) -> int:
+        """Pixels an encoded side must be a multiple of: the VAE's factor times the UNet's downsampling (every
+        latent side halves evenly through the UNet's down blocks)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     @property
     def native_resolution(self) -> int:
@@ -166,6 +174,10 @@ class Backbone:
         else:
             noise = posterior_noise(dist.mean, generators)
             z = dist.mean + dist.std * noise
+        return self._scaled(z)
+
+    def _scaled(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents ``(B, C, h, w)`` in the units the UNet takes (``shift_factor``, ``scaling_factor``), float32."""
         return (z.float() - self.shift_factor) * self.scaling_factor
 
     def _vae_input(self, images: torch.Tensor, resolution: int | None = None) -> torch.Tensor:
@@ -186,8 +198,7 @@ class Backbone:
         :meth:`encode_images`: ``(mean, std)``, each ``(B, C, h, w)`` float32. ``mean + std * eps`` is the
         latent :meth:`encode_images` draws with noise ``eps`` (up to rounding)."""
         dist = self.vae.encode(self._vae_input(images, resolution)).latent_dist
-        mean = (dist.mean.float() - self.shift_factor) * self.scaling_factor
-        return mean, dist.std.float() * self.scaling_factor
+        return self._scaled(dist.mean), dist.std.float() * self.scaling_factor
 
     def check_encode_resolution(self, side: int | None, key: str = "optimization.guidance.encode_resolution") -> None:
         """Refuse an encoding side the VAE and UNet cannot take: it must be a multiple of the VAE's factor
@@ -198,13 +209,12 @@ class Backbone:
         """
         if side is None:
             return
-        unet_factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        multiple = self.vae_scale_factor * unet_factor
+        multiple = self.latent_multiple
         if side % multiple:
             nearest = max(multiple, side // multiple * multiple)
             raise ConfigError(f"Config key {key!r} = {side} is out of range for this model; allowed: a multiple "
                               f"of {multiple} (VAE factor {self.vae_scale_factor} times the UNet's downsampling "
-                              f"{unet_factor}), e.g. {nearest}.")
+                              f"{multiple // self.vae_scale_factor}), e.g. {nearest}.")
 
     # -- UNet calls -----------------------------------------------------------------------------------------
     def time_ids(self, latent_size: tuple[int, int], rows: int) -> torch.Tensor:
@@ -379,27 +389,3 @@ def native_resolution(unet, vae) -> int:
     """The image side ``unet`` and ``vae`` were trained at: the UNet's latent side times the VAE's factor."""
     size = unet.config.sample_size
     return int(size if isinstance(size, int) else size[0]) * vae_scale_factor(vae)
-
-
-@torch.no_grad()
-def latent_blend_error(
-    backbone: Backbone, images: torch.Tensor, alpha: torch.Tensor, background: torch.Tensor,
-    resolution: int | None = None,
-) -> torch.Tensor:
-    """How far the latent composite (``optimization.composite=latent``) is from encoding the pixel composite:
-    ``||blend - encode(composite)|| / ||encode(composite)||`` per pair, posterior means throughout.
-
-    Args:
-        images: ``(B, 3, S, S)`` in [0, 1].
-        alpha: ``(B, 1, S, S)`` in [0, 1].
-        background: ``(B, 3, S, S)``.
-        resolution: the encoded side (``guidance.encode_resolution``); None = the backbone's.
-
-    Returns:
-        ``(B,)`` float32 relative errors (0 where alpha is all ones or all zeros).
-    """
-    z_image, _ = backbone.encode_posterior(images, resolution)
-    z_background, _ = backbone.encode_posterior(background, resolution)
-    blend = ops.blend_latents(z_image, z_background, ops.downsample_alpha(alpha, z_image.shape[-2:]))
-    true = backbone.encode_images(ops.composite(images, alpha, background), "mean", resolution=resolution)
-    return ops.relative_error(blend, true)

@@ -21,7 +21,14 @@ from typing import Any
 import torch
 
 from peekaboo.config import BUNDLED_MODELS, ModelConfig
-from peekaboo.diffusion.backbone import PREDICTION_TYPES, TEXT_TIME, TIME_IDS, channels_message, is_sdxl_format
+from peekaboo.diffusion.backbone import (
+    PREDICTION_TYPES,
+    TEXT_TIME,
+    TIME_IDS,
+    channels_message,
+    is_sdxl_format,
+    prediction_message,
+)
 from peekaboo.errors import ModelError
 from peekaboo.utils.devices import check_dtype
 
@@ -289,10 +296,7 @@ def _check_pipeline_kind(pretrained: str, components: dict[str, Any], unet: dict
         raise ModelError(channels_message(f"model.pretrained={pretrained} ({class_name})", unet_channels,
                                            latent_channels))
     if prediction not in PREDICTION_TYPES:
-        raise ModelError(
-            f"model.pretrained={pretrained}: the scheduler predicts {prediction!r}; Peekaboo supports "
-            f"{' or '.join(PREDICTION_TYPES)} models."
-        )
+        raise ModelError(prediction_message(f"model.pretrained={pretrained}", prediction))
 
 
 def _check_text_time(pretrained: str, components: dict[str, Any], unet: dict[str, Any],

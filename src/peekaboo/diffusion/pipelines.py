@@ -146,8 +146,7 @@ def quiet_vae_upcast() -> Iterator[None]:
 
 def check_sample_size(size: int, backbone: Backbone) -> None:
     """Raise :class:`ConfigError` unless ``size`` is a side the pipeline and the UNet can both sample."""
-    levels = len(backbone.unet.config.block_out_channels) - 1  # the UNet halves the latents this many times
-    multiple = int(np.lcm(_PIPELINE_MULTIPLE, backbone.vae_scale_factor * 2**levels))
+    multiple = int(np.lcm(_PIPELINE_MULTIPLE, backbone.latent_multiple))
     if size < multiple or size % multiple:
         raise ConfigError(
             f"sampling.size={size} does not suit this model; use a multiple of {multiple} "
