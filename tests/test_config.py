@@ -207,4 +207,4 @@ def test_the_package_reexports_its_public_names():
     assert len(config.__all__) == len(set(config.__all__))
     assert all(hasattr(config, name) for name in config.__all__)
     assert not [name for name in vars(config) if not name.startswith("_") and name not in config.__all__
-                and name not in ("schema", "overrides", "validation")]
+                and name not in ("schema", "overrides", "validation", "help")]

@@ -4,18 +4,19 @@
 - :mod:`~peekaboo.config.overrides`: YAML presets and groups merged with ``key=value`` overrides
   (:func:`load_config`, :func:`apply_overrides`), and the config written back out (:func:`to_yaml`);
 - :mod:`~peekaboo.config.validation`: the range checks (:func:`validate`), raising
-  :class:`~peekaboo.errors.ConfigError` naming the key.
+  :class:`~peekaboo.errors.ConfigError` naming the key;
+- :mod:`~peekaboo.config.help`: ``--help``'s listing of the keys (:func:`help_text`).
 
 Import from ``peekaboo.config``; the names below are its public interface.
 """
 
+from peekaboo.config.help import help_text
 from peekaboo.config.overrides import (
     CONFIG_DIR_ENV,
     GROUPS,
     RETIRED_KEYS,
     apply_overrides,
     drop_retired_keys,
-    help_text,
     load_config,
     preset_dir,
     to_yaml,

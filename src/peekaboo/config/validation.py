@@ -37,9 +37,14 @@ from peekaboo.config.schema import (
     PRECISIONS,
     RESTART_FITS,
     T_SCHEDULES,
+    DataConfig,
+    ImageConfig,
     MaskConfig,
+    ModelConfig,
     OptimizationConfig,
+    PredictConfig,
     RunConfig,
+    TrainerConfig,
 )
 from peekaboo.errors import ConfigError
 from peekaboo.utils.devices import ACCELERATORS, check_dtype
@@ -205,64 +210,93 @@ def validate(cfg: Any, inputs: bool = True) -> None:
     validate_finite(cfg)
     if "output_dir" in cfg:
         validate_output_dir("output_dir", cfg.output_dir)
-    if "run" in cfg and not OmegaConf.is_missing(cfg.run, "root"):
-        validate_output_dir("run.root", cfg.run.root)
     if "optimization" in cfg:
         validate_optimization(cfg.optimization)
     if "trainer" in cfg:
-        t = cfg.trainer
-        _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "an integer >= 1")
-        _check(t.devices >= 1, "trainer.devices", t.devices, "an integer >= 1")
-        if str(t.precision) in ("16-mixed", "16"):
-            raise ConfigError(f"Config key 'trainer.precision' = {t.precision!r} is not supported: float16 autocast "
-                              "needs a GradScaler, and one scaler per batch, shared by all its pairs, would make a "
-                              "pair's mask depend on its batch-mates and skip the steps whose gradients overflow; "
-                              "use trainer.precision=bf16-mixed (with model.dtype=bfloat16) on a GPU with bfloat16, "
-                              "or 32-true.")
-        _check(str(t.precision) in PRECISIONS, "trainer.precision", t.precision,
-               " | ".join(PRECISIONS) + " (never *-true half precision: the mask must stay float32)")
-        _check(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, ">= 1")
-        _check(t.accelerator in ACCELERATORS, "trainer.accelerator", t.accelerator, " | ".join(ACCELERATORS))
+        validate_trainer(cfg.trainer)
         if "model" in cfg:
-            check_dtype(cfg.model.dtype, t.accelerator)
+            check_dtype(cfg.model.dtype, cfg.trainer.accelerator)
     if "data" in cfg and not OmegaConf.is_missing(cfg.data, "source"):
-        _check(cfg.data.source in DATA_SOURCES, "data.source", cfg.data.source, " | ".join(DATA_SOURCES))
-        _check(cfg.data.pairs_per_step >= 1, "data.pairs_per_step", cfg.data.pairs_per_step, "an integer >= 1")
-        _check(cfg.data.num_pairs is None or cfg.data.num_pairs >= 1, "data.num_pairs", cfg.data.num_pairs,
-               "null or an integer >= 1")
+        validate_data(cfg.data)
     if "run" in cfg:
-        validate_logger(cfg.run)
-        _check(cfg.run.checkpoint_every_n_steps >= 1, "run.checkpoint_every_n_steps",
-               cfg.run.checkpoint_every_n_steps, "an integer >= 1")
-        _check(cfg.run.log_pairs is None or cfg.run.log_pairs >= 0, "run.log_pairs", cfg.run.log_pairs,
-               "null (every pair) or an integer >= 0")
+        validate_run(cfg.run)
     if "model" in cfg:
-        _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, " | ".join(DTYPES))
-        _check(cfg.model.attention in ATTENTIONS, "model.attention", cfg.model.attention, " | ".join(ATTENTIONS))
-        _check(cfg.model.resolution is None or cfg.model.resolution >= 8, "model.resolution",
-               cfg.model.resolution, "null or an integer >= 8")
+        validate_model(cfg.model)
     if "image_options" in cfg:
-        io = cfg.image_options
-        _check(io.fit in FIT_MODES, "image_options.fit", io.fit, " | ".join(FIT_MODES))
-        _check(io.max_pixels >= 4, "image_options.max_pixels", io.max_pixels, "an integer >= 4 (a 2x2 image)")
-        _check(len(io.flatten_background) == 3 and all(0 <= v <= 1 for v in io.flatten_background),
-               "image_options.flatten_background", list(io.flatten_background), "three numbers in [0, 1]")
+        validate_image_options(cfg.image_options)
     if "generate" in cfg and inputs:
-        if (cfg.image is None) == (cfg.generate is None):
-            raise ConfigError("Give exactly one of image=PATH (segment an image) or generate=\"a prompt\" "
-                              "(text to RGBA).")
-        if cfg.image is not None and not cfg.prompt:
-            raise ConfigError("No prompt given; add prompt=\"what to segment\" (repeat it for several).")
-        if cfg.generate is not None and not str(cfg.generate).strip():
-            raise ConfigError("generate is empty; give the image to sample, e.g. generate=\"a green triangle\".")
-        if cfg.edit.prompt is not None and not str(cfg.edit.prompt).strip():
-            raise ConfigError("edit.prompt is empty; give what to put in place of the segmented object.")
-        _check(0.0 < cfg.edit.strength <= 1.0, "edit.strength", cfg.edit.strength, "0 < strength <= 1")
-        _check(cfg.edit.dilation >= 0, "edit.dilation", cfg.edit.dilation, "an integer >= 0")
-        _check(cfg.edit.feather >= 0, "edit.feather", cfg.edit.feather, ">= 0")
-        _check(cfg.sampling.steps >= 1, "sampling.steps", cfg.sampling.steps, "an integer >= 1")
-        _check(cfg.sampling.guidance_scale >= 0, "sampling.guidance_scale", cfg.sampling.guidance_scale, ">= 0")
+        validate_predict_inputs(cfg)
     if "prompt" in cfg and not OmegaConf.is_missing(cfg, "prompt"):
         for i, prompt in enumerate(cfg.prompt):
             if not str(prompt).strip():
                 raise ConfigError(f"prompt[{i}] is empty; give the object to segment, e.g. prompt=\"a red circle\".")
+
+
+def validate_trainer(t: TrainerConfig) -> None:
+    """Range-check ``trainer``: steps, devices, precision (never float16 autocast), logging, accelerator."""
+    _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "an integer >= 1")
+    _check(t.devices >= 1, "trainer.devices", t.devices, "an integer >= 1")
+    if str(t.precision) in ("16-mixed", "16"):
+        raise ConfigError(f"Config key 'trainer.precision' = {t.precision!r} is not supported: float16 autocast "
+                          "needs a GradScaler, and one scaler per batch, shared by all its pairs, would make a "
+                          "pair's mask depend on its batch-mates and skip the steps whose gradients overflow; "
+                          "use trainer.precision=bf16-mixed (with model.dtype=bfloat16) on a GPU with bfloat16, "
+                          "or 32-true.")
+    _check(str(t.precision) in PRECISIONS, "trainer.precision", t.precision,
+           " | ".join(PRECISIONS) + " (never *-true half precision: the mask must stay float32)")
+    _check(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, ">= 1")
+    _check(t.accelerator in ACCELERATORS, "trainer.accelerator", t.accelerator, " | ".join(ACCELERATORS))
+
+
+def validate_data(data: DataConfig) -> None:
+    """Range-check ``data`` once its source is set."""
+    _check(data.source in DATA_SOURCES, "data.source", data.source, " | ".join(DATA_SOURCES))
+    _check(data.pairs_per_step >= 1, "data.pairs_per_step", data.pairs_per_step, "an integer >= 1")
+    _check(data.num_pairs is None or data.num_pairs >= 1, "data.num_pairs", data.num_pairs,
+           "null or an integer >= 1")
+
+
+def validate_run(run: RunConfig) -> None:
+    """Range-check ``run``: its output root, logger, checkpoint interval and logged pairs."""
+    if not OmegaConf.is_missing(run, "root"):
+        validate_output_dir("run.root", run.root)
+    validate_logger(run)
+    _check(run.checkpoint_every_n_steps >= 1, "run.checkpoint_every_n_steps", run.checkpoint_every_n_steps,
+           "an integer >= 1")
+    _check(run.log_pairs is None or run.log_pairs >= 0, "run.log_pairs", run.log_pairs,
+           "null (every pair) or an integer >= 0")
+
+
+def validate_model(model: ModelConfig) -> None:
+    """Range-check ``model``'s dtype, attention kernel and resolution."""
+    _check(model.dtype in DTYPES, "model.dtype", model.dtype, " | ".join(DTYPES))
+    _check(model.attention in ATTENTIONS, "model.attention", model.attention, " | ".join(ATTENTIONS))
+    _check(model.resolution is None or model.resolution >= 8, "model.resolution", model.resolution,
+           "null or an integer >= 8")
+
+
+def validate_image_options(io: ImageConfig) -> None:
+    """Range-check ``image_options``."""
+    _check(io.fit in FIT_MODES, "image_options.fit", io.fit, " | ".join(FIT_MODES))
+    _check(io.max_pixels >= 4, "image_options.max_pixels", io.max_pixels, "an integer >= 4 (a 2x2 image)")
+    _check(len(io.flatten_background) == 3 and all(0 <= v <= 1 for v in io.flatten_background),
+           "image_options.flatten_background", list(io.flatten_background), "three numbers in [0, 1]")
+
+
+def validate_predict_inputs(cfg: PredictConfig) -> None:
+    """A predict config names exactly one input (``image`` or ``generate``), its prompts, and sane edit and
+    sampling settings."""
+    if (cfg.image is None) == (cfg.generate is None):
+        raise ConfigError("Give exactly one of image=PATH (segment an image) or generate=\"a prompt\" "
+                          "(text to RGBA).")
+    if cfg.image is not None and not cfg.prompt:
+        raise ConfigError("No prompt given; add prompt=\"what to segment\" (repeat it for several).")
+    if cfg.generate is not None and not str(cfg.generate).strip():
+        raise ConfigError("generate is empty; give the image to sample, e.g. generate=\"a green triangle\".")
+    if cfg.edit.prompt is not None and not str(cfg.edit.prompt).strip():
+        raise ConfigError("edit.prompt is empty; give what to put in place of the segmented object.")
+    _check(0.0 < cfg.edit.strength <= 1.0, "edit.strength", cfg.edit.strength, "0 < strength <= 1")
+    _check(cfg.edit.dilation >= 0, "edit.dilation", cfg.edit.dilation, "an integer >= 0")
+    _check(cfg.edit.feather >= 0, "edit.feather", cfg.edit.feather, ">= 0")
+    _check(cfg.sampling.steps >= 1, "sampling.steps", cfg.sampling.steps, "an integer >= 1")
+    _check(cfg.sampling.guidance_scale >= 0, "sampling.guidance_scale", cfg.sampling.guidance_scale, ">= 0")
