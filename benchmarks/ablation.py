@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peekaboo.bench import ablation
+from peekaboo.bench.common import refuse_part_run
 from peekaboo.bench.methods import SCENE_PRESETS
 from peekaboo.bench.scoring import BENCH_SPLITS
 
@@ -44,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--readme: a run to its own --out file leaves the README alone; drop --out to refresh the table.")
     if default_out:
         args.out = SWEEP_OUT[args.scenes] if args.sweep else RESULTS[args.scenes][args.split]
+        whole = args.methods is None and args.pairs is None and not args.overrides
+        refuse_part_run(args.out, whole or args.sweep, args.resume or args.merge,
+                        ablation.parser(prog="python benchmarks/ablation.py").error, "--resume (or --merge)")
     if args.sweep_cache is None:
         args.sweep_cache = SWEEP_CACHE[args.scenes]
     docs = DOCS[args.scenes]

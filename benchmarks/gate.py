@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from peekaboo.bench import gate
+from peekaboo.bench.common import refuse_part_run
 
 RESULTS = "benchmarks/results/gate_objects.json"
 DOCS = "docs/GATE.md"
@@ -25,7 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = []
     if args.out is None:
         extra += ["--out", RESULTS]
-        if args.docs is None and set(args.faults) == {f.name for f in gate.FAULTS}:
+        whole = set(args.faults) == {f.name for f in gate.FAULTS}
+        refuse_part_run(Path(RESULTS), whole, False, gate.parser(PROG).error, None)
+        if args.docs is None and whole:
             extra += ["--docs", DOCS]
     return gate.main([*argv, *extra], PROG)
 

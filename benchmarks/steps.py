@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peekaboo.bench import steps
+from peekaboo.bench.common import refuse_part_run
 
 RESULTS = {"shapes": "benchmarks/results/steps_{split}.json",
            "objects": "benchmarks/results/steps_objects_{split}.json"}
@@ -39,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     every = {s.label for s in steps.builtin_settings(args.scenes)}
     whole = ((args.builtins is None or set(args.builtins) == every) and not args.candidate
              and not args.set and sorted(args.steps) == sorted(steps.STEP_COUNTS))
+    if default_out:
+        refuse_part_run(Path(RESULTS[args.scenes].format(split=args.split)), whole, args.resume,
+                        steps.parser(PROG).error, "--resume")
     docs_of = DOCS[args.scenes]
     if default_out and whole and args.split in docs_of and args.docs is None and args.plot is None:
         docs, plot = docs_of[args.split]

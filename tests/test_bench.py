@@ -774,7 +774,7 @@ def _script_args(monkeypatch, argv: list[str]):
     return seen["args"]
 
 
-def test_the_script_writes_the_split_report_only_for_the_split_results(monkeypatch, tmp_path):
+def test_the_script_writes_the_split_report_only_for_the_split_results(monkeypatch, tmp_path, capsys):
     args = _script_args(monkeypatch, ["--split", "robust"])
     assert (str(args.out), str(args.docs)) == ("benchmarks/results/objects_robust.json",
                                                "docs/BENCHMARK_OBJECTS_ROBUST.md")
@@ -788,6 +788,14 @@ def test_the_script_writes_the_split_report_only_for_the_split_results(monkeypat
     # The objects table runs at its committed tune sweep's choices; a sweep never starts from them.
     assert str(_script_args(monkeypatch, []).tuned) == "benchmarks/results/objects_sweep.json"
     assert _script_args(monkeypatch, ["--split", "tune", "--sweep"]).tuned is None
+    # A part of the table (some rows, other pairs, overrides) written over the saved results would lose the rest.
+    for argv in (["--methods", "random"], ["--pairs", "5"], ["--set", "optimization.loss.gravity=0"]):
+        with pytest.raises(SystemExit) as exc:
+            _script_args(monkeypatch, argv)
+        assert exc.value.code == 2
+        assert ("objects_eval.json holds saved results and this run computes only part of them; pass --resume (or "
+                "--merge) to keep the rest, or --out FILE") in capsys.readouterr().err
+    assert _script_args(monkeypatch, ["--methods", "random", "--merge"]).merge
     # ... and never the README.
     with pytest.raises(SystemExit) as exc:
         _script_args(monkeypatch, ["--out", str(tmp_path / "side.json"), "--readme", "README.md"])

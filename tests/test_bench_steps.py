@@ -151,7 +151,18 @@ def test_the_script_writes_the_split_report_only_for_the_reports_own_run(monkeyp
         assert drawn == ["paper", "project", *(["fast"] if scenes in steps.FAST else [])]
     every = [s.label for s in steps.builtin_settings("objects")]
     assert "--docs" in _script_argv(monkeypatch, ["--scenes", "objects", "--split", "eval", "--builtins", *every])
-    for argv in (["--split", "eval", "--out", side], ["--split", "robust", "--builtins", "fast"],
-                 ["--scenes", "objects", "--split", "eval", "--builtins", "paper"],
-                 ["--split", "eval", "--steps", "25", "50"], ["--split", "eval", "--candidate", "c: x=1"]):
+    for argv in (["--split", "eval", "--out", side], ["--split", "robust", "--builtins", "fast", "--resume"],
+                 ["--scenes", "objects", "--split", "eval", "--builtins", "paper", "--resume"],
+                 ["--split", "eval", "--steps", "25", "50", "--resume"],
+                 ["--split", "eval", "--candidate", "c: x=1", "--resume"]):
         assert "--docs" not in _script_argv(monkeypatch, argv) and "--plot" not in _script_argv(monkeypatch, argv)
+
+
+def test_the_script_refuses_a_part_run_that_would_replace_the_saved_curves(monkeypatch, capsys):
+    # Some settings or step counts written over the saved results would lose the others' curves.
+    for argv in (["--split", "eval", "--builtins", "paper"], ["--split", "eval", "--steps", "25"]):
+        with pytest.raises(SystemExit) as exc:
+            _script_argv(monkeypatch, argv)
+        assert exc.value.code == 2
+        assert ("benchmarks/results/steps_eval.json holds saved results and this run computes only part of them; "
+                "pass --resume to keep the rest, or --out FILE") in capsys.readouterr().err

@@ -192,6 +192,8 @@ def test_a_retired_key_names_its_replacement_wherever_it_is_set(tmp_path):
     (tmp_path / "model" / "old.yaml").write_text("run:\n  tensorboard: false\n")
     with pytest.raises(ConfigError, match=retired):
         load_config(TrainConfig, [*run, "model=old"], tmp_path, "train")
+    with pytest.raises(ConfigError, match=r"^Config key 'data\.dataset' was retired; the RefCOCO files"):
+        load_config(TrainConfig, [*run, "data=refcoco", "data.root=x", "data.dataset=refcoco"], REPO_CONFIGS, "train")
     # predict.py never had a run section: there it is an unknown key like any other.
     with pytest.raises(ConfigError, match="Unknown config key 'run'"):
         load_config(PredictConfig, [*BASE, "run.tensorboard=false"], REPO_CONFIGS, "predict")

@@ -96,3 +96,23 @@ def test_the_bundled_model_passes_the_objects_gate():
     result = gate.run_gate(config_dir=REPO_CONFIGS)
     failed = [f"{p.name}: {p.value:.3f} < floor {p.floor}" for p in result["parts"] if not p.passed]
     assert result["passed"], "; ".join(failed)
+
+
+def test_the_script_refuses_some_faults_over_the_saved_results(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    from tests_support import REPO
+
+    spec = importlib.util.spec_from_file_location("gate_script", REPO / "benchmarks" / "gate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = []
+    monkeypatch.setattr(script.gate, "main", lambda args, prog: seen.append(args) or 0)
+    one = gate.FAULTS[0].name
+    with pytest.raises(SystemExit) as exc:  # its results would replace the saved ones of every fault
+        script.main(["--faults", one])
+    assert exc.value.code == 2
+    assert "gate_objects.json holds saved results and this run computes only part of them; pass --out FILE" in (
+        capsys.readouterr().err)
+    assert script.main(["--faults", one, "--out", str(tmp_path / "side.json")]) == 0 and "--docs" not in seen[-1]
+    assert script.main([]) == 0 and seen[-1][-4:] == ["--out", script.RESULTS, "--docs", script.DOCS]

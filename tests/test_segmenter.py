@@ -56,6 +56,8 @@ def test_each_model_starts_from_its_own_preset(tiny_model, tiny_sdxl_model, tmp_
         index = copy / "model_index.json"
         index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": name}))
         assert default_preset(str(copy)) == preset
+    (copy / "unet" / "config.json").unlink()  # a folder the check lets through: never read as a hub id
+    assert default_preset(str(copy)) == "sd15"
 
 
 def test_results_at_the_original_size_for_every_image_kind(seg, scene_image):

@@ -100,6 +100,23 @@ def update_marked(path: Path, block: str, markers: tuple[str, str]) -> bool:
     return True
 
 
+def refuse_part_run(out: Path, whole: bool, keeps: bool, error: Callable[[str], Any], keep_flag: str | None) -> None:
+    """Refuse a run of part of a report (some rows, settings or faults) whose results would replace the saved ones
+    at the repository's ``out`` and lose the rest: it must keep them (``keeps``: ``keep_flag``, e.g. ``--resume``)
+    or write its own ``--out``.
+
+    Args:
+        whole: the run computes everything the saved results hold.
+        error: reports a usage error and exits (``ArgumentParser.error``).
+        keep_flag: the option that keeps the saved results, or None where the script has none.
+    """
+    if whole or keeps or not out.is_file():
+        return
+    keep = f"pass {keep_flag} to keep the rest, or " if keep_flag else "pass "
+    error(f"{out} holds saved results and this run computes only part of them; {keep}--out FILE for a side "
+          "experiment.")
+
+
 #: ``--out -``: print the report only.
 PRINT = "-"
 

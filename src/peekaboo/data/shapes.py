@@ -67,8 +67,6 @@ __all__ = [
 #: Kinds of hard distractor :func:`make_scene` can force.
 DISTRACTORS: tuple[str, ...] = ("same_colour", "same_shape")
 
-# Caption words that name no object (parse_caption skips them).
-
 
 # Fresh layouts (new sizes and places) tried when a scene gets too crowded to place every object.
 _LAYOUT_TRIES = 20

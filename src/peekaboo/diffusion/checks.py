@@ -402,5 +402,6 @@ def is_sdxl_pipeline(cfg: ModelConfig) -> bool:
         ModelError: as :func:`check_model_source`.
     """
     name = check_model_source(cfg)
-    path = Path(name) / "unet" / "config.json"
-    return is_sdxl_format(_read_json(path if path.is_file() else _hub_file(cfg, name, "config.json", "unet")))
+    if Path(name).is_dir():  # a checked folder (whose UNet config the check reads where there is one)
+        return is_sdxl_format(_optional_json(Path(name) / "unet" / "config.json"))
+    return is_sdxl_format(_read_json(_hub_file(cfg, name, "config.json", "unet")))

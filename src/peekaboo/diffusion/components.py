@@ -98,10 +98,15 @@ def build_components(arch: Architecture, tokenizer: Any, seed: int = 0,
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     device = torch.device(device)
-    # Modules initialise from the global generator: seed it inside a fork, so the caller's random state is kept.
-    forked = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked), device:
-        torch.manual_seed(seed)
+    # Modules initialise from the global generator of their device: seed that one inside a fork, so the caller's
+    # random state (every other generator's too) is kept.
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else []), device:
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
         unet = UNet2DConditionModel(**arch.unet)
         vae = AutoencoderKL(**arch.vae)
         text_encoder = CLIPTextModel(_clip_config(arch.text_encoder, tokenizer))

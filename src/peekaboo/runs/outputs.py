@@ -102,10 +102,14 @@ def score_pair(pair: Pair, mask: np.ndarray) -> dict[str, Any]:
     peekaboo.runs.evaluate`` scores it)."""
     try:
         target = pair.load_target()
-        return {} if target is None else pair_scores(mask, target)
-    except (PeekabooError, ValueError) as err:  # ValueError: the mask and its ground truth differ in size
+    except PeekabooError as err:
         log.warning("pair %s: ground truth unusable (%s); not scored.", pair.id, err)
         return {}
+    if target is not None and target.shape != mask.shape:  # e.g. the image was replaced after the run
+        log.warning("pair %s: its mask is %dx%d but its ground truth %dx%d; not scored.", pair.id, mask.shape[1],
+                    mask.shape[0], target.shape[1], target.shape[0])
+        return {}
+    return {} if target is None else pair_scores(mask, target)
 
 
 def finalize(run_dir: Path, pairs: list[Pair], names: list[str]) -> dict[str, Any]:
