@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.config_dir is None:
         args.config_dir = REPO_ROOT / "configs"
-    whole = gpu_check.chosen_parts(args, p) == list(gpu_check.PARTS) and not gpu_check.is_dry(args)
+    whole = gpu_check.chosen_parts(args, p) == list(gpu_check.PARTS) and not args.dry
     out = common.destination(args.out, whole, DEFAULT_OUT, (README, DOCS), "a run of every part on a GPU", p.error)
     if args.progress is not None and common.destination(args.progress, False, DEFAULT_OUT, (README, DOCS),
                                                         "no progress file", p.error) is None:

@@ -64,6 +64,7 @@ def test_the_objects_scenes_run_with_their_preset_and_the_reference_loops_estima
 def test_end_to_end_section_compares_whole_runs(tiny_model, monkeypatch):
     monkeypatch.setattr(cpu, "END_TO_END_PAIRS", 3)
     monkeypatch.setattr(cpu, "PAPER_STEPS", 4)
+    monkeypatch.setattr(cpu, "PAPER_SETTINGS", (*cpu.PAPER.overrides, "trainer.max_steps=4"))
     monkeypatch.setattr(cpu, "FAST_SETTINGS", {"shapes": Setting("fast", "short", ("trainer.max_steps=2",))})
     bench = _small_bench(tiny_model, max_steps=3)
     ranked = []

@@ -9,14 +9,16 @@ part           what it runs                                                     
 =============  ======================================================================================  ======
 ``tests``      ``pytest -m gpu`` (tiny models; stopped after :data:`TESTS_TIMEOUT_S`)                  2 min
 ``throughput`` :func:`peekaboo.bench.throughput.gpu.section_gpu`: SD-1.5's configs with random weights  5 min
-               built on the GPU and saved (~0.5 min), fp32 and bf16 at 1, 4 and 8 pairs per step, the
-               switches at bf16 and 4 pairs (``compile=true`` compiles for ~1.5 min of it; VAE
-               gradient checkpointing; ``estimator=full``), the paper-style loop; 2 warm-up + 5 timed
-               steps each, every variant loaded afresh (~10 s each)
+               built on the GPU and saved, fp32 and bf16 at 1, 4 and 8 pairs per step, the switches at
+               bf16 and 4 pairs (``compile=true``, the slowest to start; VAE gradient checkpointing;
+               ``estimator=full``), the paper-style loop; warm-up and timed steps each, every variant
+               loaded afresh
 ``masks``      :func:`precision_masks`: the bundled model on :data:`MASK_PAIRS` synthetic pairs,       1 min
-               float32 and bfloat16, at the preset and from alpha 0.5 over 100 steps
-(slack)        imports, Trainer setup, writing                                                         2 min
+               float32 and bfloat16, at the preset and from alpha 0.5
+(slack)        imports, Trainer setup, writing                                                         1 min
 =============  ======================================================================================  ======
+
+The budgets are :data:`BUDGET_S` and :data:`SLACK_S`.
 
 The masks compare on the bundled model because it is the one trained model the GPU machine has (no hub): a random
 SD-1.5 makes masks that mean nothing, so whether bf16 keeps them says nothing either.
@@ -27,7 +29,7 @@ What it measured is never lost to a stop: each throughput row is logged as it en
 with the section so far after every row and part, and SIGTERM / SIGUSR1 end the check with the section of what
 finished (:class:`~peekaboo.errors.Stopped`).
 
-Dry mode (``--dry``) runs the same code on the CPU in about a minute: the tests only collected, a tiny model for
+Dry mode (``--dry``) runs the same code on the CPU, briefly: the tests only collected, a tiny model for
 the throughput part, 1 step per run, 2 pairs from alpha 0.5 for the masks. The test suite runs it
 (tests/test_gpu_script.py); its report is never the repository's. Without ``--dry``, a machine where torch sees no
 CUDA device is an error (a driver older than the CUDA that torch was built for, say), not a quiet dry run.
@@ -166,9 +168,9 @@ def precision_masks(device: torch.device, config_dir: str | Path | None, pairs: 
     IoU of the two binary masks of each pair, and each precision's mIoU against the ground truth.
 
     ``settings`` (:data:`MASK_SETTINGS`): ``preset``, the preset ``shapes`` (its region start ranks regions for a
-    while before the first step), and ``alpha-0.5``, the paper-style start over 100 steps, where rounding has more
-    steps to grow. A setting not started by ``deadline`` (a ``time.perf_counter()`` value) is a row marked not run;
-    a stop keeps the rows finished before it.
+    while before the first step), and ``alpha-0.5``, the paper-style start over the sweep's alpha-start step count,
+    where rounding has more steps to grow. A setting not started by ``deadline`` (a ``time.perf_counter()`` value)
+    is a row marked not run; a stop keeps the rows finished before it.
     """
     start = time.perf_counter()
     bench = Bench(model, device, warmup=0, steps=1, preset=MODEL_GROUP, max_steps=max_steps, config_dir=config_dir)
@@ -207,7 +209,7 @@ def precision_masks(device: torch.device, config_dir: str | Path | None, pairs: 
     body = (f"The bundled model on {pairs} synthetic `tune` pairs, each optimized twice from the same seeds: "
             "float32 weights (`trainer.precision=32-true`; on a GPU with TF32 matmuls, `model.tf32`'s default) and "
             "bfloat16 weights (`bf16-mixed`). \"bf16 vs fp32\" is the IoU of each pair's two binary masks "
-            "(threshold 0.5, at the image's size); mIoU is against the ground truth.\n\n"
+            "(at the run's `optimization.threshold`, at the image's size); mIoU is against the ground truth.\n\n"
             + table(["setting", "pairs", "steps", "mIoU fp32", "mIoU bf16", "bf16 vs fp32 mean IoU", "min IoU",
                      "identical masks"], rows))
     return Part("masks", body, time.perf_counter() - start, ok, summary, stopped)
@@ -217,7 +219,8 @@ def precision_masks(device: torch.device, config_dir: str | Path | None, pairs: 
 def parser(prog: str) -> argparse.ArgumentParser:
     """The check's options (where its report goes is the script's)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry", action="store_true", help="the CPU dry mode (also where no CUDA device is visible)")
+    p.add_argument("--dry", action="store_true",
+                   help="the CPU dry mode (without it, a machine with no visible CUDA device is an error)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     p.add_argument("--tests", nargs="+", default=["tests"], help="what `pytest -m gpu` collects (default: tests)")
     p.add_argument("--config-dir", type=Path, default=None, help="a folder of presets (default: the packaged ones)")
@@ -238,18 +241,13 @@ def chosen_parts(args: argparse.Namespace, p: argparse.ArgumentParser | None = N
     return [s for s in PARTS if s in names]
 
 
-def is_dry(args: argparse.Namespace) -> bool:
-    """Dry mode: asked for (``--dry``)."""
-    return bool(args.dry)
-
-
 def require_device(args: argparse.Namespace) -> None:
     """A check that is not dry needs a CUDA device.
 
     Raises:
         PeekabooError: torch sees none.
     """
-    if not is_dry(args) and not torch.cuda.is_available():
+    if not args.dry and not torch.cuda.is_available():
         raise PeekabooError(f"no CUDA device visible to torch {torch.__version__} (built for CUDA "
                             f"{torch.version.cuda or 'none'}): run the check on a GPU machine whose driver supports "
                             "that CUDA, or pass --dry for the CPU dry mode.")
@@ -281,7 +279,7 @@ def run(args: argparse.Namespace, command: str, cwd: Path,
         progress: gets the section so far after every part and every throughput row (``--progress``).
     """
     require_device(args)
-    dry = is_dry(args)
+    dry = args.dry
     device = torch.device("cpu") if dry else torch.device("cuda", 0)
     if not dry:
         log.info("torch %s, CUDA %s, %s", torch.__version__, torch.version.cuda, torch.cuda.get_device_name(device))

@@ -60,6 +60,8 @@ KIND_EXTRA: dict[str, tuple[str, ...]] = {"fourier": _SMALL_FOURIER, "fourier_bi
 PAPER_OVERRIDES = ("optimization.guidance.estimator=sds", "optimization.guidance.guidance_scale=100",
                    "optimization.guidance.latent_mode=sample", "optimization.mask.init=constant")
 PAPER_STEPS = 300  # the paper code's iterations
+#: The paper's settings as a whole: its overrides at its step count.
+PAPER_SETTINGS = (*PAPER_OVERRIDES, f"trainer.max_steps={PAPER_STEPS}")
 #: The cross-attention baseline's mask is ``map > threshold`` (the map is min-max normalized per pair).
 #: Chosen on the ``tune`` split with the bundled model (the sweep's figures are in docs/BENCHMARK.md).
 CROSS_ATTENTION_THRESHOLD = 0.7
@@ -111,7 +113,7 @@ def build_methods(kind_optim: dict[str, Sequence[str]] | None = None) -> tuple[M
                "The default with guidance scale 30."),
         Method("guidance_100", "guidance 100", "peekaboo", ("optimization.guidance.guidance_scale=100",),
                "The default with the paper's guidance scale for Stable Diffusion."),
-        Method("paper", "the paper's settings", "peekaboo", (*PAPER_OVERRIDES, f"trainer.max_steps={PAPER_STEPS}"),
+        Method("paper", "the paper's settings", "peekaboo", PAPER_SETTINGS,
                f"The paper's score distillation, guidance 100, posterior latent sampling, alpha-0.5 start and "
                f"{PAPER_STEPS} steps (its "
                "own count, not one chosen on tune); the mask kind, optimizer and gravity stay the preset's, since the "

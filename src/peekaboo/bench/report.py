@@ -25,7 +25,7 @@ README_END = f"<!-- bench:{README_SCENES}:end -->"
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
-    """A figure of the shapes tables: "-" where there is none."""
+    """A figure of the benchmark tables: "-" where there is none."""
     return fmt(x, digits, missing="-")
 
 

@@ -1,4 +1,4 @@
-"""Running the shapes benchmark's rows over the synthetic pairs.
+"""Running the benchmark's rows over the synthetic pairs (either scene set).
 
 :func:`run_benchmark` scores every chosen row of :mod:`peekaboo.bench.methods` on the first pairs of a split of
 :func:`peekaboo.data.synthetic.synthetic_pairs` (scenes whose seeds are disjoint from the bundled model's

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from peekaboo.bench.common import fmt, ms, synchronize
+from peekaboo.bench.common import SECONDS_PER_HOUR, fmt, ms, synchronize
 from peekaboo.bench.common import markdown_table as table
-from peekaboo.bench.methods import PAPER_STEPS
+from peekaboo.bench.methods import PAPER_SETTINGS, PAPER_STEPS
 from peekaboo.bench.reference_loop import REFERENCE_KINDS, ReferenceLoop
 from peekaboo.bench.steps import FAST, PAPER
 from peekaboo.bench.throughput.harness import (
@@ -237,7 +237,7 @@ def section_end_to_end(bench: Bench, report: Report, items: Sequence[Item]) -> N
     (and fast settings, where :data:`FAST_SETTINGS` has the scene set's), on :data:`END_TO_END_PAIRS` held-out pairs,
     each path as a user runs it. The paper-style loop runs once per seed of :data:`REFERENCE_SEEDS`: a project row
     is at the paper's quality when its mIoU reaches the lower of the two (equal within the loop's own spread)."""
-    paper_cfgs = [bench.config(*PAPER.overrides, f"trainer.max_steps={PAPER_STEPS}", f"optimization.seed={seed}")
+    paper_cfgs = [bench.config(*PAPER_SETTINGS, f"optimization.seed={seed}")
                   for seed in REFERENCE_SEEDS]
     chosen = load_items(END_TO_END_PAIRS, paper_cfgs[0].optimization.mask.size, paper_cfgs[0].image_options.fit,
                         END_TO_END_SPLIT, bench.scenes)
@@ -246,7 +246,8 @@ def section_end_to_end(bench: Bench, report: Report, items: Sequence[Item]) -> N
 
     def row(label: str, about: str, alphas: Sequence[torch.Tensor], steps: Sequence[int], wall: float) -> dict:
         return {"label": label, "about": about, "miou": float(np.mean(ious(alphas, chosen, threshold))),
-                "mean_steps": float(np.mean(steps)), "wall_s": wall, "pairs_per_hour": 3600.0 * len(chosen) / wall}
+                "mean_steps": float(np.mean(steps)), "wall_s": wall,
+                "pairs_per_hour": SECONDS_PER_HOUR * len(chosen) / wall}
 
     paper = " ".join(PAPER.overrides)
     references = []
@@ -257,7 +258,7 @@ def section_end_to_end(bench: Bench, report: Report, items: Sequence[Item]) -> N
                               f"`peekaboo.bench.reference_loop`, one pair at a time, {PAPER_STEPS} steps, `{paper}`",
                               [a for _, a in refs], [PAPER_STEPS] * len(chosen), sum(wall_s(t) for t, _ in refs)))
     project = [("project, paper settings", f"{PAPER_STEPS} steps, `{paper}`",
-                [*PAPER.overrides, f"trainer.max_steps={PAPER_STEPS}"]),
+                list(PAPER_SETTINGS)),
                ("project default", "the preset", [])]
     if (fast := FAST_SETTINGS.get(bench.scenes)) is not None:
         project.append(("project fast", f"`{' '.join(fast.overrides)}` (chosen on the tune split)",
@@ -276,7 +277,7 @@ def section_end_to_end(bench: Bench, report: Report, items: Sequence[Item]) -> N
         rows.append(row(label, about, alphas, steps, wall))
     # The paper-style loop's pairs per hour: all its seeds' pairs over all their time; its quality bar: the lower
     # seed's mIoU (a row within the loop's own spread over seeds is at its quality).
-    base_pph = 3600.0 * len(chosen) * len(references) / sum(r["wall_s"] for r in references)
+    base_pph = SECONDS_PER_HOUR * len(chosen) * len(references) / sum(r["wall_s"] for r in references)
     bar = min(r["miou"] for r in references)
     for r in rows:
         r["vs_paper"] = r["pairs_per_hour"] / base_pph
