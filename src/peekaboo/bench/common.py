@@ -250,14 +250,25 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / MB
             self.reserved_mb = torch.cuda.max_memory_reserved(self.device) / MB
-        elif not self.whole_process and (hwm := _status_kb("VmHWM")) is not None:
+        elif not self.whole_process and (hwm := status_kb("VmHWM")) is not None:
             self.peak_mb = hwm / 1024
         else:
             self.whole_process = True
             self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def _status_kb(key: str) -> int | None:
+def package_version(name: str) -> str:
+    """The installed version of package ``name``, or ``"?"``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def status_kb(key: str) -> int | None:
+    """A memory figure of this process from ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in kB; None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key + ":"):

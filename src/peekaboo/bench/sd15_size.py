@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from peekaboo.bench.common import MB, PeakMemory, fmt, machine_info
+from peekaboo.bench.common import MB, PeakMemory, fmt, machine_info, package_version, status_kb
 from peekaboo.bench.common import markdown_table as table
 from peekaboo.bench.throughput.gpu import PRECISIONS, SD15_GROUP, build_sd15_folder
 from peekaboo.bench.throughput.harness import Bench, load_items
@@ -112,10 +112,9 @@ class Measurement:
 
 
 def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """This process's resident memory in MB (NaN off Linux)."""
+    kb = status_kb("VmRSS")
+    return float("nan") if kb is None else kb / 1024
 
 
 def measure_setting(folder: str, setting: Setting, warmup: int, steps: int, pairs: int, threads: int,
@@ -241,7 +240,7 @@ def section(measurements: Sequence[Measurement], command: str, load: tuple[tuple
     loads = "; ".join(f"{m.setting.precision}: peak {m.load_peak_mb:,.0f} MB, {m.load_peak_mb - m.libraries_mb:,.0f} "
                       f"MB over the libraries' {m.libraries_mb:,.0f} MB for {m.weights_mb:,.0f} MB of weights, "
                       f"{m.load_s:.1f} s" for m in first.values())
-    lines += [f"Loading (`accelerate` {_version('accelerate')}: the weights are read straight into place, never "
+    lines += [f"Loading (`accelerate` {package_version('accelerate')}: the weights are read straight into place, never "
               "initialised first; the safetensors files are memory-mapped, so weights in the files' dtype (float32 "
               "here) are resident only once read, which the figures include: every weight is read once after "
               f"loading; a dtype change copies them): {loads}.", ""]
@@ -254,15 +253,6 @@ def section(measurements: Sequence[Measurement], command: str, load: tuple[tuple
               "(the GPU section below measures them).", "",
               table(["setting", *cards], derived, right_from=1)]
     return "\n".join(lines)
-
-
-def _version(name: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "?"
 
 
 # -- the command line -----------------------------------------------------------------------------------------

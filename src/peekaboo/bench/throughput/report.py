@@ -7,11 +7,10 @@ import argparse
 import datetime as dt
 import os
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from peekaboo.bench.common import machine_info, ms, replace_marked
+from peekaboo.bench.common import machine_info, ms, package_version, replace_marked
 from peekaboo.bench.methods import SCENE_PRESETS
 from peekaboo.bench.reference_loop import REFERENCE_KINDS
 from peekaboo.bench.throughput.cpu import BATCH_GOAL, BATCH_SIZES, OVERHEAD_GOAL_PCT, SPEEDUP_GOAL
@@ -32,17 +31,10 @@ BLOCKS = {
 }
 
 
-def _version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "?"
-
-
 def header_lines(args: argparse.Namespace, load_before: LOADED, command: str) -> list[str]:
     """Where and how the figures were taken: this process's machine, which every section of the report ran on."""
     m = machine_info()
-    versions = ", ".join(f"{name} {_version(name)}" for name in ("lightning", "diffusers", "transformers"))
+    versions = ", ".join(f"{name} {package_version(name)}" for name in ("lightning", "diffusers", "transformers"))
     load_after = os.getloadavg()
     return [
         f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
