@@ -37,17 +37,18 @@ DOCS = {"shapes": {"eval": Path("docs/BENCHMARK.md"), "robust": Path("docs/BENCH
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` as :mod:`peekaboo.bench.ablation` does, default its paths to the repository's, run it."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = ablation.parser(prog="python benchmarks/ablation.py").parse_args(argv)
+    parser = ablation.parser(prog="python benchmarks/ablation.py")
+    args = parser.parse_args(argv)
     # A run to its own --out file (a side experiment) leaves the split's report alone unless --docs names one.
     default_out = args.out is None
     if not default_out and args.readme is not None:
-        ablation.parser(prog="python benchmarks/ablation.py").error(
+        parser.error(
             "--readme: a run to its own --out file leaves the README alone; drop --out to refresh the table.")
     if default_out:
         args.out = SWEEP_OUT[args.scenes] if args.sweep else RESULTS[args.scenes][args.split]
         whole = args.methods is None and args.pairs is None and not args.overrides
         refuse_part_run(args.out, whole or args.sweep, args.resume or args.merge,
-                        ablation.parser(prog="python benchmarks/ablation.py").error, "--resume (or --merge)")
+                        parser.error, "--resume (or --merge)")
     if args.sweep_cache is None:
         args.sweep_cache = SWEEP_CACHE[args.scenes]
     docs = DOCS[args.scenes]

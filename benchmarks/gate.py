@@ -23,12 +23,13 @@ PROG = "python benchmarks/gate.py"
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` as :mod:`peekaboo.bench.gate` does, default its paths to the repository's, run it."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = gate.parser(PROG).parse_args(argv)
+    parser = gate.parser(PROG)
+    args = parser.parse_args(argv)
     extra = []
     if args.out is None:
         extra += ["--out", RESULTS]
         whole = set(args.faults) == {f.name for f in gate.FAULTS}
-        refuse_part_run(Path(RESULTS), whole, False, gate.parser(PROG).error, None)
+        refuse_part_run(Path(RESULTS), whole, False, parser.error, None)
         if args.docs is None and whole:
             extra += ["--docs", DOCS]
     return gate.main([*argv, *extra], PROG)

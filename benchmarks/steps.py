@@ -30,7 +30,8 @@ PROG = "python benchmarks/steps.py"
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` as :mod:`peekaboo.bench.steps` does, default its paths to the repository's, run it."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = steps.parser(PROG).parse_args(argv)
+    parser = steps.parser(PROG)
+    args = parser.parse_args(argv)
     extra = []
     default_out = args.out is None
     if default_out:
@@ -42,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              and not args.set and sorted(args.steps) == sorted(steps.STEP_COUNTS))
     if default_out:
         refuse_part_run(Path(RESULTS[args.scenes].format(split=args.split)), whole, args.resume,
-                        steps.parser(PROG).error, "--resume")
+                        parser.error, "--resume")
     docs_of = DOCS[args.scenes]
     if default_out and whole and args.split in docs_of and args.docs is None and args.plot is None:
         docs, plot = docs_of[args.split]
